@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Writes build.ninja for eventastic.
+
+Like Ninja's own configure.py: a tiny writer, compiler depfiles, the
+arguments are recorded in build.ninja and it regenerates itself when this
+file changes.  Dependencies are probed with pkg-config; on a fresh Debian
+machine, run as root, missing packages are installed with apt-get.
+"""
+
+import argparse
+import glob
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# pkg-config module -> Debian package that provides it.
+PKG_MODULES = {
+    "libpq": "libpq-dev",
+    "libevent_core": "libevent-dev",
+    "libevent_pthreads": "libevent-dev",
+    "libevent_extra": "libevent-dev",
+    "cmocka": "libcmocka-dev",
+    "libsodium": "libsodium-dev",
+    "jansson": "libjansson-dev",
+}
+# Programs -> Debian package.
+PROGRAMS = {
+    "ninja": "ninja-build",
+    "pkg-config": "pkg-config",
+    "cc": "gcc",
+    "c++": "g++",
+    "/usr/lib/postgresql/15/bin/initdb": "postgresql-15",
+    "psql": "postgresql-client-15",
+}
+# Always wanted for the test suite, checked by dpkg.
+EXTRA_PACKAGES = ["postgresql-contrib"]
+
+
+class Writer:
+    """The smallest useful ninja syntax writer."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def line(self, text=""):
+        self.out.write(text + "\n")
+
+    def variable(self, key, value, indent=0):
+        if isinstance(value, list):
+            value = " ".join(v for v in value if v)
+        self.line("%s%s = %s" % ("  " * indent, key, value))
+
+    def rule(self, name, command, description=None, depfile=None,
+             generator=False, pool=None, restat=False):
+        self.line("rule " + name)
+        self.variable("command", command, 1)
+        if description:
+            self.variable("description", description, 1)
+        if depfile:
+            self.variable("depfile", depfile, 1)
+            self.variable("deps", "gcc", 1)
+        if generator:
+            self.variable("generator", "1", 1)
+        if pool:
+            self.variable("pool", pool, 1)
+        if restat:
+            self.variable("restat", "1", 1)
+        self.line()
+
+    def build(self, outputs, rule, inputs=(), implicit=(), order_only=(),
+              variables=None):
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        text = "build %s: %s" % (" ".join(esc(o) for o in outputs), rule)
+        if inputs:
+            text += " " + " ".join(esc(i) for i in inputs)
+        if implicit:
+            text += " | " + " ".join(esc(i) for i in implicit)
+        if order_only:
+            text += " || " + " ".join(esc(i) for i in order_only)
+        self.line(text)
+        for key, value in (variables or {}).items():
+            self.variable(key, value, 1)
+        self.line()
+
+    def default(self, targets):
+        self.line("default " + " ".join(targets))
+
+
+def esc(path):
+    return path.replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
+def have_program(name):
+    return os.path.exists(name) if name.startswith("/") else \
+        shutil.which(name) is not None
+
+
+def have_module(mod):
+    if not shutil.which("pkg-config"):
+        return False
+    return subprocess.call(["pkg-config", "--exists", mod]) == 0
+
+
+def have_deb(pkg):
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg],
+                             capture_output=True, text=True)
+    except FileNotFoundError:
+        return True
+    return out.returncode == 0 and "install ok installed" in out.stdout
+
+
+def missing_packages():
+    missing = []
+    for prog, pkg in PROGRAMS.items():
+        if not have_program(prog):
+            missing.append(pkg)
+    for mod, pkg in PKG_MODULES.items():
+        if not have_module(mod):
+            missing.append(pkg)
+    for pkg in EXTRA_PACKAGES:
+        if not have_deb(pkg):
+            missing.append(pkg)
+    out = []
+    for p in missing:
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def ensure_dependencies(no_install):
+    missing = missing_packages()
+    if not missing:
+        return
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends"] + missing
+    if no_install or os.geteuid() != 0:
+        sys.stderr.write(
+            "configure.py: missing packages: %s\n"
+            "run as root:\n  apt-get update && %s\n"
+            % (" ".join(missing), " ".join(cmd)))
+        sys.exit(1)
+    print("configure.py: installing %s" % " ".join(missing), flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if subprocess.call(cmd, env=env) != 0:
+        # A fresh machine may have no package lists yet.
+        subprocess.check_call(["apt-get", "update"], env=env)
+        subprocess.check_call(cmd, env=env)
+    still = missing_packages()
+    if still:
+        sys.stderr.write("configure.py: still missing after apt-get: %s\n"
+                         % " ".join(still))
+        sys.exit(1)
+    print("configure.py: installed %s" % " ".join(missing), flush=True)
+
+
+def pkg(flag, *mods):
+    out = subprocess.check_output(["pkg-config", flag] + list(mods), text=True)
+    return out.split()
+
+
+# Sources are found by name, so adding a file needs only a re-run:
+#   src/<part>/*.c        the library
+#   tests/fixtures/*.c    linked into every test
+#   tests/test_*.c        one test binary each (test_pg_* need PostgreSQL)
+#   examples/*.c          one example binary each
+def sources(pattern):
+    return sorted(os.path.relpath(p, HERE)
+                  for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+VARIANTS = {
+    "release": ["-O2", "-g"],
+    "debug": ["-O0", "-g3"],
+    "asan": ["-O1", "-g", "-fsanitize=address,undefined",
+             "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"],
+    "tsan": ["-O1", "-g", "-fsanitize=thread"],
+}
+VARIANT_LDFLAGS = {
+    "release": [],
+    "debug": [],
+    "asan": ["-fsanitize=address,undefined"],
+    "tsan": ["-fsanitize=thread"],
+}
+
+WARNINGS = [
+    "-Wall", "-Wextra", "-Werror", "-Wswitch-enum", "-Wshadow",
+    "-Wstrict-prototypes", "-Wmissing-prototypes", "-Wformat=2",
+    "-Wvla", "-Wpointer-arith", "-Wundef", "-Wnull-dereference",
+    "-Wdouble-promotion", "-Wimplicit-fallthrough",
+]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cc", default=os.environ.get("CC", "cc"))
+    ap.add_argument("--prefix", default="/usr/local")
+    ap.add_argument("--no-install", action="store_true",
+                    help="never run apt-get, only report what is missing")
+    args = ap.parse_args()
+
+    ensure_dependencies(args.no_install)
+
+    os.chdir(HERE)
+    cflags_deps = pkg("--cflags", "libpq", "cmocka")
+    libs_lib = pkg("--libs", "libpq") + ["-lpthread"]
+    libs_cmocka = pkg("--libs", "cmocka")
+
+    with open("build.ninja.tmp", "w") as f:
+        n = Writer(f)
+        n.line("# Written by configure.py; do not edit.")
+        n.line("# configure arguments: %s" % " ".join(
+            shlex.quote(a) for a in sys.argv[1:]))
+        n.line("ninja_required_version = 1.10")
+        n.line()
+        n.variable("cc", args.cc)
+        n.variable("python", sys.executable)
+        n.variable("configure_args",
+                   " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        n.variable("common_cflags", ["-std=c11", "-D_GNU_SOURCE", "-pthread",
+                                     "-Iinclude", "-Isrc", "-Itests"] + WARNINGS
+                   + cflags_deps)
+        n.variable("lib_libs", libs_lib)
+        n.variable("cmocka_libs", libs_cmocka)
+        n.line()
+        n.rule("cc", "$cc -MMD -MF $out.d $common_cflags $vflags "
+               "-c $in -o $out", description="CC $out", depfile="$out.d")
+        n.rule("ar", "rm -f $out && ar crs $out $in",
+               description="AR $out")
+        n.rule("link", "$cc -pthread $vldflags -o $out $in $libs",
+               description="LINK $out")
+        n.rule("configure", "$python configure.py $configure_args",
+               description="CONFIGURE", generator=True)
+        n.rule("run", "$cmd", description="$desc", pool="console")
+        n.build("build.ninja", "configure",
+                implicit=["configure.py"])
+
+        all_targets = {}
+        for variant, vflags in VARIANTS.items():
+            vars_ = {"vflags": vflags,
+                     "vldflags": VARIANT_LDFLAGS[variant]}
+            bdir = "build/%s" % variant
+            outs = []
+
+            def obj(src):
+                o = "%s/obj/%s.o" % (bdir, src[:-2])
+                n.build(o, "cc", src, variables=vars_)
+                return o
+
+            lib = "%s/lib/libeventastic.a" % bdir
+            n.build(lib, "ar", [obj(s) for s in sources("src/*/*.c")])
+            outs.append(lib)
+            fixtures = [obj(s) for s in sources("tests/fixtures/*.c")]
+            tests = []
+            for src in sources("tests/test_*.c"):
+                name = os.path.basename(src)[:-2]
+                objs = [obj(src)] + fixtures
+                exe = "%s/tests/%s" % (bdir, name)
+                n.build(exe, "link", objs + [lib], variables=dict(
+                    vars_, libs="$cmocka_libs $lib_libs"))
+                tests.append(exe)
+            outs += tests
+            for src in sources("examples/*.c"):
+                exe = "%s/bin/%s" % (bdir, os.path.basename(src)[:-2])
+                n.build(exe, "link", [obj(src), lib],
+                        variables=dict(vars_, libs="$lib_libs"))
+                outs.append(exe)
+            n.build(variant, "phony", outs)
+            all_targets[variant] = outs
+
+        everything = [t for v in all_targets.values() for t in v]
+        n.build("test", "run", all_targets["release"],
+                variables={"cmd": "$python tests/run.py --variants release "
+                           "--unit-only", "desc": "TEST unit (release)"})
+        n.build("check", "run", everything, variables={
+            "cmd": "$python tests/run.py --variants release,asan,tsan "
+                   "--compile-fail",
+            "desc": "CHECK"})
+        n.build("demo", "run", all_targets["release"], variables={
+            "cmd": "$python tests/run.py --demo",
+            "desc": "DEMO"})
+        n.build("bench", "run", all_targets["release"], variables={
+            "cmd": "$python tests/run.py --bench",
+            "desc": "BENCH"})
+        n.build("all", "phony", everything)
+        n.default(["release"])
+    os.replace("build.ninja.tmp", "build.ninja")
+    print("configure.py: wrote build.ninja")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+/*
+ * eventastic.h - everything public, in one include.
+ */
+#ifndef EVENTASTIC_H
+#define EVENTASTIC_H
+
+#include "eventastic/aggregate.h"
+#include "eventastic/common.h"
+#include "eventastic/context.h"
+#include "eventastic/memory.h"
+#include "eventastic/status.h"
+#include "eventastic/store.h"
+#include "eventastic/typed.h"
+#include "eventastic/uuid.h"
+
+#endif

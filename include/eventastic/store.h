@@ -1,0 +1,152 @@
+/*
+ * eventastic/store.h - the repository interface shared by every store, and
+ * transactions.
+ *
+ * Every write happens inside a transaction: es_store_begin, then
+ * es_context_save (eventastic/context.h) as often as needed, then
+ * es_txn_commit or es_txn_rollback.  A store is opened by its backend
+ * (eventastic/memory.h, eventastic/postgres.h) and used through these
+ * functions whatever the backend.
+ *
+ * Threads: a store may be used from any number of threads at once; one
+ * transaction belongs to one thread at a time.
+ */
+#ifndef EVENTASTIC_STORE_H
+#define EVENTASTIC_STORE_H
+
+#include <stdbool.h>
+
+#include "aggregate.h"
+#include "common.h"
+#include "status.h"
+#include "uuid.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** A store (opaque).  Opened by a backend, closed with es_store_close. */
+typedef struct es_store es_store;
+/** A transaction on a store (opaque). */
+typedef struct es_txn es_txn;
+
+/**
+ * A snapshot as stored: the encoded state of an aggregate at a version.
+ */
+typedef struct es_snapshot {
+    es_uuid aggregate_id;
+    uint64_t version;          /**< version of the last event folded in */
+    uint64_t snapshot_version; /**< the type's snapshot_version */
+    const uint8_t *data;       /**< encoded state */
+    size_t len;
+} es_snapshot;
+
+/** A list of side effects owned by the caller; free with
+ *  es_side_effect_list_free. */
+typedef struct es_side_effect_list {
+    size_t count;
+    es_side_effect *items;
+} es_side_effect_list;
+
+/** Free a list and everything it holds.  NULL is a no-op.  Thread: any. */
+ES_EXPORT ES_ANY_THREAD void es_side_effect_list_free(
+    es_side_effect_list *list);
+
+/**
+ * Begin a transaction (READ COMMITTED where the backend has levels).
+ * On success *out is a new transaction that must be ended with
+ * es_txn_commit or es_txn_rollback.  Errors: ES_EINVAL (NULL argument),
+ * ES_ENOMEM, ES_ECLOSED (store closing), ES_EDB (backend).
+ * Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_store_begin(es_store *store, es_txn **out,
+                                           es_error *err);
+
+/**
+ * Commit and free the transaction, whatever the outcome.
+ * Returns 0 when everything written in it is durable and visible; on
+ * ES_ECONFLICT (a concurrent transaction took a version or an event id
+ * first), ES_EDB or ES_ENOMEM nothing of it was committed; ES_EUNKNOWN when
+ * the connection was lost during COMMIT and the outcome could not be read
+ * back.  NULL gives ES_EINVAL.  Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_commit(es_txn *txn, es_error *err);
+
+/**
+ * Roll back and free the transaction: nothing written in it stays.
+ * NULL is a no-op.  Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD void es_txn_rollback(es_txn *txn);
+
+/**
+ * Call fn for each event of an aggregate with version >= from_version, in
+ * version order, as the transaction sees them.  The event is borrowed until
+ * fn returns.  fn returns 0 to go on; any other value stops the stream and
+ * is returned as is.  Memory use is bounded by the backend's chunk size,
+ * not by the stream.  Errors: ES_EINVAL, ES_EDB, ES_EDECRYPT, ES_EFORGOTTEN.
+ * An aggregate without events is not an error (fn is never called).
+ * Thread: the transaction's thread; fn runs on it.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_stream(
+    es_txn *txn, const es_uuid *aggregate_id, uint64_t from_version,
+    int (*fn)(void *ud, const es_event *event), void *ud, es_error *err);
+
+/**
+ * Read one event of an aggregate by its id.  On success *out is one
+ * allocation holding the event and its payload; free it with es_free.
+ * Errors: ES_ENOTFOUND, ES_EINVAL, ES_ENOMEM, ES_EDB.
+ * Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_get_event(es_txn *txn,
+                                               const es_uuid *aggregate_id,
+                                               const es_uuid *event_id,
+                                               es_event **out,
+                                               es_error *err);
+
+/**
+ * Read the snapshot of an aggregate for one snapshot version.  *out is one
+ * allocation (free with es_free).  Errors: ES_ENOTFOUND, ES_EINVAL,
+ * ES_ENOMEM, ES_EDB.  Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_get_snapshot(
+    es_txn *txn, const es_uuid *aggregate_id, uint64_t snapshot_version,
+    es_snapshot **out, es_error *err);
+
+/**
+ * Store a snapshot (upsert keyed by aggregate and snapshot version).  A
+ * snapshot older than the stored one for the same key is ignored, so a late
+ * writer never moves it backwards.  The snapshot is copied.  Errors:
+ * ES_EINVAL, ES_ENOMEM, ES_EDB.  Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_store_snapshot(es_txn *txn,
+                                                    const es_snapshot *snap,
+                                                    es_error *err);
+
+/**
+ * Delete every snapshot of an aggregate (all snapshot versions).  Missing
+ * snapshots are not an error.  Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_delete_snapshots(
+    es_txn *txn, const es_uuid *aggregate_id, es_error *err);
+
+/**
+ * List the side effects stored and not yet delivered, oldest first, as the
+ * transaction sees them (aggregate_id NULL: of every aggregate).  *out is
+ * the caller's (es_side_effect_list_free).  Errors: ES_EINVAL, ES_ENOMEM,
+ * ES_EDB.  Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_list_side_effects(
+    es_txn *txn, const es_uuid *aggregate_id, es_side_effect_list **out,
+    es_error *err);
+
+/**
+ * Close the store and free it.  Every transaction must have ended; a store
+ * with open transactions is not closed and ES_EMISUSE is returned.  NULL is
+ * a no-op returning 0.  Thread: any, once no other thread uses the store.
+ */
+ES_EXPORT ES_ANY_THREAD int es_store_close(es_store *store);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,36 @@
+/*
+ * Internal helpers shared by every part of the library.  Never installed.
+ */
+#ifndef ES_CORE_INTERNAL_H
+#define ES_CORE_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+
+#include "eventastic/aggregate.h"
+#include "eventastic/common.h"
+#include "eventastic/status.h"
+
+/* The allocator hook (es_set_allocator).  es__calloc zeroes. */
+void *es__malloc(size_t n);
+void *es__calloc(size_t count, size_t size);
+void *es__realloc(void *p, size_t n);
+void es__free(void *p);
+char *es__strdup(const char *s);
+void *es__memdup(const void *p, size_t n);
+
+/* Fill err (if not NULL) with code and a printf-style message; returns
+ * code, so that callers can write `return es__error_set(err, ...)`.  Never
+ * allocates.  The other fields of err are cleared. */
+int es__error_set(es_error *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Like es__error_set, but keeps a message a callback already wrote into
+ * inner as the reason: "<prefix>: <inner message>". */
+int es__error_wrap(es_error *err, int code, const es_error *inner,
+                   const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* Grow an array of elem-sized items to hold at least need items. */
+int es__grow(void **items, size_t *cap, size_t need, size_t elem);
+
+#endif

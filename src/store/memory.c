@@ -1,0 +1,804 @@
+/*
+ * The in-memory store: committed data behind one mutex, each transaction's
+ * writes kept aside until commit.
+ *
+ * Reads see the committed data plus the transaction's own writes.  Inserts
+ * skip ids and versions taken in either (PostgreSQL's ON CONFLICT DO
+ * NOTHING); a version or id taken by another transaction that commits first
+ * is found at commit, which then fails with ES_ECONFLICT and applies
+ * nothing.  Indexes are POSIX binary trees (tsearch), so no map is written
+ * here.
+ *
+ * Lock rule: `lock` guards every committed structure; a transaction's
+ * pending writes belong to its thread and need no lock.  User callbacks
+ * (stream) never run with the lock held.
+ */
+#include <pthread.h>
+#include <search.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "eventastic/memory.h"
+#include "store/store_impl.h"
+
+#define TYPE_NAME_MAX 64
+#define STREAM_CHUNK 256
+
+typedef struct mem_event {
+    es_uuid id;
+    uint64_t version;
+    int32_t kind;
+    uint8_t *data;
+    size_t len;
+} mem_event;
+
+typedef struct mem_stream {
+    es_uuid agg;
+    char type[TYPE_NAME_MAX];
+    mem_event *ev; /* sorted by version */
+    size_t n, cap;
+} mem_stream;
+
+typedef struct mem_id {
+    es_uuid id;
+    es_uuid agg;
+    uint64_t version;
+} mem_id;
+
+typedef struct mem_snap {
+    uint64_t snapshot_version;
+    uint64_t version;
+    uint8_t *data;
+    size_t len;
+} mem_snap;
+
+typedef struct mem_snapset {
+    es_uuid agg;
+    mem_snap *s;
+    size_t n, cap;
+} mem_snapset;
+
+typedef struct mem_se {
+    es_side_effect se; /* data owned */
+} mem_se;
+
+typedef struct mem_store {
+    struct es_store base;
+    pthread_mutex_t lock;
+    void *streams;   /* mem_stream*, by agg */
+    void *ids;       /* mem_id*, by event id */
+    void *snaps;     /* mem_snapset*, by agg */
+    void *se_ids;    /* mem_se*, by side-effect id */
+    mem_se **se;     /* committed side effects, oldest first */
+    size_t n_se, cap_se;
+    size_t event_count;
+} mem_store;
+
+/* Pending writes of a transaction. */
+typedef struct pend_event {
+    es_uuid agg;
+    char type[TYPE_NAME_MAX];
+    mem_event ev;
+} pend_event;
+
+enum { SNAP_PUT, SNAP_DELETE };
+
+typedef struct pend_snap {
+    int op;
+    es_uuid agg;
+    mem_snap snap;
+} pend_snap;
+
+typedef struct mark {
+    size_t n_ev, n_snap, n_se;
+} mark;
+
+typedef struct mem_txn {
+    struct es_txn base;
+    pend_event **ev; /* individually allocated: the trees point at them */
+    size_t n_ev, cap_ev;
+    void *ev_ids;      /* pend_event*, by event id */
+    void *ev_versions; /* pend_event*, by (agg, version) */
+    pend_snap *snap;
+    size_t n_snap, cap_snap;
+    mem_se *se;
+    size_t n_se, cap_se;
+    mark *marks;
+    size_t n_marks, cap_marks;
+} mem_txn;
+
+/* ---- comparators ---- */
+
+static int cmp_stream(const void *a, const void *b)
+{
+    return es_uuid_compare(&((const mem_stream *)a)->agg,
+                           &((const mem_stream *)b)->agg);
+}
+
+static int cmp_id(const void *a, const void *b)
+{
+    return es_uuid_compare(&((const mem_id *)a)->id,
+                           &((const mem_id *)b)->id);
+}
+
+static int cmp_snapset(const void *a, const void *b)
+{
+    return es_uuid_compare(&((const mem_snapset *)a)->agg,
+                           &((const mem_snapset *)b)->agg);
+}
+
+static int cmp_se(const void *a, const void *b)
+{
+    return es_uuid_compare(&((const mem_se *)a)->se.id,
+                           &((const mem_se *)b)->se.id);
+}
+
+static int cmp_pend_id(const void *a, const void *b)
+{
+    return es_uuid_compare(&((const pend_event *)a)->ev.id,
+                           &((const pend_event *)b)->ev.id);
+}
+
+static int cmp_pend_version(const void *a, const void *b)
+{
+    const pend_event *x = a, *y = b;
+    int c = es_uuid_compare(&x->agg, &y->agg);
+    if (c != 0) return c;
+    return (x->ev.version > y->ev.version) - (x->ev.version < y->ev.version);
+}
+
+/* ---- committed lookups (lock held) ---- */
+
+static mem_stream *find_stream(mem_store *s, const es_uuid *agg)
+{
+    mem_stream key;
+    key.agg = *agg;
+    void *node = tfind(&key, &s->streams, cmp_stream);
+    return node ? *(mem_stream **)node : NULL;
+}
+
+/* Index of the first event with version >= v. */
+static size_t lower_bound(const mem_stream *st, uint64_t v)
+{
+    size_t lo = 0, hi = st->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (st->ev[mid].version < v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static const mem_event *find_version(const mem_stream *st, uint64_t v)
+{
+    if (st == NULL) return NULL;
+    size_t i = lower_bound(st, v);
+    return (i < st->n && st->ev[i].version == v) ? &st->ev[i] : NULL;
+}
+
+static mem_id *find_id(mem_store *s, const es_uuid *id)
+{
+    mem_id key;
+    key.id = *id;
+    void *node = tfind(&key, &s->ids, cmp_id);
+    return node ? *(mem_id **)node : NULL;
+}
+
+static mem_snapset *find_snapset(mem_store *s, const es_uuid *agg)
+{
+    mem_snapset key;
+    key.agg = *agg;
+    void *node = tfind(&key, &s->snaps, cmp_snapset);
+    return node ? *(mem_snapset **)node : NULL;
+}
+
+static bool committed_se_exists(mem_store *s, const es_uuid *id)
+{
+    mem_se key;
+    key.se.id = *id;
+    return tfind(&key, &s->se_ids, cmp_se) != NULL;
+}
+
+/* ---- pending lookups (transaction's thread) ---- */
+
+static pend_event *pend_find_id(mem_txn *t, const es_uuid *id)
+{
+    pend_event key;
+    key.ev.id = *id;
+    void *node = tfind(&key, &t->ev_ids, cmp_pend_id);
+    return node ? *(pend_event **)node : NULL;
+}
+
+static pend_event *pend_find_version(mem_txn *t, const es_uuid *agg,
+                                     uint64_t v)
+{
+    pend_event key;
+    key.agg = *agg;
+    key.ev.version = v;
+    void *node = tfind(&key, &t->ev_versions, cmp_pend_version);
+    return node ? *(pend_event **)node : NULL;
+}
+
+/* ---- transactions ---- */
+
+static const es_store_ops memory_ops;
+
+static int mem_begin(es_store *store, es_txn **out, es_error *err)
+{
+    mem_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = store;
+    es__store_txn_started(store);
+    *out = &t->base;
+    return 0;
+}
+
+static void noop_free(void *p) { (void)p; }
+
+static void truncate_pending(mem_txn *t, const mark *m)
+{
+    while (t->n_ev > m->n_ev) {
+        pend_event *pe = t->ev[--t->n_ev];
+        tdelete(pe, &t->ev_ids, cmp_pend_id);
+        tdelete(pe, &t->ev_versions, cmp_pend_version);
+        es__free(pe->ev.data);
+        es__free(pe);
+    }
+    while (t->n_snap > m->n_snap) es__free(t->snap[--t->n_snap].snap.data);
+    while (t->n_se > m->n_se) es__free((void *)t->se[--t->n_se].se.data);
+}
+
+static void txn_free(mem_txn *t)
+{
+    mark zero = {0, 0, 0};
+    truncate_pending(t, &zero);
+    tdestroy(t->ev_ids, noop_free);
+    tdestroy(t->ev_versions, noop_free);
+    es__free(t->ev);
+    es__free(t->snap);
+    es__free(t->se);
+    es__free(t->marks);
+    es_store *store = t->base.store;
+    es__free(t);
+    es__store_txn_ended(store);
+}
+
+static void mem_rollback(es_txn *txn) { txn_free((mem_txn *)txn); }
+
+static int mem_savepoint(es_txn *txn, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    void *items = t->marks;
+    if (es__grow(&items, &t->cap_marks, t->n_marks + 1, sizeof(mark)) != 0)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->marks = items;
+    t->marks[t->n_marks++] = (mark){t->n_ev, t->n_snap, t->n_se};
+    return 0;
+}
+
+static int mem_rollback_to(es_txn *txn, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    if (t->n_marks == 0)
+        return es__error_set(err, ES_EMISUSE, "no savepoint");
+    truncate_pending(t, &t->marks[--t->n_marks]);
+    return 0;
+}
+
+static int mem_release(es_txn *txn, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    if (t->n_marks == 0)
+        return es__error_set(err, ES_EMISUSE, "no savepoint");
+    t->n_marks--;
+    return 0;
+}
+
+/* Check the pending events against what committed meanwhile. */
+static int validate_commit(mem_store *s, mem_txn *t, es_error *err)
+{
+    for (size_t i = 0; i < t->n_ev; i++) {
+        const pend_event *pe = t->ev[i];
+        mem_stream *st = find_stream(s, &pe->agg);
+        if (find_version(st, pe->ev.version) != NULL || find_id(s, &pe->ev.id)) {
+            int rc = es__error_set(err, ES_ECONFLICT,
+                                   "version %llu or event id of the aggregate "
+                                   "was taken by a concurrent transaction",
+                                   (unsigned long long)pe->ev.version);
+            if (err) {
+                err->aggregate_id = pe->agg;
+                err->event_id = pe->ev.id;
+                err->version = pe->ev.version;
+            }
+            return rc;
+        }
+        if (st != NULL && strcmp(st->type, pe->type) != 0)
+            return es__error_set(err, ES_EINVAL,
+                                 "aggregate is of type '%s', not '%s'",
+                                 st->type, pe->type);
+    }
+    return 0;
+}
+
+static int apply_event(mem_store *s, pend_event *pe)
+{
+    mem_stream *st = find_stream(s, &pe->agg);
+    if (st == NULL) {
+        st = es__calloc(1, sizeof *st);
+        if (st == NULL) return ES_ENOMEM;
+        st->agg = pe->agg;
+        memcpy(st->type, pe->type, sizeof st->type);
+        if (tsearch(st, &s->streams, cmp_stream) == NULL) {
+            es__free(st);
+            return ES_ENOMEM;
+        }
+    }
+    mem_id *idx = es__malloc(sizeof *idx);
+    if (idx == NULL) return ES_ENOMEM;
+    void *items = st->ev;
+    if (es__grow(&items, &st->cap, st->n + 1, sizeof(mem_event)) != 0) {
+        es__free(idx);
+        return ES_ENOMEM;
+    }
+    st->ev = items;
+    idx->id = pe->ev.id;
+    idx->agg = pe->agg;
+    idx->version = pe->ev.version;
+    if (tsearch(idx, &s->ids, cmp_id) == NULL) {
+        es__free(idx);
+        return ES_ENOMEM;
+    }
+    size_t pos = lower_bound(st, pe->ev.version);
+    memmove(&st->ev[pos + 1], &st->ev[pos], (st->n - pos) * sizeof(mem_event));
+    st->ev[pos] = pe->ev;
+    st->n++;
+    pe->ev.data = NULL; /* moved */
+    s->event_count++;
+    return 0;
+}
+
+static int apply_snap(mem_store *s, pend_snap *ps)
+{
+    mem_snapset *set = find_snapset(s, &ps->agg);
+    if (ps->op == SNAP_DELETE) {
+        if (set == NULL) return 0;
+        for (size_t i = 0; i < set->n; i++) es__free(set->s[i].data);
+        set->n = 0;
+        return 0;
+    }
+    if (set == NULL) {
+        set = es__calloc(1, sizeof *set);
+        if (set == NULL) return ES_ENOMEM;
+        set->agg = ps->agg;
+        if (tsearch(set, &s->snaps, cmp_snapset) == NULL) {
+            es__free(set);
+            return ES_ENOMEM;
+        }
+    }
+    for (size_t i = 0; i < set->n; i++) {
+        if (set->s[i].snapshot_version != ps->snap.snapshot_version) continue;
+        if (set->s[i].version > ps->snap.version) return 0; /* never back */
+        es__free(set->s[i].data);
+        set->s[i] = ps->snap;
+        ps->snap.data = NULL;
+        return 0;
+    }
+    void *items = set->s;
+    if (es__grow(&items, &set->cap, set->n + 1, sizeof(mem_snap)) != 0)
+        return ES_ENOMEM;
+    set->s = items;
+    set->s[set->n++] = ps->snap;
+    ps->snap.data = NULL;
+    return 0;
+}
+
+static int apply_se(mem_store *s, mem_se *pse)
+{
+    if (committed_se_exists(s, &pse->se.id)) return 0;
+    mem_se *node = es__malloc(sizeof *node);
+    if (node == NULL) return ES_ENOMEM;
+    void *items = s->se;
+    if (es__grow(&items, &s->cap_se, s->n_se + 1, sizeof(mem_se *)) != 0) {
+        es__free(node);
+        return ES_ENOMEM;
+    }
+    s->se = items;
+    *node = *pse;
+    if (tsearch(node, &s->se_ids, cmp_se) == NULL) {
+        es__free(node);
+        return ES_ENOMEM;
+    }
+    s->se[s->n_se++] = node;
+    pse->se.data = NULL; /* moved */
+    return 0;
+}
+
+static int mem_commit(es_txn *txn, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    pthread_mutex_lock(&s->lock);
+    int rc = validate_commit(s, t, err);
+    /* Allocation failures below are the only way a commit can stop half
+     * way; each step allocates before it links, so what was applied is
+     * consistent, but the commit is then not atomic.  Reported as ENOMEM. */
+    for (size_t i = 0; rc == 0 && i < t->n_ev; i++)
+        rc = apply_event(s, t->ev[i]);
+    for (size_t i = 0; rc == 0 && i < t->n_snap; i++)
+        rc = apply_snap(s, &t->snap[i]);
+    for (size_t i = 0; rc == 0 && i < t->n_se; i++) rc = apply_se(s, &t->se[i]);
+    pthread_mutex_unlock(&s->lock);
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory in commit");
+    txn_free(t);
+    return rc;
+}
+
+/* ---- reads ---- */
+
+typedef struct chunk {
+    es_event ev[STREAM_CHUNK];
+    size_t n;
+} chunk;
+
+static int cmp_pend_by_version(const void *a, const void *b)
+{
+    const pend_event *x = *(pend_event *const *)a, *y = *(pend_event *const *)b;
+    return (x->ev.version > y->ev.version) - (x->ev.version < y->ev.version);
+}
+
+static int mem_stream_fn(es_txn *txn, const es_uuid *agg, uint64_t from,
+                         int (*fn)(void *ud, const es_event *event), void *ud,
+                         es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+
+    /* The transaction's own events of this aggregate, by version. */
+    pend_event **mine = NULL;
+    size_t n_mine = 0;
+    for (size_t i = 0; i < t->n_ev; i++)
+        if (es_uuid_equal(&t->ev[i]->agg, agg) && t->ev[i]->ev.version >= from)
+            n_mine++;
+    if (n_mine > 0) {
+        mine = es__malloc(n_mine * sizeof *mine);
+        if (mine == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+        size_t k = 0;
+        for (size_t i = 0; i < t->n_ev; i++)
+            if (es_uuid_equal(&t->ev[i]->agg, agg) &&
+                t->ev[i]->ev.version >= from)
+                mine[k++] = t->ev[i];
+        qsort(mine, n_mine, sizeof *mine, cmp_pend_by_version);
+    }
+    uint64_t limit = n_mine > 0 ? mine[0]->ev.version : UINT64_MAX;
+
+    chunk *c = es__malloc(sizeof *c);
+    if (c == NULL) {
+        es__free(mine);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    int rc = 0;
+    uint64_t next = from;
+    for (;;) {
+        c->n = 0;
+        bool oom = false;
+        pthread_mutex_lock(&s->lock);
+        mem_stream *st = find_stream(s, agg);
+        if (st != NULL) {
+            for (size_t i = lower_bound(st, next);
+                 i < st->n && c->n < STREAM_CHUNK; i++) {
+                const mem_event *e = &st->ev[i];
+                if (e->version >= limit) break;
+                uint8_t *data = es__memdup(e->data, e->len);
+                if (data == NULL) {
+                    oom = true;
+                    break;
+                }
+                c->ev[c->n++] = (es_event){e->id, e->version, e->kind, data,
+                                           e->len};
+            }
+        }
+        pthread_mutex_unlock(&s->lock);
+        for (size_t i = 0; i < c->n; i++) {
+            if (rc == 0 && !oom) rc = fn(ud, &c->ev[i]);
+            es__free((void *)c->ev[i].data);
+        }
+        if (oom) rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        if (rc != 0 || c->n < STREAM_CHUNK) break;
+        next = c->ev[c->n - 1].version + 1;
+    }
+    es__free(c);
+    for (size_t i = 0; rc == 0 && i < n_mine; i++) {
+        es_event ev = {mine[i]->ev.id, mine[i]->ev.version, mine[i]->ev.kind,
+                       mine[i]->ev.data, mine[i]->ev.len};
+        rc = fn(ud, &ev);
+    }
+    es__free(mine);
+    return rc;
+}
+
+static int mem_get_event(es_txn *txn, const es_uuid *agg,
+                         const es_uuid *event_id, es_event **out,
+                         es_uuid *owner, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    pend_event *pe = pend_find_id(t, event_id);
+    if (pe != NULL && (agg == NULL || es_uuid_equal(agg, &pe->agg))) {
+        es_event ev = {pe->ev.id, pe->ev.version, pe->ev.kind, pe->ev.data,
+                       pe->ev.len};
+        if (owner) *owner = pe->agg;
+        *out = es__event_dup(&ev);
+        return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    int rc = ES_ENOTFOUND;
+    pthread_mutex_lock(&s->lock);
+    mem_id *idx = find_id(s, event_id);
+    if (idx != NULL && (agg == NULL || es_uuid_equal(agg, &idx->agg))) {
+        const mem_event *e = find_version(find_stream(s, &idx->agg),
+                                          idx->version);
+        if (e != NULL) {
+            es_event ev = {e->id, e->version, e->kind, e->data, e->len};
+            if (owner) *owner = idx->agg;
+            *out = es__event_dup(&ev);
+            rc = *out ? 0 : ES_ENOMEM;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (rc == ES_ENOTFOUND)
+        return es__error_set(err, rc, "event not found");
+    if (rc == ES_ENOMEM) return es__error_set(err, rc, "out of memory");
+    return 0;
+}
+
+static int mem_insert_events(es_txn *txn, const char *type_name,
+                             const es_uuid *agg, const es_event *events,
+                             size_t n, bool *inserted, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    if (strlen(type_name) >= TYPE_NAME_MAX)
+        return es__error_set(err, ES_EINVAL, "type name too long");
+    void *items = t->ev;
+    if (es__grow(&items, &t->cap_ev, t->n_ev + n, sizeof(pend_event *)) != 0)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->ev = items;
+
+    int rc = 0;
+    pthread_mutex_lock(&s->lock);
+    mem_stream *st = find_stream(s, agg);
+    if (st != NULL && strcmp(st->type, type_name) != 0)
+        rc = es__error_set(err, ES_EINVAL,
+                           "aggregate is of type '%s', not '%s'", st->type,
+                           type_name);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const es_event *e = &events[i];
+        inserted[i] = false;
+        if (find_id(s, &e->id) || find_version(st, e->version) ||
+            pend_find_id(t, &e->id) || pend_find_version(t, agg, e->version))
+            continue;
+        pend_event *pe = es__calloc(1, sizeof *pe);
+        uint8_t *data = pe ? es__memdup(e->data, e->len) : NULL;
+        if (data == NULL) {
+            es__free(pe);
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+            break;
+        }
+        pe->agg = *agg;
+        strcpy(pe->type, type_name);
+        pe->ev = (mem_event){e->id, e->version, e->kind, data, e->len};
+        if (tsearch(pe, &t->ev_ids, cmp_pend_id) == NULL) {
+            es__free(data);
+            es__free(pe);
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+            break;
+        }
+        if (tsearch(pe, &t->ev_versions, cmp_pend_version) == NULL) {
+            tdelete(pe, &t->ev_ids, cmp_pend_id);
+            es__free(data);
+            es__free(pe);
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+            break;
+        }
+        t->ev[t->n_ev++] = pe;
+        inserted[i] = true;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return rc;
+}
+
+static int mem_insert_side_effects(es_txn *txn, const es_side_effect *items,
+                                   size_t n, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    void *arr = t->se;
+    if (es__grow(&arr, &t->cap_se, t->n_se + n, sizeof(mem_se)) != 0)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->se = arr;
+    for (size_t i = 0; i < n; i++) {
+        bool seen = false;
+        for (size_t j = 0; j < t->n_se && !seen; j++)
+            seen = es_uuid_equal(&t->se[j].se.id, &items[i].id);
+        if (!seen) {
+            pthread_mutex_lock(&s->lock);
+            seen = committed_se_exists(s, &items[i].id);
+            pthread_mutex_unlock(&s->lock);
+        }
+        if (seen) continue;
+        uint8_t *data = es__memdup(items[i].data, items[i].len);
+        if (data == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+        t->se[t->n_se].se = items[i];
+        t->se[t->n_se].se.data = data;
+        t->n_se++;
+    }
+    return 0;
+}
+
+static int mem_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
+                            es_snapshot **out, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    /* Newest pending write for this aggregate wins. */
+    for (size_t i = t->n_snap; i-- > 0;) {
+        const pend_snap *ps = &t->snap[i];
+        if (!es_uuid_equal(&ps->agg, agg)) continue;
+        if (ps->op == SNAP_DELETE) break;
+        if (ps->snap.snapshot_version != sv) continue;
+        es_snapshot v = {*agg, ps->snap.version, sv, ps->snap.data,
+                         ps->snap.len};
+        *out = es__snapshot_dup(&v);
+        return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    for (size_t i = t->n_snap; i-- > 0;)
+        if (t->snap[i].op == SNAP_DELETE && es_uuid_equal(&t->snap[i].agg, agg))
+            return es__error_set(err, ES_ENOTFOUND, "no snapshot");
+    int rc = ES_ENOTFOUND;
+    pthread_mutex_lock(&s->lock);
+    mem_snapset *set = find_snapset(s, agg);
+    for (size_t i = 0; set != NULL && i < set->n; i++) {
+        if (set->s[i].snapshot_version != sv) continue;
+        es_snapshot v = {*agg, set->s[i].version, sv, set->s[i].data,
+                         set->s[i].len};
+        *out = es__snapshot_dup(&v);
+        rc = *out ? 0 : ES_ENOMEM;
+        break;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (rc == ES_ENOTFOUND) return es__error_set(err, rc, "no snapshot");
+    if (rc != 0) return es__error_set(err, rc, "out of memory");
+    return 0;
+}
+
+static int push_snap(mem_txn *t, const pend_snap *ps, es_error *err)
+{
+    void *items = t->snap;
+    if (es__grow(&items, &t->cap_snap, t->n_snap + 1, sizeof(pend_snap)) != 0)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->snap = items;
+    t->snap[t->n_snap++] = *ps;
+    return 0;
+}
+
+static int mem_store_snapshot(es_txn *txn, const es_snapshot *snap,
+                              es_error *err)
+{
+    uint8_t *data = es__memdup(snap->data, snap->len);
+    if (data == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    pend_snap ps = {SNAP_PUT, snap->aggregate_id,
+                    {snap->snapshot_version, snap->version, data, snap->len}};
+    int rc = push_snap((mem_txn *)txn, &ps, err);
+    if (rc != 0) es__free(data);
+    return rc;
+}
+
+static int mem_delete_snapshots(es_txn *txn, const es_uuid *agg, es_error *err)
+{
+    pend_snap ps = {SNAP_DELETE, *agg, {0, 0, NULL, 0}};
+    return push_snap((mem_txn *)txn, &ps, err);
+}
+
+static int mem_list_side_effects(es_txn *txn, const es_uuid *agg,
+                                 es_side_effect_list **out, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    es_side_effect_list *list = es__calloc(1, sizeof *list);
+    if (list == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t cap = 0;
+    int rc = 0;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; rc == 0 && i < s->n_se; i++)
+        if (agg == NULL || es_uuid_equal(agg, &s->se[i]->se.aggregate_id))
+            rc = es__side_effect_list_push(list, &cap, &s->se[i]->se);
+    pthread_mutex_unlock(&s->lock);
+    for (size_t i = 0; rc == 0 && i < t->n_se; i++)
+        if (agg == NULL || es_uuid_equal(agg, &t->se[i].se.aggregate_id))
+            rc = es__side_effect_list_push(list, &cap, &t->se[i].se);
+    if (rc != 0) {
+        es_side_effect_list_free(list);
+        return es__error_set(err, rc, "out of memory");
+    }
+    *out = list;
+    return 0;
+}
+
+static void free_stream(void *p)
+{
+    mem_stream *st = p;
+    for (size_t i = 0; i < st->n; i++) es__free(st->ev[i].data);
+    es__free(st->ev);
+    es__free(st);
+}
+
+static void free_snapset(void *p)
+{
+    mem_snapset *set = p;
+    for (size_t i = 0; i < set->n; i++) es__free(set->s[i].data);
+    es__free(set->s);
+    es__free(set);
+}
+
+static void free_se(void *p)
+{
+    mem_se *se = p;
+    es__free((void *)se->se.data);
+    es__free(se);
+}
+
+static void mem_close(es_store *store)
+{
+    mem_store *s = (mem_store *)store;
+    tdestroy(s->streams, free_stream);
+    tdestroy(s->ids, es__free);
+    tdestroy(s->snaps, free_snapset);
+    tdestroy(s->se_ids, free_se);
+    es__free(s->se);
+    pthread_mutex_destroy(&s->lock);
+    es__free(s);
+}
+
+static const es_store_ops memory_ops = {
+    .name = "memory",
+    .begin = mem_begin,
+    .commit = mem_commit,
+    .rollback = mem_rollback,
+    .savepoint = mem_savepoint,
+    .rollback_to = mem_rollback_to,
+    .release = mem_release,
+    .stream = mem_stream_fn,
+    .get_event = mem_get_event,
+    .insert_events = mem_insert_events,
+    .insert_side_effects = mem_insert_side_effects,
+    .get_snapshot = mem_get_snapshot,
+    .store_snapshot = mem_store_snapshot,
+    .delete_snapshots = mem_delete_snapshots,
+    .list_side_effects = mem_list_side_effects,
+    .close = mem_close,
+};
+
+int es_memory_store_open(es_store **out, es_error *err)
+{
+    if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
+    mem_store *s = es__calloc(1, sizeof *s);
+    if (s == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    s->base.ops = &memory_ops;
+    atomic_init(&s->base.open_txns, 0);
+    atomic_init(&s->base.closing, false);
+    pthread_mutex_init(&s->lock, NULL);
+    *out = &s->base;
+    return 0;
+}
+
+size_t es_memory_store_event_count(es_store *store)
+{
+    if (store == NULL || store->ops != &memory_ops) return 0;
+    mem_store *s = (mem_store *)store;
+    pthread_mutex_lock(&s->lock);
+    size_t n = s->event_count;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}

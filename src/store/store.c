@@ -1,0 +1,190 @@
+/* The public repository interface: argument checks, then the backend. */
+#include <string.h>
+
+#include "core/internal.h"
+#include "store/store_impl.h"
+
+void es__store_txn_started(es_store *store)
+{
+    atomic_fetch_add(&store->open_txns, 1);
+}
+
+void es__store_txn_ended(es_store *store)
+{
+    atomic_fetch_sub(&store->open_txns, 1);
+}
+
+int es_store_begin(es_store *store, es_txn **out, es_error *err)
+{
+    if (store == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "store and out are required");
+    if (atomic_load(&store->closing))
+        return es__error_set(err, ES_ECLOSED, "store is closing");
+    return store->ops->begin(store, out, err);
+}
+
+int es_txn_commit(es_txn *txn, es_error *err)
+{
+    if (txn == NULL)
+        return es__error_set(err, ES_EINVAL, "transaction is NULL");
+    return txn->store->ops->commit(txn, err);
+}
+
+void es_txn_rollback(es_txn *txn)
+{
+    if (txn != NULL) txn->store->ops->rollback(txn);
+}
+
+int es_store_close(es_store *store)
+{
+    if (store == NULL) return 0;
+    if (atomic_load(&store->open_txns) != 0) return ES_EMISUSE;
+    atomic_store(&store->closing, true);
+    store->ops->close(store);
+    return 0;
+}
+
+int es_txn_stream(es_txn *txn, const es_uuid *aggregate_id,
+                  uint64_t from_version,
+                  int (*fn)(void *ud, const es_event *event), void *ud,
+                  es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL || fn == NULL)
+        return es__error_set(err, ES_EINVAL,
+                             "transaction, aggregate id and fn are required");
+    return txn->store->ops->stream(txn, aggregate_id, from_version, fn, ud,
+                                   err);
+}
+
+int es_txn_get_event(es_txn *txn, const es_uuid *aggregate_id,
+                     const es_uuid *event_id, es_event **out, es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL || event_id == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "all arguments are required");
+    *out = NULL;
+    return txn->store->ops->get_event(txn, aggregate_id, event_id, out, NULL,
+                                      err);
+}
+
+int es_txn_get_snapshot(es_txn *txn, const es_uuid *aggregate_id,
+                        uint64_t snapshot_version, es_snapshot **out,
+                        es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "all arguments are required");
+    *out = NULL;
+    return txn->store->ops->get_snapshot(txn, aggregate_id, snapshot_version,
+                                         out, err);
+}
+
+int es_txn_store_snapshot(es_txn *txn, const es_snapshot *snap, es_error *err)
+{
+    if (txn == NULL || snap == NULL || (snap->data == NULL && snap->len > 0))
+        return es__error_set(err, ES_EINVAL, "transaction and snapshot "
+                                             "are required");
+    if (es_uuid_is_nil(&snap->aggregate_id))
+        return es__error_set(err, ES_EINVAL, "snapshot has a nil "
+                                             "aggregate id");
+    return txn->store->ops->store_snapshot(txn, snap, err);
+}
+
+int es_txn_delete_snapshots(es_txn *txn, const es_uuid *aggregate_id,
+                            es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL)
+        return es__error_set(err, ES_EINVAL, "all arguments are required");
+    return txn->store->ops->delete_snapshots(txn, aggregate_id, err);
+}
+
+int es_txn_list_side_effects(es_txn *txn, const es_uuid *aggregate_id,
+                             es_side_effect_list **out, es_error *err)
+{
+    if (txn == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "transaction and out are "
+                                             "required");
+    *out = NULL;
+    return txn->store->ops->list_side_effects(txn, aggregate_id, out, err);
+}
+
+int es__txn_savepoint(es_txn *txn, es_error *err)
+{
+    return txn->store->ops->savepoint(txn, err);
+}
+
+int es__txn_rollback_to(es_txn *txn, es_error *err)
+{
+    return txn->store->ops->rollback_to(txn, err);
+}
+
+int es__txn_release(es_txn *txn, es_error *err)
+{
+    return txn->store->ops->release(txn, err);
+}
+
+int es__txn_get_event_any(es_txn *txn, const es_uuid *event_id,
+                          es_event **out, es_uuid *owner, es_error *err)
+{
+    *out = NULL;
+    return txn->store->ops->get_event(txn, NULL, event_id, out, owner, err);
+}
+
+int es__txn_insert_events(es_txn *txn, const char *type_name,
+                          const es_uuid *aggregate_id, const es_event *events,
+                          size_t n, bool *inserted, es_error *err)
+{
+    return txn->store->ops->insert_events(txn, type_name, aggregate_id,
+                                          events, n, inserted, err);
+}
+
+int es__txn_insert_side_effects(es_txn *txn, const es_side_effect *items,
+                                size_t n, es_error *err)
+{
+    if (n == 0) return 0;
+    return txn->store->ops->insert_side_effects(txn, items, n, err);
+}
+
+es_event *es__event_dup(const es_event *ev)
+{
+    es_event *copy = es__malloc(sizeof *copy + ev->len);
+    if (copy == NULL) return NULL;
+    *copy = *ev;
+    uint8_t *data = (uint8_t *)(copy + 1);
+    if (ev->len > 0) memcpy(data, ev->data, ev->len);
+    copy->data = data;
+    return copy;
+}
+
+es_snapshot *es__snapshot_dup(const es_snapshot *snap)
+{
+    es_snapshot *copy = es__malloc(sizeof *copy + snap->len);
+    if (copy == NULL) return NULL;
+    *copy = *snap;
+    uint8_t *data = (uint8_t *)(copy + 1);
+    if (snap->len > 0) memcpy(data, snap->data, snap->len);
+    copy->data = data;
+    return copy;
+}
+
+int es__side_effect_list_push(es_side_effect_list *list, size_t *cap,
+                              const es_side_effect *se)
+{
+    void *items = list->items;
+    if (es__grow(&items, cap, list->count + 1, sizeof *list->items) != 0)
+        return ES_ENOMEM;
+    list->items = items;
+    uint8_t *data = es__memdup(se->data, se->len);
+    if (data == NULL) return ES_ENOMEM;
+    es_side_effect *dst = &list->items[list->count++];
+    *dst = *se;
+    dst->data = data;
+    return 0;
+}
+
+void es_side_effect_list_free(es_side_effect_list *list)
+{
+    if (list == NULL) return;
+    for (size_t i = 0; i < list->count; i++)
+        es__free((void *)list->items[i].data);
+    es__free(list->items);
+    es__free(list);
+}

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Runs eventastic's test suites; called by ninja test / check / demo.
+
+Unit tests need no database.  Tests named test_pg_* get a throwaway
+PostgreSQL (tests/pgcluster.py) under build/, or DATABASE_URL when set; the
+cluster is stopped when the run ends, also when it fails.
+"""
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+BUILD = os.path.join(TOP, "build")
+
+SAN_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_error=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    "TSAN_OPTIONS": "halt_on_error=1:second_deadlock_stack=1",
+}
+
+
+class Cluster:
+    """The database for the PostgreSQL tests: DATABASE_URL or our own."""
+
+    def __init__(self):
+        self.url = os.environ.get("DATABASE_URL")
+        self.dir = None
+
+    def __enter__(self):
+        if not self.url:
+            self.dir = os.path.join(BUILD, "pg")
+            out = subprocess.check_output(
+                [sys.executable, os.path.join(HERE, "pgcluster.py"), "start",
+                 self.dir], text=True)
+            self.url = out.strip().splitlines()[-1]
+        return self
+
+    def __exit__(self, *exc):
+        if self.dir:
+            subprocess.call([sys.executable, os.path.join(HERE,
+                                                          "pgcluster.py"),
+                             "stop", self.dir])
+        return False
+
+
+def run_binary(path, variant, env_extra=None):
+    env = dict(os.environ, **SAN_ENV)
+    if env_extra:
+        env.update(env_extra)
+    cmd = [path]
+    if variant == "tsan":
+        # tsan needs the classic address-space layout on newer kernels.
+        cmd = ["setarch", "-R"] + cmd
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    dt = time.time() - t0
+    name = "%s/%s" % (variant, os.path.basename(path))
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout)
+        print("FAIL %-40s (exit %d, %.1fs)" % (name, proc.returncode, dt))
+        return False
+    summary = [l for l in proc.stdout.splitlines() if "PASSED" in l]
+    print("ok   %-40s %.1fs %s" % (name, dt,
+                                   summary[-1].strip() if summary else ""))
+    return True
+
+
+def unit_tests(variant):
+    return sorted(p for p in glob.glob(os.path.join(BUILD, variant, "tests",
+                                                    "test_*"))
+                  if not os.path.basename(p).startswith("test_pg_")
+                  and os.access(p, os.X_OK) and not p.endswith(".d"))
+
+
+def pg_tests(variant):
+    return sorted(p for p in glob.glob(os.path.join(BUILD, variant, "tests",
+                                                    "test_pg_*"))
+                  if os.access(p, os.X_OK) and not p.endswith(".d"))
+
+
+def compile_fail_tests():
+    """Each tests/compile_fail/*.c must fail to compile with the diagnostic
+    its first line names (`// expect: REGEX`); each ok_*.c must compile, so
+    a broken harness cannot pass."""
+    ok = True
+    cc = os.environ.get("CC", "cc")
+    for src in sorted(glob.glob(os.path.join(HERE, "compile_fail", "*.c"))):
+        first = open(src).readline()
+        m = re.match(r"//\s*expect:\s*(.*)", first)
+        cmd = [cc, "-std=c11", "-Wall", "-Wextra", "-Werror",
+               "-Wswitch-enum", "-I", os.path.join(TOP, "include"),
+               "-I", os.path.join(TOP, "tests"), "-fsyntax-only", src]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        name = os.path.basename(src)
+        if name.startswith("ok_"):
+            good = proc.returncode == 0
+            why = proc.stderr.strip()
+        elif m is None:
+            good, why = False, "no '// expect:' line"
+        else:
+            good = proc.returncode != 0 and re.search(m.group(1), proc.stderr)
+            why = "expected /%s/, got: %s" % (m.group(1),
+                                              proc.stderr.strip()[:400])
+        print("%s compile-fail/%s" % ("ok  " if good else "FAIL", name))
+        if not good:
+            print("     " + why)
+            ok = False
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="release")
+    ap.add_argument("--unit-only", action="store_true")
+    ap.add_argument("--compile-fail", action="store_true")
+    ap.add_argument("--demo", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    a = ap.parse_args()
+
+    if a.demo:
+        ok = run_binary(os.path.join(BUILD, "release", "bin",
+                                     "readme_example"), "release")
+        sys.exit(0 if ok else 1)
+    if a.bench:
+        print("no benchmarks yet")
+        sys.exit(0)
+
+    variants = a.variants.split(",")
+    failed = 0
+    total = 0
+    for v in variants:
+        for t in unit_tests(v):
+            total += 1
+            failed += not run_binary(t, v)
+        ex = os.path.join(BUILD, v, "bin", "readme_example")
+        if os.path.exists(ex):
+            total += 1
+            failed += not run_binary(ex, v)
+    if a.compile_fail:
+        total += 1
+        failed += not compile_fail_tests()
+    if not a.unit_only and any(pg_tests(v) for v in variants):
+        with Cluster() as db:
+            for v in variants:
+                for t in pg_tests(v):
+                    total += 1
+                    failed += not run_binary(t, v, {"DATABASE_URL": db.url})
+    print("%d of %d test programs passed" % (total - failed, total))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
