@@ -63,6 +63,11 @@ typedef struct mem_se {
     es_side_effect se; /* data owned */
 } mem_se;
 
+/* A command-id record; payload owned. */
+typedef struct mem_cmd {
+    es__command_record rec;
+} mem_cmd;
+
 typedef struct mem_store {
     struct es_store base;
     pthread_mutex_t lock;
@@ -70,6 +75,7 @@ typedef struct mem_store {
     void *ids;       /* mem_id*, by event id */
     void *snaps;     /* mem_snapset*, by agg */
     void *se_ids;    /* mem_se*, by side-effect id */
+    void *cmds;      /* mem_cmd*, by command id */
     mem_se **se;     /* committed side effects, oldest first */
     size_t n_se, cap_se;
     size_t event_count;
@@ -91,7 +97,7 @@ typedef struct pend_snap {
 } pend_snap;
 
 typedef struct mark {
-    size_t n_ev, n_snap, n_se;
+    size_t n_ev, n_snap, n_se, n_cmd;
 } mark;
 
 typedef struct mem_txn {
@@ -104,6 +110,9 @@ typedef struct mem_txn {
     size_t n_snap, cap_snap;
     mem_se *se;
     size_t n_se, cap_se;
+    mem_cmd **cmd; /* individually allocated: cmd_ids points at them */
+    size_t n_cmd, cap_cmd;
+    void *cmd_ids; /* mem_cmd*, by command id */
     mark *marks;
     size_t n_marks, cap_marks;
 } mem_txn;
@@ -132,6 +141,12 @@ static int cmp_se(const void *a, const void *b)
 {
     return es_uuid_compare(&((const mem_se *)a)->se.id,
                            &((const mem_se *)b)->se.id);
+}
+
+static int cmp_cmd(const void *a, const void *b)
+{
+    return es_uuid_compare(&((const mem_cmd *)a)->rec.command_id,
+                           &((const mem_cmd *)b)->rec.command_id);
 }
 
 static int cmp_pend_id(const void *a, const void *b)
@@ -202,6 +217,14 @@ static bool committed_se_exists(mem_store *s, const es_uuid *id)
     return tfind(&key, &s->se_ids, cmp_se) != NULL;
 }
 
+static mem_cmd *find_cmd(void *const *root, const es_uuid *id)
+{
+    mem_cmd key;
+    key.rec.command_id = *id;
+    void *node = tfind(&key, root, cmp_cmd);
+    return node ? *(mem_cmd **)node : NULL;
+}
+
 /* ---- pending lookups (transaction's thread) ---- */
 
 static pend_event *pend_find_id(mem_txn *t, const es_uuid *id)
@@ -249,14 +272,22 @@ static void truncate_pending(mem_txn *t, const mark *m)
     }
     while (t->n_snap > m->n_snap) es__free(t->snap[--t->n_snap].snap.data);
     while (t->n_se > m->n_se) es__free((void *)t->se[--t->n_se].se.data);
+    while (t->n_cmd > m->n_cmd) {
+        mem_cmd *c = t->cmd[--t->n_cmd];
+        if (c == NULL) continue; /* moved to the store at commit */
+        tdelete(c, &t->cmd_ids, cmp_cmd);
+        es__free(c);
+    }
 }
 
 static void txn_free(mem_txn *t)
 {
-    mark zero = {0, 0, 0};
+    mark zero = {0, 0, 0, 0};
     truncate_pending(t, &zero);
     tdestroy(t->ev_ids, noop_free);
     tdestroy(t->ev_versions, noop_free);
+    tdestroy(t->cmd_ids, noop_free);
+    es__free(t->cmd);
     es__free(t->ev);
     es__free(t->snap);
     es__free(t->se);
@@ -275,7 +306,7 @@ static int mem_savepoint(es_txn *txn, es_error *err)
     if (es__grow(&items, &t->cap_marks, t->n_marks + 1, sizeof(mark)) != 0)
         return es__error_set(err, ES_ENOMEM, "out of memory");
     t->marks = items;
-    t->marks[t->n_marks++] = (mark){t->n_ev, t->n_snap, t->n_se};
+    t->marks[t->n_marks++] = (mark){t->n_ev, t->n_snap, t->n_se, t->n_cmd};
     return 0;
 }
 
@@ -319,6 +350,15 @@ static int validate_commit(mem_store *s, mem_txn *t, es_error *err)
             return es__error_set(err, ES_EINVAL,
                                  "aggregate is of type '%s', not '%s'",
                                  st->type, pe->type);
+    }
+    for (size_t i = 0; i < t->n_cmd; i++) {
+        const es__command_record *r = &t->cmd[i]->rec;
+        if (find_cmd(&s->cmds, &r->command_id) == NULL) continue;
+        int rc = es__error_set(err, ES_ECONFLICT,
+                               "command id was taken by a concurrent "
+                               "transaction");
+        if (err) err->aggregate_id = r->aggregate_id;
+        return rc;
     }
     return 0;
 }
@@ -430,6 +470,14 @@ static int mem_commit(es_txn *txn, es_error *err)
     for (size_t i = 0; rc == 0 && i < t->n_snap; i++)
         rc = apply_snap(s, &t->snap[i]);
     for (size_t i = 0; rc == 0 && i < t->n_se; i++) rc = apply_se(s, &t->se[i]);
+    for (size_t i = 0; rc == 0 && i < t->n_cmd; i++) {
+        if (tsearch(t->cmd[i], &s->cmds, cmp_cmd) == NULL) {
+            rc = ES_ENOMEM;
+            break;
+        }
+        tdelete(t->cmd[i], &t->cmd_ids, cmp_cmd);
+        t->cmd[i] = NULL; /* moved */
+    }
     pthread_mutex_unlock(&s->lock);
     if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory in commit");
     txn_free(t);
@@ -637,6 +685,59 @@ static int mem_insert_side_effects(es_txn *txn, const es_side_effect *items,
     return 0;
 }
 
+static int mem_insert_commands(es_txn *txn, const es__command_record *recs,
+                               size_t n, bool *inserted, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    void *items = t->cmd;
+    if (es__grow(&items, &t->cap_cmd, t->n_cmd + n, sizeof(mem_cmd *)) != 0)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->cmd = items;
+    for (size_t i = 0; i < n; i++) {
+        inserted[i] = false;
+        if (find_cmd(&t->cmd_ids, &recs[i].command_id) != NULL) continue;
+        pthread_mutex_lock(&s->lock);
+        bool seen = find_cmd(&s->cmds, &recs[i].command_id) != NULL;
+        pthread_mutex_unlock(&s->lock);
+        if (seen) continue;
+        es__command_record *copy = es__command_record_dup(&recs[i]);
+        if (copy == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+        /* mem_cmd is a wrapper of the record: same allocation */
+        mem_cmd *c = (mem_cmd *)(void *)copy;
+        if (tsearch(c, &t->cmd_ids, cmp_cmd) == NULL) {
+            es__free(c);
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+        }
+        t->cmd[t->n_cmd++] = c;
+        inserted[i] = true;
+    }
+    return 0;
+}
+
+static int mem_get_command(es_txn *txn, const es_uuid *command_id,
+                           es__command_record **out, es_error *err)
+{
+    mem_txn *t = (mem_txn *)txn;
+    mem_store *s = (mem_store *)txn->store;
+    mem_cmd *c = find_cmd(&t->cmd_ids, command_id);
+    if (c != NULL) {
+        *out = es__command_record_dup(&c->rec);
+        return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    int rc = ES_ENOTFOUND;
+    pthread_mutex_lock(&s->lock);
+    c = find_cmd(&s->cmds, command_id);
+    if (c != NULL) {
+        *out = es__command_record_dup(&c->rec);
+        rc = *out ? 0 : ES_ENOMEM;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (rc == ES_ENOTFOUND) return es__error_set(err, rc, "command not found");
+    if (rc != 0) return es__error_set(err, rc, "out of memory");
+    return 0;
+}
+
 static int mem_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
                             es_snapshot **out, es_error *err)
 {
@@ -756,6 +857,7 @@ static void mem_close(es_store *store)
     tdestroy(s->ids, es__free);
     tdestroy(s->snaps, free_snapset);
     tdestroy(s->se_ids, free_se);
+    tdestroy(s->cmds, es__free);
     es__free(s->se);
     pthread_mutex_destroy(&s->lock);
     es__free(s);
@@ -777,6 +879,8 @@ static const es_store_ops memory_ops = {
     .store_snapshot = mem_store_snapshot,
     .delete_snapshots = mem_delete_snapshots,
     .list_side_effects = mem_list_side_effects,
+    .insert_commands = mem_insert_commands,
+    .get_command = mem_get_command,
     .close = mem_close,
 };
 

@@ -143,6 +143,43 @@ int es__txn_insert_side_effects(es_txn *txn, const es_side_effect *items,
     return txn->store->ops->insert_side_effects(txn, items, n, err);
 }
 
+bool es__store_has_commands(const es_store *store)
+{
+    return store != NULL && store->ops->insert_commands != NULL &&
+           store->ops->get_command != NULL;
+}
+
+int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
+                            size_t n, bool *inserted, es_error *err)
+{
+    if (!es__store_has_commands(txn->store))
+        return es__error_set(err, ES_EINVAL, "store '%s' keeps no command "
+                             "ids", txn->store->ops->name);
+    if (n == 0) return 0;
+    return txn->store->ops->insert_commands(txn, recs, n, inserted, err);
+}
+
+int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
+                        es__command_record **out, es_error *err)
+{
+    *out = NULL;
+    if (!es__store_has_commands(txn->store))
+        return es__error_set(err, ES_EINVAL, "store '%s' keeps no command "
+                             "ids", txn->store->ops->name);
+    return txn->store->ops->get_command(txn, command_id, out, err);
+}
+
+es__command_record *es__command_record_dup(const es__command_record *rec)
+{
+    es__command_record *copy = es__malloc(sizeof *copy + rec->len);
+    if (copy == NULL) return NULL;
+    *copy = *rec;
+    uint8_t *data = (uint8_t *)(copy + 1);
+    if (rec->len > 0) memcpy(data, rec->payload, rec->len);
+    copy->payload = data;
+    return copy;
+}
+
 es_event *es__event_dup(const es_event *ev)
 {
     es_event *copy = es__malloc(sizeof *copy + ev->len);

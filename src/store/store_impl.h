@@ -13,6 +13,25 @@
 
 #include "eventastic/store.h"
 
+/*
+ * A command-id record: which command of the host produced which events.
+ * Written in the same transaction as the events, so a command id survives
+ * passivation and restarts.  The content (kind and payload bytes) is kept
+ * so that a later command with the same id can be compared byte for byte.
+ * event_count 0 means "accepted, no events"; version is then the
+ * aggregate's version at the time (UINT64_MAX before its first event).
+ */
+typedef struct es__command_record {
+    es_uuid command_id;
+    es_uuid aggregate_id;
+    int32_t kind;
+    const uint8_t *payload; /* content, compared byte for byte */
+    size_t len;
+    uint64_t first_version; /* version of its first event */
+    uint64_t event_count;
+    uint64_t version; /* resulting version */
+} es__command_record;
+
 typedef struct es_store_ops {
     const char *name;
     int (*begin)(es_store *store, es_txn **out, es_error *err);
@@ -49,6 +68,16 @@ typedef struct es_store_ops {
                             es_error *err);
     int (*list_side_effects)(es_txn *txn, const es_uuid *aggregate_id,
                              es_side_effect_list **out, es_error *err);
+    /* Command-id records (the host's idempotency).  Optional: a backend
+     * may leave both NULL, and the host then remembers command ids only
+     * while they are in flight.  insert_commands skips ids that exist
+     * (ON CONFLICT DO NOTHING) and says which went in; get_command finds a
+     * record by command id alone (*out: one allocation, es__free;
+     * ES_ENOTFOUND when unknown). */
+    int (*insert_commands)(es_txn *txn, const es__command_record *recs,
+                           size_t n, bool *inserted, es_error *err);
+    int (*get_command)(es_txn *txn, const es_uuid *command_id,
+                       es__command_record **out, es_error *err);
     /* Free the backend; called when no transaction is open. */
     void (*close)(es_store *store);
 } es_store_ops;
@@ -78,6 +107,16 @@ int es__txn_insert_events(es_txn *txn, const char *type_name,
                           size_t n, bool *inserted, es_error *err);
 int es__txn_insert_side_effects(es_txn *txn, const es_side_effect *items,
                                 size_t n, es_error *err);
+
+/* Command-id records; ES_EINVAL when the backend has none (see
+ * es__store_has_commands). */
+bool es__store_has_commands(const es_store *store);
+int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
+                            size_t n, bool *inserted, es_error *err);
+int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
+                        es__command_record **out, es_error *err);
+/* One allocation holding a command record and its payload. */
+es__command_record *es__command_record_dup(const es__command_record *rec);
 
 /* One allocation holding an event and a copy of its payload. */
 es_event *es__event_dup(const es_event *ev);
