@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "core/context_internal.h"
 #include "eventastic/context.h"
 #include "store/store_impl.h"
 
@@ -947,4 +948,17 @@ int es_side_effect_decode(const es_aggregate_type *type,
 void es_side_effect_value_free(const es_aggregate_type *type, void *value)
 {
     if (type && value && type->side_effect_free) type->side_effect_free(value);
+}
+
+/* ---- for the host ---- */
+
+void es__context_take(es_context *ctx, es_event **events, size_t *n_events,
+                      es_side_effect **side_effects, size_t *n_side_effects)
+{
+    *events = ctx->uncommitted.items;
+    *n_events = ctx->uncommitted.n;
+    *side_effects = ctx->side_effects.items;
+    *n_side_effects = ctx->side_effects.n;
+    memset(&ctx->uncommitted, 0, sizeof ctx->uncommitted);
+    memset(&ctx->side_effects, 0, sizeof ctx->side_effects);
 }

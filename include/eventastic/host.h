@@ -1,0 +1,337 @@
+/*
+ * eventastic/host.h - the aggregate host: aggregates served from a thread
+ * pool, one command at a time per key, their events committed in batches.
+ *
+ * Each aggregate instance (key = aggregate id) is an actor with a bounded
+ * mailbox.  Commands to one key are decided one at a time, in arrival
+ * order, by a worker thread: decide(state, command) emits events or
+ * rejects.  The events are applied to the actor's state at once, so the
+ * next command sees them while their commit is still in flight
+ * (pipelining), and are handed to the committer, which writes the events,
+ * side effects and command ids of many aggregates in one transaction.  A
+ * command is reported successful only after that transaction committed.
+ * If a commit fails, the actor is rebuilt from the store and the commands
+ * that depended on the lost events are decided again (or failed with
+ * ES_ECONFLICT after a few attempts); they never report a success that did
+ * not commit.
+ *
+ * Idempotency: a command id already accepted for the aggregate is answered
+ * with the original outcome (same events, same version) without deciding
+ * again; the same id with other content (kind or payload bytes) is
+ * answered ES_EIDEMPOTENCY.  Command ids are stored in the transaction of
+ * their events, so this holds after passivation and after a restart of the
+ * host on the same store.  Rejected commands are not stored: sent again,
+ * they are decided again.  On a store without command-id records, ids are
+ * remembered only while their command is in flight.
+ *
+ * Threads: the host runs `workers` worker threads, one committer thread
+ * and one housekeeping thread (snapshots, passivation).  Decide handlers
+ * and completion callbacks run on worker threads (completions with
+ * ES_ECLOSED may also run on the thread closing the host).  All user code
+ * of one aggregate runs on one thread at a time.
+ */
+#ifndef EVENTASTIC_HOST_H
+#define EVENTASTIC_HOST_H
+
+#include <stdbool.h>
+
+#include "aggregate.h"
+#include "common.h"
+#include "status.h"
+#include "store.h"
+#include "uuid.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** The host (opaque).  es_host_open; es_host_shutdown or es_host_close. */
+typedef struct es_host es_host;
+/** The configuration builder (opaque). */
+typedef struct es_host_config es_host_config;
+/** Where a decide handler puts its events or its rejection (opaque). */
+typedef struct es_emitter es_emitter;
+
+/** Version reported when the aggregate has no event yet. */
+#define ES_HOST_NO_VERSION UINT64_MAX
+
+/**
+ * A command: a borrowed view.  The host copies it when it accepts it.
+ * Two commands have the same content when kind and payload bytes are
+ * equal; encode payloads deterministically.
+ */
+typedef struct es_command {
+    es_uuid id;            /**< command id (idempotency key), not nil */
+    int32_t kind;          /**< the application's command kind */
+    const void *payload;   /**< encoded payload (may be NULL if len 0) */
+    size_t len;            /**< payload length in bytes */
+} es_command;
+
+/**
+ * The command handler of an aggregate type.  state is the aggregate's
+ * state (NULL before its first event), borrowed for the call; it includes
+ * the events of every command accepted before this one.  Emit events with
+ * es_emit; they are applied in order after decide returns.  Return 0 to
+ * accept (also with no event), or reject with
+ * `return es_emit_reject(em, "why")`.  Any other non-zero return rejects
+ * the command too (ES_EREJECTED), as does a failing apply (ES_EAPPLY); the
+ * actor keeps serving.  Must not keep state or em after returning.
+ * Thread: a worker thread; never concurrently for one aggregate.  It may
+ * send commands to other keys (es_host_send, es_host_call).
+ */
+typedef int (*es_decide_fn)(void *user, const void *state,
+                            const es_command *command, es_emitter *em);
+
+/**
+ * Emit one event from decide.  The event value is borrowed: it is encoded
+ * at once with the type's codec.  Returns 0, ES_EINVAL (NULL, nil event
+ * id), ES_ENOMEM or the codec's error; decide should return that status.
+ * Thread: the thread running decide, only during the call.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_emit(es_emitter *em, const void *event);
+
+/**
+ * Reject the command from decide with a reason (printf format, kept up to
+ * 255 bytes).  Events emitted before are dropped.  Returns ES_EREJECTED,
+ * so decide can `return es_emit_reject(em, ...)`.  Thread: as es_emit.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_emit_reject(es_emitter *em, const char *fmt,
+                                             ...)
+    __attribute__((format(printf, 2, 3)));
+
+/**
+ * The outcome of one command, handed to its completion callback.  A
+ * borrowed view, valid until the callback returns.
+ */
+typedef struct es_host_result {
+    /** 0 (committed), ES_EREJECTED (decide rejected), ES_EAPPLY (an event
+     *  could not be applied), ES_EIDEMPOTENCY (id used with other content
+     *  or by another aggregate), ES_ECONFLICT (commits kept conflicting:
+     *  retry), ES_ECLOSED (host closed before the outcome was known or
+     *  before the command ran), or a store error (ES_EDB, ES_ENOMEM,
+     *  ES_EDECODE while loading). */
+    int status;
+    /** True when answered from an earlier command with this id. */
+    bool duplicate;
+    /** The aggregate's version after the command (its last event's
+     *  version, or the version it saw when it emitted none);
+     *  ES_HOST_NO_VERSION when the aggregate has no event. */
+    uint64_t version;
+    /** The command's events (status 0), in version order. */
+    const es_event *events;
+    size_t n_events;
+    /** Why it failed: the rejection reason or an error message; "" on
+     *  success.  Never NULL. */
+    const char *reason;
+    es_uuid aggregate_id;
+    es_uuid command_id;
+} es_host_result;
+
+/**
+ * Completion callback: called exactly once for each command es_host_send
+ * accepted.  Thread: a worker thread of the host, or the thread running
+ * es_host_close / es_host_shutdown for ES_ECLOSED.  It may send commands
+ * (also es_host_call to another key).
+ */
+typedef void (*es_host_done_fn)(void *ud, const es_host_result *result);
+
+/* ---- configuration ---- */
+
+/**
+ * Make a configuration with defaults: 2 workers, mailbox bound 1024,
+ * 1,000,000 commands in the host, 100,000 resident aggregates, passivation
+ * after 60 s idle, a snapshot every 100 events and on passivation, batches
+ * of up to 1024 rows.  *out is the caller's (es_host_config_free).
+ * Errors: ES_EINVAL, ES_ENOMEM.  Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_config_new(es_host_config **out,
+                                               es_error *err);
+
+/** Free a configuration.  NULL is a no-op.  Thread: the config's owner. */
+ES_EXPORT ES_OWNER_THREAD void es_host_config_free(es_host_config *cfg);
+
+/** Number of worker threads (1..256).  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_workers(es_host_config *cfg,
+                                                         unsigned n);
+
+/** Commands waiting in one aggregate's mailbox before es_host_send
+ *  answers ES_EBUSY (>= 1).  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_mailbox_bound(
+    es_host_config *cfg, size_t n);
+
+/** Commands accepted and not yet completed, over all aggregates, before
+ *  es_host_send answers ES_EBUSY (>= 1).  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_host_bound(
+    es_host_config *cfg, size_t n);
+
+/** Resident aggregates (>= 1).  At the bound the least recently used idle
+ *  aggregate is passivated to make room; when none is idle, a command for
+ *  a new key gets ES_EBUSY.  The bound is kept per shard of the key space
+ *  (64 shards), so the LRU order is approximate.  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_resident_bound(
+    es_host_config *cfg, size_t n);
+
+/** Passivate aggregates idle for this many milliseconds (0: never).
+ *  Returns 0. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,
+                                                         uint64_t ms);
+
+/** Snapshot policy: a snapshot after every `every_events` events of an
+ *  aggregate (0: never by count), and one on passivation when events came
+ *  since the last.  Snapshots are written by the housekeeping thread, off
+ *  the command path.  Returns 0. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
+    es_host_config *cfg, uint64_t every_events, bool on_passivation);
+
+/** Rows (events plus command ids) in one commit batch (>= 1).  A batch
+ *  closes at this limit or when the committer is free: there is no
+ *  linger.  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_batch_rows(
+    es_host_config *cfg, size_t rows);
+
+/**
+ * Register an aggregate type with its command handler.  The type is
+ * checked (es_aggregate_type_check) and must stay valid while any host
+ * made from this configuration lives (a static constant); user is passed
+ * to decide.  Up to 64 types.  Errors: ES_EINVAL (bad or already
+ * registered type, NULL decide), ES_ENOMEM.  Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_add_type(
+    es_host_config *cfg, const es_aggregate_type *type, es_decide_fn decide,
+    void *user, es_error *err);
+
+/* ---- life cycle ---- */
+
+/**
+ * Start a host: its threads run at once.  The configuration is copied
+ * (free it when you like).  The store is borrowed and must outlive the
+ * host.  *out is the caller's: end it with es_host_shutdown or
+ * es_host_close.  Errors: ES_EINVAL (no type registered, NULL argument),
+ * ES_ENOMEM, ES_EIO (a thread could not start; sys_errno set).
+ * Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_open(const es_host_config *cfg,
+                                         es_store *store, es_host **out,
+                                         es_error *err);
+
+/**
+ * Stop accepting commands: from now on es_host_send and es_host_call
+ * answer ES_ECLOSED.  Commands already accepted go on as before.  Does
+ * not wait.  Use it to stop producers safely before es_host_shutdown or
+ * es_host_close free the host: a call on a freed host is undefined.
+ * NULL is a no-op.  Thread: any, also the host's own.
+ */
+ES_EXPORT ES_ANY_THREAD void es_host_stop(es_host *host);
+
+/**
+ * Graceful shutdown, then free: stop accepting (es_host_send answers
+ * ES_ECLOSED), decide every command already accepted, wait for their
+ * commits and completions, passivate every aggregate (writing the
+ * snapshots the policy asks for), stop the threads and free the host.
+ * Returns 0, or the first error writing a snapshot (the host is freed
+ * anyway).  NULL is a no-op returning 0.  Thread: any thread that is not
+ * the host's own (not from decide or a completion callback: ES_EMISUSE,
+ * nothing done); once per host.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_shutdown(es_host *host, es_error *err);
+
+/**
+ * Immediate close, then free: stop accepting; commands not yet decided
+ * are completed with ES_ECLOSED; a commit already running finishes and its
+ * commands get their real outcome, queued commits are dropped and their
+ * commands completed with ES_ECLOSED.  No snapshot is written.  Every
+ * accepted command still gets exactly one completion before this returns.
+ * NULL is a no-op.  Returns 0, or ES_EMISUSE from a host thread (nothing
+ * done).  Thread: as es_host_shutdown.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_close(es_host *host);
+
+/* ---- commands ---- */
+
+/**
+ * Send a command to the aggregate `aggregate_id` of `type`, asynchronously.
+ * On success (0) the command was accepted and `done` will be called exactly
+ * once with its outcome.  On failure done is never called: ES_EBUSY (the
+ * mailbox, the host or the resident bound is full: try later), ES_ECLOSED
+ * (host shutting down), ES_EINVAL (NULL argument, nil id, type not
+ * registered, key resident with another type), ES_ENOMEM.  The command is
+ * copied.  Never blocks on a full queue.  Thread: any, also from decide
+ * and from completion callbacks.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_send(es_host *host,
+                                         const es_aggregate_type *type,
+                                         const es_uuid *aggregate_id,
+                                         const es_command *command,
+                                         es_host_done_fn done, void *ud,
+                                         es_error *err);
+
+/**
+ * The outcome of es_host_call, owned by the caller (es_host_reply_free).
+ * Same fields as es_host_result, with copies of the events.
+ */
+typedef struct es_host_reply {
+    int status;
+    bool duplicate;
+    uint64_t version;
+    es_event *events; /**< payloads owned by the reply */
+    size_t n_events;
+    char reason[256];
+} es_host_reply;
+
+/** Free a reply.  NULL is a no-op.  Thread: any. */
+ES_EXPORT ES_ANY_THREAD void es_host_reply_free(es_host_reply *reply);
+
+/**
+ * Send a command and wait for its outcome.  Returns the outcome's status
+ * (as es_host_result.status) or es_host_send's error; *out (may be NULL if
+ * not wanted) receives the reply whenever the command was accepted, else
+ * NULL.  Thread: any, also from decide and completion callbacks (the
+ * worker then runs other aggregates while it waits), except to the very
+ * aggregate whose decide or callback is running: ES_EMISUSE.  A cycle of
+ * blocking calls between aggregates deadlocks; use es_host_send there.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_call(es_host *host,
+                                         const es_aggregate_type *type,
+                                         const es_uuid *aggregate_id,
+                                         const es_command *command,
+                                         es_host_reply **out, es_error *err);
+
+/* ---- metrics ---- */
+
+/** Latency of one stage, in microseconds (from a histogram with about 3%
+ *  resolution). */
+typedef struct es_host_latency {
+    uint64_t count;
+    double p50_us, p99_us, p999_us, max_us;
+} es_host_latency;
+
+/** A snapshot of the host's counters (since es_host_open). */
+typedef struct es_host_metrics {
+    uint64_t accepted;     /**< es_host_send returned 0 */
+    uint64_t completed;    /**< completions called (any status) */
+    uint64_t rejected;     /**< completions with ES_EREJECTED or ES_EAPPLY */
+    uint64_t duplicate;    /**< answered from an earlier command id */
+    uint64_t conflicts;    /**< command commits that conflicted */
+    uint64_t busy;         /**< sends answered ES_EBUSY */
+    uint64_t resident;     /**< aggregates in memory now */
+    uint64_t loads;        /**< aggregates loaded from the store */
+    uint64_t passivations; /**< aggregates passivated */
+    uint64_t mailbox_depth; /**< commands accepted, not yet decided */
+    uint64_t batches;      /**< commit transactions */
+    uint64_t snapshots;    /**< snapshots written */
+    es_host_latency queue_wait;  /**< accepted -> taken by a worker */
+    es_host_latency load;        /**< one aggregate load */
+    es_host_latency decide;      /**< decide and apply */
+    es_host_latency commit_wait; /**< handed to the committer -> outcome */
+    es_host_latency total;       /**< accepted -> completion called */
+} es_host_metrics;
+
+/** Fill *out with the current metrics.  Returns 0 or ES_EINVAL.
+ *  Thread: any. */
+ES_EXPORT ES_ANY_THREAD int es_host_metrics_get(es_host *host,
+                                                es_host_metrics *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

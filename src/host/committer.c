@@ -1,0 +1,163 @@
+/*
+ * es__commit_batch: many aggregates' writes in one transaction, with the
+ * failing part isolated.  Each item is written under a savepoint, so an
+ * item whose versions, event ids or command id are taken is rolled back
+ * alone and the others stay in the transaction.  A commit that fails as a
+ * whole is retried without the aggregate it names, or group by group.
+ */
+#include <string.h>
+
+#include "core/internal.h"
+#include "host/committer.h"
+
+size_t es__commit_item_rows(const es__commit_item *item)
+{
+    return item->n_events + 1;
+}
+
+/* items[from] failed with status: so do the later items of its group. */
+static void fail_group(es__commit_item **items, size_t n, size_t from,
+                       int status)
+{
+    const void *group = items[from]->group;
+    items[from]->status = status;
+    for (size_t j = from + 1; j < n; j++)
+        if (items[j]->group == group &&
+            items[j]->status == ES__COMMIT_PENDING)
+            items[j]->status = ES_ECONFLICT;
+}
+
+static int write_item(es_txn *txn, es__commit_item *it, es_error *err)
+{
+    int rc = es__txn_savepoint(txn, err);
+    if (rc != 0) return rc;
+    if (it->n_events > 0) {
+        bool stack[32];
+        bool *ins = it->n_events <= 32
+                        ? stack
+                        : es__calloc(it->n_events, sizeof(bool));
+        if (ins == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        if (rc == 0)
+            rc = es__txn_insert_events(txn, it->type_name, &it->aggregate_id,
+                                       it->events, it->n_events, ins, err);
+        for (size_t i = 0; rc == 0 && i < it->n_events; i++)
+            if (!ins[i])
+                rc = es__error_set(err, ES_ECONFLICT, "version %llu or its "
+                                   "event id is taken",
+                                   (unsigned long long)it->events[i].version);
+        if (ins != stack) es__free(ins);
+    }
+    if (rc == 0)
+        rc = es__txn_insert_side_effects(txn, it->side_effects,
+                                         it->n_side_effects, err);
+    if (rc == 0 && es__store_has_commands(txn->store)) {
+        bool ok = false;
+        rc = es__txn_insert_commands(txn, &it->record, 1, &ok, err);
+        if (rc == 0 && !ok)
+            rc = es__error_set(err, ES_EIDEMPOTENCY, "command id is taken");
+    }
+    if (rc == 0) return es__txn_release(txn, err);
+    es_error ignored = {0};
+    es__txn_rollback_to(txn, &ignored);
+    return rc;
+}
+
+/* One transaction over the pending items.  Returns 1 when it committed;
+ * else 0 with *commit_rc and err set when the commit itself failed (the
+ * written items are pending again). */
+static size_t attempt(es_store *store, es__commit_item **items, size_t n,
+                      bool *written, int *commit_rc, es_error *err)
+{
+    *commit_rc = 0;
+    es_txn *txn = NULL;
+    int rc = es_store_begin(store, &txn, err);
+    if (rc != 0) {
+        for (size_t i = 0; i < n; i++)
+            if (items[i]->status == ES__COMMIT_PENDING) items[i]->status = rc;
+        return 0;
+    }
+    size_t n_written = 0;
+    for (size_t i = 0; i < n; i++) {
+        written[i] = false;
+        if (items[i]->status != ES__COMMIT_PENDING) continue;
+        es_error item_err = {0};
+        rc = write_item(txn, items[i], &item_err);
+        if (rc != 0)
+            fail_group(items, n, i, rc);
+        else {
+            written[i] = true;
+            n_written++;
+        }
+    }
+    if (n_written == 0) {
+        es_txn_rollback(txn);
+        return 0;
+    }
+    rc = es_txn_commit(txn, err);
+    for (size_t i = 0; i < n; i++)
+        if (written[i] && rc == 0) items[i]->status = 0;
+    if (rc == 0) return 1;
+    *commit_rc = rc;
+    return 0;
+}
+
+static bool any_pending(es__commit_item **items, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING) return true;
+    return false;
+}
+
+size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n)
+{
+    if (n == 0) return 0;
+    bool *written = es__calloc(n, sizeof(bool));
+    es__commit_item **sub = es__calloc(n, sizeof *sub);
+    if (written == NULL || sub == NULL) {
+        es__free(written);
+        es__free(sub);
+        for (size_t i = 0; i < n; i++)
+            if (items[i]->status == ES__COMMIT_PENDING)
+                items[i]->status = ES_ENOMEM;
+        return 0;
+    }
+    size_t committed = 0;
+    while (any_pending(items, n)) {
+        int crc = 0;
+        es_error err = {0};
+        committed += attempt(store, items, n, written, &crc, &err);
+        if (crc == 0) break;
+        /* The commit failed as a whole.  Pinned on one aggregate: retry
+         * without it. */
+        bool pinned = false;
+        if (crc == ES_ECONFLICT && !es_uuid_is_nil(&err.aggregate_id)) {
+            for (size_t i = 0; i < n; i++)
+                if (items[i]->status == ES__COMMIT_PENDING &&
+                    es_uuid_equal(&items[i]->aggregate_id,
+                                  &err.aggregate_id)) {
+                    fail_group(items, n, i, ES_ECONFLICT);
+                    pinned = true;
+                }
+        }
+        if (pinned) continue;
+        /* Otherwise each group alone, so only the guilty one fails. */
+        for (size_t i = 0; i < n; i++) {
+            if (items[i]->status != ES__COMMIT_PENDING) continue;
+            size_t k = 0;
+            for (size_t j = i; j < n; j++)
+                if (items[j]->group == items[i]->group &&
+                    items[j]->status == ES__COMMIT_PENDING)
+                    sub[k++] = items[j];
+            int grc = 0;
+            es_error gerr = {0};
+            committed += attempt(store, sub, k, written, &grc, &gerr);
+            for (size_t j = 0; j < k; j++)
+                if (sub[j]->status == ES__COMMIT_PENDING)
+                    sub[j]->status = grc != 0 ? grc : ES_ECONFLICT;
+        }
+        break;
+    }
+    es__free(written);
+    es__free(sub);
+    return committed;
+}

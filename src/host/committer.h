@@ -1,0 +1,50 @@
+/*
+ * The committer interface: how the host hands the writes of many
+ * aggregates to the store as one batch.  The host queues items and runs
+ * batches on its committer thread; es__commit_batch is the part that talks
+ * to the store.  The PostgreSQL group-commit lanes replace it with an
+ * asynchronous version: same items, same per-item statuses.  Never
+ * installed.
+ */
+#ifndef ES_HOST_COMMITTER_H
+#define ES_HOST_COMMITTER_H
+
+#include <stdbool.h>
+
+#include "store/store_impl.h"
+
+/* Status of an item not written yet. */
+#define ES__COMMIT_PENDING 1
+
+/* One command's writes: its events, their side effects and its command-id
+ * record.  Items of one group (one actor) depend on the earlier items of
+ * the group in the same batch: when one fails, the later ones fail with
+ * ES_ECONFLICT unwritten. */
+typedef struct es__commit_item {
+    const char *type_name;
+    es_uuid aggregate_id;
+    const void *group;
+    es_event *events; /* payloads owned by the item's owner */
+    size_t n_events;
+    es_side_effect *side_effects;
+    size_t n_side_effects;
+    es__command_record record; /* written when the store keeps them */
+    int status; /* out: 0, or why the item was not committed */
+} es__commit_item;
+
+/* Rows an item adds to a batch (events and the command-id record). */
+size_t es__commit_item_rows(const es__commit_item *item);
+
+/*
+ * Write items (status ES__COMMIT_PENDING on entry) in as few transactions
+ * as it can: one, unless a part fails.  A part that fails (a version or an
+ * event id taken: ES_ECONFLICT; a command id taken: ES_EIDEMPOTENCY; a
+ * store error) is left out with its group's later items and the rest is
+ * retried, so one aggregate's failure never fails another's commit.  When
+ * a failed commit cannot be pinned on one aggregate, each group is
+ * committed alone.  Sets every item's status; returns the number of
+ * transactions that committed.  Thread: the committer's.
+ */
+size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n);
+
+#endif

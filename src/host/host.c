@@ -1,0 +1,1546 @@
+/*
+ * The aggregate host: actors with bounded mailboxes on a worker pool, one
+ * committer thread that writes many actors' events per transaction, one
+ * housekeeping thread for snapshots and passivation.
+ *
+ * An actor (one aggregate) is "scheduled" while it sits in the run queue or
+ * a worker runs it; only that worker touches its state, so commands of one
+ * key are decided one at a time, in arrival order.  Decided commands are
+ * pipelined: their events are applied at once and their commit items are
+ * queued to the committer, which posts every item back to its actor as a
+ * result; the actor completes the command there (on a worker), or, when
+ * the commit failed, waits for its other items in flight, drops its state
+ * (the next command loads it again from the store) and decides the
+ * returned commands again, in their order, before its mailbox.  The
+ * committer fails, unwritten, every item of an actor decided on a state
+ * that lost events (epoch <= broken_epoch).
+ *
+ * Locks (none is ever held while taking another, and no user code runs
+ * under any of them):
+ *   shard->lock    the shard's tree and LRU list; each actor's mailbox,
+ *                  results, inflight count, scheduled flag, LRU links
+ *   host->rq_lock  the run queue
+ *   host->cq_lock  the committer's queue
+ *   host->hk_lock  snapshot jobs and evicted actors for the housekeeper
+ *   host->drain_lock  only to wait for the last completion at close
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <search.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/context_internal.h"
+#include "core/internal.h"
+#include "eventastic/host.h"
+#include "host/committer.h"
+#include "host/metrics.h"
+#include "store/store_impl.h"
+
+#define MAX_TYPES 64
+#define N_SHARDS 64
+#define RUN_BUDGET 64   /* commands per turn of an actor, for fairness */
+#define MAX_ATTEMPTS 4  /* decisions of one command whose commit failed */
+#define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
+#define MAX_SNAP_JOBS 65536
+
+typedef struct htype {
+    const es_aggregate_type *type;
+    es_decide_fn decide;
+    void *user;
+} htype;
+
+struct es_host_config {
+    unsigned workers;
+    size_t mailbox_bound, host_bound, resident_bound, batch_rows;
+    uint64_t idle_ms, snap_every;
+    bool snap_on_passivation;
+    size_t n_types;
+    htype types[MAX_TYPES];
+};
+
+typedef struct actor actor;
+typedef struct hcmd hcmd;
+typedef struct shard shard;
+
+/* An accepted command, from es_host_send to its completion. */
+struct hcmd {
+    hcmd *next;  /* mailbox, pending, bounced or dups list */
+    hcmd *qnext; /* a worker's submit list, committer queue, results */
+    hcmd *dups;  /* same id and content, waiting for this one's outcome */
+    actor *actor;
+    es_host_done_fn done;
+    void *ud;
+    es__commit_item item;
+    uint64_t epoch;
+    uint64_t t_accept, t_handoff;
+    uint8_t *snap; /* encoded state to store once the item commits */
+    size_t snap_len;
+    uint64_t snap_at;
+    int attempts;
+    es_uuid id;
+    int32_t kind;
+    size_t len;
+    uint8_t payload[]; /* len bytes */
+};
+
+struct actor {
+    es_uuid id;
+    const htype *ht;
+    shard *sh;
+    /* shard lock */
+    hcmd *mb_head, *mb_tail;
+    size_t mb_n;
+    hcmd *res_head, *res_tail;
+    actor *lru_prev, *lru_next; /* lru_next also links evicted actors */
+    uint64_t last_used;
+    uint32_t inflight; /* items at the committer or in results */
+    bool scheduled, in_lru;
+    /* run queue lock */
+    actor *run_next;
+    /* written by the committer, read by the worker */
+    atomic_uint_least64_t broken_epoch;
+    /* the worker running the actor */
+    es_context *ctx;
+    bool loaded, broken;
+    uint64_t epoch;
+    uint64_t folded_at_snapshot; /* events folded into the last snapshot */
+    hcmd *pend_head, *pend_tail; /* decided, outcome not processed yet */
+    hcmd *bnc_head, *bnc_tail;   /* to decide again after the rebuild */
+};
+
+struct shard {
+    pthread_mutex_t lock;
+    void *root; /* actor*, by id */
+    actor *lru_head, *lru_tail;
+    size_t resident;
+};
+
+typedef struct snap_job {
+    struct snap_job *next;
+    es_snapshot snap; /* data points behind the job */
+} snap_job;
+
+struct es_host {
+    es_store *store;
+    es_host_config cfg;
+    bool has_commands;
+    size_t shard_bound;
+    shard shards[N_SHARDS];
+
+    pthread_mutex_t rq_lock;
+    pthread_cond_t rq_cond;
+    actor *rq_head, *rq_tail;
+    bool rq_stop;
+
+    pthread_mutex_t cq_lock;
+    pthread_cond_t cq_cond;
+    hcmd *cq_head, *cq_tail;
+    bool cq_stop;
+
+    pthread_mutex_t hk_lock;
+    pthread_cond_t hk_cond;
+    snap_job *sj_head, *sj_tail;
+    size_t sj_n;
+    actor *evicted;
+    bool hk_stop;
+
+    pthread_mutex_t drain_lock;
+    pthread_cond_t drain_cond;
+    atomic_bool closing, closing_now;
+    atomic_size_t pending;
+
+    pthread_t *workers;
+    unsigned n_workers;
+    pthread_t committer, housekeeper;
+    bool committer_started, housekeeper_started;
+
+    atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
+        busy, resident, loads, passivations, mailbox_depth, batches,
+        snapshots;
+    es__hist h_queue, h_load, h_decide, h_commit, h_total;
+};
+
+struct es_emitter {
+    const es_aggregate_type *type;
+    bool active, rejected;
+    int failed; /* first es_emit error */
+    struct enc_event {
+        es_uuid id;
+        int32_t kind;
+        es_buf buf;
+    } *ev;
+    size_t n, cap;
+    char reason[256];
+};
+
+/* Which host this thread serves, and the actors it runs (nested when a
+ * blocking call helps while it waits). */
+static _Thread_local es_host *tls_host;
+static _Thread_local const actor *tls_stack[MAX_NESTED];
+static _Thread_local int tls_depth;
+
+static void count(atomic_uint_least64_t *c, uint64_t n)
+{
+    atomic_fetch_add_explicit(c, n, memory_order_relaxed);
+}
+
+static void uncount(atomic_uint_least64_t *c, uint64_t n)
+{
+    atomic_fetch_sub_explicit(c, n, memory_order_relaxed);
+}
+
+/* ---- configuration ---- */
+
+int es_host_config_new(es_host_config **out, es_error *err)
+{
+    if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
+    es_host_config *c = es__calloc(1, sizeof *c);
+    if (c == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    c->workers = 2;
+    c->mailbox_bound = 1024;
+    c->host_bound = 1000000;
+    c->resident_bound = 100000;
+    c->batch_rows = 1024;
+    c->idle_ms = 60000;
+    c->snap_every = 100;
+    c->snap_on_passivation = true;
+    *out = c;
+    return 0;
+}
+
+void es_host_config_free(es_host_config *cfg) { es__free(cfg); }
+
+int es_host_config_set_workers(es_host_config *cfg, unsigned n)
+{
+    if (cfg == NULL || n < 1 || n > 256) return ES_EINVAL;
+    cfg->workers = n;
+    return 0;
+}
+
+int es_host_config_set_mailbox_bound(es_host_config *cfg, size_t n)
+{
+    if (cfg == NULL || n < 1) return ES_EINVAL;
+    cfg->mailbox_bound = n;
+    return 0;
+}
+
+int es_host_config_set_host_bound(es_host_config *cfg, size_t n)
+{
+    if (cfg == NULL || n < 1) return ES_EINVAL;
+    cfg->host_bound = n;
+    return 0;
+}
+
+int es_host_config_set_resident_bound(es_host_config *cfg, size_t n)
+{
+    if (cfg == NULL || n < 1) return ES_EINVAL;
+    cfg->resident_bound = n;
+    return 0;
+}
+
+int es_host_config_set_idle_ms(es_host_config *cfg, uint64_t ms)
+{
+    if (cfg == NULL) return ES_EINVAL;
+    cfg->idle_ms = ms;
+    return 0;
+}
+
+int es_host_config_set_snapshots(es_host_config *cfg, uint64_t every_events,
+                                 bool on_passivation)
+{
+    if (cfg == NULL) return ES_EINVAL;
+    cfg->snap_every = every_events;
+    cfg->snap_on_passivation = on_passivation;
+    return 0;
+}
+
+int es_host_config_set_batch_rows(es_host_config *cfg, size_t rows)
+{
+    if (cfg == NULL || rows < 1) return ES_EINVAL;
+    cfg->batch_rows = rows;
+    return 0;
+}
+
+int es_host_config_add_type(es_host_config *cfg,
+                            const es_aggregate_type *type,
+                            es_decide_fn decide, void *user, es_error *err)
+{
+    if (cfg == NULL || decide == NULL)
+        return es__error_set(err, ES_EINVAL, "config and decide are "
+                                             "required");
+    int rc = es_aggregate_type_check(type, err);
+    if (rc != 0) return rc;
+    for (size_t i = 0; i < cfg->n_types; i++)
+        if (cfg->types[i].type == type ||
+            strcmp(cfg->types[i].type->name, type->name) == 0)
+            return es__error_set(err, ES_EINVAL, "type '%s' is already "
+                                 "registered", type->name);
+    if (cfg->n_types == MAX_TYPES)
+        return es__error_set(err, ES_EINVAL, "at most %d types",
+                             MAX_TYPES);
+    cfg->types[cfg->n_types++] = (htype){type, decide, user};
+    return 0;
+}
+
+static const htype *find_type(const es_host *host,
+                              const es_aggregate_type *type)
+{
+    for (size_t i = 0; i < host->cfg.n_types; i++)
+        if (host->cfg.types[i].type == type) return &host->cfg.types[i];
+    return NULL;
+}
+
+/* ---- small lists ---- */
+
+static int cmp_actor(const void *a, const void *b)
+{
+    return es_uuid_compare(&((const actor *)a)->id, &((const actor *)b)->id);
+}
+
+static shard *shard_of(es_host *host, const es_uuid *id)
+{
+    uint64_t a, b;
+    memcpy(&a, id->bytes, 8);
+    memcpy(&b, id->bytes + 8, 8);
+    uint64_t h = (a ^ (b * 0x9e3779b97f4a7c15u)) * 0xff51afd7ed558ccdu;
+    return &host->shards[(h >> 32) % N_SHARDS];
+}
+
+static void lru_unlink(shard *sh, actor *a)
+{
+    if (!a->in_lru) return;
+    if (a->lru_prev) a->lru_prev->lru_next = a->lru_next;
+    else sh->lru_head = a->lru_next;
+    if (a->lru_next) a->lru_next->lru_prev = a->lru_prev;
+    else sh->lru_tail = a->lru_prev;
+    a->lru_prev = a->lru_next = NULL;
+    a->in_lru = false;
+}
+
+static void lru_append(shard *sh, actor *a)
+{
+    a->lru_prev = sh->lru_tail;
+    a->lru_next = NULL;
+    if (sh->lru_tail) sh->lru_tail->lru_next = a;
+    else sh->lru_head = a;
+    sh->lru_tail = a;
+    a->in_lru = true;
+}
+
+/* Shard lock held.  True when the caller must push a to the run queue. */
+static bool schedule_locked(shard *sh, actor *a)
+{
+    if (a->scheduled) return false;
+    a->scheduled = true;
+    lru_unlink(sh, a);
+    return true;
+}
+
+/* Shard lock held: take a resident, idle actor out of the shard. */
+static void unlink_actor(es_host *host, shard *sh, actor *a)
+{
+    lru_unlink(sh, a);
+    tdelete(a, &sh->root, cmp_actor);
+    sh->resident--;
+    uncount(&host->resident, 1);
+}
+
+static void runq_push(es_host *host, actor *a)
+{
+    pthread_mutex_lock(&host->rq_lock);
+    a->run_next = NULL;
+    if (host->rq_tail) host->rq_tail->run_next = a;
+    else host->rq_head = a;
+    host->rq_tail = a;
+    pthread_cond_signal(&host->rq_cond);
+    pthread_mutex_unlock(&host->rq_lock);
+}
+
+/* Next actor to run; with wait, blocks until one or the stop. */
+static actor *runq_pop(es_host *host, bool wait)
+{
+    pthread_mutex_lock(&host->rq_lock);
+    while (wait && host->rq_head == NULL && !host->rq_stop)
+        pthread_cond_wait(&host->rq_cond, &host->rq_lock);
+    actor *a = host->rq_head;
+    if (a) {
+        host->rq_head = a->run_next;
+        if (host->rq_head == NULL) host->rq_tail = NULL;
+    }
+    pthread_mutex_unlock(&host->rq_lock);
+    return a;
+}
+
+static void deadline_in(struct timespec *ts, uint64_t ns)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    uint64_t t = (uint64_t)ts->tv_nsec + ns;
+    ts->tv_sec += (time_t)(t / 1000000000u);
+    ts->tv_nsec = (long)(t % 1000000000u);
+}
+
+/* ---- completions ---- */
+
+static void free_item_data(hcmd *h)
+{
+    for (size_t i = 0; i < h->item.n_events; i++)
+        es__free((void *)h->item.events[i].data);
+    es__free(h->item.events);
+    for (size_t i = 0; i < h->item.n_side_effects; i++)
+        es__free((void *)h->item.side_effects[i].data);
+    es__free(h->item.side_effects);
+    es__free(h->snap);
+    h->item.events = NULL;
+    h->item.side_effects = NULL;
+    h->item.n_events = h->item.n_side_effects = 0;
+    h->snap = NULL;
+}
+
+static void pending_done(es_host *host)
+{
+    if (atomic_fetch_sub(&host->pending, 1) == 1 &&
+        atomic_load(&host->closing)) {
+        pthread_mutex_lock(&host->drain_lock);
+        pthread_cond_broadcast(&host->drain_cond);
+        pthread_mutex_unlock(&host->drain_lock);
+    }
+}
+
+/* Counted before the callback, so a caller woken by it sees the counts. */
+static void finish(es_host *host, hcmd *h, const es_host_result *r)
+{
+    count(&host->completed, 1);
+    if (r->status == ES_EREJECTED || r->status == ES_EAPPLY)
+        count(&host->rejected, 1);
+    if (r->duplicate) count(&host->duplicate, 1);
+    es__hist_record(&host->h_total, es__now_ns() - h->t_accept);
+    if (h->done) h->done(h->ud, r);
+}
+
+/* Call the completion of h and of its duplicates, then free them all. */
+static void complete(es_host *host, hcmd *h, int status, uint64_t version,
+                     const es_event *events, size_t n, const char *reason,
+                     bool duplicate)
+{
+    es_host_result r;
+    memset(&r, 0, sizeof r);
+    r.status = status;
+    r.duplicate = duplicate;
+    r.version = version;
+    r.events = status == 0 ? events : NULL;
+    r.n_events = status == 0 ? n : 0;
+    r.reason = reason ? reason : "";
+    r.aggregate_id = h->item.aggregate_id;
+    r.command_id = h->id;
+    finish(host, h, &r);
+    hcmd *d = h->dups;
+    r.duplicate = true;
+    size_t done = 1;
+    while (d) {
+        hcmd *next = d->next;
+        finish(host, d, &r);
+        es__free(d);
+        d = next;
+        done++;
+    }
+    free_item_data(h);
+    es__free(h);
+    while (done-- > 0) pending_done(host);
+}
+
+static void complete_error(es_host *host, hcmd *h, int status,
+                           uint64_t version, const char *reason)
+{
+    complete(host, h, status, version, NULL, 0,
+             reason && reason[0] ? reason : es_strerror(status), false);
+}
+
+static uint64_t actor_version(const actor *a)
+{
+    return a->ctx ? es_context_version(a->ctx) : ES_HOST_NO_VERSION;
+}
+
+/* ---- the emitter ---- */
+
+int es_emit(es_emitter *em, const void *event)
+{
+    if (em == NULL || event == NULL || !em->active) return ES_EINVAL;
+    const es_aggregate_type *t = em->type;
+    int rc = 0;
+    es_uuid id = t->event_id(event);
+    if (es_uuid_is_nil(&id)) rc = ES_EINVAL;
+    void *items = em->ev;
+    if (rc == 0 &&
+        es__grow(&items, &em->cap, em->n + 1, sizeof(struct enc_event)) != 0)
+        rc = ES_ENOMEM;
+    if (rc == 0) {
+        em->ev = items;
+        struct enc_event *e = &em->ev[em->n];
+        memset(e, 0, sizeof *e);
+        e->id = id;
+        e->kind = t->event_kind(event);
+        es_error inner = {0};
+        rc = t->event_encode(event, &e->buf, &inner);
+        if (rc != 0) {
+            es_buf_free(&e->buf);
+            rc = rc < 0 ? rc : ES_EINVAL;
+        } else {
+            em->n++;
+        }
+    }
+    if (rc != 0 && em->failed == 0) em->failed = rc;
+    return rc;
+}
+
+int es_emit_reject(es_emitter *em, const char *fmt, ...)
+{
+    if (em == NULL || !em->active) return ES_EREJECTED;
+    em->rejected = true;
+    if (fmt != NULL) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(em->reason, sizeof em->reason, fmt, ap);
+        va_end(ap);
+    }
+    return ES_EREJECTED;
+}
+
+static void emitter_free(es_emitter *em)
+{
+    for (size_t i = 0; i < em->n; i++) es_buf_free(&em->ev[i].buf);
+    es__free(em->ev);
+}
+
+/* Apply what decide emitted to the actor's context; all or nothing. */
+static int apply_emitted(actor *a, es_emitter *em, es_error *err)
+{
+    if (em->n == 0) return 0;
+    const es_aggregate_type *t = a->ht->type;
+    bool had = a->ctx != NULL;
+    es_context *backup = NULL;
+    int rc = 0;
+    if (em->n > 1 && had && (rc = es_context_clone(a->ctx, &backup, err)))
+        return rc;
+    void *value = es__calloc(1, t->event_size);
+    if (value == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    for (size_t i = 0; rc == 0 && i < em->n; i++) {
+        const struct enc_event *e = &em->ev[i];
+        es_event view = {e->id, 0, e->kind, e->buf.data, e->buf.len};
+        rc = es_event_decode(t, &view, value, err);
+        if (rc != 0) break;
+        if (a->ctx == NULL)
+            rc = es_context_record_new(t, &a->id, value, &a->ctx, err);
+        else
+            rc = es_context_record(a->ctx, value, err);
+        es_event_value_free(t, value);
+    }
+    es__free(value);
+    if (rc != 0 && (em->n > 1 || !had)) {
+        es_context_free(a->ctx);
+        a->ctx = backup;
+        backup = NULL;
+    }
+    es_context_free(backup);
+    return rc;
+}
+
+/* ---- snapshots ---- */
+
+static snap_job *snap_job_new(const es_uuid *id, uint64_t version,
+                              uint64_t snapshot_version, const uint8_t *data,
+                              size_t len)
+{
+    snap_job *j = es__malloc(sizeof *j + len);
+    if (j == NULL) return NULL;
+    uint8_t *copy = (uint8_t *)(j + 1);
+    if (len > 0) memcpy(copy, data, len);
+    j->next = NULL;
+    j->snap = (es_snapshot){*id, version, snapshot_version, copy, len};
+    return j;
+}
+
+static void snap_enqueue(es_host *host, snap_job *j)
+{
+    pthread_mutex_lock(&host->hk_lock);
+    if (host->sj_n >= MAX_SNAP_JOBS) { /* a cache: drop rather than grow */
+        pthread_mutex_unlock(&host->hk_lock);
+        es__free(j);
+        return;
+    }
+    if (host->sj_tail) host->sj_tail->next = j;
+    else host->sj_head = j;
+    host->sj_tail = j;
+    host->sj_n++;
+    pthread_mutex_unlock(&host->hk_lock);
+}
+
+/* Encode the actor's state; NULL when it cannot. */
+static snap_job *snap_of(const actor *a)
+{
+    const es_aggregate_type *t = a->ht->type;
+    es_buf buf = {0};
+    es_error inner = {0};
+    if (t->state_encode(es_context_state(a->ctx), &buf, &inner) != 0) {
+        es_buf_free(&buf);
+        return NULL;
+    }
+    snap_job *j = snap_job_new(&a->id, es_context_version(a->ctx),
+                               t->snapshot_version, buf.data, buf.len);
+    es_buf_free(&buf);
+    return j;
+}
+
+/* Write and free a list of snapshots in one transaction.  Returns 0 or
+ * the store's error. */
+static int write_snapshots(es_host *host, snap_job *list, es_error *err)
+{
+    if (list == NULL) return 0;
+    es_txn *txn = NULL;
+    int rc = es_store_begin(host->store, &txn, err);
+    uint64_t n = 0;
+    for (snap_job *j = list; rc == 0 && j; j = j->next, n++)
+        rc = es_txn_store_snapshot(txn, &j->snap, err);
+    if (txn) {
+        if (rc == 0) rc = es_txn_commit(txn, err);
+        else es_txn_rollback(txn);
+    }
+    if (rc == 0) count(&host->snapshots, n);
+    while (list) {
+        snap_job *next = list->next;
+        es__free(list);
+        list = next;
+    }
+    return rc;
+}
+
+/* Free an actor nobody can reach any more; with a snapshot job on the
+ * list when the policy wants one. */
+static void passivate(es_host *host, actor *a, bool snapshot,
+                      snap_job **jobs)
+{
+    if (snapshot && host->cfg.snap_on_passivation && a->ctx &&
+        es_context_version(a->ctx) + 1 > a->folded_at_snapshot) {
+        snap_job *j = snap_of(a);
+        if (j) {
+            j->next = *jobs;
+            *jobs = j;
+        }
+    }
+    es_context_free(a->ctx);
+    es__free(a);
+    count(&host->passivations, 1);
+}
+
+/* ---- the worker side of an actor ---- */
+
+static int load_actor(es_host *host, actor *a, es_error *err)
+{
+    uint64_t t0 = es__now_ns();
+    es_context *ctx = NULL;
+    int rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+    count(&host->loads, 1);
+    es__hist_record(&host->h_load, es__now_ns() - t0);
+    if (rc == ES_ENOTFOUND) rc = 0;
+    if (rc != 0) return rc;
+    a->ctx = ctx;
+    a->loaded = true;
+    a->folded_at_snapshot = ctx ? es_context_version(ctx) + 1 : 0;
+    return 0;
+}
+
+typedef struct collect {
+    es_event *ev;
+    size_t n, want;
+} collect;
+
+static int collect_event(void *ud, const es_event *ev)
+{
+    collect *c = ud;
+    uint8_t *data = es__memdup(ev->data, ev->len);
+    if (data == NULL) return ES_ENOMEM;
+    c->ev[c->n] = *ev;
+    c->ev[c->n++].data = data;
+    return c->n == c->want ? 1 : 0;
+}
+
+/* A command id the store knows: answer the original outcome or
+ * ES_EIDEMPOTENCY.  Returns true when h was completed. */
+static bool answer_from_store(es_host *host, actor *a, hcmd *h)
+{
+    es_error err = {0};
+    es_txn *txn = NULL;
+    int rc = es_store_begin(host->store, &txn, &err);
+    if (rc != 0) {
+        complete_error(host, h, rc, actor_version(a), err.message);
+        return true;
+    }
+    es__command_record *rec = NULL;
+    rc = es__txn_get_command(txn, &h->id, &rec, &err);
+    if (rc == ES_ENOTFOUND) {
+        es_txn_rollback(txn);
+        return false;
+    }
+    if (rc != 0) {
+        es_txn_rollback(txn);
+        complete_error(host, h, rc, actor_version(a), err.message);
+        return true;
+    }
+    if (!es_uuid_equal(&rec->aggregate_id, &a->id) || rec->kind != h->kind ||
+        rec->len != h->len ||
+        (h->len > 0 && memcmp(rec->payload, h->payload, h->len) != 0)) {
+        es_txn_rollback(txn);
+        es__free(rec);
+        complete_error(host, h, ES_EIDEMPOTENCY, actor_version(a),
+                       "command id already used with other content or "
+                       "for another aggregate");
+        return true;
+    }
+    collect c = {NULL, 0, (size_t)rec->event_count};
+    if (c.want > 0) {
+        c.ev = es__calloc(c.want, sizeof *c.ev);
+        rc = c.ev == NULL
+                 ? ES_ENOMEM
+                 : es_txn_stream(txn, &a->id, rec->first_version,
+                                 collect_event, &c, &err);
+        if (rc == 1) rc = 0;
+        if (rc == 0 && c.n != c.want) rc = ES_EDECODE;
+    }
+    es_txn_rollback(txn);
+    if (rc == 0)
+        complete(host, h, 0, rec->version, c.ev, c.n, "", true);
+    else
+        complete_error(host, h, rc, actor_version(a), err.message);
+    for (size_t i = 0; i < c.n; i++) es__free((void *)c.ev[i].data);
+    es__free(c.ev);
+    es__free(rec);
+    return true;
+}
+
+static bool same_content(const hcmd *a, const hcmd *b)
+{
+    return a->kind == b->kind && a->len == b->len &&
+           (a->len == 0 || memcmp(a->payload, b->payload, a->len) == 0);
+}
+
+typedef struct submit {
+    hcmd *head, *tail;
+    uint32_t n;
+} submit;
+
+/* Decide one command; on success its item joins the submit list. */
+static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
+{
+    uint64_t t0 = es__now_ns();
+    if (h->attempts == 0) es__hist_record(&host->h_queue, t0 - h->t_accept);
+    if (atomic_load(&host->closing_now)) {
+        complete_error(host, h, ES_ECLOSED, actor_version(a),
+                       "host closed");
+        return;
+    }
+    /* Idempotency: in flight here first, then the store. */
+    for (hcmd *p = a->pend_head; p; p = p->next) {
+        if (!es_uuid_equal(&p->id, &h->id)) continue;
+        if (!same_content(p, h)) {
+            complete_error(host, h, ES_EIDEMPOTENCY, actor_version(a),
+                           "command id already used with other content");
+            return;
+        }
+        h->next = p->dups;
+        p->dups = h;
+        return;
+    }
+    if (host->has_commands && answer_from_store(host, a, h)) return;
+    es_error err = {0};
+    if (!a->loaded) {
+        int rc = load_actor(host, a, &err);
+        if (rc != 0) {
+            complete_error(host, h, rc, ES_HOST_NO_VERSION, err.message);
+            return;
+        }
+    }
+
+    const es_aggregate_type *t = a->ht->type;
+    es_emitter em;
+    memset(&em, 0, sizeof em);
+    em.type = t;
+    em.active = true;
+    es_command cmd = {h->id, h->kind, h->len ? h->payload : NULL, h->len};
+    uint64_t td = es__now_ns();
+    int rc = a->ht->decide(a->ht->user, a->ctx ? es_context_state(a->ctx)
+                                               : NULL,
+                           &cmd, &em);
+    em.active = false;
+    if (rc != 0 || em.rejected || em.failed != 0) {
+        char reason[256];
+        if (em.reason[0])
+            snprintf(reason, sizeof reason, "%s", em.reason);
+        else
+            snprintf(reason, sizeof reason, "decide failed: %s",
+                     es_status_name(rc ? rc : em.failed));
+        emitter_free(&em);
+        es__hist_record(&host->h_decide, es__now_ns() - td);
+        complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
+        return;
+    }
+    rc = apply_emitted(a, &em, &err);
+    emitter_free(&em);
+    es__hist_record(&host->h_decide, es__now_ns() - td);
+    if (rc != 0) {
+        complete_error(host, h, rc == ES_ENOMEM ? rc : ES_EAPPLY,
+                       actor_version(a), err.message);
+        return;
+    }
+    es__commit_item *it = &h->item;
+    if (a->ctx)
+        es__context_take(a->ctx, &it->events, &it->n_events,
+                         &it->side_effects, &it->n_side_effects);
+    uint64_t v = actor_version(a);
+    it->type_name = t->name;
+    it->group = a;
+    it->status = ES__COMMIT_PENDING;
+    it->record = (es__command_record){h->id, a->id, h->kind, h->payload,
+                                      h->len,
+                                      it->n_events ? it->events[0].version
+                                                   : v,
+                                      it->n_events, v};
+    if (host->cfg.snap_every > 0 && it->n_events > 0 &&
+        v + 1 - a->folded_at_snapshot >= host->cfg.snap_every) {
+        snap_job *j = snap_of(a);
+        if (j) { /* kept as a job until the item commits */
+            h->snap = (uint8_t *)j;
+            a->folded_at_snapshot = v + 1;
+        }
+    }
+    h->epoch = a->epoch;
+    h->t_handoff = es__now_ns();
+    h->next = NULL;
+    if (a->pend_tail) a->pend_tail->next = h;
+    else a->pend_head = h;
+    a->pend_tail = h;
+    h->qnext = NULL;
+    if (sub->tail) sub->tail->qnext = h;
+    else sub->head = h;
+    sub->tail = h;
+    sub->n++;
+}
+
+/* Hand the decided items to the committer. */
+static void flush(es_host *host, actor *a, submit *sub)
+{
+    if (sub->n == 0) return;
+    pthread_mutex_lock(&a->sh->lock);
+    a->inflight += sub->n;
+    pthread_mutex_unlock(&a->sh->lock);
+    pthread_mutex_lock(&host->cq_lock);
+    if (host->cq_tail) host->cq_tail->qnext = sub->head;
+    else host->cq_head = sub->head;
+    host->cq_tail = sub->tail;
+    pthread_cond_signal(&host->cq_cond);
+    pthread_mutex_unlock(&host->cq_lock);
+    memset(sub, 0, sizeof *sub);
+}
+
+static bool retryable(int status)
+{
+    return status == ES_ECONFLICT || status == ES_EIDEMPOTENCY ||
+           status == ES_EUNKNOWN;
+}
+
+/* Outcomes from the committer, in the order the actor decided them. */
+static void process_results(es_host *host, actor *a, hcmd *list)
+{
+    while (list) {
+        hcmd *h = list;
+        list = h->qnext;
+        /* h is the oldest pending item */
+        a->pend_head = h->next;
+        if (a->pend_head == NULL) a->pend_tail = NULL;
+        h->next = NULL;
+        es__hist_record(&host->h_commit, es__now_ns() - h->t_handoff);
+        int st = h->item.status;
+        if (st == 0) {
+            if (h->snap) {
+                snap_enqueue(host, (snap_job *)(void *)h->snap);
+                h->snap = NULL;
+            }
+            complete(host, h, 0, h->item.record.version, h->item.events,
+                     h->item.n_events, "", false);
+            continue;
+        }
+        a->broken = true;
+        if (st == ES_ECONFLICT) count(&host->conflicts, 1);
+        if (retryable(st) && ++h->attempts < MAX_ATTEMPTS &&
+            !atomic_load(&host->closing_now)) {
+            free_item_data(h);
+            if (a->bnc_tail) a->bnc_tail->next = h;
+            else a->bnc_head = h;
+            a->bnc_tail = h;
+            continue;
+        }
+        complete_error(host, h, st, ES_HOST_NO_VERSION,
+                       st == ES_ECONFLICT ? "commit kept conflicting"
+                                          : NULL);
+    }
+}
+
+/* All items of a broken actor are back: drop the state (loaded again on
+ * the next command) and decide the returned commands again first. */
+static void rebuild(es_host *host, actor *a)
+{
+    es_context_free(a->ctx);
+    a->ctx = NULL;
+    a->loaded = false;
+    a->broken = false;
+    a->epoch++;
+    if (a->bnc_head == NULL) return;
+    size_t n = 0;
+    for (hcmd *h = a->bnc_head; h; h = h->next) n++;
+    pthread_mutex_lock(&a->sh->lock);
+    a->bnc_tail->next = a->mb_head;
+    a->mb_head = a->bnc_head;
+    if (a->mb_tail == NULL) a->mb_tail = a->bnc_tail;
+    a->mb_n += n;
+    pthread_mutex_unlock(&a->sh->lock);
+    count(&host->mailbox_depth, n);
+    a->bnc_head = a->bnc_tail = NULL;
+}
+
+static void run_actor(es_host *host, actor *a)
+{
+    shard *sh = a->sh;
+    submit sub = {NULL, NULL, 0};
+    int budget = RUN_BUDGET;
+    tls_stack[tls_depth++] = a;
+    for (;;) {
+        pthread_mutex_lock(&sh->lock);
+        hcmd *res = a->res_head;
+        a->res_head = a->res_tail = NULL;
+        pthread_mutex_unlock(&sh->lock);
+        if (res) {
+            process_results(host, a, res);
+            continue;
+        }
+        if (!a->broken && atomic_load(&a->broken_epoch) >= a->epoch)
+            a->broken = true;
+        if (a->broken) {
+            flush(host, a, &sub);
+            pthread_mutex_lock(&sh->lock);
+            bool all_back = a->inflight == 0 && a->res_head == NULL;
+            pthread_mutex_unlock(&sh->lock);
+            if (all_back) rebuild(host, a);
+        }
+        hcmd *h = NULL;
+        pthread_mutex_lock(&sh->lock);
+        if (!a->broken && a->mb_head && budget > 0) {
+            h = a->mb_head;
+            a->mb_head = h->next;
+            if (a->mb_head == NULL) a->mb_tail = NULL;
+            a->mb_n--;
+        }
+        pthread_mutex_unlock(&sh->lock);
+        if (h) {
+            uncount(&host->mailbox_depth, 1);
+            h->next = NULL;
+            process_command(host, a, h, &sub);
+            budget--;
+            if (sub.n >= RUN_BUDGET) flush(host, a, &sub);
+            continue;
+        }
+        flush(host, a, &sub);
+        pthread_mutex_lock(&sh->lock);
+        if (a->res_head || (!a->broken && a->mb_head && budget > 0)) {
+            pthread_mutex_unlock(&sh->lock);
+            continue;
+        }
+        bool requeue = !a->broken && a->mb_head != NULL;
+        if (!requeue) {
+            a->scheduled = false;
+            if (!a->broken && a->inflight == 0 && a->mb_head == NULL) {
+                a->last_used = es__now_ns();
+                lru_append(sh, a);
+            }
+        }
+        pthread_mutex_unlock(&sh->lock);
+        /* From here on another worker may run a: do not touch it. */
+        if (requeue) runq_push(host, a);
+        break;
+    }
+    tls_depth--;
+}
+
+static void *worker_main(void *arg)
+{
+    es_host *host = arg;
+    tls_host = host;
+    for (;;) {
+        actor *a = runq_pop(host, true);
+        if (a == NULL) break;
+        run_actor(host, a);
+    }
+    return NULL;
+}
+
+/* ---- the committer ---- */
+
+static void *committer_main(void *arg)
+{
+    es_host *host = arg;
+    tls_host = host;
+    es__commit_item **live = NULL;
+    size_t cap = 0;
+    for (;;) {
+        pthread_mutex_lock(&host->cq_lock);
+        while (host->cq_head == NULL && !host->cq_stop)
+            pthread_cond_wait(&host->cq_cond, &host->cq_lock);
+        if (host->cq_head == NULL) {
+            pthread_mutex_unlock(&host->cq_lock);
+            break;
+        }
+        /* A batch closes at the row limit or with what is there now. */
+        size_t rows = 0, n = 0;
+        hcmd *first = host->cq_head, *last = NULL;
+        for (hcmd *h = first; h; h = h->qnext) {
+            size_t r = es__commit_item_rows(&h->item);
+            if (n > 0 && rows + r > host->cfg.batch_rows) break;
+            rows += r;
+            n++;
+            last = h;
+        }
+        host->cq_head = last->qnext;
+        if (host->cq_head == NULL) host->cq_tail = NULL;
+        last->qnext = NULL;
+        pthread_mutex_unlock(&host->cq_lock);
+
+        if (n > cap) {
+            void *p = es__realloc(live, n * 2 * sizeof *live);
+            if (p) {
+                live = p;
+                cap = n * 2;
+            }
+        }
+        bool oom = n > cap;
+        size_t k = 0;
+        bool now = atomic_load(&host->closing_now);
+        for (hcmd *h = first; h; h = h->qnext) {
+            if (now) h->item.status = ES_ECLOSED;
+            else if (oom) h->item.status = ES_ENOMEM;
+            else if (h->epoch <= atomic_load(&h->actor->broken_epoch))
+                h->item.status = ES_ECONFLICT; /* decided on lost events */
+            else
+                live[k++] = &h->item;
+        }
+        if (k > 0) count(&host->batches, es__commit_batch(host->store, live, k));
+        /* Post the outcomes back, in order. */
+        hcmd *h = first;
+        while (h) {
+            hcmd *next = h->qnext;
+            actor *a = h->actor;
+            if (h->item.status != 0 &&
+                atomic_load(&a->broken_epoch) < h->epoch)
+                atomic_store(&a->broken_epoch, h->epoch);
+            h->qnext = NULL;
+            pthread_mutex_lock(&a->sh->lock);
+            if (a->res_tail) a->res_tail->qnext = h;
+            else a->res_head = h;
+            a->res_tail = h;
+            a->inflight--;
+            bool push = schedule_locked(a->sh, a);
+            pthread_mutex_unlock(&a->sh->lock);
+            if (push) runq_push(host, a);
+            h = next;
+        }
+    }
+    es__free(live);
+    return NULL;
+}
+
+/* ---- the housekeeper: snapshots, passivation ---- */
+
+static void evict_idle(es_host *host, snap_job **jobs)
+{
+    uint64_t now = es__now_ns();
+    uint64_t idle = host->cfg.idle_ms * 1000000u;
+    for (size_t s = 0; s < N_SHARDS; s++) {
+        shard *sh = &host->shards[s];
+        actor *list = NULL;
+        pthread_mutex_lock(&sh->lock);
+        while (sh->lru_head && now - sh->lru_head->last_used >= idle) {
+            actor *a = sh->lru_head;
+            unlink_actor(host, sh, a);
+            a->lru_next = list;
+            list = a;
+        }
+        pthread_mutex_unlock(&sh->lock);
+        while (list) {
+            actor *next = list->lru_next;
+            passivate(host, list, true, jobs);
+            list = next;
+        }
+    }
+}
+
+static void *housekeeper_main(void *arg)
+{
+    es_host *host = arg;
+    tls_host = host;
+    uint64_t tick = 100000000u; /* ns */
+    if (host->cfg.idle_ms > 0 && host->cfg.idle_ms * 250000u < tick)
+        tick = host->cfg.idle_ms * 250000u;
+    if (tick < 1000000u) tick = 1000000u;
+    for (;;) {
+        pthread_mutex_lock(&host->hk_lock);
+        if (host->sj_head == NULL && host->evicted == NULL &&
+            !host->hk_stop) {
+            struct timespec ts;
+            deadline_in(&ts, tick);
+            pthread_cond_timedwait(&host->hk_cond, &host->hk_lock, &ts);
+        }
+        snap_job *jobs = host->sj_head;
+        host->sj_head = host->sj_tail = NULL;
+        host->sj_n = 0;
+        actor *evicted = host->evicted;
+        host->evicted = NULL;
+        bool stop = host->hk_stop;
+        pthread_mutex_unlock(&host->hk_lock);
+
+        bool now = atomic_load(&host->closing_now);
+        while (evicted) {
+            actor *next = evicted->lru_next;
+            passivate(host, evicted, !now, &jobs);
+            evicted = next;
+        }
+        if (host->cfg.idle_ms > 0 && !stop) evict_idle(host, &jobs);
+        if (now) {
+            while (jobs) {
+                snap_job *next = jobs->next;
+                es__free(jobs);
+                jobs = next;
+            }
+        }
+        es_error err = {0};
+        write_snapshots(host, jobs, &err); /* a cache: errors only cost */
+        if (stop) break;
+    }
+    return NULL;
+}
+
+/* ---- life cycle ---- */
+
+static void host_free(es_host *host)
+{
+    for (size_t s = 0; s < N_SHARDS; s++)
+        pthread_mutex_destroy(&host->shards[s].lock);
+    pthread_mutex_destroy(&host->rq_lock);
+    pthread_cond_destroy(&host->rq_cond);
+    pthread_mutex_destroy(&host->cq_lock);
+    pthread_cond_destroy(&host->cq_cond);
+    pthread_mutex_destroy(&host->hk_lock);
+    pthread_cond_destroy(&host->hk_cond);
+    pthread_mutex_destroy(&host->drain_lock);
+    pthread_cond_destroy(&host->drain_cond);
+    es__free(host->workers);
+    es__free(host);
+}
+
+static void stop_threads(es_host *host)
+{
+    pthread_mutex_lock(&host->rq_lock);
+    host->rq_stop = true;
+    pthread_cond_broadcast(&host->rq_cond);
+    pthread_mutex_unlock(&host->rq_lock);
+    for (unsigned i = 0; i < host->n_workers; i++)
+        pthread_join(host->workers[i], NULL);
+    host->n_workers = 0;
+    if (host->committer_started) {
+        pthread_mutex_lock(&host->cq_lock);
+        host->cq_stop = true;
+        pthread_cond_signal(&host->cq_cond);
+        pthread_mutex_unlock(&host->cq_lock);
+        pthread_join(host->committer, NULL);
+        host->committer_started = false;
+    }
+    if (host->housekeeper_started) {
+        pthread_mutex_lock(&host->hk_lock);
+        host->hk_stop = true;
+        pthread_cond_signal(&host->hk_cond);
+        pthread_mutex_unlock(&host->hk_lock);
+        pthread_join(host->housekeeper, NULL);
+        host->housekeeper_started = false;
+    }
+}
+
+int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
+                 es_error *err)
+{
+    if (cfg == NULL || store == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "config, store and out are "
+                                             "required");
+    if (cfg->n_types == 0)
+        return es__error_set(err, ES_EINVAL, "no aggregate type registered");
+    es_host *host = es__calloc(1, sizeof *host);
+    if (host == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    host->workers = es__calloc(cfg->workers, sizeof(pthread_t));
+    if (host->workers == NULL) {
+        es__free(host);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    host->store = store;
+    host->cfg = *cfg;
+    host->has_commands = es__store_has_commands(store);
+    host->shard_bound = (cfg->resident_bound + N_SHARDS - 1) / N_SHARDS;
+    for (size_t s = 0; s < N_SHARDS; s++)
+        pthread_mutex_init(&host->shards[s].lock, NULL);
+    pthread_mutex_init(&host->rq_lock, NULL);
+    pthread_cond_init(&host->rq_cond, NULL);
+    pthread_mutex_init(&host->cq_lock, NULL);
+    pthread_cond_init(&host->cq_cond, NULL);
+    pthread_mutex_init(&host->hk_lock, NULL);
+    pthread_cond_init(&host->hk_cond, NULL);
+    pthread_mutex_init(&host->drain_lock, NULL);
+    pthread_cond_init(&host->drain_cond, NULL);
+
+    int rc = pthread_create(&host->committer, NULL, committer_main, host);
+    host->committer_started = rc == 0;
+    if (rc == 0) {
+        rc = pthread_create(&host->housekeeper, NULL, housekeeper_main, host);
+        host->housekeeper_started = rc == 0;
+    }
+    for (unsigned i = 0; rc == 0 && i < cfg->workers; i++) {
+        rc = pthread_create(&host->workers[i], NULL, worker_main, host);
+        if (rc == 0) host->n_workers++;
+    }
+    if (rc != 0) {
+        stop_threads(host);
+        host_free(host);
+        es__error_set(err, ES_EIO, "could not start a host thread");
+        if (err) err->sys_errno = rc;
+        return ES_EIO;
+    }
+    *out = host;
+    return 0;
+}
+
+/* tdestroy gives its callback no user data: the closing thread collects
+ * the actors through this. */
+static _Thread_local actor *tls_collected;
+
+static void collect_actor(void *node)
+{
+    actor *a = node;
+    a->lru_next = tls_collected;
+    tls_collected = a;
+}
+
+static int host_end(es_host *host, bool now, es_error *err)
+{
+    if (host == NULL) return 0;
+    if (tls_host == host)
+        return es__error_set(err, ES_EMISUSE, "a host cannot be closed "
+                                              "from its own threads");
+    if (now) atomic_store(&host->closing_now, true);
+    atomic_store(&host->closing, true);
+    /* Every accepted command completes: workers decide (or, closing now,
+     * complete with ES_ECLOSED) what is in the mailboxes. */
+    pthread_mutex_lock(&host->drain_lock);
+    while (atomic_load(&host->pending) > 0) {
+        struct timespec ts;
+        deadline_in(&ts, 20000000u);
+        pthread_cond_timedwait(&host->drain_cond, &host->drain_lock, &ts);
+    }
+    pthread_mutex_unlock(&host->drain_lock);
+    stop_threads(host);
+
+    snap_job *jobs = NULL;
+    for (size_t s = 0; s < N_SHARDS; s++) {
+        tls_collected = NULL;
+        tdestroy(host->shards[s].root, collect_actor);
+        host->shards[s].root = NULL;
+        while (tls_collected) {
+            actor *a = tls_collected;
+            tls_collected = a->lru_next;
+            uncount(&host->resident, 1);
+            passivate(host, a, !now, &jobs);
+        }
+    }
+    int rc = write_snapshots(host, jobs, err);
+    host_free(host);
+    return rc;
+}
+
+void es_host_stop(es_host *host)
+{
+    if (host != NULL) atomic_store(&host->closing, true);
+}
+
+int es_host_shutdown(es_host *host, es_error *err)
+{
+    return host_end(host, false, err);
+}
+
+int es_host_close(es_host *host) { return host_end(host, true, NULL); }
+
+/* ---- commands ---- */
+
+int es_host_send(es_host *host, const es_aggregate_type *type,
+                 const es_uuid *aggregate_id, const es_command *command,
+                 es_host_done_fn done, void *ud, es_error *err)
+{
+    if (host == NULL || aggregate_id == NULL || command == NULL ||
+        (command->payload == NULL && command->len > 0))
+        return es__error_set(err, ES_EINVAL, "host, aggregate id and "
+                                             "command are required");
+    if (es_uuid_is_nil(aggregate_id) || es_uuid_is_nil(&command->id))
+        return es__error_set(err, ES_EINVAL, "aggregate id and command id "
+                                             "must not be nil");
+    const htype *ht = find_type(host, type);
+    if (ht == NULL)
+        return es__error_set(err, ES_EINVAL, "aggregate type not "
+                                             "registered");
+    if (atomic_load(&host->closing))
+        return es__error_set(err, ES_ECLOSED, "host is closing");
+    if (atomic_fetch_add(&host->pending, 1) >= host->cfg.host_bound) {
+        pending_done(host);
+        count(&host->busy, 1);
+        return es__error_set(err, ES_EBUSY, "host is full");
+    }
+    if (atomic_load(&host->closing)) {
+        pending_done(host);
+        return es__error_set(err, ES_ECLOSED, "host is closing");
+    }
+    hcmd *h = es__calloc(1, sizeof *h + command->len);
+    if (h == NULL) {
+        pending_done(host);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    h->done = done;
+    h->ud = ud;
+    h->id = command->id;
+    h->kind = command->kind;
+    h->len = command->len;
+    if (command->len > 0) memcpy(h->payload, command->payload, command->len);
+    h->item.aggregate_id = *aggregate_id;
+    h->t_accept = es__now_ns();
+
+    shard *sh = shard_of(host, aggregate_id);
+    actor *evicted = NULL, *fresh = NULL;
+    bool push = false;
+    int rc = 0;
+    pthread_mutex_lock(&sh->lock);
+    actor key;
+    key.id = *aggregate_id;
+    void *node = tfind(&key, &sh->root, cmp_actor);
+    actor *a = node ? *(actor **)node : NULL;
+    if (a == NULL) {
+        if (sh->resident >= host->shard_bound) {
+            if (sh->lru_head) {
+                evicted = sh->lru_head;
+                unlink_actor(host, sh, evicted);
+            } else {
+                rc = ES_EBUSY;
+            }
+        }
+        if (rc == 0) {
+            fresh = es__calloc(1, sizeof *fresh);
+            if (fresh != NULL) fresh->id = *aggregate_id; /* the tree key */
+            if (fresh == NULL || tsearch(fresh, &sh->root, cmp_actor) == NULL)
+                rc = ES_ENOMEM;
+        }
+        if (rc == 0) {
+            a = fresh;
+            fresh = NULL;
+            a->ht = ht;
+            a->sh = sh;
+            a->epoch = 1;
+            atomic_init(&a->broken_epoch, 0);
+            sh->resident++;
+            count(&host->resident, 1);
+        }
+    } else if (a->ht != ht) {
+        rc = ES_EINVAL;
+    }
+    if (rc == 0 && a->mb_n >= host->cfg.mailbox_bound) rc = ES_EBUSY;
+    if (rc == 0) {
+        h->actor = a;
+        if (a->mb_tail) a->mb_tail->next = h;
+        else a->mb_head = h;
+        a->mb_tail = h;
+        a->mb_n++;
+        push = schedule_locked(sh, a);
+    }
+    pthread_mutex_unlock(&sh->lock);
+    es__free(fresh);
+    if (evicted) {
+        pthread_mutex_lock(&host->hk_lock);
+        evicted->lru_next = host->evicted;
+        host->evicted = evicted;
+        pthread_cond_signal(&host->hk_cond);
+        pthread_mutex_unlock(&host->hk_lock);
+    }
+    if (rc != 0) {
+        es__free(h);
+        pending_done(host);
+        if (rc == ES_EBUSY) {
+            count(&host->busy, 1);
+            return es__error_set(err, rc, "mailbox or resident bound is "
+                                          "full");
+        }
+        if (rc == ES_EINVAL)
+            return es__error_set(err, rc, "aggregate is resident with "
+                                          "another type");
+        return es__error_set(err, rc, "out of memory");
+    }
+    count(&host->accepted, 1);
+    count(&host->mailbox_depth, 1);
+    if (push) runq_push(host, a);
+    return 0;
+}
+
+/* ---- the blocking call ---- */
+
+typedef struct waiter {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool done;
+    int status;
+    es_host_reply *reply;
+} waiter;
+
+static es_host_reply *reply_of(const es_host_result *r)
+{
+    es_host_reply *reply = es__calloc(1, sizeof *reply);
+    if (reply == NULL) return NULL;
+    reply->status = r->status;
+    reply->duplicate = r->duplicate;
+    reply->version = r->version;
+    snprintf(reply->reason, sizeof reply->reason, "%s", r->reason);
+    if (r->n_events > 0) {
+        reply->events = es__calloc(r->n_events, sizeof *reply->events);
+        if (reply->events == NULL) {
+            es__free(reply);
+            return NULL;
+        }
+        for (size_t i = 0; i < r->n_events; i++) {
+            reply->events[i] = r->events[i];
+            reply->events[i].data = es__memdup(r->events[i].data,
+                                               r->events[i].len);
+            if (reply->events[i].data == NULL) {
+                reply->n_events = i;
+                es_host_reply_free(reply);
+                return NULL;
+            }
+        }
+        reply->n_events = r->n_events;
+    }
+    return reply;
+}
+
+static void call_done(void *ud, const es_host_result *r)
+{
+    waiter *w = ud;
+    es_host_reply *reply = reply_of(r);
+    pthread_mutex_lock(&w->lock);
+    w->reply = reply;
+    w->status = reply ? r->status : ES_ENOMEM;
+    w->done = true;
+    pthread_cond_signal(&w->cond);
+    pthread_mutex_unlock(&w->lock);
+}
+
+void es_host_reply_free(es_host_reply *reply)
+{
+    if (reply == NULL) return;
+    for (size_t i = 0; i < reply->n_events; i++)
+        es__free((void *)reply->events[i].data);
+    es__free(reply->events);
+    es__free(reply);
+}
+
+int es_host_call(es_host *host, const es_aggregate_type *type,
+                 const es_uuid *aggregate_id, const es_command *command,
+                 es_host_reply **out, es_error *err)
+{
+    if (out) *out = NULL;
+    bool on_worker = host != NULL && tls_host == host;
+    if (on_worker && aggregate_id != NULL)
+        for (int i = 0; i < tls_depth; i++)
+            if (es_uuid_equal(&tls_stack[i]->id, aggregate_id))
+                return es__error_set(err, ES_EMISUSE, "a blocking call to "
+                                     "the aggregate that is running "
+                                     "would never return");
+    waiter w;
+    memset(&w, 0, sizeof w);
+    pthread_mutex_init(&w.lock, NULL);
+    pthread_cond_init(&w.cond, NULL);
+    int rc = es_host_send(host, type, aggregate_id, command, call_done, &w,
+                          err);
+    if (rc != 0) {
+        pthread_mutex_destroy(&w.lock);
+        pthread_cond_destroy(&w.cond);
+        return rc;
+    }
+    for (;;) {
+        pthread_mutex_lock(&w.lock);
+        bool done = w.done;
+        pthread_mutex_unlock(&w.lock);
+        if (done) break;
+        /* A worker runs other actors while it waits, so that the pool
+         * cannot run out of threads. */
+        actor *a = on_worker && tls_depth < MAX_NESTED
+                       ? runq_pop(host, false)
+                       : NULL;
+        if (a) {
+            run_actor(host, a);
+            continue;
+        }
+        pthread_mutex_lock(&w.lock);
+        if (!w.done) {
+            if (on_worker) {
+                struct timespec ts;
+                deadline_in(&ts, 1000000u);
+                pthread_cond_timedwait(&w.cond, &w.lock, &ts);
+            } else {
+                pthread_cond_wait(&w.cond, &w.lock);
+            }
+        }
+        pthread_mutex_unlock(&w.lock);
+    }
+    pthread_mutex_destroy(&w.lock);
+    pthread_cond_destroy(&w.cond);
+    rc = w.status;
+    if (rc != 0 && err && w.reply)
+        es__error_set(err, rc, "%s", w.reply->reason);
+    if (out) *out = w.reply;
+    else es_host_reply_free(w.reply);
+    return rc;
+}
+
+/* ---- metrics ---- */
+
+int es_host_metrics_get(es_host *host, es_host_metrics *out)
+{
+    if (host == NULL || out == NULL) return ES_EINVAL;
+    memset(out, 0, sizeof *out);
+#define LOAD(f) out->f = atomic_load_explicit(&host->f, memory_order_relaxed)
+    LOAD(accepted);
+    LOAD(completed);
+    LOAD(rejected);
+    LOAD(duplicate);
+    LOAD(conflicts);
+    LOAD(busy);
+    LOAD(resident);
+    LOAD(loads);
+    LOAD(passivations);
+    LOAD(mailbox_depth);
+    LOAD(batches);
+    LOAD(snapshots);
+#undef LOAD
+    es__hist_read(&host->h_queue, &out->queue_wait);
+    es__hist_read(&host->h_load, &out->load);
+    es__hist_read(&host->h_decide, &out->decide);
+    es__hist_read(&host->h_commit, &out->commit_wait);
+    es__hist_read(&host->h_total, &out->total);
+    return 0;
+}

@@ -1,0 +1,1058 @@
+/* The aggregate host on the in-memory store: order, idempotency, loading,
+ * passivation, backpressure, failing user code, failing commits, shutdown.
+ * Worker threads never assert: they record, the test joins, then asserts. */
+#include <pthread.h>
+#include <sched.h>
+#include <setjmp.h>
+#include <stdatomic.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cmocka.h>
+
+#include "eventastic.h"
+#include "eventastic/host.h"
+
+/* ---- a counter aggregate ---- */
+
+typedef struct counter {
+    int64_t value;
+    uint64_t n; /* events applied */
+} counter;
+
+enum { EV_ADD = 1, EV_POISON = 2 };
+
+typedef struct counter_event {
+    int32_t kind;
+    es_uuid id;
+    int64_t amount;
+} counter_event;
+
+static es_uuid ev_id(const void *e) { return ((const counter_event *)e)->id; }
+static int32_t ev_kind(const void *e)
+{
+    return ((const counter_event *)e)->kind;
+}
+
+static int c_apply_new(void *state, const void *event, es_error *err)
+{
+    const counter_event *e = event;
+    if (e->kind != EV_ADD) {
+        snprintf(err->message, sizeof err->message, "poison");
+        return ES_EAPPLY;
+    }
+    ((counter *)state)->value = e->amount;
+    ((counter *)state)->n = 1;
+    return 0;
+}
+
+static int c_apply(void *state, const void *event, es_error *err)
+{
+    const counter_event *e = event;
+    if (e->kind != EV_ADD) {
+        snprintf(err->message, sizeof err->message, "poison");
+        return ES_EAPPLY;
+    }
+    ((counter *)state)->value += e->amount;
+    ((counter *)state)->n++;
+    return 0;
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+static int c_state_encode(const void *s, es_buf *out, es_error *err)
+{
+    (void)err;
+    uint8_t b[16];
+    put64(b, (uint64_t)((const counter *)s)->value);
+    put64(b + 8, ((const counter *)s)->n);
+    return es_buf_append(out, b, 16);
+}
+
+static int c_state_decode(const uint8_t *p, size_t len, void *s,
+                          es_error *err)
+{
+    (void)err;
+    if (len != 16) return ES_EDECODE;
+    ((counter *)s)->value = (int64_t)get64(p);
+    ((counter *)s)->n = get64(p + 8);
+    return 0;
+}
+
+static int c_event_encode(const void *e, es_buf *out, es_error *err)
+{
+    (void)err;
+    const counter_event *ev = e;
+    uint8_t b[24];
+    memcpy(b, ev->id.bytes, 16);
+    put64(b + 16, (uint64_t)ev->amount);
+    return es_buf_append(out, b, 24);
+}
+
+static int c_event_decode(int32_t kind, const uint8_t *p, size_t len, void *e,
+                          es_error *err)
+{
+    (void)err;
+    if ((kind != EV_ADD && kind != EV_POISON) || len != 24) return ES_EDECODE;
+    counter_event *ev = e;
+    ev->kind = kind;
+    memcpy(ev->id.bytes, p, 16);
+    ev->amount = (int64_t)get64(p + 16);
+    return 0;
+}
+
+static const es_aggregate_type counter_type = {
+    .name = "counter",
+    .snapshot_version = 1,
+    .state_size = sizeof(counter),
+    .event_size = sizeof(counter_event),
+    .event_id = ev_id,
+    .event_kind = ev_kind,
+    .apply_new = c_apply_new,
+    .apply = c_apply,
+    .state_encode = c_state_encode,
+    .state_decode = c_state_decode,
+    .event_encode = c_event_encode,
+    .event_decode = c_event_decode,
+};
+
+/* ---- commands ---- */
+
+enum {
+    CMD_ADD = 1,    /* one event */
+    CMD_TWO,        /* two events */
+    CMD_NOOP,       /* no event */
+    CMD_REJECT,     /* es_emit_reject */
+    CMD_FAIL,       /* decide returns an error */
+    CMD_POISON,     /* an event that apply refuses */
+    CMD_CALL_OTHER, /* es_host_call to the key in the payload */
+    CMD_WAIT,       /* blocks on the gate */
+};
+
+/* Payload: amount, producer, seq, other key (fixed layout). */
+typedef struct payload {
+    uint8_t b[8 + 8 + 8 + 16];
+} payload;
+
+static payload make_payload(int64_t amount, uint64_t producer, uint64_t seq,
+                            const es_uuid *other)
+{
+    payload p;
+    memset(&p, 0, sizeof p);
+    put64(p.b, (uint64_t)amount);
+    put64(p.b + 8, producer);
+    put64(p.b + 16, seq);
+    if (other) memcpy(p.b + 24, other->bytes, 16);
+    return p;
+}
+
+/* What decide saw, per key, for the order test. */
+#define MAX_KEYS 16
+#define MAX_LOG 40000
+
+typedef struct key_log {
+    uint64_t producer[MAX_LOG];
+    uint64_t seq[MAX_LOG];
+    size_t n;
+    size_t stale; /* commands that did not see all earlier ones */
+} key_log;
+
+typedef struct world {
+    es_host *host;
+    es_uuid keys[MAX_KEYS];
+    key_log *logs; /* MAX_KEYS, or NULL */
+    pthread_mutex_t gate_lock;
+    pthread_cond_t gate_cond;
+    bool gate_open;
+    int waiting; /* decides blocked on the gate */
+    int call_status; /* of the es_host_call made inside decide */
+} world;
+
+static int key_index(const world *w, const es_uuid *id)
+{
+    for (int i = 0; i < MAX_KEYS; i++)
+        if (es_uuid_equal(&w->keys[i], id)) return i;
+    return -1;
+}
+
+static int decide(void *user, const void *state, const es_command *cmd,
+                  es_emitter *em)
+{
+    world *w = user;
+    const counter *s = state;
+    const uint8_t *p = cmd->payload;
+    int64_t amount = cmd->len >= 8 ? (int64_t)get64(p) : 0;
+    counter_event e = {EV_ADD, {{0}}, amount};
+    es_uuid_v7(&e.id);
+    switch (cmd->kind) {
+    case CMD_ADD: {
+        if (w->logs && cmd->len >= 40) {
+            es_uuid key;
+            memcpy(key.bytes, p + 24, 16);
+            int k = key_index(w, &key);
+            if (k >= 0 && w->logs[k].n < MAX_LOG) {
+                key_log *l = &w->logs[k];
+                /* every earlier accepted command's event is visible */
+                if ((s ? s->n : 0) != l->n) l->stale++;
+                l->producer[l->n] = get64(p + 8);
+                l->seq[l->n] = get64(p + 16);
+                l->n++;
+            }
+        }
+        return es_emit(em, &e);
+    }
+    case CMD_TWO: {
+        int rc = es_emit(em, &e);
+        es_uuid_v7(&e.id);
+        return rc ? rc : es_emit(em, &e);
+    }
+    case CMD_NOOP:
+        return 0;
+    case CMD_REJECT:
+        return es_emit_reject(em, "no: value is %lld",
+                              (long long)(s ? s->value : 0));
+    case CMD_FAIL:
+        es_emit(em, &e); /* dropped with the failure */
+        return ES_EINVAL;
+    case CMD_POISON: {
+        counter_event bad = {EV_POISON, {{0}}, 1};
+        es_uuid_v7(&bad.id);
+        int rc = es_emit(em, &e);
+        return rc ? rc : es_emit(em, &bad);
+    }
+    case CMD_CALL_OTHER: {
+        es_uuid other;
+        memcpy(other.bytes, p + 24, 16);
+        es_command sub = {{{0}}, CMD_ADD, p, 8};
+        es_uuid_v7(&sub.id);
+        es_host_reply *reply = NULL;
+        w->call_status = es_host_call(w->host, &counter_type, &other, &sub,
+                                      &reply, NULL);
+        es_host_reply_free(reply);
+        return es_emit(em, &e);
+    }
+    case CMD_WAIT:
+        pthread_mutex_lock(&w->gate_lock);
+        w->waiting++;
+        pthread_cond_broadcast(&w->gate_cond);
+        while (!w->gate_open)
+            pthread_cond_wait(&w->gate_cond, &w->gate_lock);
+        pthread_mutex_unlock(&w->gate_lock);
+        return es_emit(em, &e);
+    }
+    return es_emit_reject(em, "unknown command %d", (int)cmd->kind);
+}
+
+static void world_init(world *w)
+{
+    memset(w, 0, sizeof *w);
+    for (int i = 0; i < MAX_KEYS; i++) es_uuid_v7(&w->keys[i]);
+    pthread_mutex_init(&w->gate_lock, NULL);
+    pthread_cond_init(&w->gate_cond, NULL);
+}
+
+static void world_destroy(world *w)
+{
+    pthread_mutex_destroy(&w->gate_lock);
+    pthread_cond_destroy(&w->gate_cond);
+    free(w->logs);
+}
+
+static es_host *open_host(world *w, es_store *store, unsigned workers,
+                          void (*tune)(es_host_config *))
+{
+    es_host_config *cfg = NULL;
+    assert_int_equal(es_host_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_host_config_set_workers(cfg, workers), 0);
+    assert_int_equal(es_host_config_add_type(cfg, &counter_type, decide, w,
+                                             NULL), 0);
+    if (tune) tune(cfg);
+    es_host *host = NULL;
+    es_error err = {0};
+    int rc = es_host_open(cfg, store, &host, &err);
+    if (rc != 0) print_error("open: %s\n", err.message);
+    assert_int_equal(rc, 0);
+    es_host_config_free(cfg);
+    w->host = host;
+    return host;
+}
+
+static es_command command(int32_t kind, const payload *p)
+{
+    es_command c = {{{0}}, kind, p ? p->b : NULL, p ? sizeof p->b : 0};
+    es_uuid_v7(&c.id);
+    return c;
+}
+
+static int call(world *w, const es_uuid *key, const es_command *c,
+                es_host_reply **out)
+{
+    return es_host_call(w->host, &counter_type, key, c, out, NULL);
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int64_t stored_value(es_store *store, const es_uuid *key,
+                            uint64_t *version)
+{
+    es_context *ctx = NULL;
+    int rc = es_store_load(store, &counter_type, key, &ctx, NULL);
+    if (rc != 0) return -1;
+    int64_t v = ((const counter *)es_context_state(ctx))->value;
+    if (version) *version = es_context_version(ctx);
+    es_context_free(ctx);
+    return v;
+}
+
+/* ---- tests ---- */
+
+static void test_host_commands_and_failing_user_code(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, NULL);
+    const es_uuid *key = &w.keys[0];
+    payload five = make_payload(5, 0, 0, NULL);
+    es_host_reply *r = NULL;
+
+    es_command c = command(CMD_ADD, &five);
+    assert_int_equal(call(&w, key, &c, &r), 0);
+    assert_int_equal(r->version, 0);
+    assert_int_equal(r->n_events, 1);
+    assert_int_equal(r->events[0].version, 0);
+    assert_false(r->duplicate);
+    es_host_reply_free(r);
+
+    c = command(CMD_REJECT, NULL);
+    assert_int_equal(call(&w, key, &c, &r), ES_EREJECTED);
+    assert_string_equal(r->reason, "no: value is 5");
+    assert_int_equal(r->n_events, 0);
+    es_host_reply_free(r);
+
+    c = command(CMD_FAIL, &five);
+    assert_int_equal(call(&w, key, &c, &r), ES_EREJECTED);
+    assert_non_null(strstr(r->reason, "ES_EINVAL"));
+    es_host_reply_free(r);
+
+    c = command(CMD_POISON, &five); /* first event fine, second refused */
+    assert_int_equal(call(&w, key, &c, &r), ES_EAPPLY);
+    es_host_reply_free(r);
+
+    c = command(CMD_TWO, &five);
+    assert_int_equal(call(&w, key, &c, &r), 0);
+    assert_int_equal(r->version, 2); /* nothing of the failures stayed */
+    assert_int_equal(r->n_events, 2);
+    assert_int_equal(r->events[1].version, 2);
+    es_host_reply_free(r);
+
+    c = command(CMD_NOOP, NULL);
+    assert_int_equal(call(&w, key, &c, &r), 0);
+    assert_int_equal(r->version, 2);
+    assert_int_equal(r->n_events, 0);
+    es_host_reply_free(r);
+
+    /* A new key that rejects: no version. */
+    c = command(CMD_REJECT, NULL);
+    assert_int_equal(call(&w, &w.keys[1], &c, &r), ES_EREJECTED);
+    assert_int_equal(r->version, ES_HOST_NO_VERSION);
+    es_host_reply_free(r);
+
+    /* Bad arguments answer at once. */
+    es_error err = {0};
+    assert_int_equal(es_host_send(w.host, &counter_type, key, NULL, NULL,
+                                  NULL, &err), ES_EINVAL);
+    es_uuid nil = {{0}};
+    assert_int_equal(es_host_call(w.host, &counter_type, &nil, &c, &r, NULL),
+                     ES_EINVAL);
+    assert_null(r);
+
+    es_host_metrics m;
+    assert_int_equal(es_host_metrics_get(w.host, &m), 0);
+    assert_int_equal(m.accepted, 7);
+    assert_int_equal(m.completed, 7);
+    assert_int_equal(m.rejected, 4);
+    assert_int_equal(m.total.count, 7);
+    assert_true(m.total.p50_us > 0);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    uint64_t version = 0;
+    assert_int_equal(stored_value(store, key, &version), 15);
+    assert_int_equal(version, 2);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* Many producers, hot keys: per-key order as each actor saw it. */
+#define PRODUCERS 8
+#define PER_PRODUCER 3000
+#define HOT_KEYS 4
+
+typedef struct tally {
+    atomic_int done[PRODUCERS][PER_PRODUCER];
+    atomic_int failed;
+} tally;
+
+typedef struct producer {
+    world *w;
+    tally *t;
+    int id;
+    int busy;
+    int send_errors;
+} producer;
+
+typedef struct token {
+    tally *t;
+    int producer, seq;
+} token;
+
+static token tokens[PRODUCERS][PER_PRODUCER];
+
+static void order_done(void *ud, const es_host_result *r)
+{
+    token *k = ud;
+    atomic_fetch_add(&k->t->done[k->producer][k->seq], 1);
+    if (r->status != 0) atomic_fetch_add(&k->t->failed, 1);
+}
+
+static void *produce(void *arg)
+{
+    producer *p = arg;
+    for (int i = 0; i < PER_PRODUCER; i++) {
+        int k = (i * 7 + p->id) % HOT_KEYS;
+        payload pl = make_payload(1, (uint64_t)p->id, (uint64_t)i,
+                                  &p->w->keys[k]);
+        es_command c = command(CMD_ADD, &pl);
+        token *tk = &tokens[p->id][i];
+        tk->t = p->t;
+        tk->producer = p->id;
+        tk->seq = i;
+        int rc;
+        while ((rc = es_host_send(p->w->host, &counter_type, &p->w->keys[k],
+                                  &c, order_done, tk, NULL)) == ES_EBUSY) {
+            p->busy++;
+            sched_yield();
+        }
+        if (rc != 0) {
+            p->send_errors++;
+            atomic_fetch_add(&p->t->done[p->id][i], 1); /* never completes */
+        }
+    }
+    return NULL;
+}
+
+static void tune_small_mailbox(es_host_config *cfg)
+{
+    es_host_config_set_mailbox_bound(cfg, 64);
+    es_host_config_set_batch_rows(cfg, 256);
+}
+
+static void test_host_per_key_order_many_producers(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    w.logs = calloc(MAX_KEYS, sizeof *w.logs);
+    assert_non_null(w.logs);
+    tally *t = calloc(1, sizeof *t);
+    assert_non_null(t);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, tune_small_mailbox);
+
+    pthread_t th[PRODUCERS];
+    producer ps[PRODUCERS];
+    for (int i = 0; i < PRODUCERS; i++) {
+        ps[i] = (producer){&w, t, i, 0, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, produce, &ps[i]), 0);
+    }
+    for (int i = 0; i < PRODUCERS; i++) pthread_join(th[i], NULL);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(m.conflicts, 0);
+    assert_int_equal(m.loads, HOT_KEYS);
+    assert_true(m.batches < PRODUCERS * PER_PRODUCER); /* batched */
+
+    for (int i = 0; i < PRODUCERS; i++)
+        assert_int_equal(ps[i].send_errors, 0);
+    for (int i = 0; i < PRODUCERS; i++)
+        for (int j = 0; j < PER_PRODUCER; j++)
+            assert_int_equal(atomic_load(&t->done[i][j]), 1);
+    assert_int_equal(atomic_load(&t->failed), 0);
+    size_t total = 0;
+    for (int k = 0; k < HOT_KEYS; k++) {
+        key_log *l = &w.logs[k];
+        total += l->n;
+        assert_int_equal(l->stale, 0);
+        int64_t last[PRODUCERS];
+        for (int i = 0; i < PRODUCERS; i++) last[i] = -1;
+        for (size_t i = 0; i < l->n; i++) {
+            uint64_t p = l->producer[i];
+            assert_true(p < PRODUCERS);
+            assert_true((int64_t)l->seq[i] > last[p]); /* arrival order */
+            last[p] = (int64_t)l->seq[i];
+        }
+        uint64_t version = 0;
+        assert_int_equal(stored_value(store, &w.keys[k], &version),
+                         (int64_t)l->n);
+        assert_int_equal(version, l->n - 1);
+    }
+    assert_int_equal(total, PRODUCERS * PER_PRODUCER);
+    assert_int_equal(es_memory_store_event_count(store), total);
+    assert_int_equal(es_store_close(store), 0);
+    free(t);
+    world_destroy(&w);
+}
+
+static void tune_fast_idle(es_host_config *cfg)
+{
+    es_host_config_set_idle_ms(cfg, 5);
+    es_host_config_set_snapshots(cfg, 3, true);
+}
+
+static void wait_passivated(es_host *host)
+{
+    for (int i = 0; i < 2000; i++) {
+        es_host_metrics m;
+        es_host_metrics_get(host, &m);
+        if (m.resident == 0) return;
+        sleep_ms(1);
+    }
+}
+
+static void test_host_idempotent_replay_passivation_restart(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, tune_fast_idle);
+    const es_uuid *key = &w.keys[0];
+    payload seven = make_payload(7, 0, 0, NULL);
+    payload eight = make_payload(8, 0, 0, NULL);
+    es_command add = command(CMD_ADD, &seven);
+    es_command two = command(CMD_TWO, &seven);
+    es_command other = add;
+    other.payload = eight.b;
+
+    es_host_reply *first = NULL, *r = NULL;
+    assert_int_equal(call(&w, key, &add, &first), 0);
+    assert_int_equal(call(&w, key, &two, &r), 0);
+    assert_int_equal(r->version, 2);
+    es_host_reply_free(r);
+
+    /* Resident: the original outcome, not decided again. */
+    assert_int_equal(call(&w, key, &add, &r), 0);
+    assert_true(r->duplicate);
+    assert_int_equal(r->version, first->version);
+    assert_int_equal(r->n_events, 1);
+    assert_true(es_uuid_equal(&r->events[0].id, &first->events[0].id));
+    es_host_reply_free(r);
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    /* The same id for another aggregate is a clash too. */
+    assert_int_equal(call(&w, &w.keys[1], &add, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+
+    /* Passivated. */
+    wait_passivated(w.host);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(m.resident, 0);
+    assert_true(m.passivations >= 1);
+    assert_int_equal(call(&w, key, &two, &r), 0);
+    assert_true(r->duplicate);
+    assert_int_equal(r->version, 2);
+    assert_int_equal(r->n_events, 2);
+    assert_int_equal(r->events[0].version, 1);
+    es_host_reply_free(r);
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    /* Restarted on the same store. */
+    open_host(&w, store, 1, NULL);
+    assert_int_equal(call(&w, key, &add, &r), 0);
+    assert_true(r->duplicate);
+    assert_int_equal(r->version, 0);
+    assert_true(es_uuid_equal(&r->events[0].id, &first->events[0].id));
+    es_host_reply_free(r);
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+
+    /* Duplicates sent while the original is in flight share its outcome. */
+    es_command again = command(CMD_ADD, &seven);
+    es_host_reply *a = NULL, *b = NULL;
+    assert_int_equal(call(&w, key, &again, &a), 0);
+    assert_int_equal(call(&w, key, &again, &b), 0);
+    assert_int_equal(a->version, 3);
+    assert_int_equal(b->version, 3);
+    assert_true(b->duplicate);
+    es_host_reply_free(a);
+    es_host_reply_free(b);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    /* Nothing stored twice: 1 + 2 + 1 events. */
+    assert_int_equal(es_memory_store_event_count(store), 4);
+    uint64_t version = 0;
+    assert_int_equal(stored_value(store, key, &version), 28);
+    /* A snapshot was written on the way (every 3 events, passivation). */
+    es_txn *txn = NULL;
+    es_snapshot *snap = NULL;
+    assert_int_equal(es_store_begin(store, &txn, NULL), 0);
+    assert_int_equal(es_txn_get_snapshot(txn, key, 1, &snap, NULL), 0);
+    assert_true(snap->version >= 2);
+    es_free(snap);
+    es_txn_rollback(txn);
+    es_host_reply_free(first);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* In-flight duplicates, sent asynchronously back to back. */
+typedef struct dup_seen {
+    atomic_int n, dup, ok;
+    atomic_uint_least64_t version[2];
+} dup_seen;
+
+static void dup_done(void *ud, const es_host_result *r)
+{
+    dup_seen *d = ud;
+    int i = atomic_fetch_add(&d->n, 1);
+    if (r->duplicate) atomic_fetch_add(&d->dup, 1);
+    if (r->status == 0) atomic_fetch_add(&d->ok, 1);
+    if (i < 2) atomic_store(&d->version[i], r->version);
+}
+
+static void test_host_duplicate_in_flight(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, NULL);
+    payload one = make_payload(1, 0, 0, NULL);
+    dup_seen d;
+    memset(&d, 0, sizeof d);
+    for (int round = 0; round < 50; round++) {
+        es_command c = command(CMD_ADD, &one);
+        assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[0], &c,
+                                      dup_done, &d, NULL), 0);
+        assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[0], &c,
+                                      dup_done, &d, NULL), 0);
+    }
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(atomic_load(&d.n), 100);
+    assert_int_equal(atomic_load(&d.ok), 100);
+    assert_int_equal(atomic_load(&d.dup), 50);
+    assert_int_equal(atomic_load(&d.version[0]), atomic_load(&d.version[1]));
+    assert_int_equal(es_memory_store_event_count(store), 50);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* Concurrent first commands to one stored key: one load. */
+typedef struct racer {
+    world *w;
+    pthread_barrier_t *start;
+    int status;
+} racer;
+
+static void *race_first(void *arg)
+{
+    racer *r = arg;
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command c = command(CMD_ADD, &one);
+    pthread_barrier_wait(r->start);
+    r->status = call(r->w, &r->w->keys[0], &c, NULL);
+    return NULL;
+}
+
+static void test_host_load_coalescing(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, NULL);
+    payload one = make_payload(1, 0, 0, NULL);
+    for (int i = 0; i < 5; i++) {
+        es_command c = command(CMD_ADD, &one);
+        assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
+    }
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    open_host(&w, store, 2, NULL);
+    enum { RACERS = 8 };
+    pthread_barrier_t start;
+    pthread_barrier_init(&start, NULL, RACERS);
+    pthread_t th[RACERS];
+    racer rs[RACERS];
+    for (int i = 0; i < RACERS; i++) {
+        rs[i] = (racer){&w, &start, -100};
+        assert_int_equal(pthread_create(&th[i], NULL, race_first, &rs[i]),
+                         0);
+    }
+    for (int i = 0; i < RACERS; i++) pthread_join(th[i], NULL);
+    pthread_barrier_destroy(&start);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    for (int i = 0; i < RACERS; i++) assert_int_equal(rs[i].status, 0);
+    assert_int_equal(m.loads, 1);
+    assert_int_equal(m.load.count, 1);
+    assert_int_equal(stored_value(store, &w.keys[0], NULL), 5 + RACERS);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* Passivation (idle and LRU) racing with sends. */
+#define RACE_KEYS 16
+#define RACE_SENDS 400
+
+typedef struct race_sender {
+    world *w;
+    int id;
+    int ok[RACE_KEYS];
+    int other;
+} race_sender;
+
+static void *race_send(void *arg)
+{
+    race_sender *s = arg;
+    payload one = make_payload(1, 0, 0, NULL);
+    for (int i = 0; i < RACE_SENDS; i++) {
+        int k = (i * 5 + s->id * 3) % RACE_KEYS;
+        es_command c = command(CMD_ADD, &one);
+        int rc = call(s->w, &s->w->keys[k], &c, NULL);
+        if (rc == 0) s->ok[k]++;
+        else if (rc != ES_EBUSY) s->other++;
+        if (i % 50 == 0) sleep_ms(2); /* let actors go idle */
+    }
+    return NULL;
+}
+
+static void tune_passivate_often(es_host_config *cfg)
+{
+    es_host_config_set_idle_ms(cfg, 1);
+    es_host_config_set_resident_bound(cfg, 64); /* one per shard */
+    es_host_config_set_snapshots(cfg, 2, true);
+}
+
+static void test_host_passivation_races_sends(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, tune_passivate_often);
+    enum { SENDERS = 4 };
+    pthread_t th[SENDERS];
+    race_sender rs[SENDERS];
+    for (int i = 0; i < SENDERS; i++) {
+        memset(&rs[i], 0, sizeof rs[i]);
+        rs[i].w = &w;
+        rs[i].id = i;
+        assert_int_equal(pthread_create(&th[i], NULL, race_send, &rs[i]), 0);
+    }
+    for (int i = 0; i < SENDERS; i++) pthread_join(th[i], NULL);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_true(m.passivations > 0);
+    assert_true(m.loads > RACE_KEYS);
+    int total = 0;
+    for (int k = 0; k < RACE_KEYS; k++) {
+        int ok = 0;
+        for (int i = 0; i < SENDERS; i++) ok += rs[i].ok[k];
+        total += ok;
+        uint64_t version = 0;
+        if (ok == 0) continue;
+        /* every success is in the store exactly once, versions gapless */
+        assert_int_equal(stored_value(store, &w.keys[k], &version), ok);
+        assert_int_equal(version, (uint64_t)ok - 1);
+    }
+    for (int i = 0; i < SENDERS; i++) assert_int_equal(rs[i].other, 0);
+    assert_true(total > 0);
+    assert_int_equal(es_memory_store_event_count(store), (size_t)total);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* A full mailbox or host answers ES_EBUSY at once. */
+static atomic_int busy_completions;
+
+static void count_done(void *ud, const es_host_result *r)
+{
+    (void)ud;
+    (void)r;
+    atomic_fetch_add(&busy_completions, 1);
+}
+
+static void tune_tiny(es_host_config *cfg)
+{
+    es_host_config_set_mailbox_bound(cfg, 2);
+    es_host_config_set_host_bound(cfg, 4);
+}
+
+static void test_host_busy_under_overload(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 1, tune_tiny);
+    atomic_store(&busy_completions, 0);
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command c = command(CMD_WAIT, &one);
+    assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[0], &c,
+                                  count_done, NULL, NULL), 0);
+    pthread_mutex_lock(&w.gate_lock); /* the worker is now blocked */
+    while (w.waiting == 0) pthread_cond_wait(&w.gate_cond, &w.gate_lock);
+    pthread_mutex_unlock(&w.gate_lock);
+    int accepted = 1, busy = 0;
+    for (int i = 0; i < 3; i++) {
+        c = command(CMD_ADD, &one);
+        int rc = es_host_send(w.host, &counter_type, &w.keys[0], &c,
+                              count_done, NULL, NULL);
+        if (rc == 0) accepted++;
+        else if (rc == ES_EBUSY) busy++;
+    }
+    assert_int_equal(accepted, 3); /* running + 2 in the mailbox */
+    assert_int_equal(busy, 1);
+    c = command(CMD_ADD, &one);
+    assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[1], &c,
+                                  count_done, NULL, NULL), 0);
+    c = command(CMD_ADD, &one);
+    es_error err = {0};
+    assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[2], &c,
+                                  count_done, NULL, &err), ES_EBUSY);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(m.busy, 2);
+    assert_int_equal(m.mailbox_depth, 3);
+    pthread_mutex_lock(&w.gate_lock);
+    w.gate_open = true;
+    pthread_cond_broadcast(&w.gate_cond);
+    pthread_mutex_unlock(&w.gate_lock);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(atomic_load(&busy_completions), 4);
+    assert_int_equal(stored_value(store, &w.keys[0], NULL), 3);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* Shutdown while sending: every accepted command completes once. */
+#define CLOSE_SENDERS 4
+
+typedef struct closer_tally {
+    atomic_long accepted, completed, closed, ok;
+    atomic_int chained;
+    world *w;
+} closer_tally;
+
+static void chain_done(void *ud, const es_host_result *r)
+{
+    closer_tally *t = ud;
+    atomic_fetch_add(&t->completed, 1);
+    if (r->status == ES_ECLOSED) atomic_fetch_add(&t->closed, 1);
+    if (r->status == 0) atomic_fetch_add(&t->ok, 1);
+    /* send more from the callback, while the host closes */
+    if (atomic_fetch_add(&t->chained, 1) < 20000) {
+        payload one = make_payload(1, 0, 0, NULL);
+        es_command c = command(CMD_ADD, &one);
+        if (es_host_send(t->w->host, &counter_type, &r->aggregate_id, &c,
+                         chain_done, t, NULL) == 0)
+            atomic_fetch_add(&t->accepted, 1);
+    }
+}
+
+typedef struct close_sender {
+    closer_tally *t;
+    int id;
+} close_sender;
+
+static void *close_send(void *arg)
+{
+    close_sender *s = arg;
+    payload one = make_payload(1, 0, 0, NULL);
+    for (int i = 0;; i++) {
+        es_command c = command(CMD_ADD, &one);
+        int rc = es_host_send(s->t->w->host, &counter_type,
+                              &s->t->w->keys[(i + s->id) % MAX_KEYS], &c,
+                              chain_done, s->t, NULL);
+        if (rc == 0) atomic_fetch_add(&s->t->accepted, 1);
+        if (rc == ES_ECLOSED) break;
+        if (rc == ES_EBUSY) sched_yield();
+    }
+    return NULL;
+}
+
+static void close_while_sending(bool now)
+{
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, tune_small_mailbox);
+    closer_tally t;
+    memset(&t, 0, sizeof t);
+    t.w = &w;
+    pthread_t th[CLOSE_SENDERS];
+    close_sender cs[CLOSE_SENDERS];
+    for (int i = 0; i < CLOSE_SENDERS; i++) {
+        cs[i] = (close_sender){&t, i};
+        assert_int_equal(pthread_create(&th[i], NULL, close_send, &cs[i]),
+                         0);
+    }
+    sleep_ms(100);
+    es_host_stop(w.host); /* senders see ES_ECLOSED and stop */
+    for (int i = 0; i < CLOSE_SENDERS; i++) pthread_join(th[i], NULL);
+    if (now)
+        assert_int_equal(es_host_close(w.host), 0);
+    else
+        assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    long accepted = atomic_load(&t.accepted);
+    assert_true(accepted > 0);
+    assert_int_equal(atomic_load(&t.completed), accepted);
+    if (!now) assert_int_equal(atomic_load(&t.closed), 0);
+    /* what succeeded is stored, nothing else */
+    assert_int_equal(es_memory_store_event_count(store),
+                     (size_t)atomic_load(&t.ok));
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+static void test_host_shutdown_while_sending(void **state)
+{
+    (void)state;
+    close_while_sending(false);
+}
+
+static void test_host_close_now_while_sending(void **state)
+{
+    (void)state;
+    close_while_sending(true);
+}
+
+/* A commit that conflicts (another writer took the version): the actor is
+ * rebuilt, the command and those decided after it are decided again. */
+static void test_host_commit_conflict_redecides(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 1, NULL);
+    const es_uuid *key = &w.keys[0];
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, key, &c, NULL), 0); /* resident at 0 */
+
+    /* Another writer appends version 1 behind the host's back. */
+    es_context *ctx = NULL;
+    assert_int_equal(es_store_load(store, &counter_type, key, &ctx, NULL), 0);
+    counter_event e = {EV_ADD, {{0}}, 100};
+    es_uuid_v7(&e.id);
+    assert_int_equal(es_context_record(ctx, &e, NULL), 0);
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(store, &txn, NULL), 0);
+    assert_int_equal(es_context_save(txn, ctx, NULL), 0);
+    assert_int_equal(es_txn_commit(txn, NULL), 0);
+    es_context_free(ctx);
+
+    /* Pipelined commands, all decided on the stale state at first. */
+    dup_seen d;
+    memset(&d, 0, sizeof d);
+    for (int i = 0; i < 10; i++) {
+        c = command(CMD_ADD, &one);
+        assert_int_equal(es_host_send(w.host, &counter_type, key, &c,
+                                      dup_done, &d, NULL), 0);
+    }
+    es_host_reply *r = NULL;
+    c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, key, &c, &r), 0);
+    assert_int_equal(r->version, 12);
+    es_host_reply_free(r);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(atomic_load(&d.ok), 10);
+    assert_true(m.conflicts >= 1);
+    uint64_t version = 0;
+    assert_int_equal(stored_value(store, key, &version), 112);
+    assert_int_equal(version, 12);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* decide sends a blocking command to another key; one worker, so the
+ * worker must run the other actor while it waits. */
+static void test_host_call_from_decide(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 1, NULL);
+    payload p = make_payload(3, 0, 0, &w.keys[1]);
+    es_command c = command(CMD_CALL_OTHER, &p);
+    assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
+    assert_int_equal(w.call_status, 0);
+    /* To itself: refused, not deadlocked. */
+    p = make_payload(3, 0, 0, &w.keys[0]);
+    c = command(CMD_CALL_OTHER, &p);
+    assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
+    assert_int_equal(w.call_status, ES_EMISUSE);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(stored_value(store, &w.keys[1], NULL), 3);
+    assert_int_equal(stored_value(store, &w.keys[0], NULL), 6);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_host_commands_and_failing_user_code),
+        cmocka_unit_test(test_host_per_key_order_many_producers),
+        cmocka_unit_test(test_host_idempotent_replay_passivation_restart),
+        cmocka_unit_test(test_host_duplicate_in_flight),
+        cmocka_unit_test(test_host_load_coalescing),
+        cmocka_unit_test(test_host_passivation_races_sends),
+        cmocka_unit_test(test_host_busy_under_overload),
+        cmocka_unit_test(test_host_shutdown_while_sending),
+        cmocka_unit_test(test_host_close_now_while_sending),
+        cmocka_unit_test(test_host_commit_conflict_redecides),
+        cmocka_unit_test(test_host_call_from_decide),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
