@@ -79,6 +79,13 @@ def unit_tests(variant):
                   and os.access(p, os.X_OK) and not p.endswith(".d"))
 
 
+def examples(variant):
+    """The example programs: each must exit 0."""
+    return sorted(p for p in glob.glob(os.path.join(BUILD, variant, "bin",
+                                                    "*_example"))
+                  if os.access(p, os.X_OK) and not p.endswith(".d"))
+
+
 def pg_tests(variant):
     return sorted(p for p in glob.glob(os.path.join(BUILD, variant, "tests",
                                                     "test_pg_*"))
@@ -125,8 +132,7 @@ def main():
     a = ap.parse_args()
 
     if a.demo:
-        ok = run_binary(os.path.join(BUILD, "release", "bin",
-                                     "readme_example"), "release")
+        ok = all([run_binary(ex, "release") for ex in examples("release")])
         sys.exit(0 if ok else 1)
     if a.bench:
         print("no benchmarks yet")
@@ -139,8 +145,7 @@ def main():
         for t in unit_tests(v):
             total += 1
             failed += not run_binary(t, v)
-        ex = os.path.join(BUILD, v, "bin", "readme_example")
-        if os.path.exists(ex):
+        for ex in examples(v):
             total += 1
             failed += not run_binary(ex, v)
     if a.compile_fail:
