@@ -14,8 +14,10 @@
 
 #include <cmocka.h>
 
+#include "core/internal.h"
 #include "eventastic.h"
 #include "eventastic/host.h"
+#include "store/store_impl.h"
 
 /* ---- a counter aggregate ---- */
 
@@ -1039,6 +1041,198 @@ static void test_host_call_from_decide(void **state)
     world_destroy(&w);
 }
 
+/* ---- stores with faults or without command ids ---- */
+
+static const es_store_ops *memory_ops;
+static es_store_ops wrapped_ops;
+static atomic_int failing_commits; /* commits to fail with ES_EDB */
+
+static int flaky_commit(es_txn *txn, es_error *err)
+{
+    if (atomic_load(&failing_commits) > 0) {
+        atomic_fetch_sub(&failing_commits, 1);
+        memory_ops->rollback(txn);
+        return es__error_set(err, ES_EDB, "injected commit failure");
+    }
+    return memory_ops->commit(txn, err);
+}
+
+static void wrap_store(es_store *store, bool command_ids, bool flaky)
+{
+    memory_ops = store->ops;
+    wrapped_ops = *store->ops;
+    if (!command_ids) {
+        wrapped_ops.insert_commands = NULL;
+        wrapped_ops.get_command = NULL;
+    }
+    if (flaky) wrapped_ops.commit = flaky_commit;
+    store->ops = &wrapped_ops;
+}
+
+static void unwrap_store(es_store *store) { store->ops = memory_ops; }
+
+static void test_host_store_without_command_ids(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    wrap_store(store, false, false);
+    open_host(&w, store, 2, NULL);
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command c = command(CMD_ADD, &one);
+    es_host_reply *r = NULL;
+    assert_int_equal(call(&w, &w.keys[0], &c, &r), 0);
+    assert_int_equal(r->version, 0);
+    es_host_reply_free(r);
+    /* in flight duplicates still share one outcome */
+    dup_seen d;
+    memset(&d, 0, sizeof d);
+    es_command c2 = command(CMD_ADD, &one);
+    assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[0], &c2,
+                                  dup_done, &d, NULL), 0);
+    assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[0], &c2,
+                                  dup_done, &d, NULL), 0);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(atomic_load(&d.ok), 2);
+    unwrap_store(store);
+    uint64_t version = 0;
+    int64_t v = stored_value(store, &w.keys[0], &version);
+    /* 2 when the duplicate met the original in flight, 3 when it came
+     * after its completion (no record to find) */
+    assert_true(v == 2 || v == 3);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+typedef struct outcome_tally {
+    atomic_int n, ok, failed;
+} outcome_tally;
+
+static void outcome_done(void *ud, const es_host_result *r)
+{
+    outcome_tally *t = ud;
+    if (r->status == 0) atomic_fetch_add(&t->ok, 1);
+    else atomic_fetch_add(&t->failed, 1);
+    atomic_fetch_add(&t->n, 1);
+}
+
+static void test_host_failing_commits_never_succeed(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    wrap_store(store, true, true);
+    open_host(&w, store, 2, NULL);
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0); /* version 0 */
+
+    /* Every commit fails: pipelined commands to two keys all fail. */
+    atomic_store(&failing_commits, 1 << 30);
+    outcome_tally t;
+    memset(&t, 0, sizeof t);
+    for (int i = 0; i < 20; i++) {
+        c = command(CMD_ADD, &one);
+        assert_int_equal(es_host_send(w.host, &counter_type,
+                                      &w.keys[i % 2], &c, outcome_done, &t,
+                                      NULL), 0);
+    }
+    while (atomic_load(&t.n) < 20) sleep_ms(1);
+    assert_int_equal(atomic_load(&t.ok), 0);
+
+    /* One failure, then the store works: isolation retries absorb it. */
+    atomic_store(&failing_commits, 1);
+    es_host_reply *r = NULL;
+    c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, &w.keys[0], &c, &r), 0);
+    assert_int_equal(r->version, 1); /* rebuilt: nothing of the failures */
+    es_host_reply_free(r);
+    c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, &w.keys[1], &c, &r), 0);
+    assert_int_equal(r->version, 0);
+    es_host_reply_free(r);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    unwrap_store(store);
+    assert_int_equal(es_memory_store_event_count(store), 3);
+    assert_int_equal(stored_value(store, &w.keys[0], NULL), 2);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* The resident bound: LRU victims make room; with none idle, ES_EBUSY. */
+static void tune_resident_64(es_host_config *cfg)
+{
+    es_host_config_set_resident_bound(cfg, 64); /* one per shard */
+    es_host_config_set_idle_ms(cfg, 0);
+    es_host_config_set_snapshots(cfg, 0, true);
+}
+
+static void test_host_resident_bound_evicts_lru(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 1, tune_resident_64);
+    payload one = make_payload(1, 0, 0, NULL);
+    enum { KEYS = 300 };
+    static es_uuid keys[KEYS];
+    for (int i = 0; i < KEYS; i++) es_uuid_v7(&keys[i]);
+    for (int round = 0; round < 2; round++)
+        for (int i = 0; i < KEYS; i++) {
+            es_command c = command(CMD_ADD, &one);
+            int rc;
+            /* the shard's one actor may still be finishing its turn */
+            while ((rc = call(&w, &keys[i], &c, NULL)) == ES_EBUSY)
+                sched_yield();
+            assert_int_equal(rc, 0);
+        }
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_true(m.resident <= 64);
+    assert_true(m.passivations >= KEYS - 64);
+    assert_true(m.loads > KEYS);
+
+    /* Block the one worker on a key, fill the key's shard: ES_EBUSY. */
+    es_command wait = command(CMD_WAIT, &one);
+    int accepted = 0, busy = 0;
+    outcome_tally t;
+    memset(&t, 0, sizeof t);
+    assert_int_equal(es_host_send(w.host, &counter_type, &keys[0], &wait,
+                                  outcome_done, &t, NULL), 0);
+    accepted++;
+    pthread_mutex_lock(&w.gate_lock);
+    while (w.waiting == 0) pthread_cond_wait(&w.gate_cond, &w.gate_lock);
+    pthread_mutex_unlock(&w.gate_lock);
+    for (int i = 0; i < 200; i++) {
+        es_uuid k;
+        es_uuid_v7(&k);
+        es_command c = command(CMD_ADD, &one);
+        int rc = es_host_send(w.host, &counter_type, &k, &c, outcome_done,
+                              &t, NULL);
+        if (rc == 0) accepted++;
+        else if (rc == ES_EBUSY) busy++;
+    }
+    assert_true(busy > 0);
+    pthread_mutex_lock(&w.gate_lock);
+    w.gate_open = true;
+    pthread_cond_broadcast(&w.gate_cond);
+    pthread_mutex_unlock(&w.gate_lock);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(atomic_load(&t.n), accepted);
+    assert_int_equal(atomic_load(&t.ok), accepted);
+    assert_int_equal(stored_value(store, &keys[0], NULL), 3);
+    assert_int_equal(es_memory_store_event_count(store),
+                     (size_t)(2 * KEYS + accepted));
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1053,6 +1247,9 @@ int main(void)
         cmocka_unit_test(test_host_close_now_while_sending),
         cmocka_unit_test(test_host_commit_conflict_redecides),
         cmocka_unit_test(test_host_call_from_decide),
+        cmocka_unit_test(test_host_store_without_command_ids),
+        cmocka_unit_test(test_host_failing_commits_never_succeed),
+        cmocka_unit_test(test_host_resident_bound_evicts_lru),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
