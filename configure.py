@@ -168,6 +168,7 @@ def pkg(flag, *mods):
 #   tests/fixtures/*.c    linked into every test
 #   tests/test_*.c        one test binary each (test_pg_* need PostgreSQL)
 #   examples/*.c          one example binary each
+#   bench/*.c             one benchmark binary each (ninja bench runs them)
 def sources(pattern):
     return sorted(os.path.relpath(p, HERE)
                   for p in glob.glob(os.path.join(HERE, pattern)))
@@ -264,6 +265,11 @@ def main():
                     vars_, libs="$cmocka_libs $lib_libs"))
                 tests.append(exe)
             outs += tests
+            for src in sources("bench/*.c"):
+                exe = "%s/bench/%s" % (bdir, os.path.basename(src)[:-2])
+                n.build(exe, "link", [obj(src), lib],
+                        variables=dict(vars_, libs="$lib_libs"))
+                outs.append(exe)
             for src in sources("examples/*.c"):
                 exe = "%s/bin/%s" % (bdir, os.path.basename(src)[:-2])
                 n.build(exe, "link", [obj(src), lib],

@@ -122,6 +122,44 @@ def compile_fail_tests():
     return ok
 
 
+def run_benchmarks(quick):
+    """Runs build/release/bench/bench_*; each writes a JSON array to
+    build/bench/<name>.json; they are merged into build/bench/results.json
+    and shown as a table.  Benchmarks are not tests: they run one at a
+    time, outside the test run."""
+    import json
+    out_dir = os.path.join(BUILD, "bench")
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    failed = 0
+    for exe in sorted(glob.glob(os.path.join(BUILD, "release", "bench",
+                                             "bench_*"))):
+        if not os.access(exe, os.X_OK) or exe.endswith(".d"):
+            continue
+        name = os.path.basename(exe)
+        out = os.path.join(out_dir, name + ".json")
+        print("BENCH %s" % name, flush=True)
+        cmd = [exe, out] + (["--quick"] if quick else [])
+        if subprocess.call(cmd) != 0:
+            print("FAIL %s" % name)
+            failed += 1
+            continue
+        with open(out) as f:
+            records += json.load(f)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(records, f, indent=2)
+        f.write("\n")
+    cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
+            "p99_us", "peak_rss_kb", "bytes_per_aggregate"]
+    print(" ".join("%-16s" % c if i == 0 else "%12s" % c
+                   for i, c in enumerate(cols)))
+    for r in records:
+        print(" ".join("%-16s" % r.get(c, "") if i == 0 else
+                       "%12s" % r.get(c, "") for i, c in enumerate(cols)))
+    print("wrote %s" % os.path.join(out_dir, "results.json"))
+    return 1 if failed else 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="release")
@@ -129,14 +167,15 @@ def main():
     ap.add_argument("--compile-fail", action="store_true")
     ap.add_argument("--demo", action="store_true")
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --bench: short runs, smaller sets")
     a = ap.parse_args()
 
     if a.demo:
         ok = all([run_binary(ex, "release") for ex in examples("release")])
         sys.exit(0 if ok else 1)
     if a.bench:
-        print("no benchmarks yet")
-        sys.exit(0)
+        sys.exit(run_benchmarks(a.quick))
 
     variants = a.variants.split(",")
     failed = 0

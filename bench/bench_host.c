@@ -1,0 +1,420 @@
+/*
+ * Benchmarks of the aggregate host on the in-memory store, side by side
+ * with a single-threaded loop that does the same work without the host.
+ *
+ *   host_memory      commands/s through the host: 2 workers, C clients
+ *                    (each keeps one command in flight and sends the next
+ *                    from the completion of the previous), K keys
+ *   direct_loop      one thread: decide, record, save 1024 commands per
+ *                    transaction, commit; same commands, same store
+ *   resident_memory  heap bytes per resident idle aggregate (host side,
+ *                    the user's state excluded), N aggregates resident
+ *
+ * Usage: bench_host OUT.json [--quick].  Writes a JSON array of records
+ * (name, store, workers, clients, keys, ops_per_s, p50_us, p99_us,
+ * peak_rss_kb, bytes_per_aggregate) to OUT.json; tests/run.py --bench
+ * merges the files into build/bench/results.json and prints a table.
+ */
+#include <malloc.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "eventastic.h"
+
+/* ---- an account: one event kind, deposits ---- */
+
+typedef struct account {
+    int64_t balance;
+} account;
+
+typedef struct deposit {
+    es_uuid id;
+    int64_t amount;
+} deposit;
+
+static es_uuid ev_id(const void *e) { return ((const deposit *)e)->id; }
+static int32_t ev_kind(const void *e)
+{
+    (void)e;
+    return 1;
+}
+
+static int apply(void *s, const void *e, es_error *err)
+{
+    (void)err;
+    ((account *)s)->balance += ((const deposit *)e)->amount;
+    return 0;
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+static int state_encode(const void *s, es_buf *out, es_error *err)
+{
+    (void)err;
+    uint8_t b[8];
+    put64(b, (uint64_t)((const account *)s)->balance);
+    return es_buf_append(out, b, 8);
+}
+
+static int state_decode(const uint8_t *p, size_t len, void *s, es_error *err)
+{
+    (void)err;
+    if (len != 8) return ES_EDECODE;
+    ((account *)s)->balance = (int64_t)get64(p);
+    return 0;
+}
+
+static int event_encode(const void *e, es_buf *out, es_error *err)
+{
+    (void)err;
+    uint8_t b[24];
+    memcpy(b, ((const deposit *)e)->id.bytes, 16);
+    put64(b + 16, (uint64_t)((const deposit *)e)->amount);
+    return es_buf_append(out, b, 24);
+}
+
+static int event_decode(int32_t kind, const uint8_t *p, size_t len, void *e,
+                        es_error *err)
+{
+    (void)err;
+    if (kind != 1 || len != 24) return ES_EDECODE;
+    memcpy(((deposit *)e)->id.bytes, p, 16);
+    ((deposit *)e)->amount = (int64_t)get64(p + 16);
+    return 0;
+}
+
+static const es_aggregate_type account_type = {
+    .name = "account",
+    .snapshot_version = 1,
+    .state_size = sizeof(account),
+    .event_size = sizeof(deposit),
+    .event_id = ev_id,
+    .event_kind = ev_kind,
+    .apply_new = apply,
+    .apply = apply,
+    .state_encode = state_encode,
+    .state_decode = state_decode,
+    .event_encode = event_encode,
+    .event_decode = event_decode,
+};
+
+/* Event ids: a counter is enough for a benchmark, and cheaper than v7. */
+static atomic_uint_least64_t next_id = 1;
+
+static es_uuid make_id(void)
+{
+    uint64_t n = atomic_fetch_add_explicit(&next_id, 1, memory_order_relaxed);
+    es_uuid id;
+    memset(&id, 0, sizeof id);
+    put64(id.bytes + 8, n);
+    id.bytes[0] = 0x42;
+    return id;
+}
+
+static int decide(void *user, const void *state, const es_command *cmd,
+                  es_emitter *em)
+{
+    (void)user;
+    (void)state;
+    deposit d = {make_id(), (int64_t)get64(cmd->payload)};
+    return es_emit(em, &d);
+}
+
+static es_uuid key_of(uint64_t i)
+{
+    es_uuid id;
+    memset(&id, 0, sizeof id);
+    put64(id.bytes, i + 1);
+    id.bytes[15] = 0x7e;
+    return id;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static long peak_rss_kb(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss;
+}
+
+/* xorshift: the key sequence of one client */
+static uint64_t rnd(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+/* ---- host_memory: closed-loop clients ---- */
+
+typedef struct run {
+    es_host *host;
+    uint64_t keys;
+    atomic_bool stop;
+    atomic_uint_least64_t done, errors;
+    atomic_int live; /* clients still sending */
+} run;
+
+typedef struct client {
+    run *r;
+    uint64_t seed;
+    uint8_t amount[8];
+} client;
+
+static void send_next(client *c);
+
+static void client_done(void *ud, const es_host_result *res)
+{
+    client *c = ud;
+    atomic_fetch_add_explicit(&c->r->done, 1, memory_order_relaxed);
+    if (res->status != 0) atomic_fetch_add(&c->r->errors, 1);
+    send_next(c);
+}
+
+static void send_next(client *c)
+{
+    if (atomic_load_explicit(&c->r->stop, memory_order_relaxed)) {
+        atomic_fetch_sub(&c->r->live, 1);
+        return;
+    }
+    es_uuid key = key_of(rnd(&c->seed) % c->r->keys);
+    es_command cmd = {make_id(), 1, c->amount, 8};
+    int rc;
+    while ((rc = es_host_send(c->r->host, &account_type, &key, &cmd,
+                              client_done, c, NULL)) == ES_EBUSY) {
+    }
+    if (rc != 0) {
+        atomic_fetch_add(&c->r->errors, 1);
+        atomic_fetch_sub(&c->r->live, 1);
+    }
+}
+
+typedef struct record {
+    const char *name;
+    unsigned workers, clients;
+    uint64_t keys;
+    double ops_per_s, p50_us, p99_us;
+    long peak_rss_kb;
+    double bytes_per_aggregate; /* < 0: not applicable */
+} record;
+
+static record host_point(unsigned workers, unsigned clients, uint64_t keys,
+                         double seconds)
+{
+    es_store *store = NULL;
+    es_host_config *cfg = NULL;
+    es_host *host = NULL;
+    es_memory_store_open(&store, NULL);
+    es_host_config_new(&cfg, NULL);
+    es_host_config_set_workers(cfg, workers);
+    es_host_config_set_resident_bound(cfg, 2000000);
+    es_host_config_set_snapshots(cfg, 0, false);
+    es_host_config_add_type(cfg, &account_type, decide, NULL, NULL);
+    if (es_host_open(cfg, store, &host, NULL) != 0) abort();
+    es_host_config_free(cfg);
+
+    run r;
+    memset(&r, 0, sizeof r);
+    r.host = host;
+    r.keys = keys;
+    client *cs = calloc(clients, sizeof *cs);
+    atomic_store(&r.live, (int)clients);
+    double t0 = now_s();
+    for (unsigned i = 0; i < clients; i++) {
+        cs[i].r = &r;
+        cs[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
+        put64(cs[i].amount, 1);
+        send_next(&cs[i]);
+    }
+    struct timespec tick = {0, 10000000};
+    while (now_s() - t0 < seconds) nanosleep(&tick, NULL);
+    uint64_t done = atomic_load(&r.done);
+    double dt = now_s() - t0;
+    atomic_store(&r.stop, true);
+    while (atomic_load(&r.live) > 0) nanosleep(&tick, NULL);
+    es_host_metrics m;
+    es_host_metrics_get(host, &m);
+    es_host_shutdown(host, NULL);
+    es_store_close(store);
+    free(cs);
+    if (atomic_load(&r.errors) != 0)
+        fprintf(stderr, "host_memory: %llu errors\n",
+                (unsigned long long)atomic_load(&r.errors));
+    record rec = {"host_memory", workers, clients, keys, (double)done / dt,
+                  m.total.p50_us, m.total.p99_us, peak_rss_kb(), -1};
+    fprintf(stderr, "  host_memory clients %u keys %llu: %.0f/s, batches "
+            "%llu, p50 %.1f us, p99 %.1f us\n", clients,
+            (unsigned long long)keys, rec.ops_per_s,
+            (unsigned long long)m.batches, m.total.p50_us, m.total.p99_us);
+    return rec;
+}
+
+/* ---- direct_loop: the same work on one thread, no host ---- */
+
+static record direct_point(uint64_t keys, double seconds)
+{
+    es_store *store = NULL;
+    es_memory_store_open(&store, NULL);
+    es_context **ctx = calloc(keys, sizeof *ctx);
+    uint64_t *dirty = calloc(1024, sizeof *dirty);
+    uint64_t seed = 0x9e3779b97f4a7c15u, done = 0;
+    uint8_t amount[8];
+    put64(amount, 1);
+    double t0 = now_s(), dt = 0;
+    for (;;) {
+        size_t n_dirty = 0;
+        for (int i = 0; i < 1024; i++) {
+            uint64_t k = rnd(&seed) % keys;
+            es_uuid key = key_of(k);
+            /* what decide emits, applied through the context */
+            deposit d = {make_id(), (int64_t)get64(amount)};
+            if (ctx[k] == NULL) {
+                if (es_context_record_new(&account_type, &key, &d, &ctx[k],
+                                          NULL) != 0)
+                    abort();
+            } else if (es_context_record(ctx[k], &d, NULL) != 0) {
+                abort();
+            }
+            if (es_context_uncommitted_count(ctx[k]) == 1)
+                dirty[n_dirty++] = k;
+        }
+        es_txn *txn = NULL;
+        if (es_store_begin(store, &txn, NULL) != 0) abort();
+        for (size_t i = 0; i < n_dirty; i++)
+            if (es_context_save(txn, ctx[dirty[i]], NULL) != 0) abort();
+        if (es_txn_commit(txn, NULL) != 0) abort();
+        done += 1024;
+        dt = now_s() - t0;
+        if (dt >= seconds) break;
+    }
+    for (uint64_t k = 0; k < keys; k++) es_context_free(ctx[k]);
+    free(ctx);
+    free(dirty);
+    es_store_close(store);
+    record rec = {"direct_loop", 1, 1, keys, (double)done / dt, 0, 0,
+                  peak_rss_kb(), -1};
+    fprintf(stderr, "  direct_loop keys %llu: %.0f/s\n",
+            (unsigned long long)keys, rec.ops_per_s);
+    return rec;
+}
+
+/* ---- resident_memory ---- */
+
+static void count_done(void *ud, const es_host_result *r)
+{
+    (void)r;
+    atomic_fetch_add((atomic_uint_least64_t *)ud, 1);
+}
+
+static record resident_point(uint64_t n)
+{
+    es_store *store = NULL;
+    es_host_config *cfg = NULL;
+    es_host *host = NULL;
+    es_memory_store_open(&store, NULL);
+    es_host_config_new(&cfg, NULL);
+    es_host_config_set_resident_bound(cfg, n * 2);
+    es_host_config_set_idle_ms(cfg, 0);
+    es_host_config_set_snapshots(cfg, 0, false);
+    es_host_config_add_type(cfg, &account_type, decide, NULL, NULL);
+    if (es_host_open(cfg, store, &host, NULL) != 0) abort();
+    es_host_config_free(cfg);
+    atomic_uint_least64_t done = 0;
+    uint8_t amount[8];
+    put64(amount, 1);
+    malloc_trim(0);
+    size_t before = mallinfo2().uordblks;
+    for (uint64_t i = 0; i < n; i++) {
+        es_uuid key = key_of(i);
+        es_command cmd = {make_id(), 1, amount, 8};
+        while (es_host_send(host, &account_type, &key, &cmd, count_done,
+                            &done, NULL) == ES_EBUSY) {
+        }
+    }
+    struct timespec tick = {0, 1000000};
+    while (atomic_load(&done) < n) nanosleep(&tick, NULL);
+    nanosleep(&tick, NULL);
+    size_t resident = mallinfo2().uordblks;
+    es_host_shutdown(host, NULL); /* frees the actors, keeps the store */
+    size_t after = mallinfo2().uordblks;
+    es_store_close(store);
+    /* the user's state: state_size bytes in a malloc chunk of at least 32 */
+    double state_bytes = 32;
+    double per = ((double)resident - (double)after) / (double)n - state_bytes;
+    record rec = {"resident_memory", 2, 1, n, 0, 0, 0, peak_rss_kb(), per};
+    fprintf(stderr, "  resident_memory %llu aggregates: %.0f bytes each "
+            "(heap in use %.0f MiB with the store, %.0f MiB before)\n",
+            (unsigned long long)n, per, (double)resident / 1048576.0,
+            (double)before / 1048576.0);
+    return rec;
+}
+
+static void write_json(const char *path, const record *r, size_t n)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL) {
+        perror(path);
+        exit(1);
+    }
+    fprintf(f, "[\n");
+    for (size_t i = 0; i < n; i++) {
+        fprintf(f, "  {\"name\": \"%s\", \"store\": \"memory\", "
+                "\"workers\": %u, \"clients\": %u, \"keys\": %llu, "
+                "\"ops_per_s\": %.0f, \"p50_us\": %.1f, \"p99_us\": %.1f, "
+                "\"peak_rss_kb\": %ld",
+                r[i].name, r[i].workers, r[i].clients,
+                (unsigned long long)r[i].keys, r[i].ops_per_s, r[i].p50_us,
+                r[i].p99_us, r[i].peak_rss_kb);
+        if (r[i].bytes_per_aggregate >= 0)
+            fprintf(f, ", \"bytes_per_aggregate\": %.0f",
+                    r[i].bytes_per_aggregate);
+        fprintf(f, "}%s\n", i + 1 < n ? "," : "");
+    }
+    fprintf(f, "]\n");
+    fclose(f);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s OUT.json [--quick]\n", argv[0]);
+        return 2;
+    }
+    bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
+    double secs = quick ? 0.2 : 1.0;
+    record recs[32];
+    size_t n = 0;
+    const uint64_t keyset[2] = {10000, 1000000};
+    const unsigned clientset[3] = {1, 64, 1024};
+    for (int k = 0; k < 2; k++) {
+        recs[n++] = direct_point(keyset[k], secs);
+        for (int c = 0; c < 3; c++)
+            recs[n++] = host_point(2, clientset[c], keyset[k], secs);
+    }
+    recs[n++] = resident_point(quick ? 100000 : 1000000);
+    write_json(argv[1], recs, n);
+    return 0;
+}
