@@ -962,3 +962,23 @@ void es__context_take(es_context *ctx, es_event **events, size_t *n_events,
     memset(&ctx->uncommitted, 0, sizeof ctx->uncommitted);
     memset(&ctx->side_effects, 0, sizeof ctx->side_effects);
 }
+
+void *es__context_release(es_context *ctx, uint64_t *version)
+{
+    void *state = ctx->state;
+    *version = ctx->version;
+    ctx->state = NULL;
+    es_context_free(ctx);
+    return state;
+}
+
+es_context *es__context_adopt(const es_aggregate_type *type,
+                              const es_uuid *id, uint64_t version,
+                              void *state)
+{
+    es_context *ctx = context_new(type, id);
+    if (ctx == NULL) return NULL;
+    ctx->state = state;
+    ctx->version = version;
+    return ctx;
+}

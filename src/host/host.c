@@ -26,7 +26,6 @@
  */
 #include <errno.h>
 #include <pthread.h>
-#include <search.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -86,34 +85,44 @@ struct hcmd {
     uint8_t payload[]; /* len bytes */
 };
 
+/* Kept small: one per resident aggregate (bench: resident_memory). */
 struct actor {
     es_uuid id;
     const htype *ht;
     shard *sh;
     /* shard lock */
+    actor *hnext; /* the shard's hash chain */
     hcmd *mb_head, *mb_tail;
-    size_t mb_n;
     hcmd *res_head, *res_tail;
-    actor *lru_prev, *lru_next; /* lru_next also links evicted actors */
+    /* LRU list (shard lock) while idle; next links the run queue (its
+     * lock) while scheduled, and the evicted list after eviction. */
+    actor *prev, *next;
     uint64_t last_used;
+    uint32_t mb_n;
     uint32_t inflight; /* items at the committer or in results */
     bool scheduled, in_lru;
-    /* run queue lock */
-    actor *run_next;
+    /* the worker running the actor */
+    bool loaded, broken;
     /* written by the committer, read by the worker */
     atomic_uint_least64_t broken_epoch;
-    /* the worker running the actor */
+    /* the worker running the actor: the state is either in ctx (while
+     * running) or compacted in state and version (idle) */
     es_context *ctx;
-    bool loaded, broken;
+    void *state;
+    uint64_t version;
     uint64_t epoch;
     uint64_t folded_at_snapshot; /* events folded into the last snapshot */
     hcmd *pend_head, *pend_tail; /* decided, outcome not processed yet */
     hcmd *bnc_head, *bnc_tail;   /* to decide again after the rebuild */
 };
 
+/* A shard of the key space: a chained hash table of its actors (a
+ * tsearch tree cost 32 bytes and a log(n) memcmp walk per lookup; see the
+ * commit) and the LRU list of its idle ones. */
 struct shard {
     pthread_mutex_t lock;
-    void *root; /* actor*, by id */
+    actor **buckets;
+    size_t n_buckets; /* 0 or a power of two */
     actor *lru_head, *lru_tail;
     size_t resident;
 };
@@ -295,36 +304,84 @@ static const htype *find_type(const es_host *host,
 
 /* ---- small lists ---- */
 
-static int cmp_actor(const void *a, const void *b)
-{
-    return es_uuid_compare(&((const actor *)a)->id, &((const actor *)b)->id);
-}
-
-static shard *shard_of(es_host *host, const es_uuid *id)
+static uint64_t key_hash(const es_uuid *id)
 {
     uint64_t a, b;
     memcpy(&a, id->bytes, 8);
     memcpy(&b, id->bytes + 8, 8);
     uint64_t h = (a ^ (b * 0x9e3779b97f4a7c15u)) * 0xff51afd7ed558ccdu;
-    return &host->shards[(h >> 32) % N_SHARDS];
+    return h ^ (h >> 29);
+}
+
+static shard *shard_of(es_host *host, const es_uuid *id)
+{
+    return &host->shards[(key_hash(id) >> 40) % N_SHARDS];
+}
+
+/* Shard lock held. */
+static actor *shard_find(shard *sh, const es_uuid *id)
+{
+    if (sh->n_buckets == 0) return NULL;
+    actor *a = sh->buckets[key_hash(id) & (sh->n_buckets - 1)];
+    while (a && !es_uuid_equal(&a->id, id)) a = a->hnext;
+    return a;
+}
+
+/* Shard lock held.  Grows the table to keep chains short; a failed
+ * growth only makes chains longer. */
+static int shard_insert(shard *sh, actor *a)
+{
+    if (sh->resident + 1 > sh->n_buckets) {
+        size_t n = sh->n_buckets ? sh->n_buckets * 2 : 16;
+        actor **b = es__calloc(n, sizeof *b);
+        if (b == NULL && sh->n_buckets == 0) return ES_ENOMEM;
+        if (b != NULL) {
+            for (size_t i = 0; i < sh->n_buckets; i++) {
+                actor *x = sh->buckets[i];
+                while (x) {
+                    actor *next = x->hnext;
+                    size_t j = key_hash(&x->id) & (n - 1);
+                    x->hnext = b[j];
+                    b[j] = x;
+                    x = next;
+                }
+            }
+            es__free(sh->buckets);
+            sh->buckets = b;
+            sh->n_buckets = n;
+        }
+    }
+    size_t j = key_hash(&a->id) & (sh->n_buckets - 1);
+    a->hnext = sh->buckets[j];
+    sh->buckets[j] = a;
+    return 0;
+}
+
+/* Shard lock held. */
+static void shard_remove(shard *sh, actor *a)
+{
+    actor **p = &sh->buckets[key_hash(&a->id) & (sh->n_buckets - 1)];
+    while (*p != a) p = &(*p)->hnext;
+    *p = a->hnext;
+    a->hnext = NULL;
 }
 
 static void lru_unlink(shard *sh, actor *a)
 {
     if (!a->in_lru) return;
-    if (a->lru_prev) a->lru_prev->lru_next = a->lru_next;
-    else sh->lru_head = a->lru_next;
-    if (a->lru_next) a->lru_next->lru_prev = a->lru_prev;
-    else sh->lru_tail = a->lru_prev;
-    a->lru_prev = a->lru_next = NULL;
+    if (a->prev) a->prev->next = a->next;
+    else sh->lru_head = a->next;
+    if (a->next) a->next->prev = a->prev;
+    else sh->lru_tail = a->prev;
+    a->prev = a->next = NULL;
     a->in_lru = false;
 }
 
 static void lru_append(shard *sh, actor *a)
 {
-    a->lru_prev = sh->lru_tail;
-    a->lru_next = NULL;
-    if (sh->lru_tail) sh->lru_tail->lru_next = a;
+    a->prev = sh->lru_tail;
+    a->next = NULL;
+    if (sh->lru_tail) sh->lru_tail->next = a;
     else sh->lru_head = a;
     sh->lru_tail = a;
     a->in_lru = true;
@@ -343,7 +400,7 @@ static bool schedule_locked(shard *sh, actor *a)
 static void unlink_actor(es_host *host, shard *sh, actor *a)
 {
     lru_unlink(sh, a);
-    tdelete(a, &sh->root, cmp_actor);
+    shard_remove(sh, a);
     sh->resident--;
     uncount(&host->resident, 1);
 }
@@ -351,8 +408,8 @@ static void unlink_actor(es_host *host, shard *sh, actor *a)
 static void runq_push(es_host *host, actor *a)
 {
     pthread_mutex_lock(&host->rq_lock);
-    a->run_next = NULL;
-    if (host->rq_tail) host->rq_tail->run_next = a;
+    a->next = NULL;
+    if (host->rq_tail) host->rq_tail->next = a;
     else host->rq_head = a;
     host->rq_tail = a;
     pthread_cond_signal(&host->rq_cond);
@@ -367,7 +424,7 @@ static actor *runq_pop(es_host *host, bool wait)
         pthread_cond_wait(&host->rq_cond, &host->rq_lock);
     actor *a = host->rq_head;
     if (a) {
-        host->rq_head = a->run_next;
+        host->rq_head = a->next;
         if (host->rq_head == NULL) host->rq_tail = NULL;
     }
     pthread_mutex_unlock(&host->rq_lock);
@@ -460,7 +517,42 @@ static void complete_error(es_host *host, hcmd *h, int status,
 
 static uint64_t actor_version(const actor *a)
 {
-    return a->ctx ? es_context_version(a->ctx) : ES_HOST_NO_VERSION;
+    if (a->ctx) return es_context_version(a->ctx);
+    return a->state ? a->version : ES_HOST_NO_VERSION;
+}
+
+static const void *actor_state(const actor *a)
+{
+    return a->ctx ? es_context_state(a->ctx) : a->state;
+}
+
+/* Idle: keep the state without its context. */
+static void actor_compact(actor *a)
+{
+    if (a->ctx == NULL) return;
+    a->state = es__context_release(a->ctx, &a->version);
+    a->ctx = NULL;
+}
+
+/* Running: a context around the state (none before the first event). */
+static int actor_expand(actor *a)
+{
+    if (a->ctx != NULL || a->state == NULL) return 0;
+    a->ctx = es__context_adopt(a->ht->type, &a->id, a->version, a->state);
+    if (a->ctx == NULL) return ES_ENOMEM;
+    a->state = NULL;
+    return 0;
+}
+
+static void actor_drop_state(actor *a)
+{
+    es_context_free(a->ctx);
+    a->ctx = NULL;
+    if (a->state) {
+        if (a->ht->type->state_free) a->ht->type->state_free(a->state);
+        es__free(a->state);
+        a->state = NULL;
+    }
 }
 
 /* ---- the emitter ---- */
@@ -519,9 +611,10 @@ static int apply_emitted(actor *a, es_emitter *em, es_error *err)
 {
     if (em->n == 0) return 0;
     const es_aggregate_type *t = a->ht->type;
+    int rc = actor_expand(a);
+    if (rc != 0) return es__error_set(err, rc, "out of memory");
     bool had = a->ctx != NULL;
     es_context *backup = NULL;
-    int rc = 0;
     if (em->n > 1 && had && (rc = es_context_clone(a->ctx, &backup, err)))
         return rc;
     void *value = es__calloc(1, t->event_size);
@@ -583,11 +676,11 @@ static snap_job *snap_of(const actor *a)
     const es_aggregate_type *t = a->ht->type;
     es_buf buf = {0};
     es_error inner = {0};
-    if (t->state_encode(es_context_state(a->ctx), &buf, &inner) != 0) {
+    if (t->state_encode(actor_state(a), &buf, &inner) != 0) {
         es_buf_free(&buf);
         return NULL;
     }
-    snap_job *j = snap_job_new(&a->id, es_context_version(a->ctx),
+    snap_job *j = snap_job_new(&a->id, actor_version(a),
                                t->snapshot_version, buf.data, buf.len);
     es_buf_free(&buf);
     return j;
@@ -621,15 +714,16 @@ static int write_snapshots(es_host *host, snap_job *list, es_error *err)
 static void passivate(es_host *host, actor *a, bool snapshot,
                       snap_job **jobs)
 {
-    if (snapshot && host->cfg.snap_on_passivation && a->ctx &&
-        es_context_version(a->ctx) + 1 > a->folded_at_snapshot) {
+    if (snapshot && host->cfg.snap_on_passivation &&
+        actor_version(a) != ES_HOST_NO_VERSION &&
+        actor_version(a) + 1 > a->folded_at_snapshot) {
         snap_job *j = snap_of(a);
         if (j) {
             j->next = *jobs;
             *jobs = j;
         }
     }
-    es_context_free(a->ctx);
+    actor_drop_state(a);
     es__free(a);
     count(&host->passivations, 1);
 }
@@ -769,9 +863,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     em.active = true;
     es_command cmd = {h->id, h->kind, h->len ? h->payload : NULL, h->len};
     uint64_t td = es__now_ns();
-    int rc = a->ht->decide(a->ht->user, a->ctx ? es_context_state(a->ctx)
-                                               : NULL,
-                           &cmd, &em);
+    int rc = a->ht->decide(a->ht->user, actor_state(a), &cmd, &em);
     em.active = false;
     if (rc != 0 || em.rejected || em.failed != 0) {
         char reason[256];
@@ -890,8 +982,7 @@ static void process_results(es_host *host, actor *a, hcmd *list)
  * the next command) and decide the returned commands again first. */
 static void rebuild(es_host *host, actor *a)
 {
-    es_context_free(a->ctx);
-    a->ctx = NULL;
+    actor_drop_state(a);
     a->loaded = false;
     a->broken = false;
     a->epoch++;
@@ -950,6 +1041,7 @@ static void run_actor(es_host *host, actor *a)
             continue;
         }
         flush(host, a, &sub);
+        actor_compact(a);
         pthread_mutex_lock(&sh->lock);
         if (a->res_head || (!a->broken && a->mb_head && budget > 0)) {
             pthread_mutex_unlock(&sh->lock);
@@ -1070,12 +1162,12 @@ static void evict_idle(es_host *host, snap_job **jobs)
         while (sh->lru_head && now - sh->lru_head->last_used >= idle) {
             actor *a = sh->lru_head;
             unlink_actor(host, sh, a);
-            a->lru_next = list;
+            a->next = list;
             list = a;
         }
         pthread_mutex_unlock(&sh->lock);
         while (list) {
-            actor *next = list->lru_next;
+            actor *next = list->next;
             passivate(host, list, true, jobs);
             list = next;
         }
@@ -1108,7 +1200,7 @@ static void *housekeeper_main(void *arg)
 
         bool now = atomic_load(&host->closing_now);
         while (evicted) {
-            actor *next = evicted->lru_next;
+            actor *next = evicted->next;
             passivate(host, evicted, !now, &jobs);
             evicted = next;
         }
@@ -1223,17 +1315,6 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     return 0;
 }
 
-/* tdestroy gives its callback no user data: the closing thread collects
- * the actors through this. */
-static _Thread_local actor *tls_collected;
-
-static void collect_actor(void *node)
-{
-    actor *a = node;
-    a->lru_next = tls_collected;
-    tls_collected = a;
-}
-
 static int host_end(es_host *host, bool now, es_error *err)
 {
     if (host == NULL) return 0;
@@ -1255,15 +1336,19 @@ static int host_end(es_host *host, bool now, es_error *err)
 
     snap_job *jobs = NULL;
     for (size_t s = 0; s < N_SHARDS; s++) {
-        tls_collected = NULL;
-        tdestroy(host->shards[s].root, collect_actor);
-        host->shards[s].root = NULL;
-        while (tls_collected) {
-            actor *a = tls_collected;
-            tls_collected = a->lru_next;
-            uncount(&host->resident, 1);
-            passivate(host, a, !now, &jobs);
+        shard *sh = &host->shards[s];
+        for (size_t i = 0; i < sh->n_buckets; i++) {
+            actor *a = sh->buckets[i];
+            while (a) {
+                actor *next = a->hnext;
+                uncount(&host->resident, 1);
+                passivate(host, a, !now, &jobs);
+                a = next;
+            }
         }
+        es__free(sh->buckets);
+        sh->buckets = NULL;
+        sh->n_buckets = 0;
     }
     int rc = write_snapshots(host, jobs, err);
     host_free(host);
@@ -1329,10 +1414,7 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
     bool push = false;
     int rc = 0;
     pthread_mutex_lock(&sh->lock);
-    actor key;
-    key.id = *aggregate_id;
-    void *node = tfind(&key, &sh->root, cmp_actor);
-    actor *a = node ? *(actor **)node : NULL;
+    actor *a = shard_find(sh, aggregate_id);
     if (a == NULL) {
         if (sh->resident >= host->shard_bound) {
             if (sh->lru_head) {
@@ -1344,8 +1426,8 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
         }
         if (rc == 0) {
             fresh = es__calloc(1, sizeof *fresh);
-            if (fresh != NULL) fresh->id = *aggregate_id; /* the tree key */
-            if (fresh == NULL || tsearch(fresh, &sh->root, cmp_actor) == NULL)
+            if (fresh != NULL) fresh->id = *aggregate_id; /* the hash key */
+            if (fresh == NULL || shard_insert(sh, fresh) != 0)
                 rc = ES_ENOMEM;
         }
         if (rc == 0) {
@@ -1368,13 +1450,16 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
         else a->mb_head = h;
         a->mb_tail = h;
         a->mb_n++;
+        /* counted before a worker can take it, so the gauge never dips */
+        count(&host->accepted, 1);
+        count(&host->mailbox_depth, 1);
         push = schedule_locked(sh, a);
     }
     pthread_mutex_unlock(&sh->lock);
     es__free(fresh);
     if (evicted) {
         pthread_mutex_lock(&host->hk_lock);
-        evicted->lru_next = host->evicted;
+        evicted->next = host->evicted;
         host->evicted = evicted;
         pthread_cond_signal(&host->hk_cond);
         pthread_mutex_unlock(&host->hk_lock);
@@ -1392,8 +1477,6 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
                                           "another type");
         return es__error_set(err, rc, "out of memory");
     }
-    count(&host->accepted, 1);
-    count(&host->mailbox_depth, 1);
     if (push) runq_push(host, a);
     return 0;
 }
