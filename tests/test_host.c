@@ -1046,9 +1046,17 @@ static void test_host_call_from_decide(void **state)
 static const es_store_ops *memory_ops;
 static es_store_ops wrapped_ops;
 static atomic_int failing_commits; /* commits to fail with ES_EDB */
+static atomic_int unknown_commits; /* commits that say ES_EUNKNOWN */
 
 static int flaky_commit(es_txn *txn, es_error *err)
 {
+    if (atomic_load(&unknown_commits) > 0) {
+        atomic_fetch_sub(&unknown_commits, 1);
+        int rc = memory_ops->commit(txn, err);
+        if (rc != 0) return rc;
+        return es__error_set(err, ES_EUNKNOWN, "injected: connection lost "
+                             "during COMMIT (it committed)");
+    }
     if (atomic_load(&failing_commits) > 0) {
         atomic_fetch_sub(&failing_commits, 1);
         memory_ops->rollback(txn);
@@ -1163,6 +1171,39 @@ static void test_host_failing_commits_never_succeed(void **state)
     world_destroy(&w);
 }
 
+/* A commit whose outcome is unknown (it did commit): the host reads back
+ * and answers success, once, with the events stored once. */
+static void test_host_unknown_commit_outcome_is_read_back(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    wrap_store(store, true, true);
+    open_host(&w, store, 2, NULL);
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
+    atomic_store(&unknown_commits, 1);
+    es_host_reply *r = NULL;
+    c = command(CMD_TWO, &one);
+    assert_int_equal(call(&w, &w.keys[0], &c, &r), 0);
+    assert_false(r->duplicate);
+    assert_int_equal(r->version, 2);
+    assert_int_equal(r->n_events, 2);
+    es_host_reply_free(r);
+    c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, &w.keys[0], &c, &r), 0);
+    assert_int_equal(r->version, 3);
+    es_host_reply_free(r);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    unwrap_store(store);
+    assert_int_equal(es_memory_store_event_count(store), 4);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 /* The resident bound: LRU victims make room; with none idle, ES_EBUSY. */
 static void tune_resident_64(es_host_config *cfg)
 {
@@ -1249,6 +1290,7 @@ int main(void)
         cmocka_unit_test(test_host_call_from_decide),
         cmocka_unit_test(test_host_store_without_command_ids),
         cmocka_unit_test(test_host_failing_commits_never_succeed),
+        cmocka_unit_test(test_host_unknown_commit_outcome_is_read_back),
         cmocka_unit_test(test_host_resident_bound_evicts_lru),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -803,8 +803,10 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
         if (rc == 0 && c.n != c.want) rc = ES_EDECODE;
     }
     es_txn_rollback(txn);
+    /* A command decided before (attempts > 0) whose commit came back
+     * unknown or taken finds its own outcome here: not a duplicate. */
     if (rc == 0)
-        complete(host, h, 0, rec->version, c.ev, c.n, "", true);
+        complete(host, h, 0, rec->version, c.ev, c.n, "", h->attempts == 0);
     else
         complete_error(host, h, rc, actor_version(a), err.message);
     for (size_t i = 0; i < c.n; i++) es__free((void *)c.ev[i].data);
