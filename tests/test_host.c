@@ -132,6 +132,69 @@ static const es_aggregate_type counter_type = {
     .event_decode = c_event_decode,
 };
 
+/* The counter with a side effect per event (a notice). */
+typedef struct notice {
+    es_uuid id;
+    int64_t amount;
+} notice;
+
+static int c_side_effects(const void *state, const void *event,
+                          es_side_effect_sink *sink, es_error *err)
+{
+    (void)state;
+    (void)err;
+    const counter_event *e = event;
+    notice n = {e->id, e->amount};
+    n.id.bytes[15] ^= 0x5a; /* stable, distinct from the event id */
+    return es_side_effect_emit(sink, &n);
+}
+
+static es_uuid notice_id(const void *n) { return ((const notice *)n)->id; }
+static int32_t notice_kind(const void *n)
+{
+    (void)n;
+    return 1;
+}
+
+static int notice_encode(const void *n, es_buf *out, es_error *err)
+{
+    (void)err;
+    uint8_t b[8];
+    put64(b, (uint64_t)((const notice *)n)->amount);
+    return es_buf_append(out, b, 8);
+}
+
+static int notice_decode(int32_t kind, const uint8_t *p, size_t len, void *n,
+                         es_error *err)
+{
+    (void)kind;
+    (void)err;
+    if (len != 8) return ES_EDECODE;
+    ((notice *)n)->amount = (int64_t)get64(p);
+    return 0;
+}
+
+static const es_aggregate_type noted_type = {
+    .name = "noted",
+    .snapshot_version = 1,
+    .state_size = sizeof(counter),
+    .event_size = sizeof(counter_event),
+    .side_effect_size = sizeof(notice),
+    .event_id = ev_id,
+    .event_kind = ev_kind,
+    .apply_new = c_apply_new,
+    .apply = c_apply,
+    .side_effects = c_side_effects,
+    .state_encode = c_state_encode,
+    .state_decode = c_state_decode,
+    .event_encode = c_event_encode,
+    .event_decode = c_event_decode,
+    .side_effect_id = notice_id,
+    .side_effect_kind = notice_kind,
+    .side_effect_encode = notice_encode,
+    .side_effect_decode = notice_decode,
+};
+
 /* ---- commands ---- */
 
 enum {
@@ -182,6 +245,7 @@ typedef struct world {
     bool gate_open;
     int waiting; /* decides blocked on the gate */
     int call_status; /* of the es_host_call made inside decide */
+    atomic_int wrong_id; /* es_emit_aggregate_id differed from payload */
 } world;
 
 static int key_index(const world *w, const es_uuid *id)
@@ -223,6 +287,9 @@ static int decide(void *user, const void *state, const es_command *cmd,
         return rc ? rc : es_emit(em, &e);
     }
     case CMD_NOOP:
+        if (cmd->len >= 40 &&
+            memcmp(es_emit_aggregate_id(em)->bytes, p + 24, 16) != 0)
+            atomic_fetch_add(&w->wrong_id, 1);
         return 0;
     case CMD_REJECT:
         return es_emit_reject(em, "no: value is %lld",
@@ -626,6 +693,12 @@ static void test_host_idempotent_replay_passivation_restart(void **state)
     assert_int_equal(es_store_begin(store, &txn, NULL), 0);
     assert_int_equal(es_txn_get_snapshot(txn, key, 1, &snap, NULL), 0);
     assert_true(snap->version >= 2);
+    counter snapped;
+    assert_int_equal(c_state_decode(snap->data, snap->len, &snapped, NULL),
+                     0);
+    /* the state at exactly that version: every event adds 7 */
+    assert_int_equal(snapped.value, 7 * (int64_t)(snap->version + 1));
+    assert_int_equal(snapped.n, snap->version + 1);
     es_free(snap);
     es_txn_rollback(txn);
     es_host_reply_free(first);
@@ -1041,6 +1114,79 @@ static void test_host_call_from_decide(void **state)
     world_destroy(&w);
 }
 
+/* Side effects commit with their events, once; two types in one host. */
+static size_t side_effect_count(es_store *store, const es_uuid *key)
+{
+    es_txn *txn = NULL;
+    es_side_effect_list *list = NULL;
+    if (es_store_begin(store, &txn, NULL) != 0) return 0;
+    int rc = es_txn_list_side_effects(txn, key, &list, NULL);
+    es_txn_rollback(txn);
+    size_t n = rc == 0 ? list->count : 0;
+    es_side_effect_list_free(list);
+    return n;
+}
+
+static void test_host_side_effects_and_two_types(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    es_host_config *cfg = NULL;
+    assert_int_equal(es_host_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_host_config_add_type(cfg, &counter_type, decide, &w,
+                                             NULL), 0);
+    assert_int_equal(es_host_config_add_type(cfg, &noted_type, decide, &w,
+                                             NULL), 0);
+    assert_int_equal(es_host_config_add_type(cfg, &noted_type, decide, &w,
+                                             NULL), ES_EINVAL);
+    assert_int_equal(es_host_open(cfg, store, &w.host, NULL), 0);
+    es_host_config_free(cfg);
+
+    const es_uuid *key = &w.keys[0];
+    payload one = make_payload(1, 0, 0, key);
+    es_command first = command(CMD_ADD, &one);
+    es_host_reply *r = NULL;
+    assert_int_equal(es_host_call(w.host, &noted_type, key, &first, NULL,
+                                  NULL), 0);
+    for (int i = 0; i < 2; i++) {
+        es_command c = command(CMD_ADD, &one);
+        assert_int_equal(es_host_call(w.host, &noted_type, key, &c, NULL,
+                                      NULL), 0);
+    }
+    assert_int_equal(side_effect_count(store, key), 3);
+    /* the same command again: no side effect queued twice */
+    assert_int_equal(es_host_call(w.host, &noted_type, key, &first, &r,
+                                  NULL), 0);
+    assert_true(r->duplicate);
+    es_host_reply_free(r);
+    es_command two = command(CMD_TWO, &one);
+    assert_int_equal(es_host_call(w.host, &noted_type, key, &two, NULL,
+                                  NULL), 0);
+    assert_int_equal(side_effect_count(store, key), 5);
+    /* decide knows its aggregate */
+    es_command noop = command(CMD_NOOP, &one);
+    assert_int_equal(es_host_call(w.host, &noted_type, key, &noop, NULL,
+                                  NULL), 0);
+    assert_int_equal(atomic_load(&w.wrong_id), 0);
+    /* resident with one type: the other is refused at once */
+    es_command c = command(CMD_ADD, &one);
+    assert_int_equal(es_host_call(w.host, &counter_type, key, &c, NULL,
+                                  NULL), ES_EINVAL);
+    /* a type never registered */
+    assert_int_equal(es_host_call(w.host, &noted_type, &w.keys[1], &c, NULL,
+                                  NULL), 0);
+    es_aggregate_type unknown = counter_type;
+    assert_int_equal(es_host_call(w.host, &unknown, &w.keys[2], &c, NULL,
+                                  NULL), ES_EINVAL);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(side_effect_count(store, &w.keys[1]), 1);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 /* ---- stores with faults or without command ids ---- */
 
 static const es_store_ops *memory_ops;
@@ -1288,6 +1434,7 @@ int main(void)
         cmocka_unit_test(test_host_close_now_while_sending),
         cmocka_unit_test(test_host_commit_conflict_redecides),
         cmocka_unit_test(test_host_call_from_decide),
+        cmocka_unit_test(test_host_side_effects_and_two_types),
         cmocka_unit_test(test_host_store_without_command_ids),
         cmocka_unit_test(test_host_failing_commits_never_succeed),
         cmocka_unit_test(test_host_unknown_commit_outcome_is_read_back),

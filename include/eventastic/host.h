@@ -100,6 +100,13 @@ ES_EXPORT ES_OWNER_THREAD int es_emit_reject(es_emitter *em, const char *fmt,
     __attribute__((format(printf, 2, 3)));
 
 /**
+ * The aggregate id the running decide is for (borrowed; valid during the
+ * call).  NULL if em is NULL.  Thread: as es_emit.
+ */
+ES_EXPORT ES_OWNER_THREAD const es_uuid *es_emit_aggregate_id(
+    const es_emitter *em);
+
+/**
  * The outcome of one command, handed to its completion callback.  A
  * borrowed view, valid until the callback returns.
  */

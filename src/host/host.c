@@ -174,6 +174,7 @@ struct es_host {
 
 struct es_emitter {
     const es_aggregate_type *type;
+    const es_uuid *aggregate_id;
     bool active, rejected;
     int failed; /* first es_emit error */
     struct enc_event {
@@ -600,6 +601,11 @@ int es_emit_reject(es_emitter *em, const char *fmt, ...)
     return ES_EREJECTED;
 }
 
+const es_uuid *es_emit_aggregate_id(const es_emitter *em)
+{
+    return em ? em->aggregate_id : NULL;
+}
+
 static void emitter_free(es_emitter *em)
 {
     for (size_t i = 0; i < em->n; i++) es_buf_free(&em->ev[i].buf);
@@ -862,6 +868,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     es_emitter em;
     memset(&em, 0, sizeof em);
     em.type = t;
+    em.aggregate_id = &a->id;
     em.active = true;
     es_command cmd = {h->id, h->kind, h->len ? h->payload : NULL, h->len};
     uint64_t td = es__now_ns();
