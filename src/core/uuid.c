@@ -112,9 +112,21 @@ bool es_uuid_equal(const es_uuid *a, const es_uuid *b)
     return memcmp(a->bytes, b->bytes, 16) == 0;
 }
 
+/* Two big-endian 64-bit compares instead of a call to memcmp: the
+ * in-memory store's indexes compare ids on every step of a lookup (perf:
+ * memcmp was a quarter of the host benchmark's samples). */
 int es_uuid_compare(const es_uuid *a, const es_uuid *b)
 {
-    return memcmp(a->bytes, b->bytes, 16);
+    uint64_t x, y;
+    memcpy(&x, a->bytes, 8);
+    memcpy(&y, b->bytes, 8);
+    if (x == y) {
+        memcpy(&x, a->bytes + 8, 8);
+        memcpy(&y, b->bytes + 8, 8);
+    }
+    x = __builtin_bswap64(x);
+    y = __builtin_bswap64(y);
+    return (x > y) - (x < y);
 }
 
 bool es_uuid_is_nil(const es_uuid *id)
