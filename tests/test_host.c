@@ -1350,6 +1350,42 @@ static void test_host_unknown_commit_outcome_is_read_back(void **state)
     world_destroy(&w);
 }
 
+/* The resident bound in bytes: an estimate turned into a count. */
+static void tune_resident_bytes(es_host_config *cfg)
+{
+    es_host_config_set_resident_bytes(cfg, 20000); /* < 100 aggregates */
+    es_host_config_set_idle_ms(cfg, 0);
+}
+
+static void test_host_resident_bytes_bound(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(es_host_config_set_resident_bytes(NULL, 1), ES_EINVAL);
+    open_host(&w, store, 1, tune_resident_bytes);
+    payload one = make_payload(1, 0, 0, NULL);
+    for (int i = 0; i < 400; i++) {
+        es_uuid k;
+        es_uuid_v7(&k);
+        es_command c = command(CMD_ADD, &one);
+        int rc;
+        while ((rc = call(&w, &k, &c, NULL)) == ES_EBUSY) sched_yield();
+        assert_int_equal(rc, 0);
+    }
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    /* 20000 bytes hold fewer than 100; per shard rounding allows 128 */
+    assert_true(m.resident <= 128);
+    assert_true(m.passivations >= 400 - 128);
+    assert_int_equal(es_memory_store_event_count(store), 400);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 /* The resident bound: LRU victims make room; with none idle, ES_EBUSY. */
 static void tune_resident_64(es_host_config *cfg)
 {
@@ -1439,6 +1475,7 @@ int main(void)
         cmocka_unit_test(test_host_failing_commits_never_succeed),
         cmocka_unit_test(test_host_unknown_commit_outcome_is_read_back),
         cmocka_unit_test(test_host_resident_bound_evicts_lru),
+        cmocka_unit_test(test_host_resident_bytes_bound),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -178,6 +178,14 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_host_bound(
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_resident_bound(
     es_host_config *cfg, size_t n);
 
+/** Resident aggregates by memory: the count bound becomes at most
+ *  bytes / (the host's bytes per aggregate + the type's state_size,
+ *  rounded to malloc chunks), for the largest registered state_size.  An
+ *  estimate: memory a state owns beyond state_size is not seen.  0: no
+ *  bytes bound (the default).  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_resident_bytes(
+    es_host_config *cfg, uint64_t bytes);
+
 /** Passivate aggregates idle for this many milliseconds (0: never).
  *  Returns 0. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,

@@ -54,7 +54,7 @@ typedef struct htype {
 struct es_host_config {
     unsigned workers;
     size_t mailbox_bound, host_bound, resident_bound, batch_rows;
-    uint64_t idle_ms, snap_every;
+    uint64_t idle_ms, snap_every, resident_bytes;
     bool snap_on_passivation;
     size_t n_types;
     htype types[MAX_TYPES];
@@ -248,6 +248,13 @@ int es_host_config_set_resident_bound(es_host_config *cfg, size_t n)
 {
     if (cfg == NULL || n < 1) return ES_EINVAL;
     cfg->resident_bound = n;
+    return 0;
+}
+
+int es_host_config_set_resident_bytes(es_host_config *cfg, uint64_t bytes)
+{
+    if (cfg == NULL) return ES_EINVAL;
+    cfg->resident_bytes = bytes;
     return 0;
 }
 
@@ -1291,7 +1298,19 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     host->store = store;
     host->cfg = *cfg;
     host->has_commands = es__store_has_commands(store);
-    host->shard_bound = (cfg->resident_bound + N_SHARDS - 1) / N_SHARDS;
+    size_t bound = cfg->resident_bound;
+    if (cfg->resident_bytes > 0) {
+        /* malloc chunks: the actor, its state, a hash bucket (load 1) */
+        size_t state = 0;
+        for (size_t i = 0; i < cfg->n_types; i++)
+            if (cfg->types[i].type->state_size > state)
+                state = cfg->types[i].type->state_size;
+        size_t per = ((sizeof(actor) + 8 + 15) & ~(size_t)15) +
+                     ((state + 8 + 15) & ~(size_t)15) + sizeof(actor *);
+        uint64_t by_bytes = cfg->resident_bytes / per;
+        if (by_bytes < bound) bound = by_bytes > 0 ? (size_t)by_bytes : 1;
+    }
+    host->shard_bound = (bound + N_SHARDS - 1) / N_SHARDS;
     for (size_t s = 0; s < N_SHARDS; s++)
         pthread_mutex_init(&host->shards[s].lock, NULL);
     pthread_mutex_init(&host->rq_lock, NULL);
