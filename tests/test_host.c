@@ -1037,7 +1037,33 @@ static void test_host_close_now_while_sending(void **state)
 }
 
 /* A commit that conflicts (another writer took the version): the actor is
- * rebuilt, the command and those decided after it are decided again. */
+ * rebuilt, the command and those decided after it are decided again, in
+ * their order. */
+typedef struct seq_slot {
+    int status;
+    uint64_t version;
+    int order; /* position among the completions */
+} seq_slot;
+
+typedef struct seq_log {
+    seq_slot slot[10];
+    atomic_int n;
+} seq_log;
+
+typedef struct seq_token {
+    seq_log *log;
+    int i;
+} seq_token;
+
+static void seq_done(void *ud, const es_host_result *r)
+{
+    seq_token *t = ud;
+    seq_slot *s = &t->log->slot[t->i];
+    s->status = r->status;
+    s->version = r->version;
+    s->order = atomic_fetch_add(&t->log->n, 1);
+}
+
 static void test_host_commit_conflict_redecides(void **state)
 {
     (void)state;
@@ -1064,12 +1090,14 @@ static void test_host_commit_conflict_redecides(void **state)
     es_context_free(ctx);
 
     /* Pipelined commands, all decided on the stale state at first. */
-    dup_seen d;
-    memset(&d, 0, sizeof d);
+    seq_log log;
+    memset(&log, 0, sizeof log);
+    seq_token tokens10[10];
     for (int i = 0; i < 10; i++) {
         c = command(CMD_ADD, &one);
+        tokens10[i] = (seq_token){&log, i};
         assert_int_equal(es_host_send(w.host, &counter_type, key, &c,
-                                      dup_done, &d, NULL), 0);
+                                      seq_done, &tokens10[i], NULL), 0);
     }
     es_host_reply *r = NULL;
     c = command(CMD_ADD, &one);
@@ -1079,7 +1107,12 @@ static void test_host_commit_conflict_redecides(void **state)
     es_host_metrics m;
     es_host_metrics_get(w.host, &m);
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
-    assert_int_equal(atomic_load(&d.ok), 10);
+    assert_int_equal(atomic_load(&log.n), 10);
+    for (int i = 0; i < 10; i++) {
+        assert_int_equal(log.slot[i].status, 0);
+        assert_int_equal(log.slot[i].version, (uint64_t)i + 2);
+        assert_int_equal(log.slot[i].order, i);
+    }
     assert_true(m.conflicts >= 1);
     uint64_t version = 0;
     assert_int_equal(stored_value(store, key, &version), 112);

@@ -5,6 +5,15 @@
  * to the store.  The PostgreSQL group-commit lanes replace it with an
  * asynchronous version: same items, same per-item statuses.  Never
  * installed.
+ *
+ * What a replacement must keep (the host relies on it):
+ * - items of one group (actor) are committed in the order they were
+ *   handed over; with several lanes, a group's next batch waits for its
+ *   previous one, or a group sticks to one lane;
+ * - every item gets exactly one status, and 0 only once the transaction
+ *   holding it committed (ES_EUNKNOWN when that cannot be known: the host
+ *   reads the command id back before answering);
+ * - one group's failure never fails another group's items.
  */
 #ifndef ES_HOST_COMMITTER_H
 #define ES_HOST_COMMITTER_H
