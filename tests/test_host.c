@@ -1147,6 +1147,67 @@ static void test_host_call_from_decide(void **state)
     world_destroy(&w);
 }
 
+/* A completion callback makes a blocking call to another key and an
+ * asynchronous send to its own key; one worker runs it all. */
+typedef struct cb_call {
+    world *w;
+    atomic_int call_status, send_status, sent_done, done, close_status;
+} cb_call;
+
+static void cb_sent_done(void *ud, const es_host_result *r)
+{
+    cb_call *c = ud;
+    atomic_store(&c->sent_done, r->status == 0 ? 1 : -1);
+}
+
+static void cb_calls(void *ud, const es_host_result *r)
+{
+    cb_call *c = ud;
+    (void)r;
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command other = command(CMD_ADD, &one);
+    atomic_store(&c->call_status,
+                 es_host_call(c->w->host, &counter_type, &c->w->keys[1],
+                              &other, NULL, NULL));
+    es_command again = command(CMD_ADD, &one);
+    atomic_store(&c->send_status,
+                 es_host_send(c->w->host, &counter_type, &r->aggregate_id,
+                              &again, cb_sent_done, c, NULL));
+    /* a host cannot be closed from its own threads */
+    int a = es_host_shutdown(c->w->host, NULL);
+    int b = es_host_close(c->w->host);
+    atomic_store(&c->close_status, a == ES_EMISUSE && b == ES_EMISUSE);
+    atomic_store(&c->done, 1);
+}
+
+static void test_host_call_from_completion_callback(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 1, NULL);
+    cb_call c;
+    memset(&c, 0, sizeof c);
+    c.w = &w;
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command first = command(CMD_ADD, &one);
+    assert_int_equal(es_host_send(w.host, &counter_type, &w.keys[0], &first,
+                                  cb_calls, &c, NULL), 0);
+    while (atomic_load(&c.done) == 0 || atomic_load(&c.sent_done) == 0)
+        sleep_ms(1);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(atomic_load(&c.call_status), 0);
+    assert_int_equal(atomic_load(&c.send_status), 0);
+    assert_int_equal(atomic_load(&c.sent_done), 1);
+    assert_int_equal(atomic_load(&c.close_status), 1);
+    assert_int_equal(stored_value(store, &w.keys[0], NULL), 2);
+    assert_int_equal(stored_value(store, &w.keys[1], NULL), 1);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 /* Side effects commit with their events, once; two types in one host. */
 static size_t side_effect_count(es_store *store, const es_uuid *key)
 {
@@ -1690,6 +1751,7 @@ int main(void)
         cmocka_unit_test(test_host_close_now_while_sending),
         cmocka_unit_test(test_host_commit_conflict_redecides),
         cmocka_unit_test(test_host_call_from_decide),
+        cmocka_unit_test(test_host_call_from_completion_callback),
         cmocka_unit_test(test_host_side_effects_and_two_types),
         cmocka_unit_test(test_host_store_without_command_ids),
         cmocka_unit_test(test_host_failing_commits_never_succeed),
