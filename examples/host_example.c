@@ -24,7 +24,10 @@ typedef struct account_event {
     int64_t amount;
 } account_event;
 
-static es_uuid event_id(const void *e) { return ((const account_event *)e)->id; }
+static es_uuid event_id(const void *e)
+{
+    return ((const account_event *)e)->id;
+}
 static int32_t event_kind(const void *e)
 {
     return (int32_t)((const account_event *)e)->kind;

@@ -1140,7 +1140,8 @@ static void *committer_main(void *arg)
             else
                 live[k++] = &h->item;
         }
-        if (k > 0) count(&host->batches, es__commit_batch(host->store, live, k));
+        if (k > 0)
+            count(&host->batches, es__commit_batch(host->store, live, k));
         /* Post the outcomes back, in order. */
         hcmd *h = first;
         while (h) {
