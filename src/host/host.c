@@ -17,8 +17,9 @@
  *
  * Locks (none is ever held while taking another, and no user code runs
  * under any of them):
- *   shard->lock    the shard's tree and LRU list; each actor's mailbox,
- *                  results, inflight count, scheduled flag, LRU links
+ *   shard->lock    the shard's hash table and LRU list; each actor's
+ *                  mailbox, results, inflight count, scheduled flag, LRU
+ *                  links
  *   host->rq_lock  the run queue
  *   host->cq_lock  the committer's queue
  *   host->hk_lock  snapshot jobs and evicted actors for the housekeeper
