@@ -706,6 +706,63 @@ static void test_host_idempotent_replay_passivation_restart(void **state)
     world_destroy(&w);
 }
 
+/* A slow load (here: any load) is followed by a snapshot of the loaded
+ * state; with every policy off, none is written. */
+static void tune_no_snapshots(es_host_config *cfg)
+{
+    es_host_config_set_snapshots(cfg, 0, false);
+    es_host_config_set_snapshot_slow_load(cfg, 0);
+}
+
+static void tune_snapshot_any_load(es_host_config *cfg)
+{
+    es_host_config_set_snapshots(cfg, 0, false);
+    es_host_config_set_snapshot_slow_load(cfg, 1); /* 1 us */
+}
+
+static int snapshot_version(es_store *store, const es_uuid *key,
+                            uint64_t *version)
+{
+    es_txn *txn = NULL;
+    es_snapshot *snap = NULL;
+    int rc = es_store_begin(store, &txn, NULL);
+    if (rc != 0) return rc;
+    rc = es_txn_get_snapshot(txn, key, 1, &snap, NULL);
+    if (rc == 0) *version = snap->version;
+    es_free(snap);
+    es_txn_rollback(txn);
+    return rc;
+}
+
+static void test_host_snapshot_after_slow_load(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, tune_no_snapshots);
+    payload one = make_payload(1, 0, 0, NULL);
+    for (int i = 0; i < 50; i++) {
+        es_command c = command(CMD_ADD, &one);
+        assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
+    }
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    uint64_t version = 0;
+    assert_int_equal(snapshot_version(store, &w.keys[0], &version),
+                     ES_ENOTFOUND);
+
+    open_host(&w, store, 2, tune_snapshot_any_load);
+    es_command c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(snapshot_version(store, &w.keys[0], &version), 0);
+    assert_int_equal(version, 49); /* the loaded state, before the 51st */
+    assert_int_equal(stored_value(store, &w.keys[0], NULL), 51);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 /* In-flight duplicates, sent asynchronously back to back. */
 typedef struct dup_seen {
     atomic_int n, dup, ok;
@@ -1744,6 +1801,7 @@ int main(void)
         cmocka_unit_test(test_host_per_key_order_many_producers),
         cmocka_unit_test(test_host_idempotent_replay_passivation_restart),
         cmocka_unit_test(test_host_duplicate_in_flight),
+        cmocka_unit_test(test_host_snapshot_after_slow_load),
         cmocka_unit_test(test_host_load_coalescing),
         cmocka_unit_test(test_host_passivation_races_sends),
         cmocka_unit_test(test_host_busy_under_overload),

@@ -147,8 +147,8 @@ typedef void (*es_host_done_fn)(void *ud, const es_host_result *result);
 /**
  * Make a configuration with defaults: 2 workers, mailbox bound 1024,
  * 1,000,000 commands in the host, 100,000 resident aggregates, passivation
- * after 60 s idle, a snapshot every 100 events and on passivation, batches
- * of up to 1024 rows.  *out is the caller's (es_host_config_free).
+ * after 60 s idle, a snapshot every 100 events, on passivation and after a
+ * load slower than 10 ms, batches of up to 1024 rows.  *out is the caller's (es_host_config_free).
  * Errors: ES_EINVAL, ES_ENOMEM.  Thread: any.
  */
 ES_EXPORT ES_ANY_THREAD int es_host_config_new(es_host_config **out,
@@ -197,6 +197,13 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,
  *  the command path.  Returns 0. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
     es_host_config *cfg, uint64_t every_events, bool on_passivation);
+
+/** Snapshot after a slow load: when loading an aggregate (its snapshot
+ *  and the events after it) took longer than `micros`, the loaded state
+ *  is snapshotted at once, so the next load replays less.  0: never.
+ *  Default 10,000 (10 ms).  Returns 0. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
+    es_host_config *cfg, uint64_t micros);
 
 /** Rows (events plus command ids) in one commit batch (>= 1).  A batch
  *  closes at this limit or when the committer is free: there is no

@@ -55,7 +55,7 @@ typedef struct htype {
 struct es_host_config {
     unsigned workers;
     size_t mailbox_bound, host_bound, resident_bound, batch_rows;
-    uint64_t idle_ms, snap_every, resident_bytes;
+    uint64_t idle_ms, snap_every, resident_bytes, snap_slow_load_us;
     bool snap_on_passivation;
     size_t n_types;
     htype types[MAX_TYPES];
@@ -218,6 +218,7 @@ int es_host_config_new(es_host_config **out, es_error *err)
     c->idle_ms = 60000;
     c->snap_every = 100;
     c->snap_on_passivation = true;
+    c->snap_slow_load_us = 10000;
     *out = c;
     return 0;
 }
@@ -272,6 +273,14 @@ int es_host_config_set_snapshots(es_host_config *cfg, uint64_t every_events,
     if (cfg == NULL) return ES_EINVAL;
     cfg->snap_every = every_events;
     cfg->snap_on_passivation = on_passivation;
+    return 0;
+}
+
+int es_host_config_set_snapshot_slow_load(es_host_config *cfg,
+                                          uint64_t micros)
+{
+    if (cfg == NULL) return ES_EINVAL;
+    cfg->snap_slow_load_us = micros;
     return 0;
 }
 
@@ -749,13 +758,20 @@ static int load_actor(es_host *host, actor *a, es_error *err)
     uint64_t t0 = es__now_ns();
     es_context *ctx = NULL;
     int rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+    uint64_t took = es__now_ns() - t0;
     count(&host->loads, 1);
-    es__hist_record(&host->h_load, es__now_ns() - t0);
+    es__hist_record(&host->h_load, took);
     if (rc == ES_ENOTFOUND) rc = 0;
     if (rc != 0) return rc;
     a->ctx = ctx;
     a->loaded = true;
     a->folded_at_snapshot = ctx ? es_context_version(ctx) + 1 : 0;
+    /* A slow load replayed many events: snapshot the (committed) state. */
+    uint64_t slow = host->cfg.snap_slow_load_us;
+    if (ctx && slow > 0 && took / 1000u >= slow) {
+        snap_job *j = snap_of(a);
+        if (j) snap_enqueue(host, j);
+    }
     return 0;
 }
 
