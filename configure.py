@@ -37,7 +37,7 @@ PROGRAMS = {
     "psql": "postgresql-client-15",
 }
 # Always wanted for the test suite, checked by dpkg.
-EXTRA_PACKAGES = ["postgresql-contrib"]
+EXTRA_PACKAGES = []
 
 
 class Writer:
