@@ -35,6 +35,7 @@ PROGRAMS = {
     "c++": "g++",
     "/usr/lib/postgresql/15/bin/initdb": "postgresql-15",
     "psql": "postgresql-client-15",
+    "doxygen": "doxygen",
 }
 # Always wanted for the test suite, checked by dpkg.
 EXTRA_PACKAGES = []
@@ -320,7 +321,7 @@ def main():
                            "--unit-only", "desc": "TEST unit (release)"})
         n.build("check", "run", everything, variables={
             "cmd": "$python tests/run.py --variants release,asan,tsan "
-                   "--compile-fail --install-test",
+                   "--compile-fail --install-test --docs",
             "desc": "CHECK"})
         n.build("demo", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --demo",
@@ -334,6 +335,8 @@ def main():
         n.build("uninstall", "run", [], variables={
             "cmd": "$python tools/install.py uninstall --prefix $prefix",
             "desc": "UNINSTALL"})
+        n.build("docs", "run", [], implicit=["docs/Doxyfile"], variables={
+            "cmd": "$python tests/run.py --docs", "desc": "DOCS"})
         n.build("all", "phony", everything)
         n.default(["release"])
     os.replace("build.ninja.tmp", "build.ninja")

@@ -1,5 +1,6 @@
-/*
- * eventastic.h - everything public, in one include.
+/**
+ * @file eventastic.h
+ * @brief Everything public, in one include.
  */
 #ifndef EVENTASTIC_H
 #define EVENTASTIC_H
@@ -7,6 +8,7 @@
 #include "eventastic/aggregate.h"
 #include "eventastic/common.h"
 #include "eventastic/context.h"
+#include "eventastic/log.h"
 #include "eventastic/memory.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"

@@ -168,16 +168,37 @@ def install_test():
     return ok
 
 
+def docs():
+    """ninja docs: the API reference; any undocumented public symbol or
+    doc error is listed and fails the step."""
+    import shutil
+    out = os.path.join(BUILD, "docs")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    subprocess.check_call(["doxygen", os.path.join("docs", "Doxyfile")],
+                          cwd=TOP)
+    warnings = open(os.path.join(out, "warnings.txt")).read().strip()
+    if warnings:
+        print(warnings.replace(TOP + "/", ""))
+        print("FAIL docs: %d warnings" % len(warnings.splitlines()))
+        return False
+    print("ok   docs: build/docs/html/index.html, no warnings")
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="release")
     ap.add_argument("--unit-only", action="store_true")
     ap.add_argument("--compile-fail", action="store_true")
     ap.add_argument("--install-test", action="store_true")
+    ap.add_argument("--docs", action="store_true")
     ap.add_argument("--demo", action="store_true")
     ap.add_argument("--bench", action="store_true")
     a = ap.parse_args()
 
+    if a.docs and a.variants == "release" and not a.compile_fail:
+        sys.exit(0 if docs() else 1)
     if a.demo:
         ok = run_binary(os.path.join(BUILD, "release", "bin",
                                      "readme_example"), "release")
@@ -200,6 +221,9 @@ def main():
     if a.compile_fail:
         total += 1
         failed += not compile_fail_tests()
+    if a.docs:
+        total += 1
+        failed += not docs()
     if a.install_test:
         total += 1
         failed += not install_test()

@@ -7,6 +7,7 @@
 #include "eventastic/aggregate.h"
 #include "eventastic/common.h"
 #include "eventastic/context.h"
+#include "eventastic/log.h"
 #include "eventastic/memory.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"
