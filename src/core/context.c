@@ -635,7 +635,7 @@ static int write_batch(es_txn *txn, es_context *ctx, es_error *err)
     rc = txn->store->ops->store_snapshot(txn, &snap, err);
     es_buf_free(&state);
     if (rc != 0) return rc;
-    return es__txn_insert_side_effects(txn, ctx->side_effects.items,
+    return es__txn_insert_side_effects(txn, t->name, ctx->side_effects.items,
                                        ctx->side_effects.n, err);
 }
 

@@ -9,6 +9,7 @@
 #include "eventastic/context.h"
 #include "eventastic/log.h"
 #include "eventastic/memory.h"
+#include "eventastic/outbox.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"
 #include "eventastic/typed.h"
