@@ -906,10 +906,12 @@ int es_event_decode(const es_aggregate_type *type, const es_event *event,
 {
     if (type == NULL || event == NULL || value == NULL)
         return es__error_set(err, ES_EINVAL, "all arguments are required");
+    int rc = es_aggregate_type_check(type, err);
+    if (rc != 0) return rc;
     memset(value, 0, type->event_size);
     es_error inner = {0};
-    int rc = type->event_decode(event->kind, event->data, event->len, value,
-                                &inner);
+    rc = type->event_decode(event->kind, event->data, event->len, value,
+                            &inner);
     if (rc != 0) {
         if (type->event_free) type->event_free(value);
         return es__error_wrap(err, rc == ES_ENOMEM ? rc : ES_EDECODE, &inner,
@@ -928,9 +930,11 @@ int es_side_effect_decode(const es_aggregate_type *type,
                           const es_side_effect *se, void *value,
                           es_error *err)
 {
-    if (type == NULL || se == NULL || value == NULL ||
-        type->side_effect_decode == NULL)
+    if (type == NULL || se == NULL || value == NULL)
         return es__error_set(err, ES_EINVAL, "all arguments are required");
+    if (type->side_effect_decode == NULL || type->side_effect_size == 0)
+        return es__error_set(err, ES_EINVAL, "type has no side-effect "
+                                             "codec");
     memset(value, 0, type->side_effect_size);
     es_error inner = {0};
     int rc = type->side_effect_decode(se->kind, se->data, se->len, value,
