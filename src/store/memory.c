@@ -553,6 +553,14 @@ static int mem_get_event(es_txn *txn, const es_uuid *agg,
     return 0;
 }
 
+/* The type of an aggregate that only this transaction has written. */
+static const char *pend_stream_type(const mem_txn *t, const es_uuid *agg)
+{
+    for (size_t i = 0; i < t->n_ev; i++)
+        if (es_uuid_equal(&t->ev[i]->agg, agg)) return t->ev[i]->type;
+    return NULL;
+}
+
 static int mem_insert_events(es_txn *txn, const char *type_name,
                              const es_uuid *agg, const es_event *events,
                              size_t n, bool *inserted, es_error *err)
@@ -569,9 +577,10 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
     int rc = 0;
     pthread_mutex_lock(&s->lock);
     mem_stream *st = find_stream(s, agg);
-    if (st != NULL && strcmp(st->type, type_name) != 0)
+    const char *owner_type = st ? st->type : pend_stream_type(t, agg);
+    if (owner_type != NULL && strcmp(owner_type, type_name) != 0)
         rc = es__error_set(err, ES_EINVAL,
-                           "aggregate is of type '%s', not '%s'", st->type,
+                           "aggregate is of type '%s', not '%s'", owner_type,
                            type_name);
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const es_event *e = &events[i];
