@@ -1338,6 +1338,24 @@ static void test_memory_other_type_on_same_aggregate_is_refused(void **state)
     es_txn_rollback(txn);
     es_context_free(o);
     assert_int_equal(es_memory_store_event_count(store), 1);
+
+    /* also when the aggregate exists only in this transaction */
+    es_uuid fresh_id;
+    CHECK(counter_start(&c, &fresh_id, NULL));
+    txn = begin(store);
+    CHECK(counter_save(txn, c, NULL));
+    CHECK(es_context_load(txn, &other, &fresh_id, &o, NULL));
+    counter_event more = counter_add(2);
+    CHECK(es_context_record(o, &more, NULL));
+    assert_int_equal(es_context_save(txn, o, &err), ES_EINVAL);
+    assert_non_null(strstr(err.message, "counter"));
+    CHECK(es_txn_commit(txn, NULL));
+    es_context_free(o);
+    counter_context_free(c);
+    fixture_stream s;
+    CHECK(fixture_stream_read_store(store, &fresh_id, &s, NULL));
+    assert_int_equal(s.count, 1);
+    fixture_stream_free(&s);
 }
 
 static void test_memory_bad_input_store_functions(void **state)
