@@ -707,6 +707,18 @@ static void adopt(es_context *ctx, es_context *fresh)
 
 static int save_once(es_txn *txn, es_context *ctx, int depth, es_error *err);
 
+/* Move a clash found in a rebuilt context to the caller's context. */
+static void take_clash(es_context *ctx, es_context *fresh)
+{
+    if (!fresh->has_clash) return;
+    clear_clash(ctx);
+    ctx->clash_saved = fresh->clash_saved;
+    ctx->clash_attempted = fresh->clash_attempted;
+    ctx->has_clash = true;
+    fresh->clash_saved = fresh->clash_attempted = NULL;
+    fresh->has_clash = false;
+}
+
 /* Sort out the events the store skipped.  Returns 0 when every skipped
  * event was an equal duplicate (dup[] says which), or an error. */
 static int classify_skipped(es_txn *txn, es_context *ctx, const bool *inserted,
@@ -773,10 +785,12 @@ static int save_once(es_txn *txn, es_context *ctx, int depth, es_error *err)
         es_context *fresh = NULL;
         rc = rebuild(txn, ctx, dup, &fresh, err);
         if (rc == 0) rc = save_once(txn, fresh, depth + 1, err);
-        if (rc == 0)
+        if (rc == 0) {
             adopt(ctx, fresh);
-        else
+        } else if (fresh != NULL) {
+            take_clash(ctx, fresh); /* the caller asks ctx, not fresh */
             es_context_free(fresh);
+        }
     }
     es__free(flags);
     return rc;
