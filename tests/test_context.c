@@ -985,6 +985,81 @@ static void test_context_failed_apply_leaves_state(void **state)
     account_context_free(a);
 }
 
+/* (2) also when the clash shows up only while save rebuilds the context:
+ * a hook in apply commits the clashing event from another transaction at
+ * that moment.  The clash must still be shown through the caller's
+ * context. */
+static struct {
+    es_store *store;
+    es_uuid aggregate_id;
+    counter_event event;
+    bool armed;
+    int rc;
+} hook;
+
+static int hooked_apply(void *state, const void *event, es_error *err)
+{
+    if (hook.armed) {
+        hook.armed = false;
+        counter_context *c = NULL;
+        hook.rc = counter_store_load(hook.store, &hook.aggregate_id, &c,
+                                     NULL);
+        if (hook.rc == 0) hook.rc = counter_record(c, &hook.event, NULL);
+        if (hook.rc == 0)
+            hook.rc = fixture_save_commit(hook.store, raw(c), NULL);
+        counter_context_free(c);
+    }
+    return counter_type.apply(state, event, err);
+}
+
+static void test_context_clash_found_while_rebuilding_is_reported(
+    void **state)
+{
+    es_store *store = *state;
+    es_uuid id;
+    counter_context *c = start(&id);
+    counter_event a = counter_add(1);
+    record_ok(c, a);
+    save_ok(store, c);
+    counter_context_free(c);
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(store, &txn, NULL), 0);
+    assert_int_equal(es_txn_delete_snapshots(txn, &id, NULL), 0);
+    assert_int_equal(es_txn_commit(txn, NULL), 0);
+
+    es_aggregate_type hooked = counter_type;
+    hooked.apply = hooked_apply;
+    es_context *ctx = NULL;
+    es_error err = {0};
+    assert_int_equal(es_store_load(store, &hooked, &id, &ctx, &err), 0);
+    counter_event b = counter_add(2), other_b = b;
+    other_b.value = 3;
+    assert_int_equal(es_context_record(ctx, &a, &err), 0); /* stored: dup */
+    assert_int_equal(es_context_record(ctx, &b, &err), 0);
+
+    hook.store = store;
+    hook.aggregate_id = id;
+    hook.event = other_b;
+    hook.armed = true;
+    hook.rc = -1;
+    assert_int_equal(es_store_begin(store, &txn, NULL), 0);
+    assert_int_equal(es_context_save(txn, ctx, &err), ES_EIDEMPOTENCY);
+    es_txn_rollback(txn);
+    assert_int_equal(hook.rc, 0); /* the hook did commit other_b */
+    const es_event *saved = NULL, *attempted = NULL;
+    assert_int_equal(es_context_idempotency_clash(ctx, &saved, &attempted),
+                     0);
+    counter_event x, y;
+    assert_int_equal(counter_event_decode(saved, &x, NULL), 0);
+    assert_int_equal(counter_event_decode(attempted, &y, NULL), 0);
+    assert_int_equal(x.value, 3);
+    assert_int_equal(y.value, 2);
+    assert_true(es_uuid_equal(&err.event_id, &b.event_id));
+    /* the context kept its events */
+    assert_int_equal(es_context_uncommitted_count(ctx), 2);
+    es_context_free(ctx);
+}
+
 /* ==== bad input ==== */
 
 static void test_context_bad_input_null_arguments(void **state)
@@ -1347,6 +1422,7 @@ int main(void)
         T(test_context_rerecord_same_uncommitted_is_noop),
         T(test_context_rerecord_same_stored_is_noop),
         T(test_context_same_id_other_content_is_idempotency_error),
+        T(test_context_clash_found_while_rebuilding_is_reported),
         T(test_context_stale_version_is_conflict),
         T(test_context_second_creation_is_conflict),
         T(test_context_failed_save_leaves_txn_and_context),
