@@ -419,9 +419,15 @@ typedef struct fold {
     se_vec *target_effects;
     bool reached;
     es_error *err;
+    /* Loading from a snapshot: the stream starts at the snapshot's own
+     * event, which must be there (else the snapshot is not of this
+     * stream) and is not applied again. */
+    bool check_snapshot;
+    bool snapshot_seen;
 } fold;
 
 #define FOLD_STOP 1
+#define FOLD_STALE_SNAPSHOT 2
 
 static int fold_event(void *ud, const es_event *ev)
 {
@@ -429,6 +435,12 @@ static int fold_event(void *ud, const es_event *ev)
     es_context *ctx = f->ctx;
     const es_aggregate_type *t = ctx->type;
     char id[ES_UUID_STRLEN + 1], kb[16];
+    if (f->check_snapshot) {
+        f->check_snapshot = false;
+        if (ev->version != ctx->version) return FOLD_STALE_SNAPSHOT;
+        f->snapshot_seen = true;
+        return 0;
+    }
     uint64_t expect = ctx->state ? ctx->version + 1 : 0;
     if (ev->version != expect) {
         es__error_set(f->err, ES_EDECODE,
@@ -521,11 +533,24 @@ static int load_into(es_txn *txn, es_context *ctx, bool use_snapshot,
 {
     int rc = use_snapshot ? load_snapshot(txn, ctx, err) : 0;
     if (rc != 0) return rc;
-    fold f = {ctx, NULL, UINT64_MAX, NULL, NULL, false, err};
+    fold f = {ctx, NULL, UINT64_MAX, NULL, NULL, false, err, false, false};
     f.value = es__calloc(1, ctx->type->event_size);
     if (f.value == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    uint64_t from = ctx->state ? ctx->version + 1 : 0;
-    rc = txn->store->ops->stream(txn, &ctx->id, from, fold_event, &f, err);
+    bool from_snapshot = ctx->state != NULL;
+    f.check_snapshot = from_snapshot;
+    rc = txn->store->ops->stream(txn, &ctx->id, from_snapshot ? ctx->version
+                                                              : 0,
+                                 fold_event, &f, err);
+    if (from_snapshot &&
+        (rc == FOLD_STALE_SNAPSHOT || (rc == 0 && !f.snapshot_seen))) {
+        /* The snapshot claims a version the stream does not have: it is
+         * not a cache of this stream.  Replay from version 0. */
+        state_release(ctx->type, ctx->state);
+        ctx->state = NULL;
+        ctx->version = 0;
+        f.check_snapshot = false;
+        rc = txn->store->ops->stream(txn, &ctx->id, 0, fold_event, &f, err);
+    }
     es__free(f.value);
     if (rc == FOLD_STOP) rc = 0;
     if (rc == 0 && ctx->state == NULL) {
@@ -591,7 +616,8 @@ int es_context_regenerate_side_effects(es_txn *txn,
     if (rc != 0) return rc;
     es_context *ctx = context_new(type, aggregate_id);
     se_vec effects = {0};
-    fold f = {ctx, NULL, target->version, event_id, &effects, false, err};
+    fold f = {ctx,   NULL, target->version, event_id, &effects,
+              false, err,  false,           false};
     f.value = ctx ? es__calloc(1, type->event_size) : NULL;
     if (f.value == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
     else
