@@ -660,6 +660,33 @@ static void test_memory_corrupt_snapshot_is_ignored(void **state)
     account_context_free(a);
 }
 
+/* A snapshot that claims a version the stream does not have (ahead of
+ * it) is not a usable cache: the stream is replayed, and the next event
+ * gets the version after the stream's last one, not a gap. */
+static void test_memory_snapshot_ahead_of_stream_is_ignored(void **state)
+{
+    es_store *store = *state;
+    account_context *a = saved_account(store, 100, 5);
+    es_uuid id = *es_context_aggregate_id(araw(a));
+    account_context_free(a);
+    put_account_snapshot(store, &id, ACCOUNT_SNAPSHOT_VERSION, 10, 999);
+    a = aload(store, &id);
+    assert_int_equal(account_state(a)->balance, 105);
+    assert_int_equal(account_version(a), 2);
+    arecord(a, account_add(1));
+    save_ok(store, araw(a));
+    assert_int_equal(account_version(a), 3);
+    account_context_free(a);
+    fixture_stream s;
+    CHECK(fixture_stream_read_store(store, &id, &s, NULL));
+    assert_int_equal(s.count, 4);
+    assert_true(fixture_stream_gap_free(&s));
+    fixture_stream_free(&s);
+    a = aload(store, &id);
+    assert_int_equal(account_state(a)->balance, 106);
+    account_context_free(a);
+}
+
 static void test_memory_multiple_snapshot_versions_can_coexist(void **state)
 {
     es_store *store = *state;
@@ -1461,6 +1488,7 @@ int main(void)
         T(test_memory_snapshots_are_successfully_saved_when_new_event_is_applied),
         T(test_memory_snapshots_are_rebuilt_if_snapshot_version_is_different),
         T(test_memory_corrupt_snapshot_is_ignored),
+        T(test_memory_snapshot_ahead_of_stream_is_ignored),
         T(test_memory_multiple_snapshot_versions_can_coexist),
         T(test_memory_same_snapshot_version_updates_existing_snapshot),
         T(test_memory_old_snapshots_are_ignored_when_loading),
