@@ -104,6 +104,7 @@ typedef struct mem_txn {
     size_t n_snap, cap_snap;
     mem_se *se;
     size_t n_se, cap_se;
+    void *se_ids; /* es_uuid* (own allocation), the ids in se */
     mark *marks;
     size_t n_marks, cap_marks;
 } mem_txn;
@@ -132,6 +133,11 @@ static int cmp_se(const void *a, const void *b)
 {
     return es_uuid_compare(&((const mem_se *)a)->se.id,
                            &((const mem_se *)b)->se.id);
+}
+
+static int cmp_uuid(const void *a, const void *b)
+{
+    return es_uuid_compare(a, b);
 }
 
 static int cmp_pend_id(const void *a, const void *b)
@@ -248,7 +254,16 @@ static void truncate_pending(mem_txn *t, const mark *m)
         es__free(pe);
     }
     while (t->n_snap > m->n_snap) es__free(t->snap[--t->n_snap].snap.data);
-    while (t->n_se > m->n_se) es__free((void *)t->se[--t->n_se].se.data);
+    while (t->n_se > m->n_se) {
+        mem_se *x = &t->se[--t->n_se];
+        void *node = tfind(&x->se.id, &t->se_ids, cmp_uuid);
+        if (node != NULL) {
+            es_uuid *key = *(es_uuid **)node;
+            tdelete(&x->se.id, &t->se_ids, cmp_uuid);
+            es__free(key);
+        }
+        es__free((void *)x->se.data);
+    }
 }
 
 static void txn_free(mem_txn *t)
@@ -257,6 +272,7 @@ static void txn_free(mem_txn *t)
     truncate_pending(t, &zero);
     tdestroy(t->ev_ids, noop_free);
     tdestroy(t->ev_versions, noop_free);
+    tdestroy(t->se_ids, noop_free); /* empty: truncate_pending freed all */
     es__free(t->ev);
     es__free(t->snap);
     es__free(t->se);
@@ -628,17 +644,20 @@ static int mem_insert_side_effects(es_txn *txn, const es_side_effect *items,
         return es__error_set(err, ES_ENOMEM, "out of memory");
     t->se = arr;
     for (size_t i = 0; i < n; i++) {
-        bool seen = false;
-        for (size_t j = 0; j < t->n_se && !seen; j++)
-            seen = es_uuid_equal(&t->se[j].se.id, &items[i].id);
+        bool seen = tfind(&items[i].id, &t->se_ids, cmp_uuid) != NULL;
         if (!seen) {
             pthread_mutex_lock(&s->lock);
             seen = committed_se_exists(s, &items[i].id);
             pthread_mutex_unlock(&s->lock);
         }
         if (seen) continue;
-        uint8_t *data = es__memdup(items[i].data, items[i].len);
-        if (data == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+        es_uuid *key = es__memdup(&items[i].id, sizeof items[i].id);
+        uint8_t *data = key ? es__memdup(items[i].data, items[i].len) : NULL;
+        if (data == NULL || tsearch(key, &t->se_ids, cmp_uuid) == NULL) {
+            es__free(key);
+            es__free(data);
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+        }
         t->se[t->n_se].se = items[i];
         t->se[t->n_se].se.data = data;
         t->n_se++;
