@@ -885,6 +885,44 @@ static void test_context_failed_save_leaves_txn_and_context(void **state)
     fixture_stream_free(&s);
 }
 
+/* (4) a clash behind a new event: the new event does not stay either. */
+static void test_context_failed_save_on_clash_leaves_nothing(void **state)
+{
+    es_store *store = *state;
+    es_uuid id;
+    counter_context *c = start(&id);
+    counter_event stored = counter_add(1);
+    record_ok(c, stored);
+    save_ok(store, c);
+    counter_event fresh = counter_add(2), clash = stored;
+    clash.value = 99;
+    record_ok(c, fresh);
+    record_ok(c, clash);
+    es_txn *txn = NULL;
+    es_error err = {0};
+    assert_int_equal(es_store_begin(store, &txn, &err), 0);
+    assert_int_equal(counter_save(txn, c, &err), ES_EIDEMPOTENCY);
+    assert_int_equal(es_context_uncommitted_count(raw(c)), 2);
+    assert_int_equal(es_context_side_effect_count(raw(c)), 2);
+    assert_int_equal(es_txn_commit(txn, &err), 0);
+    fixture_stream s;
+    assert_int_equal(fixture_stream_read_store(store, &id, &s, NULL), 0);
+    assert_int_equal(s.count, 2);
+    fixture_stream_free(&s);
+    assert_int_equal(fixture_side_effect_count(store, &id), 3);
+    es_txn *r = NULL;
+    assert_int_equal(es_store_begin(store, &r, NULL), 0);
+    es_event *ev = NULL;
+    assert_int_equal(es_txn_get_event(r, &id, &fresh.event_id, &ev, NULL),
+                     ES_ENOTFOUND);
+    es_snapshot *snap = NULL;
+    assert_int_equal(es_txn_get_snapshot(r, &id, 1, &snap, NULL), 0);
+    assert_int_equal(snap->version, 1);
+    es_free(snap);
+    es_txn_rollback(r);
+    counter_context_free(c);
+}
+
 /* (4) with a codec that fails after the events went in: nothing stays. */
 static int failing_state_encode(const void *state, es_buf *out, es_error *err)
 {
@@ -1426,6 +1464,7 @@ int main(void)
         T(test_context_stale_version_is_conflict),
         T(test_context_second_creation_is_conflict),
         T(test_context_failed_save_leaves_txn_and_context),
+        T(test_context_failed_save_on_clash_leaves_nothing),
         T(test_context_failed_snapshot_encode_rolls_back_save),
         T(test_context_failed_apply_leaves_state),
         T(test_context_bad_input_null_arguments),
