@@ -1385,6 +1385,100 @@ static void test_memory_other_type_on_same_aggregate_is_refused(void **state)
     fixture_stream_free(&s);
 }
 
+/* Events whose payload is empty (everything is in the kind) and a
+ * snapshot of zero bytes go through save, load and get_event. */
+typedef struct tick { int64_t n; } tick;
+typedef struct tick_event { es_uuid id; } tick_event;
+
+static es_uuid tick_event_id(const void *e)
+{
+    return ((const tick_event *)e)->id;
+}
+static int32_t tick_kind(const void *e)
+{
+    (void)e;
+    return 1;
+}
+static int tick_apply(void *state, const void *event, es_error *err)
+{
+    (void)event;
+    (void)err;
+    ((tick *)state)->n++;
+    return 0;
+}
+static int tick_encode_nothing(const void *v, es_buf *out, es_error *err)
+{
+    (void)v;
+    (void)out;
+    (void)err;
+    return 0;
+}
+static int tick_decode(int32_t kind, const uint8_t *data, size_t len,
+                       void *event, es_error *err)
+{
+    (void)data;
+    (void)event;
+    (void)err;
+    return kind == 1 && len == 0 ? 0 : ES_EDECODE;
+}
+static int tick_state_decode(const uint8_t *data, size_t len, void *state,
+                             es_error *err)
+{
+    (void)data;
+    (void)state;
+    (void)err;
+    return len == 0 ? ES_EDECODE : 0; /* an empty snapshot is not usable */
+}
+
+static const es_aggregate_type tick_type = {
+    .name = "tick",
+    .snapshot_version = 1,
+    .state_size = sizeof(tick),
+    .event_size = sizeof(tick_event),
+    .event_id = tick_event_id,
+    .event_kind = tick_kind,
+    .apply_new = tick_apply,
+    .apply = tick_apply,
+    .state_encode = tick_encode_nothing,
+    .state_decode = tick_state_decode,
+    .event_encode = tick_encode_nothing,
+    .event_decode = tick_decode,
+};
+
+static void test_memory_empty_payloads(void **state)
+{
+    es_store *store = *state;
+    es_uuid id = fixture_new_id();
+    tick_event e[3] = {{fixture_new_id()}, {fixture_new_id()},
+                       {fixture_new_id()}};
+    es_context *c = NULL;
+    CHECK(es_context_record_new(&tick_type, &id, &e[0], &c, NULL));
+    CHECK(es_context_record(c, &e[1], NULL));
+    CHECK(es_context_record(c, &e[1], NULL)); /* equal: a no-op */
+    CHECK(es_context_record(c, &e[2], NULL));
+    assert_int_equal(es_context_uncommitted(c, 1)->len, 0);
+    save_ok(store, c);
+    es_context_free(c);
+    CHECK(es_store_load(store, &tick_type, &id, &c, NULL));
+    assert_int_equal(((const tick *)es_context_state(c))->n, 3);
+    assert_int_equal(es_context_version(c), 2);
+    CHECK(es_context_record(c, &e[2], NULL)); /* stored, equal */
+    save_ok(store, c);
+    assert_int_equal(es_context_version(c), 2);
+    es_context_free(c);
+    es_txn *txn = begin(store);
+    es_event *ev = NULL;
+    CHECK(es_txn_get_event(txn, &id, &e[2].id, &ev, NULL));
+    assert_int_equal(ev->len, 0);
+    assert_int_equal(ev->version, 2);
+    es_free(ev);
+    es_snapshot *snap = NULL;
+    CHECK(es_txn_get_snapshot(txn, &id, 1, &snap, NULL));
+    assert_int_equal(snap->len, 0);
+    es_free(snap);
+    es_txn_rollback(txn);
+}
+
 static void test_memory_bad_input_store_functions(void **state)
 {
     es_store *store = *state;
@@ -1514,6 +1608,7 @@ int main(void)
         T(test_memory_streaming_returns_events_in_version_order),
         T(test_memory_unknown_event_kind_in_store_is_decode_error),
         T(test_memory_other_type_on_same_aggregate_is_refused),
+        T(test_memory_empty_payloads),
         T(test_memory_bad_input_store_functions),
         T(test_memory_bad_input_uuid_parse),
 #undef T
