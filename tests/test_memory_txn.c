@@ -480,6 +480,13 @@ static void test_memory_txn_concurrent_appends_from_threads(void **state)
     assert_int_equal(counter_state(c)->result, shared_total);
     assert_int_equal(counter_version(c), shared_total);
     counter_context_free(c);
+    /* the snapshot is of the last version: it never moved backwards */
+    es_txn *st = begin(store);
+    es_snapshot *snap = NULL;
+    CHECK(es_txn_get_snapshot(st, &shared, 1, &snap, NULL));
+    assert_int_equal(snap->version, shared_total);
+    es_free(snap);
+    es_txn_rollback(st);
 
     es_txn *txn = begin(store);
     for (int i = 0; i < THREADS; i++) {
@@ -503,6 +510,61 @@ static void test_memory_txn_concurrent_appends_from_threads(void **state)
     es_side_effect_list_free(list);
     es_txn_rollback(txn);
     for (int i = 0; i < THREADS; i++) free(w[i].event_ids);
+}
+
+/* Many threads append the same event (a retried command) to the same
+ * aggregate at once: it is stored once, and every thread succeeds. */
+typedef struct retrier {
+    es_store *store;
+    es_uuid id;
+    counter_event event;
+    pthread_barrier_t *barrier;
+    long conflicts;
+    int rc;
+} retrier;
+
+static void *retry_same(void *arg)
+{
+    retrier *r = arg;
+    pthread_barrier_wait(r->barrier);
+    r->rc = append(r->store, &r->id, &r->event, &r->conflicts);
+    return NULL;
+}
+
+static void test_memory_txn_concurrent_same_event_is_stored_once(
+    void **state)
+{
+    es_store *store = *state;
+    es_uuid id = saved_counter(store, 3);
+    pthread_barrier_t barrier;
+    pthread_barrier_init(&barrier, NULL, THREADS);
+    retrier rs[THREADS];
+    pthread_t th[THREADS];
+    for (int round = 0; round < 20; round++) {
+        counter_event e = counter_add(7);
+        for (int i = 0; i < THREADS; i++) {
+            rs[i] = (retrier){store, id, e, &barrier, 0, -1};
+            assert_int_equal(
+                pthread_create(&th[i], NULL, retry_same, &rs[i]), 0);
+        }
+        for (int i = 0; i < THREADS; i++) pthread_join(th[i], NULL);
+        for (int i = 0; i < THREADS; i++)
+            if (rs[i].rc != 0)
+                fail_msg("round %d thread %d: %s", round, i,
+                         es_status_name(rs[i].rc));
+    }
+    pthread_barrier_destroy(&barrier);
+    counter_context *c = NULL;
+    CHECK(counter_store_load(store, &id, &c, NULL));
+    assert_int_equal(counter_version(c), 3 + 20);
+    assert_int_equal(counter_state(c)->result, 3 + 20 * 7);
+    counter_context_free(c);
+    fixture_stream s;
+    CHECK(fixture_stream_read_store(store, &id, &s, NULL));
+    assert_int_equal(s.count, 4 + 20);
+    assert_true(fixture_stream_gap_free(&s));
+    fixture_stream_free(&s);
+    assert_int_equal(fixture_side_effect_count(store, &id), 2 + 3 + 20);
 }
 
 /* Many threads create the same aggregate with the same creation event:
@@ -565,6 +627,7 @@ int main(void)
         T(test_memory_txn_same_event_id_second_commit_conflicts),
         T(test_memory_txn_stale_context_in_same_txn_conflicts),
         T(test_memory_txn_concurrent_appends_from_threads),
+        T(test_memory_txn_concurrent_same_event_is_stored_once),
         T(test_memory_txn_concurrent_same_creation),
 #undef T
     };
