@@ -107,6 +107,24 @@ static void remember(struct wf *w)
     w->effects = es_context_side_effect_count(ctx);
 }
 
+/* The stored snapshot's version (-1: none). */
+static void assert_snapshot(es_store *store, const es_uuid *id,
+                            uint64_t version)
+{
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(store, &txn, NULL), 0);
+    es_snapshot *snap = NULL;
+    int rc = es_txn_get_snapshot(txn, id, 1, &snap, NULL);
+    es_txn_rollback(txn);
+    if (version == (uint64_t)-1) {
+        assert_int_equal(rc, ES_ENOTFOUND);
+        return;
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(snap->version, version);
+    es_free(snap);
+}
+
 /* The workflow; returns true when it ran to the end with every check. */
 static bool counter_workflow(long n)
 {
@@ -129,8 +147,16 @@ static bool counter_workflow(long n)
     remember(&w);
     RETRY(counter_save(txn, w.c, NULL));
     bool complete = true;
-    if (es_txn_commit(txn, NULL) != 0) {
-        /* a commit that ran out of memory: nothing more to check here */
+    int crc = es_txn_commit(txn, NULL);
+    if (crc != 0) {
+        /* a commit that ran out of memory stored nothing */
+        assert_int_equal(crc, ES_ENOMEM);
+        assert_int_equal(es_memory_store_event_count(w.store), 0);
+        assert_int_equal(fixture_side_effect_count(w.store, NULL), 0);
+        counter_context *l = NULL;
+        assert_int_equal(counter_store_load(w.store, &id, &l, NULL),
+                         ES_ENOTFOUND);
+        assert_snapshot(w.store, &id, (uint64_t)-1);
         complete = false;
         goto out;
     }
@@ -150,7 +176,17 @@ static bool counter_workflow(long n)
     RETRY(es_store_begin(w.store, &txn, NULL));
     remember(&w);
     RETRY(counter_save(txn, w.c, NULL));
-    if (es_txn_commit(txn, NULL) != 0) {
+    crc = es_txn_commit(txn, NULL);
+    if (crc != 0) {
+        assert_int_equal(crc, ES_ENOMEM);
+        assert_int_equal(es_memory_store_event_count(w.store), 4);
+        assert_int_equal(fixture_side_effect_count(w.store, NULL), 4);
+        counter_context *l = NULL;
+        assert_int_equal(counter_store_load(w.store, &id, &l, NULL), 0);
+        assert_int_equal(counter_version(l), 3);
+        assert_int_equal(counter_state(l)->result, 14);
+        counter_context_free(l);
+        assert_snapshot(w.store, &id, 3);
         complete = false;
         goto out;
     }
@@ -237,9 +273,9 @@ static bool account_workflow(long n)
     account_context *a = NULL;
     int rc = account_builder_save(&b, store, &a, NULL);
     if (rc == ES_ENOMEM) rc = account_builder_save(&b, store, &a, NULL);
-    bool complete = rc == 0;
-    if (rc != 0 && rc != ES_ENOMEM && rc != ES_ECONFLICT)
-        fail_msg("n=%ld: builder save: %s", n, es_status_name(rc));
+    /* a commit that failed stored nothing, so the retry went in whole */
+    if (rc != 0) fail_msg("n=%ld: builder save: %s", n, es_status_name(rc));
+    bool complete = true;
     account_context_free(a);
     a = NULL;
     if (complete) {
