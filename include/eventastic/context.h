@@ -77,8 +77,8 @@ ES_EXPORT ES_OWNER_THREAD int es_context_save(es_txn *txn, es_context *ctx,
 /**
  * Load an aggregate: the snapshot of the type's snapshot version, then the
  * events after it; without a usable snapshot (missing, other snapshot
- * version, undecodable) the stream is replayed from version 0.  A load
- * never writes.  *out is the caller's (es_context_free).
+ * version, undecodable, or at a version the stream does not have) the
+ * stream is replayed from version 0.  A load never writes.  *out is the caller's (es_context_free).
  * Errors: ES_ENOTFOUND (no events), ES_EAPPLY (with the event id),
  * ES_EDECODE (an event could not be decoded: unknown kind, bad bytes),
  * ES_EINVAL, ES_ENOMEM, store errors.
