@@ -130,13 +130,15 @@ static int acc_apply(void *state, const void *event, es_error *err)
     case BANK_DEPOSITED:
     case BANK_TRANSFER_CREDITED:
     case BANK_TRANSFER_REFUNDED:
-        if (e->amount <= 0 || a->balance > INT64_MAX - e->amount)
+        if (e->amount <= 0 || a->balance > INT64_MAX - e->amount ||
+            a->balance + e->amount != e->balance)
             return fail(err, "amount out of range");
         a->balance += e->amount;
         return 0;
     case BANK_WITHDRAWN:
     case BANK_TRANSFER_DEBITED:
-        if (e->amount <= 0 || e->amount > a->balance)
+        if (e->amount <= 0 || e->amount > a->balance ||
+            a->balance - e->amount != e->balance)
             return fail(err, "amount out of range");
         a->balance -= e->amount;
         return 0;
@@ -222,6 +224,7 @@ static int acc_event_encode(const void *ev, es_buf *out, es_error *err)
     const bank_account_event *e = ev;
     int rc = put_uuid(out, &e->id);
     if (rc == 0) rc = put_i64(out, e->amount);
+    if (rc == 0) rc = put_i64(out, e->balance);
     switch (e->kind) {
     case BANK_OPENED:
         if (rc == 0) rc = put_str(out, e->owner);
@@ -253,6 +256,7 @@ static int acc_event_decode(int32_t kind, const uint8_t *p, size_t len,
     reader r = {p, len, false};
     get_uuid(&r, &e->id);
     e->amount = get_i64(&r);
+    e->balance = get_i64(&r);
     switch (e->kind) {
     case BANK_OPENED:
         get_str(&r, e->owner);
@@ -517,6 +521,7 @@ int bank_account_decide(void *user, const void *state,
         if (a != NULL) return es_emit_reject(em, BANK_REJECT_EXISTS);
         if (c.amount < 0) return es_emit_reject(em, BANK_REJECT_INVALID);
         e.kind = BANK_OPENED;
+        e.balance = c.amount;
         memcpy(e.owner, c.owner, sizeof e.owner);
         memcpy(e.email, c.email, sizeof e.email);
         return emit_account(em, &e);
@@ -527,6 +532,7 @@ int bank_account_decide(void *user, const void *state,
         if (c.amount <= 0) return es_emit_reject(em, BANK_REJECT_INVALID);
         if (a->balance > INT64_MAX - c.amount)
             return es_emit_reject(em, BANK_REJECT_OVERFLOW);
+        e.balance = a->balance + c.amount;
         e.kind = c.kind == BANK_CMD_DEPOSIT  ? BANK_DEPOSITED
                  : c.kind == BANK_CMD_CREDIT ? BANK_TRANSFER_CREDITED
                                              : BANK_TRANSFER_REFUNDED;
@@ -539,6 +545,7 @@ int bank_account_decide(void *user, const void *state,
         if (c.amount <= 0) return es_emit_reject(em, BANK_REJECT_INVALID);
         if (c.amount > a->balance)
             return es_emit_reject(em, BANK_REJECT_INSUFFICIENT);
+        e.balance = a->balance - c.amount;
         e.kind = c.kind == BANK_CMD_WITHDRAW ? BANK_WITHDRAWN
                                              : BANK_TRANSFER_DEBITED;
         e.transfer_id = c.transfer_id;

@@ -43,6 +43,7 @@ typedef struct bank_account_event {
     bank_account_event_kind kind;
     es_uuid id;
     int64_t amount;              /* initial balance for BANK_OPENED */
+    int64_t balance;             /* the balance after this event */
     es_uuid transfer_id;         /* transfer events */
     es_uuid other;               /* the other account of a transfer */
     char owner[BANK_NAME_MAX];   /* BANK_OPENED */
