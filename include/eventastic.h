@@ -1,5 +1,6 @@
-/*
- * eventastic.h - everything public, in one include.
+/**
+ * @file eventastic.h
+ * @brief Everything public, in one include.
  */
 #ifndef EVENTASTIC_H
 #define EVENTASTIC_H
@@ -8,7 +9,9 @@
 #include "eventastic/common.h"
 #include "eventastic/context.h"
 #include "eventastic/host.h"
+#include "eventastic/log.h"
 #include "eventastic/memory.h"
+#include "eventastic/outbox.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"
 #include "eventastic/typed.h"

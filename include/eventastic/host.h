@@ -1,6 +1,7 @@
-/*
- * eventastic/host.h - the aggregate host: aggregates served from a thread
- * pool, one command at a time per key, their events committed in batches.
+/**
+ * @file host.h
+ * @brief the aggregate host: aggregates served from a thread pool, one
+ * command at a time per key, their events committed in batches.
  *
  * Each aggregate instance (key = aggregate id) is an actor with a bounded
  * mailbox.  Commands to one key are decided one at a time, in arrival
@@ -126,12 +127,12 @@ typedef struct es_host_result {
     uint64_t version;
     /** The command's events (status 0), in version order. */
     const es_event *events;
-    size_t n_events;
+    size_t n_events; /**< number of events */
     /** Why it failed: the rejection reason or an error message; "" on
      *  success.  Never NULL. */
     const char *reason;
-    es_uuid aggregate_id;
-    es_uuid command_id;
+    es_uuid aggregate_id; /**< the aggregate the command was sent to */
+    es_uuid command_id;   /**< the command's id */
 } es_host_result;
 
 /**
@@ -292,12 +293,12 @@ ES_EXPORT ES_ANY_THREAD int es_host_send(es_host *host,
  * Same fields as es_host_result, with copies of the events.
  */
 typedef struct es_host_reply {
-    int status;
-    bool duplicate;
-    uint64_t version;
-    es_event *events; /**< payloads owned by the reply */
-    size_t n_events;
-    char reason[256];
+    int status;        /**< as es_host_result.status */
+    bool duplicate;    /**< as es_host_result.duplicate */
+    uint64_t version;  /**< as es_host_result.version */
+    es_event *events;  /**< copies; payloads owned by the reply */
+    size_t n_events;   /**< number of events */
+    char reason[256];  /**< as es_host_result.reason, truncated */
 } es_host_reply;
 
 /** Free a reply.  NULL is a no-op.  Thread: any. */
@@ -323,8 +324,11 @@ ES_EXPORT ES_ANY_THREAD int es_host_call(es_host *host,
 /** Latency of one stage, in microseconds (from a histogram with about 3%
  *  resolution). */
 typedef struct es_host_latency {
-    uint64_t count;
-    double p50_us, p99_us, p999_us, max_us;
+    uint64_t count;  /**< values recorded */
+    double p50_us;   /**< median */
+    double p99_us;   /**< 99th percentile */
+    double p999_us;  /**< 99.9th percentile */
+    double max_us;   /**< largest value */
 } es_host_latency;
 
 /** A snapshot of the host's counters (since es_host_open). */

@@ -48,7 +48,7 @@ static int write_item(es_txn *txn, es__commit_item *it, es_error *err)
         if (ins != stack) es__free(ins);
     }
     if (rc == 0)
-        rc = es__txn_insert_side_effects(txn, it->side_effects,
+        rc = es__txn_insert_side_effects(txn, it->type_name, it->side_effects,
                                          it->n_side_effects, err);
     if (rc == 0 && es__store_has_commands(txn->store)) {
         bool ok = false;
