@@ -28,8 +28,11 @@
  * Threads: the host runs `workers` worker threads, one committer thread
  * and one housekeeping thread (snapshots, passivation).  Decide handlers
  * and completion callbacks run on worker threads (completions with
- * ES_ECLOSED may also run on the thread closing the host).  All user code
- * of one aggregate runs on one thread at a time.
+ * ES_ECLOSED may also run on the thread closing the host).  The aggregate
+ * type's callbacks run on worker threads too, except state_encode for a
+ * snapshot on passivation (housekeeping thread, or the thread running
+ * es_host_shutdown).  All user code of one aggregate runs on one thread
+ * at a time.
  */
 #ifndef EVENTASTIC_HOST_H
 #define EVENTASTIC_HOST_H
@@ -308,7 +311,7 @@ ES_EXPORT ES_ANY_THREAD void es_host_reply_free(es_host_reply *reply);
  * Send a command and wait for its outcome.  Returns the outcome's status
  * (as es_host_result.status) or es_host_send's error; *out (may be NULL if
  * not wanted) receives the reply whenever the command was accepted, else
- * NULL.  Thread: any, also from decide and completion callbacks (the
+ * NULL (also when copying the reply ran out of memory: ES_ENOMEM).  Thread: any, also from decide and completion callbacks (the
  * worker then runs other aggregates while it waits), except to the very
  * aggregate whose decide or callback is running: ES_EMISUSE.  A cycle of
  * blocking calls between aggregates deadlocks; use es_host_send there.
