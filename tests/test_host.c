@@ -1402,6 +1402,69 @@ static void wrap_store(es_store *store, bool command_ids, bool flaky)
 
 static void unwrap_store(es_store *store) { store->ops = memory_ops; }
 
+/* A store whose snapshot writes wait on a gate. */
+static pthread_mutex_t snap_gate_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t snap_gate_cond = PTHREAD_COND_INITIALIZER;
+static bool snap_gate_open;
+static int snap_waiting;
+
+static int gated_store_snapshot(es_txn *txn, const es_snapshot *snap,
+                                es_error *err)
+{
+    pthread_mutex_lock(&snap_gate_lock);
+    snap_waiting++;
+    pthread_cond_broadcast(&snap_gate_cond);
+    while (!snap_gate_open)
+        pthread_cond_wait(&snap_gate_cond, &snap_gate_lock);
+    pthread_mutex_unlock(&snap_gate_lock);
+    return memory_ops->store_snapshot(txn, snap, err);
+}
+
+/* Snapshot writing never delays an acknowledgement: with every snapshot
+ * write blocked, commands still complete. */
+static void tune_snapshot_every_event(es_host_config *cfg)
+{
+    es_host_config_set_snapshots(cfg, 1, true);
+}
+
+static void test_host_snapshots_never_delay_acknowledgements(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    wrap_store(store, true, false);
+    wrapped_ops.store_snapshot = gated_store_snapshot;
+    snap_gate_open = false;
+    snap_waiting = 0;
+    open_host(&w, store, 2, tune_snapshot_every_event);
+    payload one = make_payload(1, 0, 0, NULL);
+    es_command first = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, &w.keys[0], &first, NULL), 0);
+    /* the housekeeper is now stuck writing that snapshot */
+    pthread_mutex_lock(&snap_gate_lock);
+    while (snap_waiting == 0)
+        pthread_cond_wait(&snap_gate_cond, &snap_gate_lock);
+    pthread_mutex_unlock(&snap_gate_lock);
+    for (int i = 1; i < 30; i++) {
+        es_command c = command(CMD_ADD, &one);
+        assert_int_equal(call(&w, &w.keys[i % 3], &c, NULL), 0);
+    }
+    pthread_mutex_lock(&snap_gate_lock);
+    snap_gate_open = true;
+    pthread_cond_broadcast(&snap_gate_cond);
+    pthread_mutex_unlock(&snap_gate_lock);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    unwrap_store(store);
+    uint64_t version = 0;
+    assert_int_equal(snapshot_version(store, &w.keys[0], &version), 0);
+    assert_int_equal(version, 9);
+    assert_int_equal(es_memory_store_event_count(store), 30);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 static void test_host_store_without_command_ids(void **state)
 {
     (void)state;
@@ -1823,6 +1886,7 @@ int main(void)
         cmocka_unit_test(test_host_call_from_completion_callback),
         cmocka_unit_test(test_host_side_effects_and_two_types),
         cmocka_unit_test(test_host_store_without_command_ids),
+        cmocka_unit_test(test_host_snapshots_never_delay_acknowledgements),
         cmocka_unit_test(test_host_failing_commits_never_succeed),
         cmocka_unit_test(test_host_unknown_commit_outcome_is_read_back),
         cmocka_unit_test(test_host_chaos_store_matches_outcomes),
