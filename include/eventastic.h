@@ -8,6 +8,7 @@
 #include "eventastic/common.h"
 #include "eventastic/context.h"
 #include "eventastic/memory.h"
+#include "eventastic/postgres.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"
 #include "eventastic/typed.h"

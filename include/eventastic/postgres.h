@@ -1,0 +1,163 @@
+/*
+ * eventastic/postgres.h - the PostgreSQL store.
+ *
+ * A store on a PostgreSQL server (libpq), used through eventastic/store.h
+ * and eventastic/context.h like any other store.  A configuration says
+ * where the server is (a libpq connection string, or DATABASE_URL), in
+ * which schema the tables are and what they are called, how many
+ * connections the store may keep, and how many events a stream reads per
+ * round trip.
+ *
+ *   es_pg_config *cfg = NULL;
+ *   es_pg_config_new(&cfg, &err);
+ *   es_pg_config_set_conninfo(cfg, "host=/run/pg dbname=bank", &err);
+ *   es_pg_migrate(cfg, NULL, &err);         // create or upgrade the tables
+ *   es_pg_store_open(cfg, &store, &err);
+ *   es_pg_config_free(cfg);                 // the store keeps a copy
+ *
+ * Transactions run at READ COMMITTED; each holds one pooled connection
+ * from es_store_begin until commit or rollback.  A connection that broke
+ * (lost, or left in an unknown transaction state) is closed, never handed
+ * out again.
+ *
+ * Errors from the server carry their SQLSTATE in es_error.sqlstate.  A
+ * unique violation (23505) and a serialization failure or deadlock (40001,
+ * 40P01) give ES_ECONFLICT: retrying the whole transaction is safe.  A
+ * statement timeout or cancel (57014) gives ES_ETIMEDOUT.  Bad data (class
+ * 22, e.g. invalid UTF-8) gives ES_EINVAL.  A lost connection gives ES_EDB
+ * with SQLSTATE 08006 (set by the library), and ES_EUNKNOWN when it was lost
+ * during COMMIT: the transaction may or may not have committed.  Other
+ * server errors give ES_EDB.  Messages never hold the password of the
+ * connection string.
+ *
+ * Names (schema, tables) must match [A-Za-z_][A-Za-z0-9_]{0,62}; they are
+ * always quoted in SQL (so "Order" and "select" are fine and case is
+ * kept).  Every value goes to the server as a parameter.
+ */
+#ifndef EVENTASTIC_POSTGRES_H
+#define EVENTASTIC_POSTGRES_H
+
+#include "common.h"
+#include "status.h"
+#include "store.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** Configuration of a PostgreSQL store (opaque). */
+typedef struct es_pg_config es_pg_config;
+
+/** The tables whose names can be set. */
+typedef enum es_pg_table {
+    ES_PG_TABLE_EVENTS = 0,     /**< default "events" */
+    ES_PG_TABLE_SNAPSHOTS = 1,  /**< default "snapshots" */
+    ES_PG_TABLE_OUTBOX = 2,     /**< default "outbox" */
+    ES_PG_TABLE_MIGRATIONS = 3  /**< default "es_migrations" */
+} es_pg_table;
+
+/** Longest schema or table name, in bytes (PostgreSQL's NAMEDATALEN-1). */
+#define ES_PG_NAME_MAX 63
+
+/**
+ * Make a configuration with the defaults: connection string from
+ * DATABASE_URL (read by es_pg_store_open and es_pg_migrate), schema
+ * "public", the default table names, 8 connections, 1000 events per
+ * stream chunk.  *out is the caller's (es_pg_config_free).
+ * Errors: ES_EINVAL (out NULL), ES_ENOMEM.  Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_pg_config_new(es_pg_config **out,
+                                             es_error *err);
+
+/** Free a configuration.  NULL is a no-op.  Thread: the config's owner. */
+ES_EXPORT ES_OWNER_THREAD void es_pg_config_free(es_pg_config *cfg);
+
+/**
+ * Set the libpq connection string ("host=... dbname=..." or a
+ * postgresql:// URI); NULL goes back to DATABASE_URL.  The string is copied
+ * and checked for syntax only (the server is not contacted).  Errors:
+ * ES_EINVAL (cfg NULL, a string libpq cannot parse; the message does not
+ * repeat the string), ES_ENOMEM.  On error nothing changes.
+ * Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_conninfo(es_pg_config *cfg,
+                                                        const char *conninfo,
+                                                        es_error *err);
+
+/**
+ * Set the schema that holds the tables (created by es_pg_migrate when it
+ * does not exist).  Errors: ES_EINVAL (cfg or name NULL, a name outside
+ * [A-Za-z_][A-Za-z0-9_]{0,62}).  On error nothing changes.
+ * Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_schema(es_pg_config *cfg,
+                                                      const char *schema,
+                                                      es_error *err);
+
+/**
+ * Set the name of one table.  Errors: ES_EINVAL (cfg or name NULL, unknown
+ * table, a name outside [A-Za-z_][A-Za-z0-9_]{0,62}, or a name another
+ * table of this config already has).  On error nothing changes.
+ * Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_table(es_pg_config *cfg,
+                                                     es_pg_table table,
+                                                     const char *name,
+                                                     es_error *err);
+
+/**
+ * Set the most connections the store keeps open (1 to 1024).  A
+ * transaction holds one; es_store_begin waits while all are taken.
+ * Errors: ES_EINVAL.  Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_pool_size(es_pg_config *cfg,
+                                                         size_t size,
+                                                         es_error *err);
+
+/**
+ * Set how many events a stream reads per round trip (1 to 1,000,000).
+ * The memory a stream needs is bounded by this many events, whatever the
+ * stream's length.  Errors: ES_EINVAL.  Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_chunk_size(es_pg_config *cfg,
+                                                          size_t events,
+                                                          es_error *err);
+
+/**
+ * Open a store on the configured server.  One connection is made at once,
+ * so that a wrong address or password shows here; more are made when
+ * transactions need them, up to the pool size.  The tables must exist
+ * (es_pg_migrate).  The configuration is copied: free it when you like.
+ * *out is the caller's; close it with es_store_close.
+ * Errors: ES_EINVAL (NULL argument, no connection string and no
+ * DATABASE_URL), ES_ENOMEM, ES_EDB (the server could not be reached or
+ * refused the login; the message says why, without the password).
+ * Thread: any; the store may then be used from many threads at once.
+ */
+ES_EXPORT ES_ANY_THREAD int es_pg_store_open(const es_pg_config *cfg,
+                                             es_store **out, es_error *err);
+
+/**
+ * Create or upgrade the schema and tables: the migrations embedded in the
+ * library that the migrations table does not list yet are applied in
+ * order, in one transaction, under a transaction-level advisory lock, so
+ * that several processes may migrate at once (one does the work, the
+ * others then find nothing to do).  Running it again is a no-op.  On
+ * success *schema_version (if not NULL) is the newest migration applied.
+ * Errors: ES_EINVAL (cfg NULL, no connection string), ES_ENOMEM, ES_EDB:
+ * a server error (nothing is applied), or a migration the database lists
+ * that differs from the library's (its checksum changed) or that the
+ * library does not know (the database is newer); nothing is then changed.
+ * Uses a connection of its own.  Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_pg_migrate(const es_pg_config *cfg,
+                                          int *schema_version, es_error *err);
+
+/** The newest migration this library carries (its schema version).
+ *  Thread: any. */
+ES_EXPORT ES_ANY_THREAD int es_pg_schema_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

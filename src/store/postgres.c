@@ -1,0 +1,1300 @@
+/*
+ * The PostgreSQL store (libpq).
+ *
+ * Every value goes as a binary parameter and every result comes back in
+ * binary, so payloads are bytes end to end (no escaping).  Names of the
+ * schema and tables are validated when they are set and quoted in every
+ * statement; the statements are built once, when the store opens.
+ *
+ * Events of one save go in one statement (arrays + unnest), skipping rows
+ * whose event id or (aggregate, version) exists (ON CONFLICT DO NOTHING);
+ * RETURNING says which went in, and the core decides what a skipped row
+ * means.  Streams are read by keyset pages of `chunk` rows over the
+ * primary key (aggregate_id, version): one round trip for a short stream,
+ * no cursor to close, and memory bounded by the page, whatever the
+ * stream's length.  Under READ COMMITTED each page sees the newest
+ * committed rows, which only ever adds events at the end of a stream.
+ *
+ * Lock rule: `lock` guards the pool (idle, n_idle, n_open).  Connections
+ * are made and closed outside it.  A connection belongs to one
+ * transaction at a time; it goes back to the pool only when it is healthy
+ * and idle (no transaction open), otherwise it is closed.
+ */
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "eventastic/postgres.h"
+#include "store/pg_migrations.h"
+#include "store/store_impl.h"
+
+/* Type oids of the built-in types we send (pg_type.h is server-side). */
+#define OID_INT8 20
+#define OID_INT4 23
+#define OID_TEXT 25
+#define OID_UUID 2950
+#define OID_INT8_ARRAY 1016
+#define OID_INT4_ARRAY 1007
+#define OID_BYTEA_ARRAY 1001
+#define OID_UUID_ARRAY 2951
+#define OID_BYTEA 17
+
+#define N_TABLES 4
+#define NAME_BUF (ES_PG_NAME_MAX + 1)
+#define MAX_PAYLOAD 0x3fffffffu /* PostgreSQL's field limit, 1 GiB - 1 */
+#define LOST_SQLSTATE "08006"
+
+struct es_pg_config {
+    char *conninfo; /* NULL: DATABASE_URL */
+    char schema[NAME_BUF];
+    char tables[N_TABLES][NAME_BUF];
+    size_t pool_size;
+    size_t chunk;
+};
+
+static const char *const default_tables[N_TABLES] = {
+    "events", "snapshots", "outbox", "es_migrations"};
+
+enum {
+    SQL_INSERT_EVENTS,
+    SQL_STREAM,
+    SQL_GET_EVENT,
+    SQL_INSERT_SIDE_EFFECTS,
+    SQL_LIST_SIDE_EFFECTS,
+    SQL_GET_SNAPSHOT,
+    SQL_STORE_SNAPSHOT,
+    SQL_DELETE_SNAPSHOTS,
+    SQL_COUNT
+};
+
+typedef struct pg_store {
+    struct es_store base;
+    char *conninfo;
+    char *password; /* to scrub from messages; NULL when none given */
+    size_t chunk;
+    char *sql[SQL_COUNT];
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    PGconn **idle; /* capacity max */
+    size_t n_idle, n_open, max;
+} pg_store;
+
+typedef struct pg_txn {
+    struct es_txn base;
+    PGconn *conn;
+    unsigned depth; /* savepoints open */
+} pg_txn;
+
+static const int binary_formats[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+
+/* ---- names ---- */
+
+static bool name_valid(const char *s)
+{
+    if (s == NULL) return false;
+    size_t n = strlen(s);
+    if (n == 0 || n > ES_PG_NAME_MAX) return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        bool alpha = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                     c == '_';
+        bool digit = c >= '0' && c <= '9';
+        if (!(alpha || (digit && i > 0))) return false;
+    }
+    return true;
+}
+
+/* "schema"."table": the names are valid, so they hold no quote. */
+static void qualify(char *out, size_t cap, const char *schema,
+                    const char *table)
+{
+    snprintf(out, cap, "\"%s\".\"%s\"", schema, table);
+}
+
+__attribute__((format(printf, 1, 2))) static char *sqlf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0) return NULL;
+    char *s = es__malloc((size_t)n + 1);
+    if (s == NULL) return NULL;
+    va_start(ap, fmt);
+    vsnprintf(s, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+/* ---- configuration ---- */
+
+int es_pg_config_new(es_pg_config **out, es_error *err)
+{
+    if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
+    es_pg_config *cfg = es__calloc(1, sizeof *cfg);
+    if (cfg == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    strcpy(cfg->schema, "public");
+    for (int i = 0; i < N_TABLES; i++) strcpy(cfg->tables[i], default_tables[i]);
+    cfg->pool_size = 8;
+    cfg->chunk = 1000;
+    *out = cfg;
+    return 0;
+}
+
+void es_pg_config_free(es_pg_config *cfg)
+{
+    if (cfg == NULL) return;
+    es__free(cfg->conninfo);
+    es__free(cfg);
+}
+
+/* Parse a connection string; on success *password is a copy of its
+ * password (NULL when it has none).  libpq's parse message is not passed
+ * on: it may quote a piece of the string, and so of the password. */
+static int conninfo_check(const char *conninfo, char **password,
+                          es_error *err)
+{
+    char *msg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &msg);
+    if (opts == NULL) {
+        if (msg != NULL) PQfreemem(msg);
+        return es__error_set(err, ES_EINVAL,
+                             "connection string could not be parsed (expected "
+                             "key=value pairs or a postgresql:// URI)");
+    }
+    int rc = 0;
+    if (password != NULL) {
+        *password = NULL;
+        for (PQconninfoOption *o = opts; o->keyword != NULL; o++) {
+            if (strcmp(o->keyword, "password") != 0 || o->val == NULL ||
+                o->val[0] == '\0')
+                continue;
+            *password = es__strdup(o->val);
+            if (*password == NULL)
+                rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        }
+    }
+    PQconninfoFree(opts);
+    return rc;
+}
+
+int es_pg_config_set_conninfo(es_pg_config *cfg, const char *conninfo,
+                              es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    char *copy = NULL;
+    if (conninfo != NULL) {
+        int rc = conninfo_check(conninfo, NULL, err);
+        if (rc != 0) return rc;
+        if ((copy = es__strdup(conninfo)) == NULL)
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    es__free(cfg->conninfo);
+    cfg->conninfo = copy;
+    return 0;
+}
+
+static int name_error(es_error *err, const char *what)
+{
+    return es__error_set(err, ES_EINVAL,
+                         "%s name must match [A-Za-z_][A-Za-z0-9_]{0,62}",
+                         what);
+}
+
+int es_pg_config_set_schema(es_pg_config *cfg, const char *schema,
+                            es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    if (!name_valid(schema)) return name_error(err, "schema");
+    strcpy(cfg->schema, schema);
+    return 0;
+}
+
+int es_pg_config_set_table(es_pg_config *cfg, es_pg_table table,
+                           const char *name, es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    int i = (int)table;
+    if (i < 0 || i >= N_TABLES)
+        return es__error_set(err, ES_EINVAL, "unknown table %d", i);
+    if (!name_valid(name)) return name_error(err, "table");
+    for (int j = 0; j < N_TABLES; j++)
+        if (j != i && strcmp(cfg->tables[j], name) == 0)
+            return es__error_set(err, ES_EINVAL,
+                                 "table name '%s' is already used for "
+                                 "another table", name);
+    strcpy(cfg->tables[i], name);
+    return 0;
+}
+
+int es_pg_config_set_pool_size(es_pg_config *cfg, size_t size, es_error *err)
+{
+    if (cfg == NULL || size < 1 || size > 1024)
+        return es__error_set(err, ES_EINVAL, "pool size must be 1 to 1024");
+    cfg->pool_size = size;
+    return 0;
+}
+
+int es_pg_config_set_chunk_size(es_pg_config *cfg, size_t events,
+                                es_error *err)
+{
+    if (cfg == NULL || events < 1 || events > 1000000)
+        return es__error_set(err, ES_EINVAL,
+                             "chunk size must be 1 to 1000000 events");
+    cfg->chunk = events;
+    return 0;
+}
+
+/* The configured connection string, or DATABASE_URL. */
+static int resolve_conninfo(const es_pg_config *cfg, const char **out,
+                            es_error *err)
+{
+    const char *ci = cfg->conninfo ? cfg->conninfo : getenv("DATABASE_URL");
+    if (ci == NULL || ci[0] == '\0')
+        return es__error_set(err, ES_EINVAL, "no connection string: set one "
+                             "in the config or DATABASE_URL");
+    *out = ci;
+    return 0;
+}
+
+/* ---- errors ---- */
+
+/* Copy msg into out with every occurrence of secret replaced, and the
+ * trailing newline libpq adds dropped. */
+static void scrub(char *out, size_t cap, const char *msg, const char *secret)
+{
+    size_t k = 0, slen = secret ? strlen(secret) : 0;
+    for (const char *p = msg; *p != '\0' && k + 1 < cap;) {
+        if (slen > 0 && strncmp(p, secret, slen) == 0) {
+            for (const char *r = "***"; *r != '\0' && k + 1 < cap; r++)
+                out[k++] = *r;
+            p += slen;
+            continue;
+        }
+        out[k++] = (*p == '\n' || *p == '\r' || *p == '\t') ? ' ' : *p;
+        p++;
+    }
+    while (k > 0 && out[k - 1] == ' ') k--;
+    out[k] = '\0';
+}
+
+static int status_for_sqlstate(const char *st)
+{
+    if (strcmp(st, "23505") == 0 || strcmp(st, "40001") == 0 ||
+        strcmp(st, "40P01") == 0)
+        return ES_ECONFLICT;
+    if (strcmp(st, "57014") == 0) return ES_ETIMEDOUT;
+    if (strncmp(st, "22", 2) == 0) return ES_EINVAL;
+    if (strncmp(st, "08", 2) == 0) return ES_EDB;
+    return ES_EDB;
+}
+
+static bool conn_lost(PGconn *c, const PGresult *r)
+{
+    return r == NULL || PQstatus(c) == CONNECTION_BAD;
+}
+
+/* An es_error for a failed statement (r may be NULL). */
+static int db_error(PGconn *c, const PGresult *r, es_error *err,
+                    const char *what)
+{
+    char msg[200];
+    if (conn_lost(c, r)) {
+        scrub(msg, sizeof msg, PQerrorMessage(c), NULL);
+        es__error_set(err, ES_EDB, "%s: connection to the database lost: %s",
+                      what, msg);
+        if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+        return ES_EDB;
+    }
+    const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    if (primary == NULL) primary = PQresultErrorMessage(r);
+    scrub(msg, sizeof msg, primary ? primary : "unknown error", NULL);
+    if (st == NULL || strlen(st) != 5) st = "XX000";
+    int code = status_for_sqlstate(st);
+    es__error_set(err, code, "%s: %s (SQLSTATE %s)", what, msg, st);
+    if (err) memcpy(err->sqlstate, st, 6);
+    return code;
+}
+
+/* Run a statement with binary parameters and binary results.  On success
+ * *out (if given) is the result (PQclear), else it is cleared. */
+static int run(PGconn *c, const char *what, const char *sql, int n,
+               const Oid *types, const char *const *values, const int *lens,
+               PGresult **out, es_error *err)
+{
+    PGresult *r = PQexecParams(c, sql, n, types, values, lens,
+                               n > 0 ? binary_formats : NULL, 1);
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        if (out)
+            *out = r;
+        else
+            PQclear(r);
+        return 0;
+    }
+    int rc = db_error(c, r, err, what);
+    PQclear(r);
+    return rc;
+}
+
+/* A statement without parameters, in text (simple protocol: several
+ * statements may follow each other). */
+static int run_simple(PGconn *c, const char *what, const char *sql,
+                      es_error *err)
+{
+    PGresult *r = PQexec(c, sql);
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        PQclear(r);
+        return 0;
+    }
+    int rc = db_error(c, r, err, what);
+    PQclear(r);
+    return rc;
+}
+
+/* ---- binary values ---- */
+
+static void be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void be64(uint8_t *p, uint64_t v)
+{
+    be32(p, (uint32_t)(v >> 32));
+    be32(p + 4, (uint32_t)v);
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
+           (uint32_t)p[3];
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+    return (uint64_t)get32(p) << 32 | get32(p + 4);
+}
+
+static int put32(es_buf *b, uint32_t v)
+{
+    uint8_t x[4];
+    be32(x, v);
+    return es_buf_append(b, x, 4);
+}
+
+/* Binary array header: one dimension of n items, no nulls. */
+static int array_begin(es_buf *b, Oid elem, size_t n)
+{
+    int rc = put32(b, 1);
+    if (rc == 0) rc = put32(b, 0);
+    if (rc == 0) rc = put32(b, elem);
+    if (rc == 0) rc = put32(b, (uint32_t)n);
+    if (rc == 0) rc = put32(b, 1);
+    return rc;
+}
+
+static int array_item(es_buf *b, const void *data, size_t len)
+{
+    int rc = put32(b, (uint32_t)len);
+    return rc == 0 ? es_buf_append(b, data, len) : rc;
+}
+
+static int array_i64(es_buf *b, int64_t v)
+{
+    uint8_t x[8];
+    be64(x, (uint64_t)v);
+    return array_item(b, x, 8);
+}
+
+static int array_i32(es_buf *b, int32_t v)
+{
+    uint8_t x[4];
+    be32(x, (uint32_t)v);
+    return array_item(b, x, 4);
+}
+
+/* Column readers; false when the value is NULL or of another type. */
+static bool col_uuid(const PGresult *r, int row, int col, es_uuid *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 16)
+        return false;
+    memcpy(out->bytes, PQgetvalue(r, row, col), 16);
+    return true;
+}
+
+static bool col_u64(const PGresult *r, int row, int col, uint64_t *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 8)
+        return false;
+    uint64_t v = get64((const uint8_t *)PQgetvalue(r, row, col));
+    if (v > INT64_MAX) return false; /* negative */
+    *out = v;
+    return true;
+}
+
+static bool col_i32(const PGresult *r, int row, int col, int32_t *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 4)
+        return false;
+    *out = (int32_t)get32((const uint8_t *)PQgetvalue(r, row, col));
+    return true;
+}
+
+static bool col_bytes(const PGresult *r, int row, int col,
+                      const uint8_t **data, size_t *len)
+{
+    if (PQgetisnull(r, row, col)) return false;
+    *data = (const uint8_t *)PQgetvalue(r, row, col);
+    *len = (size_t)PQgetlength(r, row, col);
+    return true;
+}
+
+static int bad_row(es_error *err, const char *what)
+{
+    return es__error_set(err, ES_EDB, "%s: a row has an unexpected NULL, "
+                         "negative number or column type", what);
+}
+
+/* ---- connections and the pool ---- */
+
+static void quiet_notices(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message; /* a library does not print (NOTICEs of DDL) */
+}
+
+static int pg_connect(const char *conninfo, const char *password,
+                      PGconn **out, es_error *err)
+{
+    PGconn *c = PQconnectdb(conninfo);
+    if (c == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    if (PQstatus(c) != CONNECTION_OK) {
+        char msg[200];
+        scrub(msg, sizeof msg, PQerrorMessage(c), password);
+        PQfinish(c);
+        es__error_set(err, ES_EDB, "could not connect to the database: %s",
+                      msg);
+        if (err) memcpy(err->sqlstate, "08001", 6);
+        return ES_EDB;
+    }
+    PQsetNoticeProcessor(c, quiet_notices, NULL);
+    *out = c;
+    return 0;
+}
+
+static int pool_get(pg_store *s, PGconn **out, es_error *err)
+{
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        if (s->n_idle > 0) {
+            *out = s->idle[--s->n_idle];
+            pthread_mutex_unlock(&s->lock);
+            return 0;
+        }
+        if (s->n_open < s->max) {
+            s->n_open++;
+            pthread_mutex_unlock(&s->lock);
+            int rc = pg_connect(s->conninfo, s->password, out, err);
+            if (rc != 0) {
+                pthread_mutex_lock(&s->lock);
+                s->n_open--;
+                pthread_cond_signal(&s->cond);
+                pthread_mutex_unlock(&s->lock);
+            }
+            return rc;
+        }
+        pthread_cond_wait(&s->cond, &s->lock);
+    }
+}
+
+/* Give a connection back; a broken one, or one still in a transaction,
+ * is closed instead. */
+static void pool_put(pg_store *s, PGconn *c)
+{
+    bool healthy = PQstatus(c) == CONNECTION_OK &&
+                   PQtransactionStatus(c) == PQTRANS_IDLE;
+    if (!healthy) PQfinish(c);
+    pthread_mutex_lock(&s->lock);
+    if (healthy)
+        s->idle[s->n_idle++] = c;
+    else
+        s->n_open--;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* ---- transactions ---- */
+
+static void txn_end(pg_txn *t)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    pool_put(s, t->conn);
+    es__free(t);
+    es__store_txn_ended(&s->base);
+}
+
+static int pg_begin(es_store *store, es_txn **out, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = store;
+    int rc = 0;
+    /* A pooled connection may have died while idle (server restart):
+     * BEGIN finds out, and nothing was done yet, so try a fresh one. */
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if ((rc = pool_get(s, &t->conn, err)) != 0) break;
+        rc = run_simple(t->conn, "begin",
+                        "BEGIN ISOLATION LEVEL READ COMMITTED", err);
+        if (rc == 0) break;
+        bool lost = PQstatus(t->conn) == CONNECTION_BAD;
+        pool_put(s, t->conn);
+        t->conn = NULL;
+        if (!lost) break;
+    }
+    if (rc != 0) {
+        es__free(t);
+        return rc;
+    }
+    es__store_txn_started(store);
+    *out = &t->base;
+    return 0;
+}
+
+static int pg_commit(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    PGresult *r = PQexec(t->conn, "COMMIT");
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    int rc = 0;
+    if (st == PGRES_COMMAND_OK) {
+        /* COMMIT of a failed transaction answers ROLLBACK. */
+        if (strcmp(PQcmdStatus(r), "COMMIT") != 0) {
+            rc = es__error_set(err, ES_EDB, "commit: the transaction had "
+                               "failed earlier and was rolled back");
+            if (err) memcpy(err->sqlstate, "25P02", 6);
+        }
+    } else if (conn_lost(t->conn, r)) {
+        rc = es__error_set(err, ES_EUNKNOWN, "commit: connection lost "
+                           "during COMMIT; the transaction may or may not "
+                           "have committed");
+        if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+    } else {
+        rc = db_error(t->conn, r, err, "commit");
+    }
+    PQclear(r);
+    txn_end(t);
+    return rc;
+}
+
+static void pg_rollback(es_txn *txn)
+{
+    pg_txn *t = (pg_txn *)txn;
+    PQclear(PQexec(t->conn, "ROLLBACK"));
+    txn_end(t);
+}
+
+static int pg_savepoint(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    char sql[48];
+    snprintf(sql, sizeof sql, "SAVEPOINT es_sp_%u", t->depth + 1);
+    int rc = run_simple(t->conn, "savepoint", sql, err);
+    if (rc == 0) t->depth++;
+    return rc;
+}
+
+static int pg_rollback_to(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    if (t->depth == 0)
+        return es__error_set(err, ES_EMISUSE, "no savepoint to roll back to");
+    char sql[96];
+    snprintf(sql, sizeof sql,
+             "ROLLBACK TO SAVEPOINT es_sp_%u; RELEASE SAVEPOINT es_sp_%u",
+             t->depth, t->depth);
+    t->depth--;
+    return run_simple(t->conn, "rollback to savepoint", sql, err);
+}
+
+static int pg_release(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    if (t->depth == 0)
+        return es__error_set(err, ES_EMISUSE, "no savepoint to release");
+    char sql[48];
+    snprintf(sql, sizeof sql, "RELEASE SAVEPOINT es_sp_%u", t->depth);
+    t->depth--;
+    return run_simple(t->conn, "release savepoint", sql, err);
+}
+
+/* ---- reads ---- */
+
+static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
+                     int (*fn)(void *ud, const es_event *event), void *ud,
+                     es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (from > INT64_MAX) return 0; /* no version is that high */
+    uint8_t next[8], limit[8];
+    be64(limit, (uint64_t)s->chunk);
+    const Oid types[3] = {OID_UUID, OID_INT8, OID_INT8};
+    const char *values[3] = {(const char *)agg->bytes, (const char *)next,
+                             (const char *)limit};
+    const int lens[3] = {16, 8, 8};
+    for (;;) {
+        be64(next, from);
+        PGresult *r = NULL;
+        int rc = run(t->conn, "stream", s->sql[SQL_STREAM], 3, types, values,
+                     lens, &r, err);
+        if (rc != 0) return rc;
+        int n = PQntuples(r);
+        for (int i = 0; rc == 0 && i < n; i++) {
+            es_event ev;
+            if (!col_u64(r, i, 0, &ev.version) || !col_uuid(r, i, 1, &ev.id) ||
+                !col_i32(r, i, 2, &ev.kind) ||
+                !col_bytes(r, i, 3, &ev.data, &ev.len)) {
+                rc = bad_row(err, "stream");
+                break;
+            }
+            from = ev.version + 1;
+            rc = fn(ud, &ev);
+        }
+        PQclear(r);
+        if (rc != 0) return rc;
+        if ((size_t)n < s->chunk) return 0;
+    }
+}
+
+static int pg_get_event(es_txn *txn, const es_uuid *agg,
+                        const es_uuid *event_id, es_event **out,
+                        es_uuid *owner, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    const Oid types[2] = {OID_UUID, OID_UUID};
+    const char *values[2] = {(const char *)event_id->bytes,
+                             agg ? (const char *)agg->bytes : NULL};
+    const int lens[2] = {16, 16};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "get event", s->sql[SQL_GET_EVENT], 2, types,
+                 values, lens, &r, err);
+    if (rc != 0) return rc;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        return es__error_set(err, ES_ENOTFOUND, "event not found");
+    }
+    es_uuid who;
+    es_event ev;
+    ev.id = *event_id;
+    if (!col_uuid(r, 0, 0, &who) || !col_u64(r, 0, 1, &ev.version) ||
+        !col_i32(r, 0, 2, &ev.kind) || !col_bytes(r, 0, 3, &ev.data, &ev.len)) {
+        PQclear(r);
+        return bad_row(err, "get event");
+    }
+    *out = es__event_dup(&ev);
+    PQclear(r);
+    if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    if (owner) *owner = who;
+    return 0;
+}
+
+static int pg_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
+                           es_snapshot **out, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (sv > INT64_MAX) return es__error_set(err, ES_ENOTFOUND, "no snapshot");
+    uint8_t svb[8];
+    be64(svb, sv);
+    const Oid types[2] = {OID_UUID, OID_INT8};
+    const char *values[2] = {(const char *)agg->bytes, (const char *)svb};
+    const int lens[2] = {16, 8};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "get snapshot", s->sql[SQL_GET_SNAPSHOT], 2, types,
+                 values, lens, &r, err);
+    if (rc != 0) return rc;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        return es__error_set(err, ES_ENOTFOUND, "no snapshot");
+    }
+    es_snapshot snap = {*agg, 0, sv, NULL, 0};
+    if (!col_u64(r, 0, 0, &snap.version) ||
+        !col_bytes(r, 0, 1, &snap.data, &snap.len)) {
+        PQclear(r);
+        return bad_row(err, "get snapshot");
+    }
+    *out = es__snapshot_dup(&snap);
+    PQclear(r);
+    return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+}
+
+static int pg_list_side_effects(es_txn *txn, const es_uuid *agg,
+                                es_side_effect_list **out, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {agg ? (const char *)agg->bytes : NULL};
+    const int lens[1] = {16};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "list side effects", s->sql[SQL_LIST_SIDE_EFFECTS],
+                 1, types, values, lens, &r, err);
+    if (rc != 0) return rc;
+    es_side_effect_list *list = es__calloc(1, sizeof *list);
+    if (list == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t cap = 0;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        es_side_effect se;
+        if (!col_uuid(r, i, 0, &se.id) || !col_uuid(r, i, 1, &se.aggregate_id) ||
+            !col_uuid(r, i, 2, &se.event_id) || !col_i32(r, i, 3, &se.kind) ||
+            !col_bytes(r, i, 4, &se.data, &se.len))
+            rc = bad_row(err, "list side effects");
+        else if (es__side_effect_list_push(list, &cap, &se) != 0)
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    PQclear(r);
+    if (rc != 0) {
+        es_side_effect_list_free(list);
+        return rc;
+    }
+    *out = list;
+    return 0;
+}
+
+/* ---- writes ---- */
+
+static int too_large(es_error *err, size_t len)
+{
+    return es__error_set(err, ES_EINVAL, "payload of %zu bytes is larger "
+                         "than PostgreSQL's 1 GiB field limit", len);
+}
+
+static int pg_insert_events(es_txn *txn, const char *type_name,
+                            const es_uuid *agg, const es_event *events,
+                            size_t n, bool *inserted, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    for (size_t i = 0; i < n; i++) inserted[i] = false;
+    if (n == 0) return 0;
+    if (n > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many events in one save");
+    es_buf ver = {0}, ids = {0}, kinds = {0}, data = {0};
+    int rc = array_begin(&ver, OID_INT8, n);
+    if (rc == 0) rc = array_begin(&ids, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
+    if (rc == 0) rc = array_begin(&data, OID_BYTEA, n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const es_event *e = &events[i];
+        if (e->version > INT64_MAX) {
+            rc = ES_EINVAL;
+            es__error_set(err, rc, "version %llu does not fit a bigint",
+                          (unsigned long long)e->version);
+            break;
+        }
+        if (e->len > MAX_PAYLOAD) {
+            rc = too_large(err, e->len);
+            break;
+        }
+        rc = array_i64(&ver, (int64_t)e->version);
+        if (rc == 0) rc = array_item(&ids, e->id.bytes, 16);
+        if (rc == 0) rc = array_i32(&kinds, e->kind);
+        if (rc == 0) rc = array_item(&data, e->data, e->len);
+        if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    }
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    PGresult *r = NULL;
+    if (rc == 0 && (ver.len > INT32_MAX || data.len > INT32_MAX))
+        rc = es__error_set(err, ES_EINVAL, "one save of %zu bytes is too "
+                           "large for one statement", data.len);
+    if (rc == 0) {
+        const Oid types[6] = {OID_TEXT, OID_UUID, OID_INT8_ARRAY,
+                              OID_UUID_ARRAY, OID_INT4_ARRAY,
+                              OID_BYTEA_ARRAY};
+        const char *values[6] = {type_name, (const char *)agg->bytes,
+                                 (const char *)ver.data,
+                                 (const char *)ids.data,
+                                 (const char *)kinds.data,
+                                 (const char *)data.data};
+        const int lens[6] = {(int)strlen(type_name), 16, (int)ver.len,
+                             (int)ids.len, (int)kinds.len, (int)data.len};
+        rc = run(t->conn, "insert events", s->sql[SQL_INSERT_EVENTS], 6,
+                 types, values, lens, &r, err);
+    }
+    es_buf_free(&ver);
+    es_buf_free(&ids);
+    es_buf_free(&kinds);
+    es_buf_free(&data);
+    if (rc != 0) return rc;
+    int rows = PQntuples(r);
+    for (int i = 0; rc == 0 && i < rows; i++) {
+        if (!PQgetisnull(r, i, 2)) {
+            rc = es__error_set(err, ES_EINVAL,
+                               "aggregate is of type '%.63s', not '%.63s'",
+                               PQgetvalue(r, i, 2), type_name);
+            break;
+        }
+        uint64_t v;
+        es_uuid id;
+        if (!col_u64(r, i, 0, &v) || !col_uuid(r, i, 1, &id)) {
+            rc = bad_row(err, "insert events");
+            break;
+        }
+        /* The events of a save have consecutive versions: look there
+         * first, so 150,000 rows take linear time. */
+        size_t k = (size_t)(v - events[0].version);
+        if (v >= events[0].version && k < n && !inserted[k] &&
+            es_uuid_equal(&events[k].id, &id)) {
+            inserted[k] = true;
+            continue;
+        }
+        for (k = 0; k < n; k++)
+            if (!inserted[k] && events[k].version == v &&
+                es_uuid_equal(&events[k].id, &id)) {
+                inserted[k] = true;
+                break;
+            }
+    }
+    PQclear(r);
+    if (rc != 0)
+        for (size_t i = 0; i < n; i++) inserted[i] = false;
+    return rc;
+}
+
+static int pg_insert_side_effects(es_txn *txn, const es_side_effect *items,
+                                  size_t n, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (n == 0) return 0;
+    if (n > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many side effects");
+    es_buf ids = {0}, aggs = {0}, evs = {0}, kinds = {0}, data = {0};
+    int rc = array_begin(&ids, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&aggs, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&evs, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
+    if (rc == 0) rc = array_begin(&data, OID_BYTEA, n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const es_side_effect *e = &items[i];
+        if (e->len > MAX_PAYLOAD) {
+            rc = too_large(err, e->len);
+            break;
+        }
+        rc = array_item(&ids, e->id.bytes, 16);
+        if (rc == 0) rc = array_item(&aggs, e->aggregate_id.bytes, 16);
+        if (rc == 0) rc = array_item(&evs, e->event_id.bytes, 16);
+        if (rc == 0) rc = array_i32(&kinds, e->kind);
+        if (rc == 0) rc = array_item(&data, e->data, e->len);
+    }
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    if (rc == 0 && data.len > INT32_MAX)
+        rc = es__error_set(err, ES_EINVAL, "side effects too large for one "
+                                           "statement");
+    if (rc == 0) {
+        const Oid types[5] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
+                              OID_INT4_ARRAY, OID_BYTEA_ARRAY};
+        const char *values[5] = {(const char *)ids.data,
+                                 (const char *)aggs.data,
+                                 (const char *)evs.data,
+                                 (const char *)kinds.data,
+                                 (const char *)data.data};
+        const int lens[5] = {(int)ids.len, (int)aggs.len, (int)evs.len,
+                             (int)kinds.len, (int)data.len};
+        rc = run(t->conn, "insert side effects",
+                 s->sql[SQL_INSERT_SIDE_EFFECTS], 5, types, values, lens,
+                 NULL, err);
+    }
+    es_buf_free(&ids);
+    es_buf_free(&aggs);
+    es_buf_free(&evs);
+    es_buf_free(&kinds);
+    es_buf_free(&data);
+    return rc;
+}
+
+static int pg_store_snapshot(es_txn *txn, const es_snapshot *snap,
+                             es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (snap->version > INT64_MAX || snap->snapshot_version > INT64_MAX)
+        return es__error_set(err, ES_EINVAL, "snapshot version or version "
+                                             "does not fit a bigint");
+    if (snap->len > MAX_PAYLOAD) return too_large(err, snap->len);
+    uint8_t sv[8], v[8];
+    be64(sv, snap->snapshot_version);
+    be64(v, snap->version);
+    static const uint8_t empty[1] = {0};
+    const Oid types[4] = {OID_UUID, OID_INT8, OID_INT8, OID_BYTEA};
+    const char *values[4] = {(const char *)snap->aggregate_id.bytes,
+                             (const char *)sv, (const char *)v,
+                             (const char *)(snap->data ? snap->data : empty)};
+    const int lens[4] = {16, 8, 8, (int)snap->len};
+    return run(t->conn, "store snapshot", s->sql[SQL_STORE_SNAPSHOT], 4,
+               types, values, lens, NULL, err);
+}
+
+static int pg_delete_snapshots(es_txn *txn, const es_uuid *agg, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)agg->bytes};
+    const int lens[1] = {16};
+    return run(t->conn, "delete snapshots", s->sql[SQL_DELETE_SNAPSHOTS], 1,
+               types, values, lens, NULL, err);
+}
+
+/* ---- the store ---- */
+
+static void pg_close(es_store *store)
+{
+    pg_store *s = (pg_store *)store;
+    for (size_t i = 0; i < s->n_idle; i++) PQfinish(s->idle[i]);
+    for (int i = 0; i < SQL_COUNT; i++) es__free(s->sql[i]);
+    es__free(s->idle);
+    if (s->password) {
+        memset(s->password, 0, strlen(s->password));
+        es__free(s->password);
+    }
+    es__free(s->conninfo);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->lock);
+    es__free(s);
+}
+
+static const es_store_ops postgres_ops = {
+    .name = "postgres",
+    .begin = pg_begin,
+    .commit = pg_commit,
+    .rollback = pg_rollback,
+    .savepoint = pg_savepoint,
+    .rollback_to = pg_rollback_to,
+    .release = pg_release,
+    .stream = pg_stream,
+    .get_event = pg_get_event,
+    .insert_events = pg_insert_events,
+    .insert_side_effects = pg_insert_side_effects,
+    .get_snapshot = pg_get_snapshot,
+    .store_snapshot = pg_store_snapshot,
+    .delete_snapshots = pg_delete_snapshots,
+    .list_side_effects = pg_list_side_effects,
+    .close = pg_close,
+};
+
+static int build_sql(pg_store *s, const es_pg_config *cfg)
+{
+    char e[2 * NAME_BUF + 8], sn[2 * NAME_BUF + 8], o[2 * NAME_BUF + 8];
+    qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);
+    qualify(sn, sizeof sn, cfg->schema, cfg->tables[ES_PG_TABLE_SNAPSHOTS]);
+    qualify(o, sizeof o, cfg->schema, cfg->tables[ES_PG_TABLE_OUTBOX]);
+    /* The creation event (version 0) holds the aggregate's type: a save
+     * under another type is refused instead of mixing two streams. */
+    s->sql[SQL_INSERT_EVENTS] = sqlf(
+        "WITH other AS (SELECT aggregate_type FROM %s WHERE aggregate_id = $2 "
+        "AND version = 0 AND aggregate_type <> $1), "
+        "ins AS (INSERT INTO %s (aggregate_type, aggregate_id, version, "
+        "event_id, kind, payload) SELECT $1, $2, u.v, u.id, u.k, u.p FROM "
+        "unnest($3::bigint[], $4::uuid[], $5::integer[], $6::bytea[]) "
+        "AS u(v, id, k, p) WHERE NOT EXISTS (SELECT 1 FROM other) "
+        "ON CONFLICT DO NOTHING RETURNING version, event_id) "
+        "SELECT version, event_id, NULL::text FROM ins UNION ALL "
+        "SELECT NULL, NULL, aggregate_type FROM other",
+        e, e);
+    s->sql[SQL_STREAM] = sqlf(
+        "SELECT version, event_id, kind, payload FROM %s WHERE aggregate_id "
+        "= $1 AND version >= $2 ORDER BY version LIMIT $3", e);
+    s->sql[SQL_GET_EVENT] = sqlf(
+        "SELECT aggregate_id, version, kind, payload FROM %s WHERE event_id "
+        "= $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
+    s->sql[SQL_INSERT_SIDE_EFFECTS] = sqlf(
+        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload) "
+        "SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], "
+        "$4::integer[], $5::bytea[]) ON CONFLICT (id) DO NOTHING", o);
+    s->sql[SQL_LIST_SIDE_EFFECTS] = sqlf(
+        "SELECT id, aggregate_id, event_id, kind, payload FROM %s WHERE "
+        "status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = $1) "
+        "ORDER BY seq", o);
+    s->sql[SQL_GET_SNAPSHOT] = sqlf(
+        "SELECT version, payload FROM %s WHERE aggregate_id = $1 AND "
+        "snapshot_version = $2", sn);
+    s->sql[SQL_STORE_SNAPSHOT] = sqlf(
+        "INSERT INTO %s AS stored (aggregate_id, snapshot_version, version, "
+        "payload) VALUES ($1, $2, $3, $4) ON CONFLICT (aggregate_id, "
+        "snapshot_version) DO UPDATE SET version = excluded.version, payload "
+        "= excluded.payload, key_id = excluded.key_id, created_at = now() "
+        "WHERE stored.version <= excluded.version", sn);
+    s->sql[SQL_DELETE_SNAPSHOTS] = sqlf(
+        "DELETE FROM %s WHERE aggregate_id = $1", sn);
+    for (int i = 0; i < SQL_COUNT; i++)
+        if (s->sql[i] == NULL) return ES_ENOMEM;
+    return 0;
+}
+
+int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
+{
+    if (cfg == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "config and out are required");
+    const char *ci = NULL;
+    int rc = resolve_conninfo(cfg, &ci, err);
+    if (rc != 0) return rc;
+    pg_store *s = es__calloc(1, sizeof *s);
+    if (s == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    s->base.ops = &postgres_ops;
+    atomic_init(&s->base.open_txns, 0);
+    atomic_init(&s->base.closing, false);
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    s->chunk = cfg->chunk;
+    s->max = cfg->pool_size;
+    if ((rc = conninfo_check(ci, &s->password, err)) != 0) {
+        pg_close(&s->base);
+        return rc == ES_EINVAL ? es__error_set(err, ES_EDB, "connection "
+                                               "string could not be parsed")
+                               : rc;
+    }
+    s->conninfo = es__strdup(ci);
+    s->idle = es__calloc(s->max, sizeof *s->idle);
+    if (s->conninfo == NULL || s->idle == NULL || build_sql(s, cfg) != 0) {
+        pg_close(&s->base);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    PGconn *c = NULL;
+    if ((rc = pg_connect(s->conninfo, s->password, &c, err)) != 0) {
+        pg_close(&s->base);
+        return rc;
+    }
+    s->idle[s->n_idle++] = c;
+    s->n_open = 1;
+    *out = &s->base;
+    return 0;
+}
+
+/* ---- migrations ---- */
+
+/* FNV-1a, 64 bits: enough to see that a migration's text changed. */
+static uint64_t fnv1a(const char *s)
+{
+    uint64_t h = 0xcbf29ce484222325u;
+    for (; *s != '\0'; s++) {
+        h ^= (uint8_t)*s;
+        h *= 0x100000001b3u;
+    }
+    return h;
+}
+
+static void checksum_of(const es__pg_migration *m, char out[32])
+{
+    snprintf(out, 32, "fnv1a64:%016llx", (unsigned long long)fnv1a(m->sql));
+}
+
+/* The migration's SQL with the quoted names put in. */
+static char *expand(const char *tmpl, const es_pg_config *cfg)
+{
+    char names[4][2 * NAME_BUF + 8];
+    snprintf(names[0], sizeof names[0], "\"%s\"", cfg->schema);
+    qualify(names[1], sizeof names[1], cfg->schema,
+            cfg->tables[ES_PG_TABLE_EVENTS]);
+    qualify(names[2], sizeof names[2], cfg->schema,
+            cfg->tables[ES_PG_TABLE_SNAPSHOTS]);
+    qualify(names[3], sizeof names[3], cfg->schema,
+            cfg->tables[ES_PG_TABLE_OUTBOX]);
+    static const char *const keys[4] = {"@schema@", "@events@",
+                                        "@snapshots@", "@outbox@"};
+    es_buf b = {0};
+    int rc = 0;
+    for (const char *p = tmpl; rc == 0 && *p != '\0';) {
+        int hit = -1;
+        for (int k = 0; k < 4 && *p == '@'; k++)
+            if (strncmp(p, keys[k], strlen(keys[k])) == 0) hit = k;
+        if (hit >= 0) {
+            rc = es_buf_append_str(&b, names[hit]);
+            p += strlen(keys[hit]);
+        } else {
+            rc = es_buf_append(&b, p, 1);
+            p++;
+        }
+    }
+    if (rc == 0) rc = es_buf_append(&b, "", 1);
+    if (rc != 0) {
+        es_buf_free(&b);
+        return NULL;
+    }
+    return (char *)b.data;
+}
+
+int es_pg_schema_version(void)
+{
+    return es__pg_migrations[es__pg_migration_count - 1].version;
+}
+
+/* The body of es_pg_migrate, inside BEGIN on c. */
+static int migrate_in(PGconn *c, const es_pg_config *cfg, int *newest,
+                      es_error *err)
+{
+    char mig[2 * NAME_BUF + 8], qschema[NAME_BUF + 4], sql[512];
+    qualify(mig, sizeof mig, cfg->schema,
+            cfg->tables[ES_PG_TABLE_MIGRATIONS]);
+    snprintf(qschema, sizeof qschema, "\"%s\"", cfg->schema);
+
+    /* One migrator per schema and migrations table at a time; the lock
+     * goes with the transaction. */
+    char lock_name[3 * NAME_BUF];
+    snprintf(lock_name, sizeof lock_name, "eventastic migrate %s.%s",
+             cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
+    uint8_t key[8];
+    be64(key, fnv1a(lock_name));
+    const Oid lock_types[1] = {OID_INT8};
+    const char *lock_values[1] = {(const char *)key};
+    const int lock_lens[1] = {8};
+    int rc = run(c, "migrate: advisory lock",
+                 "SELECT pg_advisory_xact_lock($1)", 1, lock_types,
+                 lock_values, lock_lens, NULL, err);
+    if (rc != 0) return rc;
+
+    /* CREATE SCHEMA needs a right on the database even when the schema
+     * exists, so look first: a role that owns only its schema can
+     * migrate. */
+    const Oid name_types[1] = {OID_TEXT};
+    const char *name_values[1] = {cfg->schema};
+    const int name_lens[1] = {(int)strlen(cfg->schema)};
+    PGresult *r = NULL;
+    rc = run(c, "migrate: find schema",
+             "SELECT 1 FROM pg_namespace WHERE nspname = $1", 1, name_types,
+             name_values, name_lens, &r, err);
+    if (rc != 0) return rc;
+    bool have_schema = PQntuples(r) > 0;
+    PQclear(r);
+    if (!have_schema) {
+        snprintf(sql, sizeof sql, "CREATE SCHEMA %s", qschema);
+        if ((rc = run_simple(c, "migrate: create schema", sql, err)) != 0)
+            return rc;
+    }
+    snprintf(sql, sizeof sql,
+             "CREATE TABLE IF NOT EXISTS %s (version integer PRIMARY KEY, "
+             "name text NOT NULL, checksum text NOT NULL, applied_at "
+             "timestamptz NOT NULL DEFAULT now())", mig);
+    if ((rc = run_simple(c, "migrate: create migrations table", sql, err)))
+        return rc;
+
+    snprintf(sql, sizeof sql, "SELECT version, checksum FROM %s ORDER BY "
+             "version", mig);
+    r = PQexec(c, sql); /* text results: small and read once */
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+        rc = db_error(c, r, err, "migrate: read migrations table");
+        PQclear(r);
+        return rc;
+    }
+    size_t count = es__pg_migration_count;
+    bool *applied = es__calloc(count, sizeof *applied);
+    if (applied == NULL) {
+        PQclear(r);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    int high = 0;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        int v = atoi(PQgetvalue(r, i, 0));
+        const char *sum = PQgetvalue(r, i, 1);
+        size_t k = 0;
+        while (k < count && es__pg_migrations[k].version != v) k++;
+        if (k == count) {
+            rc = es__error_set(err, ES_EDB, "migrate: the database has "
+                               "migration %d, which this library (schema "
+                               "version %d) does not know: the database is "
+                               "newer than the library", v,
+                               es_pg_schema_version());
+            break;
+        }
+        char want[32];
+        checksum_of(&es__pg_migrations[k], want);
+        if (strcmp(want, sum) != 0) {
+            rc = es__error_set(err, ES_EDB, "migrate: migration %d (%s) "
+                               "differs from the one applied to the database "
+                               "(checksum %.40s there, %s here); a migration "
+                               "must never change once applied, refusing",
+                               v, es__pg_migrations[k].name, sum, want);
+            break;
+        }
+        applied[k] = true;
+        if (v > high) high = v;
+    }
+    PQclear(r);
+
+    for (size_t k = 0; rc == 0 && k < count; k++) {
+        const es__pg_migration *m = &es__pg_migrations[k];
+        if (applied[k]) continue;
+        char *body = expand(m->sql, cfg);
+        if (body == NULL) {
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+            break;
+        }
+        char what[96];
+        snprintf(what, sizeof what, "migrate: migration %d (%.60s)",
+                 m->version, m->name);
+        rc = run_simple(c, what, body, err);
+        es__free(body);
+        if (rc != 0) break;
+        char sum[32], ver[16];
+        checksum_of(m, sum);
+        snprintf(ver, sizeof ver, "%d", m->version);
+        snprintf(sql, sizeof sql, "INSERT INTO %s (version, name, checksum) "
+                 "VALUES ($1::integer, $2, $3)", mig);
+        const char *vals[3] = {ver, m->name, sum};
+        PGresult *ins = PQexecParams(c, sql, 3, NULL, vals, NULL, NULL, 0);
+        if (ins == NULL || PQresultStatus(ins) != PGRES_COMMAND_OK)
+            rc = db_error(c, ins, err, "migrate: record migration");
+        PQclear(ins);
+        if (m->version > high) high = m->version;
+    }
+    es__free(applied);
+    if (rc == 0) *newest = high;
+    return rc;
+}
+
+int es_pg_migrate(const es_pg_config *cfg, int *schema_version, es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    const char *ci = NULL;
+    int rc = resolve_conninfo(cfg, &ci, err);
+    if (rc != 0) return rc;
+    char *password = NULL;
+    if ((rc = conninfo_check(ci, &password, err)) != 0)
+        return rc == ES_EINVAL ? es__error_set(err, ES_EDB, "connection "
+                                               "string could not be parsed")
+                               : rc;
+    PGconn *c = NULL;
+    rc = pg_connect(ci, password, &c, err);
+    if (password) {
+        memset(password, 0, strlen(password));
+        es__free(password);
+    }
+    if (rc != 0) return rc;
+    int newest = 0;
+    rc = run_simple(c, "migrate: begin", "BEGIN", err);
+    if (rc == 0) rc = migrate_in(c, cfg, &newest, err);
+    if (rc == 0) {
+        PGresult *r = PQexec(c, "COMMIT");
+        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
+            rc = db_error(c, r, err, "migrate: commit");
+        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
+            rc = es__error_set(err, ES_EDB, "migrate: rolled back");
+        PQclear(r);
+    } else {
+        PQclear(PQexec(c, "ROLLBACK"));
+    }
+    PQfinish(c);
+    if (rc == 0 && schema_version) *schema_version = newest;
+    return rc;
+}
