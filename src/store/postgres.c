@@ -9,11 +9,10 @@
  * Events of one save go in one statement (arrays + unnest), skipping rows
  * whose event id or (aggregate, version) exists (ON CONFLICT DO NOTHING);
  * RETURNING says which went in, and the core decides what a skipped row
- * means.  Streams are read by keyset pages of `chunk` rows over the
- * primary key (aggregate_id, version): one round trip for a short stream,
- * no cursor to close, and memory bounded by the page, whatever the
- * stream's length.  Under READ COMMITTED each page sees the newest
- * committed rows, which only ever adds events at the end of a stream.
+ * means.  Streams are read `chunk` rows at a time, so memory is bounded
+ * by one page whatever the stream's length: the first page with one query
+ * (one round trip for most streams), the rest, if any, through a cursor
+ * (DECLARE + FETCH), planned and scanned once.
  *
  * Lock rule: `lock` guards the pool (idle, n_idle, n_open).  Connections
  * are made and closed outside it.  A connection belongs to one
@@ -61,6 +60,7 @@ static const char *const default_tables[N_TABLES] = {
 enum {
     SQL_INSERT_EVENTS,
     SQL_STREAM,
+    SQL_STREAM_REST,
     SQL_GET_EVENT,
     SQL_INSERT_SIDE_EFFECTS,
     SQL_LIST_SIDE_EFFECTS,
@@ -85,7 +85,8 @@ typedef struct pg_store {
 typedef struct pg_txn {
     struct es_txn base;
     PGconn *conn;
-    unsigned depth; /* savepoints open */
+    unsigned depth;   /* savepoints open */
+    unsigned cursors; /* stream cursors made, for unique names */
 } pg_txn;
 
 static const int binary_formats[8] = {1, 1, 1, 1, 1, 1, 1, 1};
@@ -639,6 +640,26 @@ static int pg_release(es_txn *txn, es_error *err)
 
 /* ---- reads ---- */
 
+/* Hand the rows of one page to fn; *last is the last version seen. */
+static int stream_rows(const PGresult *r, uint64_t *next,
+                       int (*fn)(void *ud, const es_event *event), void *ud,
+                       es_error *err)
+{
+    int n = PQntuples(r);
+    if (n > 0 && PQfformat(r, 0) != 1) return bad_row(err, "stream");
+    for (int i = 0; i < n; i++) {
+        es_event ev;
+        if (!col_u64(r, i, 0, &ev.version) || !col_uuid(r, i, 1, &ev.id) ||
+            !col_i32(r, i, 2, &ev.kind) ||
+            !col_bytes(r, i, 3, &ev.data, &ev.len))
+            return bad_row(err, "stream");
+        *next = ev.version + 1;
+        int rc = fn(ud, &ev);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
 static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
                      int (*fn)(void *ud, const es_event *event), void *ud,
                      es_error *err)
@@ -646,34 +667,55 @@ static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
     pg_txn *t = (pg_txn *)txn;
     pg_store *s = (pg_store *)txn->store;
     if (from > INT64_MAX) return 0; /* no version is that high */
-    uint8_t next[8], limit[8];
-    be64(limit, (uint64_t)s->chunk);
+    uint8_t next_b[8], limit_b[8];
+    be64(next_b, from);
+    be64(limit_b, (uint64_t)s->chunk);
     const Oid types[3] = {OID_UUID, OID_INT8, OID_INT8};
-    const char *values[3] = {(const char *)agg->bytes, (const char *)next,
-                             (const char *)limit};
+    const char *values[3] = {(const char *)agg->bytes, (const char *)next_b,
+                             (const char *)limit_b};
     const int lens[3] = {16, 8, 8};
+
+    /* The first page with one query: most streams end there. */
+    PGresult *r = NULL;
+    int rc = run(t->conn, "stream", s->sql[SQL_STREAM], 3, types, values,
+                 lens, &r, err);
+    if (rc != 0) return rc;
+    uint64_t next = from;
+    size_t n = (size_t)PQntuples(r);
+    rc = stream_rows(r, &next, fn, ud, err);
+    PQclear(r);
+    if (rc != 0 || n < s->chunk) return rc;
+
+    /* A long stream: the rest through one cursor, so the server plans
+     * and scans once, whatever its statistics say (keyset pages planned
+     * on stale statistics can each become a full scan). */
+    char name[32], sql[96];
+    snprintf(name, sizeof name, "es_stream_%u", ++t->cursors);
+    be64(next_b, next);
+    char *declare = sqlf("DECLARE %s NO SCROLL CURSOR FOR %s", name,
+                         s->sql[SQL_STREAM_REST]);
+    if (declare == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    rc = run(t->conn, "stream: declare", declare, 2, types, values, lens,
+             NULL, err);
+    es__free(declare);
+    if (rc != 0) return rc;
+    snprintf(sql, sizeof sql, "FETCH FORWARD %zu FROM %s", s->chunk, name);
     for (;;) {
-        be64(next, from);
-        PGresult *r = NULL;
-        int rc = run(t->conn, "stream", s->sql[SQL_STREAM], 3, types, values,
-                     lens, &r, err);
+        rc = run(t->conn, "stream: fetch", sql, 0, NULL, NULL, NULL, &r, err);
         if (rc != 0) return rc;
-        int n = PQntuples(r);
-        for (int i = 0; rc == 0 && i < n; i++) {
-            es_event ev;
-            if (!col_u64(r, i, 0, &ev.version) || !col_uuid(r, i, 1, &ev.id) ||
-                !col_i32(r, i, 2, &ev.kind) ||
-                !col_bytes(r, i, 3, &ev.data, &ev.len)) {
-                rc = bad_row(err, "stream");
-                break;
-            }
-            from = ev.version + 1;
-            rc = fn(ud, &ev);
-        }
+        n = (size_t)PQntuples(r);
+        rc = stream_rows(r, &next, fn, ud, err);
         PQclear(r);
-        if (rc != 0) return rc;
-        if ((size_t)n < s->chunk) return 0;
+        if (rc != 0 || n < s->chunk) break;
     }
+    snprintf(sql, sizeof sql, "CLOSE %s", name);
+    es_error ignored = {0};
+    int closed = run_simple(t->conn, "stream: close", sql, &ignored);
+    if (rc == 0 && closed != 0) {
+        *err = ignored;
+        rc = closed;
+    }
+    return rc;
 }
 
 static int pg_get_event(es_txn *txn, const es_uuid *agg,
@@ -1016,6 +1058,9 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
     s->sql[SQL_STREAM] = sqlf(
         "SELECT version, event_id, kind, payload FROM %s WHERE aggregate_id "
         "= $1 AND version >= $2 ORDER BY version LIMIT $3", e);
+    s->sql[SQL_STREAM_REST] = sqlf(
+        "SELECT version, event_id, kind, payload FROM %s WHERE aggregate_id "
+        "= $1 AND version >= $2 ORDER BY version", e);
     s->sql[SQL_GET_EVENT] = sqlf(
         "SELECT aggregate_id, version, kind, payload FROM %s WHERE event_id "
         "= $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
