@@ -1227,12 +1227,25 @@ static int migrate_in(PGconn *c, const es_pg_config *cfg, int *newest,
         if ((rc = run_simple(c, "migrate: create schema", sql, err)) != 0)
             return rc;
     }
-    snprintf(sql, sizeof sql,
-             "CREATE TABLE IF NOT EXISTS %s (version integer PRIMARY KEY, "
-             "name text NOT NULL, checksum text NOT NULL, applied_at "
-             "timestamptz NOT NULL DEFAULT now())", mig);
-    if ((rc = run_simple(c, "migrate: create migrations table", sql, err)))
-        return rc;
+    /* Likewise the migrations table: a role that may only read it can
+     * still check that the schema is up to date. */
+    const char *mig_values[1] = {mig};
+    const int mig_lens[1] = {(int)strlen(mig)};
+    rc = run(c, "migrate: find migrations table",
+             "SELECT to_regclass($1) IS NOT NULL", 1, name_types, mig_values,
+             mig_lens, &r, err);
+    if (rc != 0) return rc;
+    bool have_table = PQntuples(r) == 1 && PQgetlength(r, 0, 0) == 1 &&
+                      PQgetvalue(r, 0, 0)[0] == 1;
+    PQclear(r);
+    if (!have_table) {
+        snprintf(sql, sizeof sql,
+                 "CREATE TABLE IF NOT EXISTS %s (version integer PRIMARY "
+                 "KEY, name text NOT NULL, checksum text NOT NULL, "
+                 "applied_at timestamptz NOT NULL DEFAULT now())", mig);
+        rc = run_simple(c, "migrate: create migrations table", sql, err);
+        if (rc != 0) return rc;
+    }
 
     snprintf(sql, sizeof sql, "SELECT version, checksum FROM %s ORDER BY "
              "version", mig);
