@@ -206,8 +206,8 @@ def main():
     ensure_dependencies(args.no_install)
 
     os.chdir(HERE)
-    cflags_deps = pkg("--cflags", "libpq", "cmocka")
-    libs_lib = pkg("--libs", "libpq") + ["-lpthread"]
+    cflags_deps = pkg("--cflags", "libpq", "libsodium", "cmocka")
+    libs_lib = pkg("--libs", "libpq", "libsodium") + ["-lpthread"]
     libs_cmocka = pkg("--libs", "cmocka")
 
     with open("build.ninja.tmp", "w") as f:

@@ -33,6 +33,27 @@
  * Names (schema, tables) must match [A-Za-z_][A-Za-z0-9_]{0,62}; they are
  * always quoted in SQL (so "Order" and "select" are fine and case is
  * kept).  Every value goes to the server as a parameter.
+ *
+ * Encryption at rest (optional): give the config one or more master keys
+ * (es_pg_config_add_key) and event payloads, snapshots and side-effect
+ * payloads are sealed with XChaCha20-Poly1305 (libsodium) before they
+ * leave the process; ids, versions, kinds and times stay plain.  Each
+ * aggregate has its own random data key, stored in the keys table wrapped
+ * by the newest master key when the aggregate is first written; each row
+ * records the id of that master key in its key_id column.  The associated
+ * data binds a ciphertext to its aggregate, version (and snapshot version
+ * or side-effect id), so a row copied elsewhere does not open.
+ * - Rotation: add a new master key last; aggregates written from then on
+ *   use it, and the older keys still open what they wrapped.
+ * - Crypto-shredding: es_pg_forget_aggregate destroys one aggregate's data
+ *   key; its events, snapshots and side effects then read as ES_EFORGOTTEN,
+ *   never as garbage, and other aggregates are untouched.
+ * - A ciphertext that does not open (wrong master key, a master key the
+ *   store lacks, tampered or truncated bytes) gives ES_EDECRYPT; an
+ *   unreadable snapshot is ignored and the stream replayed.
+ * - Rows written without encryption (key_id NULL) stay readable by a
+ *   store with keys, so encryption can be turned on for an existing
+ *   database.  Key bytes never appear in messages, logs or SQL.
  */
 #ifndef EVENTASTIC_POSTGRES_H
 #define EVENTASTIC_POSTGRES_H
@@ -53,7 +74,8 @@ typedef enum es_pg_table {
     ES_PG_TABLE_EVENTS = 0,     /**< default "events" */
     ES_PG_TABLE_SNAPSHOTS = 1,  /**< default "snapshots" */
     ES_PG_TABLE_OUTBOX = 2,     /**< default "outbox" */
-    ES_PG_TABLE_MIGRATIONS = 3  /**< default "es_migrations" */
+    ES_PG_TABLE_MIGRATIONS = 3, /**< default "es_migrations" */
+    ES_PG_TABLE_KEYS = 4        /**< default "data_keys" (encryption) */
 } es_pg_table;
 
 /** Longest schema or table name, in bytes (PostgreSQL's NAMEDATALEN-1). */
@@ -152,6 +174,42 @@ ES_EXPORT ES_ANY_THREAD int es_pg_store_open(const es_pg_config *cfg,
  */
 ES_EXPORT ES_ANY_THREAD int es_pg_migrate(const es_pg_config *cfg,
                                           int *schema_version, es_error *err);
+
+/** Bytes of a master key (XChaCha20-Poly1305 key). */
+#define ES_PG_KEY_BYTES 32
+/** Longest master key id, in bytes. */
+#define ES_PG_KEY_ID_MAX 63
+
+/**
+ * Add a master key for encryption at rest.  The key added last is the
+ * newest: it wraps the data keys of aggregates first written from now on;
+ * the others open what they wrapped before.  key_id (1 to 63 characters
+ * of [A-Za-z0-9_.:-]) is stored with every row it protects, the key bytes
+ * never are.  The key is copied (and wiped when the config is freed).
+ * Make keys with a CSPRNG (e.g. libsodium's crypto_aead_xchacha20poly1305_
+ * ietf_keygen) and keep them outside the database.
+ * Errors: ES_EINVAL (NULL argument, bad id, an id already added),
+ * ES_ENOMEM.  On error nothing changes.  Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_add_key(
+    es_pg_config *cfg, const char *key_id,
+    const uint8_t key[ES_PG_KEY_BYTES], es_error *err);
+
+/**
+ * Crypto-shredding: destroy the data key of one aggregate in txn (a
+ * transaction of a PostgreSQL store with keys).  Once committed, the
+ * aggregate's encrypted events, snapshots and side effects read as
+ * ES_EFORGOTTEN, and writing to it gives ES_EFORGOTTEN; its snapshots are
+ * deleted and its pending side effects are marked dead (they cannot be
+ * delivered).  Rows the aggregate had before encryption was turned on are
+ * not encrypted and cannot be shredded this way.  Forgetting an aggregate
+ * twice, or one never written, is not an error (it can never be written
+ * afterwards).  Errors: ES_EINVAL (NULL argument, not a PostgreSQL
+ * transaction, a store without keys), ES_EDB.
+ * Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_forget_aggregate(
+    es_txn *txn, const es_uuid *aggregate_id, es_error *err);
 
 /** The newest migration this library carries (its schema version).
  *  Thread: any. */

@@ -5,7 +5,8 @@
  * taken once; event_id is unique across aggregates (idempotency key).
  * position is an identity column that read models can follow later.
  * Constraint and index names are left to PostgreSQL, so that table names
- * of any valid length work.
+ * of any valid length work.  keys holds each aggregate's data key, wrapped
+ * by the master key key_id; NULL once destroyed (crypto-shredding).
  */
 #include "store/pg_migrations.h"
 
@@ -55,6 +56,15 @@ const es__pg_migration es__pg_migrations[] = {
     {2, "outbox indexes",
      "CREATE INDEX ON @outbox@ (next_attempt_at) WHERE status = 'pending';\n"
      "CREATE INDEX ON @outbox@ (aggregate_id, seq);\n"},
+    {3, "data keys for encryption at rest",
+     "CREATE TABLE @keys@ (\n"
+     "    aggregate_id uuid PRIMARY KEY,\n"
+     "    key_id text NOT NULL,\n"
+     "    wrapped bytea,\n"
+     "    created_at timestamptz NOT NULL DEFAULT now(),\n"
+     "    destroyed_at timestamptz,\n"
+     "    CHECK ((wrapped IS NULL) = (destroyed_at IS NOT NULL))\n"
+     ");\n"},
 };
 
 const size_t es__pg_migration_count =

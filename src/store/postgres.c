@@ -21,6 +21,7 @@
  */
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,15 +40,24 @@
 #define OID_INT4_ARRAY 1007
 #define OID_BYTEA_ARRAY 1001
 #define OID_UUID_ARRAY 2951
+#define OID_TEXT_ARRAY 1009
 #define OID_BYTEA 17
 
-#define N_TABLES 4
+#define N_TABLES 5
 #define NAME_BUF (ES_PG_NAME_MAX + 1)
 #define MAX_PAYLOAD 0x3fffffffu /* PostgreSQL's field limit, 1 GiB - 1 */
 #define LOST_SQLSTATE "08006"
 
+/* A master key: wraps the data keys of aggregates. */
+typedef struct pg_key {
+    char id[ES_PG_KEY_ID_MAX + 1];
+    uint8_t key[ES_PG_KEY_BYTES];
+} pg_key;
+
 struct es_pg_config {
     char *conninfo; /* NULL: DATABASE_URL */
+    pg_key *keys;   /* oldest first; the last is the newest */
+    size_t n_keys;
     char schema[NAME_BUF];
     char tables[N_TABLES][NAME_BUF];
     size_t pool_size;
@@ -55,7 +65,7 @@ struct es_pg_config {
 };
 
 static const char *const default_tables[N_TABLES] = {
-    "events", "snapshots", "outbox", "es_migrations"};
+    "events", "snapshots", "outbox", "es_migrations", "data_keys"};
 
 enum {
     SQL_INSERT_EVENTS,
@@ -67,6 +77,10 @@ enum {
     SQL_GET_SNAPSHOT,
     SQL_STORE_SNAPSHOT,
     SQL_DELETE_SNAPSHOTS,
+    SQL_GET_KEY,
+    SQL_PUT_KEY,
+    SQL_FORGET_KEY,
+    SQL_FORGET_SIDE_EFFECTS,
     SQL_COUNT
 };
 
@@ -75,6 +89,8 @@ typedef struct pg_store {
     char *conninfo;
     char *password; /* to scrub from messages; NULL when none given */
     size_t chunk;
+    pg_key *keys; /* a copy of the config's; none: no encryption */
+    size_t n_keys;
     char *sql[SQL_COUNT];
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -82,9 +98,22 @@ typedef struct pg_store {
     size_t n_idle, n_open, max;
 } pg_store;
 
+/* Data keys a transaction has opened, so that each is read once.  Cleared
+ * when a savepoint rolls back (a key made after it is gone) and wiped
+ * when the transaction ends. */
+#define DEK_CACHE 8
+
+typedef struct dek_entry {
+    es_uuid agg;
+    uint8_t dek[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
+    char kek[ES_PG_KEY_ID_MAX + 1]; /* the master key that wraps it */
+} dek_entry;
+
 typedef struct pg_txn {
     struct es_txn base;
     PGconn *conn;
+    dek_entry dek[DEK_CACHE];
+    size_t n_dek, next_dek;
     unsigned depth;   /* savepoints open */
     unsigned cursors; /* stream cursors made, for unique names */
 } pg_txn;
@@ -149,7 +178,52 @@ void es_pg_config_free(es_pg_config *cfg)
 {
     if (cfg == NULL) return;
     es__free(cfg->conninfo);
+    if (cfg->keys) sodium_memzero(cfg->keys, cfg->n_keys * sizeof *cfg->keys);
+    es__free(cfg->keys);
     es__free(cfg);
+}
+
+static bool key_id_valid(const char *id)
+{
+    if (id == NULL) return false;
+    size_t n = strlen(id);
+    if (n == 0 || n > ES_PG_KEY_ID_MAX) return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = id[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+              (c >= '0' && c <= '9') || c == '_' || c == '.' || c == ':' ||
+              c == '-'))
+            return false;
+    }
+    return true;
+}
+
+int es_pg_config_add_key(es_pg_config *cfg, const char *key_id,
+                         const uint8_t key[ES_PG_KEY_BYTES], es_error *err)
+{
+    if (cfg == NULL || key == NULL)
+        return es__error_set(err, ES_EINVAL, "config and key are required");
+    if (!key_id_valid(key_id))
+        return es__error_set(err, ES_EINVAL, "key id must be 1 to 63 "
+                             "characters of [A-Za-z0-9_.:-]");
+    for (size_t i = 0; i < cfg->n_keys; i++)
+        if (strcmp(cfg->keys[i].id, key_id) == 0)
+            return es__error_set(err, ES_EINVAL, "key id '%s' was already "
+                                 "added", key_id);
+    /* A fresh array rather than realloc: the old one is wiped, not left
+     * behind in freed memory. */
+    pg_key *keys = es__calloc(cfg->n_keys + 1, sizeof *keys);
+    if (keys == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    if (cfg->n_keys > 0) {
+        memcpy(keys, cfg->keys, cfg->n_keys * sizeof *keys);
+        sodium_memzero(cfg->keys, cfg->n_keys * sizeof *keys);
+    }
+    es__free(cfg->keys);
+    strcpy(keys[cfg->n_keys].id, key_id);
+    memcpy(keys[cfg->n_keys].key, key, ES_PG_KEY_BYTES);
+    cfg->keys = keys;
+    cfg->n_keys++;
+    return 0;
 }
 
 /* Parse a connection string; on success *password is a copy of its
@@ -535,9 +609,17 @@ static void pool_put(pg_store *s, PGconn *c)
 
 /* ---- transactions ---- */
 
+static void dek_cache_clear(pg_txn *t)
+{
+    sodium_memzero(t->dek, sizeof t->dek);
+    t->n_dek = t->next_dek = 0;
+}
+
+
 static void txn_end(pg_txn *t)
 {
     pg_store *s = (pg_store *)t->base.store;
+    sodium_memzero(t->dek, sizeof t->dek);
     pool_put(s, t->conn);
     es__free(t);
     es__store_txn_ended(&s->base);
@@ -624,6 +706,7 @@ static int pg_rollback_to(es_txn *txn, es_error *err)
              "ROLLBACK TO SAVEPOINT es_sp_%u; RELEASE SAVEPOINT es_sp_%u",
              t->depth, t->depth);
     t->depth--;
+    dek_cache_clear(t); /* a data key made since may be gone */
     return run_simple(t->conn, "rollback to savepoint", sql, err);
 }
 
@@ -638,10 +721,272 @@ static int pg_release(es_txn *txn, es_error *err)
     return run_simple(t->conn, "release savepoint", sql, err);
 }
 
+/* ---- encryption at rest ---- */
+
+#define NONCE_BYTES crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+#define TAG_BYTES crypto_aead_xchacha20poly1305_ietf_ABYTES
+#define SEAL_OVERHEAD (NONCE_BYTES + TAG_BYTES)
+#define DEK_BYTES crypto_aead_xchacha20poly1305_ietf_KEYBYTES
+
+/* Associated data: what a ciphertext belongs to.  A tag byte keeps the
+ * kinds of rows apart. */
+typedef struct ad_buf {
+    uint8_t b[1 + 3 * 16 + ES_PG_KEY_ID_MAX];
+    size_t n;
+} ad_buf;
+
+static void ad_put(ad_buf *ad, const void *p, size_t n)
+{
+    memcpy(ad->b + ad->n, p, n);
+    ad->n += n;
+}
+
+static void ad_u64(ad_buf *ad, uint64_t v)
+{
+    be64(ad->b + ad->n, v);
+    ad->n += 8;
+}
+
+static void ad_event(ad_buf *ad, const es_uuid *agg, uint64_t version)
+{
+    ad->n = 0;
+    ad_put(ad, "E", 1);
+    ad_put(ad, agg->bytes, 16);
+    ad_u64(ad, version);
+}
+
+static void ad_snapshot(ad_buf *ad, const es_uuid *agg, uint64_t sv,
+                        uint64_t version)
+{
+    ad->n = 0;
+    ad_put(ad, "S", 1);
+    ad_put(ad, agg->bytes, 16);
+    ad_u64(ad, sv);
+    ad_u64(ad, version);
+}
+
+static void ad_side_effect(ad_buf *ad, const es_side_effect *se)
+{
+    ad->n = 0;
+    ad_put(ad, "O", 1);
+    ad_put(ad, se->id.bytes, 16);
+    ad_put(ad, se->aggregate_id.bytes, 16);
+    ad_put(ad, se->event_id.bytes, 16);
+}
+
+static void ad_data_key(ad_buf *ad, const es_uuid *agg, const char *kek)
+{
+    ad->n = 0;
+    ad_put(ad, "K", 1);
+    ad_put(ad, agg->bytes, 16);
+    ad_put(ad, kek, strlen(kek));
+}
+
+/* Append nonce + ciphertext + tag of pt to b. */
+static int seal_append(es_buf *b, const uint8_t *key, const ad_buf *ad,
+                       const uint8_t *pt, size_t len)
+{
+    void *items = b->data;
+    if (es__grow(&items, &b->cap, b->len + len + SEAL_OVERHEAD, 1) != 0)
+        return ES_ENOMEM;
+    b->data = items;
+    uint8_t *out = b->data + b->len;
+    randombytes_buf(out, NONCE_BYTES);
+    crypto_aead_xchacha20poly1305_ietf_encrypt(out + NONCE_BYTES, NULL, pt,
+                                               len, ad->b, ad->n, NULL, out,
+                                               key);
+    b->len += len + SEAL_OVERHEAD;
+    return 0;
+}
+
+/* The same as one item of a binary array. */
+static int array_sealed(es_buf *b, const uint8_t *key, const ad_buf *ad,
+                        const uint8_t *pt, size_t len)
+{
+    int rc = put32(b, (uint32_t)(len + SEAL_OVERHEAD));
+    return rc == 0 ? seal_append(b, key, ad, pt, len) : rc;
+}
+
+/* Open nonce + ciphertext + tag into out (replaced).  Returns 0, ES_ENOMEM
+ * or NOT_OPEN (positive: not a status) when it does not open. */
+#define NOT_OPEN 1
+static int open_sealed(es_buf *out, const uint8_t *key, const ad_buf *ad,
+                       const uint8_t *ct, size_t len)
+{
+    if (len < SEAL_OVERHEAD) return NOT_OPEN;
+    size_t plen = len - SEAL_OVERHEAD;
+    out->len = 0;
+    void *items = out->data;
+    if (es__grow(&items, &out->cap, plen ? plen : 1, 1) != 0)
+        return ES_ENOMEM;
+    out->data = items;
+    if (crypto_aead_xchacha20poly1305_ietf_decrypt(
+            out->data, NULL, NULL, ct + NONCE_BYTES, len - NONCE_BYTES, ad->b,
+            ad->n, ct, key) != 0)
+        return NOT_OPEN;
+    out->len = plen;
+    return 0;
+}
+
+static const pg_key *find_kek(const pg_store *s, const char *id)
+{
+    for (size_t i = 0; i < s->n_keys; i++)
+        if (strcmp(s->keys[i].id, id) == 0) return &s->keys[i];
+    return NULL;
+}
+
+static const dek_entry *dek_cache_put(pg_txn *t, const dek_entry *e)
+{
+    size_t i = t->n_dek < DEK_CACHE ? t->n_dek++ : t->next_dek;
+    t->next_dek = (i + 1) % DEK_CACHE;
+    t->dek[i] = *e;
+    return &t->dek[i];
+}
+
+static int forgotten(es_error *err, const es_uuid *agg)
+{
+    char id[ES_UUID_STRLEN + 1];
+    es__error_set(err, ES_EFORGOTTEN, "aggregate %s was forgotten: its data "
+                  "key is destroyed", es_uuid_format(agg, id));
+    if (err) err->aggregate_id = *agg;
+    return ES_EFORGOTTEN;
+}
+
+static int undecryptable(es_error *err, const es_uuid *agg, const char *what)
+{
+    char id[ES_UUID_STRLEN + 1];
+    es__error_set(err, ES_EDECRYPT, "aggregate %s: %s", es_uuid_format(agg, id),
+                  what);
+    if (err) err->aggregate_id = *agg;
+    return ES_EDECRYPT;
+}
+
+/* The data key of an aggregate: from the transaction's cache, from the
+ * keys table, or (create) a new one wrapped by the newest master key.
+ * ES_ENOTFOUND when there is none and create is false.  *out is valid
+ * until the next call. */
+static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
+                   const dek_entry **out, es_error *err)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    for (size_t i = 0; i < t->n_dek; i++)
+        if (es_uuid_equal(&t->dek[i].agg, agg)) {
+            *out = &t->dek[i];
+            return 0;
+        }
+    const Oid types[3] = {OID_UUID, OID_TEXT, OID_BYTEA};
+    for (int attempt = 0; attempt < 2; attempt++) {
+        const char *values[1] = {(const char *)agg->bytes};
+        const int lens[1] = {16};
+        PGresult *r = NULL;
+        int rc = run(t->conn, "read data key", s->sql[SQL_GET_KEY], 1, types,
+                     values, lens, &r, err);
+        if (rc != 0) return rc;
+        if (PQntuples(r) == 1) {
+            dek_entry e;
+            memset(&e, 0, sizeof e);
+            e.agg = *agg;
+            if (PQgetisnull(r, 0, 1)) {
+                PQclear(r);
+                return forgotten(err, agg);
+            }
+            snprintf(e.kek, sizeof e.kek, "%s", PQgetvalue(r, 0, 0));
+            const pg_key *kek = find_kek(s, e.kek);
+            char why[160];
+            if (kek == NULL) {
+                PQclear(r);
+                snprintf(why, sizeof why, "its data key is wrapped by master "
+                         "key '%s', which this store does not have", e.kek);
+                return undecryptable(err, agg, why);
+            }
+            ad_buf ad;
+            ad_data_key(&ad, agg, e.kek);
+            const uint8_t *w = (const uint8_t *)PQgetvalue(r, 0, 1);
+            size_t wlen = (size_t)PQgetlength(r, 0, 1);
+            es_buf plain = {0};
+            rc = wlen == DEK_BYTES + SEAL_OVERHEAD
+                     ? open_sealed(&plain, kek->key, &ad, w, wlen)
+                     : NOT_OPEN;
+            PQclear(r);
+            if (rc == 0) memcpy(e.dek, plain.data, DEK_BYTES);
+            if (plain.data) sodium_memzero(plain.data, plain.cap);
+            es_buf_free(&plain);
+            if (rc == ES_ENOMEM)
+                return es__error_set(err, rc, "out of memory");
+            if (rc != 0) {
+                snprintf(why, sizeof why, "its data key does not open with "
+                         "master key '%s' (wrong key bytes?)", e.kek);
+                return undecryptable(err, agg, why);
+            }
+            *out = dek_cache_put(t, &e);
+            sodium_memzero(&e, sizeof e);
+            return 0;
+        }
+        PQclear(r);
+        if (!create) return ES_ENOTFOUND;
+
+        const pg_key *newest = &s->keys[s->n_keys - 1];
+        dek_entry e;
+        memset(&e, 0, sizeof e);
+        e.agg = *agg;
+        strcpy(e.kek, newest->id);
+        crypto_aead_xchacha20poly1305_ietf_keygen(e.dek);
+        ad_buf ad;
+        ad_data_key(&ad, agg, e.kek);
+        es_buf wrapped = {0};
+        if (seal_append(&wrapped, newest->key, &ad, e.dek, DEK_BYTES) != 0) {
+            sodium_memzero(&e, sizeof e);
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+        }
+        const char *ivalues[3] = {(const char *)agg->bytes, e.kek,
+                                  (const char *)wrapped.data};
+        const int ilens[3] = {16, (int)strlen(e.kek), (int)wrapped.len};
+        rc = run(t->conn, "store data key", s->sql[SQL_PUT_KEY], 3, types,
+                 ivalues, ilens, &r, err);
+        es_buf_free(&wrapped);
+        bool mine = rc == 0 && strcmp(PQcmdTuples(r), "1") == 0;
+        if (rc == 0) PQclear(r);
+        if (mine) *out = dek_cache_put(t, &e);
+        sodium_memzero(&e, sizeof e);
+        if (rc != 0 || mine) return rc;
+        /* Another transaction made one first: read that one. */
+    }
+    return es__error_set(err, ES_EDB, "data key could not be created");
+}
+
+/* A payload read from a row: as it is when the row's key_id is NULL, else
+ * opened into buf (*data and *len then point there). */
+static int open_row(pg_txn *t, const es_uuid *agg, const PGresult *r,
+                    int row, int key_col, const ad_buf *ad, es_buf *buf,
+                    const uint8_t **data, size_t *len, es_error *err)
+{
+    if (PQgetisnull(r, row, key_col)) return 0;
+    pg_store *s = (pg_store *)t->base.store;
+    char why[160];
+    if (s->n_keys == 0) {
+        snprintf(why, sizeof why, "data sealed with master key '%.63s', "
+                 "but the store has no keys", PQgetvalue(r, row, key_col));
+        return undecryptable(err, agg, why);
+    }
+    const dek_entry *d = NULL;
+    int rc = get_dek(t, agg, false, &d, err);
+    if (rc == ES_ENOTFOUND) return forgotten(err, agg);
+    if (rc != 0) return rc;
+    rc = open_sealed(buf, d->dek, ad, *data, *len);
+    if (rc == ES_ENOMEM) return es__error_set(err, rc, "out of memory");
+    if (rc != 0)
+        return undecryptable(err, agg, "a sealed value does not open "
+                             "(tampered, truncated or moved)");
+    *data = buf->data;
+    *len = buf->len;
+    return 0;
+}
+
 /* ---- reads ---- */
 
 /* Hand the rows of one page to fn; *last is the last version seen. */
-static int stream_rows(const PGresult *r, uint64_t *next,
+static int stream_rows(pg_txn *t, const es_uuid *agg, const PGresult *r,
+                       uint64_t *next, es_buf *plain,
                        int (*fn)(void *ud, const es_event *event), void *ud,
                        es_error *err)
 {
@@ -653,8 +998,16 @@ static int stream_rows(const PGresult *r, uint64_t *next,
             !col_i32(r, i, 2, &ev.kind) ||
             !col_bytes(r, i, 3, &ev.data, &ev.len))
             return bad_row(err, "stream");
+        ad_buf ad;
+        ad_event(&ad, agg, ev.version);
+        int rc = open_row(t, agg, r, i, 4, &ad, plain, &ev.data, &ev.len,
+                          err);
+        if (rc != 0) {
+            if (err) err->version = ev.version;
+            return rc;
+        }
         *next = ev.version + 1;
-        int rc = fn(ud, &ev);
+        rc = fn(ud, &ev);
         if (rc != 0) return rc;
     }
     return 0;
@@ -682,9 +1035,13 @@ static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
     if (rc != 0) return rc;
     uint64_t next = from;
     size_t n = (size_t)PQntuples(r);
-    rc = stream_rows(r, &next, fn, ud, err);
+    es_buf plain = {0};
+    rc = stream_rows(t, agg, r, &next, &plain, fn, ud, err);
     PQclear(r);
-    if (rc != 0 || n < s->chunk) return rc;
+    if (rc != 0 || n < s->chunk) {
+        es_buf_free(&plain);
+        return rc;
+    }
 
     /* A long stream: the rest through one cursor, so the server plans
      * and scans once, whatever its statistics say (keyset pages planned
@@ -694,20 +1051,27 @@ static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
     be64(next_b, next);
     char *declare = sqlf("DECLARE %s NO SCROLL CURSOR FOR %s", name,
                          s->sql[SQL_STREAM_REST]);
-    if (declare == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    if (declare == NULL) {
+        es_buf_free(&plain);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
     rc = run(t->conn, "stream: declare", declare, 2, types, values, lens,
              NULL, err);
     es__free(declare);
-    if (rc != 0) return rc;
+    if (rc != 0) {
+        es_buf_free(&plain);
+        return rc;
+    }
     snprintf(sql, sizeof sql, "FETCH FORWARD %zu FROM %s", s->chunk, name);
     for (;;) {
         rc = run(t->conn, "stream: fetch", sql, 0, NULL, NULL, NULL, &r, err);
-        if (rc != 0) return rc;
+        if (rc != 0) break;
         n = (size_t)PQntuples(r);
-        rc = stream_rows(r, &next, fn, ud, err);
+        rc = stream_rows(t, agg, r, &next, &plain, fn, ud, err);
         PQclear(r);
         if (rc != 0 || n < s->chunk) break;
     }
+    es_buf_free(&plain);
     snprintf(sql, sizeof sql, "CLOSE %s", name);
     es_error ignored = {0};
     int closed = run_simple(t->conn, "stream: close", sql, &ignored);
@@ -744,8 +1108,18 @@ static int pg_get_event(es_txn *txn, const es_uuid *agg,
         PQclear(r);
         return bad_row(err, "get event");
     }
+    ad_buf ad;
+    ad_event(&ad, &who, ev.version);
+    es_buf plain = {0};
+    rc = open_row(t, &who, r, 0, 4, &ad, &plain, &ev.data, &ev.len, err);
+    if (rc != 0) {
+        PQclear(r);
+        es_buf_free(&plain);
+        return rc;
+    }
     *out = es__event_dup(&ev);
     PQclear(r);
+    es_buf_free(&plain);
     if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     if (owner) *owner = who;
     return 0;
@@ -776,8 +1150,18 @@ static int pg_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
         PQclear(r);
         return bad_row(err, "get snapshot");
     }
+    ad_buf ad;
+    ad_snapshot(&ad, agg, sv, snap.version);
+    es_buf plain = {0};
+    rc = open_row(t, agg, r, 0, 2, &ad, &plain, &snap.data, &snap.len, err);
+    if (rc != 0) {
+        PQclear(r);
+        es_buf_free(&plain);
+        return rc;
+    }
     *out = es__snapshot_dup(&snap);
     PQclear(r);
+    es_buf_free(&plain);
     return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
 }
 
@@ -796,15 +1180,23 @@ static int pg_list_side_effects(es_txn *txn, const es_uuid *agg,
     es_side_effect_list *list = es__calloc(1, sizeof *list);
     if (list == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
     size_t cap = 0;
+    es_buf plain = {0};
     for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
         es_side_effect se;
+        ad_buf ad;
         if (!col_uuid(r, i, 0, &se.id) || !col_uuid(r, i, 1, &se.aggregate_id) ||
             !col_uuid(r, i, 2, &se.event_id) || !col_i32(r, i, 3, &se.kind) ||
-            !col_bytes(r, i, 4, &se.data, &se.len))
+            !col_bytes(r, i, 4, &se.data, &se.len)) {
             rc = bad_row(err, "list side effects");
-        else if (es__side_effect_list_push(list, &cap, &se) != 0)
+            break;
+        }
+        ad_side_effect(&ad, &se);
+        rc = open_row(t, &se.aggregate_id, r, i, 5, &ad, &plain, &se.data,
+                      &se.len, err);
+        if (rc == 0 && es__side_effect_list_push(list, &cap, &se) != 0)
             rc = es__error_set(err, ES_ENOMEM, "out of memory");
     }
+    es_buf_free(&plain);
     PQclear(r);
     if (rc != 0) {
         es_side_effect_list_free(list);
@@ -832,6 +1224,15 @@ static int pg_insert_events(es_txn *txn, const char *type_name,
     if (n == 0) return 0;
     if (n > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many events in one save");
+    /* The data key first: it may be made now, in this savepoint. */
+    dek_entry key;
+    memset(&key, 0, sizeof key);
+    if (s->n_keys > 0) {
+        const dek_entry *d = NULL;
+        int rc = get_dek(t, agg, true, &d, err);
+        if (rc != 0) return rc;
+        key = *d;
+    }
     es_buf ver = {0}, ids = {0}, kinds = {0}, data = {0};
     int rc = array_begin(&ver, OID_INT8, n);
     if (rc == 0) rc = array_begin(&ids, OID_UUID, n);
@@ -852,26 +1253,34 @@ static int pg_insert_events(es_txn *txn, const char *type_name,
         rc = array_i64(&ver, (int64_t)e->version);
         if (rc == 0) rc = array_item(&ids, e->id.bytes, 16);
         if (rc == 0) rc = array_i32(&kinds, e->kind);
-        if (rc == 0) rc = array_item(&data, e->data, e->len);
-        if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+        if (rc == 0 && s->n_keys > 0) {
+            ad_buf ad;
+            ad_event(&ad, agg, e->version);
+            rc = array_sealed(&data, key.dek, &ad, e->data, e->len);
+        } else if (rc == 0) {
+            rc = array_item(&data, e->data, e->len);
+        }
     }
+    sodium_memzero(key.dek, sizeof key.dek);
     if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
     PGresult *r = NULL;
     if (rc == 0 && (ver.len > INT32_MAX || data.len > INT32_MAX))
         rc = es__error_set(err, ES_EINVAL, "one save of %zu bytes is too "
                            "large for one statement", data.len);
     if (rc == 0) {
-        const Oid types[6] = {OID_TEXT, OID_UUID, OID_INT8_ARRAY,
+        const Oid types[7] = {OID_TEXT, OID_UUID, OID_INT8_ARRAY,
                               OID_UUID_ARRAY, OID_INT4_ARRAY,
-                              OID_BYTEA_ARRAY};
-        const char *values[6] = {type_name, (const char *)agg->bytes,
+                              OID_BYTEA_ARRAY, OID_TEXT};
+        const char *values[7] = {type_name, (const char *)agg->bytes,
                                  (const char *)ver.data,
                                  (const char *)ids.data,
                                  (const char *)kinds.data,
-                                 (const char *)data.data};
-        const int lens[6] = {(int)strlen(type_name), 16, (int)ver.len,
-                             (int)ids.len, (int)kinds.len, (int)data.len};
-        rc = run(t->conn, "insert events", s->sql[SQL_INSERT_EVENTS], 6,
+                                 (const char *)data.data,
+                                 s->n_keys > 0 ? key.kek : NULL};
+        const int lens[7] = {(int)strlen(type_name), 16, (int)ver.len,
+                             (int)ids.len, (int)kinds.len, (int)data.len,
+                             (int)strlen(key.kek)};
+        rc = run(t->conn, "insert events", s->sql[SQL_INSERT_EVENTS], 7,
                  types, values, lens, &r, err);
     }
     es_buf_free(&ver);
@@ -923,11 +1332,14 @@ static int pg_insert_side_effects(es_txn *txn, const es_side_effect *items,
     if (n > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many side effects");
     es_buf ids = {0}, aggs = {0}, evs = {0}, kinds = {0}, data = {0};
+    es_buf keys = {0};
     int rc = array_begin(&ids, OID_UUID, n);
     if (rc == 0) rc = array_begin(&aggs, OID_UUID, n);
     if (rc == 0) rc = array_begin(&evs, OID_UUID, n);
     if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
     if (rc == 0) rc = array_begin(&data, OID_BYTEA, n);
+    if (rc == 0) rc = array_begin(&keys, OID_TEXT, n);
+    if (rc == 0 && s->n_keys == 0) keys.data[7] = 1; /* has NULLs */
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const es_side_effect *e = &items[i];
         if (e->len > MAX_PAYLOAD) {
@@ -938,26 +1350,40 @@ static int pg_insert_side_effects(es_txn *txn, const es_side_effect *items,
         if (rc == 0) rc = array_item(&aggs, e->aggregate_id.bytes, 16);
         if (rc == 0) rc = array_item(&evs, e->event_id.bytes, 16);
         if (rc == 0) rc = array_i32(&kinds, e->kind);
-        if (rc == 0) rc = array_item(&data, e->data, e->len);
+        if (rc != 0) break;
+        if (s->n_keys == 0) {
+            rc = array_item(&data, e->data, e->len);
+            if (rc == 0) rc = put32(&keys, 0xffffffffu); /* NULL */
+            continue;
+        }
+        const dek_entry *d = NULL;
+        if ((rc = get_dek(t, &e->aggregate_id, true, &d, err)) != 0) break;
+        ad_buf ad;
+        ad_side_effect(&ad, e);
+        rc = array_sealed(&data, d->dek, &ad, e->data, e->len);
+        if (rc == 0) rc = array_item(&keys, d->kek, strlen(d->kek));
     }
     if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
     if (rc == 0 && data.len > INT32_MAX)
         rc = es__error_set(err, ES_EINVAL, "side effects too large for one "
                                            "statement");
     if (rc == 0) {
-        const Oid types[5] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
-                              OID_INT4_ARRAY, OID_BYTEA_ARRAY};
-        const char *values[5] = {(const char *)ids.data,
+        const Oid types[6] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
+                              OID_INT4_ARRAY, OID_BYTEA_ARRAY,
+                              OID_TEXT_ARRAY};
+        const char *values[6] = {(const char *)ids.data,
                                  (const char *)aggs.data,
                                  (const char *)evs.data,
                                  (const char *)kinds.data,
-                                 (const char *)data.data};
-        const int lens[5] = {(int)ids.len, (int)aggs.len, (int)evs.len,
-                             (int)kinds.len, (int)data.len};
+                                 (const char *)data.data,
+                                 (const char *)keys.data};
+        const int lens[6] = {(int)ids.len, (int)aggs.len, (int)evs.len,
+                             (int)kinds.len, (int)data.len, (int)keys.len};
         rc = run(t->conn, "insert side effects",
-                 s->sql[SQL_INSERT_SIDE_EFFECTS], 5, types, values, lens,
+                 s->sql[SQL_INSERT_SIDE_EFFECTS], 6, types, values, lens,
                  NULL, err);
     }
+    es_buf_free(&keys);
     es_buf_free(&ids);
     es_buf_free(&aggs);
     es_buf_free(&evs);
@@ -979,13 +1405,33 @@ static int pg_store_snapshot(es_txn *txn, const es_snapshot *snap,
     be64(sv, snap->snapshot_version);
     be64(v, snap->version);
     static const uint8_t empty[1] = {0};
-    const Oid types[4] = {OID_UUID, OID_INT8, OID_INT8, OID_BYTEA};
-    const char *values[4] = {(const char *)snap->aggregate_id.bytes,
+    const uint8_t *payload = snap->data ? snap->data : empty;
+    size_t len = snap->len;
+    es_buf sealed = {0};
+    char kek[ES_PG_KEY_ID_MAX + 1] = "";
+    if (s->n_keys > 0) {
+        const dek_entry *d = NULL;
+        int rc = get_dek(t, &snap->aggregate_id, true, &d, err);
+        if (rc != 0) return rc;
+        ad_buf ad;
+        ad_snapshot(&ad, &snap->aggregate_id, snap->snapshot_version,
+                    snap->version);
+        if (seal_append(&sealed, d->dek, &ad, payload, len) != 0)
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+        strcpy(kek, d->kek);
+        payload = sealed.data;
+        len = sealed.len;
+    }
+    const Oid types[5] = {OID_UUID, OID_INT8, OID_INT8, OID_BYTEA, OID_TEXT};
+    const char *values[5] = {(const char *)snap->aggregate_id.bytes,
                              (const char *)sv, (const char *)v,
-                             (const char *)(snap->data ? snap->data : empty)};
-    const int lens[4] = {16, 8, 8, (int)snap->len};
-    return run(t->conn, "store snapshot", s->sql[SQL_STORE_SNAPSHOT], 4,
-               types, values, lens, NULL, err);
+                             (const char *)payload,
+                             s->n_keys > 0 ? kek : NULL};
+    const int lens[5] = {16, 8, 8, (int)len, (int)strlen(kek)};
+    int rc = run(t->conn, "store snapshot", s->sql[SQL_STORE_SNAPSHOT], 5,
+                 types, values, lens, NULL, err);
+    es_buf_free(&sealed);
+    return rc;
 }
 
 static int pg_delete_snapshots(es_txn *txn, const es_uuid *agg, es_error *err)
@@ -1007,6 +1453,8 @@ static void pg_close(es_store *store)
     for (size_t i = 0; i < s->n_idle; i++) PQfinish(s->idle[i]);
     for (int i = 0; i < SQL_COUNT; i++) es__free(s->sql[i]);
     es__free(s->idle);
+    if (s->keys) sodium_memzero(s->keys, s->n_keys * sizeof *s->keys);
+    es__free(s->keys);
     if (s->password) {
         memset(s->password, 0, strlen(s->password));
         es__free(s->password);
@@ -1039,6 +1487,8 @@ static const es_store_ops postgres_ops = {
 static int build_sql(pg_store *s, const es_pg_config *cfg)
 {
     char e[2 * NAME_BUF + 8], sn[2 * NAME_BUF + 8], o[2 * NAME_BUF + 8];
+    char k[2 * NAME_BUF + 8];
+    qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
     qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);
     qualify(sn, sizeof sn, cfg->schema, cfg->tables[ES_PG_TABLE_SNAPSHOTS]);
     qualify(o, sizeof o, cfg->schema, cfg->tables[ES_PG_TABLE_OUTBOX]);
@@ -1048,7 +1498,8 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "WITH other AS (SELECT aggregate_type FROM %s WHERE aggregate_id = $2 "
         "AND version = 0 AND aggregate_type <> $1), "
         "ins AS (INSERT INTO %s (aggregate_type, aggregate_id, version, "
-        "event_id, kind, payload) SELECT $1, $2, u.v, u.id, u.k, u.p FROM "
+        "event_id, kind, payload, key_id) SELECT $1, $2, u.v, u.id, u.k, "
+        "u.p, $7 FROM "
         "unnest($3::bigint[], $4::uuid[], $5::integer[], $6::bytea[]) "
         "AS u(v, id, k, p) WHERE NOT EXISTS (SELECT 1 FROM other) "
         "ON CONFLICT DO NOTHING RETURNING version, event_id) "
@@ -1056,33 +1507,49 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "SELECT NULL, NULL, aggregate_type FROM other",
         e, e);
     s->sql[SQL_STREAM] = sqlf(
-        "SELECT version, event_id, kind, payload FROM %s WHERE aggregate_id "
-        "= $1 AND version >= $2 ORDER BY version LIMIT $3", e);
+        "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
+        "aggregate_id = $1 AND version >= $2 ORDER BY version LIMIT $3", e);
     s->sql[SQL_STREAM_REST] = sqlf(
-        "SELECT version, event_id, kind, payload FROM %s WHERE aggregate_id "
-        "= $1 AND version >= $2 ORDER BY version", e);
+        "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
+        "aggregate_id = $1 AND version >= $2 ORDER BY version", e);
     s->sql[SQL_GET_EVENT] = sqlf(
-        "SELECT aggregate_id, version, kind, payload FROM %s WHERE event_id "
-        "= $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
+        "SELECT aggregate_id, version, kind, payload, key_id FROM %s WHERE "
+        "event_id = $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
     s->sql[SQL_INSERT_SIDE_EFFECTS] = sqlf(
-        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload) "
+        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload, key_id) "
         "SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], "
-        "$4::integer[], $5::bytea[]) ON CONFLICT (id) DO NOTHING", o);
+        "$4::integer[], $5::bytea[], $6::text[]) ON CONFLICT (id) DO "
+        "NOTHING", o);
     s->sql[SQL_LIST_SIDE_EFFECTS] = sqlf(
-        "SELECT id, aggregate_id, event_id, kind, payload FROM %s WHERE "
-        "status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = $1) "
-        "ORDER BY seq", o);
+        "SELECT id, aggregate_id, event_id, kind, payload, key_id FROM %s "
+        "WHERE status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = "
+        "$1) ORDER BY seq", o);
     s->sql[SQL_GET_SNAPSHOT] = sqlf(
-        "SELECT version, payload FROM %s WHERE aggregate_id = $1 AND "
-        "snapshot_version = $2", sn);
+        "SELECT version, payload, key_id FROM %s WHERE aggregate_id = $1 "
+        "AND snapshot_version = $2", sn);
     s->sql[SQL_STORE_SNAPSHOT] = sqlf(
         "INSERT INTO %s AS stored (aggregate_id, snapshot_version, version, "
-        "payload) VALUES ($1, $2, $3, $4) ON CONFLICT (aggregate_id, "
+        "payload, key_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT "
+        "(aggregate_id, "
         "snapshot_version) DO UPDATE SET version = excluded.version, payload "
         "= excluded.payload, key_id = excluded.key_id, created_at = now() "
         "WHERE stored.version <= excluded.version", sn);
     s->sql[SQL_DELETE_SNAPSHOTS] = sqlf(
         "DELETE FROM %s WHERE aggregate_id = $1", sn);
+    s->sql[SQL_GET_KEY] = sqlf(
+        "SELECT key_id, wrapped FROM %s WHERE aggregate_id = $1", k);
+    s->sql[SQL_PUT_KEY] = sqlf(
+        "INSERT INTO %s (aggregate_id, key_id, wrapped) VALUES ($1, $2, $3) "
+        "ON CONFLICT (aggregate_id) DO NOTHING", k);
+    s->sql[SQL_FORGET_KEY] = sqlf(
+        "INSERT INTO %s AS k (aggregate_id, key_id, wrapped, destroyed_at) "
+        "VALUES ($1, '', NULL, now()) ON CONFLICT (aggregate_id) DO UPDATE "
+        "SET wrapped = NULL, destroyed_at = coalesce(k.destroyed_at, now())",
+        k);
+    s->sql[SQL_FORGET_SIDE_EFFECTS] = sqlf(
+        "UPDATE %s SET status = 'dead', last_error = 'aggregate forgotten "
+        "(crypto-shredding)' WHERE aggregate_id = $1 AND status = "
+        "'pending'", o);
     for (int i = 0; i < SQL_COUNT; i++)
         if (s->sql[i] == NULL) return ES_ENOMEM;
     return 0;
@@ -1110,9 +1577,18 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
                                                "string could not be parsed")
                                : rc;
     }
+    if (sodium_init() < 0) {
+        pg_close(&s->base);
+        return es__error_set(err, ES_EIO, "libsodium could not start");
+    }
+    if (cfg->n_keys > 0) {
+        s->keys = es__memdup(cfg->keys, cfg->n_keys * sizeof *cfg->keys);
+        s->n_keys = s->keys ? cfg->n_keys : 0;
+    }
     s->conninfo = es__strdup(ci);
     s->idle = es__calloc(s->max, sizeof *s->idle);
-    if (s->conninfo == NULL || s->idle == NULL || build_sql(s, cfg) != 0) {
+    if (s->conninfo == NULL || s->idle == NULL ||
+        (cfg->n_keys > 0 && s->keys == NULL) || build_sql(s, cfg) != 0) {
         pg_close(&s->base);
         return es__error_set(err, ES_ENOMEM, "out of memory");
     }
@@ -1125,6 +1601,38 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
     s->n_open = 1;
     *out = &s->base;
     return 0;
+}
+
+int es_pg_forget_aggregate(es_txn *txn, const es_uuid *aggregate_id,
+                           es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL)
+        return es__error_set(err, ES_EINVAL, "transaction and aggregate id "
+                                             "are required");
+    if (txn->store->ops != &postgres_ops)
+        return es__error_set(err, ES_EINVAL, "not a transaction of a "
+                                             "PostgreSQL store");
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (s->n_keys == 0)
+        return es__error_set(err, ES_EINVAL, "the store has no keys: "
+                             "nothing of it is encrypted, so nothing can be "
+                             "forgotten by destroying a key");
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)aggregate_id->bytes};
+    const int lens[1] = {16};
+    dek_cache_clear(t);
+    int rc = run(t->conn, "forget: destroy data key", s->sql[SQL_FORGET_KEY],
+                 1, types, values, lens, NULL, err);
+    if (rc == 0)
+        rc = run(t->conn, "forget: delete snapshots",
+                 s->sql[SQL_DELETE_SNAPSHOTS], 1, types, values, lens, NULL,
+                 err);
+    if (rc == 0)
+        rc = run(t->conn, "forget: side effects",
+                 s->sql[SQL_FORGET_SIDE_EFFECTS], 1, types, values, lens,
+                 NULL, err);
+    return rc;
 }
 
 /* ---- migrations ---- */
@@ -1148,7 +1656,7 @@ static void checksum_of(const es__pg_migration *m, char out[32])
 /* The migration's SQL with the quoted names put in. */
 static char *expand(const char *tmpl, const es_pg_config *cfg)
 {
-    char names[4][2 * NAME_BUF + 8];
+    char names[5][2 * NAME_BUF + 8];
     snprintf(names[0], sizeof names[0], "\"%s\"", cfg->schema);
     qualify(names[1], sizeof names[1], cfg->schema,
             cfg->tables[ES_PG_TABLE_EVENTS]);
@@ -1156,13 +1664,15 @@ static char *expand(const char *tmpl, const es_pg_config *cfg)
             cfg->tables[ES_PG_TABLE_SNAPSHOTS]);
     qualify(names[3], sizeof names[3], cfg->schema,
             cfg->tables[ES_PG_TABLE_OUTBOX]);
-    static const char *const keys[4] = {"@schema@", "@events@",
-                                        "@snapshots@", "@outbox@"};
+    qualify(names[4], sizeof names[4], cfg->schema,
+            cfg->tables[ES_PG_TABLE_KEYS]);
+    static const char *const keys[5] = {"@schema@", "@events@",
+                                        "@snapshots@", "@outbox@", "@keys@"};
     es_buf b = {0};
     int rc = 0;
     for (const char *p = tmpl; rc == 0 && *p != '\0';) {
         int hit = -1;
-        for (int k = 0; k < 4 && *p == '@'; k++)
+        for (int k = 0; k < 5 && *p == '@'; k++)
             if (strncmp(p, keys[k], strlen(keys[k])) == 0) hit = k;
         if (hit >= 0) {
             rc = es_buf_append_str(&b, names[hit]);
