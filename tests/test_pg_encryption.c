@@ -13,6 +13,8 @@
 
 #include <cmocka.h>
 #include <libpq-fe.h>
+#include <pthread.h>
+#include <unistd.h>
 
 #include "eventastic.h"
 #include "fixtures/account.h"
@@ -376,6 +378,49 @@ static void test_pg_encryption_crypto_shredding(void **state)
     account_context_free(kept_ctx);
 }
 
+typedef struct late_writer {
+    pthread_t thread;
+    account_context *ctx;
+    int rc;
+} late_writer;
+
+static void *late_writer_main(void *arg)
+{
+    late_writer *w = arg;
+    es_error err = {0};
+    w->rc = fixture_save_commit(g_k1, account_context_raw(w->ctx), &err);
+    return NULL;
+}
+
+/* A save racing a forget of the same aggregate waits for it and then
+ * fails: nothing is sealed with a key being destroyed. */
+static void test_pg_encryption_forget_races_writer(void **state)
+{
+    (void)state;
+    account_builder b;
+    account_builder_init(&b);
+    account_context *ctx = saved(g_k1, &b);
+    account_event add = account_add(1);
+    es_error err = {0};
+    assert_int_equal(account_record(ctx, &add, &err), 0);
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(g_k1, &txn, &err), 0);
+    assert_int_equal(es_pg_forget_aggregate(txn, &b.account_id, &err), 0);
+    late_writer w = {0, ctx, 1};
+    assert_int_equal(pthread_create(&w.thread, NULL, late_writer_main, &w),
+                     0);
+    usleep(200 * 1000); /* let it block on the key row */
+    assert_int_equal(es_txn_commit(txn, &err), 0);
+    pthread_join(w.thread, NULL);
+    assert_int_equal(w.rc, ES_EFORGOTTEN);
+    idtext a = txt(&b.account_id);
+    const char *v[1] = {a.s};
+    assert_int_equal(sql_int("SELECT count(*) FROM events WHERE aggregate_id "
+                             "= $1", 1, v),
+                     1);
+    account_context_free(ctx);
+}
+
 static void test_pg_encryption_tampered_rows(void **state)
 {
     (void)state;
@@ -513,6 +558,7 @@ int main(void)
         cmocka_unit_test(test_pg_encryption_wrong_key),
         cmocka_unit_test(test_pg_encryption_key_rotation),
         cmocka_unit_test(test_pg_encryption_crypto_shredding),
+        cmocka_unit_test(test_pg_encryption_forget_races_writer),
         cmocka_unit_test(test_pg_encryption_tampered_rows),
         cmocka_unit_test(test_pg_encryption_reads_plaintext_rows),
         cmocka_unit_test(test_pg_encryption_bad_keys_rejected),

@@ -78,6 +78,7 @@ enum {
     SQL_STORE_SNAPSHOT,
     SQL_DELETE_SNAPSHOTS,
     SQL_GET_KEY,
+    SQL_LOCK_KEY,
     SQL_PUT_KEY,
     SQL_FORGET_KEY,
     SQL_FORGET_SIDE_EFFECTS,
@@ -107,6 +108,7 @@ typedef struct dek_entry {
     es_uuid agg;
     uint8_t dek[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
     char kek[ES_PG_KEY_ID_MAX + 1]; /* the master key that wraps it */
+    bool locked; /* read FOR SHARE: a concurrent forget waits for us */
 } dek_entry;
 
 typedef struct pg_txn {
@@ -864,13 +866,23 @@ static int undecryptable(es_error *err, const es_uuid *agg, const char *what)
 /* The data key of an aggregate: from the transaction's cache, from the
  * keys table, or (create) a new one wrapped by the newest master key.
  * ES_ENOTFOUND when there is none and create is false.  *out is valid
- * until the next call. */
+ * until the next call.  Writers (create) read the key row FOR SHARE, so
+ * that a concurrent es_pg_forget_aggregate either waits for them or, if it
+ * came first, makes them fail with ES_EFORGOTTEN: nothing is sealed with
+ * a key being destroyed. */
 static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
                    const dek_entry **out, es_error *err)
 {
     pg_store *s = (pg_store *)t->base.store;
     for (size_t i = 0; i < t->n_dek; i++)
         if (es_uuid_equal(&t->dek[i].agg, agg)) {
+            if (create && !t->dek[i].locked) {
+                /* read for reading only: read it again, locked */
+                t->dek[i] = t->dek[--t->n_dek];
+                sodium_memzero(&t->dek[t->n_dek], sizeof t->dek[0]);
+                t->next_dek = t->n_dek % DEK_CACHE;
+                break;
+            }
             *out = &t->dek[i];
             return 0;
         }
@@ -879,13 +891,15 @@ static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
         const char *values[1] = {(const char *)agg->bytes};
         const int lens[1] = {16};
         PGresult *r = NULL;
-        int rc = run(t->conn, "read data key", s->sql[SQL_GET_KEY], 1, types,
+        int rc = run(t->conn, "read data key",
+                     s->sql[create ? SQL_LOCK_KEY : SQL_GET_KEY], 1, types,
                      values, lens, &r, err);
         if (rc != 0) return rc;
         if (PQntuples(r) == 1) {
             dek_entry e;
             memset(&e, 0, sizeof e);
             e.agg = *agg;
+            e.locked = create;
             if (PQgetisnull(r, 0, 1)) {
                 PQclear(r);
                 return forgotten(err, agg);
@@ -930,6 +944,7 @@ static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
         memset(&e, 0, sizeof e);
         e.agg = *agg;
         strcpy(e.kek, newest->id);
+        e.locked = true; /* our own uncommitted row */
         crypto_aead_xchacha20poly1305_ietf_keygen(e.dek);
         ad_buf ad;
         ad_data_key(&ad, agg, e.kek);
@@ -1538,6 +1553,9 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "DELETE FROM %s WHERE aggregate_id = $1", sn);
     s->sql[SQL_GET_KEY] = sqlf(
         "SELECT key_id, wrapped FROM %s WHERE aggregate_id = $1", k);
+    s->sql[SQL_LOCK_KEY] = sqlf(
+        "SELECT key_id, wrapped FROM %s WHERE aggregate_id = $1 FOR SHARE",
+        k);
     s->sql[SQL_PUT_KEY] = sqlf(
         "INSERT INTO %s (aggregate_id, key_id, wrapped) VALUES ($1, $2, $3) "
         "ON CONFLICT (aggregate_id) DO NOTHING", k);
