@@ -54,6 +54,8 @@
  * - Rows written without encryption (key_id NULL) stay readable by a
  *   store with keys, so encryption can be turned on for an existing
  *   database.  Key bytes never appear in messages, logs or SQL.
+ * - es_txn_list_side_effects fails (ES_EDECRYPT) when one of the listed
+ *   side effects does not open; list one aggregate's to get past it.
  */
 #ifndef EVENTASTIC_POSTGRES_H
 #define EVENTASTIC_POSTGRES_H

@@ -169,7 +169,8 @@ int es_pg_config_new(es_pg_config **out, es_error *err)
     es_pg_config *cfg = es__calloc(1, sizeof *cfg);
     if (cfg == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     strcpy(cfg->schema, "public");
-    for (int i = 0; i < N_TABLES; i++) strcpy(cfg->tables[i], default_tables[i]);
+    for (int i = 0; i < N_TABLES; i++)
+        strcpy(cfg->tables[i], default_tables[i]);
     cfg->pool_size = 8;
     cfg->chunk = 1000;
     *out = cfg;
@@ -617,7 +618,6 @@ static void dek_cache_clear(pg_txn *t)
     t->n_dek = t->next_dek = 0;
 }
 
-
 static void txn_end(pg_txn *t)
 {
     pg_store *s = (pg_store *)t->base.store;
@@ -658,6 +658,15 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
 static int pg_commit(es_txn *txn, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
+    if (PQstatus(t->conn) == CONNECTION_BAD) {
+        /* Lost before: COMMIT never reaches the server, so nothing of
+         * the transaction can have committed. */
+        int rc = es__error_set(err, ES_EDB, "commit: the connection was "
+                               "lost earlier; nothing was committed");
+        if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+        txn_end(t);
+        return rc;
+    }
     PGresult *r = PQexec(t->conn, "COMMIT");
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     int rc = 0;
@@ -999,7 +1008,8 @@ static int open_row(pg_txn *t, const es_uuid *agg, const PGresult *r,
 
 /* ---- reads ---- */
 
-/* Hand the rows of one page to fn; *last is the last version seen. */
+/* Hand the rows of one page to fn (opened when sealed); *next is one past
+ * the last version handed over. */
 static int stream_rows(pg_txn *t, const es_uuid *agg, const PGresult *r,
                        uint64_t *next, es_buf *plain,
                        int (*fn)(void *ud, const es_event *event), void *ud,
@@ -1091,7 +1101,7 @@ static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
     es_error ignored = {0};
     int closed = run_simple(t->conn, "stream: close", sql, &ignored);
     if (rc == 0 && closed != 0) {
-        *err = ignored;
+        if (err) *err = ignored;
         rc = closed;
     }
     return rc;
@@ -1199,7 +1209,8 @@ static int pg_list_side_effects(es_txn *txn, const es_uuid *agg,
     for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
         es_side_effect se;
         ad_buf ad;
-        if (!col_uuid(r, i, 0, &se.id) || !col_uuid(r, i, 1, &se.aggregate_id) ||
+        if (!col_uuid(r, i, 0, &se.id) ||
+            !col_uuid(r, i, 1, &se.aggregate_id) ||
             !col_uuid(r, i, 2, &se.event_id) || !col_i32(r, i, 3, &se.kind) ||
             !col_bytes(r, i, 4, &se.data, &se.len)) {
             rc = bad_row(err, "list side effects");
