@@ -35,9 +35,10 @@ PROGRAMS = {
     "c++": "g++",
     "/usr/lib/postgresql/15/bin/initdb": "postgresql-15",
     "psql": "postgresql-client-15",
+    "doxygen": "doxygen",
 }
 # Always wanted for the test suite, checked by dpkg.
-EXTRA_PACKAGES = ["postgresql-contrib"]
+EXTRA_PACKAGES = []
 
 
 class Writer:
@@ -192,6 +193,8 @@ WARNINGS = [
     "-Wstrict-prototypes", "-Wmissing-prototypes", "-Wformat=2",
     "-Wvla", "-Wpointer-arith", "-Wundef", "-Wnull-dereference",
     "-Wdouble-promotion", "-Wimplicit-fallthrough",
+    # Only ES_EXPORT symbols leave the shared library.
+    "-fvisibility=hidden", "-fPIC",
 ]
 
 
@@ -206,9 +209,14 @@ def main():
     ensure_dependencies(args.no_install)
 
     os.chdir(HERE)
-    cflags_deps = pkg("--cflags", "libpq", "libsodium", "cmocka")
-    libs_lib = pkg("--libs", "libpq", "libsodium") + ["-lpthread"]
+    lib_mods = ["libpq", "libevent_core", "libevent_pthreads",
+                "libevent_extra", "libsodium"]
+    cflags_deps = pkg("--cflags", "cmocka", "jansson", *lib_mods)
+    libs_lib = pkg("--libs", *lib_mods) + ["-lpthread"]
     libs_cmocka = pkg("--libs", "cmocka")
+    libs_jansson = pkg("--libs", "jansson")
+    so_version = "0.1.0"
+    so_name = "libeventastic.so.0"
 
     with open("build.ninja.tmp", "w") as f:
         n = Writer(f)
@@ -226,6 +234,9 @@ def main():
                    + cflags_deps)
         n.variable("lib_libs", libs_lib)
         n.variable("cmocka_libs", libs_cmocka)
+        n.variable("jansson_libs", libs_jansson)
+        n.variable("cxx", "c++")
+        n.variable("prefix", os.path.abspath(args.prefix))
         n.line()
         n.rule("cc", "$cc -MMD -MF $out.d $common_cflags $vflags "
                "-c $in -o $out", description="CC $out", depfile="$out.d")
@@ -233,6 +244,17 @@ def main():
                description="AR $out")
         n.rule("link", "$cc -pthread $vldflags -o $out $in $libs",
                description="LINK $out")
+        n.rule("cxx", "$cxx -MMD -MF $out.d -std=c++17 -Wall -Wextra "
+               "-Werror -pedantic -Iinclude $vflags -c $in -o $out",
+               description="CXX $out", depfile="$out.d")
+        n.rule("cxxlink", "$cxx -pthread $vldflags -o $out $in $libs",
+               description="LINK $out")
+        n.rule("solink", "$cc -shared -Wl,-soname,%s -Wl,--no-undefined "
+               "-o $out $in $libs" % so_name, description="SOLINK $out")
+        n.rule("symlink", "ln -sf $target $out", description="LN $out")
+        n.rule("pc", "$python tools/install.py pc --prefix $prefix "
+               "--version %s --libs '$libs' > $out" % so_version,
+               description="PC $out")
         n.rule("configure", "$python configure.py $configure_args",
                description="CONFIGURE", generator=True)
         n.rule("run", "$cmd", description="$desc", pool="console")
@@ -252,8 +274,29 @@ def main():
                 return o
 
             lib = "%s/lib/libeventastic.a" % bdir
-            n.build(lib, "ar", [obj(s) for s in sources("src/*/*.c")])
+            lib_objs = [obj(s) for s in sources("src/*/*.c")]
+            n.build(lib, "ar", lib_objs)
             outs.append(lib)
+            if variant == "release":
+                real = "%s/lib/libeventastic.so.%s" % (bdir, so_version)
+                n.build(real, "solink", lib_objs,
+                        variables={"libs": "$lib_libs"})
+                for link in (so_name, "libeventastic.so"):
+                    n.build("%s/lib/%s" % (bdir, link), "symlink", real,
+                            variables={"target": os.path.basename(real)})
+                    outs.append("%s/lib/%s" % (bdir, link))
+                n.build("%s/lib/eventastic.pc" % bdir, "pc",
+                        implicit=["tools/install.py"],
+                        variables={"libs": "$lib_libs"})
+                outs += [real, "%s/lib/eventastic.pc" % bdir]
+            for src in sources("tests/cxx/*.cpp"):
+                o = "%s/obj/%s.o" % (bdir, src[:-4])
+                n.build(o, "cxx", src, variables=vars_)
+                exe = "%s/tests/%s" % (bdir, "test_cxx_" +
+                                       os.path.basename(src)[:-4])
+                n.build(exe, "cxxlink", [o, lib], variables=dict(
+                    vars_, libs="$lib_libs"))
+                outs.append(exe)
             fixtures = [obj(s) for s in sources("tests/fixtures/*.c")]
             tests = []
             for src in sources("tests/test_*.c"):
@@ -278,7 +321,7 @@ def main():
                            "--unit-only", "desc": "TEST unit (release)"})
         n.build("check", "run", everything, variables={
             "cmd": "$python tests/run.py --variants release,asan,tsan "
-                   "--compile-fail",
+                   "--compile-fail --install-test --docs",
             "desc": "CHECK"})
         n.build("demo", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --demo",
@@ -286,6 +329,14 @@ def main():
         n.build("bench", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --bench",
             "desc": "BENCH"})
+        n.build("install", "run", all_targets["release"], variables={
+            "cmd": "$python tools/install.py install --prefix $prefix",
+            "desc": "INSTALL"})
+        n.build("uninstall", "run", [], variables={
+            "cmd": "$python tools/install.py uninstall --prefix $prefix",
+            "desc": "UNINSTALL"})
+        n.build("docs", "run", [], implicit=["docs/Doxyfile"], variables={
+            "cmd": "$python tests/run.py --docs", "desc": "DOCS"})
         n.build("all", "phony", everything)
         n.default(["release"])
     os.replace("build.ninja.tmp", "build.ninja")

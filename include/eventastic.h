@@ -1,5 +1,6 @@
-/*
- * eventastic.h - everything public, in one include.
+/**
+ * @file eventastic.h
+ * @brief Everything public, in one include.
  */
 #ifndef EVENTASTIC_H
 #define EVENTASTIC_H
@@ -7,7 +8,9 @@
 #include "eventastic/aggregate.h"
 #include "eventastic/common.h"
 #include "eventastic/context.h"
+#include "eventastic/log.h"
 #include "eventastic/memory.h"
+#include "eventastic/outbox.h"
 #include "eventastic/postgres.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"

@@ -115,15 +115,90 @@ def compile_fail_tests():
     return ok
 
 
+def install_test():
+    """Install the release build into a staging DESTDIR, build a program
+    outside the tree with pkg-config, run it against the shared library,
+    check that only es_* symbols are exported, then uninstall."""
+    import shutil
+    import tempfile
+    stage = os.path.join(BUILD, "stage")
+    shutil.rmtree(stage, ignore_errors=True)
+    prefix = "/usr/local"
+    env = dict(os.environ, DESTDIR=stage)
+    tools = os.path.join(TOP, "tools", "install.py")
+    subprocess.check_call([sys.executable, tools, "install", "--prefix",
+                           prefix], env=env, stdout=subprocess.DEVNULL)
+    root = stage + prefix
+    pcenv = dict(os.environ, PKG_CONFIG_SYSROOT_DIR=stage,
+                 PKG_CONFIG_PATH=os.path.join(root, "lib", "pkgconfig"))
+    flags = subprocess.check_output(["pkg-config", "--cflags", "--libs",
+                                     "eventastic"], env=pcenv,
+                                    text=True).split()
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "hello.c")
+        shutil.copy(os.path.join(HERE, "install", "hello.c"), src)
+        exe = os.path.join(tmp, "hello")
+        subprocess.check_call(["cc", "-std=c11", "-Wall", "-Werror", src,
+                               "-o", exe] + flags)
+        out = subprocess.run([exe], env=dict(
+            os.environ, LD_LIBRARY_PATH=os.path.join(root, "lib")),
+            capture_output=True, text=True)
+        libs = subprocess.check_output(["ldd", exe], env=dict(
+            os.environ, LD_LIBRARY_PATH=os.path.join(root, "lib")),
+            text=True)
+        ok = out.returncode == 0 and os.path.join(root, "lib") in libs
+        print("%s install/pkg-config/shared: %s" % (
+            "ok  " if ok else "FAIL", out.stdout.strip() or out.stderr))
+    so = os.path.join(root, "lib", "libeventastic.so")
+    syms = subprocess.check_output(["nm", "-D", "--defined-only", so],
+                                   text=True).split("\n")
+    leaked = [l.split()[-1] for l in syms if l.strip()
+              and not l.split()[-1].startswith("es_")]
+    if leaked:
+        print("FAIL exported symbols without es_ prefix: %s" % leaked[:10])
+        ok = False
+    subprocess.check_call([sys.executable, tools, "uninstall", "--prefix",
+                           prefix], env=env, stdout=subprocess.DEVNULL)
+    left = [os.path.join(d, f) for d, _, fs in os.walk(stage) for f in fs]
+    if left:
+        print("FAIL uninstall left %s" % left[:5])
+        ok = False
+    shutil.rmtree(stage, ignore_errors=True)
+    return ok
+
+
+def docs():
+    """ninja docs: the API reference; any undocumented public symbol or
+    doc error is listed and fails the step."""
+    import shutil
+    out = os.path.join(BUILD, "docs")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    subprocess.check_call(["doxygen", os.path.join("docs", "Doxyfile")],
+                          cwd=TOP)
+    warnings = open(os.path.join(out, "warnings.txt")).read().strip()
+    if warnings:
+        print(warnings.replace(TOP + "/", ""))
+        print("FAIL docs: %d warnings" % len(warnings.splitlines()))
+        return False
+    print("ok   docs: build/docs/html/index.html, no warnings")
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="release")
     ap.add_argument("--unit-only", action="store_true")
     ap.add_argument("--compile-fail", action="store_true")
+    ap.add_argument("--install-test", action="store_true")
+    ap.add_argument("--docs", action="store_true")
     ap.add_argument("--demo", action="store_true")
     ap.add_argument("--bench", action="store_true")
     a = ap.parse_args()
 
+    if a.docs and a.variants == "release" and not a.compile_fail:
+        sys.exit(0 if docs() else 1)
     if a.demo:
         ok = run_binary(os.path.join(BUILD, "release", "bin",
                                      "readme_example"), "release")
@@ -146,6 +221,12 @@ def main():
     if a.compile_fail:
         total += 1
         failed += not compile_fail_tests()
+    if a.docs:
+        total += 1
+        failed += not docs()
+    if a.install_test:
+        total += 1
+        failed += not install_test()
     if not a.unit_only and any(pg_tests(v) for v in variants):
         with Cluster() as db:
             for v in variants:

@@ -1,5 +1,6 @@
-/*
- * eventastic/aggregate.h - how an aggregate type is described to the library.
+/**
+ * @file aggregate.h
+ * @brief how an aggregate type is described to the library.
  *
  * An aggregate type is a table of callbacks (es_aggregate_type) that the
  * application defines once, as a static constant.  The library never looks
@@ -89,10 +90,9 @@ typedef struct es_aggregate_type {
     /** Version of the state's snapshot encoding; a stored snapshot of
      *  another version is ignored and the stream is replayed. */
     uint64_t snapshot_version;
-    /** sizeof the state, the event and the side-effect value types. */
-    size_t state_size;
-    size_t event_size;
-    size_t side_effect_size;
+    size_t state_size;       /**< sizeof the application's state type */
+    size_t event_size;       /**< sizeof its event type */
+    size_t side_effect_size; /**< sizeof its side-effect type */
 
     /** The id of an event value (its idempotency key). */
     es_uuid (*event_id)(const void *event);
@@ -117,27 +117,34 @@ typedef struct es_aggregate_type {
     int (*state_copy)(void *dst, const void *src, es_error *err);
     /** Free what a state owns, not the state itself (optional). */
     void (*state_free)(void *state);
-    /** Snapshot codec: append the state's bytes / rebuild a state into
-     *  zeroed memory. */
+    /** Snapshot codec: append the state's bytes to out. */
     int (*state_encode)(const void *state, es_buf *out, es_error *err);
+    /** Snapshot codec: rebuild a state into zeroed memory; bad bytes give
+     *  ES_EDECODE (the stream is then replayed). */
     int (*state_decode)(const uint8_t *data, size_t len, void *state,
                         es_error *err);
 
-    /** Event codec.  decode gets the stored kind and fills zeroed memory of
-     *  event_size bytes; unknown kinds must give ES_EDECODE. */
+    /** Event codec: append the event's bytes to out (deterministic). */
     int (*event_encode)(const void *event, es_buf *out, es_error *err);
+    /** Event codec: decode the stored kind and bytes into zeroed memory of
+     *  event_size bytes; unknown kinds and bad bytes give ES_EDECODE. */
     int (*event_decode)(int32_t kind, const uint8_t *data, size_t len,
                         void *event, es_error *err);
     /** Free what a decoded event owns (optional). */
     void (*event_free)(void *event);
 
-    /** Side-effect codec, id and kind; required when side_effects is. */
+    /** Stable id of a side effect (required with side_effects). */
     es_uuid (*side_effect_id)(const void *side_effect);
+    /** Kind of a side effect (required with side_effects). */
     int32_t (*side_effect_kind)(const void *side_effect);
+    /** Side-effect codec: append its bytes (required with side_effects). */
     int (*side_effect_encode)(const void *side_effect, es_buf *out,
                               es_error *err);
+    /** Side-effect codec: decode into zeroed memory of side_effect_size
+     *  bytes; unknown kinds and bad bytes give ES_EDECODE. */
     int (*side_effect_decode)(int32_t kind, const uint8_t *data, size_t len,
                               void *side_effect, es_error *err);
+    /** Free what a decoded side effect owns (optional). */
     void (*side_effect_free)(void *side_effect);
 } es_aggregate_type;
 

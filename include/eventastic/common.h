@@ -1,5 +1,6 @@
-/*
- * eventastic/common.h - export macro, thread markers, allocator hook.
+/**
+ * @file common.h
+ * @brief export macro, thread markers, allocator hook.
  *
  * Thread markers expand to nothing; they say where a function may be called:
  *   ES_ANY_THREAD   from any thread, concurrently with other calls
@@ -17,20 +18,27 @@
 extern "C" {
 #endif
 
+/** Marks the public API: the only symbols the shared library exports. */
 #if defined(__GNUC__) && __GNUC__ >= 4
 #define ES_EXPORT __attribute__((visibility("default")))
 #else
 #define ES_EXPORT
 #endif
 
+/** Thread marker: callable from any thread, concurrently. */
 #define ES_ANY_THREAD
+/** Thread marker: setup only, before any other use, from one thread. */
 #define ES_SETUP_ONLY
+/** Thread marker: one thread at a time per object. */
 #define ES_OWNER_THREAD
 
-/** Library version: major, minor, patch. */
+/** Major version: changes when the API or ABI breaks. */
 #define ES_VERSION_MAJOR 0
+/** Minor version: additions only; existing symbols and layouts stay. */
 #define ES_VERSION_MINOR 1
+/** Patch version: fixes only. */
 #define ES_VERSION_PATCH 0
+/** The version as text. */
 #define ES_VERSION_STRING "0.1.0"
 
 /**

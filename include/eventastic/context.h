@@ -1,5 +1,6 @@
-/*
- * eventastic/context.h - the context: one aggregate's state, its version,
+/**
+ * @file context.h
+ * @brief the context: one aggregate's state, its version,
  * and the events and side effects recorded but not yet saved.
  *
  * record_new / record apply an event at once and collect its side effects;
@@ -76,8 +77,8 @@ ES_EXPORT ES_OWNER_THREAD int es_context_save(es_txn *txn, es_context *ctx,
 /**
  * Load an aggregate: the snapshot of the type's snapshot version, then the
  * events after it; without a usable snapshot (missing, other snapshot
- * version, undecodable) the stream is replayed from version 0.  A load
- * never writes.  *out is the caller's (es_context_free).
+ * version, undecodable, or at a version the stream does not have) the
+ * stream is replayed from version 0.  A load never writes.  *out is the caller's (es_context_free).
  * Errors: ES_ENOTFOUND (no events), ES_EAPPLY (with the event id),
  * ES_EDECODE (an event could not be decoded: unknown kind, bad bytes),
  * ES_EINVAL, ES_ENOMEM, store errors.
@@ -128,9 +129,10 @@ ES_EXPORT ES_OWNER_THREAD uint64_t es_context_version(const es_context *ctx);
 ES_EXPORT ES_OWNER_THREAD const void *es_context_state(
     const es_context *ctx);
 
-/** The aggregate type and id. */
+/** The aggregate type (borrowed; NULL for a NULL context). */
 ES_EXPORT ES_OWNER_THREAD const es_aggregate_type *es_context_type(
     const es_context *ctx);
+/** The aggregate id (borrowed from the context; NULL for NULL). */
 ES_EXPORT ES_OWNER_THREAD const es_uuid *es_context_aggregate_id(
     const es_context *ctx);
 
@@ -138,15 +140,19 @@ ES_EXPORT ES_OWNER_THREAD const es_uuid *es_context_aggregate_id(
 ES_EXPORT ES_OWNER_THREAD uint64_t es_context_snapshot_version(
     const es_context *ctx);
 
-/** Uncommitted events: count, and the i-th (borrowed; NULL past the end). */
+/** Number of uncommitted events. */
 ES_EXPORT ES_OWNER_THREAD size_t es_context_uncommitted_count(
     const es_context *ctx);
+/** The i-th uncommitted event, borrowed until the next call that changes
+ *  the context; NULL past the end. */
 ES_EXPORT ES_OWNER_THREAD const es_event *es_context_uncommitted(
     const es_context *ctx, size_t i);
 
-/** Side effects collected and not yet saved: count and the i-th. */
+/** Number of side effects collected and not yet saved. */
 ES_EXPORT ES_OWNER_THREAD size_t es_context_side_effect_count(
     const es_context *ctx);
+/** The i-th collected side effect (borrowed, like es_context_uncommitted);
+ *  NULL past the end. */
 ES_EXPORT ES_OWNER_THREAD const es_side_effect *es_context_side_effect(
     const es_context *ctx, size_t i);
 

@@ -1,5 +1,6 @@
-/*
- * eventastic/memory.h - the in-memory store, for tests and development.
+/**
+ * @file memory.h
+ * @brief the in-memory store, for tests and development.
  *
  * It has real transactions: writes are invisible to other transactions until
  * commit, rollback undoes them, commit is atomic, and it reports the same

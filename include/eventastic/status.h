@@ -1,5 +1,6 @@
-/*
- * eventastic/status.h - status codes and the es_error detail record.
+/**
+ * @file status.h
+ * @brief status codes and the es_error detail record.
  *
  * Every fallible function returns int: 0 on success, a negative es_status on
  * failure.  An optional, caller-owned es_error receives the details; it is
@@ -15,7 +16,8 @@
 extern "C" {
 #endif
 
-/* X(name, value, message) - the one table of codes. */
+/** The one table of status codes: X(name, value, message).  It yields
+ *  the es_status enum, es_strerror() and es_status_name(). */
 #define ES_STATUS_MAP(X)                                                      \
     X(OK, 0, "success")                                                       \
     X(ENOMEM, -1, "out of memory")                                            \
@@ -36,10 +38,13 @@ extern "C" {
     X(EREJECTED, -16, "command rejected")                                     \
     X(EUNKNOWN, -17, "outcome unknown")
 
+/** Status codes: 0 is success, failures are negative. */
 typedef enum es_status {
+/** @cond internal */
 #define ES__STATUS_ENUM(name, value, msg) ES_##name = value,
     ES_STATUS_MAP(ES__STATUS_ENUM)
 #undef ES__STATUS_ENUM
+/** @endcond */
 } es_status;
 
 /**

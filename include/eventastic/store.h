@@ -1,5 +1,6 @@
-/*
- * eventastic/store.h - the repository interface shared by every store, and
+/**
+ * @file store.h
+ * @brief the repository interface shared by every store, and
  * transactions.
  *
  * Every write happens inside a transaction: es_store_begin, then
@@ -34,18 +35,18 @@ typedef struct es_txn es_txn;
  * A snapshot as stored: the encoded state of an aggregate at a version.
  */
 typedef struct es_snapshot {
-    es_uuid aggregate_id;
+    es_uuid aggregate_id;      /**< the aggregate */
     uint64_t version;          /**< version of the last event folded in */
     uint64_t snapshot_version; /**< the type's snapshot_version */
     const uint8_t *data;       /**< encoded state */
-    size_t len;
+    size_t len;                /**< its length in bytes */
 } es_snapshot;
 
 /** A list of side effects owned by the caller; free with
  *  es_side_effect_list_free. */
 typedef struct es_side_effect_list {
-    size_t count;
-    es_side_effect *items;
+    size_t count;          /**< number of items */
+    es_side_effect *items; /**< the side effects, oldest first */
 } es_side_effect_list;
 
 /** Free a list and everything it holds.  NULL is a no-op.  Thread: any. */

@@ -1,5 +1,6 @@
-/*
- * eventastic/typed.h - a typed facade for one aggregate type.
+/**
+ * @file typed.h
+ * @brief a typed facade for one aggregate type.
  *
  *   ES_AGGREGATE_DECLARE(account, account_type, account_state,
  *                        account_event, account_side_effect)
@@ -20,6 +21,8 @@
 
 #include "context.h"
 
+/** Declare the typed facade P_* for one aggregate type (see the file
+ *  comment).  Use at file scope, once per aggregate type. */
 #define ES_AGGREGATE_DECLARE(P, TYPE, STATE, EVENT, SIDE_EFFECT)             \
     typedef struct P##_context P##_context;                                   \
     static inline es_context *P##_context_raw(P##_context *ctx)               \

@@ -1,5 +1,6 @@
-/*
- * eventastic/uuid.h - 128-bit ids for aggregates, events, commands and side
+/**
+ * @file uuid.h
+ * @brief 128-bit ids for aggregates, events, commands and side
  * effects.  Where the library makes ids it makes UUIDv7 (time-ordered).
  */
 #ifndef EVENTASTIC_UUID_H
@@ -15,7 +16,7 @@ extern "C" {
 
 /** A UUID as 16 bytes in network order.  Plain value; copy freely. */
 typedef struct es_uuid {
-    uint8_t bytes[16];
+    uint8_t bytes[16]; /**< the id, most significant byte first */
 } es_uuid;
 
 /** Length of the text form without the terminating NUL. */

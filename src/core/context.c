@@ -12,15 +12,15 @@
 #include "eventastic/context.h"
 #include "store/store_impl.h"
 
-/* An event or side effect the context owns (data allocated). */
-/* The uncommitted events, with an index by id: record checks every new
- * event against them, which must not cost O(n) per event (150,000 events
- * in one context took 26 s of comparisons). */
+/* An event or side effect the context owns (data allocated).  The events
+ * carry an index by event id (open addressing, linear probing; a slot
+ * holds item index + 1, 0 is empty; at most half full), so that record's
+ * idempotency check does not make recording n events O(n^2). */
 typedef struct ev_vec {
     es_event *items;
     size_t n, cap;
-    size_t *slots;  /* open addressing: index + 1 into items, 0 = empty */
-    size_t n_slots; /* 0 or a power of two, more than twice n */
+    size_t *slots;
+    size_t n_slots; /* 0 or a power of two */
 } ev_vec;
 
 typedef struct se_vec {
@@ -54,36 +54,40 @@ struct es_side_effect_sink {
 
 static size_t id_hash(const es_uuid *id)
 {
-    uint64_t a, b; /* UUIDv7: time first, random last; mix both halves */
+    uint64_t a, b;
     memcpy(&a, id->bytes, 8);
     memcpy(&b, id->bytes + 8, 8);
-    uint64_t h = a * 0x9e3779b97f4a7c15u ^ b * 0xc2b2ae3d27d4eb4fu;
-    return (size_t)(h ^ h >> 31);
+    uint64_t h = a ^ (b * 0x9e3779b97f4a7c15ULL);
+    h ^= h >> 31;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 29;
+    return (size_t)h;
 }
 
-static void ev_vec_index_put(ev_vec *v, size_t i)
+static void ev_index_put(ev_vec *v, size_t i)
 {
     size_t mask = v->n_slots - 1;
-    size_t s = id_hash(&v->items[i].id) & mask;
-    while (v->slots[s] != 0) s = (s + 1) & mask;
-    v->slots[s] = i + 1;
+    size_t at = id_hash(&v->items[i].id) & mask;
+    while (v->slots[at] != 0) at = (at + 1) & mask;
+    v->slots[at] = i + 1;
 }
 
-/* Rebuild the index from items[0..n) in the slots there are. */
-static void ev_vec_reindex(ev_vec *v)
+/* Rebuild the index from the items, in place. */
+static void ev_index_rebuild(ev_vec *v)
 {
     if (v->n_slots == 0) return;
     memset(v->slots, 0, v->n_slots * sizeof *v->slots);
-    for (size_t i = 0; i < v->n; i++) ev_vec_index_put(v, i);
+    for (size_t i = 0; i < v->n; i++) ev_index_put(v, i);
 }
 
-/* Make room in the index for need events. */
-static int ev_vec_index_reserve(ev_vec *v, size_t need)
+/* Room in the index for `need` items.  Returns 0 or ES_ENOMEM (the
+ * index is then unchanged). */
+static int ev_index_reserve(ev_vec *v, size_t need)
 {
-    if (need < v->n_slots / 2) return 0;
+    if (need <= v->n_slots / 2) return 0;
     size_t n = v->n_slots ? v->n_slots : 16;
-    while (need >= n / 2) {
-        if (n > SIZE_MAX / 2 / sizeof *v->slots) return ES_ENOMEM;
+    while (need > n / 2) {
+        if (n > SIZE_MAX / 2 / sizeof(size_t)) return ES_ENOMEM;
         n *= 2;
     }
     size_t *slots = es__calloc(n, sizeof *slots);
@@ -91,27 +95,35 @@ static int ev_vec_index_reserve(ev_vec *v, size_t need)
     es__free(v->slots);
     v->slots = slots;
     v->n_slots = n;
-    ev_vec_reindex(v);
+    ev_index_rebuild(v);
     return 0;
 }
 
-/* Index of the uncommitted event with this id, or SIZE_MAX. */
-static size_t ev_vec_find(const ev_vec *v, const es_uuid *id)
+/* The item with this event id, or NULL. */
+static const es_event *ev_vec_find(const ev_vec *v, const es_uuid *id)
 {
-    if (v->n_slots == 0) return SIZE_MAX;
+    if (v->n_slots == 0) return NULL;
     size_t mask = v->n_slots - 1;
-    for (size_t s = id_hash(id) & mask;; s = (s + 1) & mask) {
-        size_t k = v->slots[s];
-        if (k == 0) return SIZE_MAX;
-        if (es_uuid_equal(&v->items[k - 1].id, id)) return k - 1;
+    for (size_t at = id_hash(id) & mask; v->slots[at] != 0;
+         at = (at + 1) & mask) {
+        const es_event *e = &v->items[v->slots[at] - 1];
+        if (es_uuid_equal(&e->id, id)) return e;
     }
+    return NULL;
 }
 
 static void ev_vec_clear(ev_vec *v)
 {
     for (size_t i = 0; i < v->n; i++) es__free((void *)v->items[i].data);
     v->n = 0;
-    ev_vec_reindex(v);
+    ev_index_rebuild(v);
+}
+
+/* Drop the newest item (its payload is freed). */
+static void ev_vec_pop(ev_vec *v)
+{
+    es__free((void *)v->items[--v->n].data);
+    ev_index_rebuild(v);
 }
 
 static void ev_vec_free(ev_vec *v)
@@ -350,16 +362,16 @@ static int set_clash(es_context *ctx, const es_event *saved,
 
 static int push_uncommitted(es_context *ctx, encoded *enc, uint64_t version)
 {
-    void *items = ctx->uncommitted.items;
-    if (es__grow(&items, &ctx->uncommitted.cap, ctx->uncommitted.n + 1,
-                 sizeof(es_event)))
+    ev_vec *v = &ctx->uncommitted;
+    void *items = v->items;
+    if (es__grow(&items, &v->cap, v->n + 1, sizeof(es_event)))
         return ES_ENOMEM;
-    ctx->uncommitted.items = items;
-    if (ev_vec_index_reserve(&ctx->uncommitted, ctx->uncommitted.n + 1))
-        return ES_ENOMEM;
-    ctx->uncommitted.items[ctx->uncommitted.n++] =
+    v->items = items;
+    if (ev_index_reserve(v, v->n + 1) != 0) return ES_ENOMEM;
+    v->items[v->n] =
         (es_event){enc->id, version, enc->kind, enc->buf.data, enc->buf.len};
-    ev_vec_index_put(&ctx->uncommitted, ctx->uncommitted.n - 1);
+    ev_index_put(v, v->n);
+    v->n++;
     memset(&enc->buf, 0, sizeof enc->buf); /* moved */
     return 0;
 }
@@ -421,9 +433,8 @@ int es_context_record(es_context *ctx, const void *event, es_error *err)
     int rc = encode_event(t, event, &enc, err);
     if (rc != 0) return rc;
 
-    size_t seen = ev_vec_find(&ctx->uncommitted, &enc.id);
-    if (seen != SIZE_MAX) {
-        const es_event *u = &ctx->uncommitted.items[seen];
+    const es_event *u = ev_vec_find(&ctx->uncommitted, &enc.id);
+    if (u != NULL) {
         if (same_content(u, enc.kind, enc.buf.data, enc.buf.len)) {
             es_buf_free(&enc.buf); /* the same event again: a no-op */
             return 0;
@@ -458,8 +469,7 @@ int es_context_record(es_context *ctx, const void *event, es_error *err)
     if (rc == 0 && push_uncommitted(ctx, &enc, ctx->version + 1) != 0)
         rc = es__error_set(err, ES_ENOMEM, "out of memory");
     if (rc == 0 && se_vec_move_all(&ctx->side_effects, &fresh) != 0) {
-        es__free((void *)ctx->uncommitted.items[--ctx->uncommitted.n].data);
-        ev_vec_reindex(&ctx->uncommitted);
+        ev_vec_pop(&ctx->uncommitted);
         rc = es__error_set(err, ES_ENOMEM, "out of memory");
     }
     if (rc != 0) {
@@ -485,9 +495,15 @@ typedef struct fold {
     se_vec *target_effects;
     bool reached;
     es_error *err;
+    /* Loading from a snapshot: the stream starts at the snapshot's own
+     * event, which must be there (else the snapshot is not of this
+     * stream) and is not applied again. */
+    bool check_snapshot;
+    bool snapshot_seen;
 } fold;
 
 #define FOLD_STOP 1
+#define FOLD_STALE_SNAPSHOT 2
 
 static int fold_event(void *ud, const es_event *ev)
 {
@@ -495,6 +511,12 @@ static int fold_event(void *ud, const es_event *ev)
     es_context *ctx = f->ctx;
     const es_aggregate_type *t = ctx->type;
     char id[ES_UUID_STRLEN + 1], kb[16];
+    if (f->check_snapshot) {
+        f->check_snapshot = false;
+        if (ev->version != ctx->version) return FOLD_STALE_SNAPSHOT;
+        f->snapshot_seen = true;
+        return 0;
+    }
     uint64_t expect = ctx->state ? ctx->version + 1 : 0;
     if (ev->version != expect) {
         es__error_set(f->err, ES_EDECODE,
@@ -587,11 +609,24 @@ static int load_into(es_txn *txn, es_context *ctx, bool use_snapshot,
 {
     int rc = use_snapshot ? load_snapshot(txn, ctx, err) : 0;
     if (rc != 0) return rc;
-    fold f = {ctx, NULL, UINT64_MAX, NULL, NULL, false, err};
+    fold f = {ctx, NULL, UINT64_MAX, NULL, NULL, false, err, false, false};
     f.value = es__calloc(1, ctx->type->event_size);
     if (f.value == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    uint64_t from = ctx->state ? ctx->version + 1 : 0;
-    rc = txn->store->ops->stream(txn, &ctx->id, from, fold_event, &f, err);
+    bool from_snapshot = ctx->state != NULL;
+    f.check_snapshot = from_snapshot;
+    rc = txn->store->ops->stream(txn, &ctx->id, from_snapshot ? ctx->version
+                                                              : 0,
+                                 fold_event, &f, err);
+    if (from_snapshot &&
+        (rc == FOLD_STALE_SNAPSHOT || (rc == 0 && !f.snapshot_seen))) {
+        /* The snapshot claims a version the stream does not have: it is
+         * not a cache of this stream.  Replay from version 0. */
+        state_release(ctx->type, ctx->state);
+        ctx->state = NULL;
+        ctx->version = 0;
+        f.check_snapshot = false;
+        rc = txn->store->ops->stream(txn, &ctx->id, 0, fold_event, &f, err);
+    }
     es__free(f.value);
     if (rc == FOLD_STOP) rc = 0;
     if (rc == 0 && ctx->state == NULL) {
@@ -657,7 +692,8 @@ int es_context_regenerate_side_effects(es_txn *txn,
     if (rc != 0) return rc;
     es_context *ctx = context_new(type, aggregate_id);
     se_vec effects = {0};
-    fold f = {ctx, NULL, target->version, event_id, &effects, false, err};
+    fold f = {ctx,   NULL, target->version, event_id, &effects,
+              false, err,  false,           false};
     f.value = ctx ? es__calloc(1, type->event_size) : NULL;
     if (f.value == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
     else
@@ -701,7 +737,7 @@ static int write_batch(es_txn *txn, es_context *ctx, es_error *err)
     rc = txn->store->ops->store_snapshot(txn, &snap, err);
     es_buf_free(&state);
     if (rc != 0) return rc;
-    return es__txn_insert_side_effects(txn, ctx->side_effects.items,
+    return es__txn_insert_side_effects(txn, t->name, ctx->side_effects.items,
                                        ctx->side_effects.n, err);
 }
 
@@ -773,6 +809,18 @@ static void adopt(es_context *ctx, es_context *fresh)
 
 static int save_once(es_txn *txn, es_context *ctx, int depth, es_error *err);
 
+/* Move a clash found in a rebuilt context to the caller's context. */
+static void take_clash(es_context *ctx, es_context *fresh)
+{
+    if (!fresh->has_clash) return;
+    clear_clash(ctx);
+    ctx->clash_saved = fresh->clash_saved;
+    ctx->clash_attempted = fresh->clash_attempted;
+    ctx->has_clash = true;
+    fresh->clash_saved = fresh->clash_attempted = NULL;
+    fresh->has_clash = false;
+}
+
 /* Sort out the events the store skipped.  Returns 0 when every skipped
  * event was an equal duplicate (dup[] says which), or an error. */
 static int classify_skipped(es_txn *txn, es_context *ctx, const bool *inserted,
@@ -839,10 +887,12 @@ static int save_once(es_txn *txn, es_context *ctx, int depth, es_error *err)
         es_context *fresh = NULL;
         rc = rebuild(txn, ctx, dup, &fresh, err);
         if (rc == 0) rc = save_once(txn, fresh, depth + 1, err);
-        if (rc == 0)
+        if (rc == 0) {
             adopt(ctx, fresh);
-        else
+        } else if (fresh != NULL) {
+            take_clash(ctx, fresh); /* the caller asks ctx, not fresh */
             es_context_free(fresh);
+        }
     }
     es__free(flags);
     return rc;
@@ -972,10 +1022,12 @@ int es_event_decode(const es_aggregate_type *type, const es_event *event,
 {
     if (type == NULL || event == NULL || value == NULL)
         return es__error_set(err, ES_EINVAL, "all arguments are required");
+    int rc = es_aggregate_type_check(type, err);
+    if (rc != 0) return rc;
     memset(value, 0, type->event_size);
     es_error inner = {0};
-    int rc = type->event_decode(event->kind, event->data, event->len, value,
-                                &inner);
+    rc = type->event_decode(event->kind, event->data, event->len, value,
+                            &inner);
     if (rc != 0) {
         if (type->event_free) type->event_free(value);
         return es__error_wrap(err, rc == ES_ENOMEM ? rc : ES_EDECODE, &inner,
@@ -994,9 +1046,11 @@ int es_side_effect_decode(const es_aggregate_type *type,
                           const es_side_effect *se, void *value,
                           es_error *err)
 {
-    if (type == NULL || se == NULL || value == NULL ||
-        type->side_effect_decode == NULL)
+    if (type == NULL || se == NULL || value == NULL)
         return es__error_set(err, ES_EINVAL, "all arguments are required");
+    if (type->side_effect_decode == NULL || type->side_effect_size == 0)
+        return es__error_set(err, ES_EINVAL, "type has no side-effect "
+                                             "codec");
     memset(value, 0, type->side_effect_size);
     es_error inner = {0};
     int rc = type->side_effect_decode(se->kind, se->data, se->len, value,

@@ -9,6 +9,7 @@
 
 #include "eventastic/aggregate.h"
 #include "eventastic/common.h"
+#include "eventastic/log.h"
 #include "eventastic/status.h"
 
 /* The allocator hook (es_set_allocator).  es__calloc zeroes. */
@@ -32,5 +33,10 @@ int es__error_wrap(es_error *err, int code, const es_error *inner,
 
 /* Grow an array of elem-sized items to hold at least need items. */
 int es__grow(void **items, size_t *cap, size_t need, size_t elem);
+
+/* Log through es_log_set's callback (or stderr).  Never holds secrets. */
+void es__log(es_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+bool es__log_enabled(es_log_level level);
 
 #endif

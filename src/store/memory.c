@@ -15,6 +15,7 @@
  */
 #include <pthread.h>
 #include <search.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,6 +39,7 @@ typedef struct mem_stream {
     char type[TYPE_NAME_MAX];
     mem_event *ev; /* sorted by version */
     size_t n, cap;
+    size_t want; /* commit_prepare's count; 0 outside it */
 } mem_stream;
 
 typedef struct mem_id {
@@ -57,10 +59,17 @@ typedef struct mem_snapset {
     es_uuid agg;
     mem_snap *s;
     size_t n, cap;
+    size_t want; /* commit_prepare's count; 0 outside it */
 } mem_snapset;
 
 typedef struct mem_se {
     es_side_effect se; /* data owned */
+    char type[TYPE_NAME_MAX];
+    es_outbox_status status;
+    uint32_t attempts;
+    int64_t created_ms, next_ms, finished_ms, claimed_until;
+    char owner[64]; /* "" when unclaimed */
+    char last_error[256];
 } mem_se;
 
 typedef struct mem_store {
@@ -104,6 +113,7 @@ typedef struct mem_txn {
     size_t n_snap, cap_snap;
     mem_se *se;
     size_t n_se, cap_se;
+    void *se_ids; /* es_uuid* (own allocation), the ids in se */
     mark *marks;
     size_t n_marks, cap_marks;
 } mem_txn;
@@ -132,6 +142,11 @@ static int cmp_se(const void *a, const void *b)
 {
     return es_uuid_compare(&((const mem_se *)a)->se.id,
                            &((const mem_se *)b)->se.id);
+}
+
+static int cmp_uuid(const void *a, const void *b)
+{
+    return es_uuid_compare(a, b);
 }
 
 static int cmp_pend_id(const void *a, const void *b)
@@ -248,7 +263,16 @@ static void truncate_pending(mem_txn *t, const mark *m)
         es__free(pe);
     }
     while (t->n_snap > m->n_snap) es__free(t->snap[--t->n_snap].snap.data);
-    while (t->n_se > m->n_se) es__free((void *)t->se[--t->n_se].se.data);
+    while (t->n_se > m->n_se) {
+        mem_se *x = &t->se[--t->n_se];
+        void *node = tfind(&x->se.id, &t->se_ids, cmp_uuid);
+        if (node != NULL) {
+            es_uuid *key = *(es_uuid **)node;
+            tdelete(&x->se.id, &t->se_ids, cmp_uuid);
+            es__free(key);
+        }
+        es__free((void *)x->se.data);
+    }
 }
 
 static void txn_free(mem_txn *t)
@@ -257,6 +281,7 @@ static void txn_free(mem_txn *t)
     truncate_pending(t, &zero);
     tdestroy(t->ev_ids, noop_free);
     tdestroy(t->ev_versions, noop_free);
+    tdestroy(t->se_ids, noop_free); /* empty: truncate_pending freed all */
     es__free(t->ev);
     es__free(t->snap);
     es__free(t->se);
@@ -323,116 +348,234 @@ static int validate_commit(mem_store *s, mem_txn *t, es_error *err)
     return 0;
 }
 
-static int apply_event(mem_store *s, pend_event *pe)
+/*
+ * Commit in three phases, so that running out of memory leaves nothing of
+ * the transaction behind:
+ *   1. prepare: create missing streams and snapshot sets, reserve room in
+ *      every array, allocate the index nodes.  Nothing is visible yet
+ *      (streams created here are empty and removed again on failure).
+ *   2. link: put the index nodes into the trees; tsearch may fail, and
+ *      what was linked is then taken out again (tdelete never allocates).
+ *   3. apply: move events, snapshots and side effects into the reserved
+ *      room.  This cannot fail.
+ */
+typedef struct commit_plan {
+    mem_stream **stream;  /* per pending event */
+    mem_id **id;          /* per pending event */
+    mem_snapset **set;    /* per pending snapshot op */
+    mem_se **se;          /* per pending side effect; NULL: exists */
+    mem_stream **created; /* streams made by this commit */
+    size_t n_created;
+} commit_plan;
+
+static void plan_free(mem_store *s, commit_plan *p, const mem_txn *t)
+{
+    for (size_t i = 0; p->stream && i < t->n_ev; i++)
+        if (p->stream[i]) p->stream[i]->want = 0;
+    for (size_t i = 0; p->set && i < t->n_snap; i++)
+        if (p->set[i]) p->set[i]->want = 0;
+    for (size_t i = 0; p->id && i < t->n_ev; i++) es__free(p->id[i]);
+    for (size_t i = 0; p->se && i < t->n_se; i++) es__free(p->se[i]);
+    for (size_t i = 0; i < p->n_created; i++) { /* still empty */
+        tdelete(p->created[i], &s->streams, cmp_stream);
+        es__free(p->created[i]->ev);
+        es__free(p->created[i]);
+    }
+    es__free(p->stream);
+    es__free(p->id);
+    es__free(p->set);
+    es__free(p->se);
+    es__free(p->created);
+    memset(p, 0, sizeof *p);
+}
+
+static mem_stream *stream_for(mem_store *s, commit_plan *p,
+                              const pend_event *pe)
 {
     mem_stream *st = find_stream(s, &pe->agg);
-    if (st == NULL) {
-        st = es__calloc(1, sizeof *st);
-        if (st == NULL) return ES_ENOMEM;
-        st->agg = pe->agg;
-        memcpy(st->type, pe->type, sizeof st->type);
-        if (tsearch(st, &s->streams, cmp_stream) == NULL) {
-            es__free(st);
-            return ES_ENOMEM;
-        }
+    if (st != NULL) return st;
+    st = es__calloc(1, sizeof *st);
+    if (st == NULL) return NULL;
+    st->agg = pe->agg;
+    memcpy(st->type, pe->type, sizeof st->type);
+    if (tsearch(st, &s->streams, cmp_stream) == NULL) {
+        es__free(st);
+        return NULL;
     }
-    mem_id *idx = es__malloc(sizeof *idx);
-    if (idx == NULL) return ES_ENOMEM;
-    void *items = st->ev;
-    if (es__grow(&items, &st->cap, st->n + 1, sizeof(mem_event)) != 0) {
-        es__free(idx);
+    p->created[p->n_created++] = st;
+    return st;
+}
+
+static mem_snapset *snapset_for(mem_store *s, const es_uuid *agg)
+{
+    mem_snapset *set = find_snapset(s, agg);
+    if (set != NULL) return set;
+    set = es__calloc(1, sizeof *set); /* an empty set is "no snapshot" */
+    if (set == NULL) return NULL;
+    set->agg = *agg;
+    if (tsearch(set, &s->snaps, cmp_snapset) == NULL) {
+        es__free(set);
+        return NULL;
+    }
+    return set;
+}
+
+static int commit_prepare(mem_store *s, mem_txn *t, commit_plan *p)
+{
+    size_t ne = t->n_ev ? t->n_ev : 1, ns = t->n_snap ? t->n_snap : 1;
+    size_t nse = t->n_se ? t->n_se : 1;
+    p->stream = es__calloc(ne, sizeof *p->stream);
+    p->id = es__calloc(ne, sizeof *p->id);
+    p->created = es__calloc(ne, sizeof *p->created);
+    p->set = es__calloc(ns, sizeof *p->set);
+    p->se = es__calloc(nse, sizeof *p->se);
+    if (!p->stream || !p->id || !p->created || !p->set || !p->se)
         return ES_ENOMEM;
+
+    /* Events: a stream each, room for all of them, an id node each.  The
+     * per-stream count goes through `want`, zero again afterwards. */
+    for (size_t i = 0; i < t->n_ev; i++) {
+        p->stream[i] = stream_for(s, p, t->ev[i]);
+        if (p->stream[i] == NULL) return ES_ENOMEM;
+        p->stream[i]->want++;
+        p->id[i] = es__malloc(sizeof(mem_id));
+        if (p->id[i] == NULL) return ES_ENOMEM;
     }
-    st->ev = items;
-    idx->id = pe->ev.id;
-    idx->agg = pe->agg;
-    idx->version = pe->ev.version;
-    if (tsearch(idx, &s->ids, cmp_id) == NULL) {
-        es__free(idx);
+    int rc = 0;
+    for (size_t i = 0; i < t->n_ev; i++) {
+        mem_stream *st = p->stream[i];
+        if (st->want == 0) continue;
+        void *items = st->ev;
+        if (rc == 0 && es__grow(&items, &st->cap, st->n + st->want,
+                                sizeof(mem_event)) != 0)
+            rc = ES_ENOMEM;
+        st->ev = items;
+        st->want = 0;
+    }
+    if (rc != 0) return rc;
+
+    /* Snapshots: a set each, room for every put. */
+    for (size_t i = 0; i < t->n_snap; i++) {
+        p->set[i] = snapset_for(s, &t->snap[i].agg);
+        if (p->set[i] == NULL) return ES_ENOMEM;
+        if (t->snap[i].op == SNAP_PUT) p->set[i]->want++;
+    }
+    for (size_t i = 0; i < t->n_snap; i++) {
+        mem_snapset *set = p->set[i];
+        if (set->want == 0) continue;
+        void *items = set->s;
+        if (rc == 0 && es__grow(&items, &set->cap, set->n + set->want,
+                                sizeof(mem_snap)) != 0)
+            rc = ES_ENOMEM;
+        set->s = items;
+        set->want = 0;
+    }
+    if (rc != 0) return rc;
+
+    /* Side effects: a node for each one not yet stored, room in the
+     * list. */
+    size_t fresh = 0;
+    for (size_t i = 0; i < t->n_se; i++) {
+        if (committed_se_exists(s, &t->se[i].se.id)) continue;
+        p->se[i] = es__malloc(sizeof(mem_se));
+        if (p->se[i] == NULL) return ES_ENOMEM;
+        fresh++;
+    }
+    void *items = s->se;
+    if (es__grow(&items, &s->cap_se, s->n_se + fresh, sizeof(mem_se *)) != 0)
         return ES_ENOMEM;
-    }
-    size_t pos = lower_bound(st, pe->ev.version);
-    memmove(&st->ev[pos + 1], &st->ev[pos], (st->n - pos) * sizeof(mem_event));
-    st->ev[pos] = pe->ev;
-    st->n++;
-    pe->ev.data = NULL; /* moved */
-    s->event_count++;
+    s->se = items;
     return 0;
 }
 
-static int apply_snap(mem_store *s, pend_snap *ps)
+static int commit_link(mem_store *s, mem_txn *t, commit_plan *p)
 {
-    mem_snapset *set = find_snapset(s, &ps->agg);
+    size_t ids = 0, ses = 0;
+    for (; ids < t->n_ev; ids++) {
+        const pend_event *pe = t->ev[ids];
+        *p->id[ids] = (mem_id){pe->ev.id, pe->agg, pe->ev.version};
+        if (tsearch(p->id[ids], &s->ids, cmp_id) == NULL) goto undo;
+    }
+    for (; ses < t->n_se; ses++) {
+        if (p->se[ses] == NULL) continue;
+        *p->se[ses] = t->se[ses]; /* data moves in commit_apply */
+        if (tsearch(p->se[ses], &s->se_ids, cmp_se) == NULL) goto undo;
+    }
+    return 0;
+undo:
+    while (ids-- > 0) tdelete(p->id[ids], &s->ids, cmp_id);
+    while (ses-- > 0)
+        if (p->se[ses]) tdelete(p->se[ses], &s->se_ids, cmp_se);
+    return ES_ENOMEM;
+}
+
+static void apply_snap(mem_snapset *set, pend_snap *ps)
+{
     if (ps->op == SNAP_DELETE) {
-        if (set == NULL) return 0;
         for (size_t i = 0; i < set->n; i++) es__free(set->s[i].data);
         set->n = 0;
-        return 0;
-    }
-    if (set == NULL) {
-        set = es__calloc(1, sizeof *set);
-        if (set == NULL) return ES_ENOMEM;
-        set->agg = ps->agg;
-        if (tsearch(set, &s->snaps, cmp_snapset) == NULL) {
-            es__free(set);
-            return ES_ENOMEM;
-        }
+        return;
     }
     for (size_t i = 0; i < set->n; i++) {
         if (set->s[i].snapshot_version != ps->snap.snapshot_version) continue;
-        if (set->s[i].version > ps->snap.version) return 0; /* never back */
+        if (set->s[i].version > ps->snap.version) return; /* never back */
         es__free(set->s[i].data);
         set->s[i] = ps->snap;
         ps->snap.data = NULL;
-        return 0;
+        return;
     }
-    void *items = set->s;
-    if (es__grow(&items, &set->cap, set->n + 1, sizeof(mem_snap)) != 0)
-        return ES_ENOMEM;
-    set->s = items;
-    set->s[set->n++] = ps->snap;
+    set->s[set->n++] = ps->snap; /* room reserved */
     ps->snap.data = NULL;
-    return 0;
 }
 
-static int apply_se(mem_store *s, mem_se *pse)
+static void commit_apply(mem_store *s, mem_txn *t, commit_plan *p)
 {
-    if (committed_se_exists(s, &pse->se.id)) return 0;
-    mem_se *node = es__malloc(sizeof *node);
-    if (node == NULL) return ES_ENOMEM;
-    void *items = s->se;
-    if (es__grow(&items, &s->cap_se, s->n_se + 1, sizeof(mem_se *)) != 0) {
-        es__free(node);
-        return ES_ENOMEM;
+    for (size_t i = 0; i < t->n_ev; i++) {
+        mem_stream *st = p->stream[i];
+        pend_event *pe = t->ev[i];
+        size_t pos = lower_bound(st, pe->ev.version);
+        memmove(&st->ev[pos + 1], &st->ev[pos],
+                (st->n - pos) * sizeof(mem_event));
+        st->ev[pos] = pe->ev;
+        st->n++;
+        pe->ev.data = NULL; /* moved */
+        p->id[i] = NULL;    /* owned by the tree now */
+        s->event_count++;
     }
-    s->se = items;
-    *node = *pse;
-    if (tsearch(node, &s->se_ids, cmp_se) == NULL) {
-        es__free(node);
-        return ES_ENOMEM;
+    for (size_t i = 0; i < t->n_snap; i++) apply_snap(p->set[i], &t->snap[i]);
+    for (size_t i = 0; i < t->n_se; i++) {
+        if (p->se[i] == NULL) continue;
+        s->se[s->n_se++] = p->se[i];
+        t->se[i].se.data = NULL; /* moved */
+        p->se[i] = NULL;
     }
-    s->se[s->n_se++] = node;
-    pse->se.data = NULL; /* moved */
-    return 0;
+    p->n_created = 0; /* they hold events now */
 }
 
 static int mem_commit(es_txn *txn, es_error *err)
 {
     mem_txn *t = (mem_txn *)txn;
     mem_store *s = (mem_store *)txn->store;
+    commit_plan plan;
+    memset(&plan, 0, sizeof plan);
     pthread_mutex_lock(&s->lock);
     int rc = validate_commit(s, t, err);
-    /* Allocation failures below are the only way a commit can stop half
-     * way; each step allocates before it links, so what was applied is
-     * consistent, but the commit is then not atomic.  Reported as ENOMEM. */
-    for (size_t i = 0; rc == 0 && i < t->n_ev; i++)
-        rc = apply_event(s, t->ev[i]);
-    for (size_t i = 0; rc == 0 && i < t->n_snap; i++)
-        rc = apply_snap(s, &t->snap[i]);
-    for (size_t i = 0; rc == 0 && i < t->n_se; i++) rc = apply_se(s, &t->se[i]);
+    int64_t now = es_clock_now_ms();
+    for (size_t i = 0; i < t->n_se; i++) t->se[i].created_ms = now;
+    if (rc == 0) {
+        rc = commit_prepare(s, t, &plan);
+        if (rc == 0) rc = commit_link(s, t, &plan);
+        if (rc == 0)
+            commit_apply(s, t, &plan);
+        else
+            rc = es__error_set(err, ES_ENOMEM, "out of memory in commit; "
+                               "nothing was committed");
+    }
+    plan_free(s, &plan, t);
     pthread_mutex_unlock(&s->lock);
-    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory in commit");
+    bool notify = rc == 0 && t->n_se > 0;
     txn_free(t);
+    if (notify) es__store_notify(&s->base);
     return rc;
 }
 
@@ -553,6 +696,14 @@ static int mem_get_event(es_txn *txn, const es_uuid *agg,
     return 0;
 }
 
+/* The type of an aggregate that only this transaction has written. */
+static const char *pend_stream_type(const mem_txn *t, const es_uuid *agg)
+{
+    for (size_t i = 0; i < t->n_ev; i++)
+        if (es_uuid_equal(&t->ev[i]->agg, agg)) return t->ev[i]->type;
+    return NULL;
+}
+
 static int mem_insert_events(es_txn *txn, const char *type_name,
                              const es_uuid *agg, const es_event *events,
                              size_t n, bool *inserted, es_error *err)
@@ -569,9 +720,10 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
     int rc = 0;
     pthread_mutex_lock(&s->lock);
     mem_stream *st = find_stream(s, agg);
-    if (st != NULL && strcmp(st->type, type_name) != 0)
+    const char *owner_type = st ? st->type : pend_stream_type(t, agg);
+    if (owner_type != NULL && strcmp(owner_type, type_name) != 0)
         rc = es__error_set(err, ES_EINVAL,
-                           "aggregate is of type '%s', not '%s'", st->type,
+                           "aggregate is of type '%s', not '%s'", owner_type,
                            type_name);
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const es_event *e = &events[i];
@@ -609,8 +761,9 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
     return rc;
 }
 
-static int mem_insert_side_effects(es_txn *txn, const es_side_effect *items,
-                                   size_t n, es_error *err)
+static int mem_insert_side_effects(es_txn *txn, const char *type_name,
+                                   const es_side_effect *items, size_t n,
+                                   es_error *err)
 {
     mem_txn *t = (mem_txn *)txn;
     mem_store *s = (mem_store *)txn->store;
@@ -619,20 +772,26 @@ static int mem_insert_side_effects(es_txn *txn, const es_side_effect *items,
         return es__error_set(err, ES_ENOMEM, "out of memory");
     t->se = arr;
     for (size_t i = 0; i < n; i++) {
-        bool seen = false;
-        for (size_t j = 0; j < t->n_se && !seen; j++)
-            seen = es_uuid_equal(&t->se[j].se.id, &items[i].id);
+        bool seen = tfind(&items[i].id, &t->se_ids, cmp_uuid) != NULL;
         if (!seen) {
             pthread_mutex_lock(&s->lock);
             seen = committed_se_exists(s, &items[i].id);
             pthread_mutex_unlock(&s->lock);
         }
         if (seen) continue;
-        uint8_t *data = es__memdup(items[i].data, items[i].len);
-        if (data == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-        t->se[t->n_se].se = items[i];
-        t->se[t->n_se].se.data = data;
-        t->n_se++;
+        es_uuid *key = es__memdup(&items[i].id, sizeof items[i].id);
+        uint8_t *data = key ? es__memdup(items[i].data, items[i].len) : NULL;
+        if (data == NULL || tsearch(key, &t->se_ids, cmp_uuid) == NULL) {
+            es__free(key);
+            es__free(data);
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+        }
+        mem_se *m = &t->se[t->n_se++];
+        memset(m, 0, sizeof *m);
+        m->se = items[i];
+        m->se.data = data;
+        snprintf(m->type, sizeof m->type, "%s", type_name);
+        m->status = ES_OUTBOX_PENDING;
     }
     return 0;
 }
@@ -712,7 +871,8 @@ static int mem_list_side_effects(es_txn *txn, const es_uuid *agg,
     int rc = 0;
     pthread_mutex_lock(&s->lock);
     for (size_t i = 0; rc == 0 && i < s->n_se; i++)
-        if (agg == NULL || es_uuid_equal(agg, &s->se[i]->se.aggregate_id))
+        if (s->se[i]->status == ES_OUTBOX_PENDING &&
+            (agg == NULL || es_uuid_equal(agg, &s->se[i]->se.aggregate_id)))
             rc = es__side_effect_list_push(list, &cap, &s->se[i]->se);
     pthread_mutex_unlock(&s->lock);
     for (size_t i = 0; rc == 0 && i < t->n_se; i++)
@@ -758,7 +918,280 @@ static void mem_close(es_store *store)
     tdestroy(s->se_ids, free_se);
     es__free(s->se);
     pthread_mutex_destroy(&s->lock);
+    es__store_destroy(&s->base);
     es__free(s);
+}
+
+/* ---- the outbox ---- */
+
+static int cmp_uuid_ptr(const void *a, const void *b)
+{
+    return es_uuid_compare(a, b);
+}
+
+static mem_se *find_se(mem_store *s, const es_uuid *id)
+{
+    mem_se key;
+    key.se.id = *id;
+    void *node = tfind(&key, &s->se_ids, cmp_se);
+    return node ? *(mem_se **)node : NULL;
+}
+
+static void entry_from(es_outbox_entry *e, const mem_se *m)
+{
+    memset(e, 0, sizeof *e);
+    e->side_effect = m->se;
+    memcpy(e->aggregate_type, m->type, sizeof e->aggregate_type);
+    e->status = m->status;
+    e->attempts = m->attempts;
+    e->created_ms = m->created_ms;
+    e->next_attempt_ms = m->next_ms;
+    memcpy(e->last_error, m->last_error, sizeof e->last_error);
+}
+
+/* Append a copy of m (payload copied) to list. */
+static int entry_push(es_outbox_entry_list *list, size_t *cap, const mem_se *m)
+{
+    void *items = list->items;
+    if (es__grow(&items, cap, list->count + 1, sizeof(es_outbox_entry)))
+        return ES_ENOMEM;
+    list->items = items;
+    uint8_t *data = es__memdup(m->se.data, m->se.len);
+    if (data == NULL) return ES_ENOMEM;
+    es_outbox_entry *e = &list->items[list->count++];
+    entry_from(e, m);
+    e->side_effect.data = data;
+    return 0;
+}
+
+static void release_claim(mem_se *m)
+{
+    m->owner[0] = '\0';
+    m->claimed_until = 0;
+}
+
+static int mem_outbox_claim(es_store *store, const char *owner, int64_t now,
+                            int64_t lease_ms, uint32_t max_attempts,
+                            const es__outbox_filter *filters, size_t nf,
+                            size_t max, es_outbox_entry_list **out,
+                            es_error *err)
+{
+    mem_store *s = (mem_store *)store;
+    es_outbox_entry_list *list = es__calloc(1, sizeof *list);
+    if (list == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t cap = 0;
+    int rc = 0;
+    void *heads = NULL; /* aggregates whose first pending message is seen */
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->n_se && list->count < max; i++) {
+        mem_se *m = s->se[i];
+        if (m->status != ES_OUTBOX_PENDING) continue;
+        if (!es__outbox_filter_match(filters, nf, m->type, m->se.kind))
+            continue;
+        if (tfind(&m->se.aggregate_id, &heads, cmp_uuid_ptr)) continue;
+        if (tsearch(&m->se.aggregate_id, &heads, cmp_uuid_ptr) == NULL) {
+            rc = ES_ENOMEM;
+            break;
+        }
+        if (m->owner[0] != '\0' && m->claimed_until > now) continue;
+        if (m->owner[0] != '\0' && m->attempts >= max_attempts) {
+            /* Its dispatcher died (or stalled) on every attempt. */
+            m->status = ES_OUTBOX_DEAD;
+            snprintf(m->last_error, sizeof m->last_error,
+                     "attempt %u abandoned: claim of '%.63s' expired",
+                     m->attempts, m->owner);
+            release_claim(m);
+            tdelete(&m->se.aggregate_id, &heads, cmp_uuid_ptr);
+            continue;
+        }
+        if (m->next_ms > now) continue;
+        m->attempts++;
+        snprintf(m->owner, sizeof m->owner, "%s", owner);
+        m->claimed_until = now + lease_ms;
+        if ((rc = entry_push(list, &cap, m)) != 0) {
+            m->attempts--;
+            release_claim(m);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    tdestroy(heads, noop_free);
+    if (rc != 0) {
+        /* The claims already taken simply expire. */
+        es_outbox_entry_list_free(list);
+        return es__error_set(err, rc, "out of memory");
+    }
+    *out = list;
+    return 0;
+}
+
+static int mem_outbox_finish(es_store *store, const es_uuid *id,
+                             const char *owner, es_outbox_status status,
+                             int64_t now, int64_t next_ms, const char *error,
+                             es_error *err)
+{
+    mem_store *s = (mem_store *)store;
+    int rc = 0;
+    pthread_mutex_lock(&s->lock);
+    mem_se *m = find_se(s, id);
+    if (m == NULL)
+        rc = ES_ENOTFOUND;
+    else if (m->status != ES_OUTBOX_PENDING || strcmp(m->owner, owner) != 0)
+        rc = ES_ECONFLICT;
+    else {
+        m->status = status;
+        if (status == ES_OUTBOX_PENDING) m->next_ms = next_ms;
+        if (status == ES_OUTBOX_DONE) m->finished_ms = now;
+        if (error != NULL)
+            snprintf(m->last_error, sizeof m->last_error, "%s", error);
+        release_claim(m);
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (rc == ES_ENOTFOUND)
+        return es__error_set(err, rc, "outbox message not found");
+    if (rc == ES_ECONFLICT)
+        return es__error_set(err, rc, "claim on the outbox message was lost "
+                                      "(lease expired and taken by another)");
+    return 0;
+}
+
+static int mem_outbox_list(es_store *store, es_outbox_status status,
+                           size_t limit, es_outbox_entry_list **out,
+                           es_error *err)
+{
+    mem_store *s = (mem_store *)store;
+    es_outbox_entry_list *list = es__calloc(1, sizeof *list);
+    if (list == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t cap = 0;
+    int rc = 0;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; rc == 0 && i < s->n_se && list->count < limit; i++)
+        if (s->se[i]->status == status)
+            rc = entry_push(list, &cap, s->se[i]);
+    pthread_mutex_unlock(&s->lock);
+    if (rc != 0) {
+        es_outbox_entry_list_free(list);
+        return es__error_set(err, rc, "out of memory");
+    }
+    *out = list;
+    return 0;
+}
+
+static int mem_outbox_get(es_store *store, const es_uuid *id,
+                          es_outbox_entry **out, es_error *err)
+{
+    mem_store *s = (mem_store *)store;
+    int rc = ES_ENOTFOUND;
+    pthread_mutex_lock(&s->lock);
+    mem_se *m = find_se(s, id);
+    if (m != NULL) {
+        es_outbox_entry *e = es__malloc(sizeof *e + m->se.len);
+        if (e == NULL) {
+            rc = ES_ENOMEM;
+        } else {
+            entry_from(e, m);
+            uint8_t *data = (uint8_t *)(e + 1);
+            if (m->se.len > 0) memcpy(data, m->se.data, m->se.len);
+            e->side_effect.data = data;
+            *out = e;
+            rc = 0;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (rc == ES_ENOTFOUND)
+        return es__error_set(err, rc, "outbox message not found");
+    if (rc != 0) return es__error_set(err, rc, "out of memory");
+    return 0;
+}
+
+static void requeue_one(mem_se *m, int64_t now)
+{
+    m->status = ES_OUTBOX_PENDING;
+    m->attempts = 0;
+    m->next_ms = now;
+    release_claim(m);
+}
+
+static int mem_outbox_requeue(es_store *store, const es_uuid *id,
+                              const char *type_name, int32_t kind,
+                              int64_t now, size_t *count, es_error *err)
+{
+    mem_store *s = (mem_store *)store;
+    size_t n = 0;
+    pthread_mutex_lock(&s->lock);
+    if (id != NULL) {
+        mem_se *m = find_se(s, id);
+        if (m != NULL && m->status == ES_OUTBOX_DEAD) {
+            requeue_one(m, now);
+            n = 1;
+        }
+    } else {
+        es__outbox_filter f = {type_name, kind};
+        for (size_t i = 0; i < s->n_se; i++)
+            if (s->se[i]->status == ES_OUTBOX_DEAD &&
+                es__outbox_filter_match(&f, 1, s->se[i]->type,
+                                        s->se[i]->se.kind)) {
+                requeue_one(s->se[i], now);
+                n++;
+            }
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (count) *count = n;
+    if (id != NULL && n == 0)
+        return es__error_set(err, ES_ENOTFOUND, "no dead letter with that id");
+    if (n > 0) es__store_notify(store);
+    return 0;
+}
+
+static int mem_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
+                            es_error *err)
+{
+    (void)err;
+    mem_store *s = (mem_store *)store;
+    size_t kept = 0, n = 0;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->n_se; i++) {
+        mem_se *m = s->se[i];
+        if (m->status == ES_OUTBOX_DONE && m->finished_ms < before_ms) {
+            tdelete(m, &s->se_ids, cmp_se);
+            free_se(m);
+            n++;
+        } else {
+            s->se[kept++] = m;
+        }
+    }
+    s->n_se = kept;
+    pthread_mutex_unlock(&s->lock);
+    if (count) *count = n;
+    return 0;
+}
+
+static int mem_outbox_stats(es_store *store, int64_t now,
+                            es_outbox_stats *out, es_error *err)
+{
+    (void)err;
+    mem_store *s = (mem_store *)store;
+    memset(out, 0, sizeof *out);
+    int64_t oldest = INT64_MAX;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->n_se; i++) {
+        const mem_se *m = s->se[i];
+        switch (m->status) {
+        case ES_OUTBOX_PENDING:
+            out->pending++;
+            if (m->created_ms < oldest) oldest = m->created_ms;
+            break;
+        case ES_OUTBOX_DONE:
+            out->done++;
+            break;
+        case ES_OUTBOX_DEAD:
+            out->dead++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (out->pending > 0 && now > oldest) out->oldest_pending_age_ms = now - oldest;
+    return 0;
 }
 
 static const es_store_ops memory_ops = {
@@ -777,6 +1210,13 @@ static const es_store_ops memory_ops = {
     .store_snapshot = mem_store_snapshot,
     .delete_snapshots = mem_delete_snapshots,
     .list_side_effects = mem_list_side_effects,
+    .outbox_claim = mem_outbox_claim,
+    .outbox_finish = mem_outbox_finish,
+    .outbox_list = mem_outbox_list,
+    .outbox_get = mem_outbox_get,
+    .outbox_requeue = mem_outbox_requeue,
+    .outbox_purge = mem_outbox_purge,
+    .outbox_stats = mem_outbox_stats,
     .close = mem_close,
 };
 
@@ -785,9 +1225,7 @@ int es_memory_store_open(es_store **out, es_error *err)
     if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
     mem_store *s = es__calloc(1, sizeof *s);
     if (s == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    s->base.ops = &memory_ops;
-    atomic_init(&s->base.open_txns, 0);
-    atomic_init(&s->base.closing, false);
+    es__store_init(&s->base, &memory_ops);
     pthread_mutex_init(&s->lock, NULL);
     *out = &s->base;
     return 0;

@@ -118,6 +118,7 @@ typedef struct pg_txn {
     size_t n_dek, next_dek;
     unsigned depth;   /* savepoints open */
     unsigned cursors; /* stream cursors made, for unique names */
+    bool wrote_side_effects; /* wake dispatchers after commit */
 } pg_txn;
 
 static const int binary_formats[8] = {1, 1, 1, 1, 1, 1, 1, 1};
@@ -686,7 +687,10 @@ static int pg_commit(es_txn *txn, es_error *err)
         rc = db_error(t->conn, r, err, "commit");
     }
     PQclear(r);
+    es_store *store = t->base.store;
+    bool notify = rc == 0 && t->wrote_side_effects;
     txn_end(t);
+    if (notify) es__store_notify(store);
     return rc;
 }
 
@@ -1349,8 +1353,9 @@ static int pg_insert_events(es_txn *txn, const char *type_name,
     return rc;
 }
 
-static int pg_insert_side_effects(es_txn *txn, const es_side_effect *items,
-                                  size_t n, es_error *err)
+static int pg_insert_side_effects(es_txn *txn, const char *type_name,
+                                  const es_side_effect *items, size_t n,
+                                  es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
     pg_store *s = (pg_store *)txn->store;
@@ -1394,20 +1399,25 @@ static int pg_insert_side_effects(es_txn *txn, const es_side_effect *items,
         rc = es__error_set(err, ES_EINVAL, "side effects too large for one "
                                            "statement");
     if (rc == 0) {
-        const Oid types[6] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
+        const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
                               OID_INT4_ARRAY, OID_BYTEA_ARRAY,
-                              OID_TEXT_ARRAY};
-        const char *values[6] = {(const char *)ids.data,
+                              OID_TEXT_ARRAY, OID_TEXT};
+        const char *values[7] = {(const char *)ids.data,
                                  (const char *)aggs.data,
                                  (const char *)evs.data,
                                  (const char *)kinds.data,
                                  (const char *)data.data,
-                                 (const char *)keys.data};
-        const int lens[6] = {(int)ids.len, (int)aggs.len, (int)evs.len,
-                             (int)kinds.len, (int)data.len, (int)keys.len};
+                                 (const char *)keys.data, type_name};
+        const int lens[7] = {(int)ids.len, (int)aggs.len, (int)evs.len,
+                             (int)kinds.len, (int)data.len, (int)keys.len,
+                             (int)strlen(type_name)};
+        PGresult *r = NULL;
         rc = run(t->conn, "insert side effects",
-                 s->sql[SQL_INSERT_SIDE_EFFECTS], 6, types, values, lens,
-                 NULL, err);
+                 s->sql[SQL_INSERT_SIDE_EFFECTS], 7, types, values, lens, &r,
+                 err);
+        if (rc == 0 && strcmp(PQcmdTuples(r), "0") != 0)
+            t->wrote_side_effects = true;
+        if (rc == 0) PQclear(r);
     }
     es_buf_free(&keys);
     es_buf_free(&ids);
@@ -1488,6 +1498,7 @@ static void pg_close(es_store *store)
     es__free(s->conninfo);
     pthread_cond_destroy(&s->cond);
     pthread_mutex_destroy(&s->lock);
+    es__store_destroy(&s->base);
     es__free(s);
 }
 
@@ -1542,10 +1553,10 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "SELECT aggregate_id, version, kind, payload, key_id FROM %s WHERE "
         "event_id = $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
     s->sql[SQL_INSERT_SIDE_EFFECTS] = sqlf(
-        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload, key_id) "
-        "SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], "
-        "$4::integer[], $5::bytea[], $6::text[]) ON CONFLICT (id) DO "
-        "NOTHING", o);
+        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload, key_id, "
+        "aggregate_type) SELECT u.*, $7 FROM unnest($1::uuid[], $2::uuid[], "
+        "$3::uuid[], $4::integer[], $5::bytea[], $6::text[]) AS u ON "
+        "CONFLICT (id) DO NOTHING", o);
     s->sql[SQL_LIST_SIDE_EFFECTS] = sqlf(
         "SELECT id, aggregate_id, event_id, kind, payload, key_id FROM %s "
         "WHERE status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = "
@@ -1593,9 +1604,7 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
     if (rc != 0) return rc;
     pg_store *s = es__calloc(1, sizeof *s);
     if (s == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    s->base.ops = &postgres_ops;
-    atomic_init(&s->base.open_txns, 0);
-    atomic_init(&s->base.closing, false);
+    es__store_init(&s->base, &postgres_ops);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     s->chunk = cfg->chunk;

@@ -136,11 +136,72 @@ int es__txn_insert_events(es_txn *txn, const char *type_name,
                                           events, n, inserted, err);
 }
 
-int es__txn_insert_side_effects(es_txn *txn, const es_side_effect *items,
-                                size_t n, es_error *err)
+int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
+                                const es_side_effect *items, size_t n,
+                                es_error *err)
 {
     if (n == 0) return 0;
-    return txn->store->ops->insert_side_effects(txn, items, n, err);
+    return txn->store->ops->insert_side_effects(txn, type_name, items, n,
+                                                err);
+}
+
+void es__store_init(es_store *store, const es_store_ops *ops)
+{
+    store->ops = ops;
+    atomic_init(&store->open_txns, 0);
+    atomic_init(&store->closing, false);
+    pthread_mutex_init(&store->listeners_lock, NULL);
+    memset(store->listeners, 0, sizeof store->listeners);
+}
+
+void es__store_destroy(es_store *store)
+{
+    pthread_mutex_destroy(&store->listeners_lock);
+}
+
+int es__store_listen(es_store *store, es__commit_listener fn, void *ud)
+{
+    int rc = ES_EBUSY;
+    pthread_mutex_lock(&store->listeners_lock);
+    for (size_t i = 0; i < ES__MAX_LISTENERS; i++) {
+        if (store->listeners[i].fn != NULL) continue;
+        store->listeners[i].fn = fn;
+        store->listeners[i].ud = ud;
+        rc = 0;
+        break;
+    }
+    pthread_mutex_unlock(&store->listeners_lock);
+    return rc;
+}
+
+void es__store_unlisten(es_store *store, es__commit_listener fn, void *ud)
+{
+    pthread_mutex_lock(&store->listeners_lock);
+    for (size_t i = 0; i < ES__MAX_LISTENERS; i++)
+        if (store->listeners[i].fn == fn && store->listeners[i].ud == ud)
+            store->listeners[i].fn = NULL;
+    pthread_mutex_unlock(&store->listeners_lock);
+}
+
+void es__store_notify(es_store *store)
+{
+    /* Listeners only signal (a condition variable, an event): calling
+     * them under the lock keeps unlisten simple and safe. */
+    pthread_mutex_lock(&store->listeners_lock);
+    for (size_t i = 0; i < ES__MAX_LISTENERS; i++)
+        if (store->listeners[i].fn != NULL)
+            store->listeners[i].fn(store->listeners[i].ud);
+    pthread_mutex_unlock(&store->listeners_lock);
+}
+
+bool es__outbox_filter_match(const es__outbox_filter *filters, size_t n,
+                             const char *type_name, int32_t kind)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(filters[i].type_name, type_name) == 0 &&
+            (filters[i].kind == ES_OUTBOX_ANY_KIND || filters[i].kind == kind))
+            return true;
+    return false;
 }
 
 es_event *es__event_dup(const es_event *ev)

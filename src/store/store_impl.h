@@ -9,9 +9,25 @@
 #define ES_STORE_IMPL_H
 
 #include <stdatomic.h>
+#include <pthread.h>
 #include <stdbool.h>
 
+#include "eventastic/outbox.h"
 #include "eventastic/store.h"
+
+/* Which messages a dispatcher handles: a type and a kind
+ * (ES_OUTBOX_ANY_KIND for all its kinds). */
+typedef struct es__outbox_filter {
+    const char *type_name;
+    int32_t kind;
+} es__outbox_filter;
+
+/* True if the message matches one of the filters. */
+bool es__outbox_filter_match(const es__outbox_filter *filters, size_t n,
+                             const char *type_name, int32_t kind);
+
+/* Called when side effects were committed (wakes dispatchers). */
+typedef void (*es__commit_listener)(void *ud);
 
 typedef struct es_store_ops {
     const char *name;
@@ -37,9 +53,11 @@ typedef struct es_store_ops {
     int (*insert_events)(es_txn *txn, const char *type_name,
                          const es_uuid *aggregate_id, const es_event *events,
                          size_t n, bool *inserted, es_error *err);
-    /* Insert side effects, skipping ids that exist (never reset one). */
-    int (*insert_side_effects)(es_txn *txn, const es_side_effect *items,
-                               size_t n, es_error *err);
+    /* Insert side effects as pending outbox messages, skipping ids that
+     * exist (never reset one). */
+    int (*insert_side_effects)(es_txn *txn, const char *type_name,
+                               const es_side_effect *items, size_t n,
+                               es_error *err);
     int (*get_snapshot)(es_txn *txn, const es_uuid *aggregate_id,
                         uint64_t snapshot_version, es_snapshot **out,
                         es_error *err);
@@ -49,15 +67,61 @@ typedef struct es_store_ops {
                             es_error *err);
     int (*list_side_effects)(es_txn *txn, const es_uuid *aggregate_id,
                              es_side_effect_list **out, es_error *err);
+    /* The outbox (each in a transaction of its own; see outbox.h).
+     * claim: among pending messages matching a filter, due at now_ms,
+     * unclaimed or with an expired claim, and with no earlier matching
+     * pending message of the same aggregate, take up to max: attempts+1,
+     * claimed by owner until now_ms + lease_ms.  A message whose expired
+     * claims used up max_attempts becomes dead instead.
+     * finish: only while owner holds the claim (else ES_ECONFLICT). */
+    int (*outbox_claim)(es_store *store, const char *owner, int64_t now_ms,
+                        int64_t lease_ms, uint32_t max_attempts,
+                        const struct es__outbox_filter *filters,
+                        size_t n_filters, size_t max,
+                        es_outbox_entry_list **out, es_error *err);
+    int (*outbox_finish)(es_store *store, const es_uuid *id,
+                         const char *owner, es_outbox_status status,
+                         int64_t now_ms, int64_t next_attempt_ms,
+                         const char *error, es_error *err);
+    int (*outbox_list)(es_store *store, es_outbox_status status, size_t limit,
+                       es_outbox_entry_list **out, es_error *err);
+    int (*outbox_get)(es_store *store, const es_uuid *id,
+                      es_outbox_entry **out, es_error *err);
+    int (*outbox_requeue)(es_store *store, const es_uuid *id,
+                          const char *type_name, int32_t kind, int64_t now_ms,
+                          size_t *count, es_error *err);
+    int (*outbox_purge)(es_store *store, int64_t before_ms, size_t *count,
+                        es_error *err);
+    int (*outbox_stats)(es_store *store, int64_t now_ms,
+                        es_outbox_stats *out, es_error *err);
     /* Free the backend; called when no transaction is open. */
     void (*close)(es_store *store);
 } es_store_ops;
+
+#define ES__MAX_LISTENERS 16
 
 struct es_store {
     const es_store_ops *ops;
     atomic_long open_txns;
     atomic_bool closing;
+    /* Commit listeners; listeners_lock guards the array.  It is never held
+     * while another lock of the library is taken, and listeners must not
+     * call back into the store. */
+    pthread_mutex_t listeners_lock;
+    struct {
+        es__commit_listener fn;
+        void *ud;
+    } listeners[ES__MAX_LISTENERS];
 };
+
+/* Set up / tear down the shared part of a store (backends call these). */
+void es__store_init(es_store *store, const es_store_ops *ops);
+void es__store_destroy(es_store *store);
+/* Register / remove a commit listener.  add: ES_EBUSY when full. */
+int es__store_listen(es_store *store, es__commit_listener fn, void *ud);
+void es__store_unlisten(es_store *store, es__commit_listener fn, void *ud);
+/* Backends call this after a commit that stored side effects. */
+void es__store_notify(es_store *store);
 
 struct es_txn {
     es_store *store;
@@ -76,8 +140,9 @@ int es__txn_get_event_any(es_txn *txn, const es_uuid *event_id,
 int es__txn_insert_events(es_txn *txn, const char *type_name,
                           const es_uuid *aggregate_id, const es_event *events,
                           size_t n, bool *inserted, es_error *err);
-int es__txn_insert_side_effects(es_txn *txn, const es_side_effect *items,
-                                size_t n, es_error *err);
+int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
+                                const es_side_effect *items, size_t n,
+                                es_error *err);
 
 /* One allocation holding an event and a copy of its payload. */
 es_event *es__event_dup(const es_event *ev);
