@@ -30,6 +30,12 @@
  * server errors give ES_EDB.  Messages never hold the password of the
  * connection string.
  *
+ * The outbox (eventastic/outbox.h) works on this store: side effects are
+ * rows of the outbox table, written in the save's transaction; a claim is
+ * a lease on rows taken with FOR UPDATE SKIP LOCKED, so dispatchers in
+ * several processes share the work, each aggregate's messages one at a
+ * time and in order.  Times are the dispatcher's clock (Unix ms).
+ *
  * Names (schema, tables) must match [A-Za-z_][A-Za-z0-9_]{0,62}; they are
  * always quoted in SQL (so "Order" and "select" are fine and case is
  * kept).  Every value goes to the server as a parameter.
@@ -55,7 +61,10 @@
  *   store with keys, so encryption can be turned on for an existing
  *   database.  Key bytes never appear in messages, logs or SQL.
  * - es_txn_list_side_effects fails (ES_EDECRYPT) when one of the listed
- *   side effects does not open; list one aggregate's to get past it.
+ *   side effects does not open; list one aggregate's to get past it.  A
+ *   claimed outbox message that does not open becomes a dead letter with
+ *   the reason (never handed to a handler); es_outbox_list shows such
+ *   messages without payload, with the reason as their last error.
  */
 #ifndef EVENTASTIC_POSTGRES_H
 #define EVENTASTIC_POSTGRES_H

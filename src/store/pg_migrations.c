@@ -65,6 +65,11 @@ const es__pg_migration es__pg_migrations[] = {
      "    destroyed_at timestamptz,\n"
      "    CHECK ((wrapped IS NULL) = (destroyed_at IS NOT NULL))\n"
      ");\n"},
+    {4, "outbox delivery: finish time, due at once",
+     "ALTER TABLE @outbox@ ADD COLUMN finished_at timestamptz;\n"
+     "ALTER TABLE @outbox@ ALTER COLUMN next_attempt_at\n"
+     "    SET DEFAULT 'epoch';\n"
+     "CREATE INDEX ON @outbox@ (finished_at) WHERE status = 'done';\n"},
 };
 
 const size_t es__pg_migration_count =

@@ -82,6 +82,17 @@ enum {
     SQL_PUT_KEY,
     SQL_FORGET_KEY,
     SQL_FORGET_SIDE_EFFECTS,
+    SQL_OB_EXPIRE,
+    SQL_OB_CLAIM,
+    SQL_OB_DEAD,
+    SQL_OB_FINISH,
+    SQL_OB_EXISTS,
+    SQL_OB_LIST,
+    SQL_OB_GET,
+    SQL_OB_REQUEUE_ID,
+    SQL_OB_REQUEUE_TYPE,
+    SQL_OB_PURGE,
+    SQL_OB_STATS,
     SQL_COUNT
 };
 
@@ -1502,6 +1513,433 @@ static void pg_close(es_store *store)
     es__free(s);
 }
 
+/* ---- the outbox (see eventastic/outbox.h) ---- */
+
+static const char *status_text(es_outbox_status st)
+{
+    switch (st) {
+    case ES_OUTBOX_PENDING:
+        return "pending";
+    case ES_OUTBOX_DONE:
+        return "done";
+    case ES_OUTBOX_DEAD:
+        return "dead";
+    }
+    return "pending";
+}
+
+static bool status_parse(const char *text, es_outbox_status *out)
+{
+    if (strcmp(text, "pending") == 0)
+        *out = ES_OUTBOX_PENDING;
+    else if (strcmp(text, "done") == 0)
+        *out = ES_OUTBOX_DONE;
+    else if (strcmp(text, "dead") == 0)
+        *out = ES_OUTBOX_DEAD;
+    else
+        return false;
+    return true;
+}
+
+/* A time in Unix ms, inside what timestamptz holds (4713 BC to 294276
+ * AD), so that "before the end of time" (INT64_MAX) works as meant. */
+static void be64_ms(uint8_t *p, int64_t ms)
+{
+    const int64_t lo = -200000000000000, hi = 9000000000000000;
+    be64(p, (uint64_t)(ms < lo ? lo : ms > hi ? hi : ms));
+}
+
+static bool col_i64(const PGresult *r, int row, int col, int64_t *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 8)
+        return false;
+    *out = (int64_t)get64((const uint8_t *)PQgetvalue(r, row, col));
+    return true;
+}
+
+/* The outbox operations run outside the caller's transactions: each takes
+ * a pooled connection (statements commit one by one) and a data key cache
+ * of its own, in a pg_txn that never BEGINs. */
+static int ob_begin(pg_store *s, pg_txn *t, es_error *err)
+{
+    memset(t, 0, sizeof *t);
+    t->base.store = &s->base;
+    return pool_get(s, &t->conn, err);
+}
+
+static void ob_end(pg_store *s, pg_txn *t)
+{
+    sodium_memzero(t->dek, sizeof t->dek);
+    pool_put(s, t->conn);
+}
+
+/* One row of OB_COLS into e; the payload (opened when sealed) stays in r
+ * or plain.  On an error of the payload alone (ES_EDECRYPT,
+ * ES_EFORGOTTEN) the rest of e is filled and the payload is empty. */
+static int entry_read(pg_txn *t, const PGresult *r, int row,
+                      es_outbox_entry *e, es_buf *plain, es_error *err)
+{
+    memset(e, 0, sizeof *e);
+    es_side_effect *se = &e->side_effect;
+    int32_t attempts;
+    if (!col_uuid(r, row, 0, &se->id) ||
+        !col_uuid(r, row, 1, &se->aggregate_id) ||
+        !col_uuid(r, row, 2, &se->event_id) ||
+        !col_i32(r, row, 3, &se->kind) ||
+        !col_bytes(r, row, 4, &se->data, &se->len) ||
+        !col_i32(r, row, 8, &attempts) || attempts < 0 ||
+        !col_i64(r, row, 9, &e->created_ms) ||
+        !col_i64(r, row, 10, &e->next_attempt_ms) ||
+        !status_parse(PQgetvalue(r, row, 7), &e->status))
+        return bad_row(err, "outbox");
+    e->attempts = (uint32_t)attempts;
+    snprintf(e->aggregate_type, sizeof e->aggregate_type, "%s",
+             PQgetvalue(r, row, 6));
+    snprintf(e->last_error, sizeof e->last_error, "%s",
+             PQgetvalue(r, row, 11));
+    ad_buf ad;
+    ad_side_effect(&ad, se);
+    int rc = open_row(t, &se->aggregate_id, r, row, 5, &ad, plain, &se->data,
+                      &se->len, err);
+    if (rc != 0) {
+        se->data = NULL;
+        se->len = 0;
+    }
+    return rc;
+}
+
+static int entry_push_copy(es_outbox_entry_list *list, size_t *cap,
+                           const es_outbox_entry *e)
+{
+    void *items = list->items;
+    if (es__grow(&items, cap, list->count + 1, sizeof *list->items) != 0)
+        return ES_ENOMEM;
+    list->items = items;
+    uint8_t *data = es__memdup(e->side_effect.data, e->side_effect.len);
+    if (data == NULL) return ES_ENOMEM;
+    list->items[list->count] = *e;
+    list->items[list->count++].side_effect.data = data;
+    return 0;
+}
+
+static int filter_arrays(const es__outbox_filter *f, size_t n, es_buf *types,
+                         es_buf *kinds)
+{
+    int rc = array_begin(types, OID_TEXT, n);
+    if (rc == 0) rc = array_begin(kinds, OID_INT4, n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = array_item(types, f[i].type_name, strlen(f[i].type_name));
+        if (rc == 0) rc = array_i32(kinds, f[i].kind);
+    }
+    return rc;
+}
+
+static int pg_outbox_claim(es_store *store, const char *owner, int64_t now,
+                           int64_t lease_ms, uint32_t max_attempts,
+                           const es__outbox_filter *filters, size_t nf,
+                           size_t max, es_outbox_entry_list **out,
+                           es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    es_outbox_entry_list *list = es__calloc(1, sizeof *list);
+    es_buf ftypes = {0}, fkinds = {0};
+    if (list == NULL || filter_arrays(filters, nf, &ftypes, &fkinds) != 0) {
+        es__free(list);
+        es_buf_free(&ftypes);
+        es_buf_free(&fkinds);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    uint8_t now_b[8], lease_b[8], max_b[8], att_b[4];
+    be64_ms(now_b, now);
+    be64(lease_b, (uint64_t)lease_ms);
+    be64(max_b, (uint64_t)(max > INT64_MAX ? INT64_MAX : max));
+    be32(att_b, max_attempts > INT32_MAX ? INT32_MAX : max_attempts);
+    if (rc == 0) {
+        const Oid types[4] = {OID_INT8, OID_INT4, OID_TEXT_ARRAY,
+                              OID_INT4_ARRAY};
+        const char *values[4] = {(const char *)now_b, (const char *)att_b,
+                                 (const char *)ftypes.data,
+                                 (const char *)fkinds.data};
+        const int lens[4] = {8, 4, (int)ftypes.len, (int)fkinds.len};
+        rc = run(t.conn, "outbox: expire claims", s->sql[SQL_OB_EXPIRE], 4,
+                 types, values, lens, NULL, err);
+    }
+    PGresult *r = NULL;
+    if (rc == 0) {
+        const Oid types[6] = {OID_INT8, OID_INT8, OID_TEXT_ARRAY,
+                              OID_INT4_ARRAY, OID_INT8, OID_TEXT};
+        const char *values[6] = {(const char *)now_b, (const char *)lease_b,
+                                 (const char *)ftypes.data,
+                                 (const char *)fkinds.data,
+                                 (const char *)max_b, owner};
+        const int lens[6] = {8, 8, (int)ftypes.len, (int)fkinds.len, 8,
+                             (int)strlen(owner)};
+        rc = run(t.conn, "outbox: claim", s->sql[SQL_OB_CLAIM], 6, types,
+                 values, lens, &r, err);
+    }
+    es_buf_free(&ftypes);
+    es_buf_free(&fkinds);
+    size_t cap = 0;
+    es_buf plain = {0};
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        es_outbox_entry e;
+        es_error why = {0};
+        int orc = entry_read(&t, r, i, &e, &plain, &why);
+        if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
+            /* It can never be delivered: a dead letter, with the reason;
+             * the others go on. */
+            const Oid types[3] = {OID_UUID, OID_TEXT, OID_TEXT};
+            const char *values[3] = {(const char *)e.side_effect.id.bytes,
+                                     owner, why.message};
+            const int lens[3] = {16, (int)strlen(owner),
+                                 (int)strlen(why.message)};
+            rc = run(t.conn, "outbox: dead letter", s->sql[SQL_OB_DEAD], 3,
+                     types, values, lens, NULL, err);
+            continue;
+        }
+        if (orc != 0) {
+            rc = orc;
+            if (err) *err = why;
+            break;
+        }
+        if (entry_push_copy(list, &cap, &e) != 0)
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    es_buf_free(&plain);
+    PQclear(r);
+    if (t.conn != NULL) ob_end(s, &t);
+    if (rc != 0) {
+        /* The claims already taken simply expire. */
+        es_outbox_entry_list_free(list);
+        return rc;
+    }
+    *out = list;
+    return 0;
+}
+
+static int pg_outbox_finish(es_store *store, const es_uuid *id,
+                            const char *owner, es_outbox_status status,
+                            int64_t now, int64_t next_ms, const char *error,
+                            es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    char reason[256];
+    if (error != NULL) snprintf(reason, sizeof reason, "%s", error);
+    const char *st = status_text(status);
+    uint8_t now_b[8], next_b[8];
+    be64_ms(now_b, now);
+    be64_ms(next_b, next_ms);
+    const Oid types[6] = {OID_UUID, OID_TEXT, OID_TEXT, OID_INT8, OID_INT8,
+                          OID_TEXT};
+    const char *values[6] = {(const char *)id->bytes, owner, st,
+                             (const char *)now_b, (const char *)next_b,
+                             error ? reason : NULL};
+    const int lens[6] = {16, (int)strlen(owner), (int)strlen(st), 8, 8,
+                         error ? (int)strlen(reason) : 0};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: finish", s->sql[SQL_OB_FINISH], 6, types,
+             values, lens, &r, err);
+    bool changed = rc == 0 && strcmp(PQcmdTuples(r), "1") == 0;
+    if (rc == 0) PQclear(r);
+    if (rc == 0 && !changed) {
+        rc = run(t.conn, "outbox: finish", s->sql[SQL_OB_EXISTS], 1, types,
+                 values, lens, &r, err);
+        if (rc == 0) {
+            bool exists = PQntuples(r) > 0;
+            PQclear(r);
+            rc = exists ? es__error_set(err, ES_ECONFLICT, "claim on the "
+                                        "outbox message was lost (lease "
+                                        "expired and taken by another)")
+                        : es__error_set(err, ES_ENOTFOUND, "outbox message "
+                                        "not found");
+        }
+    }
+    ob_end(s, &t);
+    return rc;
+}
+
+static int pg_outbox_list(es_store *store, es_outbox_status status,
+                          size_t limit, es_outbox_entry_list **out,
+                          es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    es_outbox_entry_list *list = es__calloc(1, sizeof *list);
+    if (list == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) {
+        es__free(list);
+        return rc;
+    }
+    const char *st = status_text(status);
+    uint8_t limit_b[8];
+    be64(limit_b, (uint64_t)(limit > INT64_MAX ? INT64_MAX : limit));
+    const Oid types[2] = {OID_TEXT, OID_INT8};
+    const char *values[2] = {st, (const char *)limit_b};
+    const int lens[2] = {(int)strlen(st), 8};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: list", s->sql[SQL_OB_LIST], 2, types, values,
+             lens, &r, err);
+    size_t cap = 0;
+    es_buf plain = {0};
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        es_outbox_entry e;
+        es_error why = {0};
+        int orc = entry_read(&t, r, i, &e, &plain, &why);
+        if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
+            /* Listed without its payload, and the reason shown. */
+            snprintf(e.last_error, sizeof e.last_error, "%s", why.message);
+        } else if (orc != 0) {
+            rc = orc;
+            if (err) *err = why;
+            break;
+        }
+        if (entry_push_copy(list, &cap, &e) != 0)
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    es_buf_free(&plain);
+    PQclear(r);
+    ob_end(s, &t);
+    if (rc != 0) {
+        es_outbox_entry_list_free(list);
+        return rc;
+    }
+    *out = list;
+    return 0;
+}
+
+static int pg_outbox_get(es_store *store, const es_uuid *id,
+                         es_outbox_entry **out, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)id->bytes};
+    const int lens[1] = {16};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: get", s->sql[SQL_OB_GET], 1, types, values,
+             lens, &r, err);
+    if (rc == 0 && PQntuples(r) == 0)
+        rc = es__error_set(err, ES_ENOTFOUND, "outbox message not found");
+    es_buf plain = {0};
+    es_outbox_entry e;
+    if (rc == 0) rc = entry_read(&t, r, 0, &e, &plain, err);
+    if (rc == 0) {
+        es_outbox_entry *copy = es__malloc(sizeof *copy + e.side_effect.len);
+        if (copy == NULL) {
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        } else {
+            *copy = e;
+            uint8_t *data = (uint8_t *)(copy + 1);
+            if (e.side_effect.len > 0)
+                memcpy(data, e.side_effect.data, e.side_effect.len);
+            copy->side_effect.data = data;
+            *out = copy;
+        }
+    }
+    es_buf_free(&plain);
+    PQclear(r);
+    ob_end(s, &t);
+    return rc;
+}
+
+static int pg_outbox_requeue(es_store *store, const es_uuid *id,
+                             const char *type_name, int32_t kind, int64_t now,
+                             size_t *count, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    uint8_t now_b[8], kind_b[4];
+    be64_ms(now_b, now);
+    be32(kind_b, (uint32_t)kind);
+    PGresult *r = NULL;
+    if (id != NULL) {
+        const Oid types[2] = {OID_UUID, OID_INT8};
+        const char *values[2] = {(const char *)id->bytes, (const char *)now_b};
+        const int lens[2] = {16, 8};
+        rc = run(t.conn, "outbox: requeue", s->sql[SQL_OB_REQUEUE_ID], 2,
+                 types, values, lens, &r, err);
+    } else {
+        const char *name = type_name ? type_name : "";
+        const Oid types[3] = {OID_TEXT, OID_INT8, OID_INT4};
+        const char *values[3] = {name, (const char *)now_b,
+                                 (const char *)kind_b};
+        const int lens[3] = {(int)strlen(name), 8, 4};
+        rc = run(t.conn, "outbox: requeue", s->sql[SQL_OB_REQUEUE_TYPE], 3,
+                 types, values, lens, &r, err);
+    }
+    size_t n = 0;
+    if (rc == 0) {
+        n = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+        PQclear(r);
+    }
+    ob_end(s, &t);
+    if (rc != 0) return rc;
+    if (count) *count = n;
+    if (id != NULL && n == 0)
+        return es__error_set(err, ES_ENOTFOUND, "no dead letter with that id");
+    if (n > 0) es__store_notify(store);
+    return 0;
+}
+
+static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
+                           es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    uint8_t before_b[8];
+    be64_ms(before_b, before_ms);
+    const Oid types[1] = {OID_INT8};
+    const char *values[1] = {(const char *)before_b};
+    const int lens[1] = {8};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: purge", s->sql[SQL_OB_PURGE], 1, types, values,
+             lens, &r, err);
+    if (rc == 0) {
+        if (count) *count = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+        PQclear(r);
+    }
+    ob_end(s, &t);
+    return rc;
+}
+
+static int pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
+                           es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    memset(out, 0, sizeof *out);
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: stats", s->sql[SQL_OB_STATS], 0, NULL, NULL,
+             NULL, &r, err);
+    int64_t pending = 0, dead = 0, done = 0, oldest = 0;
+    if (rc == 0 && (PQntuples(r) != 1 || !col_i64(r, 0, 0, &pending) ||
+                    !col_i64(r, 0, 1, &dead) || !col_i64(r, 0, 2, &done) ||
+                    !col_i64(r, 0, 3, &oldest)))
+        rc = bad_row(err, "outbox: stats");
+    PQclear(r);
+    ob_end(s, &t);
+    if (rc != 0) return rc;
+    out->pending = (uint64_t)pending;
+    out->dead = (uint64_t)dead;
+    out->done = (uint64_t)done;
+    if (pending > 0 && now > oldest) out->oldest_pending_age_ms = now - oldest;
+    return 0;
+}
+
 static const es_store_ops postgres_ops = {
     .name = "postgres",
     .begin = pg_begin,
@@ -1518,6 +1956,13 @@ static const es_store_ops postgres_ops = {
     .store_snapshot = pg_store_snapshot,
     .delete_snapshots = pg_delete_snapshots,
     .list_side_effects = pg_list_side_effects,
+    .outbox_claim = pg_outbox_claim,
+    .outbox_finish = pg_outbox_finish,
+    .outbox_list = pg_outbox_list,
+    .outbox_get = pg_outbox_get,
+    .outbox_requeue = pg_outbox_requeue,
+    .outbox_purge = pg_outbox_purge,
+    .outbox_stats = pg_outbox_stats,
     .close = pg_close,
 };
 
@@ -1590,6 +2035,79 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "UPDATE %s SET status = 'dead', last_error = 'aggregate forgotten "
         "(crypto-shredding)' WHERE aggregate_id = $1 AND status = "
         "'pending'", o);
+    /* The outbox.  Times are Unix ms from the dispatcher's clock. */
+#define MS(n) "('epoch'::timestamptz + $" #n " * interval '1 millisecond')"
+#define OB_COLS                                                             \
+    "o.id, o.aggregate_id, o.event_id, o.kind, o.payload, o.key_id, "      \
+    "coalesce(o.aggregate_type, ''), o.status, o.attempts, "               \
+    "(extract(epoch from o.created_at) * 1000)::bigint, "                  \
+    "(extract(epoch from o.next_attempt_at) * 1000)::bigint, "             \
+    "coalesce(o.last_error, ''), o.seq"
+#define OB_FILTER                                                           \
+    "EXISTS (SELECT 1 FROM unnest($3::text[], $4::integer[]) AS f(t, k) "  \
+    "WHERE f.t = o.aggregate_type AND (f.k = -2147483648 OR f.k = "         \
+    "o.kind))"
+    /* A claim whose owner never finished it, with no attempt left. */
+    s->sql[SQL_OB_EXPIRE] = sqlf(
+        "UPDATE %s o SET status = 'dead', last_error = 'attempt ' || "
+        "o.attempts || ' abandoned: claim of ''' || left(o.claimed_by, 63) "
+        "|| ''' expired', claimed_by = NULL, claimed_until = NULL WHERE "
+        "o.status = 'pending' AND o.claimed_by IS NOT NULL AND "
+        "o.claimed_until <= " MS(1) " AND o.attempts >= $2 AND " OB_FILTER,
+        o);
+    /* The first pending message of each aggregate (among those the
+     * filters match) is its head: only heads are claimed, so the messages
+     * of one aggregate go one at a time, in order.  The claimable checks
+     * are on the locked row itself, so a row another dispatcher claimed
+     * or finished since the heads were read is passed over. */
+    s->sql[SQL_OB_CLAIM] = sqlf(
+        "WITH heads AS (SELECT DISTINCT ON (o.aggregate_id) o.id FROM %s o "
+        "WHERE o.status = 'pending' AND " OB_FILTER " ORDER BY "
+        "o.aggregate_id, o.seq), "
+        "pick AS (SELECT o.id FROM %s o JOIN heads h ON h.id = o.id WHERE "
+        "o.status = 'pending' AND (o.claimed_by IS NULL OR o.claimed_until "
+        "<= " MS(1) ") AND o.next_attempt_at <= " MS(1) " ORDER BY o.seq "
+        "LIMIT $5 FOR UPDATE OF o SKIP LOCKED), "
+        "upd AS (UPDATE %s o SET attempts = o.attempts + 1, claimed_by = $6, "
+        "claimed_until = " MS(1) " + $2 * interval '1 millisecond' FROM pick "
+        "WHERE o.id = pick.id RETURNING " OB_COLS ") "
+        "SELECT * FROM upd ORDER BY seq",
+        o, o, o);
+    s->sql[SQL_OB_DEAD] = sqlf(
+        "UPDATE %s SET status = 'dead', last_error = $3, claimed_by = NULL, "
+        "claimed_until = NULL WHERE id = $1 AND claimed_by = $2", o);
+    s->sql[SQL_OB_FINISH] = sqlf(
+        "UPDATE %s SET status = $3, next_attempt_at = CASE WHEN $3 = "
+        "'pending' THEN " MS(5) " ELSE next_attempt_at END, finished_at = "
+        "CASE WHEN $3 = 'done' THEN " MS(4) " ELSE finished_at END, "
+        "last_error = coalesce($6, last_error), claimed_by = NULL, "
+        "claimed_until = NULL WHERE id = $1 AND status = 'pending' AND "
+        "claimed_by = $2", o);
+    s->sql[SQL_OB_EXISTS] = sqlf("SELECT 1 FROM %s WHERE id = $1", o);
+    s->sql[SQL_OB_LIST] = sqlf(
+        "SELECT " OB_COLS " FROM %s o WHERE o.status = $1 ORDER BY o.seq "
+        "LIMIT $2", o);
+    s->sql[SQL_OB_GET] = sqlf("SELECT " OB_COLS " FROM %s o WHERE o.id = $1",
+                              o);
+    s->sql[SQL_OB_REQUEUE_ID] = sqlf(
+        "UPDATE %s SET status = 'pending', attempts = 0, next_attempt_at = "
+        MS(2) ", claimed_by = NULL, claimed_until = NULL WHERE id = $1 AND "
+        "status = 'dead'", o);
+    s->sql[SQL_OB_REQUEUE_TYPE] = sqlf(
+        "UPDATE %s SET status = 'pending', attempts = 0, next_attempt_at = "
+        MS(2) ", claimed_by = NULL, claimed_until = NULL WHERE status = "
+        "'dead' AND aggregate_type = $1 AND ($3 = -2147483648 OR kind = $3)",
+        o);
+    s->sql[SQL_OB_PURGE] = sqlf(
+        "DELETE FROM %s WHERE status = 'done' AND finished_at < " MS(1), o);
+    s->sql[SQL_OB_STATS] = sqlf(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER "
+        "(WHERE status = 'dead'), count(*) FILTER (WHERE status = 'done'), "
+        "coalesce((extract(epoch from min(created_at) FILTER (WHERE status "
+        "= 'pending')) * 1000)::bigint, 0) FROM %s", o);
+#undef MS
+#undef OB_COLS
+#undef OB_FILTER
     for (int i = 0; i < SQL_COUNT; i++)
         if (s->sql[i] == NULL) return ES_ENOMEM;
     return 0;
