@@ -222,6 +222,28 @@ ES_EXPORT ES_OWNER_THREAD int es_pg_config_add_key(
 ES_EXPORT ES_OWNER_THREAD int es_pg_forget_aggregate(
     es_txn *txn, const es_uuid *aggregate_id, es_error *err);
 
+/** What es_pg_status_get reports. */
+typedef struct es_pg_status {
+    int schema_version;  /**< newest migration in the database (0: none) */
+    int library_version; /**< newest migration of this library */
+    uint64_t events;     /**< rows of the events table */
+    uint64_t aggregates; /**< distinct aggregate ids among the events */
+    uint64_t snapshots;  /**< rows of the snapshots table */
+    uint64_t data_keys;  /**< aggregates with a data key (encryption) */
+    uint64_t forgotten;  /**< of those, destroyed (crypto-shredding) */
+} es_pg_status;
+
+/**
+ * Read the schema version of the database and count the rows of the
+ * store's tables (in a transaction of its own; the counts scan the
+ * tables).  A database never migrated gives schema_version 0 and zero
+ * counts.  Errors: ES_EINVAL (NULL argument, not a PostgreSQL store),
+ * ES_EDB.  Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_pg_status_get(es_store *store,
+                                             es_pg_status *out,
+                                             es_error *err);
+
 /** The newest migration this library carries (its schema version).
  *  Thread: any. */
 ES_EXPORT ES_ANY_THREAD int es_pg_schema_version(void);

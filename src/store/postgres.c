@@ -93,6 +93,8 @@ enum {
     SQL_OB_REQUEUE_TYPE,
     SQL_OB_PURGE,
     SQL_OB_STATS,
+    SQL_STATUS_VERSION,
+    SQL_STATUS_COUNTS,
     SQL_COUNT
 };
 
@@ -104,6 +106,7 @@ typedef struct pg_store {
     pg_key *keys; /* a copy of the config's; none: no encryption */
     size_t n_keys;
     char *sql[SQL_COUNT];
+    char migrations[2 * NAME_BUF + 8]; /* quoted, for es_pg_status_get */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     PGconn **idle; /* capacity max */
@@ -1969,11 +1972,23 @@ static const es_store_ops postgres_ops = {
 static int build_sql(pg_store *s, const es_pg_config *cfg)
 {
     char e[2 * NAME_BUF + 8], sn[2 * NAME_BUF + 8], o[2 * NAME_BUF + 8];
-    char k[2 * NAME_BUF + 8];
+    char k[2 * NAME_BUF + 8], m[2 * NAME_BUF + 8];
     qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
+    qualify(m, sizeof m, cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
     qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);
     qualify(sn, sizeof sn, cfg->schema, cfg->tables[ES_PG_TABLE_SNAPSHOTS]);
     qualify(o, sizeof o, cfg->schema, cfg->tables[ES_PG_TABLE_OUTBOX]);
+    /* The migrations table is read only where it exists (to_regclass):
+     * the name is a parameter there, and the version query runs only
+     * when it was found. */
+    s->sql[SQL_STATUS_VERSION] = sqlf(
+        "SELECT coalesce(max(version), 0)::bigint FROM %s", m);
+    s->sql[SQL_STATUS_COUNTS] = sqlf(
+        "SELECT (SELECT count(*) FROM %s), (SELECT count(DISTINCT "
+        "aggregate_id) FROM %s), (SELECT count(*) FROM %s), (SELECT count(*) "
+        "FROM %s), (SELECT count(*) FROM %s WHERE wrapped IS NULL)",
+        e, e, sn, k, k);
+    snprintf(s->migrations, sizeof s->migrations, "%s", m);
     /* The creation event (version 0) holds the aggregate's type: a save
      * under another type is refused instead of mixing two streams. */
     s->sql[SQL_INSERT_EVENTS] = sqlf(
@@ -2188,6 +2203,59 @@ int es_pg_forget_aggregate(es_txn *txn, const es_uuid *aggregate_id,
         rc = run(t->conn, "forget: side effects",
                  s->sql[SQL_FORGET_SIDE_EFFECTS], 1, types, values, lens,
                  NULL, err);
+    return rc;
+}
+
+int es_pg_status_get(es_store *store, es_pg_status *out, es_error *err)
+{
+    if (store == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "store and out are required");
+    if (store->ops != &postgres_ops)
+        return es__error_set(err, ES_EINVAL, "not a PostgreSQL store");
+    pg_store *s = (pg_store *)store;
+    memset(out, 0, sizeof *out);
+    out->library_version = es_pg_schema_version();
+    es_txn *txn = NULL;
+    int rc = pg_begin(store, &txn, err);
+    if (rc != 0) return rc;
+    pg_txn *t = (pg_txn *)txn;
+    const Oid types[1] = {OID_TEXT};
+    const char *values[1] = {s->migrations};
+    const int lens[1] = {(int)strlen(s->migrations)};
+    PGresult *r = NULL;
+    rc = run(t->conn, "status: find migrations table",
+             "SELECT to_regclass($1) IS NOT NULL", 1, types, values, lens, &r,
+             err);
+    bool migrated = rc == 0 && PQntuples(r) == 1 &&
+                    PQgetlength(r, 0, 0) == 1 && PQgetvalue(r, 0, 0)[0] == 1;
+    if (rc == 0) PQclear(r);
+    int64_t v[5] = {0, 0, 0, 0, 0};
+    if (rc == 0 && migrated) {
+        rc = run(t->conn, "status: schema version",
+                 s->sql[SQL_STATUS_VERSION], 0, NULL, NULL, NULL, &r, err);
+        if (rc == 0 && (PQntuples(r) != 1 || !col_i64(r, 0, 0, &v[0])))
+            rc = bad_row(err, "status");
+        if (r != NULL) PQclear(r);
+        r = NULL;
+        out->schema_version = rc == 0 ? (int)v[0] : 0;
+    }
+    /* The counts need every table, so only at the library's version. */
+    if (rc == 0 && out->schema_version >= out->library_version) {
+        rc = run(t->conn, "status: counts", s->sql[SQL_STATUS_COUNTS], 0,
+                 NULL, NULL, NULL, &r, err);
+        for (int i = 0; rc == 0 && i < 5; i++)
+            if (PQntuples(r) != 1 || !col_i64(r, 0, i, &v[i]))
+                rc = bad_row(err, "status");
+        if (r != NULL) PQclear(r);
+        if (rc == 0) {
+            out->events = (uint64_t)v[0];
+            out->aggregates = (uint64_t)v[1];
+            out->snapshots = (uint64_t)v[2];
+            out->data_keys = (uint64_t)v[3];
+            out->forgotten = (uint64_t)v[4];
+        }
+    }
+    pg_rollback(txn);
     return rc;
 }
 
