@@ -34,7 +34,11 @@
  * rows of the outbox table, written in the save's transaction; a claim is
  * a lease on rows taken with FOR UPDATE SKIP LOCKED, so dispatchers in
  * several processes share the work, each aggregate's messages one at a
- * time and in order.  Times are the dispatcher's clock (Unix ms).
+ * time and in order.  Times are the dispatcher's clock (Unix ms).  Each
+ * outbox operation takes a pooled connection of its own for a moment: do
+ * not run a dispatcher round on a thread that holds every connection of
+ * the pool in open transactions.  A claim reads every pending message to
+ * find each aggregate's first (its cost grows with the pending backlog).
  *
  * Names (schema, tables) must match [A-Za-z_][A-Za-z0-9_]{0,62}; they are
  * always quoted in SQL (so "Order" and "select" are fine and case is
