@@ -20,6 +20,7 @@
 #include "fixtures/account.h"
 #include "fixtures/helpers.h"
 #include "fixtures/ids.h"
+#include "fixtures/pg.h"
 
 static PGconn *g_sql;
 static es_store *g_plain; /* no keys */
@@ -518,19 +519,10 @@ static int group_setup(void **state)
              r.bytes[15]);
     snprintf(id_k2, sizeof id_k2, "k2-%02x%02x%02x", r.bytes[13], r.bytes[14],
              r.bytes[15]);
-    es_pg_config *cfg = NULL;
-    es_error err = {0};
-    if (es_pg_config_new(&cfg, &err) != 0) return -1;
-    int rc = es_pg_migrate(cfg, NULL, &err);
-    es_pg_config_free(cfg);
-    if (rc != 0) {
-        fprintf(stderr, "setup: %s: %s\n", es_status_name(rc), err.message);
-        return -1;
-    }
-    g_plain = open_store(NULL, NULL, NULL, NULL);
+    if (fixture_pg_open(NULL, &g_plain) != 0) return -1;
     g_k1 = open_store(id_k1, key_a, NULL, NULL);
-    g_sql = PQconnectdb(getenv("DATABASE_URL"));
-    return PQstatus(g_sql) == CONNECTION_OK ? 0 : -1;
+    g_sql = fixture_pg_connect();
+    return g_sql ? 0 : -1;
 }
 
 static int group_teardown(void **state)

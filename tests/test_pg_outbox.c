@@ -9,9 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include <libpq-fe.h>
-
 #include "eventastic.h"
+#include "fixtures/pg.h"
 
 #define MAX_SCHEMAS 16
 
@@ -20,39 +19,16 @@ static struct {
     char schema[40];
 } g_open[MAX_SCHEMAS];
 
-static void drop_schema(const char *schema)
-{
-    PGconn *c = PQconnectdb(getenv("DATABASE_URL"));
-    char q[128];
-    snprintf(q, sizeof q, "SET client_min_messages = warning; DROP SCHEMA "
-             "\"%s\" CASCADE", schema);
-    PQclear(PQexec(c, q));
-    PQfinish(c);
-}
-
 /* Stands in for es_memory_store_open: a store on a schema of its own. */
 static int pg_outbox_store_open(es_store **out)
 {
     size_t slot = 0;
     while (slot < MAX_SCHEMAS && g_open[slot].store != NULL) slot++;
     if (slot == MAX_SCHEMAS) return ES_ENOMEM;
-    es_uuid id;
-    es_uuid_v7(&id);
-    snprintf(g_open[slot].schema, sizeof g_open[slot].schema,
-             "es_outbox_%02x%02x%02x%02x%02x", id.bytes[11], id.bytes[12],
-             id.bytes[13], id.bytes[14], id.bytes[15]);
-    es_pg_config *cfg = NULL;
-    es_error err = {0};
-    int rc = es_pg_config_new(&cfg, &err);
-    if (rc == 0) rc = es_pg_config_set_schema(cfg, g_open[slot].schema, &err);
-    if (rc == 0) rc = es_pg_migrate(cfg, NULL, &err);
-    if (rc == 0) rc = es_pg_store_open(cfg, out, &err);
-    es_pg_config_free(cfg);
-    if (rc != 0) {
-        fprintf(stderr, "pg store: %s: %s\n", es_status_name(rc),
-                err.message);
-        return rc;
-    }
+    fixture_pg_random_name(g_open[slot].schema, sizeof g_open[slot].schema,
+                           "es_outbox_");
+    int rc = fixture_pg_open(g_open[slot].schema, out);
+    if (rc != 0) return rc;
     g_open[slot].store = *out;
     return 0;
 }
@@ -63,7 +39,7 @@ static int pg_outbox_store_close(es_store *store)
     int rc = es_store_close(store);
     for (size_t i = 0; i < MAX_SCHEMAS; i++)
         if (g_open[i].store == store) {
-            drop_schema(g_open[i].schema);
+            fixture_pg_drop_schema(g_open[i].schema);
             g_open[i].store = NULL;
         }
     return rc;

@@ -16,6 +16,7 @@
 #include "fixtures/account.h"
 #include "fixtures/helpers.h"
 #include "fixtures/ids.h"
+#include "fixtures/pg.h"
 
 #define MAX_OBS 64
 
@@ -198,12 +199,8 @@ static void test_pg_parity_memory_and_postgres_agree(void **state)
     (void)state;
     es_error err = {0};
     es_store *mem = NULL, *pg = NULL;
-    es_pg_config *cfg = NULL;
     assert_int_equal(es_memory_store_open(&mem, &err), 0);
-    assert_int_equal(es_pg_config_new(&cfg, &err), 0);
-    assert_int_equal(es_pg_migrate(cfg, NULL, &err), 0);
-    assert_int_equal(es_pg_store_open(cfg, &pg, &err), 0);
-    es_pg_config_free(cfg);
+    assert_int_equal(fixture_pg_open(NULL, &pg), 0);
     observations om = {{0}, {0}, 0}, op = {{0}, {0}, 0};
     script(mem, &om);
     script(pg, &op);

@@ -23,9 +23,9 @@
 #include "fixtures/account.h"
 #include "fixtures/helpers.h"
 #include "fixtures/ids.h"
+#include "fixtures/pg.h"
 
 static es_store *g_store;
-static es_pg_config *g_cfg;
 static PGconn *g_sql;
 
 /* ---- helper SQL (text parameters) ---- */
@@ -63,21 +63,6 @@ static idtext txt(const es_uuid *id)
     idtext t;
     es_uuid_format(id, t.s);
     return t;
-}
-
-static void random_name(char *out, size_t cap, const char *prefix)
-{
-    es_uuid id = fixture_new_id();
-    snprintf(out, cap, "%s%02x%02x%02x%02x%02x%02x", prefix, id.bytes[10],
-             id.bytes[11], id.bytes[12], id.bytes[13], id.bytes[14],
-             id.bytes[15]);
-}
-
-static void drop_schema(const char *schema)
-{
-    char q[160];
-    snprintf(q, sizeof q, "DROP SCHEMA \"%s\" CASCADE", schema);
-    sql_ok(q, 0, NULL);
 }
 
 /* ---- account helpers ---- */
@@ -1096,7 +1081,7 @@ static void test_pg_store_migrate_twice_and_concurrently(void **state)
 {
     (void)state;
     char schema[40];
-    random_name(schema, sizeof schema, "es_mig_");
+    fixture_pg_random_name(schema, sizeof schema, "es_mig_");
     es_pg_config *cfg = NULL;
     schema_config(&cfg, schema);
     migrator m[2] = {{0}, {0}};
@@ -1120,14 +1105,14 @@ static void test_pg_store_migrate_twice_and_concurrently(void **state)
              schema);
     assert_int_equal(sql_int(q, 0, NULL), es_pg_schema_version());
     es_pg_config_free(cfg);
-    drop_schema(schema);
+    fixture_pg_drop_schema(schema);
 }
 
 static void test_pg_store_changed_migration_refused(void **state)
 {
     (void)state;
     char schema[40];
-    random_name(schema, sizeof schema, "es_sum_");
+    fixture_pg_random_name(schema, sizeof schema, "es_sum_");
     es_pg_config *cfg = NULL;
     schema_config(&cfg, schema);
     es_error err = {0};
@@ -1141,7 +1126,7 @@ static void test_pg_store_changed_migration_refused(void **state)
     assert_non_null(strstr(err.message, "differs"));
 
     char schema2[40];
-    random_name(schema2, sizeof schema2, "es_new_");
+    fixture_pg_random_name(schema2, sizeof schema2, "es_new_");
     es_pg_config *cfg2 = NULL;
     schema_config(&cfg2, schema2);
     assert_int_equal(es_pg_migrate(cfg2, NULL, &err), 0);
@@ -1152,15 +1137,15 @@ static void test_pg_store_changed_migration_refused(void **state)
     assert_non_null(strstr(err.message, "newer"));
     es_pg_config_free(cfg);
     es_pg_config_free(cfg2);
-    drop_schema(schema);
-    drop_schema(schema2);
+    fixture_pg_drop_schema(schema);
+    fixture_pg_drop_schema(schema2);
 }
 
 static void test_pg_store_odd_names_quoted(void **state)
 {
     (void)state;
     char schema[40];
-    random_name(schema, sizeof schema, "Odd_Schema_");
+    fixture_pg_random_name(schema, sizeof schema, "Odd_Schema_");
     es_pg_config *cfg = NULL;
     schema_config(&cfg, schema);
     es_error err = {0};
@@ -1200,7 +1185,7 @@ static void test_pg_store_odd_names_quoted(void **state)
                              "= $1", 1, v),
                      0); /* nothing in the default tables */
     es_pg_config_free(cfg);
-    drop_schema(schema);
+    fixture_pg_drop_schema(schema);
 }
 
 static void test_pg_store_invalid_names_rejected(void **state)
@@ -1418,9 +1403,9 @@ static void test_pg_store_least_privilege(void **state)
         return;
     }
     char schema[40], owner[40], app[40], q[400], conninfo[1024];
-    random_name(schema, sizeof schema, "es_lp_");
-    random_name(owner, sizeof owner, "es_owner_");
-    random_name(app, sizeof app, "es_app_");
+    fixture_pg_random_name(schema, sizeof schema, "es_lp_");
+    fixture_pg_random_name(owner, sizeof owner, "es_owner_");
+    fixture_pg_random_name(app, sizeof app, "es_app_");
     snprintf(q, sizeof q, "CREATE ROLE %s LOGIN; CREATE ROLE %s LOGIN; "
              "CREATE SCHEMA %s AUTHORIZATION %s", owner, app, schema, owner);
     PQclear(PQexec(g_sql, q));
@@ -1463,7 +1448,7 @@ static void test_pg_store_least_privilege(void **state)
     assert_string_equal(err.sqlstate, "42501");
     assert_int_equal(es_store_close(store), 0);
     es_pg_config_free(cfg);
-    drop_schema(schema);
+    fixture_pg_drop_schema(schema);
     snprintf(q, sizeof q, "DROP ROLE %s; DROP ROLE %s", owner, app);
     r = PQexec(g_sql, q);
     assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
@@ -1485,28 +1470,15 @@ static void test_pg_store_close_with_open_txn_refused(void **state)
 static int group_setup(void **state)
 {
     (void)state;
-    es_error err = {0};
-    if (es_pg_config_new(&g_cfg, &err) != 0) return -1;
-    int rc = es_pg_migrate(g_cfg, NULL, &err);
-    if (rc == 0) rc = es_pg_store_open(g_cfg, &g_store, &err);
-    if (rc != 0) {
-        fprintf(stderr, "setup: %s: %s\n", es_status_name(rc), err.message);
-        return -1;
-    }
-    g_sql = PQconnectdb(getenv("DATABASE_URL"));
-    if (PQstatus(g_sql) != CONNECTION_OK) {
-        fprintf(stderr, "setup: %s\n", PQerrorMessage(g_sql));
-        return -1;
-    }
-    PQclear(PQexec(g_sql, "SET client_min_messages = warning"));
-    return 0;
+    if (fixture_pg_open(NULL, &g_store) != 0) return -1;
+    g_sql = fixture_pg_connect();
+    return g_sql ? 0 : -1;
 }
 
 static int group_teardown(void **state)
 {
     (void)state;
     es_store_close(g_store);
-    es_pg_config_free(g_cfg);
     PQfinish(g_sql);
     return 0;
 }

@@ -26,6 +26,7 @@
 #include "eventastic.h"
 #include "fixtures/counter.h"
 #include "fixtures/ids.h"
+#include "fixtures/pg.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define SANITIZED 1
@@ -38,7 +39,6 @@ size_t __sanitizer_get_current_allocated_bytes(void);
 #define PAYLOAD 200
 
 static es_store *g_store;
-static es_pg_config *g_cfg;
 static PGconn *g_sql;
 
 static size_t live_heap(void)
@@ -241,27 +241,15 @@ static void test_pg_stream_150k_saved_in_one_statement(void **state)
 static int group_setup(void **state)
 {
     (void)state;
-    es_error err = {0};
-    if (es_pg_config_new(&g_cfg, &err) != 0) return -1;
-    int rc = es_pg_migrate(g_cfg, NULL, &err);
-    if (rc == 0) rc = es_pg_store_open(g_cfg, &g_store, &err);
-    if (rc != 0) {
-        fprintf(stderr, "setup: %s: %s\n", es_status_name(rc), err.message);
-        return -1;
-    }
-    g_sql = PQconnectdb(getenv("DATABASE_URL"));
-    if (PQstatus(g_sql) != CONNECTION_OK) {
-        fprintf(stderr, "setup: %s\n", PQerrorMessage(g_sql));
-        return -1;
-    }
-    return 0;
+    if (fixture_pg_open(NULL, &g_store) != 0) return -1;
+    g_sql = fixture_pg_connect();
+    return g_sql ? 0 : -1;
 }
 
 static int group_teardown(void **state)
 {
     (void)state;
     es_store_close(g_store);
-    es_pg_config_free(g_cfg);
     PQfinish(g_sql);
     return 0;
 }

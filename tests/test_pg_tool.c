@@ -15,10 +15,10 @@
 #include <unistd.h>
 
 #include <cmocka.h>
-#include <libpq-fe.h>
 
 #include "eventastic.h"
 #include "fixtures/account.h"
+#include "fixtures/pg.h"
 
 static char g_tool[PATH_MAX + 32];
 static char g_schema[40];
@@ -128,21 +128,14 @@ static int group_setup(void **state)
         fprintf(stderr, "setup: %s is not built\n", g_tool);
         return -1;
     }
-    es_uuid id = fixture_new_id();
-    snprintf(g_schema, sizeof g_schema, "es_tool_%02x%02x%02x%02x",
-             id.bytes[12], id.bytes[13], id.bytes[14], id.bytes[15]);
+    fixture_pg_random_name(g_schema, sizeof g_schema, "es_tool_");
     return 0;
 }
 
 static int group_teardown(void **state)
 {
     (void)state;
-    PGconn *c = PQconnectdb(getenv("DATABASE_URL"));
-    char q[128];
-    snprintf(q, sizeof q, "SET client_min_messages = warning; DROP SCHEMA "
-             "IF EXISTS \"%s\" CASCADE", g_schema);
-    PQclear(PQexec(c, q));
-    PQfinish(c);
+    fixture_pg_drop_schema(g_schema);
     return 0;
 }
 
