@@ -161,6 +161,17 @@ ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_chunk_size(es_pg_config *cfg,
                                                           es_error *err);
 
 /**
+ * Set the longest a statement of the store may run (PostgreSQL's
+ * statement_timeout, set on each connection), in ms; 0 keeps the server's
+ * setting (the default).  A statement stopped by it gives ES_ETIMEDOUT
+ * (SQLSTATE 57014); after a failed save the transaction goes on.
+ * Errors: ES_EINVAL (cfg NULL, ms outside 0 to 2147483647).
+ * Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_statement_timeout(
+    es_pg_config *cfg, int64_t ms, es_error *err);
+
+/**
  * Open a store on the configured server.  One connection is made at once,
  * so that a wrong address or password shows here; more are made when
  * transactions need them, up to the pool size.  The tables must exist

@@ -62,6 +62,7 @@ struct es_pg_config {
     char tables[N_TABLES][NAME_BUF];
     size_t pool_size;
     size_t chunk;
+    int64_t statement_timeout_ms; /* 0: the server's setting */
 };
 
 static const char *const default_tables[N_TABLES] = {
@@ -103,6 +104,7 @@ typedef struct pg_store {
     char *conninfo;
     char *password; /* to scrub from messages; NULL when none given */
     size_t chunk;
+    int64_t statement_timeout_ms;
     pg_key *keys; /* a copy of the config's; none: no encryption */
     size_t n_keys;
     char *sql[SQL_COUNT];
@@ -328,6 +330,16 @@ int es_pg_config_set_pool_size(es_pg_config *cfg, size_t size, es_error *err)
     if (cfg == NULL || size < 1 || size > 1024)
         return es__error_set(err, ES_EINVAL, "pool size must be 1 to 1024");
     cfg->pool_size = size;
+    return 0;
+}
+
+int es_pg_config_set_statement_timeout(es_pg_config *cfg, int64_t ms,
+                                       es_error *err)
+{
+    if (cfg == NULL || ms < 0 || ms > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "statement timeout must be 0 "
+                             "to 2147483647 ms");
+    cfg->statement_timeout_ms = ms;
     return 0;
 }
 
@@ -584,6 +596,21 @@ static int pg_connect(const char *conninfo, const char *password,
     return 0;
 }
 
+/* A new connection of the store: connected, then set up. */
+static int store_connect(pg_store *s, PGconn **out, es_error *err)
+{
+    int rc = pg_connect(s->conninfo, s->password, out, err);
+    if (rc != 0 || s->statement_timeout_ms == 0) return rc;
+    char sql[64];
+    snprintf(sql, sizeof sql, "SET statement_timeout = %lld",
+             (long long)s->statement_timeout_ms);
+    if ((rc = run_simple(*out, "connect: statement timeout", sql, err))) {
+        PQfinish(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
 static int pool_get(pg_store *s, PGconn **out, es_error *err)
 {
     pthread_mutex_lock(&s->lock);
@@ -596,7 +623,7 @@ static int pool_get(pg_store *s, PGconn **out, es_error *err)
         if (s->n_open < s->max) {
             s->n_open++;
             pthread_mutex_unlock(&s->lock);
-            int rc = pg_connect(s->conninfo, s->password, out, err);
+            int rc = store_connect(s, out, err);
             if (rc != 0) {
                 pthread_mutex_lock(&s->lock);
                 s->n_open--;
@@ -2141,6 +2168,7 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
     s->chunk = cfg->chunk;
+    s->statement_timeout_ms = cfg->statement_timeout_ms;
     s->max = cfg->pool_size;
     if ((rc = conninfo_check(ci, &s->password, err)) != 0) {
         pg_close(&s->base);
@@ -2164,7 +2192,7 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
         return es__error_set(err, ES_ENOMEM, "out of memory");
     }
     PGconn *c = NULL;
-    if ((rc = pg_connect(s->conninfo, s->password, &c, err)) != 0) {
+    if ((rc = store_connect(s, &c, err)) != 0) {
         pg_close(&s->base);
         return rc;
     }
