@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <sodium.h>
 #include <libpq-fe.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -504,6 +505,121 @@ static void test_pg_encryption_bad_keys_rejected(void **state)
     es_pg_config_free(cfg);
 }
 
+/* A master-key provider standing in for a KMS: its own key, counters, and
+ * an outage switch. */
+typedef struct fake_kms {
+    pthread_mutex_t lock;
+    uint8_t key[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
+    int wraps, unwraps;
+    bool down;
+} fake_kms;
+
+static bool kms_enter(fake_kms *k, int *counter, es_error *err)
+{
+    pthread_mutex_lock(&k->lock);
+    (*counter)++;
+    bool down = k->down;
+    pthread_mutex_unlock(&k->lock);
+    if (down) snprintf(err->message, sizeof err->message, "kms unreachable");
+    return !down;
+}
+
+static int kms_current(void *ud, char key_id[ES_PG_KEY_ID_MAX + 1],
+                       es_error *err)
+{
+    (void)ud;
+    (void)err;
+    strcpy(key_id, "kms:v1");
+    return 0;
+}
+
+static int kms_wrap(void *ud, const char *key_id, const es_uuid *agg,
+                    const uint8_t dek[ES_PG_KEY_BYTES],
+                    uint8_t out[ES_PG_WRAPPED_MAX], size_t *len,
+                    es_error *err)
+{
+    fake_kms *k = ud;
+    (void)key_id;
+    if (!kms_enter(k, &k->wraps, err)) return ES_EIO;
+    randombytes_buf(out, 24);
+    crypto_aead_xchacha20poly1305_ietf_encrypt(out + 24, NULL, dek,
+                                               ES_PG_KEY_BYTES, agg->bytes,
+                                               16, NULL, out, k->key);
+    *len = 24 + ES_PG_KEY_BYTES + 16;
+    return 0;
+}
+
+static int kms_unwrap(void *ud, const char *key_id, const es_uuid *agg,
+                      const uint8_t *wrapped, size_t len,
+                      uint8_t dek[ES_PG_KEY_BYTES], es_error *err)
+{
+    fake_kms *k = ud;
+    (void)key_id;
+    if (!kms_enter(k, &k->unwraps, err)) return ES_EIO;
+    if (len != 24 + ES_PG_KEY_BYTES + 16 ||
+        crypto_aead_xchacha20poly1305_ietf_decrypt(
+            dek, NULL, NULL, wrapped + 24, len - 24, agg->bytes, 16, wrapped,
+            k->key) != 0) {
+        snprintf(err->message, sizeof err->message, "kms: does not open");
+        return ES_EDECRYPT;
+    }
+    return 0;
+}
+
+static void test_pg_encryption_key_provider(void **state)
+{
+    (void)state;
+    fake_kms kms;
+    memset(&kms, 0, sizeof kms);
+    pthread_mutex_init(&kms.lock, NULL);
+    crypto_aead_xchacha20poly1305_ietf_keygen(kms.key);
+    es_pg_key_provider provider = {kms_current, kms_wrap, kms_unwrap, &kms};
+    es_pg_key_provider half = {kms_current, NULL, kms_unwrap, &kms};
+    es_pg_config *cfg = NULL;
+    es_error err = {0};
+    assert_int_equal(es_pg_config_new(&cfg, &err), 0);
+    assert_int_equal(es_pg_config_set_key_provider(cfg, &half, &err),
+                     ES_EINVAL);
+    assert_int_equal(es_pg_config_set_key_provider(cfg, &provider, &err), 0);
+    /* keys and a provider at once: refused */
+    assert_int_equal(es_pg_config_add_key(cfg, "k", key_a, &err), 0);
+    es_store *store = NULL;
+    assert_int_equal(es_pg_store_open(cfg, &store, &err), ES_EINVAL);
+    es_pg_config_free(cfg);
+    assert_int_equal(es_pg_config_new(&cfg, &err), 0);
+    assert_int_equal(es_pg_config_set_key_provider(cfg, &provider, &err), 0);
+    assert_int_equal(es_pg_store_open(cfg, &store, &err), 0);
+    es_pg_config_free(cfg);
+
+    account_builder b;
+    account_builder_init(&b);
+    account_builder_with_add(&b, 12);
+    account_context *ctx = saved(store, &b);
+    assert_int_equal(kms.wraps, 1); /* one data key for the aggregate */
+    assert_int_equal(kms.unwraps, 0);
+    int64_t balance;
+    assert_int_equal(load(store, &b.account_id, &balance, &err), 0);
+    assert_int_equal(balance, 12);
+    assert_int_equal(kms.unwraps, 1); /* once per transaction, not per row */
+    idtext a = txt(&b.account_id);
+    const char *v[1] = {a.s};
+    assert_int_equal(sql_int("SELECT count(*) FROM events WHERE aggregate_id "
+                             "= $1 AND key_id = 'kms:v1'",
+                             1, v),
+                     2);
+    /* Without the provider the data does not open... */
+    assert_int_equal(load(g_k1, &b.account_id, &balance, &err), ES_EDECRYPT);
+    /* ...and an outage is an outage (retry later), not a bad key. */
+    kms.down = true;
+    assert_int_equal(load(store, &b.account_id, &balance, &err), ES_EIO);
+    assert_non_null(strstr(err.message, "kms unreachable"));
+    kms.down = false;
+    assert_int_equal(load(store, &b.account_id, &balance, &err), 0);
+    assert_int_equal(es_store_close(store), 0);
+    pthread_mutex_destroy(&kms.lock);
+    account_context_free(ctx);
+}
+
 /* ---- setup ---- */
 
 static int group_setup(void **state)
@@ -554,6 +670,7 @@ int main(void)
         cmocka_unit_test(test_pg_encryption_tampered_rows),
         cmocka_unit_test(test_pg_encryption_reads_plaintext_rows),
         cmocka_unit_test(test_pg_encryption_bad_keys_rejected),
+        cmocka_unit_test(test_pg_encryption_key_provider),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -45,9 +45,11 @@
  * kept).  Every value goes to the server as a parameter.
  *
  * Encryption at rest (optional): give the config one or more master keys
- * (es_pg_config_add_key) and event payloads, snapshots and side-effect
- * payloads are sealed with XChaCha20-Poly1305 (libsodium) before they
- * leave the process; ids, versions, kinds and times stay plain.  Each
+ * (es_pg_config_add_key), or a master-key provider such as a KMS
+ * (es_pg_config_set_key_provider), and event payloads, snapshots and
+ * side-effect payloads are sealed with XChaCha20-Poly1305 (libsodium)
+ * before they leave the process; ids, versions, kinds and times stay
+ * plain.  Each
  * aggregate has its own random data key, stored in the keys table wrapped
  * by the newest master key when the aggregate is first written; each row
  * records the id of that master key in its key_id column.  The associated
@@ -220,6 +222,46 @@ ES_EXPORT ES_ANY_THREAD int es_pg_migrate(const es_pg_config *cfg,
 ES_EXPORT ES_OWNER_THREAD int es_pg_config_add_key(
     es_pg_config *cfg, const char *key_id,
     const uint8_t key[ES_PG_KEY_BYTES], es_error *err);
+
+/** Most bytes a key provider may make of one wrapped data key. */
+#define ES_PG_WRAPPED_MAX 512
+
+/**
+ * A master-key provider: wraps and unwraps the aggregates' data keys
+ * (a KMS, an HSM, a vault), instead of the master keys of
+ * es_pg_config_add_key.  The store seals and opens payloads with the data
+ * keys itself; the provider is asked once per aggregate and transaction,
+ * never for each payload, and never sees a payload.  The callbacks may be
+ * called from every thread that uses the store, at once; each returns 0 or
+ * a negative es_status (ES_EDECRYPT for a key that does not open, ES_EIO
+ * for a provider that cannot be reached...) and may fill err.  ud is
+ * borrowed: it must outlive every store made with it.
+ */
+typedef struct es_pg_key_provider {
+    /** The id of the master key that wraps new data keys (1 to 63
+     *  characters of [A-Za-z0-9_.:-]); stored with every row. */
+    int (*current)(void *ud, char key_id[ES_PG_KEY_ID_MAX + 1],
+                   es_error *err);
+    /** Wrap the data key of an aggregate with master key key_id into out
+     *  (1 to ES_PG_WRAPPED_MAX bytes; the length to *len). */
+    int (*wrap)(void *ud, const char *key_id, const es_uuid *aggregate_id,
+                const uint8_t dek[ES_PG_KEY_BYTES],
+                uint8_t out[ES_PG_WRAPPED_MAX], size_t *len, es_error *err);
+    /** Unwrap what wrap made for that aggregate and key id. */
+    int (*unwrap)(void *ud, const char *key_id, const es_uuid *aggregate_id,
+                  const uint8_t *wrapped, size_t len,
+                  uint8_t dek[ES_PG_KEY_BYTES], es_error *err);
+    void *ud; /**< handed to each callback */
+} es_pg_key_provider;
+
+/**
+ * Use a master-key provider for encryption at rest (copied; NULL removes
+ * it).  A config has master keys or a provider, not both
+ * (es_pg_store_open refuses that with ES_EINVAL).  Errors: ES_EINVAL (cfg
+ * NULL, a callback missing).  Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_key_provider(
+    es_pg_config *cfg, const es_pg_key_provider *provider, es_error *err);
 
 /**
  * Crypto-shredding: destroy the data key of one aggregate in txn (a

@@ -58,6 +58,7 @@ struct es_pg_config {
     char *conninfo; /* NULL: DATABASE_URL */
     pg_key *keys;   /* oldest first; the last is the newest */
     size_t n_keys;
+    es_pg_key_provider provider; /* wrap == NULL: none */
     char schema[NAME_BUF];
     char tables[N_TABLES][NAME_BUF];
     size_t pool_size;
@@ -105,8 +106,10 @@ typedef struct pg_store {
     char *password; /* to scrub from messages; NULL when none given */
     size_t chunk;
     int64_t statement_timeout_ms;
-    pg_key *keys; /* a copy of the config's; none: no encryption */
+    pg_key *keys; /* a copy of the config's (the built-in provider) */
     size_t n_keys;
+    bool encrypt;                /* keys or a provider were given */
+    es_pg_key_provider provider; /* wraps the data keys */
     char *sql[SQL_COUNT];
     char migrations[2 * NAME_BUF + 8]; /* quoted, for es_pg_status_get */
     pthread_mutex_t lock;
@@ -274,6 +277,24 @@ static int conninfo_check(const char *conninfo, char **password,
     }
     PQconninfoFree(opts);
     return rc;
+}
+
+int es_pg_config_set_key_provider(es_pg_config *cfg,
+                                  const es_pg_key_provider *provider,
+                                  es_error *err)
+{
+    if (cfg == NULL)
+        return es__error_set(err, ES_EINVAL, "config is NULL");
+    if (provider == NULL) {
+        memset(&cfg->provider, 0, sizeof cfg->provider);
+        return 0;
+    }
+    if (provider->current == NULL || provider->wrap == NULL ||
+        provider->unwrap == NULL)
+        return es__error_set(err, ES_EINVAL, "a key provider needs current, "
+                             "wrap and unwrap");
+    cfg->provider = *provider;
+    return 0;
 }
 
 int es_pg_config_set_conninfo(es_pg_config *cfg, const char *conninfo,
@@ -891,6 +912,58 @@ static const pg_key *find_kek(const pg_store *s, const char *id)
     return NULL;
 }
 
+/* The built-in provider: the config's master keys (es_pg_config_add_key),
+ * wrapping with XChaCha20-Poly1305, the aggregate id and key id as
+ * associated data.  ud is the pg_store. */
+static int keyring_current(void *ud, char key_id[ES_PG_KEY_ID_MAX + 1],
+                           es_error *err)
+{
+    (void)err;
+    const pg_store *s = ud;
+    strcpy(key_id, s->keys[s->n_keys - 1].id);
+    return 0;
+}
+
+static int keyring_wrap(void *ud, const char *key_id,
+                        const es_uuid *aggregate_id,
+                        const uint8_t dek[ES_PG_KEY_BYTES],
+                        uint8_t out[ES_PG_WRAPPED_MAX], size_t *len,
+                        es_error *err)
+{
+    const pg_key *kek = find_kek(ud, key_id);
+    if (kek == NULL)
+        return es__error_set(err, ES_EINVAL, "no master key '%s'", key_id);
+    ad_buf ad;
+    ad_data_key(&ad, aggregate_id, key_id);
+    randombytes_buf(out, NONCE_BYTES);
+    crypto_aead_xchacha20poly1305_ietf_encrypt(out + NONCE_BYTES, NULL, dek,
+                                               DEK_BYTES, ad.b, ad.n, NULL,
+                                               out, kek->key);
+    *len = DEK_BYTES + SEAL_OVERHEAD;
+    return 0;
+}
+
+static int keyring_unwrap(void *ud, const char *key_id,
+                          const es_uuid *aggregate_id, const uint8_t *wrapped,
+                          size_t len, uint8_t dek[ES_PG_KEY_BYTES],
+                          es_error *err)
+{
+    const pg_key *kek = find_kek(ud, key_id);
+    if (kek == NULL)
+        return es__error_set(err, ES_EDECRYPT, "wrapped by master key '%s', "
+                             "which this store does not have", key_id);
+    ad_buf ad;
+    ad_data_key(&ad, aggregate_id, key_id);
+    if (len != DEK_BYTES + SEAL_OVERHEAD ||
+        crypto_aead_xchacha20poly1305_ietf_decrypt(
+            dek, NULL, NULL, wrapped + NONCE_BYTES, len - NONCE_BYTES, ad.b,
+            ad.n, wrapped, kek->key) != 0)
+        return es__error_set(err, ES_EDECRYPT, "does not open with master "
+                             "key '%s' (wrong key bytes?)", key_id);
+    return 0;
+}
+
+
 static const dek_entry *dek_cache_put(pg_txn *t, const dek_entry *e)
 {
     size_t i = t->n_dek < DEK_CACHE ? t->n_dek++ : t->next_dek;
@@ -959,32 +1032,20 @@ static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
                 return forgotten(err, agg);
             }
             snprintf(e.kek, sizeof e.kek, "%s", PQgetvalue(r, 0, 0));
-            const pg_key *kek = find_kek(s, e.kek);
-            char why[160];
-            if (kek == NULL) {
-                PQclear(r);
-                snprintf(why, sizeof why, "its data key is wrapped by master "
-                         "key '%s', which this store does not have", e.kek);
-                return undecryptable(err, agg, why);
-            }
-            ad_buf ad;
-            ad_data_key(&ad, agg, e.kek);
             const uint8_t *w = (const uint8_t *)PQgetvalue(r, 0, 1);
             size_t wlen = (size_t)PQgetlength(r, 0, 1);
-            es_buf plain = {0};
-            rc = wlen == DEK_BYTES + SEAL_OVERHEAD
-                     ? open_sealed(&plain, kek->key, &ad, w, wlen)
-                     : NOT_OPEN;
+            es_error inner = {0};
+            rc = s->provider.unwrap(s->provider.ud, e.kek, agg, w, wlen,
+                                    e.dek, &inner);
             PQclear(r);
-            if (rc == 0) memcpy(e.dek, plain.data, DEK_BYTES);
-            if (plain.data) sodium_memzero(plain.data, plain.cap);
-            es_buf_free(&plain);
-            if (rc == ES_ENOMEM)
-                return es__error_set(err, rc, "out of memory");
             if (rc != 0) {
-                snprintf(why, sizeof why, "its data key does not open with "
-                         "master key '%s' (wrong key bytes?)", e.kek);
-                return undecryptable(err, agg, why);
+                sodium_memzero(&e, sizeof e);
+                char id[ES_UUID_STRLEN + 1];
+                es__error_wrap(err, rc < 0 ? rc : ES_EDECRYPT, &inner,
+                               "aggregate %s: its data key",
+                               es_uuid_format(agg, id));
+                if (err) err->aggregate_id = *agg;
+                return rc < 0 ? rc : ES_EDECRYPT;
             }
             *out = dek_cache_put(t, &e);
             sodium_memzero(&e, sizeof e);
@@ -993,26 +1054,34 @@ static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
         PQclear(r);
         if (!create) return ES_ENOTFOUND;
 
-        const pg_key *newest = &s->keys[s->n_keys - 1];
         dek_entry e;
         memset(&e, 0, sizeof e);
         e.agg = *agg;
-        strcpy(e.kek, newest->id);
         e.locked = true; /* our own uncommitted row */
         crypto_aead_xchacha20poly1305_ietf_keygen(e.dek);
-        ad_buf ad;
-        ad_data_key(&ad, agg, e.kek);
-        es_buf wrapped = {0};
-        if (seal_append(&wrapped, newest->key, &ad, e.dek, DEK_BYTES) != 0) {
+        uint8_t wrapped[ES_PG_WRAPPED_MAX];
+        size_t wlen = 0;
+        es_error inner = {0};
+        rc = s->provider.current(s->provider.ud, e.kek, &inner);
+        if (rc == 0 && !key_id_valid(e.kek))
+            rc = es__error_set(&inner, ES_EINVAL, "the key provider named "
+                               "an invalid master key id");
+        if (rc == 0)
+            rc = s->provider.wrap(s->provider.ud, e.kek, agg, e.dek, wrapped,
+                                  &wlen, &inner);
+        if (rc == 0 && (wlen == 0 || wlen > ES_PG_WRAPPED_MAX))
+            rc = es__error_set(&inner, ES_EINVAL, "the key provider wrapped "
+                               "a data key into %zu bytes", wlen);
+        if (rc != 0) {
             sodium_memzero(&e, sizeof e);
-            return es__error_set(err, ES_ENOMEM, "out of memory");
+            return es__error_wrap(err, rc < 0 ? rc : ES_EIO, &inner,
+                                  "wrapping a data key");
         }
         const char *ivalues[3] = {(const char *)agg->bytes, e.kek,
-                                  (const char *)wrapped.data};
-        const int ilens[3] = {16, (int)strlen(e.kek), (int)wrapped.len};
+                                  (const char *)wrapped};
+        const int ilens[3] = {16, (int)strlen(e.kek), (int)wlen};
         rc = run(t->conn, "store data key", s->sql[SQL_PUT_KEY], 3, types,
                  ivalues, ilens, &r, err);
-        es_buf_free(&wrapped);
         bool mine = rc == 0 && strcmp(PQcmdTuples(r), "1") == 0;
         if (rc == 0) PQclear(r);
         if (mine) *out = dek_cache_put(t, &e);
@@ -1032,7 +1101,7 @@ static int open_row(pg_txn *t, const es_uuid *agg, const PGresult *r,
     if (PQgetisnull(r, row, key_col)) return 0;
     pg_store *s = (pg_store *)t->base.store;
     char why[160];
-    if (s->n_keys == 0) {
+    if (!s->encrypt) {
         snprintf(why, sizeof why, "data sealed with master key '%.63s', "
                  "but the store has no keys", PQgetvalue(r, row, key_col));
         return undecryptable(err, agg, why);
@@ -1298,7 +1367,7 @@ static int pg_insert_events(es_txn *txn, const char *type_name,
     /* The data key first: it may be made now, in this savepoint. */
     dek_entry key;
     memset(&key, 0, sizeof key);
-    if (s->n_keys > 0) {
+    if (s->encrypt) {
         const dek_entry *d = NULL;
         int rc = get_dek(t, agg, true, &d, err);
         if (rc != 0) return rc;
@@ -1324,7 +1393,7 @@ static int pg_insert_events(es_txn *txn, const char *type_name,
         rc = array_i64(&ver, (int64_t)e->version);
         if (rc == 0) rc = array_item(&ids, e->id.bytes, 16);
         if (rc == 0) rc = array_i32(&kinds, e->kind);
-        if (rc == 0 && s->n_keys > 0) {
+        if (rc == 0 && s->encrypt) {
             ad_buf ad;
             ad_event(&ad, agg, e->version);
             rc = array_sealed(&data, key.dek, &ad, e->data, e->len);
@@ -1347,7 +1416,7 @@ static int pg_insert_events(es_txn *txn, const char *type_name,
                                  (const char *)ids.data,
                                  (const char *)kinds.data,
                                  (const char *)data.data,
-                                 s->n_keys > 0 ? key.kek : NULL};
+                                 s->encrypt ? key.kek : NULL};
         const int lens[7] = {(int)strlen(type_name), 16, (int)ver.len,
                              (int)ids.len, (int)kinds.len, (int)data.len,
                              (int)strlen(key.kek)};
@@ -1411,7 +1480,7 @@ static int pg_insert_side_effects(es_txn *txn, const char *type_name,
     if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
     if (rc == 0) rc = array_begin(&data, OID_BYTEA, n);
     if (rc == 0) rc = array_begin(&keys, OID_TEXT, n);
-    if (rc == 0 && s->n_keys == 0) keys.data[7] = 1; /* has NULLs */
+    if (rc == 0 && !s->encrypt) keys.data[7] = 1; /* has NULLs */
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const es_side_effect *e = &items[i];
         if (e->len > MAX_PAYLOAD) {
@@ -1423,7 +1492,7 @@ static int pg_insert_side_effects(es_txn *txn, const char *type_name,
         if (rc == 0) rc = array_item(&evs, e->event_id.bytes, 16);
         if (rc == 0) rc = array_i32(&kinds, e->kind);
         if (rc != 0) break;
-        if (s->n_keys == 0) {
+        if (!s->encrypt) {
             rc = array_item(&data, e->data, e->len);
             if (rc == 0) rc = put32(&keys, 0xffffffffu); /* NULL */
             continue;
@@ -1486,7 +1555,7 @@ static int pg_store_snapshot(es_txn *txn, const es_snapshot *snap,
     size_t len = snap->len;
     es_buf sealed = {0};
     char kek[ES_PG_KEY_ID_MAX + 1] = "";
-    if (s->n_keys > 0) {
+    if (s->encrypt) {
         const dek_entry *d = NULL;
         int rc = get_dek(t, &snap->aggregate_id, true, &d, err);
         if (rc != 0) return rc;
@@ -1503,7 +1572,7 @@ static int pg_store_snapshot(es_txn *txn, const es_snapshot *snap,
     const char *values[5] = {(const char *)snap->aggregate_id.bytes,
                              (const char *)sv, (const char *)v,
                              (const char *)payload,
-                             s->n_keys > 0 ? kek : NULL};
+                             s->encrypt ? kek : NULL};
     const int lens[5] = {16, 8, 8, (int)len, (int)strlen(kek)};
     int rc = run(t->conn, "store snapshot", s->sql[SQL_STORE_SNAPSHOT], 5,
                  types, values, lens, NULL, err);
@@ -2180,9 +2249,20 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
         pg_close(&s->base);
         return es__error_set(err, ES_EIO, "libsodium could not start");
     }
+    if (cfg->n_keys > 0 && cfg->provider.wrap != NULL) {
+        pg_close(&s->base);
+        return es__error_set(err, ES_EINVAL, "give master keys or a key "
+                             "provider, not both");
+    }
     if (cfg->n_keys > 0) {
         s->keys = es__memdup(cfg->keys, cfg->n_keys * sizeof *cfg->keys);
         s->n_keys = s->keys ? cfg->n_keys : 0;
+        s->provider = (es_pg_key_provider){keyring_current, keyring_wrap,
+                                           keyring_unwrap, s};
+        s->encrypt = true;
+    } else if (cfg->provider.wrap != NULL) {
+        s->provider = cfg->provider;
+        s->encrypt = true;
     }
     s->conninfo = es__strdup(ci);
     s->idle = es__calloc(s->max, sizeof *s->idle);
@@ -2213,7 +2293,7 @@ int es_pg_forget_aggregate(es_txn *txn, const es_uuid *aggregate_id,
                                              "PostgreSQL store");
     pg_txn *t = (pg_txn *)txn;
     pg_store *s = (pg_store *)txn->store;
-    if (s->n_keys == 0)
+    if (!s->encrypt)
         return es__error_set(err, ES_EINVAL, "the store has no keys: "
                              "nothing of it is encrypted, so nothing can be "
                              "forgotten by destroying a key");
