@@ -318,6 +318,12 @@ def main():
                 n.build(exe, "link", [obj(src), lib],
                         variables=dict(vars_, libs="$lib_libs"))
                 outs.append(exe)
+            # Command line tools: tools/<name>.c -> build/<variant>/bin/<name>
+            for src in sources("tools/*.c"):
+                exe = "%s/bin/%s" % (bdir, os.path.basename(src)[:-2])
+                n.build(exe, "link", [obj(src), lib],
+                        variables=dict(vars_, libs="$lib_libs"))
+                outs.append(exe)
             n.build(variant, "phony", outs)
             all_targets[variant] = outs
 

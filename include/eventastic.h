@@ -12,6 +12,7 @@
 #include "eventastic/log.h"
 #include "eventastic/memory.h"
 #include "eventastic/outbox.h"
+#include "eventastic/postgres.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"
 #include "eventastic/typed.h"

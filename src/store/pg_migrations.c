@@ -1,0 +1,76 @@
+/*
+ * The migrations of the PostgreSQL store (see pg_migrations.h).
+ *
+ * events: (aggregate id, version) is the primary key, so a version is
+ * taken once; event_id is unique across aggregates (idempotency key).
+ * position is an identity column that read models can follow later.
+ * Constraint and index names are left to PostgreSQL, so that table names
+ * of any valid length work.  keys holds each aggregate's data key, wrapped
+ * by the master key key_id; NULL once destroyed (crypto-shredding).
+ */
+#include "store/pg_migrations.h"
+
+const es__pg_migration es__pg_migrations[] = {
+    {1, "events, snapshots and outbox",
+     "CREATE TABLE @events@ (\n"
+     "    position bigint GENERATED ALWAYS AS IDENTITY,\n"
+     "    aggregate_type text NOT NULL,\n"
+     "    aggregate_id uuid NOT NULL,\n"
+     "    version bigint NOT NULL CHECK (version >= 0),\n"
+     "    event_id uuid NOT NULL UNIQUE,\n"
+     "    kind integer NOT NULL,\n"
+     "    payload bytea NOT NULL,\n"
+     "    metadata jsonb,\n"
+     "    key_id text,\n"
+     "    created_at timestamptz NOT NULL DEFAULT now(),\n"
+     "    PRIMARY KEY (aggregate_id, version)\n"
+     ");\n"
+     "CREATE UNIQUE INDEX ON @events@ (position);\n"
+     "CREATE TABLE @snapshots@ (\n"
+     "    aggregate_id uuid NOT NULL,\n"
+     "    snapshot_version bigint NOT NULL CHECK (snapshot_version >= 0),\n"
+     "    version bigint NOT NULL CHECK (version >= 0),\n"
+     "    payload bytea NOT NULL,\n"
+     "    key_id text,\n"
+     "    created_at timestamptz NOT NULL DEFAULT now(),\n"
+     "    PRIMARY KEY (aggregate_id, snapshot_version)\n"
+     ");\n"
+     "CREATE TABLE @outbox@ (\n"
+     "    id uuid PRIMARY KEY,\n"
+     "    seq bigint GENERATED ALWAYS AS IDENTITY,\n"
+     "    aggregate_id uuid NOT NULL,\n"
+     "    event_id uuid NOT NULL,\n"
+     "    aggregate_type text,\n"
+     "    kind integer NOT NULL,\n"
+     "    payload bytea NOT NULL,\n"
+     "    key_id text,\n"
+     "    status text NOT NULL DEFAULT 'pending'\n"
+     "        CHECK (status IN ('pending', 'done', 'dead')),\n"
+     "    attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),\n"
+     "    next_attempt_at timestamptz NOT NULL DEFAULT now(),\n"
+     "    claimed_by text,\n"
+     "    claimed_until timestamptz,\n"
+     "    last_error text,\n"
+     "    created_at timestamptz NOT NULL DEFAULT now()\n"
+     ");\n"},
+    {2, "outbox indexes",
+     "CREATE INDEX ON @outbox@ (next_attempt_at) WHERE status = 'pending';\n"
+     "CREATE INDEX ON @outbox@ (aggregate_id, seq);\n"},
+    {3, "data keys for encryption at rest",
+     "CREATE TABLE @keys@ (\n"
+     "    aggregate_id uuid PRIMARY KEY,\n"
+     "    key_id text NOT NULL,\n"
+     "    wrapped bytea,\n"
+     "    created_at timestamptz NOT NULL DEFAULT now(),\n"
+     "    destroyed_at timestamptz,\n"
+     "    CHECK ((wrapped IS NULL) = (destroyed_at IS NOT NULL))\n"
+     ");\n"},
+    {4, "outbox delivery: finish time, due at once",
+     "ALTER TABLE @outbox@ ADD COLUMN finished_at timestamptz;\n"
+     "ALTER TABLE @outbox@ ALTER COLUMN next_attempt_at\n"
+     "    SET DEFAULT 'epoch';\n"
+     "CREATE INDEX ON @outbox@ (finished_at) WHERE status = 'done';\n"},
+};
+
+const size_t es__pg_migration_count =
+    sizeof es__pg_migrations / sizeof es__pg_migrations[0];

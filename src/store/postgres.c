@@ -1,0 +1,2600 @@
+/*
+ * The PostgreSQL store (libpq).
+ *
+ * Every value goes as a binary parameter and every result comes back in
+ * binary, so payloads are bytes end to end (no escaping).  Names of the
+ * schema and tables are validated when they are set and quoted in every
+ * statement; the statements are built once, when the store opens.
+ *
+ * Events of one save go in one statement (arrays + unnest), skipping rows
+ * whose event id or (aggregate, version) exists (ON CONFLICT DO NOTHING);
+ * RETURNING says which went in, and the core decides what a skipped row
+ * means.  Streams are read `chunk` rows at a time, so memory is bounded
+ * by one page whatever the stream's length: the first page with one query
+ * (one round trip for most streams), the rest, if any, through a cursor
+ * (DECLARE + FETCH), planned and scanned once.
+ *
+ * Lock rule: `lock` guards the pool (idle, n_idle, n_open).  Connections
+ * are made and closed outside it.  A connection belongs to one
+ * transaction at a time; it goes back to the pool only when it is healthy
+ * and idle (no transaction open), otherwise it is closed.
+ */
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "eventastic/postgres.h"
+#include "store/pg_migrations.h"
+#include "store/store_impl.h"
+
+/* Type oids of the built-in types we send (pg_type.h is server-side). */
+#define OID_INT8 20
+#define OID_INT4 23
+#define OID_TEXT 25
+#define OID_UUID 2950
+#define OID_INT8_ARRAY 1016
+#define OID_INT4_ARRAY 1007
+#define OID_BYTEA_ARRAY 1001
+#define OID_UUID_ARRAY 2951
+#define OID_TEXT_ARRAY 1009
+#define OID_BYTEA 17
+
+#define N_TABLES 5
+#define NAME_BUF (ES_PG_NAME_MAX + 1)
+#define MAX_PAYLOAD 0x3fffffffu /* PostgreSQL's field limit, 1 GiB - 1 */
+#define LOST_SQLSTATE "08006"
+
+/* A master key: wraps the data keys of aggregates. */
+typedef struct pg_key {
+    char id[ES_PG_KEY_ID_MAX + 1];
+    uint8_t key[ES_PG_KEY_BYTES];
+} pg_key;
+
+struct es_pg_config {
+    char *conninfo; /* NULL: DATABASE_URL */
+    pg_key *keys;   /* oldest first; the last is the newest */
+    size_t n_keys;
+    es_pg_key_provider provider; /* wrap == NULL: none */
+    char schema[NAME_BUF];
+    char tables[N_TABLES][NAME_BUF];
+    size_t pool_size;
+    size_t chunk;
+    int64_t statement_timeout_ms; /* 0: the server's setting */
+};
+
+static const char *const default_tables[N_TABLES] = {
+    "events", "snapshots", "outbox", "es_migrations", "data_keys"};
+
+enum {
+    SQL_INSERT_EVENTS,
+    SQL_STREAM,
+    SQL_STREAM_REST,
+    SQL_GET_EVENT,
+    SQL_INSERT_SIDE_EFFECTS,
+    SQL_LIST_SIDE_EFFECTS,
+    SQL_GET_SNAPSHOT,
+    SQL_STORE_SNAPSHOT,
+    SQL_DELETE_SNAPSHOTS,
+    SQL_GET_KEY,
+    SQL_LOCK_KEY,
+    SQL_PUT_KEY,
+    SQL_FORGET_KEY,
+    SQL_FORGET_SIDE_EFFECTS,
+    SQL_OB_EXPIRE,
+    SQL_OB_CLAIM,
+    SQL_OB_DEAD,
+    SQL_OB_FINISH,
+    SQL_OB_EXISTS,
+    SQL_OB_LIST,
+    SQL_OB_GET,
+    SQL_OB_REQUEUE_ID,
+    SQL_OB_REQUEUE_TYPE,
+    SQL_OB_PURGE,
+    SQL_OB_STATS,
+    SQL_STATUS_VERSION,
+    SQL_STATUS_COUNTS,
+    SQL_COUNT
+};
+
+typedef struct pg_store {
+    struct es_store base;
+    char *conninfo;
+    char *password; /* to scrub from messages; NULL when none given */
+    size_t chunk;
+    int64_t statement_timeout_ms;
+    pg_key *keys; /* a copy of the config's (the built-in provider) */
+    size_t n_keys;
+    bool encrypt;                /* keys or a provider were given */
+    es_pg_key_provider provider; /* wraps the data keys */
+    char *sql[SQL_COUNT];
+    char migrations[2 * NAME_BUF + 8]; /* quoted, for es_pg_status_get */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    PGconn **idle; /* capacity max */
+    size_t n_idle, n_open, max;
+} pg_store;
+
+/* Data keys a transaction has opened, so that each is read once.  Cleared
+ * when a savepoint rolls back (a key made after it is gone) and wiped
+ * when the transaction ends. */
+#define DEK_CACHE 8
+
+typedef struct dek_entry {
+    es_uuid agg;
+    uint8_t dek[crypto_aead_xchacha20poly1305_ietf_KEYBYTES];
+    char kek[ES_PG_KEY_ID_MAX + 1]; /* the master key that wraps it */
+    bool locked; /* read FOR SHARE: a concurrent forget waits for us */
+} dek_entry;
+
+typedef struct pg_txn {
+    struct es_txn base;
+    PGconn *conn;
+    dek_entry dek[DEK_CACHE];
+    size_t n_dek, next_dek;
+    unsigned depth;   /* savepoints open */
+    unsigned cursors; /* stream cursors made, for unique names */
+    bool wrote_side_effects; /* wake dispatchers after commit */
+} pg_txn;
+
+static const int binary_formats[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+
+/* ---- names ---- */
+
+static bool name_valid(const char *s)
+{
+    if (s == NULL) return false;
+    size_t n = strlen(s);
+    if (n == 0 || n > ES_PG_NAME_MAX) return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        bool alpha = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                     c == '_';
+        bool digit = c >= '0' && c <= '9';
+        if (!(alpha || (digit && i > 0))) return false;
+    }
+    return true;
+}
+
+/* "schema"."table": the names are valid, so they hold no quote. */
+static void qualify(char *out, size_t cap, const char *schema,
+                    const char *table)
+{
+    snprintf(out, cap, "\"%s\".\"%s\"", schema, table);
+}
+
+__attribute__((format(printf, 1, 2))) static char *sqlf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0) return NULL;
+    char *s = es__malloc((size_t)n + 1);
+    if (s == NULL) return NULL;
+    va_start(ap, fmt);
+    vsnprintf(s, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+/* ---- configuration ---- */
+
+int es_pg_config_new(es_pg_config **out, es_error *err)
+{
+    if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
+    es_pg_config *cfg = es__calloc(1, sizeof *cfg);
+    if (cfg == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    strcpy(cfg->schema, "public");
+    for (int i = 0; i < N_TABLES; i++)
+        strcpy(cfg->tables[i], default_tables[i]);
+    cfg->pool_size = 8;
+    cfg->chunk = 1000;
+    *out = cfg;
+    return 0;
+}
+
+void es_pg_config_free(es_pg_config *cfg)
+{
+    if (cfg == NULL) return;
+    es__free(cfg->conninfo);
+    if (cfg->keys) sodium_memzero(cfg->keys, cfg->n_keys * sizeof *cfg->keys);
+    es__free(cfg->keys);
+    es__free(cfg);
+}
+
+static bool key_id_valid(const char *id)
+{
+    if (id == NULL) return false;
+    size_t n = strlen(id);
+    if (n == 0 || n > ES_PG_KEY_ID_MAX) return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = id[i];
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+              (c >= '0' && c <= '9') || c == '_' || c == '.' || c == ':' ||
+              c == '-'))
+            return false;
+    }
+    return true;
+}
+
+int es_pg_config_add_key(es_pg_config *cfg, const char *key_id,
+                         const uint8_t key[ES_PG_KEY_BYTES], es_error *err)
+{
+    if (cfg == NULL || key == NULL)
+        return es__error_set(err, ES_EINVAL, "config and key are required");
+    if (!key_id_valid(key_id))
+        return es__error_set(err, ES_EINVAL, "key id must be 1 to 63 "
+                             "characters of [A-Za-z0-9_.:-]");
+    for (size_t i = 0; i < cfg->n_keys; i++)
+        if (strcmp(cfg->keys[i].id, key_id) == 0)
+            return es__error_set(err, ES_EINVAL, "key id '%s' was already "
+                                 "added", key_id);
+    /* A fresh array rather than realloc: the old one is wiped, not left
+     * behind in freed memory. */
+    pg_key *keys = es__calloc(cfg->n_keys + 1, sizeof *keys);
+    if (keys == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    if (cfg->n_keys > 0) {
+        memcpy(keys, cfg->keys, cfg->n_keys * sizeof *keys);
+        sodium_memzero(cfg->keys, cfg->n_keys * sizeof *keys);
+    }
+    es__free(cfg->keys);
+    strcpy(keys[cfg->n_keys].id, key_id);
+    memcpy(keys[cfg->n_keys].key, key, ES_PG_KEY_BYTES);
+    cfg->keys = keys;
+    cfg->n_keys++;
+    return 0;
+}
+
+/* Parse a connection string; on success *password is a copy of its
+ * password (NULL when it has none).  libpq's parse message is not passed
+ * on: it may quote a piece of the string, and so of the password. */
+static int conninfo_check(const char *conninfo, char **password,
+                          es_error *err)
+{
+    char *msg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &msg);
+    if (opts == NULL) {
+        if (msg != NULL) PQfreemem(msg);
+        return es__error_set(err, ES_EINVAL,
+                             "connection string could not be parsed (expected "
+                             "key=value pairs or a postgresql:// URI)");
+    }
+    int rc = 0;
+    if (password != NULL) {
+        *password = NULL;
+        for (PQconninfoOption *o = opts; o->keyword != NULL; o++) {
+            if (strcmp(o->keyword, "password") != 0 || o->val == NULL ||
+                o->val[0] == '\0')
+                continue;
+            *password = es__strdup(o->val);
+            if (*password == NULL)
+                rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        }
+    }
+    PQconninfoFree(opts);
+    return rc;
+}
+
+int es_pg_config_set_key_provider(es_pg_config *cfg,
+                                  const es_pg_key_provider *provider,
+                                  es_error *err)
+{
+    if (cfg == NULL)
+        return es__error_set(err, ES_EINVAL, "config is NULL");
+    if (provider == NULL) {
+        memset(&cfg->provider, 0, sizeof cfg->provider);
+        return 0;
+    }
+    if (provider->current == NULL || provider->wrap == NULL ||
+        provider->unwrap == NULL)
+        return es__error_set(err, ES_EINVAL, "a key provider needs current, "
+                             "wrap and unwrap");
+    cfg->provider = *provider;
+    return 0;
+}
+
+int es_pg_config_set_conninfo(es_pg_config *cfg, const char *conninfo,
+                              es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    char *copy = NULL;
+    if (conninfo != NULL) {
+        int rc = conninfo_check(conninfo, NULL, err);
+        if (rc != 0) return rc;
+        if ((copy = es__strdup(conninfo)) == NULL)
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    es__free(cfg->conninfo);
+    cfg->conninfo = copy;
+    return 0;
+}
+
+static int name_error(es_error *err, const char *what)
+{
+    return es__error_set(err, ES_EINVAL,
+                         "%s name must match [A-Za-z_][A-Za-z0-9_]{0,62}",
+                         what);
+}
+
+int es_pg_config_set_schema(es_pg_config *cfg, const char *schema,
+                            es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    if (!name_valid(schema)) return name_error(err, "schema");
+    strcpy(cfg->schema, schema);
+    return 0;
+}
+
+int es_pg_config_set_table(es_pg_config *cfg, es_pg_table table,
+                           const char *name, es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    int i = (int)table;
+    if (i < 0 || i >= N_TABLES)
+        return es__error_set(err, ES_EINVAL, "unknown table %d", i);
+    if (!name_valid(name)) return name_error(err, "table");
+    for (int j = 0; j < N_TABLES; j++)
+        if (j != i && strcmp(cfg->tables[j], name) == 0)
+            return es__error_set(err, ES_EINVAL,
+                                 "table name '%s' is already used for "
+                                 "another table", name);
+    strcpy(cfg->tables[i], name);
+    return 0;
+}
+
+int es_pg_config_set_pool_size(es_pg_config *cfg, size_t size, es_error *err)
+{
+    if (cfg == NULL || size < 1 || size > 1024)
+        return es__error_set(err, ES_EINVAL, "pool size must be 1 to 1024");
+    cfg->pool_size = size;
+    return 0;
+}
+
+int es_pg_config_set_statement_timeout(es_pg_config *cfg, int64_t ms,
+                                       es_error *err)
+{
+    if (cfg == NULL || ms < 0 || ms > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "statement timeout must be 0 "
+                             "to 2147483647 ms");
+    cfg->statement_timeout_ms = ms;
+    return 0;
+}
+
+int es_pg_config_set_chunk_size(es_pg_config *cfg, size_t events,
+                                es_error *err)
+{
+    if (cfg == NULL || events < 1 || events > 1000000)
+        return es__error_set(err, ES_EINVAL,
+                             "chunk size must be 1 to 1000000 events");
+    cfg->chunk = events;
+    return 0;
+}
+
+/* The configured connection string, or DATABASE_URL. */
+static int resolve_conninfo(const es_pg_config *cfg, const char **out,
+                            es_error *err)
+{
+    const char *ci = cfg->conninfo ? cfg->conninfo : getenv("DATABASE_URL");
+    if (ci == NULL || ci[0] == '\0')
+        return es__error_set(err, ES_EINVAL, "no connection string: set one "
+                             "in the config or DATABASE_URL");
+    *out = ci;
+    return 0;
+}
+
+/* ---- errors ---- */
+
+/* Copy msg into out with every occurrence of secret replaced, and the
+ * trailing newline libpq adds dropped. */
+static void scrub(char *out, size_t cap, const char *msg, const char *secret)
+{
+    size_t k = 0, slen = secret ? strlen(secret) : 0;
+    for (const char *p = msg; *p != '\0' && k + 1 < cap;) {
+        if (slen > 0 && strncmp(p, secret, slen) == 0) {
+            for (const char *r = "***"; *r != '\0' && k + 1 < cap; r++)
+                out[k++] = *r;
+            p += slen;
+            continue;
+        }
+        out[k++] = (*p == '\n' || *p == '\r' || *p == '\t') ? ' ' : *p;
+        p++;
+    }
+    while (k > 0 && out[k - 1] == ' ') k--;
+    out[k] = '\0';
+}
+
+static int status_for_sqlstate(const char *st)
+{
+    if (strcmp(st, "23505") == 0 || strcmp(st, "40001") == 0 ||
+        strcmp(st, "40P01") == 0)
+        return ES_ECONFLICT;
+    if (strcmp(st, "57014") == 0) return ES_ETIMEDOUT;
+    if (strncmp(st, "22", 2) == 0) return ES_EINVAL;
+    if (strncmp(st, "08", 2) == 0) return ES_EDB;
+    return ES_EDB;
+}
+
+static bool conn_lost(PGconn *c, const PGresult *r)
+{
+    return r == NULL || PQstatus(c) == CONNECTION_BAD;
+}
+
+/* An es_error for a failed statement (r may be NULL). */
+static int db_error(PGconn *c, const PGresult *r, es_error *err,
+                    const char *what)
+{
+    char msg[200];
+    if (conn_lost(c, r)) {
+        scrub(msg, sizeof msg, PQerrorMessage(c), NULL);
+        es__error_set(err, ES_EDB, "%s: connection to the database lost: %s",
+                      what, msg);
+        if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+        return ES_EDB;
+    }
+    const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    if (primary == NULL) primary = PQresultErrorMessage(r);
+    scrub(msg, sizeof msg, primary ? primary : "unknown error", NULL);
+    if (st == NULL || strlen(st) != 5) st = "XX000";
+    int code = status_for_sqlstate(st);
+    es__error_set(err, code, "%s: %s (SQLSTATE %s)", what, msg, st);
+    if (err) memcpy(err->sqlstate, st, 6);
+    return code;
+}
+
+/* Run a statement with binary parameters and binary results.  On success
+ * *out (if given) is the result (PQclear), else it is cleared. */
+static int run(PGconn *c, const char *what, const char *sql, int n,
+               const Oid *types, const char *const *values, const int *lens,
+               PGresult **out, es_error *err)
+{
+    PGresult *r = PQexecParams(c, sql, n, types, values, lens,
+                               n > 0 ? binary_formats : NULL, 1);
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        if (out)
+            *out = r;
+        else
+            PQclear(r);
+        return 0;
+    }
+    int rc = db_error(c, r, err, what);
+    PQclear(r);
+    return rc;
+}
+
+/* A statement without parameters, in text (simple protocol: several
+ * statements may follow each other). */
+static int run_simple(PGconn *c, const char *what, const char *sql,
+                      es_error *err)
+{
+    PGresult *r = PQexec(c, sql);
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        PQclear(r);
+        return 0;
+    }
+    int rc = db_error(c, r, err, what);
+    PQclear(r);
+    return rc;
+}
+
+/* ---- binary values ---- */
+
+static void be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void be64(uint8_t *p, uint64_t v)
+{
+    be32(p, (uint32_t)(v >> 32));
+    be32(p + 4, (uint32_t)v);
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
+           (uint32_t)p[3];
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+    return (uint64_t)get32(p) << 32 | get32(p + 4);
+}
+
+static int put32(es_buf *b, uint32_t v)
+{
+    uint8_t x[4];
+    be32(x, v);
+    return es_buf_append(b, x, 4);
+}
+
+/* Binary array header: one dimension of n items, no nulls. */
+static int array_begin(es_buf *b, Oid elem, size_t n)
+{
+    int rc = put32(b, 1);
+    if (rc == 0) rc = put32(b, 0);
+    if (rc == 0) rc = put32(b, elem);
+    if (rc == 0) rc = put32(b, (uint32_t)n);
+    if (rc == 0) rc = put32(b, 1);
+    return rc;
+}
+
+static int array_item(es_buf *b, const void *data, size_t len)
+{
+    int rc = put32(b, (uint32_t)len);
+    return rc == 0 ? es_buf_append(b, data, len) : rc;
+}
+
+static int array_i64(es_buf *b, int64_t v)
+{
+    uint8_t x[8];
+    be64(x, (uint64_t)v);
+    return array_item(b, x, 8);
+}
+
+static int array_i32(es_buf *b, int32_t v)
+{
+    uint8_t x[4];
+    be32(x, (uint32_t)v);
+    return array_item(b, x, 4);
+}
+
+/* Column readers; false when the value is NULL or of another type. */
+static bool col_uuid(const PGresult *r, int row, int col, es_uuid *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 16)
+        return false;
+    memcpy(out->bytes, PQgetvalue(r, row, col), 16);
+    return true;
+}
+
+static bool col_u64(const PGresult *r, int row, int col, uint64_t *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 8)
+        return false;
+    uint64_t v = get64((const uint8_t *)PQgetvalue(r, row, col));
+    if (v > INT64_MAX) return false; /* negative */
+    *out = v;
+    return true;
+}
+
+static bool col_i32(const PGresult *r, int row, int col, int32_t *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 4)
+        return false;
+    *out = (int32_t)get32((const uint8_t *)PQgetvalue(r, row, col));
+    return true;
+}
+
+static bool col_bytes(const PGresult *r, int row, int col,
+                      const uint8_t **data, size_t *len)
+{
+    if (PQgetisnull(r, row, col)) return false;
+    *data = (const uint8_t *)PQgetvalue(r, row, col);
+    *len = (size_t)PQgetlength(r, row, col);
+    return true;
+}
+
+static int bad_row(es_error *err, const char *what)
+{
+    return es__error_set(err, ES_EDB, "%s: a row has an unexpected NULL, "
+                         "negative number or column type", what);
+}
+
+/* ---- connections and the pool ---- */
+
+static void quiet_notices(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message; /* a library does not print (NOTICEs of DDL) */
+}
+
+static int pg_connect(const char *conninfo, const char *password,
+                      PGconn **out, es_error *err)
+{
+    PGconn *c = PQconnectdb(conninfo);
+    if (c == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    if (PQstatus(c) != CONNECTION_OK) {
+        char msg[200];
+        scrub(msg, sizeof msg, PQerrorMessage(c), password);
+        PQfinish(c);
+        es__error_set(err, ES_EDB, "could not connect to the database: %s",
+                      msg);
+        if (err) memcpy(err->sqlstate, "08001", 6);
+        return ES_EDB;
+    }
+    PQsetNoticeProcessor(c, quiet_notices, NULL);
+    *out = c;
+    return 0;
+}
+
+/* A new connection of the store: connected, then set up. */
+static int store_connect(pg_store *s, PGconn **out, es_error *err)
+{
+    int rc = pg_connect(s->conninfo, s->password, out, err);
+    if (rc != 0 || s->statement_timeout_ms == 0) return rc;
+    char sql[64];
+    snprintf(sql, sizeof sql, "SET statement_timeout = %lld",
+             (long long)s->statement_timeout_ms);
+    if ((rc = run_simple(*out, "connect: statement timeout", sql, err))) {
+        PQfinish(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+static int pool_get(pg_store *s, PGconn **out, es_error *err)
+{
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        if (s->n_idle > 0) {
+            *out = s->idle[--s->n_idle];
+            pthread_mutex_unlock(&s->lock);
+            return 0;
+        }
+        if (s->n_open < s->max) {
+            s->n_open++;
+            pthread_mutex_unlock(&s->lock);
+            int rc = store_connect(s, out, err);
+            if (rc != 0) {
+                pthread_mutex_lock(&s->lock);
+                s->n_open--;
+                pthread_cond_signal(&s->cond);
+                pthread_mutex_unlock(&s->lock);
+            }
+            return rc;
+        }
+        pthread_cond_wait(&s->cond, &s->lock);
+    }
+}
+
+/* Give a connection back; a broken one, or one still in a transaction,
+ * is closed instead. */
+static void pool_put(pg_store *s, PGconn *c)
+{
+    bool healthy = PQstatus(c) == CONNECTION_OK &&
+                   PQtransactionStatus(c) == PQTRANS_IDLE;
+    if (!healthy) PQfinish(c);
+    pthread_mutex_lock(&s->lock);
+    if (healthy)
+        s->idle[s->n_idle++] = c;
+    else
+        s->n_open--;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* ---- transactions ---- */
+
+static void dek_cache_clear(pg_txn *t)
+{
+    sodium_memzero(t->dek, sizeof t->dek);
+    t->n_dek = t->next_dek = 0;
+}
+
+static void txn_end(pg_txn *t)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    sodium_memzero(t->dek, sizeof t->dek);
+    pool_put(s, t->conn);
+    es__free(t);
+    es__store_txn_ended(&s->base);
+}
+
+static int pg_begin(es_store *store, es_txn **out, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = store;
+    int rc = 0;
+    /* A pooled connection may have died while idle (server restart):
+     * BEGIN finds out, and nothing was done yet, so try a fresh one. */
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if ((rc = pool_get(s, &t->conn, err)) != 0) break;
+        rc = run_simple(t->conn, "begin",
+                        "BEGIN ISOLATION LEVEL READ COMMITTED", err);
+        if (rc == 0) break;
+        bool lost = PQstatus(t->conn) == CONNECTION_BAD;
+        pool_put(s, t->conn);
+        t->conn = NULL;
+        if (!lost) break;
+    }
+    if (rc != 0) {
+        es__free(t);
+        return rc;
+    }
+    es__store_txn_started(store);
+    *out = &t->base;
+    return 0;
+}
+
+static int pg_commit(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    if (PQstatus(t->conn) == CONNECTION_BAD) {
+        /* Lost before: COMMIT never reaches the server, so nothing of
+         * the transaction can have committed. */
+        int rc = es__error_set(err, ES_EDB, "commit: the connection was "
+                               "lost earlier; nothing was committed");
+        if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+        txn_end(t);
+        return rc;
+    }
+    PGresult *r = PQexec(t->conn, "COMMIT");
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    int rc = 0;
+    if (st == PGRES_COMMAND_OK) {
+        /* COMMIT of a failed transaction answers ROLLBACK. */
+        if (strcmp(PQcmdStatus(r), "COMMIT") != 0) {
+            rc = es__error_set(err, ES_EDB, "commit: the transaction had "
+                               "failed earlier and was rolled back");
+            if (err) memcpy(err->sqlstate, "25P02", 6);
+        }
+    } else if (conn_lost(t->conn, r)) {
+        rc = es__error_set(err, ES_EUNKNOWN, "commit: connection lost "
+                           "during COMMIT; the transaction may or may not "
+                           "have committed");
+        if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+    } else {
+        rc = db_error(t->conn, r, err, "commit");
+    }
+    PQclear(r);
+    es_store *store = t->base.store;
+    bool notify = rc == 0 && t->wrote_side_effects;
+    txn_end(t);
+    if (notify) es__store_notify(store);
+    return rc;
+}
+
+static void pg_rollback(es_txn *txn)
+{
+    pg_txn *t = (pg_txn *)txn;
+    PQclear(PQexec(t->conn, "ROLLBACK"));
+    txn_end(t);
+}
+
+static int pg_savepoint(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    char sql[48];
+    snprintf(sql, sizeof sql, "SAVEPOINT es_sp_%u", t->depth + 1);
+    int rc = run_simple(t->conn, "savepoint", sql, err);
+    if (rc == 0) t->depth++;
+    return rc;
+}
+
+static int pg_rollback_to(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    if (t->depth == 0)
+        return es__error_set(err, ES_EMISUSE, "no savepoint to roll back to");
+    char sql[96];
+    snprintf(sql, sizeof sql,
+             "ROLLBACK TO SAVEPOINT es_sp_%u; RELEASE SAVEPOINT es_sp_%u",
+             t->depth, t->depth);
+    t->depth--;
+    dek_cache_clear(t); /* a data key made since may be gone */
+    return run_simple(t->conn, "rollback to savepoint", sql, err);
+}
+
+static int pg_release(es_txn *txn, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    if (t->depth == 0)
+        return es__error_set(err, ES_EMISUSE, "no savepoint to release");
+    char sql[48];
+    snprintf(sql, sizeof sql, "RELEASE SAVEPOINT es_sp_%u", t->depth);
+    t->depth--;
+    return run_simple(t->conn, "release savepoint", sql, err);
+}
+
+/* ---- encryption at rest ---- */
+
+#define NONCE_BYTES crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+#define TAG_BYTES crypto_aead_xchacha20poly1305_ietf_ABYTES
+#define SEAL_OVERHEAD (NONCE_BYTES + TAG_BYTES)
+#define DEK_BYTES crypto_aead_xchacha20poly1305_ietf_KEYBYTES
+
+/* Associated data: what a ciphertext belongs to.  A tag byte keeps the
+ * kinds of rows apart. */
+typedef struct ad_buf {
+    uint8_t b[1 + 3 * 16 + ES_PG_KEY_ID_MAX];
+    size_t n;
+} ad_buf;
+
+static void ad_put(ad_buf *ad, const void *p, size_t n)
+{
+    memcpy(ad->b + ad->n, p, n);
+    ad->n += n;
+}
+
+static void ad_u64(ad_buf *ad, uint64_t v)
+{
+    be64(ad->b + ad->n, v);
+    ad->n += 8;
+}
+
+static void ad_event(ad_buf *ad, const es_uuid *agg, uint64_t version)
+{
+    ad->n = 0;
+    ad_put(ad, "E", 1);
+    ad_put(ad, agg->bytes, 16);
+    ad_u64(ad, version);
+}
+
+static void ad_snapshot(ad_buf *ad, const es_uuid *agg, uint64_t sv,
+                        uint64_t version)
+{
+    ad->n = 0;
+    ad_put(ad, "S", 1);
+    ad_put(ad, agg->bytes, 16);
+    ad_u64(ad, sv);
+    ad_u64(ad, version);
+}
+
+static void ad_side_effect(ad_buf *ad, const es_side_effect *se)
+{
+    ad->n = 0;
+    ad_put(ad, "O", 1);
+    ad_put(ad, se->id.bytes, 16);
+    ad_put(ad, se->aggregate_id.bytes, 16);
+    ad_put(ad, se->event_id.bytes, 16);
+}
+
+static void ad_data_key(ad_buf *ad, const es_uuid *agg, const char *kek)
+{
+    ad->n = 0;
+    ad_put(ad, "K", 1);
+    ad_put(ad, agg->bytes, 16);
+    ad_put(ad, kek, strlen(kek));
+}
+
+/* Append nonce + ciphertext + tag of pt to b. */
+static int seal_append(es_buf *b, const uint8_t *key, const ad_buf *ad,
+                       const uint8_t *pt, size_t len)
+{
+    void *items = b->data;
+    if (es__grow(&items, &b->cap, b->len + len + SEAL_OVERHEAD, 1) != 0)
+        return ES_ENOMEM;
+    b->data = items;
+    uint8_t *out = b->data + b->len;
+    randombytes_buf(out, NONCE_BYTES);
+    crypto_aead_xchacha20poly1305_ietf_encrypt(out + NONCE_BYTES, NULL, pt,
+                                               len, ad->b, ad->n, NULL, out,
+                                               key);
+    b->len += len + SEAL_OVERHEAD;
+    return 0;
+}
+
+/* The same as one item of a binary array. */
+static int array_sealed(es_buf *b, const uint8_t *key, const ad_buf *ad,
+                        const uint8_t *pt, size_t len)
+{
+    int rc = put32(b, (uint32_t)(len + SEAL_OVERHEAD));
+    return rc == 0 ? seal_append(b, key, ad, pt, len) : rc;
+}
+
+/* Open nonce + ciphertext + tag into out (replaced).  Returns 0, ES_ENOMEM
+ * or NOT_OPEN (positive: not a status) when it does not open. */
+#define NOT_OPEN 1
+static int open_sealed(es_buf *out, const uint8_t *key, const ad_buf *ad,
+                       const uint8_t *ct, size_t len)
+{
+    if (len < SEAL_OVERHEAD) return NOT_OPEN;
+    size_t plen = len - SEAL_OVERHEAD;
+    out->len = 0;
+    void *items = out->data;
+    if (es__grow(&items, &out->cap, plen ? plen : 1, 1) != 0)
+        return ES_ENOMEM;
+    out->data = items;
+    if (crypto_aead_xchacha20poly1305_ietf_decrypt(
+            out->data, NULL, NULL, ct + NONCE_BYTES, len - NONCE_BYTES, ad->b,
+            ad->n, ct, key) != 0)
+        return NOT_OPEN;
+    out->len = plen;
+    return 0;
+}
+
+static const pg_key *find_kek(const pg_store *s, const char *id)
+{
+    for (size_t i = 0; i < s->n_keys; i++)
+        if (strcmp(s->keys[i].id, id) == 0) return &s->keys[i];
+    return NULL;
+}
+
+/* The built-in provider: the config's master keys (es_pg_config_add_key),
+ * wrapping with XChaCha20-Poly1305, the aggregate id and key id as
+ * associated data.  ud is the pg_store. */
+static int keyring_current(void *ud, char key_id[ES_PG_KEY_ID_MAX + 1],
+                           es_error *err)
+{
+    (void)err;
+    const pg_store *s = ud;
+    strcpy(key_id, s->keys[s->n_keys - 1].id);
+    return 0;
+}
+
+static int keyring_wrap(void *ud, const char *key_id,
+                        const es_uuid *aggregate_id,
+                        const uint8_t dek[ES_PG_KEY_BYTES],
+                        uint8_t out[ES_PG_WRAPPED_MAX], size_t *len,
+                        es_error *err)
+{
+    const pg_key *kek = find_kek(ud, key_id);
+    if (kek == NULL)
+        return es__error_set(err, ES_EINVAL, "no master key '%s'", key_id);
+    ad_buf ad;
+    ad_data_key(&ad, aggregate_id, key_id);
+    randombytes_buf(out, NONCE_BYTES);
+    crypto_aead_xchacha20poly1305_ietf_encrypt(out + NONCE_BYTES, NULL, dek,
+                                               DEK_BYTES, ad.b, ad.n, NULL,
+                                               out, kek->key);
+    *len = DEK_BYTES + SEAL_OVERHEAD;
+    return 0;
+}
+
+static int keyring_unwrap(void *ud, const char *key_id,
+                          const es_uuid *aggregate_id, const uint8_t *wrapped,
+                          size_t len, uint8_t dek[ES_PG_KEY_BYTES],
+                          es_error *err)
+{
+    const pg_key *kek = find_kek(ud, key_id);
+    if (kek == NULL)
+        return es__error_set(err, ES_EDECRYPT, "wrapped by master key '%s', "
+                             "which this store does not have", key_id);
+    ad_buf ad;
+    ad_data_key(&ad, aggregate_id, key_id);
+    if (len != DEK_BYTES + SEAL_OVERHEAD ||
+        crypto_aead_xchacha20poly1305_ietf_decrypt(
+            dek, NULL, NULL, wrapped + NONCE_BYTES, len - NONCE_BYTES, ad.b,
+            ad.n, wrapped, kek->key) != 0)
+        return es__error_set(err, ES_EDECRYPT, "does not open with master "
+                             "key '%s' (wrong key bytes?)", key_id);
+    return 0;
+}
+
+
+static const dek_entry *dek_cache_put(pg_txn *t, const dek_entry *e)
+{
+    size_t i = t->n_dek < DEK_CACHE ? t->n_dek++ : t->next_dek;
+    t->next_dek = (i + 1) % DEK_CACHE;
+    t->dek[i] = *e;
+    return &t->dek[i];
+}
+
+static int forgotten(es_error *err, const es_uuid *agg)
+{
+    char id[ES_UUID_STRLEN + 1];
+    es__error_set(err, ES_EFORGOTTEN, "aggregate %s was forgotten: its data "
+                  "key is destroyed", es_uuid_format(agg, id));
+    if (err) err->aggregate_id = *agg;
+    return ES_EFORGOTTEN;
+}
+
+static int undecryptable(es_error *err, const es_uuid *agg, const char *what)
+{
+    char id[ES_UUID_STRLEN + 1];
+    es__error_set(err, ES_EDECRYPT, "aggregate %s: %s", es_uuid_format(agg, id),
+                  what);
+    if (err) err->aggregate_id = *agg;
+    return ES_EDECRYPT;
+}
+
+/* The data key of an aggregate: from the transaction's cache, from the
+ * keys table, or (create) a new one wrapped by the newest master key.
+ * ES_ENOTFOUND when there is none and create is false.  *out is valid
+ * until the next call.  Writers (create) read the key row FOR SHARE, so
+ * that a concurrent es_pg_forget_aggregate either waits for them or, if it
+ * came first, makes them fail with ES_EFORGOTTEN: nothing is sealed with
+ * a key being destroyed. */
+static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
+                   const dek_entry **out, es_error *err)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    for (size_t i = 0; i < t->n_dek; i++)
+        if (es_uuid_equal(&t->dek[i].agg, agg)) {
+            if (create && !t->dek[i].locked) {
+                /* read for reading only: read it again, locked */
+                t->dek[i] = t->dek[--t->n_dek];
+                sodium_memzero(&t->dek[t->n_dek], sizeof t->dek[0]);
+                t->next_dek = t->n_dek % DEK_CACHE;
+                break;
+            }
+            *out = &t->dek[i];
+            return 0;
+        }
+    const Oid types[3] = {OID_UUID, OID_TEXT, OID_BYTEA};
+    for (int attempt = 0; attempt < 2; attempt++) {
+        const char *values[1] = {(const char *)agg->bytes};
+        const int lens[1] = {16};
+        PGresult *r = NULL;
+        int rc = run(t->conn, "read data key",
+                     s->sql[create ? SQL_LOCK_KEY : SQL_GET_KEY], 1, types,
+                     values, lens, &r, err);
+        if (rc != 0) return rc;
+        if (PQntuples(r) == 1) {
+            dek_entry e;
+            memset(&e, 0, sizeof e);
+            e.agg = *agg;
+            e.locked = create;
+            if (PQgetisnull(r, 0, 1)) {
+                PQclear(r);
+                return forgotten(err, agg);
+            }
+            snprintf(e.kek, sizeof e.kek, "%s", PQgetvalue(r, 0, 0));
+            const uint8_t *w = (const uint8_t *)PQgetvalue(r, 0, 1);
+            size_t wlen = (size_t)PQgetlength(r, 0, 1);
+            es_error inner = {0};
+            rc = s->provider.unwrap(s->provider.ud, e.kek, agg, w, wlen,
+                                    e.dek, &inner);
+            PQclear(r);
+            if (rc != 0) {
+                sodium_memzero(&e, sizeof e);
+                char id[ES_UUID_STRLEN + 1];
+                es__error_wrap(err, rc < 0 ? rc : ES_EDECRYPT, &inner,
+                               "aggregate %s: its data key",
+                               es_uuid_format(agg, id));
+                if (err) err->aggregate_id = *agg;
+                return rc < 0 ? rc : ES_EDECRYPT;
+            }
+            *out = dek_cache_put(t, &e);
+            sodium_memzero(&e, sizeof e);
+            return 0;
+        }
+        PQclear(r);
+        if (!create) return ES_ENOTFOUND;
+
+        dek_entry e;
+        memset(&e, 0, sizeof e);
+        e.agg = *agg;
+        e.locked = true; /* our own uncommitted row */
+        crypto_aead_xchacha20poly1305_ietf_keygen(e.dek);
+        uint8_t wrapped[ES_PG_WRAPPED_MAX];
+        size_t wlen = 0;
+        es_error inner = {0};
+        rc = s->provider.current(s->provider.ud, e.kek, &inner);
+        if (rc == 0 && !key_id_valid(e.kek))
+            rc = es__error_set(&inner, ES_EINVAL, "the key provider named "
+                               "an invalid master key id");
+        if (rc == 0)
+            rc = s->provider.wrap(s->provider.ud, e.kek, agg, e.dek, wrapped,
+                                  &wlen, &inner);
+        if (rc == 0 && (wlen == 0 || wlen > ES_PG_WRAPPED_MAX))
+            rc = es__error_set(&inner, ES_EINVAL, "the key provider wrapped "
+                               "a data key into %zu bytes", wlen);
+        if (rc != 0) {
+            sodium_memzero(&e, sizeof e);
+            return es__error_wrap(err, rc < 0 ? rc : ES_EIO, &inner,
+                                  "wrapping a data key");
+        }
+        const char *ivalues[3] = {(const char *)agg->bytes, e.kek,
+                                  (const char *)wrapped};
+        const int ilens[3] = {16, (int)strlen(e.kek), (int)wlen};
+        rc = run(t->conn, "store data key", s->sql[SQL_PUT_KEY], 3, types,
+                 ivalues, ilens, &r, err);
+        bool mine = rc == 0 && strcmp(PQcmdTuples(r), "1") == 0;
+        if (rc == 0) PQclear(r);
+        if (mine) *out = dek_cache_put(t, &e);
+        sodium_memzero(&e, sizeof e);
+        if (rc != 0 || mine) return rc;
+        /* Another transaction made one first: read that one. */
+    }
+    return es__error_set(err, ES_EDB, "data key could not be created");
+}
+
+/* A payload read from a row: as it is when the row's key_id is NULL, else
+ * opened into buf (*data and *len then point there). */
+static int open_row(pg_txn *t, const es_uuid *agg, const PGresult *r,
+                    int row, int key_col, const ad_buf *ad, es_buf *buf,
+                    const uint8_t **data, size_t *len, es_error *err)
+{
+    if (PQgetisnull(r, row, key_col)) return 0;
+    pg_store *s = (pg_store *)t->base.store;
+    char why[160];
+    if (!s->encrypt) {
+        snprintf(why, sizeof why, "data sealed with master key '%.63s', "
+                 "but the store has no keys", PQgetvalue(r, row, key_col));
+        return undecryptable(err, agg, why);
+    }
+    const dek_entry *d = NULL;
+    int rc = get_dek(t, agg, false, &d, err);
+    if (rc == ES_ENOTFOUND) return forgotten(err, agg);
+    if (rc != 0) return rc;
+    rc = open_sealed(buf, d->dek, ad, *data, *len);
+    if (rc == ES_ENOMEM) return es__error_set(err, rc, "out of memory");
+    if (rc != 0)
+        return undecryptable(err, agg, "a sealed value does not open "
+                             "(tampered, truncated or moved)");
+    *data = buf->data;
+    *len = buf->len;
+    return 0;
+}
+
+/* ---- reads ---- */
+
+/* Hand the rows of one page to fn (opened when sealed); *next is one past
+ * the last version handed over. */
+static int stream_rows(pg_txn *t, const es_uuid *agg, const PGresult *r,
+                       uint64_t *next, es_buf *plain,
+                       int (*fn)(void *ud, const es_event *event), void *ud,
+                       es_error *err)
+{
+    int n = PQntuples(r);
+    if (n > 0 && PQfformat(r, 0) != 1) return bad_row(err, "stream");
+    for (int i = 0; i < n; i++) {
+        es_event ev;
+        if (!col_u64(r, i, 0, &ev.version) || !col_uuid(r, i, 1, &ev.id) ||
+            !col_i32(r, i, 2, &ev.kind) ||
+            !col_bytes(r, i, 3, &ev.data, &ev.len))
+            return bad_row(err, "stream");
+        ad_buf ad;
+        ad_event(&ad, agg, ev.version);
+        int rc = open_row(t, agg, r, i, 4, &ad, plain, &ev.data, &ev.len,
+                          err);
+        if (rc != 0) {
+            if (err) err->version = ev.version;
+            return rc;
+        }
+        *next = ev.version + 1;
+        rc = fn(ud, &ev);
+        if (rc != 0) return rc;
+    }
+    return 0;
+}
+
+static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
+                     int (*fn)(void *ud, const es_event *event), void *ud,
+                     es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (from > INT64_MAX) return 0; /* no version is that high */
+    uint8_t next_b[8], limit_b[8];
+    be64(next_b, from);
+    be64(limit_b, (uint64_t)s->chunk);
+    const Oid types[3] = {OID_UUID, OID_INT8, OID_INT8};
+    const char *values[3] = {(const char *)agg->bytes, (const char *)next_b,
+                             (const char *)limit_b};
+    const int lens[3] = {16, 8, 8};
+
+    /* The first page with one query: most streams end there. */
+    PGresult *r = NULL;
+    int rc = run(t->conn, "stream", s->sql[SQL_STREAM], 3, types, values,
+                 lens, &r, err);
+    if (rc != 0) return rc;
+    uint64_t next = from;
+    size_t n = (size_t)PQntuples(r);
+    es_buf plain = {0};
+    rc = stream_rows(t, agg, r, &next, &plain, fn, ud, err);
+    PQclear(r);
+    if (rc != 0 || n < s->chunk) {
+        es_buf_free(&plain);
+        return rc;
+    }
+
+    /* A long stream: the rest through one cursor, so the server plans
+     * and scans once, whatever its statistics say (keyset pages planned
+     * on stale statistics can each become a full scan). */
+    char name[32], sql[96];
+    snprintf(name, sizeof name, "es_stream_%u", ++t->cursors);
+    be64(next_b, next);
+    char *declare = sqlf("DECLARE %s NO SCROLL CURSOR FOR %s", name,
+                         s->sql[SQL_STREAM_REST]);
+    if (declare == NULL) {
+        es_buf_free(&plain);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    rc = run(t->conn, "stream: declare", declare, 2, types, values, lens,
+             NULL, err);
+    es__free(declare);
+    if (rc != 0) {
+        es_buf_free(&plain);
+        return rc;
+    }
+    snprintf(sql, sizeof sql, "FETCH FORWARD %zu FROM %s", s->chunk, name);
+    for (;;) {
+        rc = run(t->conn, "stream: fetch", sql, 0, NULL, NULL, NULL, &r, err);
+        if (rc != 0) break;
+        n = (size_t)PQntuples(r);
+        rc = stream_rows(t, agg, r, &next, &plain, fn, ud, err);
+        PQclear(r);
+        if (rc != 0 || n < s->chunk) break;
+    }
+    es_buf_free(&plain);
+    snprintf(sql, sizeof sql, "CLOSE %s", name);
+    es_error ignored = {0};
+    int closed = run_simple(t->conn, "stream: close", sql, &ignored);
+    if (rc == 0 && closed != 0) {
+        if (err) *err = ignored;
+        rc = closed;
+    }
+    return rc;
+}
+
+static int pg_get_event(es_txn *txn, const es_uuid *agg,
+                        const es_uuid *event_id, es_event **out,
+                        es_uuid *owner, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    const Oid types[2] = {OID_UUID, OID_UUID};
+    const char *values[2] = {(const char *)event_id->bytes,
+                             agg ? (const char *)agg->bytes : NULL};
+    const int lens[2] = {16, 16};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "get event", s->sql[SQL_GET_EVENT], 2, types,
+                 values, lens, &r, err);
+    if (rc != 0) return rc;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        return es__error_set(err, ES_ENOTFOUND, "event not found");
+    }
+    es_uuid who;
+    es_event ev;
+    ev.id = *event_id;
+    if (!col_uuid(r, 0, 0, &who) || !col_u64(r, 0, 1, &ev.version) ||
+        !col_i32(r, 0, 2, &ev.kind) || !col_bytes(r, 0, 3, &ev.data, &ev.len)) {
+        PQclear(r);
+        return bad_row(err, "get event");
+    }
+    ad_buf ad;
+    ad_event(&ad, &who, ev.version);
+    es_buf plain = {0};
+    rc = open_row(t, &who, r, 0, 4, &ad, &plain, &ev.data, &ev.len, err);
+    if (rc != 0) {
+        PQclear(r);
+        es_buf_free(&plain);
+        return rc;
+    }
+    *out = es__event_dup(&ev);
+    PQclear(r);
+    es_buf_free(&plain);
+    if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    if (owner) *owner = who;
+    return 0;
+}
+
+static int pg_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
+                           es_snapshot **out, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (sv > INT64_MAX) return es__error_set(err, ES_ENOTFOUND, "no snapshot");
+    uint8_t svb[8];
+    be64(svb, sv);
+    const Oid types[2] = {OID_UUID, OID_INT8};
+    const char *values[2] = {(const char *)agg->bytes, (const char *)svb};
+    const int lens[2] = {16, 8};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "get snapshot", s->sql[SQL_GET_SNAPSHOT], 2, types,
+                 values, lens, &r, err);
+    if (rc != 0) return rc;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        return es__error_set(err, ES_ENOTFOUND, "no snapshot");
+    }
+    es_snapshot snap = {*agg, 0, sv, NULL, 0};
+    if (!col_u64(r, 0, 0, &snap.version) ||
+        !col_bytes(r, 0, 1, &snap.data, &snap.len)) {
+        PQclear(r);
+        return bad_row(err, "get snapshot");
+    }
+    ad_buf ad;
+    ad_snapshot(&ad, agg, sv, snap.version);
+    es_buf plain = {0};
+    rc = open_row(t, agg, r, 0, 2, &ad, &plain, &snap.data, &snap.len, err);
+    if (rc != 0) {
+        PQclear(r);
+        es_buf_free(&plain);
+        return rc;
+    }
+    *out = es__snapshot_dup(&snap);
+    PQclear(r);
+    es_buf_free(&plain);
+    return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+}
+
+static int pg_list_side_effects(es_txn *txn, const es_uuid *agg,
+                                es_side_effect_list **out, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {agg ? (const char *)agg->bytes : NULL};
+    const int lens[1] = {16};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "list side effects", s->sql[SQL_LIST_SIDE_EFFECTS],
+                 1, types, values, lens, &r, err);
+    if (rc != 0) return rc;
+    es_side_effect_list *list = es__calloc(1, sizeof *list);
+    if (list == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t cap = 0;
+    es_buf plain = {0};
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        es_side_effect se;
+        ad_buf ad;
+        if (!col_uuid(r, i, 0, &se.id) ||
+            !col_uuid(r, i, 1, &se.aggregate_id) ||
+            !col_uuid(r, i, 2, &se.event_id) || !col_i32(r, i, 3, &se.kind) ||
+            !col_bytes(r, i, 4, &se.data, &se.len)) {
+            rc = bad_row(err, "list side effects");
+            break;
+        }
+        ad_side_effect(&ad, &se);
+        rc = open_row(t, &se.aggregate_id, r, i, 5, &ad, &plain, &se.data,
+                      &se.len, err);
+        if (rc == 0 && es__side_effect_list_push(list, &cap, &se) != 0)
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    es_buf_free(&plain);
+    PQclear(r);
+    if (rc != 0) {
+        es_side_effect_list_free(list);
+        return rc;
+    }
+    *out = list;
+    return 0;
+}
+
+/* ---- writes ---- */
+
+static int too_large(es_error *err, size_t len)
+{
+    return es__error_set(err, ES_EINVAL, "payload of %zu bytes is larger "
+                         "than PostgreSQL's 1 GiB field limit", len);
+}
+
+static int pg_insert_events(es_txn *txn, const char *type_name,
+                            const es_uuid *agg, const es_event *events,
+                            size_t n, bool *inserted, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    for (size_t i = 0; i < n; i++) inserted[i] = false;
+    if (n == 0) return 0;
+    if (n > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many events in one save");
+    /* The data key first: it may be made now, in this savepoint. */
+    dek_entry key;
+    memset(&key, 0, sizeof key);
+    if (s->encrypt) {
+        const dek_entry *d = NULL;
+        int rc = get_dek(t, agg, true, &d, err);
+        if (rc != 0) return rc;
+        key = *d;
+    }
+    es_buf ver = {0}, ids = {0}, kinds = {0}, data = {0};
+    int rc = array_begin(&ver, OID_INT8, n);
+    if (rc == 0) rc = array_begin(&ids, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
+    if (rc == 0) rc = array_begin(&data, OID_BYTEA, n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const es_event *e = &events[i];
+        if (e->version > INT64_MAX) {
+            rc = ES_EINVAL;
+            es__error_set(err, rc, "version %llu does not fit a bigint",
+                          (unsigned long long)e->version);
+            break;
+        }
+        if (e->len > MAX_PAYLOAD) {
+            rc = too_large(err, e->len);
+            break;
+        }
+        rc = array_i64(&ver, (int64_t)e->version);
+        if (rc == 0) rc = array_item(&ids, e->id.bytes, 16);
+        if (rc == 0) rc = array_i32(&kinds, e->kind);
+        if (rc == 0 && s->encrypt) {
+            ad_buf ad;
+            ad_event(&ad, agg, e->version);
+            rc = array_sealed(&data, key.dek, &ad, e->data, e->len);
+        } else if (rc == 0) {
+            rc = array_item(&data, e->data, e->len);
+        }
+    }
+    sodium_memzero(key.dek, sizeof key.dek);
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    PGresult *r = NULL;
+    if (rc == 0 && (ver.len > INT32_MAX || data.len > INT32_MAX))
+        rc = es__error_set(err, ES_EINVAL, "one save of %zu bytes is too "
+                           "large for one statement", data.len);
+    if (rc == 0) {
+        const Oid types[7] = {OID_TEXT, OID_UUID, OID_INT8_ARRAY,
+                              OID_UUID_ARRAY, OID_INT4_ARRAY,
+                              OID_BYTEA_ARRAY, OID_TEXT};
+        const char *values[7] = {type_name, (const char *)agg->bytes,
+                                 (const char *)ver.data,
+                                 (const char *)ids.data,
+                                 (const char *)kinds.data,
+                                 (const char *)data.data,
+                                 s->encrypt ? key.kek : NULL};
+        const int lens[7] = {(int)strlen(type_name), 16, (int)ver.len,
+                             (int)ids.len, (int)kinds.len, (int)data.len,
+                             (int)strlen(key.kek)};
+        rc = run(t->conn, "insert events", s->sql[SQL_INSERT_EVENTS], 7,
+                 types, values, lens, &r, err);
+    }
+    es_buf_free(&ver);
+    es_buf_free(&ids);
+    es_buf_free(&kinds);
+    es_buf_free(&data);
+    if (rc != 0) return rc;
+    int rows = PQntuples(r);
+    for (int i = 0; rc == 0 && i < rows; i++) {
+        if (!PQgetisnull(r, i, 2)) {
+            rc = es__error_set(err, ES_EINVAL,
+                               "aggregate is of type '%.63s', not '%.63s'",
+                               PQgetvalue(r, i, 2), type_name);
+            break;
+        }
+        uint64_t v;
+        es_uuid id;
+        if (!col_u64(r, i, 0, &v) || !col_uuid(r, i, 1, &id)) {
+            rc = bad_row(err, "insert events");
+            break;
+        }
+        /* The events of a save have consecutive versions: look there
+         * first, so 150,000 rows take linear time. */
+        size_t k = (size_t)(v - events[0].version);
+        if (v >= events[0].version && k < n && !inserted[k] &&
+            es_uuid_equal(&events[k].id, &id)) {
+            inserted[k] = true;
+            continue;
+        }
+        for (k = 0; k < n; k++)
+            if (!inserted[k] && events[k].version == v &&
+                es_uuid_equal(&events[k].id, &id)) {
+                inserted[k] = true;
+                break;
+            }
+    }
+    PQclear(r);
+    if (rc != 0)
+        for (size_t i = 0; i < n; i++) inserted[i] = false;
+    return rc;
+}
+
+static int pg_insert_side_effects(es_txn *txn, const char *type_name,
+                                  const es_side_effect *items, size_t n,
+                                  es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (n == 0) return 0;
+    if (n > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many side effects");
+    es_buf ids = {0}, aggs = {0}, evs = {0}, kinds = {0}, data = {0};
+    es_buf keys = {0};
+    int rc = array_begin(&ids, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&aggs, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&evs, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
+    if (rc == 0) rc = array_begin(&data, OID_BYTEA, n);
+    if (rc == 0) rc = array_begin(&keys, OID_TEXT, n);
+    if (rc == 0 && !s->encrypt) keys.data[7] = 1; /* has NULLs */
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const es_side_effect *e = &items[i];
+        if (e->len > MAX_PAYLOAD) {
+            rc = too_large(err, e->len);
+            break;
+        }
+        rc = array_item(&ids, e->id.bytes, 16);
+        if (rc == 0) rc = array_item(&aggs, e->aggregate_id.bytes, 16);
+        if (rc == 0) rc = array_item(&evs, e->event_id.bytes, 16);
+        if (rc == 0) rc = array_i32(&kinds, e->kind);
+        if (rc != 0) break;
+        if (!s->encrypt) {
+            rc = array_item(&data, e->data, e->len);
+            if (rc == 0) rc = put32(&keys, 0xffffffffu); /* NULL */
+            continue;
+        }
+        const dek_entry *d = NULL;
+        if ((rc = get_dek(t, &e->aggregate_id, true, &d, err)) != 0) break;
+        ad_buf ad;
+        ad_side_effect(&ad, e);
+        rc = array_sealed(&data, d->dek, &ad, e->data, e->len);
+        if (rc == 0) rc = array_item(&keys, d->kek, strlen(d->kek));
+    }
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    if (rc == 0 && data.len > INT32_MAX)
+        rc = es__error_set(err, ES_EINVAL, "side effects too large for one "
+                                           "statement");
+    if (rc == 0) {
+        const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
+                              OID_INT4_ARRAY, OID_BYTEA_ARRAY,
+                              OID_TEXT_ARRAY, OID_TEXT};
+        const char *values[7] = {(const char *)ids.data,
+                                 (const char *)aggs.data,
+                                 (const char *)evs.data,
+                                 (const char *)kinds.data,
+                                 (const char *)data.data,
+                                 (const char *)keys.data, type_name};
+        const int lens[7] = {(int)ids.len, (int)aggs.len, (int)evs.len,
+                             (int)kinds.len, (int)data.len, (int)keys.len,
+                             (int)strlen(type_name)};
+        PGresult *r = NULL;
+        rc = run(t->conn, "insert side effects",
+                 s->sql[SQL_INSERT_SIDE_EFFECTS], 7, types, values, lens, &r,
+                 err);
+        if (rc == 0 && strcmp(PQcmdTuples(r), "0") != 0)
+            t->wrote_side_effects = true;
+        if (rc == 0) PQclear(r);
+    }
+    es_buf_free(&keys);
+    es_buf_free(&ids);
+    es_buf_free(&aggs);
+    es_buf_free(&evs);
+    es_buf_free(&kinds);
+    es_buf_free(&data);
+    return rc;
+}
+
+static int pg_store_snapshot(es_txn *txn, const es_snapshot *snap,
+                             es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (snap->version > INT64_MAX || snap->snapshot_version > INT64_MAX)
+        return es__error_set(err, ES_EINVAL, "snapshot version or version "
+                                             "does not fit a bigint");
+    if (snap->len > MAX_PAYLOAD) return too_large(err, snap->len);
+    uint8_t sv[8], v[8];
+    be64(sv, snap->snapshot_version);
+    be64(v, snap->version);
+    static const uint8_t empty[1] = {0};
+    const uint8_t *payload = snap->data ? snap->data : empty;
+    size_t len = snap->len;
+    es_buf sealed = {0};
+    char kek[ES_PG_KEY_ID_MAX + 1] = "";
+    if (s->encrypt) {
+        const dek_entry *d = NULL;
+        int rc = get_dek(t, &snap->aggregate_id, true, &d, err);
+        if (rc != 0) return rc;
+        ad_buf ad;
+        ad_snapshot(&ad, &snap->aggregate_id, snap->snapshot_version,
+                    snap->version);
+        if (seal_append(&sealed, d->dek, &ad, payload, len) != 0)
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+        strcpy(kek, d->kek);
+        payload = sealed.data;
+        len = sealed.len;
+    }
+    const Oid types[5] = {OID_UUID, OID_INT8, OID_INT8, OID_BYTEA, OID_TEXT};
+    const char *values[5] = {(const char *)snap->aggregate_id.bytes,
+                             (const char *)sv, (const char *)v,
+                             (const char *)payload,
+                             s->encrypt ? kek : NULL};
+    const int lens[5] = {16, 8, 8, (int)len, (int)strlen(kek)};
+    int rc = run(t->conn, "store snapshot", s->sql[SQL_STORE_SNAPSHOT], 5,
+                 types, values, lens, NULL, err);
+    es_buf_free(&sealed);
+    return rc;
+}
+
+static int pg_delete_snapshots(es_txn *txn, const es_uuid *agg, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)agg->bytes};
+    const int lens[1] = {16};
+    return run(t->conn, "delete snapshots", s->sql[SQL_DELETE_SNAPSHOTS], 1,
+               types, values, lens, NULL, err);
+}
+
+/* ---- the store ---- */
+
+static void pg_close(es_store *store)
+{
+    pg_store *s = (pg_store *)store;
+    for (size_t i = 0; i < s->n_idle; i++) PQfinish(s->idle[i]);
+    for (int i = 0; i < SQL_COUNT; i++) es__free(s->sql[i]);
+    es__free(s->idle);
+    if (s->keys) sodium_memzero(s->keys, s->n_keys * sizeof *s->keys);
+    es__free(s->keys);
+    if (s->password) {
+        memset(s->password, 0, strlen(s->password));
+        es__free(s->password);
+    }
+    es__free(s->conninfo);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->lock);
+    es__store_destroy(&s->base);
+    es__free(s);
+}
+
+/* ---- the outbox (see eventastic/outbox.h) ---- */
+
+static const char *status_text(es_outbox_status st)
+{
+    switch (st) {
+    case ES_OUTBOX_PENDING:
+        return "pending";
+    case ES_OUTBOX_DONE:
+        return "done";
+    case ES_OUTBOX_DEAD:
+        return "dead";
+    }
+    return "pending";
+}
+
+static bool status_parse(const char *text, es_outbox_status *out)
+{
+    if (strcmp(text, "pending") == 0)
+        *out = ES_OUTBOX_PENDING;
+    else if (strcmp(text, "done") == 0)
+        *out = ES_OUTBOX_DONE;
+    else if (strcmp(text, "dead") == 0)
+        *out = ES_OUTBOX_DEAD;
+    else
+        return false;
+    return true;
+}
+
+/* A time in Unix ms, inside what timestamptz holds (4713 BC to 294276
+ * AD), so that "before the end of time" (INT64_MAX) works as meant. */
+static void be64_ms(uint8_t *p, int64_t ms)
+{
+    const int64_t lo = -200000000000000, hi = 9000000000000000;
+    be64(p, (uint64_t)(ms < lo ? lo : ms > hi ? hi : ms));
+}
+
+static bool col_i64(const PGresult *r, int row, int col, int64_t *out)
+{
+    if (PQgetisnull(r, row, col) || PQgetlength(r, row, col) != 8)
+        return false;
+    *out = (int64_t)get64((const uint8_t *)PQgetvalue(r, row, col));
+    return true;
+}
+
+/* The outbox operations run outside the caller's transactions: each takes
+ * a pooled connection (statements commit one by one) and a data key cache
+ * of its own, in a pg_txn that never BEGINs. */
+static int ob_begin(pg_store *s, pg_txn *t, es_error *err)
+{
+    memset(t, 0, sizeof *t);
+    t->base.store = &s->base;
+    return pool_get(s, &t->conn, err);
+}
+
+static void ob_end(pg_store *s, pg_txn *t)
+{
+    sodium_memzero(t->dek, sizeof t->dek);
+    pool_put(s, t->conn);
+}
+
+/* One row of OB_COLS into e; the payload (opened when sealed) stays in r
+ * or plain.  On an error of the payload alone (ES_EDECRYPT,
+ * ES_EFORGOTTEN) the rest of e is filled and the payload is empty. */
+static int entry_read(pg_txn *t, const PGresult *r, int row,
+                      es_outbox_entry *e, es_buf *plain, es_error *err)
+{
+    memset(e, 0, sizeof *e);
+    es_side_effect *se = &e->side_effect;
+    int32_t attempts;
+    if (!col_uuid(r, row, 0, &se->id) ||
+        !col_uuid(r, row, 1, &se->aggregate_id) ||
+        !col_uuid(r, row, 2, &se->event_id) ||
+        !col_i32(r, row, 3, &se->kind) ||
+        !col_bytes(r, row, 4, &se->data, &se->len) ||
+        !col_i32(r, row, 8, &attempts) || attempts < 0 ||
+        !col_i64(r, row, 9, &e->created_ms) ||
+        !col_i64(r, row, 10, &e->next_attempt_ms) ||
+        !status_parse(PQgetvalue(r, row, 7), &e->status))
+        return bad_row(err, "outbox");
+    e->attempts = (uint32_t)attempts;
+    snprintf(e->aggregate_type, sizeof e->aggregate_type, "%s",
+             PQgetvalue(r, row, 6));
+    snprintf(e->last_error, sizeof e->last_error, "%s",
+             PQgetvalue(r, row, 11));
+    ad_buf ad;
+    ad_side_effect(&ad, se);
+    int rc = open_row(t, &se->aggregate_id, r, row, 5, &ad, plain, &se->data,
+                      &se->len, err);
+    if (rc != 0) {
+        se->data = NULL;
+        se->len = 0;
+    }
+    return rc;
+}
+
+static int entry_push_copy(es_outbox_entry_list *list, size_t *cap,
+                           const es_outbox_entry *e)
+{
+    void *items = list->items;
+    if (es__grow(&items, cap, list->count + 1, sizeof *list->items) != 0)
+        return ES_ENOMEM;
+    list->items = items;
+    uint8_t *data = es__memdup(e->side_effect.data, e->side_effect.len);
+    if (data == NULL) return ES_ENOMEM;
+    list->items[list->count] = *e;
+    list->items[list->count++].side_effect.data = data;
+    return 0;
+}
+
+static int filter_arrays(const es__outbox_filter *f, size_t n, es_buf *types,
+                         es_buf *kinds)
+{
+    int rc = array_begin(types, OID_TEXT, n);
+    if (rc == 0) rc = array_begin(kinds, OID_INT4, n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = array_item(types, f[i].type_name, strlen(f[i].type_name));
+        if (rc == 0) rc = array_i32(kinds, f[i].kind);
+    }
+    return rc;
+}
+
+static int pg_outbox_claim(es_store *store, const char *owner, int64_t now,
+                           int64_t lease_ms, uint32_t max_attempts,
+                           const es__outbox_filter *filters, size_t nf,
+                           size_t max, es_outbox_entry_list **out,
+                           es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    es_outbox_entry_list *list = es__calloc(1, sizeof *list);
+    es_buf ftypes = {0}, fkinds = {0};
+    if (list == NULL || filter_arrays(filters, nf, &ftypes, &fkinds) != 0) {
+        es__free(list);
+        es_buf_free(&ftypes);
+        es_buf_free(&fkinds);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    uint8_t now_b[8], lease_b[8], max_b[8], att_b[4];
+    be64_ms(now_b, now);
+    be64(lease_b, (uint64_t)lease_ms);
+    be64(max_b, (uint64_t)(max > INT64_MAX ? INT64_MAX : max));
+    be32(att_b, max_attempts > INT32_MAX ? INT32_MAX : max_attempts);
+    if (rc == 0) {
+        const Oid types[4] = {OID_INT8, OID_INT4, OID_TEXT_ARRAY,
+                              OID_INT4_ARRAY};
+        const char *values[4] = {(const char *)now_b, (const char *)att_b,
+                                 (const char *)ftypes.data,
+                                 (const char *)fkinds.data};
+        const int lens[4] = {8, 4, (int)ftypes.len, (int)fkinds.len};
+        rc = run(t.conn, "outbox: expire claims", s->sql[SQL_OB_EXPIRE], 4,
+                 types, values, lens, NULL, err);
+    }
+    PGresult *r = NULL;
+    if (rc == 0) {
+        const Oid types[6] = {OID_INT8, OID_INT8, OID_TEXT_ARRAY,
+                              OID_INT4_ARRAY, OID_INT8, OID_TEXT};
+        const char *values[6] = {(const char *)now_b, (const char *)lease_b,
+                                 (const char *)ftypes.data,
+                                 (const char *)fkinds.data,
+                                 (const char *)max_b, owner};
+        const int lens[6] = {8, 8, (int)ftypes.len, (int)fkinds.len, 8,
+                             (int)strlen(owner)};
+        rc = run(t.conn, "outbox: claim", s->sql[SQL_OB_CLAIM], 6, types,
+                 values, lens, &r, err);
+    }
+    es_buf_free(&ftypes);
+    es_buf_free(&fkinds);
+    size_t cap = 0;
+    es_buf plain = {0};
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        es_outbox_entry e;
+        es_error why = {0};
+        int orc = entry_read(&t, r, i, &e, &plain, &why);
+        if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
+            /* It can never be delivered: a dead letter, with the reason;
+             * the others go on. */
+            const Oid types[3] = {OID_UUID, OID_TEXT, OID_TEXT};
+            const char *values[3] = {(const char *)e.side_effect.id.bytes,
+                                     owner, why.message};
+            const int lens[3] = {16, (int)strlen(owner),
+                                 (int)strlen(why.message)};
+            rc = run(t.conn, "outbox: dead letter", s->sql[SQL_OB_DEAD], 3,
+                     types, values, lens, NULL, err);
+            continue;
+        }
+        if (orc != 0) {
+            rc = orc;
+            if (err) *err = why;
+            break;
+        }
+        if (entry_push_copy(list, &cap, &e) != 0)
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    es_buf_free(&plain);
+    PQclear(r);
+    if (t.conn != NULL) ob_end(s, &t);
+    if (rc != 0) {
+        /* The claims already taken simply expire. */
+        es_outbox_entry_list_free(list);
+        return rc;
+    }
+    *out = list;
+    return 0;
+}
+
+static int pg_outbox_finish(es_store *store, const es_uuid *id,
+                            const char *owner, es_outbox_status status,
+                            int64_t now, int64_t next_ms, const char *error,
+                            es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    char reason[256];
+    if (error != NULL) snprintf(reason, sizeof reason, "%s", error);
+    const char *st = status_text(status);
+    uint8_t now_b[8], next_b[8];
+    be64_ms(now_b, now);
+    be64_ms(next_b, next_ms);
+    const Oid types[6] = {OID_UUID, OID_TEXT, OID_TEXT, OID_INT8, OID_INT8,
+                          OID_TEXT};
+    const char *values[6] = {(const char *)id->bytes, owner, st,
+                             (const char *)now_b, (const char *)next_b,
+                             error ? reason : NULL};
+    const int lens[6] = {16, (int)strlen(owner), (int)strlen(st), 8, 8,
+                         error ? (int)strlen(reason) : 0};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: finish", s->sql[SQL_OB_FINISH], 6, types,
+             values, lens, &r, err);
+    bool changed = rc == 0 && strcmp(PQcmdTuples(r), "1") == 0;
+    if (rc == 0) PQclear(r);
+    if (rc == 0 && !changed) {
+        rc = run(t.conn, "outbox: finish", s->sql[SQL_OB_EXISTS], 1, types,
+                 values, lens, &r, err);
+        if (rc == 0) {
+            bool exists = PQntuples(r) > 0;
+            PQclear(r);
+            rc = exists ? es__error_set(err, ES_ECONFLICT, "claim on the "
+                                        "outbox message was lost (lease "
+                                        "expired and taken by another)")
+                        : es__error_set(err, ES_ENOTFOUND, "outbox message "
+                                        "not found");
+        }
+    }
+    ob_end(s, &t);
+    return rc;
+}
+
+static int pg_outbox_list(es_store *store, es_outbox_status status,
+                          size_t limit, es_outbox_entry_list **out,
+                          es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    es_outbox_entry_list *list = es__calloc(1, sizeof *list);
+    if (list == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) {
+        es__free(list);
+        return rc;
+    }
+    const char *st = status_text(status);
+    uint8_t limit_b[8];
+    be64(limit_b, (uint64_t)(limit > INT64_MAX ? INT64_MAX : limit));
+    const Oid types[2] = {OID_TEXT, OID_INT8};
+    const char *values[2] = {st, (const char *)limit_b};
+    const int lens[2] = {(int)strlen(st), 8};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: list", s->sql[SQL_OB_LIST], 2, types, values,
+             lens, &r, err);
+    size_t cap = 0;
+    es_buf plain = {0};
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        es_outbox_entry e;
+        es_error why = {0};
+        int orc = entry_read(&t, r, i, &e, &plain, &why);
+        if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
+            /* Listed without its payload, and the reason shown. */
+            snprintf(e.last_error, sizeof e.last_error, "%s", why.message);
+        } else if (orc != 0) {
+            rc = orc;
+            if (err) *err = why;
+            break;
+        }
+        if (entry_push_copy(list, &cap, &e) != 0)
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    es_buf_free(&plain);
+    PQclear(r);
+    ob_end(s, &t);
+    if (rc != 0) {
+        es_outbox_entry_list_free(list);
+        return rc;
+    }
+    *out = list;
+    return 0;
+}
+
+static int pg_outbox_get(es_store *store, const es_uuid *id,
+                         es_outbox_entry **out, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)id->bytes};
+    const int lens[1] = {16};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: get", s->sql[SQL_OB_GET], 1, types, values,
+             lens, &r, err);
+    if (rc == 0 && PQntuples(r) == 0)
+        rc = es__error_set(err, ES_ENOTFOUND, "outbox message not found");
+    es_buf plain = {0};
+    es_outbox_entry e;
+    if (rc == 0) rc = entry_read(&t, r, 0, &e, &plain, err);
+    if (rc == 0) {
+        es_outbox_entry *copy = es__malloc(sizeof *copy + e.side_effect.len);
+        if (copy == NULL) {
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        } else {
+            *copy = e;
+            uint8_t *data = (uint8_t *)(copy + 1);
+            if (e.side_effect.len > 0)
+                memcpy(data, e.side_effect.data, e.side_effect.len);
+            copy->side_effect.data = data;
+            *out = copy;
+        }
+    }
+    es_buf_free(&plain);
+    PQclear(r);
+    ob_end(s, &t);
+    return rc;
+}
+
+static int pg_outbox_requeue(es_store *store, const es_uuid *id,
+                             const char *type_name, int32_t kind, int64_t now,
+                             size_t *count, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    uint8_t now_b[8], kind_b[4];
+    be64_ms(now_b, now);
+    be32(kind_b, (uint32_t)kind);
+    PGresult *r = NULL;
+    if (id != NULL) {
+        const Oid types[2] = {OID_UUID, OID_INT8};
+        const char *values[2] = {(const char *)id->bytes, (const char *)now_b};
+        const int lens[2] = {16, 8};
+        rc = run(t.conn, "outbox: requeue", s->sql[SQL_OB_REQUEUE_ID], 2,
+                 types, values, lens, &r, err);
+    } else {
+        const char *name = type_name ? type_name : "";
+        const Oid types[3] = {OID_TEXT, OID_INT8, OID_INT4};
+        const char *values[3] = {name, (const char *)now_b,
+                                 (const char *)kind_b};
+        const int lens[3] = {(int)strlen(name), 8, 4};
+        rc = run(t.conn, "outbox: requeue", s->sql[SQL_OB_REQUEUE_TYPE], 3,
+                 types, values, lens, &r, err);
+    }
+    size_t n = 0;
+    if (rc == 0) {
+        n = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+        PQclear(r);
+    }
+    ob_end(s, &t);
+    if (rc != 0) return rc;
+    if (count) *count = n;
+    if (id != NULL && n == 0)
+        return es__error_set(err, ES_ENOTFOUND, "no dead letter with that id");
+    if (n > 0) es__store_notify(store);
+    return 0;
+}
+
+static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
+                           es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    uint8_t before_b[8];
+    be64_ms(before_b, before_ms);
+    const Oid types[1] = {OID_INT8};
+    const char *values[1] = {(const char *)before_b};
+    const int lens[1] = {8};
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: purge", s->sql[SQL_OB_PURGE], 1, types, values,
+             lens, &r, err);
+    if (rc == 0) {
+        if (count) *count = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+        PQclear(r);
+    }
+    ob_end(s, &t);
+    return rc;
+}
+
+static int pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
+                           es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    memset(out, 0, sizeof *out);
+    pg_txn t;
+    int rc = ob_begin(s, &t, err);
+    if (rc != 0) return rc;
+    PGresult *r = NULL;
+    rc = run(t.conn, "outbox: stats", s->sql[SQL_OB_STATS], 0, NULL, NULL,
+             NULL, &r, err);
+    int64_t pending = 0, dead = 0, done = 0, oldest = 0;
+    if (rc == 0 && (PQntuples(r) != 1 || !col_i64(r, 0, 0, &pending) ||
+                    !col_i64(r, 0, 1, &dead) || !col_i64(r, 0, 2, &done) ||
+                    !col_i64(r, 0, 3, &oldest)))
+        rc = bad_row(err, "outbox: stats");
+    PQclear(r);
+    ob_end(s, &t);
+    if (rc != 0) return rc;
+    out->pending = (uint64_t)pending;
+    out->dead = (uint64_t)dead;
+    out->done = (uint64_t)done;
+    if (pending > 0 && now > oldest) out->oldest_pending_age_ms = now - oldest;
+    return 0;
+}
+
+static const es_store_ops postgres_ops = {
+    .name = "postgres",
+    .begin = pg_begin,
+    .commit = pg_commit,
+    .rollback = pg_rollback,
+    .savepoint = pg_savepoint,
+    .rollback_to = pg_rollback_to,
+    .release = pg_release,
+    .stream = pg_stream,
+    .get_event = pg_get_event,
+    .insert_events = pg_insert_events,
+    .insert_side_effects = pg_insert_side_effects,
+    .get_snapshot = pg_get_snapshot,
+    .store_snapshot = pg_store_snapshot,
+    .delete_snapshots = pg_delete_snapshots,
+    .list_side_effects = pg_list_side_effects,
+    .outbox_claim = pg_outbox_claim,
+    .outbox_finish = pg_outbox_finish,
+    .outbox_list = pg_outbox_list,
+    .outbox_get = pg_outbox_get,
+    .outbox_requeue = pg_outbox_requeue,
+    .outbox_purge = pg_outbox_purge,
+    .outbox_stats = pg_outbox_stats,
+    .close = pg_close,
+};
+
+static int build_sql(pg_store *s, const es_pg_config *cfg)
+{
+    char e[2 * NAME_BUF + 8], sn[2 * NAME_BUF + 8], o[2 * NAME_BUF + 8];
+    char k[2 * NAME_BUF + 8], m[2 * NAME_BUF + 8];
+    qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
+    qualify(m, sizeof m, cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
+    qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);
+    qualify(sn, sizeof sn, cfg->schema, cfg->tables[ES_PG_TABLE_SNAPSHOTS]);
+    qualify(o, sizeof o, cfg->schema, cfg->tables[ES_PG_TABLE_OUTBOX]);
+    /* The migrations table is read only where it exists (to_regclass):
+     * the name is a parameter there, and the version query runs only
+     * when it was found. */
+    s->sql[SQL_STATUS_VERSION] = sqlf(
+        "SELECT coalesce(max(version), 0)::bigint FROM %s", m);
+    s->sql[SQL_STATUS_COUNTS] = sqlf(
+        "SELECT (SELECT count(*) FROM %s), (SELECT count(DISTINCT "
+        "aggregate_id) FROM %s), (SELECT count(*) FROM %s), (SELECT count(*) "
+        "FROM %s), (SELECT count(*) FROM %s WHERE wrapped IS NULL)",
+        e, e, sn, k, k);
+    snprintf(s->migrations, sizeof s->migrations, "%s", m);
+    /* The creation event (version 0) holds the aggregate's type: a save
+     * under another type is refused instead of mixing two streams. */
+    s->sql[SQL_INSERT_EVENTS] = sqlf(
+        "WITH other AS (SELECT aggregate_type FROM %s WHERE aggregate_id = $2 "
+        "AND version = 0 AND aggregate_type <> $1), "
+        "ins AS (INSERT INTO %s (aggregate_type, aggregate_id, version, "
+        "event_id, kind, payload, key_id) SELECT $1, $2, u.v, u.id, u.k, "
+        "u.p, $7 FROM "
+        "unnest($3::bigint[], $4::uuid[], $5::integer[], $6::bytea[]) "
+        "AS u(v, id, k, p) WHERE NOT EXISTS (SELECT 1 FROM other) "
+        "ON CONFLICT DO NOTHING RETURNING version, event_id) "
+        "SELECT version, event_id, NULL::text FROM ins UNION ALL "
+        "SELECT NULL, NULL, aggregate_type FROM other",
+        e, e);
+    s->sql[SQL_STREAM] = sqlf(
+        "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
+        "aggregate_id = $1 AND version >= $2 ORDER BY version LIMIT $3", e);
+    s->sql[SQL_STREAM_REST] = sqlf(
+        "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
+        "aggregate_id = $1 AND version >= $2 ORDER BY version", e);
+    s->sql[SQL_GET_EVENT] = sqlf(
+        "SELECT aggregate_id, version, kind, payload, key_id FROM %s WHERE "
+        "event_id = $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
+    s->sql[SQL_INSERT_SIDE_EFFECTS] = sqlf(
+        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload, key_id, "
+        "aggregate_type) SELECT u.*, $7 FROM unnest($1::uuid[], $2::uuid[], "
+        "$3::uuid[], $4::integer[], $5::bytea[], $6::text[]) AS u ON "
+        "CONFLICT (id) DO NOTHING", o);
+    s->sql[SQL_LIST_SIDE_EFFECTS] = sqlf(
+        "SELECT id, aggregate_id, event_id, kind, payload, key_id FROM %s "
+        "WHERE status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = "
+        "$1) ORDER BY seq", o);
+    s->sql[SQL_GET_SNAPSHOT] = sqlf(
+        "SELECT version, payload, key_id FROM %s WHERE aggregate_id = $1 "
+        "AND snapshot_version = $2", sn);
+    s->sql[SQL_STORE_SNAPSHOT] = sqlf(
+        "INSERT INTO %s AS stored (aggregate_id, snapshot_version, version, "
+        "payload, key_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT "
+        "(aggregate_id, "
+        "snapshot_version) DO UPDATE SET version = excluded.version, payload "
+        "= excluded.payload, key_id = excluded.key_id, created_at = now() "
+        "WHERE stored.version <= excluded.version", sn);
+    s->sql[SQL_DELETE_SNAPSHOTS] = sqlf(
+        "DELETE FROM %s WHERE aggregate_id = $1", sn);
+    s->sql[SQL_GET_KEY] = sqlf(
+        "SELECT key_id, wrapped FROM %s WHERE aggregate_id = $1", k);
+    s->sql[SQL_LOCK_KEY] = sqlf(
+        "SELECT key_id, wrapped FROM %s WHERE aggregate_id = $1 FOR SHARE",
+        k);
+    s->sql[SQL_PUT_KEY] = sqlf(
+        "INSERT INTO %s (aggregate_id, key_id, wrapped) VALUES ($1, $2, $3) "
+        "ON CONFLICT (aggregate_id) DO NOTHING", k);
+    s->sql[SQL_FORGET_KEY] = sqlf(
+        "INSERT INTO %s AS k (aggregate_id, key_id, wrapped, destroyed_at) "
+        "VALUES ($1, '', NULL, now()) ON CONFLICT (aggregate_id) DO UPDATE "
+        "SET wrapped = NULL, destroyed_at = coalesce(k.destroyed_at, now())",
+        k);
+    s->sql[SQL_FORGET_SIDE_EFFECTS] = sqlf(
+        "UPDATE %s SET status = 'dead', last_error = 'aggregate forgotten "
+        "(crypto-shredding)' WHERE aggregate_id = $1 AND status = "
+        "'pending'", o);
+    /* The outbox.  Times are Unix ms from the dispatcher's clock. */
+#define MS(n) "('epoch'::timestamptz + $" #n " * interval '1 millisecond')"
+#define OB_COLS                                                             \
+    "o.id, o.aggregate_id, o.event_id, o.kind, o.payload, o.key_id, "      \
+    "coalesce(o.aggregate_type, ''), o.status, o.attempts, "               \
+    "(extract(epoch from o.created_at) * 1000)::bigint, "                  \
+    "(extract(epoch from o.next_attempt_at) * 1000)::bigint, "             \
+    "coalesce(o.last_error, ''), o.seq"
+#define OB_FILTER                                                           \
+    "EXISTS (SELECT 1 FROM unnest($3::text[], $4::integer[]) AS f(t, k) "  \
+    "WHERE f.t = o.aggregate_type AND (f.k = -2147483648 OR f.k = "         \
+    "o.kind))"
+    /* A claim whose owner never finished it, with no attempt left. */
+    s->sql[SQL_OB_EXPIRE] = sqlf(
+        "UPDATE %s o SET status = 'dead', last_error = 'attempt ' || "
+        "o.attempts || ' abandoned: claim of ''' || left(o.claimed_by, 63) "
+        "|| ''' expired', claimed_by = NULL, claimed_until = NULL WHERE "
+        "o.status = 'pending' AND o.claimed_by IS NOT NULL AND "
+        "o.claimed_until <= " MS(1) " AND o.attempts >= $2 AND " OB_FILTER,
+        o);
+    /* The first pending message of each aggregate (among those the
+     * filters match) is its head: only heads are claimed, so the messages
+     * of one aggregate go one at a time, in order.  The claimable checks
+     * are on the locked row itself, so a row another dispatcher claimed
+     * or finished since the heads were read is passed over. */
+    s->sql[SQL_OB_CLAIM] = sqlf(
+        "WITH heads AS (SELECT DISTINCT ON (o.aggregate_id) o.id FROM %s o "
+        "WHERE o.status = 'pending' AND " OB_FILTER " ORDER BY "
+        "o.aggregate_id, o.seq), "
+        "pick AS (SELECT o.id FROM %s o JOIN heads h ON h.id = o.id WHERE "
+        "o.status = 'pending' AND (o.claimed_by IS NULL OR o.claimed_until "
+        "<= " MS(1) ") AND o.next_attempt_at <= " MS(1) " ORDER BY o.seq "
+        "LIMIT $5 FOR UPDATE OF o SKIP LOCKED), "
+        "upd AS (UPDATE %s o SET attempts = o.attempts + 1, claimed_by = $6, "
+        "claimed_until = " MS(1) " + $2 * interval '1 millisecond' FROM pick "
+        "WHERE o.id = pick.id RETURNING " OB_COLS ") "
+        "SELECT * FROM upd ORDER BY seq",
+        o, o, o);
+    s->sql[SQL_OB_DEAD] = sqlf(
+        "UPDATE %s SET status = 'dead', last_error = $3, claimed_by = NULL, "
+        "claimed_until = NULL WHERE id = $1 AND claimed_by = $2", o);
+    s->sql[SQL_OB_FINISH] = sqlf(
+        "UPDATE %s SET status = $3, next_attempt_at = CASE WHEN $3 = "
+        "'pending' THEN " MS(5) " ELSE next_attempt_at END, finished_at = "
+        "CASE WHEN $3 = 'done' THEN " MS(4) " ELSE finished_at END, "
+        "last_error = coalesce($6, last_error), claimed_by = NULL, "
+        "claimed_until = NULL WHERE id = $1 AND status = 'pending' AND "
+        "claimed_by = $2", o);
+    s->sql[SQL_OB_EXISTS] = sqlf("SELECT 1 FROM %s WHERE id = $1", o);
+    s->sql[SQL_OB_LIST] = sqlf(
+        "SELECT " OB_COLS " FROM %s o WHERE o.status = $1 ORDER BY o.seq "
+        "LIMIT $2", o);
+    s->sql[SQL_OB_GET] = sqlf("SELECT " OB_COLS " FROM %s o WHERE o.id = $1",
+                              o);
+    s->sql[SQL_OB_REQUEUE_ID] = sqlf(
+        "UPDATE %s SET status = 'pending', attempts = 0, next_attempt_at = "
+        MS(2) ", claimed_by = NULL, claimed_until = NULL WHERE id = $1 AND "
+        "status = 'dead'", o);
+    s->sql[SQL_OB_REQUEUE_TYPE] = sqlf(
+        "UPDATE %s SET status = 'pending', attempts = 0, next_attempt_at = "
+        MS(2) ", claimed_by = NULL, claimed_until = NULL WHERE status = "
+        "'dead' AND aggregate_type = $1 AND ($3 = -2147483648 OR kind = $3)",
+        o);
+    s->sql[SQL_OB_PURGE] = sqlf(
+        "DELETE FROM %s WHERE status = 'done' AND finished_at < " MS(1), o);
+    s->sql[SQL_OB_STATS] = sqlf(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER "
+        "(WHERE status = 'dead'), count(*) FILTER (WHERE status = 'done'), "
+        "coalesce((extract(epoch from min(created_at) FILTER (WHERE status "
+        "= 'pending')) * 1000)::bigint, 0) FROM %s", o);
+#undef MS
+#undef OB_COLS
+#undef OB_FILTER
+    for (int i = 0; i < SQL_COUNT; i++)
+        if (s->sql[i] == NULL) return ES_ENOMEM;
+    return 0;
+}
+
+int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
+{
+    if (cfg == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "config and out are required");
+    const char *ci = NULL;
+    int rc = resolve_conninfo(cfg, &ci, err);
+    if (rc != 0) return rc;
+    pg_store *s = es__calloc(1, sizeof *s);
+    if (s == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    es__store_init(&s->base, &postgres_ops);
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    s->chunk = cfg->chunk;
+    s->statement_timeout_ms = cfg->statement_timeout_ms;
+    s->max = cfg->pool_size;
+    if ((rc = conninfo_check(ci, &s->password, err)) != 0) {
+        pg_close(&s->base);
+        return rc == ES_EINVAL ? es__error_set(err, ES_EDB, "connection "
+                                               "string could not be parsed")
+                               : rc;
+    }
+    if (sodium_init() < 0) {
+        pg_close(&s->base);
+        return es__error_set(err, ES_EIO, "libsodium could not start");
+    }
+    if (cfg->n_keys > 0 && cfg->provider.wrap != NULL) {
+        pg_close(&s->base);
+        return es__error_set(err, ES_EINVAL, "give master keys or a key "
+                             "provider, not both");
+    }
+    if (cfg->n_keys > 0) {
+        s->keys = es__memdup(cfg->keys, cfg->n_keys * sizeof *cfg->keys);
+        s->n_keys = s->keys ? cfg->n_keys : 0;
+        s->provider = (es_pg_key_provider){keyring_current, keyring_wrap,
+                                           keyring_unwrap, s};
+        s->encrypt = true;
+    } else if (cfg->provider.wrap != NULL) {
+        s->provider = cfg->provider;
+        s->encrypt = true;
+    }
+    s->conninfo = es__strdup(ci);
+    s->idle = es__calloc(s->max, sizeof *s->idle);
+    if (s->conninfo == NULL || s->idle == NULL ||
+        (cfg->n_keys > 0 && s->keys == NULL) || build_sql(s, cfg) != 0) {
+        pg_close(&s->base);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    PGconn *c = NULL;
+    if ((rc = store_connect(s, &c, err)) != 0) {
+        pg_close(&s->base);
+        return rc;
+    }
+    s->idle[s->n_idle++] = c;
+    s->n_open = 1;
+    *out = &s->base;
+    return 0;
+}
+
+int es_pg_forget_aggregate(es_txn *txn, const es_uuid *aggregate_id,
+                           es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL)
+        return es__error_set(err, ES_EINVAL, "transaction and aggregate id "
+                                             "are required");
+    if (txn->store->ops != &postgres_ops)
+        return es__error_set(err, ES_EINVAL, "not a transaction of a "
+                                             "PostgreSQL store");
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (!s->encrypt)
+        return es__error_set(err, ES_EINVAL, "the store has no keys: "
+                             "nothing of it is encrypted, so nothing can be "
+                             "forgotten by destroying a key");
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)aggregate_id->bytes};
+    const int lens[1] = {16};
+    dek_cache_clear(t);
+    int rc = run(t->conn, "forget: destroy data key", s->sql[SQL_FORGET_KEY],
+                 1, types, values, lens, NULL, err);
+    if (rc == 0)
+        rc = run(t->conn, "forget: delete snapshots",
+                 s->sql[SQL_DELETE_SNAPSHOTS], 1, types, values, lens, NULL,
+                 err);
+    if (rc == 0)
+        rc = run(t->conn, "forget: side effects",
+                 s->sql[SQL_FORGET_SIDE_EFFECTS], 1, types, values, lens,
+                 NULL, err);
+    return rc;
+}
+
+int es_pg_status_get(es_store *store, es_pg_status *out, es_error *err)
+{
+    if (store == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "store and out are required");
+    if (store->ops != &postgres_ops)
+        return es__error_set(err, ES_EINVAL, "not a PostgreSQL store");
+    pg_store *s = (pg_store *)store;
+    memset(out, 0, sizeof *out);
+    out->library_version = es_pg_schema_version();
+    es_txn *txn = NULL;
+    int rc = pg_begin(store, &txn, err);
+    if (rc != 0) return rc;
+    pg_txn *t = (pg_txn *)txn;
+    const Oid types[1] = {OID_TEXT};
+    const char *values[1] = {s->migrations};
+    const int lens[1] = {(int)strlen(s->migrations)};
+    PGresult *r = NULL;
+    rc = run(t->conn, "status: find migrations table",
+             "SELECT to_regclass($1) IS NOT NULL", 1, types, values, lens, &r,
+             err);
+    bool migrated = rc == 0 && PQntuples(r) == 1 &&
+                    PQgetlength(r, 0, 0) == 1 && PQgetvalue(r, 0, 0)[0] == 1;
+    if (rc == 0) PQclear(r);
+    int64_t v[5] = {0, 0, 0, 0, 0};
+    if (rc == 0 && migrated) {
+        rc = run(t->conn, "status: schema version",
+                 s->sql[SQL_STATUS_VERSION], 0, NULL, NULL, NULL, &r, err);
+        if (rc == 0 && (PQntuples(r) != 1 || !col_i64(r, 0, 0, &v[0])))
+            rc = bad_row(err, "status");
+        if (r != NULL) PQclear(r);
+        r = NULL;
+        out->schema_version = rc == 0 ? (int)v[0] : 0;
+    }
+    /* The counts need every table, so only at the library's version. */
+    if (rc == 0 && out->schema_version >= out->library_version) {
+        rc = run(t->conn, "status: counts", s->sql[SQL_STATUS_COUNTS], 0,
+                 NULL, NULL, NULL, &r, err);
+        for (int i = 0; rc == 0 && i < 5; i++)
+            if (PQntuples(r) != 1 || !col_i64(r, 0, i, &v[i]))
+                rc = bad_row(err, "status");
+        if (r != NULL) PQclear(r);
+        if (rc == 0) {
+            out->events = (uint64_t)v[0];
+            out->aggregates = (uint64_t)v[1];
+            out->snapshots = (uint64_t)v[2];
+            out->data_keys = (uint64_t)v[3];
+            out->forgotten = (uint64_t)v[4];
+        }
+    }
+    pg_rollback(txn);
+    return rc;
+}
+
+/* ---- migrations ---- */
+
+/* FNV-1a, 64 bits: enough to see that a migration's text changed. */
+static uint64_t fnv1a(const char *s)
+{
+    uint64_t h = 0xcbf29ce484222325u;
+    for (; *s != '\0'; s++) {
+        h ^= (uint8_t)*s;
+        h *= 0x100000001b3u;
+    }
+    return h;
+}
+
+static void checksum_of(const es__pg_migration *m, char out[32])
+{
+    snprintf(out, 32, "fnv1a64:%016llx", (unsigned long long)fnv1a(m->sql));
+}
+
+/* The migration's SQL with the quoted names put in. */
+static char *expand(const char *tmpl, const es_pg_config *cfg)
+{
+    char names[5][2 * NAME_BUF + 8];
+    snprintf(names[0], sizeof names[0], "\"%s\"", cfg->schema);
+    qualify(names[1], sizeof names[1], cfg->schema,
+            cfg->tables[ES_PG_TABLE_EVENTS]);
+    qualify(names[2], sizeof names[2], cfg->schema,
+            cfg->tables[ES_PG_TABLE_SNAPSHOTS]);
+    qualify(names[3], sizeof names[3], cfg->schema,
+            cfg->tables[ES_PG_TABLE_OUTBOX]);
+    qualify(names[4], sizeof names[4], cfg->schema,
+            cfg->tables[ES_PG_TABLE_KEYS]);
+    static const char *const keys[5] = {"@schema@", "@events@",
+                                        "@snapshots@", "@outbox@", "@keys@"};
+    es_buf b = {0};
+    int rc = 0;
+    for (const char *p = tmpl; rc == 0 && *p != '\0';) {
+        int hit = -1;
+        for (int k = 0; k < 5 && *p == '@'; k++)
+            if (strncmp(p, keys[k], strlen(keys[k])) == 0) hit = k;
+        if (hit >= 0) {
+            rc = es_buf_append_str(&b, names[hit]);
+            p += strlen(keys[hit]);
+        } else {
+            rc = es_buf_append(&b, p, 1);
+            p++;
+        }
+    }
+    if (rc == 0) rc = es_buf_append(&b, "", 1);
+    if (rc != 0) {
+        es_buf_free(&b);
+        return NULL;
+    }
+    return (char *)b.data;
+}
+
+int es_pg_schema_version(void)
+{
+    return es__pg_migrations[es__pg_migration_count - 1].version;
+}
+
+/* The body of es_pg_migrate, inside BEGIN on c. */
+static int migrate_in(PGconn *c, const es_pg_config *cfg, int *newest,
+                      es_error *err)
+{
+    char mig[2 * NAME_BUF + 8], qschema[NAME_BUF + 4], sql[512];
+    qualify(mig, sizeof mig, cfg->schema,
+            cfg->tables[ES_PG_TABLE_MIGRATIONS]);
+    snprintf(qschema, sizeof qschema, "\"%s\"", cfg->schema);
+
+    /* One migrator per schema and migrations table at a time; the lock
+     * goes with the transaction. */
+    char lock_name[3 * NAME_BUF];
+    snprintf(lock_name, sizeof lock_name, "eventastic migrate %s.%s",
+             cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
+    uint8_t key[8];
+    be64(key, fnv1a(lock_name));
+    const Oid lock_types[1] = {OID_INT8};
+    const char *lock_values[1] = {(const char *)key};
+    const int lock_lens[1] = {8};
+    int rc = run(c, "migrate: advisory lock",
+                 "SELECT pg_advisory_xact_lock($1)", 1, lock_types,
+                 lock_values, lock_lens, NULL, err);
+    if (rc != 0) return rc;
+
+    /* CREATE SCHEMA needs a right on the database even when the schema
+     * exists, so look first: a role that owns only its schema can
+     * migrate. */
+    const Oid name_types[1] = {OID_TEXT};
+    const char *name_values[1] = {cfg->schema};
+    const int name_lens[1] = {(int)strlen(cfg->schema)};
+    PGresult *r = NULL;
+    rc = run(c, "migrate: find schema",
+             "SELECT 1 FROM pg_namespace WHERE nspname = $1", 1, name_types,
+             name_values, name_lens, &r, err);
+    if (rc != 0) return rc;
+    bool have_schema = PQntuples(r) > 0;
+    PQclear(r);
+    if (!have_schema) {
+        snprintf(sql, sizeof sql, "CREATE SCHEMA %s", qschema);
+        if ((rc = run_simple(c, "migrate: create schema", sql, err)) != 0)
+            return rc;
+    }
+    /* Likewise the migrations table: a role that may only read it can
+     * still check that the schema is up to date. */
+    const char *mig_values[1] = {mig};
+    const int mig_lens[1] = {(int)strlen(mig)};
+    rc = run(c, "migrate: find migrations table",
+             "SELECT to_regclass($1) IS NOT NULL", 1, name_types, mig_values,
+             mig_lens, &r, err);
+    if (rc != 0) return rc;
+    bool have_table = PQntuples(r) == 1 && PQgetlength(r, 0, 0) == 1 &&
+                      PQgetvalue(r, 0, 0)[0] == 1;
+    PQclear(r);
+    if (!have_table) {
+        snprintf(sql, sizeof sql,
+                 "CREATE TABLE IF NOT EXISTS %s (version integer PRIMARY "
+                 "KEY, name text NOT NULL, checksum text NOT NULL, "
+                 "applied_at timestamptz NOT NULL DEFAULT now())", mig);
+        rc = run_simple(c, "migrate: create migrations table", sql, err);
+        if (rc != 0) return rc;
+    }
+
+    snprintf(sql, sizeof sql, "SELECT version, checksum FROM %s ORDER BY "
+             "version", mig);
+    r = PQexec(c, sql); /* text results: small and read once */
+    if (r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+        rc = db_error(c, r, err, "migrate: read migrations table");
+        PQclear(r);
+        return rc;
+    }
+    size_t count = es__pg_migration_count;
+    bool *applied = es__calloc(count, sizeof *applied);
+    if (applied == NULL) {
+        PQclear(r);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    int high = 0;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        int v = atoi(PQgetvalue(r, i, 0));
+        const char *sum = PQgetvalue(r, i, 1);
+        size_t k = 0;
+        while (k < count && es__pg_migrations[k].version != v) k++;
+        if (k == count) {
+            rc = es__error_set(err, ES_EDB, "migrate: the database has "
+                               "migration %d, which this library (schema "
+                               "version %d) does not know: the database is "
+                               "newer than the library", v,
+                               es_pg_schema_version());
+            break;
+        }
+        char want[32];
+        checksum_of(&es__pg_migrations[k], want);
+        if (strcmp(want, sum) != 0) {
+            rc = es__error_set(err, ES_EDB, "migrate: migration %d (%s) "
+                               "differs from the one applied to the database "
+                               "(checksum %.40s there, %s here); a migration "
+                               "must never change once applied, refusing",
+                               v, es__pg_migrations[k].name, sum, want);
+            break;
+        }
+        applied[k] = true;
+        if (v > high) high = v;
+    }
+    PQclear(r);
+
+    for (size_t k = 0; rc == 0 && k < count; k++) {
+        const es__pg_migration *m = &es__pg_migrations[k];
+        if (applied[k]) continue;
+        char *body = expand(m->sql, cfg);
+        if (body == NULL) {
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+            break;
+        }
+        char what[96];
+        snprintf(what, sizeof what, "migrate: migration %d (%.60s)",
+                 m->version, m->name);
+        rc = run_simple(c, what, body, err);
+        es__free(body);
+        if (rc != 0) break;
+        char sum[32], ver[16];
+        checksum_of(m, sum);
+        snprintf(ver, sizeof ver, "%d", m->version);
+        snprintf(sql, sizeof sql, "INSERT INTO %s (version, name, checksum) "
+                 "VALUES ($1::integer, $2, $3)", mig);
+        const char *vals[3] = {ver, m->name, sum};
+        PGresult *ins = PQexecParams(c, sql, 3, NULL, vals, NULL, NULL, 0);
+        if (ins == NULL || PQresultStatus(ins) != PGRES_COMMAND_OK)
+            rc = db_error(c, ins, err, "migrate: record migration");
+        PQclear(ins);
+        if (m->version > high) high = m->version;
+    }
+    es__free(applied);
+    if (rc == 0) *newest = high;
+    return rc;
+}
+
+int es_pg_migrate(const es_pg_config *cfg, int *schema_version, es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    const char *ci = NULL;
+    int rc = resolve_conninfo(cfg, &ci, err);
+    if (rc != 0) return rc;
+    char *password = NULL;
+    if ((rc = conninfo_check(ci, &password, err)) != 0)
+        return rc == ES_EINVAL ? es__error_set(err, ES_EDB, "connection "
+                                               "string could not be parsed")
+                               : rc;
+    PGconn *c = NULL;
+    rc = pg_connect(ci, password, &c, err);
+    if (password) {
+        memset(password, 0, strlen(password));
+        es__free(password);
+    }
+    if (rc != 0) return rc;
+    int newest = 0;
+    rc = run_simple(c, "migrate: begin", "BEGIN", err);
+    if (rc == 0) rc = migrate_in(c, cfg, &newest, err);
+    if (rc == 0) {
+        PGresult *r = PQexec(c, "COMMIT");
+        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
+            rc = db_error(c, r, err, "migrate: commit");
+        else if (strcmp(PQcmdStatus(r), "COMMIT") != 0)
+            rc = es__error_set(err, ES_EDB, "migrate: rolled back");
+        PQclear(r);
+    } else {
+        PQclear(PQexec(c, "ROLLBACK"));
+    }
+    PQfinish(c);
+    if (rc == 0 && schema_version) *schema_version = newest;
+    return rc;
+}
