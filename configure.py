@@ -303,6 +303,8 @@ def main():
             for src in sources("tests/test_*.c"):
                 name = os.path.basename(src)[:-2]
                 objs = [obj(src)] + fixtures
+                if name.startswith("test_bank"):
+                    objs.append(obj("examples/bank/bank.c"))
                 exe = "%s/tests/%s" % (bdir, name)
                 n.build(exe, "link", objs + [lib], variables=dict(
                     vars_, libs="$cmocka_libs $lib_libs"))
@@ -317,6 +319,19 @@ def main():
                 exe = "%s/bin/%s" % (bdir, os.path.basename(src)[:-2])
                 n.build(exe, "link", [obj(src), lib],
                         variables=dict(vars_, libs="$lib_libs"))
+                outs.append(exe)
+            # The bank: its domain is shared by the server and its tests.
+            bank = [obj("examples/bank/bank.c")]
+            for name, main_src, libs in (
+                    ("bank-server", "examples/bank/server.c",
+                     "$jansson_libs $lib_libs"),
+                    ("bank-load", "examples/bank/load.c",
+                     "$jansson_libs $lib_libs")):
+                exe = "%s/bin/%s" % (bdir, name)
+                deps = [obj(main_src)] + (bank if name == "bank-server"
+                                          else [])
+                n.build(exe, "link", deps + [lib],
+                        variables=dict(vars_, libs=libs))
                 outs.append(exe)
             # Command line tools: tools/<name>.c -> build/<variant>/bin/<name>
             for src in sources("tools/*.c"):
@@ -333,7 +348,7 @@ def main():
                            "--unit-only", "desc": "TEST unit (release)"})
         n.build("check", "run", everything, variables={
             "cmd": "$python tests/run.py --variants release,asan,tsan "
-                   "--compile-fail --install-test --docs",
+                   "--compile-fail --install-test --docs --bank",
             "desc": "CHECK"})
         n.build("demo", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --demo",

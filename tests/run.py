@@ -213,6 +213,34 @@ def install_test():
     return ok
 
 
+def bank_check(db_url):
+    """The bank under a short load, on the memory store or PostgreSQL:
+    the checker must find no money created, lost or moved twice, and the
+    server must drain and exit 0 on SIGTERM."""
+    import demo
+    import types
+    args = types.SimpleNamespace(seconds=3, clients=16, accounts=200,
+                                 workers=2, seed=int(time.time()) % 100000)
+    t0 = time.time()
+    proc_out = []
+    import io
+    import contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = demo.run(db_url, args)
+    out = buf.getvalue()
+    name = "bank/%s" % ("postgresql" if db_url else "memory")
+    result = [l for l in out.splitlines() if l.startswith("RESULT")]
+    if rc != 0:
+        sys.stdout.write(out)
+        print("FAIL %-40s (exit %d)" % (name, rc))
+        return False
+    print("ok   %-40s %.1fs %s" % (name, time.time() - t0,
+                                   result[0] if result else ""))
+    del proc_out
+    return True
+
+
 def docs():
     """ninja docs: the API reference; any undocumented public symbol or
     doc error is listed and fails the step."""
@@ -238,6 +266,7 @@ def main():
     ap.add_argument("--compile-fail", action="store_true")
     ap.add_argument("--install-test", action="store_true")
     ap.add_argument("--docs", action="store_true")
+    ap.add_argument("--bank", action="store_true")
     ap.add_argument("--demo", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
@@ -277,6 +306,10 @@ def main():
                 for t in pg_tests(v):
                     total += 1
                     failed += not run_binary(t, v, {"DATABASE_URL": db.url})
+            if a.bank:
+                total += 2
+                failed += not bank_check(None)
+                failed += not bank_check(db.url)
     print("%d of %d test programs passed" % (total - failed, total))
     sys.exit(1 if failed else 0)
 

@@ -643,11 +643,12 @@ static es_outbox_verdict step(es_host *host, const es_aggregate_type *type,
     int rc = bank_call(host, type, key, &cid, cmd, &reply, &err);
     *status = rc;
     if (rc == ES_EREJECTED && reply != NULL)
-        snprintf(reason->message, sizeof reason->message, "%s: %s", label,
-                 reply->reason);
+        snprintf(reason->message, sizeof reason->message, "%.20s: %.200s",
+                 label, reply->reason);
     else if (rc != 0)
-        snprintf(reason->message, sizeof reason->message, "%s: %s: %s", label,
-                 es_status_name(rc), reply ? reply->reason : err.message);
+        snprintf(reason->message, sizeof reason->message, "%.20s: %s: %.200s",
+                 label, es_status_name(rc),
+                 reply ? reply->reason : err.message);
     es_host_reply_free(reply);
     if (rc == 0 || rc == ES_EREJECTED) return ES_OUTBOX_VERDICT_DONE;
     return transient(rc) ? ES_OUTBOX_VERDICT_RETRY : ES_OUTBOX_VERDICT_GIVE_UP;

@@ -92,7 +92,8 @@ typedef enum es_pg_table {
     ES_PG_TABLE_SNAPSHOTS = 1,  /**< default "snapshots" */
     ES_PG_TABLE_OUTBOX = 2,     /**< default "outbox" */
     ES_PG_TABLE_MIGRATIONS = 3, /**< default "es_migrations" */
-    ES_PG_TABLE_KEYS = 4        /**< default "data_keys" (encryption) */
+    ES_PG_TABLE_KEYS = 4,       /**< default "data_keys" (encryption) */
+    ES_PG_TABLE_COMMANDS = 5    /**< default "commands" (host command ids) */
 } es_pg_table;
 
 /** Longest schema or table name, in bytes (PostgreSQL's NAMEDATALEN-1). */

@@ -812,9 +812,8 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
         complete_error(host, h, rc, actor_version(a), err.message);
         return true;
     }
-    if (!es_uuid_equal(&rec->aggregate_id, &a->id) || rec->kind != h->kind ||
-        rec->len != h->len ||
-        (h->len > 0 && memcmp(rec->payload, h->payload, h->len) != 0)) {
+    if (!es_uuid_equal(&rec->aggregate_id, &a->id) ||
+        !es__command_matches(rec, h->kind, h->payload, h->len)) {
         es_txn_rollback(txn);
         es__free(rec);
         complete_error(host, h, ES_EIDEMPOTENCY, actor_version(a),
@@ -930,7 +929,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
                                       h->len,
                                       it->n_events ? it->events[0].version
                                                    : v,
-                                      it->n_events, v};
+                                      it->n_events, v, false};
     if (host->cfg.snap_every > 0 && it->n_events > 0 &&
         v + 1 - a->folded_at_snapshot >= host->cfg.snap_every) {
         snap_job *j = snap_of(a);

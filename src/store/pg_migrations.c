@@ -70,6 +70,17 @@ const es__pg_migration es__pg_migrations[] = {
      "ALTER TABLE @outbox@ ALTER COLUMN next_attempt_at\n"
      "    SET DEFAULT 'epoch';\n"
      "CREATE INDEX ON @outbox@ (finished_at) WHERE status = 'done';\n"},
+    {5, "command ids of the host (idempotency across restarts)",
+     "CREATE TABLE @commands@ (\n"
+     "    command_id uuid PRIMARY KEY,\n"
+     "    aggregate_id uuid NOT NULL,\n"
+     "    kind integer NOT NULL,\n"
+     "    digest bytea NOT NULL,\n"
+     "    first_version bigint NOT NULL,\n"
+     "    event_count bigint NOT NULL CHECK (event_count >= 0),\n"
+     "    version bigint NOT NULL,\n"
+     "    created_at timestamptz NOT NULL DEFAULT now()\n"
+     ");\n"},
 };
 
 const size_t es__pg_migration_count =

@@ -43,7 +43,7 @@
 #define OID_TEXT_ARRAY 1009
 #define OID_BYTEA 17
 
-#define N_TABLES 5
+#define N_TABLES 6
 #define NAME_BUF (ES_PG_NAME_MAX + 1)
 #define MAX_PAYLOAD 0x3fffffffu /* PostgreSQL's field limit, 1 GiB - 1 */
 #define LOST_SQLSTATE "08006"
@@ -67,7 +67,8 @@ struct es_pg_config {
 };
 
 static const char *const default_tables[N_TABLES] = {
-    "events", "snapshots", "outbox", "es_migrations", "data_keys"};
+    "events", "snapshots", "outbox", "es_migrations", "data_keys",
+    "commands"};
 
 enum {
     SQL_INSERT_EVENTS,
@@ -95,6 +96,8 @@ enum {
     SQL_OB_REQUEUE_TYPE,
     SQL_OB_PURGE,
     SQL_OB_STATS,
+    SQL_INSERT_COMMANDS,
+    SQL_GET_COMMAND,
     SQL_STATUS_VERSION,
     SQL_STATUS_COUNTS,
     SQL_COUNT
@@ -1264,6 +1267,129 @@ static int pg_get_event(es_txn *txn, const es_uuid *agg,
     return 0;
 }
 
+/* Command-id records (the host's idempotency).  The content is kept as a
+ * digest: commands may carry personal data, and the digest is all a
+ * comparison needs.  UINT64_MAX ("no version") is stored as -1. */
+static bool col_i64(const PGresult *r, int row, int col, int64_t *out);
+
+static int64_t version_col(uint64_t v)
+{
+    return v == UINT64_MAX ? -1 : (int64_t)v;
+}
+
+static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
+                              size_t n, bool *inserted, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    if (n == 0) return 0;
+    if (n > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many command records");
+    es_buf ids = {0}, aggs = {0}, kinds = {0}, digests = {0}, firsts = {0};
+    es_buf counts = {0}, versions = {0};
+    int rc = array_begin(&ids, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&aggs, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
+    if (rc == 0) rc = array_begin(&digests, OID_BYTEA, n);
+    if (rc == 0) rc = array_begin(&firsts, OID_INT8, n);
+    if (rc == 0) rc = array_begin(&counts, OID_INT8, n);
+    if (rc == 0) rc = array_begin(&versions, OID_INT8, n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const es__command_record *c = &recs[i];
+        uint8_t d[ES__COMMAND_DIGEST];
+        if (c->hashed && c->len == ES__COMMAND_DIGEST)
+            memcpy(d, c->payload, sizeof d);
+        else
+            es__command_digest(c->kind, c->payload, c->len, d);
+        inserted[i] = false;
+        rc = array_item(&ids, c->command_id.bytes, 16);
+        if (rc == 0) rc = array_item(&aggs, c->aggregate_id.bytes, 16);
+        if (rc == 0) rc = array_i32(&kinds, c->kind);
+        if (rc == 0) rc = array_item(&digests, d, sizeof d);
+        if (rc == 0) rc = array_i64(&firsts, version_col(c->first_version));
+        if (rc == 0)
+            rc = array_i64(&counts, c->event_count > INT64_MAX
+                                        ? INT64_MAX
+                                        : (int64_t)c->event_count);
+        if (rc == 0) rc = array_i64(&versions, version_col(c->version));
+    }
+    PGresult *r = NULL;
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    if (rc == 0) {
+        const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY,
+                              OID_BYTEA_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY,
+                              OID_INT8_ARRAY};
+        const char *values[7] = {(const char *)ids.data,
+                                 (const char *)aggs.data,
+                                 (const char *)kinds.data,
+                                 (const char *)digests.data,
+                                 (const char *)firsts.data,
+                                 (const char *)counts.data,
+                                 (const char *)versions.data};
+        const int lens[7] = {(int)ids.len,     (int)aggs.len,
+                             (int)kinds.len,   (int)digests.len,
+                             (int)firsts.len,  (int)counts.len,
+                             (int)versions.len};
+        rc = run(t->conn, "insert command ids", s->sql[SQL_INSERT_COMMANDS],
+                 7, types, values, lens, &r, err);
+    }
+    for (int row = 0; rc == 0 && row < PQntuples(r); row++) {
+        es_uuid id;
+        if (!col_uuid(r, row, 0, &id)) {
+            rc = bad_row(err, "insert command ids");
+            break;
+        }
+        for (size_t i = 0; i < n; i++)
+            if (es_uuid_equal(&id, &recs[i].command_id)) inserted[i] = true;
+    }
+    if (r) PQclear(r);
+    es_buf_free(&ids);
+    es_buf_free(&aggs);
+    es_buf_free(&kinds);
+    es_buf_free(&digests);
+    es_buf_free(&firsts);
+    es_buf_free(&counts);
+    es_buf_free(&versions);
+    return rc;
+}
+
+static int pg_get_command(es_txn *txn, const es_uuid *command_id,
+                          es__command_record **out, es_error *err)
+{
+    pg_txn *t = (pg_txn *)txn;
+    pg_store *s = (pg_store *)txn->store;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)command_id->bytes};
+    const int lens[1] = {16};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "get command id", s->sql[SQL_GET_COMMAND], 1, types,
+                 values, lens, &r, err);
+    if (rc != 0) return rc;
+    if (PQntuples(r) == 0) {
+        PQclear(r);
+        return es__error_set(err, ES_ENOTFOUND, "command id not found");
+    }
+    es__command_record rec;
+    memset(&rec, 0, sizeof rec);
+    rec.command_id = *command_id;
+    rec.hashed = true;
+    int64_t first = 0, count = 0, version = 0;
+    if (!col_uuid(r, 0, 0, &rec.aggregate_id) || !col_i32(r, 0, 1, &rec.kind) ||
+        !col_bytes(r, 0, 2, &rec.payload, &rec.len) ||
+        !col_i64(r, 0, 3, &first) || !col_i64(r, 0, 4, &count) ||
+        !col_i64(r, 0, 5, &version) || count < 0) {
+        PQclear(r);
+        return bad_row(err, "get command id");
+    }
+    rec.first_version = first < 0 ? UINT64_MAX : (uint64_t)first;
+    rec.event_count = (uint64_t)count;
+    rec.version = version < 0 ? UINT64_MAX : (uint64_t)version;
+    *out = es__command_record_dup(&rec);
+    PQclear(r);
+    if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    return 0;
+}
+
 static int pg_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
                            es_snapshot **out, es_error *err)
 {
@@ -2062,13 +2188,25 @@ static const es_store_ops postgres_ops = {
     .outbox_requeue = pg_outbox_requeue,
     .outbox_purge = pg_outbox_purge,
     .outbox_stats = pg_outbox_stats,
+    .insert_commands = pg_insert_commands,
+    .get_command = pg_get_command,
     .close = pg_close,
 };
 
 static int build_sql(pg_store *s, const es_pg_config *cfg)
 {
     char e[2 * NAME_BUF + 8], sn[2 * NAME_BUF + 8], o[2 * NAME_BUF + 8];
-    char k[2 * NAME_BUF + 8], m[2 * NAME_BUF + 8];
+    char k[2 * NAME_BUF + 8], m[2 * NAME_BUF + 8], cm[2 * NAME_BUF + 8];
+    qualify(cm, sizeof cm, cfg->schema, cfg->tables[ES_PG_TABLE_COMMANDS]);
+    s->sql[SQL_INSERT_COMMANDS] = sqlf(
+        "INSERT INTO %s (command_id, aggregate_id, kind, digest, "
+        "first_version, event_count, version) SELECT * FROM "
+        "unnest($1::uuid[], $2::uuid[], $3::integer[], $4::bytea[], "
+        "$5::bigint[], $6::bigint[], $7::bigint[]) ON CONFLICT (command_id) "
+        "DO NOTHING RETURNING command_id", cm);
+    s->sql[SQL_GET_COMMAND] = sqlf(
+        "SELECT aggregate_id, kind, digest, first_version, event_count, "
+        "version FROM %s WHERE command_id = $1", cm);
     qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
     qualify(m, sizeof m, cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
     qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);
@@ -2388,7 +2526,7 @@ static void checksum_of(const es__pg_migration *m, char out[32])
 /* The migration's SQL with the quoted names put in. */
 static char *expand(const char *tmpl, const es_pg_config *cfg)
 {
-    char names[5][2 * NAME_BUF + 8];
+    char names[6][2 * NAME_BUF + 8];
     snprintf(names[0], sizeof names[0], "\"%s\"", cfg->schema);
     qualify(names[1], sizeof names[1], cfg->schema,
             cfg->tables[ES_PG_TABLE_EVENTS]);
@@ -2398,13 +2536,15 @@ static char *expand(const char *tmpl, const es_pg_config *cfg)
             cfg->tables[ES_PG_TABLE_OUTBOX]);
     qualify(names[4], sizeof names[4], cfg->schema,
             cfg->tables[ES_PG_TABLE_KEYS]);
-    static const char *const keys[5] = {"@schema@", "@events@",
-                                        "@snapshots@", "@outbox@", "@keys@"};
+    qualify(names[5], sizeof names[5], cfg->schema,
+            cfg->tables[ES_PG_TABLE_COMMANDS]);
+    static const char *const keys[6] = {"@schema@",   "@events@", "@snapshots@",
+                                        "@outbox@",   "@keys@",   "@commands@"};
     es_buf b = {0};
     int rc = 0;
     for (const char *p = tmpl; rc == 0 && *p != '\0';) {
         int hit = -1;
-        for (int k = 0; k < 5 && *p == '@'; k++)
+        for (int k = 0; k < 6 && *p == '@'; k++)
             if (strncmp(p, keys[k], strlen(keys[k])) == 0) hit = k;
         if (hit >= 0) {
             rc = es_buf_append_str(&b, names[hit]);

@@ -1,6 +1,8 @@
 /* The public repository interface: argument checks, then the backend. */
 #include <string.h>
 
+#include <sodium.h>
+
 #include "core/internal.h"
 #include "store/store_impl.h"
 
@@ -285,4 +287,31 @@ void es_side_effect_list_free(es_side_effect_list *list)
         es__free((void *)list->items[i].data);
     es__free(list->items);
     es__free(list);
+}
+
+void es__command_digest(int32_t kind, const void *payload, size_t len,
+                        uint8_t digest[ES__COMMAND_DIGEST])
+{
+    crypto_generichash_state st;
+    uint8_t k[4] = {(uint8_t)((uint32_t)kind >> 24),
+                    (uint8_t)((uint32_t)kind >> 16),
+                    (uint8_t)((uint32_t)kind >> 8), (uint8_t)kind};
+    crypto_generichash_init(&st, NULL, 0, ES__COMMAND_DIGEST);
+    crypto_generichash_update(&st, k, sizeof k);
+    if (len > 0) crypto_generichash_update(&st, payload, len);
+    crypto_generichash_final(&st, digest, ES__COMMAND_DIGEST);
+}
+
+bool es__command_matches(const es__command_record *rec, int32_t kind,
+                         const void *payload, size_t len)
+{
+    if (rec->kind != kind) return false;
+    if (rec->hashed) {
+        uint8_t d[ES__COMMAND_DIGEST];
+        es__command_digest(kind, payload, len, d);
+        return rec->len == ES__COMMAND_DIGEST &&
+               sodium_memcmp(rec->payload, d, ES__COMMAND_DIGEST) == 0;
+    }
+    return rec->len == len && (len == 0 || memcmp(rec->payload, payload,
+                                                  len) == 0);
 }

@@ -32,7 +32,21 @@ typedef struct es__command_record {
     uint64_t first_version; /* version of its first event */
     uint64_t event_count;
     uint64_t version; /* resulting version */
+    bool hashed;      /* payload holds a digest of the content (below) */
 } es__command_record;
+
+/* Size of a content digest: BLAKE2b over the kind and the payload.  A
+ * store may keep the digest instead of the payload (the PostgreSQL store
+ * does, so that command payloads are not stored twice and in clear). */
+#define ES__COMMAND_DIGEST 32
+
+/* Fill digest with the content digest of (kind, payload). */
+void es__command_digest(int32_t kind, const void *payload, size_t len,
+                        uint8_t digest[ES__COMMAND_DIGEST]);
+
+/* True when a stored record has the content (kind, payload). */
+bool es__command_matches(const es__command_record *rec, int32_t kind,
+                         const void *payload, size_t len);
 
 /* Which messages a dispatcher handles: a type and a kind
  * (ES_OUTBOX_ANY_KIND for all its kinds). */
