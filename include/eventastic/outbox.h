@@ -148,7 +148,12 @@ ES_EXPORT ES_OWNER_THREAD int es_outbox_config_set_lease_ms(
     es_outbox_config *cfg, int64_t lease_ms, es_error *err);
 
 /** Poll interval in ms (1 ms to 1 hour), the fallback when wake-ups are
- *  lost.  Errors: ES_EINVAL. */
+ *  lost.  A started dispatcher wakes at once on commits of its own
+ *  process, and, on PostgreSQL, of any process: the commit sends NOTIFY
+ *  on the outbox table's channel and the dispatcher LISTENs on a
+ *  connection of its own (one more than the pool).  When that connection
+ *  is lost it reconnects (after 100 ms, doubling up to this interval)
+ *  and polls meanwhile.  Errors: ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_outbox_config_set_poll_ms(
     es_outbox_config *cfg, int64_t poll_ms, es_error *err);
 
@@ -209,6 +214,8 @@ typedef struct es_outbox_metrics {
     uint64_t retries;      /**< verdict RETRY (or a failed attempt) */
     uint64_t dead_letters; /**< messages this dispatcher made dead */
     uint64_t rounds;       /**< claim rounds */
+    uint64_t notifications; /**< wake-ups by commits of any process heard
+                                 through the store (PostgreSQL: NOTIFY) */
 } es_outbox_metrics;
 
 /** Copy the dispatcher's counters.  Thread: any. */

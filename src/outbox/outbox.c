@@ -5,7 +5,10 @@
  * One claimer thread takes a batch, queues it for the workers, waits until
  * the whole batch is finished, then claims again at once (a finished
  * message may free the next one of its aggregate); with nothing to claim
- * it sleeps until a commit wakes it or the poll interval passes.  Per
+ * it sleeps until a commit wakes it or the poll interval passes.  A commit
+ * of this process wakes it through the store's commit listeners; where
+ * the store can hear other processes (PostgreSQL: LISTEN/NOTIFY, on a
+ * thread and connection of the store's watch), so does theirs.  Per
  * aggregate order comes from the claim itself: only the first pending
  * message of an aggregate can be claimed.
  *
@@ -49,13 +52,14 @@ struct es_outbox {
     pthread_cond_t work_cv;  /* workers: queue not empty or stop */
     pthread_cond_t done_cv;  /* claimer: batch finished */
     bool stopping, woken, listening, claimer_started;
+    es__outbox_watch *watch; /* NULL: the store hears no other process */
     es_outbox_entry_list *batch;
     size_t next_item, outstanding;
     pthread_t claimer;
     pthread_t *workers;
     size_t n_workers;
     uint64_t rng;
-    _Atomic uint64_t deliveries, done, retries, dead, rounds;
+    _Atomic uint64_t deliveries, done, retries, dead, rounds, notifications;
 };
 
 int64_t es_clock_now_ms(void)
@@ -425,6 +429,13 @@ static void on_commit(void *ud)
     es_outbox_wake(ud);
 }
 
+static void on_watch(void *ud, bool notified)
+{
+    es_outbox *ob = ud;
+    if (notified) atomic_fetch_add(&ob->notifications, 1);
+    es_outbox_wake(ob);
+}
+
 void es_outbox_wake(es_outbox *ob)
 {
     if (ob == NULL) return;
@@ -453,6 +464,7 @@ void es_outbox_close(es_outbox *ob)
 {
     if (ob == NULL) return;
     if (ob->listening) es__store_unlisten(ob->cfg.store, on_commit, ob);
+    if (ob->watch) ob->cfg.store->ops->outbox_unwatch(ob->watch);
     stop_threads(ob);
     pthread_cond_destroy(&ob->wake_cv);
     pthread_cond_destroy(&ob->work_cv);
@@ -515,6 +527,11 @@ int es_outbox_open(const es_outbox_config *cfg, bool start, es_outbox **out,
             ob->listening = true;
         else
             es__log(ES_LOG_WARN, "outbox: too many listeners; polling only");
+        es_error werr = {0};
+        if (cfg->store->ops->outbox_watch != NULL &&
+            cfg->store->ops->outbox_watch(cfg->store, cfg->poll_ms, on_watch,
+                                          ob, &ob->watch, &werr) != 0)
+            es__log(ES_LOG_WARN, "outbox: %s; polling only", werr.message);
     }
     *out = ob;
     return 0;
@@ -528,6 +545,7 @@ void es_outbox_metrics_get(es_outbox *ob, es_outbox_metrics *out)
     out->retries = atomic_load(&ob->retries);
     out->dead_letters = atomic_load(&ob->dead);
     out->rounds = atomic_load(&ob->rounds);
+    out->notifications = atomic_load(&ob->notifications);
 }
 
 /* ---- operations on the store ---- */

@@ -19,12 +19,17 @@
  * transaction at a time; it goes back to the pool only when it is healthy
  * and idle (no transaction open), otherwise it is closed.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <libpq-fe.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "core/internal.h"
 #include "eventastic/postgres.h"
@@ -119,6 +124,9 @@ typedef struct pg_store {
     pthread_cond_t cond;
     PGconn **idle; /* capacity max */
     size_t n_idle, n_open, max;
+    /* NOTIFY channel of the outbox table: "es_outbox_" and a hash of its
+     * qualified name (any name fits in 63 bytes, and holds no quote). */
+    char channel[32];
 } pg_store;
 
 /* Data keys a transaction has opened, so that each is read once.  Cleared
@@ -1635,21 +1643,22 @@ static int pg_insert_side_effects(es_txn *txn, const char *type_name,
         rc = es__error_set(err, ES_EINVAL, "side effects too large for one "
                                            "statement");
     if (rc == 0) {
-        const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
+        const Oid types[8] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
                               OID_INT4_ARRAY, OID_BYTEA_ARRAY,
-                              OID_TEXT_ARRAY, OID_TEXT};
-        const char *values[7] = {(const char *)ids.data,
+                              OID_TEXT_ARRAY, OID_TEXT, OID_TEXT};
+        const char *values[8] = {(const char *)ids.data,
                                  (const char *)aggs.data,
                                  (const char *)evs.data,
                                  (const char *)kinds.data,
                                  (const char *)data.data,
-                                 (const char *)keys.data, type_name};
-        const int lens[7] = {(int)ids.len, (int)aggs.len, (int)evs.len,
+                                 (const char *)keys.data, type_name,
+                                 s->channel};
+        const int lens[8] = {(int)ids.len, (int)aggs.len, (int)evs.len,
                              (int)kinds.len, (int)data.len, (int)keys.len,
-                             (int)strlen(type_name)};
+                             (int)strlen(type_name), (int)strlen(s->channel)};
         PGresult *r = NULL;
         rc = run(t->conn, "insert side effects",
-                 s->sql[SQL_INSERT_SIDE_EFFECTS], 7, types, values, lens, &r,
+                 s->sql[SQL_INSERT_SIDE_EFFECTS], 8, types, values, lens, &r,
                  err);
         if (rc == 0 && strcmp(PQcmdTuples(r), "0") != 0)
             t->wrote_side_effects = true;
@@ -2075,6 +2084,17 @@ static int pg_outbox_get(es_store *store, const es_uuid *id,
     return rc;
 }
 
+/* NOTIFY the outbox channel (delivered when the statement's transaction
+ * commits: at once outside a transaction). */
+static int notify_channel(pg_store *s, PGconn *c, es_error *err)
+{
+    const Oid types[1] = {OID_TEXT};
+    const char *values[1] = {s->channel};
+    const int lens[1] = {(int)strlen(s->channel)};
+    return run(c, "outbox: notify", "SELECT pg_notify($1, '')", 1, types,
+               values, lens, NULL, err);
+}
+
 static int pg_outbox_requeue(es_store *store, const es_uuid *id,
                              const char *type_name, int32_t kind, int64_t now,
                              size_t *count, es_error *err)
@@ -2107,6 +2127,8 @@ static int pg_outbox_requeue(es_store *store, const es_uuid *id,
         n = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
         PQclear(r);
     }
+    if (rc == 0 && n > 0) /* wake dispatchers of other processes too */
+        rc = notify_channel(s, t.conn, err);
     ob_end(s, &t);
     if (rc != 0) return rc;
     if (count) *count = n;
@@ -2165,6 +2187,171 @@ static int pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
     return 0;
 }
 
+/* ---- the outbox watch: LISTEN on a connection of its own ---- */
+
+/*
+ * A thread in poll() on two descriptors: the connection's socket (a
+ * notification arrived, or the connection broke) and a pipe whose byte
+ * says stop.  It never runs a statement but LISTEN, so it holds no lock
+ * of the store and needs none: the store's pool never sees the
+ * connection.  While disconnected it retries after 100 ms, doubling up to
+ * retry_max_ms; the dispatcher keeps polling meanwhile, and is woken after
+ * each (re)connection in case a notification was missed.
+ */
+struct es__outbox_watch {
+    pg_store *s; /* borrowed: outlives the watch */
+    es__watch_fn fn;
+    void *ud;
+    int64_t retry_max_ms;
+    int stop[2]; /* a pipe: readable when the thread must end */
+    pthread_t thread;
+};
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Connect without blocking the stop pipe, then LISTEN.  NULL when it
+ * failed (said once in the log until a connection succeeds) or when the
+ * watch is stopping. */
+static PGconn *watch_connect(es__outbox_watch *w, bool *warned)
+{
+    PGconn *c = PQconnectStart(w->s->conninfo);
+    if (c == NULL) return NULL;
+    PostgresPollingStatusType ps = PQstatus(c) == CONNECTION_BAD
+                                       ? PGRES_POLLING_FAILED
+                                       : PGRES_POLLING_WRITING;
+    while (ps != PGRES_POLLING_OK && ps != PGRES_POLLING_FAILED) {
+        struct pollfd f[2] = {
+            {w->stop[0], POLLIN, 0},
+            {PQsocket(c), ps == PGRES_POLLING_READING ? POLLIN : POLLOUT, 0}};
+        if (poll(f, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            ps = PGRES_POLLING_FAILED;
+            break;
+        }
+        if (f[0].revents != 0) {
+            PQfinish(c);
+            return NULL;
+        }
+        if (f[1].revents != 0) ps = PQconnectPoll(c);
+    }
+    es_error err = {0};
+    int rc = 0;
+    if (ps == PGRES_POLLING_FAILED) {
+        char msg[200];
+        scrub(msg, sizeof msg, PQerrorMessage(c), w->s->password);
+        rc = es__error_set(&err, ES_EDB, "could not connect: %s", msg);
+    } else {
+        PQsetNoticeProcessor(c, quiet_notices, NULL);
+        char sql[64];
+        snprintf(sql, sizeof sql, "LISTEN \"%s\"", w->s->channel);
+        rc = run_simple(c, "outbox: listen", sql, &err);
+        if (rc == 0 && PQsetnonblocking(c, 1) != 0)
+            rc = es__error_set(&err, ES_EDB, "listen: cannot make the "
+                                             "connection non-blocking");
+    }
+    if (rc != 0) {
+        PQfinish(c);
+        if (!*warned)
+            es__log(ES_LOG_WARN, "outbox: no notifications, polling "
+                    "meanwhile: %s", err.message);
+        *warned = true;
+        return NULL;
+    }
+    if (*warned)
+        es__log(ES_LOG_INFO, "outbox: notifications are back (LISTEN %s)",
+                w->s->channel);
+    *warned = false;
+    return c;
+}
+
+static void *watch_main(void *arg)
+{
+    es__outbox_watch *w = arg;
+    PGconn *c = NULL;
+    int64_t delay = 100, next = 0; /* when to connect (monotonic ms) */
+    bool warned = false;
+    for (;;) {
+        if (c == NULL && mono_ms() >= next) {
+            c = watch_connect(w, &warned);
+            if (c != NULL) {
+                delay = 100;
+                w->fn(w->ud, false); /* we may have missed some */
+            } else {
+                next = mono_ms() + delay;
+                delay = delay * 2 > w->retry_max_ms ? w->retry_max_ms
+                                                    : delay * 2;
+            }
+        }
+        struct pollfd f[2] = {{w->stop[0], POLLIN, 0},
+                              {c ? PQsocket(c) : -1, POLLIN, 0}};
+        int64_t wait = c ? -1 : next - mono_ms();
+        if (poll(f, 2, c ? -1 : wait < 0 ? 0 : (int)wait) < 0 &&
+            errno != EINTR)
+            usleep(1000);
+        if (f[0].revents != 0) break;
+        if (c == NULL || f[1].revents == 0) continue;
+        bool ok = PQconsumeInput(c) == 1, heard = false;
+        PGnotify *note;
+        while ((note = PQnotifies(c)) != NULL) {
+            heard = true;
+            PQfreemem(note);
+        }
+        if (heard) w->fn(w->ud, true);
+        if (!ok || PQstatus(c) == CONNECTION_BAD) {
+            es__log(ES_LOG_WARN, "outbox: the LISTEN connection was lost; "
+                    "polling until it is back");
+            warned = true;
+            PQfinish(c);
+            c = NULL;
+            next = mono_ms() + delay;
+        }
+    }
+    if (c != NULL) PQfinish(c);
+    return NULL;
+}
+
+static int pg_outbox_watch(es_store *store, int64_t retry_max_ms,
+                           es__watch_fn fn, void *ud, es__outbox_watch **out,
+                           es_error *err)
+{
+    es__outbox_watch *w = es__calloc(1, sizeof *w);
+    if (w == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    w->s = (pg_store *)store;
+    w->fn = fn;
+    w->ud = ud;
+    w->retry_max_ms = retry_max_ms < 100 ? 100 : retry_max_ms;
+    if (pipe2(w->stop, O_CLOEXEC) != 0) {
+        es__free(w);
+        return es__error_set(err, ES_EIO, "outbox: no pipe for the watch");
+    }
+    if (pthread_create(&w->thread, NULL, watch_main, w) != 0) {
+        close(w->stop[0]);
+        close(w->stop[1]);
+        es__free(w);
+        return es__error_set(err, ES_EIO, "outbox: cannot start the "
+                                          "watch thread");
+    }
+    *out = w;
+    return 0;
+}
+
+static void pg_outbox_unwatch(es__outbox_watch *w)
+{
+    if (w == NULL) return;
+    ssize_t n;
+    do n = write(w->stop[1], "x", 1);
+    while (n < 0 && errno == EINTR);
+    pthread_join(w->thread, NULL);
+    close(w->stop[0]);
+    close(w->stop[1]);
+    es__free(w);
+}
+
 static const es_store_ops postgres_ops = {
     .name = "postgres",
     .begin = pg_begin,
@@ -2188,10 +2375,14 @@ static const es_store_ops postgres_ops = {
     .outbox_requeue = pg_outbox_requeue,
     .outbox_purge = pg_outbox_purge,
     .outbox_stats = pg_outbox_stats,
+    .outbox_watch = pg_outbox_watch,
+    .outbox_unwatch = pg_outbox_unwatch,
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
     .close = pg_close,
 };
+
+static uint64_t fnv1a(const char *s);
 
 static int build_sql(pg_store *s, const es_pg_config *cfg)
 {
@@ -2246,11 +2437,19 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
     s->sql[SQL_GET_EVENT] = sqlf(
         "SELECT aggregate_id, version, kind, payload, key_id FROM %s WHERE "
         "event_id = $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
+    /* NOTIFY in the same statement (no extra round trip) when a row went
+     * in: it is delivered only if the transaction commits, and one
+     * transaction's notifications are folded into one.  The result has a
+     * row exactly when something was inserted. */
     s->sql[SQL_INSERT_SIDE_EFFECTS] = sqlf(
-        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload, key_id, "
-        "aggregate_type) SELECT u.*, $7 FROM unnest($1::uuid[], $2::uuid[], "
-        "$3::uuid[], $4::integer[], $5::bytea[], $6::text[]) AS u ON "
-        "CONFLICT (id) DO NOTHING", o);
+        "WITH ins AS (INSERT INTO %s (id, aggregate_id, event_id, kind, "
+        "payload, key_id, aggregate_type) SELECT u.*, $7 FROM "
+        "unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::integer[], "
+        "$5::bytea[], $6::text[]) AS u ON CONFLICT (id) DO NOTHING "
+        "RETURNING 1) SELECT pg_notify($8, '') FROM (SELECT 1 FROM ins "
+        "LIMIT 1) AS one", o);
+    snprintf(s->channel, sizeof s->channel, "es_outbox_%016llx",
+             (unsigned long long)fnv1a(o));
     s->sql[SQL_LIST_SIDE_EFFECTS] = sqlf(
         "SELECT id, aggregate_id, event_id, kind, payload, key_id FROM %s "
         "WHERE status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = "

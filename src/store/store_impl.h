@@ -62,6 +62,14 @@ bool es__outbox_filter_match(const es__outbox_filter *filters, size_t n,
 /* Called when side effects were committed (wakes dispatchers). */
 typedef void (*es__commit_listener)(void *ud);
 
+/* A watch on the outbox of a store shared by several processes: a
+ * connection of its own that hears of commits made by anyone (the
+ * PostgreSQL store: LISTEN/NOTIFY).  The callback runs on the watch's own
+ * thread: notified true for a notification, false after the watch
+ * (re)connected, when notifications may have been missed. */
+typedef struct es__outbox_watch es__outbox_watch;
+typedef void (*es__watch_fn)(void *ud, bool notified);
+
 typedef struct es_store_ops {
     const char *name;
     int (*begin)(es_store *store, es_txn **out, es_error *err);
@@ -137,6 +145,17 @@ typedef struct es_store_ops {
                         es_error *err);
     int (*outbox_stats)(es_store *store, int64_t now_ms,
                         es_outbox_stats *out, es_error *err);
+    /* Optional (NULL: commits of this process only, through the commit
+     * listeners).  outbox_watch starts a watch that calls fn for commits
+     * of side effects by any process, reconnecting after a loss (first
+     * after 100 ms, doubling up to retry_max_ms); it succeeds even while
+     * the database is unreachable.  outbox_unwatch stops it: fn is not
+     * running and is never called again when it returns.  NULL is a
+     * no-op. */
+    int (*outbox_watch)(es_store *store, int64_t retry_max_ms,
+                        es__watch_fn fn, void *ud, es__outbox_watch **out,
+                        es_error *err);
+    void (*outbox_unwatch)(es__outbox_watch *watch);
     /* Free the backend; called when no transaction is open. */
     void (*close)(es_store *store);
 } es_store_ops;
