@@ -1,7 +1,8 @@
 /*
  * The eventastic command line tool (build/<variant>/bin/eventastic, next
  * to this test's directory) against PostgreSQL (DATABASE_URL): migrate,
- * status and stream on a fresh schema, usage errors, and a connection
+ * status and stream on a fresh schema, the outbox operations (list, show,
+ * requeue one or all of a type, purge), usage errors, and a connection
  * string whose password never shows.
  */
 #include <limits.h>
@@ -22,6 +23,7 @@
 
 static char g_tool[PATH_MAX + 32];
 static char g_schema[40];
+static char g_ob_schema[40];
 
 /* Run the tool with args (a shell word list); its output (stdout and
  * stderr) into out.  Returns its exit status. */
@@ -112,6 +114,132 @@ static void test_pg_tool_usage_and_secrets(void **state)
     assert_null(strstr(out, "hunter2secret"));
 }
 
+/* A handler that gives up (ud NULL) or succeeds (ud not NULL). */
+static es_outbox_verdict verdict_of(void *ud, const es_outbox_entry *e,
+                                    const void *value, es_error *reason)
+{
+    (void)e;
+    (void)value;
+    if (ud != NULL) return ES_OUTBOX_VERDICT_DONE;
+    snprintf(reason->message, sizeof reason->message, "mailbox full");
+    return ES_OUTBOX_VERDICT_GIVE_UP;
+}
+
+/* Deliver everything due with one handler, on this thread. */
+static void deliver_all(es_store *store, bool succeed)
+{
+    es_outbox_config *cfg = NULL;
+    assert_int_equal(es_outbox_config_new(store, &cfg, NULL), 0);
+    assert_int_equal(es_outbox_config_add_handler(
+                         cfg, &account_type, ES_OUTBOX_ANY_KIND, verdict_of,
+                         succeed ? (void *)store : NULL, NULL),
+                     0);
+    es_outbox *ob = NULL;
+    assert_int_equal(es_outbox_open(cfg, false, &ob, NULL), 0);
+    es_outbox_config_free(cfg);
+    size_t n = 1;
+    for (int round = 0; n > 0 && round < 10; round++)
+        assert_int_equal(es_outbox_run_once(ob, &n, NULL), 0);
+    es_outbox_close(ob);
+}
+
+static void test_pg_tool_outbox(void **state)
+{
+    (void)state;
+    char out[8192], args[256];
+    const char *sc = g_ob_schema;
+    es_store *store = NULL;
+    assert_int_equal(fixture_pg_open(sc, &store), 0);
+    account_builder b;
+    account_builder_init(&b);
+    account_builder_with_add(&b, 5);
+    es_error err = {0};
+    assert_int_equal(account_builder_save(&b, store, NULL, &err), 0);
+
+    snprintf(args, sizeof args, "--schema %s outbox list", sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "type=account"));
+    assert_non_null(strstr(out, "2 pending messages"));
+    snprintf(args, sizeof args, "--schema %s outbox list pending --limit 1",
+             sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "1 pending message (limit reached)"));
+
+    deliver_all(store, false); /* both become dead letters */
+    snprintf(args, sizeof args, "--schema %s outbox list dead", sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "2 dead messages"));
+    assert_non_null(strstr(out, "error=\"mailbox full\""));
+
+    es_outbox_entry_list *dead = NULL;
+    assert_int_equal(es_outbox_list(store, ES_OUTBOX_DEAD, 0, &dead, NULL), 0);
+    assert_int_equal(dead->count, 2);
+    char id[ES_UUID_STRLEN + 1];
+    es_uuid_format(&dead->items[0].side_effect.id, id);
+    es_outbox_entry_list_free(dead);
+    snprintf(args, sizeof args, "--schema %s outbox show %s", sc, id);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, id));
+    assert_non_null(strstr(out, "status          dead"));
+    assert_non_null(strstr(out, "aggregate type  account"));
+    assert_non_null(strstr(out, "attempts        1"));
+    assert_non_null(strstr(out, "last error      \"mailbox full\""));
+    assert_non_null(strstr(out, "payload"));
+
+    snprintf(args, sizeof args, "--schema %s outbox requeue %s", sc, id);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "requeued 1 dead letter"));
+    assert_int_equal(tool(args, out, sizeof out), 1); /* not dead now */
+    assert_non_null(strstr(out, "ES_ENOTFOUND"));
+    snprintf(args, sizeof args, "--schema %s outbox requeue --type account "
+             "--kind 12345", sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "requeued 0 dead letters"));
+    snprintf(args, sizeof args, "--schema %s outbox requeue --type account",
+             sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "requeued 1 dead letter"));
+    snprintf(args, sizeof args, "--schema %s outbox list", sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "2 pending messages"));
+
+    deliver_all(store, true);
+    snprintf(args, sizeof args, "--schema %s outbox list done", sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "2 done messages"));
+    snprintf(args, sizeof args, "--schema %s outbox purge --older-than 1h",
+             sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "purged 0 done messages"));
+    usleep(20000);
+    snprintf(args, sizeof args, "--schema %s outbox purge --older-than 5ms",
+             sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "purged 2 done messages"));
+    es_outbox_stats stats;
+    assert_int_equal(es_outbox_stats_get(store, 0, &stats, NULL), 0);
+    assert_int_equal(stats.pending + stats.dead + stats.done, 0);
+
+    es_uuid other = fixture_new_id();
+    es_uuid_format(&other, id);
+    snprintf(args, sizeof args, "--schema %s outbox show %s", sc, id);
+    assert_int_equal(tool(args, out, sizeof out), 1);
+    assert_non_null(strstr(out, "ES_ENOTFOUND"));
+    const char *bad[] = {
+        "outbox", "outbox list sideways", "outbox list --limit 0",
+        "outbox show", "outbox show not-a-uuid", "outbox requeue",
+        "outbox requeue --kind 3", "outbox purge", "outbox purge 7d",
+        "outbox purge --older-than 5x", "outbox frob"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(args, sizeof args, "--schema %s %s", sc, bad[i]);
+        assert_int_equal(tool(args, out, sizeof out), 2);
+        assert_non_null(strstr(out, "usage:"));
+    }
+    assert_int_equal(tool("--help", out, sizeof out), 0);
+    assert_non_null(strstr(out, "outbox requeue"));
+    assert_int_equal(es_store_close(store), 0);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -129,6 +257,7 @@ static int group_setup(void **state)
         return -1;
     }
     fixture_pg_random_name(g_schema, sizeof g_schema, "es_tool_");
+    fixture_pg_random_name(g_ob_schema, sizeof g_ob_schema, "es_tool_ob_");
     return 0;
 }
 
@@ -136,6 +265,7 @@ static int group_teardown(void **state)
 {
     (void)state;
     fixture_pg_drop_schema(g_schema);
+    fixture_pg_drop_schema(g_ob_schema);
     return 0;
 }
 
@@ -149,6 +279,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_tool_migrate_status_stream),
         cmocka_unit_test(test_pg_tool_usage_and_secrets),
+        cmocka_unit_test(test_pg_tool_outbox),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -4,15 +4,22 @@
  *   eventastic [--db CONNINFO] [--schema NAME] migrate
  *   eventastic [--db CONNINFO] [--schema NAME] status
  *   eventastic [--db CONNINFO] [--schema NAME] stream AGGREGATE-ID
+ *   eventastic [--db CONNINFO] [--schema NAME] outbox list [STATUS]
+ *              [--limit N] | show ID | requeue ID | requeue --type NAME
+ *              [--kind N] | purge --older-than AGE
  *
+ * docs/eventastic.1 is the manual page.
  * The connection string comes from --db or DATABASE_URL; it is never
  * printed (the library's messages hold no password either).  Exit status:
  * 0 done, 1 failed (the reason on stderr), 2 wrong usage.
  */
 #include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "eventastic.h"
 
@@ -25,6 +32,18 @@ static const char usage[] =
     "                       and from several processes at once)\n"
     "  status               schema version, row counts, outbox figures\n"
     "  stream AGGREGATE-ID  print the events of one aggregate, in order\n"
+    "  outbox list [pending|dead|done] [--limit N]\n"
+    "                       list outbox messages, oldest first (default:\n"
+    "                       pending, at most 100)\n"
+    "  outbox show ID       one message: state, attempts, last error, "
+    "payload\n"
+    "  outbox requeue ID    make one dead letter pending again\n"
+    "  outbox requeue --type NAME [--kind N]\n"
+    "                       requeue every dead letter of an aggregate type\n"
+    "                       (of one side-effect kind)\n"
+    "  outbox purge --older-than AGE\n"
+    "                       delete done messages finished more than AGE ago\n"
+    "                       (AGE: a number with ms, s, m, h or d; e.g. 7d)\n"
     "\n"
     "The connection string is --db or DATABASE_URL (libpq key=value or a\n"
     "postgresql:// URI).  Exit status: 0 done, 1 failed, 2 usage.\n";
@@ -131,6 +150,238 @@ static int cmd_stream(es_store *store, const char *text)
     return 0;
 }
 
+/* ---- outbox ---- */
+
+typedef enum outbox_op { OB_LIST, OB_SHOW, OB_REQUEUE, OB_PURGE } outbox_op;
+
+typedef struct outbox_args {
+    outbox_op op;
+    es_outbox_status status;
+    size_t limit;
+    bool have_id;
+    es_uuid id;
+    const char *type; /* requeue --type */
+    int32_t kind;     /* requeue --kind, or ES_OUTBOX_ANY_KIND */
+    int64_t age_ms;   /* purge --older-than */
+} outbox_args;
+
+static bool parse_i64(const char *text, int64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0') return false;
+    *out = v;
+    return true;
+}
+
+/* "90", "90s", "500ms", "15m", "12h", "7d" -> ms (>= 0). */
+static bool parse_age(const char *text, int64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno != 0 || end == text || v < 0) return false;
+    int64_t unit = 0;
+    if (strcmp(end, "ms") == 0)
+        unit = 1;
+    else if (strcmp(end, "s") == 0 || *end == '\0')
+        unit = 1000;
+    else if (strcmp(end, "m") == 0)
+        unit = 60000;
+    else if (strcmp(end, "h") == 0)
+        unit = 3600000;
+    else if (strcmp(end, "d") == 0)
+        unit = 86400000;
+    else
+        return false;
+    if (v > INT64_MAX / unit) return false;
+    *out = (int64_t)v * unit;
+    return true;
+}
+
+/* Parse argv[0..argc) after "outbox".  False: wrong usage. */
+static bool outbox_parse(int argc, char **argv, outbox_args *a)
+{
+    memset(a, 0, sizeof *a);
+    a->limit = 100;
+    a->kind = ES_OUTBOX_ANY_KIND;
+    a->age_ms = -1;
+    if (argc < 1) return false;
+    const char *op = argv[0];
+    int i = 1;
+    if (strcmp(op, "list") == 0) {
+        a->op = OB_LIST;
+        a->status = ES_OUTBOX_PENDING;
+        if (i < argc && strncmp(argv[i], "--", 2) != 0) {
+            const char *st = argv[i++];
+            if (strcmp(st, "pending") == 0)
+                a->status = ES_OUTBOX_PENDING;
+            else if (strcmp(st, "dead") == 0)
+                a->status = ES_OUTBOX_DEAD;
+            else if (strcmp(st, "done") == 0)
+                a->status = ES_OUTBOX_DONE;
+            else
+                return false;
+        }
+        for (; i < argc; i++) {
+            int64_t n = 0;
+            if (strcmp(argv[i], "--limit") != 0 || i + 1 >= argc ||
+                !parse_i64(argv[i + 1], &n) || n < 1 || n > 1000000)
+                return false;
+            a->limit = (size_t)n;
+            i++;
+        }
+        return true;
+    }
+    if (strcmp(op, "show") == 0) {
+        a->op = OB_SHOW;
+        a->have_id = argc == 2 && es_uuid_parse(argv[1], &a->id) == 0;
+        return a->have_id;
+    }
+    if (strcmp(op, "requeue") == 0) {
+        a->op = OB_REQUEUE;
+        if (argc == 2 && strncmp(argv[1], "--", 2) != 0) {
+            a->have_id = es_uuid_parse(argv[1], &a->id) == 0;
+            return a->have_id;
+        }
+        for (; i < argc; i++) {
+            if (strcmp(argv[i], "--type") == 0 && i + 1 < argc) {
+                a->type = argv[++i];
+            } else if (strcmp(argv[i], "--kind") == 0 && i + 1 < argc) {
+                int64_t k = 0;
+                if (!parse_i64(argv[++i], &k) || k <= INT32_MIN ||
+                    k > INT32_MAX)
+                    return false;
+                a->kind = (int32_t)k;
+            } else {
+                return false;
+            }
+        }
+        return a->type != NULL && a->type[0] != '\0';
+    }
+    if (strcmp(op, "purge") == 0) {
+        a->op = OB_PURGE;
+        return argc == 3 && strcmp(argv[1], "--older-than") == 0 &&
+               parse_age(argv[2], &a->age_ms);
+    }
+    return false;
+}
+
+static const char *status_word(es_outbox_status st)
+{
+    switch (st) {
+    case ES_OUTBOX_PENDING:
+        return "pending";
+    case ES_OUTBOX_DONE:
+        return "done";
+    case ES_OUTBOX_DEAD:
+        return "dead";
+    }
+    return "?";
+}
+
+/* Unix ms -> "2026-11-27T11:40:02.123Z". */
+static const char *iso_time(int64_t ms, char *out, size_t cap)
+{
+    time_t sec = (time_t)(ms / 1000);
+    struct tm tm;
+    if (gmtime_r(&sec, &tm) == NULL) {
+        snprintf(out, cap, "%" PRId64 " ms", ms);
+        return out;
+    }
+    char day[32];
+    strftime(day, sizeof day, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(out, cap, "%s.%03dZ", day, (int)(ms % 1000));
+    return out;
+}
+
+/* Print a last error quoted, on one line. */
+static void print_quoted(const char *text)
+{
+    putchar('"');
+    for (const char *p = text; *p; p++) {
+        if (*p == '"' || *p == '\\') putchar('\\');
+        putchar(*p == '\n' ? ' ' : *p);
+    }
+    putchar('"');
+}
+
+static int cmd_outbox(es_store *store, const outbox_args *a)
+{
+    es_error err = {0};
+    char id[ES_UUID_STRLEN + 1], agg[ES_UUID_STRLEN + 1], when[48];
+    int rc = 0;
+    switch (a->op) {
+    case OB_LIST: {
+        es_outbox_entry_list *list = NULL;
+        rc = es_outbox_list(store, a->status, a->limit, &list, &err);
+        if (rc != 0) return fail("outbox list", rc, &err);
+        for (size_t i = 0; i < list->count; i++) {
+            const es_outbox_entry *e = &list->items[i];
+            printf("%s type=%s kind=%d aggregate=%s attempts=%u created=%s",
+                   es_uuid_format(&e->side_effect.id, id), e->aggregate_type,
+                   (int)e->side_effect.kind,
+                   es_uuid_format(&e->side_effect.aggregate_id, agg),
+                   e->attempts, iso_time(e->created_ms, when, sizeof when));
+            if (e->last_error[0]) {
+                printf(" error=");
+                print_quoted(e->last_error);
+            }
+            putchar('\n');
+        }
+        printf("%zu %s message%s%s\n", list->count, status_word(a->status),
+               list->count == 1 ? "" : "s",
+               list->count == a->limit ? " (limit reached)" : "");
+        es_outbox_entry_list_free(list);
+        return 0;
+    }
+    case OB_SHOW: {
+        es_outbox_entry *e = NULL;
+        rc = es_outbox_show(store, &a->id, &e, &err);
+        if (rc != 0) return fail("outbox show", rc, &err);
+        printf("id              %s\n", es_uuid_format(&e->side_effect.id, id));
+        printf("status          %s\n", status_word(e->status));
+        printf("aggregate type  %s\n", e->aggregate_type);
+        printf("aggregate       %s\n",
+               es_uuid_format(&e->side_effect.aggregate_id, agg));
+        printf("event           %s\n",
+               es_uuid_format(&e->side_effect.event_id, id));
+        printf("kind            %d\n", (int)e->side_effect.kind);
+        printf("attempts        %u\n", e->attempts);
+        printf("created         %s\n", iso_time(e->created_ms, when,
+                                                 sizeof when));
+        if (e->status == ES_OUTBOX_PENDING)
+            printf("next attempt    %s\n",
+                   iso_time(e->next_attempt_ms, when, sizeof when));
+        printf("last error      ");
+        print_quoted(e->last_error);
+        printf("\npayload         %zu bytes", e->side_effect.len);
+        print_payload(e->side_effect.data, e->side_effect.len);
+        es_free(e);
+        return 0;
+    }
+    case OB_REQUEUE: {
+        size_t n = 0;
+        rc = es_outbox_requeue(store, a->have_id ? &a->id : NULL,
+                               a->have_id ? NULL : a->type, a->kind, &n,
+                               &err);
+        if (rc != 0) return fail("outbox requeue", rc, &err);
+        printf("requeued %zu dead letter%s\n", n, n == 1 ? "" : "s");
+        return 0;
+    }
+    case OB_PURGE: {
+        size_t n = 0;
+        rc = es_outbox_purge_done(store, es_clock_now_ms() - a->age_ms, &n,
+                                  &err);
+        if (rc != 0) return fail("outbox purge", rc, &err);
+        printf("purged %zu done message%s\n", n, n == 1 ? "" : "s");
+        return 0;
+    }
+    }
+    return 2;
+}
+
 int main(int argc, char **argv)
 {
     const char *db = NULL, *schema = NULL;
@@ -154,9 +405,17 @@ int main(int argc, char **argv)
     }
     const char *cmd = argv[i++];
     bool is_stream = strcmp(cmd, "stream") == 0;
-    if ((strcmp(cmd, "migrate") != 0 && strcmp(cmd, "status") != 0 &&
-         !is_stream) ||
-        (is_stream && argc - i != 1) || (!is_stream && argc - i != 0)) {
+    bool is_outbox = strcmp(cmd, "outbox") == 0;
+    outbox_args ob;
+    if (is_outbox) {
+        if (!outbox_parse(argc - i, argv + i, &ob)) {
+            fputs(usage, stderr);
+            return 2;
+        }
+    } else if ((strcmp(cmd, "migrate") != 0 && strcmp(cmd, "status") != 0 &&
+                !is_stream) ||
+               (is_stream && argc - i != 1) ||
+               (!is_stream && argc - i != 0)) {
         fputs(usage, stderr);
         return 2;
     }
@@ -193,6 +452,8 @@ int main(int argc, char **argv)
             status = fail("connect", rc, &err);
         else if (is_stream)
             status = cmd_stream(store, argv[i]);
+        else if (is_outbox)
+            status = cmd_outbox(store, &ob);
         else
             status = cmd_status(store);
         es_store_close(store);
