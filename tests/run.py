@@ -80,9 +80,11 @@ def unit_tests(variant):
 
 
 def examples(variant):
-    """The example programs: each must exit 0."""
-    return sorted(p for p in glob.glob(os.path.join(BUILD, variant, "bin",
-                                                    "*_example"))
+    """The example programs (*_example, *_embed): each must exit 0."""
+    found = []
+    for pattern in ("*_example", "*_embed"):
+        found += glob.glob(os.path.join(BUILD, variant, "bin", pattern))
+    return sorted(p for p in found
                   if os.access(p, os.X_OK) and not p.endswith(".d"))
 
 
