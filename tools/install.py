@@ -79,6 +79,14 @@ def install(prefix):
             os.remove(dst)
         if is_link:
             os.symlink(os.readlink(src), dst)
+        elif rel.endswith(".pc"):
+            # Built for configure's --prefix; say where it really goes, so
+            # that "install.py install --prefix X" alone is right too.
+            lines = open(src).read().splitlines(True)
+            lines = ["prefix=%s\n" % prefix if l.startswith("prefix=")
+                     else l for l in lines]
+            with open(dst, "w") as f:
+                f.write("".join(lines))
         else:
             shutil.copy2(src, dst)
         written.append(dst)
