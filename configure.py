@@ -355,7 +355,7 @@ def main():
                    "--compile-fail --install-test --docs --bank",
             "desc": "CHECK"})
         n.build("demo", "run", all_targets["release"], variables={
-            "cmd": "$python tests/run.py --demo",
+            "cmd": "$python tests/demo.py",
             "desc": "DEMO"})
         n.build("bench", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --bench",
