@@ -561,7 +561,8 @@ int main(int argc, char **argv)
     double p50 = hist_q(&L.h, 0.50), p99 = hist_q(&L.h, 0.99);
     double p999 = hist_q(&L.h, 0.999);
 
-    /* Settle: every acknowledged transfer completes or is refunded. */
+    /* Settle: every acknowledged transfer completes or is refunded; it
+     * fails when none settles for 60 s. */
     uint64_t unsettled = 0, completed = 0, refunded = 0;
     double deadline = now_s() + 60;
     for (size_t j = 0; j < L.n_transfers; j++) {
@@ -579,7 +580,11 @@ int main(int argc, char **argv)
                 else refunded++;
             }
             json_decref(ans);
-            if (done) break;
+            if (done) {
+                /* Still settling: wait up to 60 s for the next one. */
+                deadline = now_s() + 60;
+                break;
+            }
             if (now_s() > deadline) {
                 unsettled++;
                 break;

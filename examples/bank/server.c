@@ -964,6 +964,12 @@ int main(int argc, char **argv)
         snprintf(err.message, sizeof err.message, "cannot start readers");
     }
     if (rc == 0) rc = es_outbox_config_new(srv.store, &ocfg, &err);
+    /* Transfers settle through the outbox: each credit is a few host
+     * calls waiting for commits, so deliver many at once, and poll often
+     * (a claim round that finds nothing is one cheap query). */
+    if (rc == 0) rc = es_outbox_config_set_concurrency(ocfg, 8, &err);
+    if (rc == 0) rc = es_outbox_config_set_batch_size(ocfg, 256, &err);
+    if (rc == 0) rc = es_outbox_config_set_poll_ms(ocfg, 100, &err);
     if (rc == 0)
         rc = es_outbox_config_add_handler(ocfg, &bank_account_type,
                                           ES_OUTBOX_ANY_KIND,
