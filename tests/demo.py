@@ -2,9 +2,12 @@
 """ninja demo: the bank under load.
 
 Starts a throwaway PostgreSQL under build/ (or uses DATABASE_URL), starts
-bank-server on it (--migrate), runs bank-load against it, then stops the
-server with SIGTERM (it drains and exits 0) and the database.  With
---memory the server runs on the in-memory store instead.
+bank-server on it (--migrate), runs bank-load against it for 30 s (a
+progress line each second, then the summary and the invariant check),
+then stops the server with SIGTERM (it drains and exits 0) and the
+database.  Everything it started is stopped also on Ctrl-C or failure.
+With --memory the server runs on the in-memory store instead.
+run(db_url, args) is also tests/run.py's bank_check.
 """
 
 import argparse
@@ -50,16 +53,20 @@ def run(db_url, args):
     env.pop("DATABASE_URL", None)
     if db_url:
         cmd += ["--db", db_url, "--migrate"]
+    print("demo: %s" % " ".join(cmd))
+    sys.stdout.flush()
     server = subprocess.Popen(cmd, env=env)
     try:
         if not wait_listening(port, server):
             print("demo: bank-server did not start")
             return 1
-        load = [os.path.join(BIN, "bank-load"), "--port", str(port),
-                "--clients", str(args.clients), "--seconds",
-                str(args.seconds), "--accounts", str(args.accounts),
-                "--seed", str(args.seed), "--json",
+        load = [os.path.join(BIN, "bank-load"), "--url",
+                "http://127.0.0.1:%d" % port, "--clients", str(args.clients),
+                "--duration", str(args.seconds), "--accounts",
+                str(args.accounts), "--retry-ratio", "0.1", "--seed",
+                str(args.seed), "--json",
                 os.path.join(TOP, "build", "demo.json")]
+        sys.stdout.flush()
         rc = subprocess.call(load)
     finally:
         server.terminate()
@@ -75,16 +82,20 @@ def run(db_url, args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory", action="store_true")
-    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--accounts", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     args = ap.parse_args()
-    if args.memory:
-        sys.exit(run(None, args))
-    with Cluster() as db:
-        sys.exit(run(db.url, args))
+    try:
+        if args.memory:
+            sys.exit(run(None, args))
+        with Cluster() as db:
+            sys.exit(run(db.url, args))
+    except KeyboardInterrupt:
+        print("demo: interrupted; everything it started is stopped")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

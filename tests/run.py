@@ -243,6 +243,23 @@ def bank_check(db_url):
     return True
 
 
+def bank_e2e(db_url):
+    """The bank's HTTP API end to end (tests/bank_e2e.py)."""
+    import bank_e2e as e2e
+    t0 = time.time()
+    ck = e2e.run(db_url)
+    name = "bank_e2e/%s" % ("postgresql" if db_url else "memory")
+    if ck.failures:
+        for f in ck.failures:
+            print("  " + f)
+        print("FAIL %-40s (%d of %d checks failed)" % (name,
+                                                        len(ck.failures),
+                                                        ck.checks))
+        return False
+    print("ok   %-40s %.1fs %d checks" % (name, time.time() - t0, ck.checks))
+    return True
+
+
 def docs():
     """ninja docs: the API reference; any undocumented public symbol or
     doc error is listed and fails the step."""
@@ -309,9 +326,11 @@ def main():
                     total += 1
                     failed += not run_binary(t, v, {"DATABASE_URL": db.url})
             if a.bank:
-                total += 2
+                total += 4
                 failed += not bank_check(None)
                 failed += not bank_check(db.url)
+                failed += not bank_e2e(None)
+                failed += not bank_e2e(db.url)
     print("%d of %d test programs passed" % (total - failed, total))
     sys.exit(1 if failed else 0)
 

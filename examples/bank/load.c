@@ -1,24 +1,29 @@
 /*
  * bank-load: a load generator and invariant checker for bank-server.
  *
- * Opens accounts, then runs client threads that send transfers, deposits
- * and withdrawals over keep-alive HTTP/1.1 connections for a while, re-
- * sending a share of them with the same ids.  Then it waits for the
- * transfers to settle and checks, through the API, that money was neither
- * created nor lost nor moved twice:
+ * Opens accounts, then runs --clients keep-alive connections on libevent's
+ * HTTP client, all on one event_base: each connection has one request in
+ * flight and sends the next as soon as the answer arrives, for --duration
+ * seconds, with deposits, withdrawals and transfers in the --mix shares,
+ * re-sending a --retry-ratio share of them with the same ids.  A progress
+ * line each second; at the end a summary table and a JSON summary.  Then
+ * it waits for the transfers to settle and checks, through the API, that
+ * money was neither created nor lost nor moved twice:
  *   sum of balances == opened + deposited - withdrawn (acknowledged),
  *   no negative balance, every acknowledged transfer completed or
  *   refunded, every re-sent request answered like the original.
- * It prints a report and a JSON copy, and exits 1 if a check fails.
+ * It exits 1 if a check fails.
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
 #include <jansson.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <pthread.h>
-#include <stdatomic.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -31,13 +36,8 @@
 #include "eventastic/uuid.h"
 
 #define INITIAL_BALANCE 100000
-#define MAX_LAT 2000000
-
-typedef struct conn {
-    int fd;
-    char buf[65536];
-    size_t have;
-} conn;
+#define HIST_BUCKETS 100000 /* 10 us each: up to 1 s, then the last */
+#define N_STATUS 600        /* index 0: no answer (connection failed) */
 
 typedef struct options {
     char host[128];
@@ -45,12 +45,14 @@ typedef struct options {
     int clients;
     double seconds;
     int accounts;
-    double resend;
+    int mix_deposit, mix_withdraw, mix_transfer;
+    double retry;
     unsigned seed;
     const char *json_out;
 } options;
 
-static options opt = {"127.0.0.1", 8080, 16, 5.0, 200, 0.1, 1, NULL};
+static options opt = {"127.0.0.1", 8080, 32, 10.0, 1000, 60, 20, 20, 0.1, 1,
+                      NULL};
 
 static double now_s(void)
 {
@@ -58,6 +60,47 @@ static double now_s(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
+
+/* ---- latency histogram ---- */
+
+typedef struct hist {
+    uint64_t b[HIST_BUCKETS];
+    uint64_t n;
+    double max_ms;
+} hist;
+
+static void hist_add(hist *h, double seconds)
+{
+    double us = seconds * 1e6;
+    size_t i = us < 0 ? 0 : (size_t)(us / 10);
+    if (i >= HIST_BUCKETS) i = HIST_BUCKETS - 1;
+    h->b[i]++;
+    h->n++;
+    if (seconds * 1e3 > h->max_ms) h->max_ms = seconds * 1e3;
+}
+
+/* The q-quantile in ms (the bucket's upper edge). */
+static double hist_q(const hist *h, double q)
+{
+    if (h->n == 0) return 0;
+    uint64_t want = (uint64_t)(q * (double)h->n);
+    if (want >= h->n) want = h->n - 1;
+    uint64_t seen = 0;
+    for (size_t i = 0; i < HIST_BUCKETS; i++) {
+        seen += h->b[i];
+        if (seen > want)
+            return i == HIST_BUCKETS - 1 ? h->max_ms : (double)(i + 1) / 100;
+    }
+    return h->max_ms;
+}
+
+/* ---- blocking HTTP for the set-up and the checks ---- */
+
+typedef struct conn {
+    int fd;
+    char buf[65536];
+    size_t have;
+} conn;
 
 static int conn_open(conn *c)
 {
@@ -115,7 +158,8 @@ static int request(conn *c, const char *method, const char *path,
             if (sscanf(c->buf, "HTTP/1.%*d %d", &status) != 1) break;
             size_t clen = 0;
             char *cl = strcasestr(c->buf, "Content-Length:");
-            if (cl != NULL && cl < end) clen = (size_t)strtoul(cl + 15, NULL, 10);
+            if (cl != NULL && cl < end)
+                clen = (size_t)strtoul(cl + 15, NULL, 10);
             if (hlen + clen > sizeof c->buf) break;
             while (c->have < hlen + clen) {
                 ssize_t got = recv(c->fd, c->buf + c->have,
@@ -140,29 +184,53 @@ fail:
     return -1;
 }
 
+/* ---- the load, on libevent's HTTP client ---- */
+
 static char (*account_ids)[ES_UUID_STRLEN + 1];
 
-/* What the clients saw, summed over threads. */
+typedef enum op { OP_DEPOSIT, OP_WITHDRAW, OP_TRANSFER } op;
+
+/* What the clients saw. */
 typedef struct totals {
     uint64_t ok, rejected, failed, unknown, resent, resend_mismatch;
     int64_t deposited, withdrawn, unknown_money;
-    uint64_t by_status[6]; /* 2xx 3xx 4xx 503 5xx other */
+    uint64_t by_status[N_STATUS];
 } totals;
 
-typedef struct transfer_rec {
-    char id[ES_UUID_STRLEN + 1];
-} transfer_rec;
-
 typedef struct client {
-    int index;
+    struct evhttp_connection *evcon;
     unsigned seed;
-    double until;
-    totals t;
-    transfer_rec *transfers;
-    size_t n_transfers, cap_transfers;
-    uint32_t *lat_us;
-    size_t n_lat, cap_lat;
+    /* the request in flight */
+    op op;
+    bool resend;
+    long amount;
+    char id[ES_UUID_STRLEN + 1];
+    char path[128], body[512];
+    double t0;
+    /* the last new request, for re-sending */
+    op prev_op;
+    char prev_path[128], prev_body[512];
+    int prev_status;
+    json_t *prev_answer;
 } client;
+
+typedef struct load {
+    struct event_base *base;
+    client *clients;
+    double until;
+    int in_flight;
+    totals t;
+    hist h;
+    /* for the progress line */
+    double started, last_tick;
+    uint64_t last_n;
+    struct event *tick;
+    /* acknowledged transfers */
+    char (*transfers)[ES_UUID_STRLEN + 1];
+    size_t n_transfers, cap_transfers;
+} load;
+
+static load L;
 
 static void new_id(char out[ES_UUID_STRLEN + 1])
 {
@@ -171,149 +239,287 @@ static void new_id(char out[ES_UUID_STRLEN + 1])
     es_uuid_format(&id, out);
 }
 
-static void count_status(totals *t, int status)
+static void send_next(client *cl);
+
+static void remember_transfer(const char *id)
 {
-    int k = status < 0 ? 5 : status < 300 ? 0 : status < 400 ? 1
-            : status < 500 ? 2 : status == 503 ? 3 : 4;
-    t->by_status[k]++;
+    if (L.n_transfers == L.cap_transfers) {
+        size_t cap = L.cap_transfers ? 2 * L.cap_transfers : 4096;
+        void *p = realloc(L.transfers, cap * sizeof *L.transfers);
+        if (p == NULL) {
+            fprintf(stderr, "bank-load: out of memory\n");
+            exit(1);
+        }
+        L.transfers = p;
+        L.cap_transfers = cap;
+    }
+    snprintf(L.transfers[L.n_transfers++], ES_UUID_STRLEN + 1, "%s", id);
 }
 
-static void *client_main(void *arg)
+/* Loop thread: an answer (or a failure: req NULL or code 0). */
+static void on_answer(struct evhttp_request *req, void *arg)
 {
     client *cl = arg;
-    conn c = {-1, {0}, 0};
-    char path[128], body[512], prev_path[128] = "", prev_body[512] = "";
-    int prev_status = 0;
-    json_t *prev_answer = NULL;
-    while (now_s() < cl->until) {
-        bool resend = prev_body[0] != '\0' &&
-                      (double)rand_r(&cl->seed) / RAND_MAX < opt.resend;
-        char id[ES_UUID_STRLEN + 1];
-        int op = rand_r(&cl->seed) % 4;
+    totals *t = &L.t;
+    L.in_flight--;
+    hist_add(&L.h, now_s() - cl->t0);
+    int status = req ? evhttp_request_get_response_code(req) : 0;
+    if (status < 0 || status >= N_STATUS) status = 0;
+    t->by_status[status]++;
+    json_t *answer = NULL;
+    if (status > 0) {
+        struct evbuffer *in = evhttp_request_get_input_buffer(req);
+        size_t len = evbuffer_get_length(in);
+        if (len > 0) {
+            json_error_t jerr;
+            answer = json_loadb((const char *)evbuffer_pullup(in, -1), len,
+                                0, &jerr);
+        }
+    }
+    if (cl->resend) {
+        t->resent++;
+        /* The same request must get the same answer (version and
+         * balance), unless an outcome was unknown or "try again".  A
+         * rejection is decided again, so it is not compared. */
+        bool same = status == cl->prev_status &&
+                    (answer == NULL || cl->prev_answer == NULL ||
+                     json_equal(answer, cl->prev_answer));
+        bool comparable = status >= 200 && status < 300 &&
+                          cl->prev_status >= 200 && cl->prev_status < 300;
+        if (comparable && !same) t->resend_mismatch++;
+        json_decref(answer);
+    } else {
+        bool transfer = cl->op == OP_TRANSFER;
+        if (status >= 200 && status < 300) {
+            t->ok++;
+            if (transfer) remember_transfer(cl->id);
+            else if (cl->op == OP_DEPOSIT) t->deposited += cl->amount;
+            else t->withdrawn += cl->amount;
+        } else if (status == 0 || status >= 500) {
+            if (status == 0) t->unknown++;
+            else t->failed++;
+            if (!transfer) t->unknown_money += cl->amount;
+        } else {
+            t->rejected++;
+        }
+        json_decref(cl->prev_answer);
+        cl->prev_answer = answer;
+        cl->prev_status = status;
+        cl->prev_op = cl->op;
+        snprintf(cl->prev_path, sizeof cl->prev_path, "%s", cl->path);
+        snprintf(cl->prev_body, sizeof cl->prev_body, "%s", cl->body);
+    }
+    if (now_s() < L.until) send_next(cl);
+    else if (L.in_flight == 0) event_base_loopbreak(L.base);
+}
+
+static void send_next(client *cl)
+{
+    cl->resend = cl->prev_body[0] != '\0' &&
+                 (double)rand_r(&cl->seed) / RAND_MAX < opt.retry;
+    if (cl->resend) {
+        cl->op = cl->prev_op;
+        snprintf(cl->path, sizeof cl->path, "%s", cl->prev_path);
+        snprintf(cl->body, sizeof cl->body, "%s", cl->prev_body);
+    } else {
+        int total = opt.mix_deposit + opt.mix_withdraw + opt.mix_transfer;
+        int r = rand_r(&cl->seed) % total;
+        cl->op = r < opt.mix_deposit                      ? OP_DEPOSIT
+                 : r < opt.mix_deposit + opt.mix_withdraw ? OP_WITHDRAW
+                                                          : OP_TRANSFER;
         int a = rand_r(&cl->seed) % opt.accounts;
         int b = (a + 1 + rand_r(&cl->seed) % (opt.accounts - 1)) %
                 opt.accounts;
-        long amount = 1 + rand_r(&cl->seed) % 1000;
-        if (resend) {
-            snprintf(path, sizeof path, "%s", prev_path);
-            snprintf(body, sizeof body, "%s", prev_body);
-        } else if (op <= 1) {
-            new_id(id);
-            snprintf(path, sizeof path, "/transfers");
-            snprintf(body, sizeof body,
+        cl->amount = 1 + rand_r(&cl->seed) % 1000;
+        new_id(cl->id);
+        if (cl->op == OP_TRANSFER) {
+            snprintf(cl->path, sizeof cl->path, "/transfers");
+            snprintf(cl->body, sizeof cl->body,
                      "{\"transfer_id\":\"%s\",\"from\":\"%s\",\"to\":\"%s\","
-                     "\"amount\":%ld}", id, account_ids[a], account_ids[b],
-                     amount);
+                     "\"amount\":%ld}", cl->id, account_ids[a],
+                     account_ids[b], cl->amount);
         } else {
-            new_id(id);
-            snprintf(path, sizeof path, "/accounts/%s/%s", account_ids[a],
-                     op == 2 ? "deposits" : "withdrawals");
-            snprintf(body, sizeof body, "{\"command_id\":\"%s\","
-                     "\"amount\":%ld}", id, amount);
+            snprintf(cl->path, sizeof cl->path, "/accounts/%s/%s",
+                     account_ids[a],
+                     cl->op == OP_DEPOSIT ? "deposits" : "withdrawals");
+            snprintf(cl->body, sizeof cl->body,
+                     "{\"command_id\":\"%s\",\"amount\":%ld}", cl->id,
+                     cl->amount);
         }
-        double t0 = now_s();
-        json_t *answer = NULL;
-        int status = request(&c, "POST", path, body, &answer);
-        double dt = now_s() - t0;
-        if (cl->n_lat < cl->cap_lat) cl->lat_us[cl->n_lat++] = (uint32_t)(dt * 1e6);
-        count_status(&cl->t, status);
-        if (resend) {
-            cl->t.resent++;
-            /* The same request must get the same answer (version and
-             * balance), unless the first one's outcome was unknown. */
-            bool same = status == prev_status &&
-                        (answer == NULL || prev_answer == NULL ||
-                         json_equal(answer, prev_answer));
-            if (prev_status > 0 && status > 0 && status != 503 &&
-                prev_status != 503 && !same)
-                cl->t.resend_mismatch++;
-            json_decref(answer);
-            continue;
-        }
-        bool is_transfer = strcmp(path, "/transfers") == 0;
-        if (status >= 200 && status < 300) {
-            cl->t.ok++;
-            if (is_transfer) {
-                void *items = cl->transfers;
-                if (cl->n_transfers == cl->cap_transfers) {
-                    cl->cap_transfers = cl->cap_transfers ? 2 * cl->cap_transfers
-                                                          : 1024;
-                    items = realloc(cl->transfers, cl->cap_transfers *
-                                                       sizeof(transfer_rec));
-                    if (items == NULL) abort();
-                    cl->transfers = items;
-                }
-                snprintf(cl->transfers[cl->n_transfers++].id,
-                         ES_UUID_STRLEN + 1, "%s", id);
-            } else if (op == 2) {
-                cl->t.deposited += amount;
-            } else {
-                cl->t.withdrawn += amount;
-            }
-        } else if (status < 0 || status == 503) {
-            if (status < 0) cl->t.unknown++;
-            else cl->t.failed++;
-            if (!is_transfer) cl->t.unknown_money += amount;
-        } else {
-            cl->t.rejected++;
-        }
-        json_decref(prev_answer);
-        prev_answer = answer;
-        prev_status = status;
-        snprintf(prev_path, sizeof prev_path, "%s", path);
-        snprintf(prev_body, sizeof prev_body, "%s", body);
     }
-    json_decref(prev_answer);
-    conn_close(&c);
-    return NULL;
+    struct evhttp_request *req = evhttp_request_new(on_answer, cl);
+    if (req == NULL) {
+        fprintf(stderr, "bank-load: out of memory\n");
+        exit(1);
+    }
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    evhttp_add_header(h, "Host", opt.host);
+    evhttp_add_header(h, "Content-Type", "application/json");
+    evbuffer_add(evhttp_request_get_output_buffer(req), cl->body,
+                 strlen(cl->body));
+    cl->t0 = now_s();
+    L.in_flight++;
+    if (evhttp_make_request(cl->evcon, req, EVHTTP_REQ_POST, cl->path) !=
+        0) {
+        /* libevent freed the request; count it as a failed one. */
+        L.in_flight--;
+        L.t.by_status[0]++;
+        L.t.unknown++;
+        if (cl->op != OP_TRANSFER && !cl->resend)
+            L.t.unknown_money += cl->amount;
+    }
 }
 
-static int cmp_u32(const void *a, const void *b)
+static void print_errors(FILE *f, const uint64_t *by)
 {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
+    bool any = false;
+    for (int s = 0; s < N_STATUS; s++) {
+        if (by[s] == 0 || (s >= 200 && s < 300)) continue;
+        if (s == 0) fprintf(f, " no-answer=%llu", (unsigned long long)by[s]);
+        else fprintf(f, " %d=%llu", s, (unsigned long long)by[s]);
+        any = true;
+    }
+    if (!any) fprintf(f, " none");
 }
+
+/* Loop thread, each second: the progress line. */
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    double now = now_s();
+    uint64_t n = L.h.n;
+    printf("[%5.1fs] %7.0f req/s  total %8llu  p99 %7.2f ms  errors:",
+           now - L.started, (double)(n - L.last_n) / (now - L.last_tick),
+           (unsigned long long)n, hist_q(&L.h, 0.99));
+    print_errors(stdout, L.t.by_status);
+    printf("\n");
+    fflush(stdout);
+    L.last_n = n;
+    L.last_tick = now;
+}
+
+static int run_load(void)
+{
+    L.base = event_base_new();
+    if (L.base == NULL) return -1;
+    L.clients = calloc((size_t)opt.clients, sizeof *L.clients);
+    if (L.clients == NULL) return -1;
+    for (int i = 0; i < opt.clients; i++) {
+        client *cl = &L.clients[i];
+        cl->seed = opt.seed * 7919u + (unsigned)i;
+        cl->evcon = evhttp_connection_base_new(L.base, NULL, opt.host,
+                                               (ev_uint16_t)opt.port);
+        if (cl->evcon == NULL) return -1;
+        evhttp_connection_set_timeout(cl->evcon, 30);
+        evhttp_connection_set_retries(cl->evcon, 0);
+    }
+    L.tick = event_new(L.base, -1, EV_PERSIST, on_tick, NULL);
+    struct timeval one = {1, 0};
+    event_add(L.tick, &one);
+    L.started = L.last_tick = now_s();
+    L.until = L.started + opt.seconds;
+    for (int i = 0; i < opt.clients; i++) send_next(&L.clients[i]);
+    event_base_dispatch(L.base);
+    event_free(L.tick);
+    for (int i = 0; i < opt.clients; i++) {
+        evhttp_connection_free(L.clients[i].evcon);
+        json_decref(L.clients[i].prev_answer);
+    }
+    free(L.clients);
+    event_base_free(L.base);
+    return 0;
+}
+
+/* ---- options ---- */
 
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: bank-load [--host IP] [--port N] [--clients N] "
-            "[--seconds S] [--accounts N] [--resend FRACTION] [--seed N] "
-            "[--json FILE]\n");
+            "usage: bank-load [--url http://HOST:PORT] [--accounts N] "
+            "[--clients N]\n"
+            "                 [--duration S] "
+            "[--mix deposit=60,withdraw=20,transfer=20]\n"
+            "                 [--retry-ratio R] [--seed N] [--json FILE]\n");
+}
+
+static bool parse_url(const char *url)
+{
+    const char *p = url;
+    if (strncmp(p, "http://", 7) == 0) p += 7;
+    const char *colon = strrchr(p, ':');
+    size_t hl = colon ? (size_t)(colon - p) : strcspn(p, "/");
+    if (hl == 0 || hl >= sizeof opt.host) return false;
+    memcpy(opt.host, p, hl);
+    opt.host[hl] = '\0';
+    if (strcmp(opt.host, "localhost") == 0)
+        snprintf(opt.host, sizeof opt.host, "127.0.0.1");
+    opt.port = colon ? atoi(colon + 1) : 80;
+    return opt.port > 0 && opt.port < 65536;
+}
+
+static bool parse_mix(const char *s)
+{
+    int d = 0, w = 0, t = 0;
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", s);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+        char *eq = strchr(tok, '=');
+        if (eq == NULL) return false;
+        *eq = '\0';
+        int v = atoi(eq + 1);
+        if (v < 0) return false;
+        if (strcmp(tok, "deposit") == 0) d = v;
+        else if (strcmp(tok, "withdraw") == 0) w = v;
+        else if (strcmp(tok, "transfer") == 0) t = v;
+        else return false;
+    }
+    if (d + w + t <= 0) return false;
+    opt.mix_deposit = d;
+    opt.mix_withdraw = w;
+    opt.mix_transfer = t;
+    return true;
 }
 
 int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (v == NULL) {
-            usage();
-            return 2;
-        }
-        if (strcmp(a, "--host") == 0) snprintf(opt.host, sizeof opt.host, "%s", v);
-        else if (strcmp(a, "--port") == 0) opt.port = atoi(v);
+        bool ok = v != NULL;
+        if (!ok) {
+            /* an option without its value */
+        } else if (strcmp(a, "--url") == 0) ok = parse_url(v);
         else if (strcmp(a, "--clients") == 0) opt.clients = atoi(v);
-        else if (strcmp(a, "--seconds") == 0) opt.seconds = atof(v);
+        else if (strcmp(a, "--duration") == 0) opt.seconds = atof(v);
         else if (strcmp(a, "--accounts") == 0) opt.accounts = atoi(v);
-        else if (strcmp(a, "--resend") == 0) opt.resend = atof(v);
+        else if (strcmp(a, "--mix") == 0) ok = parse_mix(v);
+        else if (strcmp(a, "--retry-ratio") == 0) opt.retry = atof(v);
         else if (strcmp(a, "--seed") == 0) opt.seed = (unsigned)atoi(v);
         else if (strcmp(a, "--json") == 0) opt.json_out = v;
-        else {
+        else ok = false;
+        if (!ok) {
             usage();
             return 2;
         }
         i++;
     }
-    if (opt.clients < 1 || opt.accounts < 2 || opt.seconds <= 0) {
+    if (opt.clients < 1 || opt.accounts < 2 || opt.seconds <= 0 ||
+        opt.retry < 0 || opt.retry > 1) {
         usage();
         return 2;
     }
-    printf("bank-load: seed %u, %d clients, %d accounts, %.1f s, resend "
-           "%.0f%%\n", opt.seed, opt.clients, opt.accounts, opt.seconds,
-           opt.resend * 100);
+    signal(SIGPIPE, SIG_IGN);
+    printf("bank-load: http://%s:%d, seed %u, %d clients, %d accounts, "
+           "%.1f s, mix deposit=%d,withdraw=%d,transfer=%d, retry-ratio "
+           "%.2f\n", opt.host, opt.port, opt.seed, opt.clients, opt.accounts,
+           opt.seconds, opt.mix_deposit, opt.mix_withdraw, opt.mix_transfer,
+           opt.retry);
+    fflush(stdout);
 
     /* Open the accounts. */
     account_ids = calloc((size_t)opt.accounts, sizeof *account_ids);
+    if (account_ids == NULL) return 1;
     conn c = {-1, {0}, 0};
     int64_t opened = 0;
     for (int i = 0; i < opt.accounts; i++) {
@@ -333,85 +539,57 @@ int main(int argc, char **argv)
             if (st != 201) usleep(100000);
         }
         if (st != 201) {
-            fprintf(stderr, "bank-load: cannot open accounts (HTTP %d)\n", st);
+            fprintf(stderr, "bank-load: cannot open accounts (HTTP %d)\n",
+                    st);
             return 1;
         }
         opened += INITIAL_BALANCE;
     }
+    printf("bank-load: %d accounts opened; load for %.1f s\n", opt.accounts,
+           opt.seconds);
+    fflush(stdout);
 
     /* The load. */
-    client *cls = calloc((size_t)opt.clients, sizeof *cls);
-    pthread_t *th = calloc((size_t)opt.clients, sizeof *th);
     double t0 = now_s();
-    for (int i = 0; i < opt.clients; i++) {
-        cls[i].index = i;
-        cls[i].seed = opt.seed * 7919u + (unsigned)i;
-        cls[i].until = t0 + opt.seconds;
-        cls[i].cap_lat = MAX_LAT / (size_t)opt.clients;
-        cls[i].lat_us = malloc(cls[i].cap_lat * sizeof(uint32_t) + 4);
-        pthread_create(&th[i], NULL, client_main, &cls[i]);
+    if (run_load() != 0) {
+        fprintf(stderr, "bank-load: cannot start the clients\n");
+        return 1;
     }
-    totals t = {0};
-    size_t n_lat = 0, n_transfers = 0;
-    for (int i = 0; i < opt.clients; i++) pthread_join(th[i], NULL);
     double elapsed = now_s() - t0;
-    for (int i = 0; i < opt.clients; i++) {
-        totals *x = &cls[i].t;
-        t.ok += x->ok;
-        t.rejected += x->rejected;
-        t.failed += x->failed;
-        t.unknown += x->unknown;
-        t.resent += x->resent;
-        t.resend_mismatch += x->resend_mismatch;
-        t.deposited += x->deposited;
-        t.withdrawn += x->withdrawn;
-        t.unknown_money += x->unknown_money;
-        for (int k = 0; k < 6; k++) t.by_status[k] += x->by_status[k];
-        n_lat += cls[i].n_lat;
-        n_transfers += cls[i].n_transfers;
-    }
-    uint32_t *lat = malloc(n_lat * sizeof *lat + 4);
-    size_t k = 0;
-    for (int i = 0; i < opt.clients; i++) {
-        memcpy(lat + k, cls[i].lat_us, cls[i].n_lat * sizeof *lat);
-        k += cls[i].n_lat;
-    }
-    qsort(lat, n_lat, sizeof *lat, cmp_u32);
-    uint64_t total_req = n_lat;
-    double p50 = n_lat ? lat[n_lat / 2] / 1000.0 : 0;
-    double p99 = n_lat ? lat[n_lat * 99 / 100] / 1000.0 : 0;
+    totals *t = &L.t;
+    uint64_t total_req = L.h.n;
+    double p50 = hist_q(&L.h, 0.50), p99 = hist_q(&L.h, 0.99);
+    double p999 = hist_q(&L.h, 0.999);
 
-    /* Settle: every acknowledged transfer completes or is refunded. */
-    uint64_t settled = 0, unsettled = 0, completed = 0, refunded = 0;
+    /* Settle: every acknowledged transfer completes or is refunded; it
+     * fails when none settles for 60 s. */
+    uint64_t unsettled = 0, completed = 0, refunded = 0;
     double deadline = now_s() + 60;
-    for (int i = 0; i < opt.clients; i++) {
-        for (size_t j = 0; j < cls[i].n_transfers; j++) {
-            char path[128];
-            snprintf(path, sizeof path, "/transfers/%s",
-                     cls[i].transfers[j].id);
-            const char *status = NULL;
-            for (;;) {
-                json_t *ans = NULL;
-                int st = request(&c, "GET", path, NULL, &ans);
-                status = st == 200 ? json_string_value(json_object_get(
-                                         ans, "status"))
-                                   : NULL;
-                bool done = status && strcmp(status, "pending") != 0;
-                if (done) {
-                    if (strcmp(status, "completed") == 0) completed++;
-                    else refunded++;
-                }
-                json_decref(ans);
-                if (done) {
-                    settled++;
-                    break;
-                }
-                if (now_s() > deadline) {
-                    unsettled++;
-                    break;
-                }
-                usleep(20000);
+    for (size_t j = 0; j < L.n_transfers; j++) {
+        char path[128];
+        snprintf(path, sizeof path, "/transfers/%s", L.transfers[j]);
+        for (;;) {
+            json_t *ans = NULL;
+            int st = request(&c, "GET", path, NULL, &ans);
+            const char *status =
+                st == 200 ? json_string_value(json_object_get(ans, "status"))
+                          : NULL;
+            bool done = status && strcmp(status, "pending") != 0;
+            if (done) {
+                if (strcmp(status, "completed") == 0) completed++;
+                else refunded++;
             }
+            json_decref(ans);
+            if (done) {
+                /* Still settling: wait up to 60 s for the next one. */
+                deadline = now_s() + 60;
+                break;
+            }
+            if (now_s() > deadline) {
+                unsettled++;
+                break;
+            }
+            usleep(20000);
         }
     }
 
@@ -434,49 +612,69 @@ int main(int argc, char **argv)
         json_decref(ans);
     }
     conn_close(&c);
-    int64_t expected = opened + t.deposited - t.withdrawn;
+    int64_t expected = opened + t->deposited - t->withdrawn;
     int64_t diff = sum - expected;
     /* Requests whose outcome is unknown may or may not have happened. */
-    bool money_ok = diff >= -t.unknown_money && diff <= t.unknown_money;
+    bool money_ok = diff >= -t->unknown_money && diff <= t->unknown_money;
     bool ok = money_ok && negative == 0 && missing == 0 && unsettled == 0 &&
-              t.resend_mismatch == 0;
+              t->resend_mismatch == 0;
 
-    printf("load held:        %.0f requests/s over %.1f s (%llu requests, "
-           "p50 %.2f ms, p99 %.2f ms)\n", total_req / elapsed, elapsed,
-           (unsigned long long)total_req, p50, p99);
-    printf("answers:          %llu ok, %llu rejected, %llu unavailable, "
-           "%llu unknown, %llu re-sent\n", (unsigned long long)t.ok,
-           (unsigned long long)t.rejected, (unsigned long long)t.failed,
-           (unsigned long long)t.unknown, (unsigned long long)t.resent);
-    printf("transfers:        %zu acknowledged, %llu completed, %llu "
-           "refunded, %llu unsettled\n", n_transfers,
+    printf("\n%-22s %llu in %.1f s\n", "requests",
+           (unsigned long long)total_req, elapsed);
+    printf("%-22s %.0f requests/s\n", "throughput", total_req / elapsed);
+    printf("%-22s p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms, max %.2f ms\n",
+           "latency", p50, p99, p999, L.h.max_ms);
+    for (int s = 0; s < N_STATUS; s++) {
+        if (t->by_status[s] == 0) continue;
+        char label[32];
+        if (s == 0) snprintf(label, sizeof label, "no answer");
+        else snprintf(label, sizeof label, "HTTP %d", s);
+        printf("  %-20s %llu\n", label, (unsigned long long)t->by_status[s]);
+    }
+    printf("%-22s %llu ok, %llu rejected, %llu unavailable, %llu unknown, "
+           "%llu re-sent\n", "answers", (unsigned long long)t->ok,
+           (unsigned long long)t->rejected, (unsigned long long)t->failed,
+           (unsigned long long)t->unknown, (unsigned long long)t->resent);
+    printf("%-22s %zu acknowledged, %llu completed, %llu refunded, %llu "
+           "unsettled\n", "transfers", L.n_transfers,
            (unsigned long long)completed, (unsigned long long)refunded,
            (unsigned long long)unsettled);
-    printf("money:            balances %lld, expected %lld, diff %lld "
-           "(unknown outcomes cover %lld)\n", (long long)sum,
-           (long long)expected, (long long)diff, (long long)t.unknown_money);
-    printf("negative:         %llu   missing accounts: %llu   re-sent "
-           "answered differently: %llu\n", (unsigned long long)negative,
+    printf("%-22s balances %lld, expected %lld, diff %lld (unknown "
+           "outcomes cover %lld)\n", "money", (long long)sum,
+           (long long)expected, (long long)diff,
+           (long long)t->unknown_money);
+    printf("%-22s %llu negative, %llu missing, %llu re-sent answered "
+           "differently\n", "accounts", (unsigned long long)negative,
            (unsigned long long)missing,
-           (unsigned long long)t.resend_mismatch);
-    printf("RESULT:           %s\n", ok ? "OK: no money created, lost or "
-                                          "moved twice" : "FAILED");
+           (unsigned long long)t->resend_mismatch);
+    printf("RESULT:                %s\n",
+           ok ? "OK: no money created, lost or moved twice" : "FAILED");
+
+    json_t *by = json_object();
+    for (int s = 0; s < N_STATUS; s++) {
+        if (t->by_status[s] == 0) continue;
+        char key[16];
+        snprintf(key, sizeof key, "%d", s);
+        json_object_set_new(by, s == 0 ? "none" : key,
+                            json_integer((json_int_t)t->by_status[s]));
+    }
     json_t *j = json_pack(
-        "{s:I,s:f,s:f,s:f,s:f,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
-        "s:I,s:I,s:b}",
-        "seed", (json_int_t)opt.seed, "seconds", elapsed, "requests_per_s",
-        total_req / elapsed, "p50_ms", p50, "p99_ms", p99, "ok",
-        (json_int_t)t.ok, "rejected", (json_int_t)t.rejected, "unavailable",
-        (json_int_t)t.failed, "unknown", (json_int_t)t.unknown, "resent",
-        (json_int_t)t.resent, "transfers", (json_int_t)n_transfers,
-        "unsettled", (json_int_t)unsettled, "money_diff", (json_int_t)diff,
-        "unknown_money", (json_int_t)t.unknown_money, "negative",
-        (json_int_t)negative, "missing", (json_int_t)missing,
-        "resend_mismatch", (json_int_t)t.resend_mismatch, "refunded",
-        (json_int_t)refunded, "ok_all", ok);
-    char *text = json_dumps(j, JSON_COMPACT);
-    printf("JSON %s\n", text);
-    if (opt.json_out) {
+        "{s:I,s:o,s:f,s:f,s:f,s:f,s:f,s:f,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
+        "s:I,s:I,s:I,s:I,s:I,s:b}",
+        "requests", (json_int_t)total_req, "by_status", by, "seconds",
+        elapsed, "throughput", total_req / elapsed, "p50_ms", p50, "p99_ms",
+        p99, "p999_ms", p999, "max_ms", L.h.max_ms, "seed",
+        (json_int_t)opt.seed, "clients", (json_int_t)opt.clients, "ok",
+        (json_int_t)t->ok, "rejected", (json_int_t)t->rejected,
+        "unavailable", (json_int_t)t->failed, "unknown",
+        (json_int_t)t->unknown, "resent", (json_int_t)t->resent,
+        "transfers", (json_int_t)L.n_transfers, "refunded",
+        (json_int_t)refunded, "unsettled", (json_int_t)unsettled,
+        "money_diff", (json_int_t)diff, "negative", (json_int_t)negative,
+        "resend_mismatch", (json_int_t)t->resend_mismatch, "ok_all", ok);
+    char *text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    printf("JSON %s\n", text ? text : "{}");
+    if (opt.json_out && text) {
         FILE *f = fopen(opt.json_out, "w");
         if (f) {
             fprintf(f, "%s\n", text);
@@ -485,13 +683,7 @@ int main(int argc, char **argv)
     }
     free(text);
     json_decref(j);
-    for (int i = 0; i < opt.clients; i++) {
-        free(cls[i].lat_us);
-        free(cls[i].transfers);
-    }
-    free(cls);
-    free(th);
-    free(lat);
+    free(L.transfers);
     free(account_ids);
     return ok ? 0 : 1;
 }
