@@ -195,6 +195,46 @@ static void test_pg_outbox_wake_polls_without_notifications(void **st)
     assert_int_equal(es_store_close(mine), 0);
 }
 
+/* A store with NOTIFY turned off: its commits are found by polling. */
+static void test_pg_outbox_wake_notify_off_polls(void **st)
+{
+    (void)st;
+    es_store *mine = NULL, *quiet = NULL;
+    assert_int_equal(fixture_pg_open(g_schema, &mine), 0);
+    es_pg_config *cfg = NULL;
+    assert_int_equal(es_pg_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_pg_config_set_schema(cfg, g_schema, NULL), 0);
+    assert_int_equal(es_pg_config_set_outbox_notify(cfg, false, NULL), 0);
+    assert_int_equal(es_pg_store_open(cfg, &quiet, NULL), 0);
+    es_pg_config_free(cfg);
+    assert_int_equal(es_pg_config_set_outbox_notify(NULL, true, NULL),
+                     ES_EINVAL);
+    PGconn *c = fixture_pg_connect();
+    assert_non_null(c);
+    recorder r;
+    recorder_init(&r);
+    es_outbox *ob = started_outbox(mine, &r, 2, 300, 10);
+    bool up = wait_listening(c, 1);
+    usleep(50000);
+    es_outbox_metrics before;
+    es_outbox_metrics_get(ob, &before);
+    es_uuid a;
+    es_uuid_v7(&a);
+    const char *one[] = {"quietly"};
+    store_job(quiet, &job_type, &a, one, 1, true);
+    bool got = wait_for(&r, 1, 10);
+    es_outbox_metrics after;
+    es_outbox_metrics_get(ob, &after);
+    es_outbox_close(ob);
+    assert_true(up);
+    assert_true(got);
+    assert_string_equal(r.text[0], "quietly");
+    assert_int_equal(after.notifications, before.notifications);
+    PQfinish(c);
+    assert_int_equal(es_store_close(quiet), 0);
+    assert_int_equal(es_store_close(mine), 0);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -221,6 +261,7 @@ int main(void)
         cmocka_unit_test(test_pg_outbox_wake_from_another_store),
         cmocka_unit_test(test_pg_outbox_wake_survives_a_lost_listen),
         cmocka_unit_test(test_pg_outbox_wake_polls_without_notifications),
+        cmocka_unit_test(test_pg_outbox_wake_notify_off_polls),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -75,6 +75,8 @@
 #ifndef EVENTASTIC_POSTGRES_H
 #define EVENTASTIC_POSTGRES_H
 
+#include <stdbool.h>
+
 #include "common.h"
 #include "status.h"
 #include "store.h"
@@ -173,6 +175,21 @@ ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_chunk_size(es_pg_config *cfg,
  */
 ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_statement_timeout(
     es_pg_config *cfg, int64_t ms, es_error *err);
+
+/**
+ * Whether a transaction that stores side effects sends NOTIFY on the
+ * outbox table's channel (default: on), so that dispatchers of every
+ * process wake at once (es_outbox_config_set_poll_ms).  PostgreSQL
+ * serialises the commits of notifying transactions (one lock for the
+ * whole database cluster, held until the commit is flushed); a store
+ * committing side effects from many connections at a high rate may turn
+ * it off, and its dispatchers then rely on polling (and on the commit
+ * listeners of their own process).  Requeued dead letters notify under
+ * the same setting.  Errors: ES_EINVAL (cfg NULL).
+ * Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_outbox_notify(
+    es_pg_config *cfg, bool on, es_error *err);
 
 /**
  * Open a store on the configured server.  One connection is made at once,

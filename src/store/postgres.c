@@ -69,6 +69,7 @@ struct es_pg_config {
     size_t pool_size;
     size_t chunk;
     int64_t statement_timeout_ms; /* 0: the server's setting */
+    bool no_notify; /* es_pg_config_set_outbox_notify(false) */
 };
 
 static const char *const default_tables[N_TABLES] = {
@@ -114,6 +115,7 @@ typedef struct pg_store {
     char *password; /* to scrub from messages; NULL when none given */
     size_t chunk;
     int64_t statement_timeout_ms;
+    bool notify; /* commits of side effects send NOTIFY */
     pg_key *keys; /* a copy of the config's (the built-in provider) */
     size_t n_keys;
     bool encrypt;                /* keys or a provider were given */
@@ -372,6 +374,14 @@ int es_pg_config_set_statement_timeout(es_pg_config *cfg, int64_t ms,
         return es__error_set(err, ES_EINVAL, "statement timeout must be 0 "
                              "to 2147483647 ms");
     cfg->statement_timeout_ms = ms;
+    return 0;
+}
+
+int es_pg_config_set_outbox_notify(es_pg_config *cfg, bool on,
+                                   es_error *err)
+{
+    if (cfg == NULL) return es__error_set(err, ES_EINVAL, "config is NULL");
+    cfg->no_notify = !on;
     return 0;
 }
 
@@ -2127,7 +2137,7 @@ static int pg_outbox_requeue(es_store *store, const es_uuid *id,
         n = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
         PQclear(r);
     }
-    if (rc == 0 && n > 0) /* wake dispatchers of other processes too */
+    if (rc == 0 && n > 0 && s->notify) /* wake other processes' too */
         rc = notify_channel(s, t.conn, err);
     ob_end(s, &t);
     if (rc != 0) return rc;
@@ -2446,8 +2456,8 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "payload, key_id, aggregate_type) SELECT u.*, $7 FROM "
         "unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::integer[], "
         "$5::bytea[], $6::text[]) AS u ON CONFLICT (id) DO NOTHING "
-        "RETURNING 1) SELECT pg_notify($8, '') FROM (SELECT 1 FROM ins "
-        "LIMIT 1) AS one", o);
+        "RETURNING 1) SELECT %s FROM (SELECT 1 FROM ins LIMIT 1) AS one", o,
+        s->notify ? "pg_notify($8, '')" : "$8::text");
     snprintf(s->channel, sizeof s->channel, "es_outbox_%016llx",
              (unsigned long long)fnv1a(o));
     s->sql[SQL_LIST_SIDE_EFFECTS] = sqlf(
@@ -2575,6 +2585,7 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
     pthread_cond_init(&s->cond, NULL);
     s->chunk = cfg->chunk;
     s->statement_timeout_ms = cfg->statement_timeout_ms;
+    s->notify = !cfg->no_notify;
     s->max = cfg->pool_size;
     if ((rc = conninfo_check(ci, &s->password, err)) != 0) {
         pg_close(&s->base);
