@@ -5,7 +5,8 @@
  * HTTP client, all on one event_base: each connection has one request in
  * flight and sends the next as soon as the answer arrives, for --duration
  * seconds, with deposits, withdrawals and transfers in the --mix shares,
- * re-sending a --retry-ratio share of them with the same ids.  A progress
+ * re-sending a --retry-ratio share of them with the same ids (one transfer
+ * in 50 goes to an unknown account, to be refunded).  A progress
  * line each second; at the end a summary table and a JSON summary.  Then
  * it waits for the transfers to settle and checks, through the API, that
  * money was neither created nor lost nor moved twice:
@@ -333,11 +334,16 @@ static void send_next(client *cl)
         cl->amount = 1 + rand_r(&cl->seed) % 1000;
         new_id(cl->id);
         if (cl->op == OP_TRANSFER) {
+            /* One transfer in 50 goes to an account that does not exist:
+             * the saga must refund it. */
+            char ghost[ES_UUID_STRLEN + 1];
+            bool to_ghost = rand_r(&cl->seed) % 50 == 0;
+            if (to_ghost) new_id(ghost);
             snprintf(cl->path, sizeof cl->path, "/transfers");
             snprintf(cl->body, sizeof cl->body,
                      "{\"transfer_id\":\"%s\",\"from\":\"%s\",\"to\":\"%s\","
                      "\"amount\":%ld}", cl->id, account_ids[a],
-                     account_ids[b], cl->amount);
+                     to_ghost ? ghost : account_ids[b], cl->amount);
         } else {
             snprintf(cl->path, sizeof cl->path, "/accounts/%s/%s",
                      account_ids[a],

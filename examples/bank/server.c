@@ -1027,9 +1027,12 @@ int main(int argc, char **argv)
     fprintf(stderr, "bank-server: shutting down\n");
     atomic_store(&srv.closing, true);
     evhttp_del_accept_socket(http, sock);
+    /* Reads use the host (metrics), the outbox and the store: they finish
+     * first.  es_host_shutdown frees the host. */
+    readers_stop(&srv.rd);
     es_outbox_close(outbox);
     rc = es_host_shutdown(srv.host, &err);
-    readers_stop(&srv.rd);
+    srv.host = NULL;
     struct timeval flush = {0, 300000};
     event_base_loopexit(srv.base, &flush);
     event_base_dispatch(srv.base);
