@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/internal.h"
 #include "eventastic/postgres.h"
@@ -100,6 +101,8 @@ enum {
     SQL_GET_COMMAND,
     SQL_STATUS_VERSION,
     SQL_STATUS_COUNTS,
+    SQL_BATCH_EVENTS,
+    SQL_BATCH_SIDE_EFFECTS,
     SQL_COUNT
 };
 
@@ -2165,6 +2168,523 @@ static int pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
     return 0;
 }
 
+/* ---- the batch writer (the host's group commit) ----
+ *
+ * Many aggregates' items in one transaction with a constant number of
+ * statements: all events in one INSERT (rows skipped on conflict come back
+ * missing from RETURNING), all command ids in one, all side effects in
+ * one, then COMMIT.  Items whose rows were skipped are marked (version
+ * taken: ES_ECONFLICT; command id taken: ES_EIDEMPOTENCY; aggregate of
+ * another type: ES_EINVAL) with their group's later items, the writes are
+ * rolled back to a savepoint taken before them, and written again without
+ * those items, so the innocent ones commit.  A connection lost before
+ * COMMIT is retried on a new connection with backoff; one lost during
+ * COMMIT is resolved by reading one command id of the batch back before
+ * any item gets a status. */
+
+#define BATCH_TRIES 40       /* connections lost in a row before giving up */
+#define BATCH_BACKOFF_MS 500 /* the longest pause between two tries */
+
+typedef struct rowref {
+    es_uuid id;
+    uint64_t version;
+    size_t item;
+} rowref;
+
+static int rowref_cmp(const void *a, const void *b)
+{
+    const rowref *x = a, *y = b;
+    int c = memcmp(x->id.bytes, y->id.bytes, 16);
+    if (c != 0) return c;
+    return x->version < y->version ? -1 : x->version > y->version;
+}
+
+static rowref *rowref_find(rowref *refs, size_t n, const es_uuid *id,
+                           uint64_t version)
+{
+    rowref key = {*id, version, 0};
+    return bsearch(&key, refs, n, sizeof *refs, rowref_cmp);
+}
+
+static void batch_fail_group(es__commit_item **items, size_t n, size_t from,
+                             int status)
+{
+    const void *group = items[from]->group;
+    items[from]->status = status;
+    for (size_t j = from + 1; j < n; j++)
+        if (items[j]->group == group &&
+            items[j]->status == ES__COMMIT_PENDING)
+            items[j]->status = ES_ECONFLICT;
+}
+
+static bool lost_state(const es_error *err)
+{
+    return strncmp(err->sqlstate, "08", 2) == 0;
+}
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* The data keys of the batch's aggregates, read (or made) once per
+ * transaction, before the savepoint: a rollback to it keeps them. */
+typedef struct batch_keys {
+    dek_entry *e; /* sorted by aggregate id */
+    size_t n;
+} batch_keys;
+
+static int dek_cmp(const void *a, const void *b)
+{
+    return memcmp(((const dek_entry *)a)->agg.bytes,
+                  ((const dek_entry *)b)->agg.bytes, 16);
+}
+
+static const dek_entry *batch_key(const batch_keys *k, const es_uuid *agg)
+{
+    dek_entry key;
+    key.agg = *agg;
+    return bsearch(&key, k->e, k->n, sizeof *k->e, dek_cmp);
+}
+
+static void batch_keys_free(batch_keys *k)
+{
+    if (k->e) sodium_memzero(k->e, k->n * sizeof *k->e);
+    es__free(k->e);
+    k->e = NULL;
+    k->n = 0;
+}
+
+static int batch_keys_add(pg_txn *t, batch_keys *k, size_t *cap,
+                          const es_uuid *agg, es_error *err)
+{
+    for (size_t i = 0; i < k->n; i++) /* unsorted while filling */
+        if (es_uuid_equal(&k->e[i].agg, agg)) return 0;
+    const dek_entry *d = NULL;
+    int rc = get_dek(t, agg, true, &d, err);
+    if (rc != 0) return rc;
+    if (k->n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 16;
+        dek_entry *e = es__calloc(nc, sizeof *e);
+        if (e == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+        if (k->n) memcpy(e, k->e, k->n * sizeof *e);
+        batch_keys_free(k);
+        k->e = e;
+        *cap = nc;
+    }
+    k->e[k->n++] = *d;
+    return 0;
+}
+
+/* Keys for every pending item; an item whose key cannot be had (forgotten
+ * aggregate, provider error) fails with its group.  Returns a status only
+ * for a failed statement. */
+static int batch_keys_load(pg_txn *t, batch_keys *k, es__commit_item **items,
+                           size_t n, es_error *err)
+{
+    size_t cap = 0;
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        int rc = 0;
+        if (it->n_events > 0)
+            rc = batch_keys_add(t, k, &cap, &it->aggregate_id, err);
+        for (size_t j = 0; rc == 0 && j < it->n_side_effects; j++)
+            rc = batch_keys_add(t, k, &cap, &it->side_effects[j].aggregate_id,
+                                err);
+        if (rc == 0) continue;
+        if (PQstatus(t->conn) == CONNECTION_BAD ||
+            PQtransactionStatus(t->conn) == PQTRANS_INERROR)
+            return rc;
+        batch_fail_group(items, n, i, rc);
+    }
+    if (k->n > 1) qsort(k->e, k->n, sizeof *k->e, dek_cmp);
+    return 0;
+}
+
+/* All events of the pending items in one statement.  Marks the items
+ * whose rows did not all go in.  *failed: some item was marked. */
+static int batch_events(pg_txn *t, const batch_keys *keys,
+                        es__commit_item **items, size_t n, bool *failed,
+                        es_error *err)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    size_t rows = 0;
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        for (size_t j = 0; j < it->n_events; j++)
+            if (it->events[j].version > INT64_MAX ||
+                it->events[j].len > MAX_PAYLOAD) {
+                batch_fail_group(items, n, i, ES_EINVAL);
+                *failed = true;
+                break;
+            }
+        if (it->status == ES__COMMIT_PENDING) rows += it->n_events;
+    }
+    if (rows == 0) return 0;
+    if (rows > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many events in a batch");
+    rowref *refs = es__calloc(rows, sizeof *refs);
+    bool *in = es__calloc(rows, sizeof *in);
+    es_buf ty = {0}, ag = {0}, ver = {0}, ids = {0}, kinds = {0}, data = {0};
+    es_buf kk = {0};
+    int rc = refs && in ? 0 : ES_ENOMEM;
+    if (rc == 0) rc = array_begin(&ty, OID_TEXT, rows);
+    if (rc == 0) rc = array_begin(&ag, OID_UUID, rows);
+    if (rc == 0) rc = array_begin(&ver, OID_INT8, rows);
+    if (rc == 0) rc = array_begin(&ids, OID_UUID, rows);
+    if (rc == 0) rc = array_begin(&kinds, OID_INT4, rows);
+    if (rc == 0) rc = array_begin(&data, OID_BYTEA, rows);
+    if (rc == 0) rc = array_begin(&kk, OID_TEXT, rows);
+    if (rc == 0 && !s->encrypt) kk.data[7] = 1; /* has NULLs */
+    size_t r = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        const dek_entry *d = NULL;
+        if (s->encrypt && it->n_events > 0 &&
+            (d = batch_key(keys, &it->aggregate_id)) == NULL) {
+            rc = es__error_set(err, ES_EINVAL, "batch: no data key");
+            break;
+        }
+        size_t tlen = strlen(it->type_name);
+        for (size_t j = 0; rc == 0 && j < it->n_events; j++, r++) {
+            const es_event *e = &it->events[j];
+            refs[r] = (rowref){it->aggregate_id, e->version, i};
+            rc = array_item(&ty, it->type_name, tlen);
+            if (rc == 0) rc = array_item(&ag, it->aggregate_id.bytes, 16);
+            if (rc == 0) rc = array_i64(&ver, (int64_t)e->version);
+            if (rc == 0) rc = array_item(&ids, e->id.bytes, 16);
+            if (rc == 0) rc = array_i32(&kinds, e->kind);
+            if (rc == 0 && d) {
+                ad_buf ad;
+                ad_event(&ad, &it->aggregate_id, e->version);
+                rc = array_sealed(&data, d->dek, &ad, e->data, e->len);
+                if (rc == 0) rc = array_item(&kk, d->kek, strlen(d->kek));
+            } else if (rc == 0) {
+                rc = array_item(&data, e->data, e->len);
+                if (rc == 0) rc = put32(&kk, 0xffffffffu); /* NULL */
+            }
+        }
+    }
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    if (rc == 0 && (data.len > INT32_MAX || kk.len > INT32_MAX))
+        rc = es__error_set(err, ES_EINVAL, "batch of %zu bytes is too large "
+                           "for one statement", data.len);
+    PGresult *res = NULL;
+    if (rc == 0) {
+        const Oid types[7] = {OID_TEXT_ARRAY,  OID_UUID_ARRAY,
+                              OID_INT8_ARRAY,  OID_UUID_ARRAY,
+                              OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
+                              OID_TEXT_ARRAY};
+        const char *values[7] = {(const char *)ty.data,
+                                 (const char *)ag.data,
+                                 (const char *)ver.data,
+                                 (const char *)ids.data,
+                                 (const char *)kinds.data,
+                                 (const char *)data.data,
+                                 (const char *)kk.data};
+        const int lens[7] = {(int)ty.len,    (int)ag.len,   (int)ver.len,
+                             (int)ids.len,   (int)kinds.len, (int)data.len,
+                             (int)kk.len};
+        rc = run(t->conn, "batch: insert events", s->sql[SQL_BATCH_EVENTS],
+                 7, types, values, lens, &res, err);
+    }
+    es_buf_free(&ty);
+    es_buf_free(&ag);
+    es_buf_free(&ver);
+    es_buf_free(&ids);
+    es_buf_free(&kinds);
+    es_buf_free(&data);
+    es_buf_free(&kk);
+    if (rc == 0) {
+        /* rows is in item order, so refs is sorted by item: sort a copy
+         * order by (aggregate, version) for the lookups */
+        qsort(refs, rows, sizeof *refs, rowref_cmp);
+        for (int i = 0; rc == 0 && i < PQntuples(res); i++) {
+            es_uuid agg;
+            uint64_t v = 0;
+            if (!col_uuid(res, i, 0, &agg)) {
+                rc = bad_row(err, "batch: insert events");
+                break;
+            }
+            if (PQgetisnull(res, i, 1)) { /* an aggregate of another type */
+                for (size_t j = 0; j < n; j++)
+                    if (items[j]->status == ES__COMMIT_PENDING &&
+                        es_uuid_equal(&items[j]->aggregate_id, &agg)) {
+                        batch_fail_group(items, n, j, ES_EINVAL);
+                        *failed = true;
+                    }
+                continue;
+            }
+            if (!col_u64(res, i, 1, &v)) {
+                rc = bad_row(err, "batch: insert events");
+                break;
+            }
+            rowref *f = rowref_find(refs, rows, &agg, v);
+            if (f) in[f - refs] = true;
+        }
+        for (size_t j = 0; rc == 0 && j < rows; j++) {
+            es__commit_item *it = items[refs[j].item];
+            if (!in[j] && it->status == ES__COMMIT_PENDING) {
+                batch_fail_group(items, n, refs[j].item, ES_ECONFLICT);
+                *failed = true;
+            }
+        }
+    }
+    PQclear(res);
+    es__free(refs);
+    es__free(in);
+    return rc;
+}
+
+/* All command ids of the pending items in one statement; an item whose id
+ * is taken fails with ES_EIDEMPOTENCY. */
+static int batch_commands(pg_txn *t, es__commit_item **items, size_t n,
+                          bool *failed, es_error *err)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING) k++;
+    if (k == 0) return 0;
+    es__command_record *recs = es__calloc(k, sizeof *recs);
+    bool *ok = es__calloc(k, sizeof *ok);
+    rowref *refs = es__calloc(k, sizeof *refs);
+    int rc = 0;
+    if (recs == NULL || ok == NULL || refs == NULL)
+        rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t m = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING) {
+            refs[m] = (rowref){items[i]->record.command_id, 0, i};
+            recs[m++] = items[i]->record;
+        }
+    if (rc == 0) rc = pg_insert_commands(&t->base, recs, k, ok, err);
+    for (size_t j = 0; rc == 0 && j < k; j++)
+        if (!ok[j] && items[refs[j].item]->status == ES__COMMIT_PENDING) {
+            batch_fail_group(items, n, refs[j].item, ES_EIDEMPOTENCY);
+            *failed = true;
+        }
+    es__free(recs);
+    es__free(ok);
+    es__free(refs);
+    return rc;
+}
+
+/* All side effects of the pending items in one statement. */
+static int batch_side_effects(pg_txn *t, const batch_keys *keys,
+                              es__commit_item **items, size_t n,
+                              es_error *err)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    size_t rows = 0;
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING)
+            rows += items[i]->n_side_effects;
+    if (rows == 0) return 0;
+    if (rows > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many side effects");
+    es_buf ids = {0}, aggs = {0}, evs = {0}, kinds = {0}, data = {0};
+    es_buf kk = {0}, ty = {0};
+    int rc = array_begin(&ids, OID_UUID, rows);
+    if (rc == 0) rc = array_begin(&aggs, OID_UUID, rows);
+    if (rc == 0) rc = array_begin(&evs, OID_UUID, rows);
+    if (rc == 0) rc = array_begin(&kinds, OID_INT4, rows);
+    if (rc == 0) rc = array_begin(&data, OID_BYTEA, rows);
+    if (rc == 0) rc = array_begin(&kk, OID_TEXT, rows);
+    if (rc == 0) rc = array_begin(&ty, OID_TEXT, rows);
+    if (rc == 0 && !s->encrypt) kk.data[7] = 1; /* has NULLs */
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        for (size_t j = 0; rc == 0 && j < it->n_side_effects; j++) {
+            const es_side_effect *e = &it->side_effects[j];
+            if (e->len > MAX_PAYLOAD) {
+                rc = too_large(err, e->len);
+                break;
+            }
+            rc = array_item(&ids, e->id.bytes, 16);
+            if (rc == 0) rc = array_item(&aggs, e->aggregate_id.bytes, 16);
+            if (rc == 0) rc = array_item(&evs, e->event_id.bytes, 16);
+            if (rc == 0) rc = array_i32(&kinds, e->kind);
+            if (rc == 0)
+                rc = array_item(&ty, it->type_name, strlen(it->type_name));
+            if (rc != 0) break;
+            if (!s->encrypt) {
+                rc = array_item(&data, e->data, e->len);
+                if (rc == 0) rc = put32(&kk, 0xffffffffu); /* NULL */
+                continue;
+            }
+            const dek_entry *d = batch_key(keys, &e->aggregate_id);
+            if (d == NULL) {
+                rc = es__error_set(err, ES_EINVAL, "batch: no data key");
+                break;
+            }
+            ad_buf ad;
+            ad_side_effect(&ad, e);
+            rc = array_sealed(&data, d->dek, &ad, e->data, e->len);
+            if (rc == 0) rc = array_item(&kk, d->kek, strlen(d->kek));
+        }
+    }
+    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
+    if (rc == 0 && data.len > INT32_MAX)
+        rc = es__error_set(err, ES_EINVAL, "side effects too large for one "
+                                           "statement");
+    if (rc == 0) {
+        const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
+                              OID_INT4_ARRAY, OID_BYTEA_ARRAY,
+                              OID_TEXT_ARRAY, OID_TEXT_ARRAY};
+        const char *values[7] = {(const char *)ids.data,
+                                 (const char *)aggs.data,
+                                 (const char *)evs.data,
+                                 (const char *)kinds.data,
+                                 (const char *)data.data,
+                                 (const char *)kk.data,
+                                 (const char *)ty.data};
+        const int lens[7] = {(int)ids.len,   (int)aggs.len, (int)evs.len,
+                             (int)kinds.len, (int)data.len, (int)kk.len,
+                             (int)ty.len};
+        PGresult *r = NULL;
+        rc = run(t->conn, "batch: insert side effects",
+                 s->sql[SQL_BATCH_SIDE_EFFECTS], 7, types, values, lens, &r,
+                 err);
+        if (rc == 0 && strcmp(PQcmdTuples(r), "0") != 0)
+            t->wrote_side_effects = true;
+        if (rc == 0) PQclear(r);
+    }
+    es_buf_free(&ids);
+    es_buf_free(&aggs);
+    es_buf_free(&evs);
+    es_buf_free(&kinds);
+    es_buf_free(&data);
+    es_buf_free(&kk);
+    es_buf_free(&ty);
+    return rc;
+}
+
+/* The writes of one transaction: the pending items that are left are the
+ * ones written (not committed yet).  Returns a status for a failed
+ * statement; the transaction is then to be rolled back. */
+static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
+                       es_error *err)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    batch_keys keys = {NULL, 0};
+    int rc = s->encrypt ? batch_keys_load(t, &keys, items, n, err) : 0;
+    if (rc == 0)
+        rc = run_simple(t->conn, "batch: savepoint", "SAVEPOINT es_batch",
+                        err);
+    while (rc == 0) {
+        bool failed = false, any = false;
+        for (size_t i = 0; i < n && !any; i++)
+            any = items[i]->status == ES__COMMIT_PENDING;
+        if (!any) break;
+        rc = batch_events(t, &keys, items, n, &failed, err);
+        if (rc == 0) rc = batch_commands(t, items, n, &failed, err);
+        if (rc != 0) break;
+        if (failed) {
+            /* some rows went in for items that failed since: again,
+             * without them */
+            rc = run_simple(t->conn, "batch: rollback to savepoint",
+                            "ROLLBACK TO SAVEPOINT es_batch", err);
+            continue;
+        }
+        rc = batch_side_effects(t, &keys, items, n, err);
+        break;
+    }
+    batch_keys_free(&keys);
+    return rc;
+}
+
+/* After a COMMIT whose answer was lost: did it commit?  The command id of
+ * one written item answers for the whole transaction.  Returns 1
+ * (committed), 0 (not), or -1 (could not find out). */
+static int batch_resolve(pg_store *s, const es__command_record *rec)
+{
+    for (int attempt = 0; attempt < BATCH_TRIES; attempt++) {
+        if (attempt > 0) {
+            unsigned ms = 5u << (attempt < 8 ? attempt : 8);
+            sleep_ms(ms < BATCH_BACKOFF_MS ? ms : BATCH_BACKOFF_MS);
+        }
+        es_error err = {0};
+        es_txn *txn = NULL;
+        if (pg_begin(&s->base, &txn, &err) != 0) continue;
+        es__command_record *got = NULL;
+        int rc = pg_get_command(txn, &rec->command_id, &got, &err);
+        pg_rollback(txn);
+        if (rc == ES_ENOTFOUND) return 0;
+        if (rc != 0) continue;
+        bool ours = es_uuid_equal(&got->aggregate_id, &rec->aggregate_id) &&
+                    got->version == rec->version;
+        es__free(got);
+        return ours ? 1 : -1;
+    }
+    return -1;
+}
+
+static size_t pg_write_batch(es_store *store, es__commit_item **items,
+                             size_t n)
+{
+    pg_store *s = (pg_store *)store;
+    size_t committed = 0;
+    int lost = 0;
+    for (;;) {
+        size_t first = n;
+        for (size_t i = 0; i < n && first == n; i++)
+            if (items[i]->status == ES__COMMIT_PENDING) first = i;
+        if (first == n) break;
+        if (lost > 0) {
+            unsigned ms = 5u << (lost < 8 ? lost : 8);
+            sleep_ms(ms < BATCH_BACKOFF_MS ? ms : BATCH_BACKOFF_MS);
+        }
+        es_error err = {0};
+        es_txn *txn = NULL;
+        int rc = pg_begin(store, &txn, &err);
+        if (rc == 0) {
+            rc = batch_write((pg_txn *)txn, items, n, &err);
+            if (rc != 0) pg_rollback(txn);
+        }
+        bool any = false;
+        for (size_t i = 0; i < n && !any; i++)
+            any = items[i]->status == ES__COMMIT_PENDING;
+        if (rc == 0 && !any) {
+            pg_rollback(txn);
+            break;
+        }
+        if (rc == 0) {
+            const es__command_record *probe = NULL;
+            for (size_t i = 0; i < n && probe == NULL; i++)
+                if (items[i]->status == ES__COMMIT_PENDING)
+                    probe = &items[i]->record;
+            rc = pg_commit(txn, &err);
+            int outcome = rc == 0 ? 1 : 0;
+            if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, probe);
+            if (outcome != 0) {
+                for (size_t i = 0; i < n; i++)
+                    if (items[i]->status == ES__COMMIT_PENDING)
+                        items[i]->status = outcome == 1 ? 0 : ES_EUNKNOWN;
+                if (outcome == 1) committed++;
+                break;
+            }
+            if (rc == ES_EUNKNOWN) rc = ES_EDB; /* read back: not there */
+        }
+        /* Nothing of it committed.  A lost connection is tried again on a
+         * new one; any other failure is left to the generic writer, which
+         * can pin it on one item. */
+        if (rc == ES_EDB && (lost_state(&err) || err.sqlstate[0] == '\0') &&
+            ++lost < BATCH_TRIES)
+            continue;
+        if (lost >= BATCH_TRIES)
+            for (size_t i = 0; i < n; i++)
+                if (items[i]->status == ES__COMMIT_PENDING)
+                    items[i]->status = rc;
+        break;
+    }
+    return committed;
+}
+
 static const es_store_ops postgres_ops = {
     .name = "postgres",
     .begin = pg_begin,
@@ -2190,6 +2710,7 @@ static const es_store_ops postgres_ops = {
     .outbox_stats = pg_outbox_stats,
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
+    .write_batch = pg_write_batch,
     .close = pg_close,
 };
 
@@ -2237,6 +2758,29 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "SELECT version, event_id, NULL::text FROM ins UNION ALL "
         "SELECT NULL, NULL, aggregate_type FROM other",
         e, e);
+    /* The host's batches (pg_write_batch): many aggregates' events in
+     * one statement; RETURNING names the rows that went in, and an
+     * aggregate whose creation event has another type comes back with a
+     * NULL version (none of its rows is inserted). */
+    s->sql[SQL_BATCH_EVENTS] = sqlf(
+        "WITH u AS (SELECT * FROM unnest($1::text[], $2::uuid[], "
+        "$3::bigint[], $4::uuid[], $5::integer[], $6::bytea[], $7::text[]) "
+        "AS u(t, a, v, id, k, p, kk)), "
+        "other AS (SELECT DISTINCT e.aggregate_id FROM %s e JOIN u ON "
+        "e.aggregate_id = u.a AND e.version = 0 AND e.aggregate_type <> u.t), "
+        "ins AS (INSERT INTO %s (aggregate_type, aggregate_id, version, "
+        "event_id, kind, payload, key_id) SELECT u.t, u.a, u.v, u.id, u.k, "
+        "u.p, u.kk FROM u WHERE NOT EXISTS (SELECT 1 FROM other o WHERE "
+        "o.aggregate_id = u.a) ON CONFLICT DO NOTHING RETURNING aggregate_id, "
+        "version) "
+        "SELECT aggregate_id, version FROM ins UNION ALL "
+        "SELECT aggregate_id, NULL::bigint FROM other",
+        e, e);
+    s->sql[SQL_BATCH_SIDE_EFFECTS] = sqlf(
+        "INSERT INTO %s (id, aggregate_id, event_id, kind, payload, key_id, "
+        "aggregate_type) SELECT * FROM unnest($1::uuid[], $2::uuid[], "
+        "$3::uuid[], $4::integer[], $5::bytea[], $6::text[], $7::text[]) ON "
+        "CONFLICT (id) DO NOTHING", o);
     s->sql[SQL_STREAM] = sqlf(
         "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
         "aggregate_id = $1 AND version >= $2 ORDER BY version LIMIT $3", e);
