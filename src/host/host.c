@@ -85,6 +85,8 @@ struct hcmd {
     size_t snap_len;
     uint64_t snap_at;
     int attempts;
+    bool taken;     /* a commit found its command id taken */
+    bool maybe_own; /* a commit of it had an unknown outcome */
     es_uuid id;
     int32_t kind;
     size_t len;
@@ -152,6 +154,10 @@ struct es_host {
     es_store *store;
     es_host_config cfg;
     bool has_commands;
+    /* Look command ids up only when the commit finds them taken (a store
+     * whose batch writer checks them in the batch), not before deciding:
+     * the lookup was three round trips per command on a worker. */
+    bool lazy_ids;
     size_t shard_bound;
     shard shards[N_SHARDS];
 
@@ -853,9 +859,11 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
     }
     es_txn_rollback(txn);
     /* A command decided before (attempts > 0) whose commit came back
-     * unknown or taken finds its own outcome here: not a duplicate. */
+     * unknown finds its own outcome here: not a duplicate.  One whose
+     * commit found the id taken (lazy_ids) is one. */
     if (rc == 0)
-        complete(host, h, 0, rec->version, c.ev, c.n, "", h->attempts == 0);
+        complete(host, h, 0, rec->version, c.ev, c.n, "",
+                 h->attempts == 0 || (h->taken && !h->maybe_own));
     else
         complete_error(host, h, rc, actor_version(a), err.message);
     for (size_t i = 0; i < c.n; i++) es__free((void *)c.ev[i].data);
@@ -897,7 +905,9 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         p->dups = h;
         return;
     }
-    if (host->has_commands && answer_from_store(host, a, h)) return;
+    if (host->has_commands && (!host->lazy_ids || h->attempts > 0) &&
+        answer_from_store(host, a, h))
+        return;
     es_error err = {0};
     if (!a->loaded) {
         int rc = load_actor(host, a, &err);
@@ -926,6 +936,11 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
                      es_status_name(rc ? rc : em.failed));
         emitter_free(&em);
         es__hist_record(&host->h_decide, es__now_ns() - td);
+        /* A command accepted before may be rejected on today's state:
+         * its original outcome wins. */
+        if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
+            answer_from_store(host, a, h))
+            return;
         complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
         return;
     }
@@ -933,6 +948,9 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     emitter_free(&em);
     es__hist_record(&host->h_decide, es__now_ns() - td);
     if (rc != 0) {
+        if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
+            rc != ES_ENOMEM && answer_from_store(host, a, h))
+            return;
         complete_error(host, h, rc == ES_ENOMEM ? rc : ES_EAPPLY,
                        actor_version(a), err.message);
         return;
@@ -1028,6 +1046,8 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         }
         a->broken = true;
         if (st == ES_ECONFLICT) count(&host->conflicts, 1);
+        if (st == ES_EIDEMPOTENCY) h->taken = true;
+        if (st == ES_EUNKNOWN) h->maybe_own = true;
         if (retryable(st) && ++h->attempts < MAX_ATTEMPTS &&
             !atomic_load(&host->closing_now)) {
             free_item_data(h);
@@ -1362,6 +1382,7 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     host->store = store;
     host->cfg = *cfg;
     host->has_commands = es__store_has_commands(store);
+    host->lazy_ids = host->has_commands && store->ops->write_batch != NULL;
     size_t bound = cfg->resident_bound;
     if (cfg->resident_bytes > 0) {
         /* malloc chunks: the actor, its state, a hash bucket (load 1) */
