@@ -2217,9 +2217,12 @@ static void batch_fail_group(es__commit_item **items, size_t n, size_t from,
             items[j]->status = ES_ECONFLICT;
 }
 
+/* The connection broke, or the server is ending it (shutdown, a
+ * terminated backend): worth a try on a new connection. */
 static bool lost_state(const es_error *err)
 {
-    return strncmp(err->sqlstate, "08", 2) == 0;
+    return strncmp(err->sqlstate, "08", 2) == 0 ||
+           strncmp(err->sqlstate, "57P0", 4) == 0;
 }
 
 static void sleep_ms(unsigned ms)
@@ -2303,13 +2306,78 @@ static int batch_keys_load(pg_txn *t, batch_keys *k, es__commit_item **items,
     return 0;
 }
 
-/* All events of the pending items in one statement.  Marks the items
- * whose rows did not all go in.  *failed: some item was marked. */
-static int batch_events(pg_txn *t, const batch_keys *keys,
-                        es__commit_item **items, size_t n, bool *failed,
+/* One statement of a batch's pipeline: its array parameters and, for the
+ * events and the command ids, which item each row is of. */
+typedef struct pstmt {
+    const char *what, *sql;
+    int n;
+    Oid types[7];
+    es_buf buf[7];
+    rowref *refs; /* sorted by (id, version) once built */
+    size_t rows;
+    bool sent;
+} pstmt;
+
+static void pstmt_free(pstmt *p)
+{
+    for (int i = 0; i < 7; i++) es_buf_free(&p->buf[i]);
+    es__free(p->refs);
+    memset(p, 0, sizeof *p);
+}
+
+static int pstmt_init(pstmt *p, const char *what, const char *sql,
+                      const Oid *elems, const Oid *types, size_t rows,
+                      es_error *err)
+{
+    p->what = what;
+    p->sql = sql;
+    p->n = 7;
+    p->rows = rows;
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < 7; i++) {
+        p->types[i] = types[i];
+        rc = array_begin(&p->buf[i], elems[i], rows);
+    }
+    return rc == 0 ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+}
+
+static int pstmt_send(PGconn *c, pstmt *p, es_error *err)
+{
+    const char *values[7];
+    int lens[7];
+    for (int i = 0; i < p->n; i++) {
+        if (p->buf[i].len > INT32_MAX)
+            return es__error_set(err, ES_EINVAL, "%s: a batch of %zu bytes "
+                                 "is too large for one statement", p->what,
+                                 p->buf[i].len);
+        values[i] = (const char *)p->buf[i].data;
+        lens[i] = (int)p->buf[i].len;
+    }
+    if (!PQsendQueryParams(c, p->sql, p->n, p->types, values, lens,
+                           binary_formats, 1))
+        return db_error(c, NULL, err, p->what);
+    p->sent = true;
+    return 0;
+}
+
+/* The next result of a pipeline, past the NULL that ends the previous
+ * statement's; NULL when the connection broke. */
+static PGresult *pipe_result(PGconn *c)
+{
+    for (int i = 0; i < 2; i++) {
+        PGresult *r = PQgetResult(c);
+        if (r != NULL) return r;
+        if (PQstatus(c) == CONNECTION_BAD) return NULL;
+    }
+    return NULL;
+}
+
+/* The events of the pending items; an item with a version or payload
+ * PostgreSQL cannot take fails with its group at once. */
+static int build_events(pg_store *s, const batch_keys *keys,
+                        es__commit_item **items, size_t n, pstmt *p,
                         es_error *err)
 {
-    pg_store *s = (pg_store *)t->base.store;
     size_t rows = 0;
     for (size_t i = 0; i < n; i++) {
         es__commit_item *it = items[i];
@@ -2318,7 +2386,6 @@ static int batch_events(pg_txn *t, const batch_keys *keys,
             if (it->events[j].version > INT64_MAX ||
                 it->events[j].len > MAX_PAYLOAD) {
                 batch_fail_group(items, n, i, ES_EINVAL);
-                *failed = true;
                 break;
             }
         if (it->status == ES__COMMIT_PENDING) rows += it->n_events;
@@ -2326,273 +2393,301 @@ static int batch_events(pg_txn *t, const batch_keys *keys,
     if (rows == 0) return 0;
     if (rows > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many events in a batch");
-    rowref *refs = es__calloc(rows, sizeof *refs);
-    bool *in = es__calloc(rows, sizeof *in);
-    es_buf ty = {0}, ag = {0}, ver = {0}, ids = {0}, kinds = {0}, data = {0};
-    es_buf kk = {0};
-    int rc = refs && in ? 0 : ES_ENOMEM;
-    if (rc == 0) rc = array_begin(&ty, OID_TEXT, rows);
-    if (rc == 0) rc = array_begin(&ag, OID_UUID, rows);
-    if (rc == 0) rc = array_begin(&ver, OID_INT8, rows);
-    if (rc == 0) rc = array_begin(&ids, OID_UUID, rows);
-    if (rc == 0) rc = array_begin(&kinds, OID_INT4, rows);
-    if (rc == 0) rc = array_begin(&data, OID_BYTEA, rows);
-    if (rc == 0) rc = array_begin(&kk, OID_TEXT, rows);
-    if (rc == 0 && !s->encrypt) kk.data[7] = 1; /* has NULLs */
+    static const Oid elems[7] = {OID_TEXT, OID_UUID, OID_INT8, OID_UUID,
+                                 OID_INT4, OID_BYTEA, OID_TEXT};
+    static const Oid types[7] = {OID_TEXT_ARRAY,  OID_UUID_ARRAY,
+                                 OID_INT8_ARRAY,  OID_UUID_ARRAY,
+                                 OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
+                                 OID_TEXT_ARRAY};
+    int rc = pstmt_init(p, "batch: insert events", s->sql[SQL_BATCH_EVENTS],
+                        elems, types, rows, err);
+    if (rc != 0) return rc;
+    p->refs = es__calloc(rows, sizeof *p->refs);
+    if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    es_buf *ty = &p->buf[0], *ag = &p->buf[1], *ver = &p->buf[2];
+    es_buf *ids = &p->buf[3], *kinds = &p->buf[4], *data = &p->buf[5];
+    es_buf *kk = &p->buf[6];
+    if (!s->encrypt) kk->data[7] = 1; /* has NULLs */
     size_t r = 0;
     for (size_t i = 0; rc == 0 && i < n; i++) {
         es__commit_item *it = items[i];
         if (it->status != ES__COMMIT_PENDING) continue;
         const dek_entry *d = NULL;
         if (s->encrypt && it->n_events > 0 &&
-            (d = batch_key(keys, &it->aggregate_id)) == NULL) {
-            rc = es__error_set(err, ES_EINVAL, "batch: no data key");
-            break;
-        }
+            (d = batch_key(keys, &it->aggregate_id)) == NULL)
+            return es__error_set(err, ES_EINVAL, "batch: no data key");
         size_t tlen = strlen(it->type_name);
         for (size_t j = 0; rc == 0 && j < it->n_events; j++, r++) {
             const es_event *e = &it->events[j];
-            refs[r] = (rowref){it->aggregate_id, e->version, i};
-            rc = array_item(&ty, it->type_name, tlen);
-            if (rc == 0) rc = array_item(&ag, it->aggregate_id.bytes, 16);
-            if (rc == 0) rc = array_i64(&ver, (int64_t)e->version);
-            if (rc == 0) rc = array_item(&ids, e->id.bytes, 16);
-            if (rc == 0) rc = array_i32(&kinds, e->kind);
+            p->refs[r] = (rowref){it->aggregate_id, e->version, i};
+            rc = array_item(ty, it->type_name, tlen);
+            if (rc == 0) rc = array_item(ag, it->aggregate_id.bytes, 16);
+            if (rc == 0) rc = array_i64(ver, (int64_t)e->version);
+            if (rc == 0) rc = array_item(ids, e->id.bytes, 16);
+            if (rc == 0) rc = array_i32(kinds, e->kind);
             if (rc == 0 && d) {
                 ad_buf ad;
                 ad_event(&ad, &it->aggregate_id, e->version);
-                rc = array_sealed(&data, d->dek, &ad, e->data, e->len);
-                if (rc == 0) rc = array_item(&kk, d->kek, strlen(d->kek));
+                rc = array_sealed(data, d->dek, &ad, e->data, e->len);
+                if (rc == 0) rc = array_item(kk, d->kek, strlen(d->kek));
             } else if (rc == 0) {
-                rc = array_item(&data, e->data, e->len);
-                if (rc == 0) rc = put32(&kk, 0xffffffffu); /* NULL */
+                rc = array_item(data, e->data, e->len);
+                if (rc == 0) rc = put32(kk, 0xffffffffu); /* NULL */
             }
         }
     }
-    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
-    if (rc == 0 && (data.len > INT32_MAX || kk.len > INT32_MAX))
-        rc = es__error_set(err, ES_EINVAL, "batch of %zu bytes is too large "
-                           "for one statement", data.len);
-    PGresult *res = NULL;
-    if (rc == 0) {
-        const Oid types[7] = {OID_TEXT_ARRAY,  OID_UUID_ARRAY,
-                              OID_INT8_ARRAY,  OID_UUID_ARRAY,
-                              OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
-                              OID_TEXT_ARRAY};
-        const char *values[7] = {(const char *)ty.data,
-                                 (const char *)ag.data,
-                                 (const char *)ver.data,
-                                 (const char *)ids.data,
-                                 (const char *)kinds.data,
-                                 (const char *)data.data,
-                                 (const char *)kk.data};
-        const int lens[7] = {(int)ty.len,    (int)ag.len,   (int)ver.len,
-                             (int)ids.len,   (int)kinds.len, (int)data.len,
-                             (int)kk.len};
-        rc = run(t->conn, "batch: insert events", s->sql[SQL_BATCH_EVENTS],
-                 7, types, values, lens, &res, err);
-    }
-    es_buf_free(&ty);
-    es_buf_free(&ag);
-    es_buf_free(&ver);
-    es_buf_free(&ids);
-    es_buf_free(&kinds);
-    es_buf_free(&data);
-    es_buf_free(&kk);
-    if (rc == 0) {
-        /* rows is in item order, so refs is sorted by item: sort a copy
-         * order by (aggregate, version) for the lookups */
-        qsort(refs, rows, sizeof *refs, rowref_cmp);
-        for (int i = 0; rc == 0 && i < PQntuples(res); i++) {
-            es_uuid agg;
-            uint64_t v = 0;
-            if (!col_uuid(res, i, 0, &agg)) {
-                rc = bad_row(err, "batch: insert events");
-                break;
-            }
-            if (PQgetisnull(res, i, 1)) { /* an aggregate of another type */
-                for (size_t j = 0; j < n; j++)
-                    if (items[j]->status == ES__COMMIT_PENDING &&
-                        es_uuid_equal(&items[j]->aggregate_id, &agg)) {
-                        batch_fail_group(items, n, j, ES_EINVAL);
-                        *failed = true;
-                    }
-                continue;
-            }
-            if (!col_u64(res, i, 1, &v)) {
-                rc = bad_row(err, "batch: insert events");
-                break;
-            }
-            rowref *f = rowref_find(refs, rows, &agg, v);
-            if (f) in[f - refs] = true;
+    if (rc != 0) return es__error_set(err, ES_ENOMEM, "out of memory");
+    qsort(p->refs, rows, sizeof *p->refs, rowref_cmp);
+    return 0;
+}
+
+/* Items whose events did not all go in fail: a version was taken
+ * (ES_ECONFLICT) or the aggregate is of another type (ES_EINVAL). */
+static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
+                        const PGresult *res, bool *failed, es_error *err)
+{
+    bool *in = es__calloc(p->rows, sizeof *in);
+    if (in == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    int rc = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
+        es_uuid agg;
+        uint64_t v = 0;
+        if (!col_uuid(res, i, 0, &agg)) {
+            rc = bad_row(err, "batch: insert events");
+            break;
         }
-        for (size_t j = 0; rc == 0 && j < rows; j++) {
-            es__commit_item *it = items[refs[j].item];
-            if (!in[j] && it->status == ES__COMMIT_PENDING) {
-                batch_fail_group(items, n, refs[j].item, ES_ECONFLICT);
-                *failed = true;
-            }
+        if (PQgetisnull(res, i, 1)) { /* an aggregate of another type */
+            for (size_t j = 0; j < n; j++)
+                if (items[j]->status == ES__COMMIT_PENDING &&
+                    es_uuid_equal(&items[j]->aggregate_id, &agg)) {
+                    batch_fail_group(items, n, j, ES_EINVAL);
+                    *failed = true;
+                }
+            continue;
         }
+        if (!col_u64(res, i, 1, &v)) {
+            rc = bad_row(err, "batch: insert events");
+            break;
+        }
+        rowref *f = rowref_find(p->refs, p->rows, &agg, v);
+        if (f) in[f - p->refs] = true;
     }
-    PQclear(res);
-    es__free(refs);
+    for (size_t j = 0; rc == 0 && j < p->rows; j++)
+        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
+            batch_fail_group(items, n, p->refs[j].item, ES_ECONFLICT);
+            *failed = true;
+        }
     es__free(in);
     return rc;
 }
 
-/* All command ids of the pending items in one statement; an item whose id
- * is taken fails with ES_EIDEMPOTENCY. */
-static int batch_commands(pg_txn *t, es__commit_item **items, size_t n,
-                          bool *failed, es_error *err)
+/* The command-id records of the pending items. */
+static int build_commands(pg_store *s, es__commit_item **items, size_t n,
+                          pstmt *p, es_error *err)
 {
-    size_t k = 0;
+    size_t rows = 0;
     for (size_t i = 0; i < n; i++)
-        if (items[i]->status == ES__COMMIT_PENDING) k++;
-    if (k == 0) return 0;
-    es__command_record *recs = es__calloc(k, sizeof *recs);
-    bool *ok = es__calloc(k, sizeof *ok);
-    rowref *refs = es__calloc(k, sizeof *refs);
+        if (items[i]->status == ES__COMMIT_PENDING) rows++;
+    if (rows == 0) return 0;
+    static const Oid elems[7] = {OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
+                                 OID_INT8, OID_INT8, OID_INT8};
+    static const Oid types[7] = {OID_UUID_ARRAY,  OID_UUID_ARRAY,
+                                 OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
+                                 OID_INT8_ARRAY,  OID_INT8_ARRAY,
+                                 OID_INT8_ARRAY};
+    int rc = pstmt_init(p, "batch: insert command ids",
+                        s->sql[SQL_INSERT_COMMANDS], elems, types, rows, err);
+    if (rc != 0) return rc;
+    p->refs = es__calloc(rows, sizeof *p->refs);
+    if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t r = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        if (items[i]->status != ES__COMMIT_PENDING) continue;
+        const es__command_record *c = &items[i]->record;
+        uint8_t d[ES__COMMAND_DIGEST];
+        if (c->hashed && c->len == ES__COMMAND_DIGEST)
+            memcpy(d, c->payload, sizeof d);
+        else
+            es__command_digest(c->kind, c->payload, c->len, d);
+        p->refs[r++] = (rowref){c->command_id, 0, i};
+        rc = array_item(&p->buf[0], c->command_id.bytes, 16);
+        if (rc == 0) rc = array_item(&p->buf[1], c->aggregate_id.bytes, 16);
+        if (rc == 0) rc = array_i32(&p->buf[2], c->kind);
+        if (rc == 0) rc = array_item(&p->buf[3], d, sizeof d);
+        if (rc == 0)
+            rc = array_i64(&p->buf[4], version_col(c->first_version));
+        if (rc == 0)
+            rc = array_i64(&p->buf[5], c->event_count > INT64_MAX
+                                           ? INT64_MAX
+                                           : (int64_t)c->event_count);
+        if (rc == 0) rc = array_i64(&p->buf[6], version_col(c->version));
+    }
+    if (rc != 0) return es__error_set(err, ES_ENOMEM, "out of memory");
+    qsort(p->refs, rows, sizeof *p->refs, rowref_cmp);
+    return 0;
+}
+
+/* Items whose command id did not go in fail with ES_EIDEMPOTENCY. */
+static int apply_commands(es__commit_item **items, size_t n, const pstmt *p,
+                          const PGresult *res, bool *failed, es_error *err)
+{
+    bool *in = es__calloc(p->rows, sizeof *in);
+    if (in == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     int rc = 0;
-    if (recs == NULL || ok == NULL || refs == NULL)
-        rc = es__error_set(err, ES_ENOMEM, "out of memory");
-    size_t m = 0;
-    for (size_t i = 0; rc == 0 && i < n; i++)
-        if (items[i]->status == ES__COMMIT_PENDING) {
-            refs[m] = (rowref){items[i]->record.command_id, 0, i};
-            recs[m++] = items[i]->record;
+    for (int i = 0; i < PQntuples(res); i++) {
+        es_uuid id;
+        if (!col_uuid(res, i, 0, &id)) {
+            rc = bad_row(err, "batch: insert command ids");
+            break;
         }
-    if (rc == 0) rc = pg_insert_commands(&t->base, recs, k, ok, err);
-    for (size_t j = 0; rc == 0 && j < k; j++)
-        if (!ok[j] && items[refs[j].item]->status == ES__COMMIT_PENDING) {
-            batch_fail_group(items, n, refs[j].item, ES_EIDEMPOTENCY);
+        rowref *f = rowref_find(p->refs, p->rows, &id, 0);
+        if (f) in[f - p->refs] = true;
+    }
+    for (size_t j = 0; rc == 0 && j < p->rows; j++)
+        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
+            batch_fail_group(items, n, p->refs[j].item, ES_EIDEMPOTENCY);
             *failed = true;
         }
-    es__free(recs);
-    es__free(ok);
-    es__free(refs);
+    es__free(in);
     return rc;
 }
 
-/* All side effects of the pending items in one statement. */
-static int batch_side_effects(pg_txn *t, const batch_keys *keys,
-                              es__commit_item **items, size_t n,
+/* The side effects of the pending items. */
+static int build_side_effects(pg_store *s, const batch_keys *keys,
+                              es__commit_item **items, size_t n, pstmt *p,
                               es_error *err)
 {
-    pg_store *s = (pg_store *)t->base.store;
     size_t rows = 0;
-    for (size_t i = 0; i < n; i++)
-        if (items[i]->status == ES__COMMIT_PENDING)
-            rows += items[i]->n_side_effects;
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        for (size_t j = 0; j < it->n_side_effects; j++)
+            if (it->side_effects[j].len > MAX_PAYLOAD) {
+                batch_fail_group(items, n, i, ES_EINVAL);
+                break;
+            }
+        if (it->status == ES__COMMIT_PENDING) rows += it->n_side_effects;
+    }
     if (rows == 0) return 0;
     if (rows > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many side effects");
-    es_buf ids = {0}, aggs = {0}, evs = {0}, kinds = {0}, data = {0};
-    es_buf kk = {0}, ty = {0};
-    int rc = array_begin(&ids, OID_UUID, rows);
-    if (rc == 0) rc = array_begin(&aggs, OID_UUID, rows);
-    if (rc == 0) rc = array_begin(&evs, OID_UUID, rows);
-    if (rc == 0) rc = array_begin(&kinds, OID_INT4, rows);
-    if (rc == 0) rc = array_begin(&data, OID_BYTEA, rows);
-    if (rc == 0) rc = array_begin(&kk, OID_TEXT, rows);
-    if (rc == 0) rc = array_begin(&ty, OID_TEXT, rows);
-    if (rc == 0 && !s->encrypt) kk.data[7] = 1; /* has NULLs */
+    static const Oid elems[7] = {OID_UUID, OID_UUID, OID_UUID, OID_INT4,
+                                 OID_BYTEA, OID_TEXT, OID_TEXT};
+    static const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY,
+                                 OID_UUID_ARRAY, OID_INT4_ARRAY,
+                                 OID_BYTEA_ARRAY, OID_TEXT_ARRAY,
+                                 OID_TEXT_ARRAY};
+    int rc = pstmt_init(p, "batch: insert side effects",
+                        s->sql[SQL_BATCH_SIDE_EFFECTS], elems, types, rows,
+                        err);
+    if (rc != 0) return rc;
+    es_buf *kk = &p->buf[5];
+    if (!s->encrypt) kk->data[7] = 1; /* has NULLs */
     for (size_t i = 0; rc == 0 && i < n; i++) {
         es__commit_item *it = items[i];
         if (it->status != ES__COMMIT_PENDING) continue;
         for (size_t j = 0; rc == 0 && j < it->n_side_effects; j++) {
             const es_side_effect *e = &it->side_effects[j];
-            if (e->len > MAX_PAYLOAD) {
-                rc = too_large(err, e->len);
-                break;
-            }
-            rc = array_item(&ids, e->id.bytes, 16);
-            if (rc == 0) rc = array_item(&aggs, e->aggregate_id.bytes, 16);
-            if (rc == 0) rc = array_item(&evs, e->event_id.bytes, 16);
-            if (rc == 0) rc = array_i32(&kinds, e->kind);
+            rc = array_item(&p->buf[0], e->id.bytes, 16);
+            if (rc == 0) rc = array_item(&p->buf[1], e->aggregate_id.bytes, 16);
+            if (rc == 0) rc = array_item(&p->buf[2], e->event_id.bytes, 16);
+            if (rc == 0) rc = array_i32(&p->buf[3], e->kind);
             if (rc == 0)
-                rc = array_item(&ty, it->type_name, strlen(it->type_name));
+                rc = array_item(&p->buf[6], it->type_name,
+                                strlen(it->type_name));
             if (rc != 0) break;
             if (!s->encrypt) {
-                rc = array_item(&data, e->data, e->len);
-                if (rc == 0) rc = put32(&kk, 0xffffffffu); /* NULL */
+                rc = array_item(&p->buf[4], e->data, e->len);
+                if (rc == 0) rc = put32(kk, 0xffffffffu); /* NULL */
                 continue;
             }
             const dek_entry *d = batch_key(keys, &e->aggregate_id);
-            if (d == NULL) {
-                rc = es__error_set(err, ES_EINVAL, "batch: no data key");
-                break;
-            }
+            if (d == NULL)
+                return es__error_set(err, ES_EINVAL, "batch: no data key");
             ad_buf ad;
             ad_side_effect(&ad, e);
-            rc = array_sealed(&data, d->dek, &ad, e->data, e->len);
-            if (rc == 0) rc = array_item(&kk, d->kek, strlen(d->kek));
+            rc = array_sealed(&p->buf[4], d->dek, &ad, e->data, e->len);
+            if (rc == 0) rc = array_item(kk, d->kek, strlen(d->kek));
         }
     }
-    if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
-    if (rc == 0 && data.len > INT32_MAX)
-        rc = es__error_set(err, ES_EINVAL, "side effects too large for one "
-                                           "statement");
-    if (rc == 0) {
-        const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
-                              OID_INT4_ARRAY, OID_BYTEA_ARRAY,
-                              OID_TEXT_ARRAY, OID_TEXT_ARRAY};
-        const char *values[7] = {(const char *)ids.data,
-                                 (const char *)aggs.data,
-                                 (const char *)evs.data,
-                                 (const char *)kinds.data,
-                                 (const char *)data.data,
-                                 (const char *)kk.data,
-                                 (const char *)ty.data};
-        const int lens[7] = {(int)ids.len,   (int)aggs.len, (int)evs.len,
-                             (int)kinds.len, (int)data.len, (int)kk.len,
-                             (int)ty.len};
-        PGresult *r = NULL;
-        rc = run(t->conn, "batch: insert side effects",
-                 s->sql[SQL_BATCH_SIDE_EFFECTS], 7, types, values, lens, &r,
-                 err);
-        if (rc == 0 && strcmp(PQcmdTuples(r), "0") != 0)
-            t->wrote_side_effects = true;
-        if (rc == 0) PQclear(r);
-    }
-    es_buf_free(&ids);
-    es_buf_free(&aggs);
-    es_buf_free(&evs);
-    es_buf_free(&kinds);
-    es_buf_free(&data);
-    es_buf_free(&kk);
-    es_buf_free(&ty);
-    return rc;
+    return rc == 0 ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
 }
 
-/* The writes of one transaction: the pending items that are left are the
- * ones written (not committed yet).  Returns a status for a failed
- * statement; the transaction is then to be rolled back. */
+/* The writes of one transaction, in one round trip (libpq pipeline):
+ * BEGIN (unless begun), a savepoint, the events, the command ids and the
+ * side effects of the pending items.  When rows were skipped, the items
+ * they belong to fail, and the next round trip rolls back to the
+ * savepoint and writes the rest again.  The pending items that are left
+ * are the ones written (not committed yet).  Returns a status for a
+ * failed statement; the transaction is then to be rolled back. */
 static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
                        es_error *err)
 {
     pg_store *s = (pg_store *)t->base.store;
+    PGconn *c = t->conn;
+    static const char begin_sql[] = "BEGIN ISOLATION LEVEL READ COMMITTED";
     batch_keys keys = {NULL, 0};
-    int rc = s->encrypt ? batch_keys_load(t, &keys, items, n, err) : 0;
-    if (rc == 0)
-        rc = run_simple(t->conn, "batch: savepoint", "SAVEPOINT es_batch",
-                        err);
-    while (rc == 0) {
-        bool failed = false, any = false;
+    bool begun = false;
+    int rc = 0;
+    if (s->encrypt) {
+        /* data keys first, in the transaction, before the savepoint */
+        rc = run_simple(c, "batch: begin", begin_sql, err);
+        begun = rc == 0;
+        if (rc == 0) rc = batch_keys_load(t, &keys, items, n, err);
+    }
+    for (bool first = true; rc == 0; first = false) {
+        bool any = false, failed = false;
         for (size_t i = 0; i < n && !any; i++)
             any = items[i]->status == ES__COMMIT_PENDING;
         if (!any) break;
-        rc = batch_events(t, &keys, items, n, &failed, err);
-        if (rc == 0) rc = batch_commands(t, items, n, &failed, err);
-        if (rc != 0) break;
-        if (failed) {
-            /* some rows went in for items that failed since: again,
-             * without them */
-            rc = run_simple(t->conn, "batch: rollback to savepoint",
-                            "ROLLBACK TO SAVEPOINT es_batch", err);
-            continue;
+        pstmt st[3];
+        memset(st, 0, sizeof st);
+        rc = build_events(s, &keys, items, n, &st[0], err);
+        if (rc == 0) rc = build_commands(s, items, n, &st[1], err);
+        if (rc == 0) rc = build_side_effects(s, &keys, items, n, &st[2], err);
+        const char *head[2];
+        int n_head = 0;
+        if (!begun) head[n_head++] = begin_sql;
+        head[n_head++] = first ? "SAVEPOINT es_batch"
+                               : "ROLLBACK TO SAVEPOINT es_batch";
+        if (rc == 0 && !PQenterPipelineMode(c))
+            rc = db_error(c, NULL, err, "batch: pipeline mode");
+        int sent = 0;
+        for (int i = 0; rc == 0 && i < n_head; i++, sent++)
+            if (!PQsendQueryParams(c, head[i], 0, NULL, NULL, NULL, NULL, 0))
+                rc = db_error(c, NULL, err, "batch: begin");
+        begun = true;
+        for (int i = 0; rc == 0 && i < 3; i++)
+            if (st[i].rows > 0) rc = pstmt_send(c, &st[i], err);
+        if (rc == 0 && !PQpipelineSync(c))
+            rc = db_error(c, NULL, err, "batch: pipeline sync");
+        /* the results, in order; the first error is kept */
+        for (int i = 0; rc == 0 && i < n_head + 3; i++) {
+            if (i >= n_head && !st[i - n_head].sent) continue;
+            PGresult *r = pipe_result(c);
+            ExecStatusType est = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+            if (est != PGRES_COMMAND_OK && est != PGRES_TUPLES_OK)
+                rc = db_error(c, r, err, i < n_head ? "batch: begin"
+                                                    : st[i - n_head].what);
+            else if (i == n_head)
+                rc = apply_events(items, n, &st[0], r, &failed, err);
+            else if (i == n_head + 1)
+                rc = apply_commands(items, n, &st[1], r, &failed, err);
+            else if (i == n_head + 2 && strcmp(PQcmdTuples(r), "0") != 0)
+                t->wrote_side_effects = true;
+            PQclear(r);
         }
-        rc = batch_side_effects(t, &keys, items, n, err);
-        break;
+        if (rc == 0) {
+            PGresult *r = pipe_result(c);
+            if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
+                rc = db_error(c, NULL, err, "batch: pipeline sync");
+            PQclear(r);
+        }
+        if (rc == 0 && !PQexitPipelineMode(c))
+            rc = db_error(c, NULL, err, "batch: pipeline mode");
+        for (int i = 0; i < 3; i++) pstmt_free(&st[i]);
+        (void)sent;
+        if (!failed) break;
     }
     batch_keys_free(&keys);
     return rc;
@@ -2624,6 +2719,23 @@ static int batch_resolve(pg_store *s, const es__command_record *rec)
     return -1;
 }
 
+/* A transaction of the batch writer: a connection from the pool; BEGIN
+ * goes in the first round trip of batch_write. */
+static int batch_begin(pg_store *s, es_txn **out, es_error *err)
+{
+    pg_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = &s->base;
+    int rc = pool_get(s, &t->conn, err);
+    if (rc != 0) {
+        es__free(t);
+        return rc;
+    }
+    es__store_txn_started(&s->base);
+    *out = &t->base;
+    return 0;
+}
+
 static size_t pg_write_batch(es_store *store, es__commit_item **items,
                              size_t n)
 {
@@ -2641,7 +2753,8 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
         }
         es_error err = {0};
         es_txn *txn = NULL;
-        int rc = pg_begin(store, &txn, &err);
+        int rc = batch_begin(s, &txn, &err);
+        if (rc == 0 && txn == NULL) rc = ES_ENOMEM; /* not reached */
         if (rc == 0) {
             rc = batch_write((pg_txn *)txn, items, n, &err);
             if (rc != 0) pg_rollback(txn);
@@ -2673,8 +2786,7 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
         /* Nothing of it committed.  A lost connection is tried again on a
          * new one; any other failure is left to the generic writer, which
          * can pin it on one item. */
-        if (rc == ES_EDB && (lost_state(&err) || err.sqlstate[0] == '\0') &&
-            ++lost < BATCH_TRIES)
+        if (lost_state(&err) && ++lost < BATCH_TRIES)
             continue;
         if (lost >= BATCH_TRIES)
             for (size_t i = 0; i < n; i++)
