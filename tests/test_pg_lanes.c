@@ -165,7 +165,7 @@ static void test_pg_lanes_conflict_among_many(void **state)
 
 #define KEYS 8
 #define PRODUCERS 4
-#define SENDS 120
+#define SENDS 80
 
 typedef struct shared {
     es_host *host;
@@ -212,7 +212,7 @@ static void *killer(void *arg)
             atomic_fetch_add(&s->kills, atoi(PQgetvalue(r, 0, 0)));
         PQclear(r);
         seed = seed * 1103515245u + 12345u;
-        struct timespec ts = {0, (long)(5 + (seed >> 16) % 40) * 1000000L};
+        struct timespec ts = {0, (long)(20 + (seed >> 16) % 80) * 1000000L};
         nanosleep(&ts, NULL);
     }
     PQfinish(c);

@@ -2183,7 +2183,7 @@ static int pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
  * any item gets a status. */
 
 #define BATCH_TRIES 40       /* connections lost in a row before giving up */
-#define BATCH_BACKOFF_MS 500 /* the longest pause between two tries */
+#define BATCH_BACKOFF_MS 200 /* the longest pause between two tries */
 
 typedef struct rowref {
     es_uuid id;
