@@ -37,7 +37,7 @@ def conninfo(d, port):
         os.path.join(d, "sock"), port)
 
 
-def start(d, port, tcp):
+def start(d, port, tcp, max_connections=200):
     d = os.path.abspath(d)
     data = os.path.join(d, "data")
     sock = os.path.join(d, "sock")
@@ -54,8 +54,8 @@ def start(d, port, tcp):
             [os.path.join(b, "initdb"), "-D", data, "-U", "postgres",
              "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]),
             stdout=subprocess.DEVNULL)
-    opts = "-k %s -p %d -c listen_addresses='%s' -c max_connections=200" % (
-        sock, port, "127.0.0.1" if tcp else "")
+    opts = ("-k %s -p %d -c listen_addresses='%s' -c max_connections=%d" %
+            (sock, port, "127.0.0.1" if tcp else "", max_connections))
     log = os.path.join(d, "server.log")
     if os.geteuid() == 0 and not os.path.exists(log):
         open(log, "a").close()
@@ -98,9 +98,10 @@ def main():
     ap.add_argument("dir")
     ap.add_argument("--port", type=int, default=5432)
     ap.add_argument("--tcp", action="store_true")
+    ap.add_argument("--max-connections", type=int, default=200)
     a = ap.parse_args()
     if a.action == "start":
-        start(a.dir, a.port, a.tcp)
+        start(a.dir, a.port, a.tcp, a.max_connections)
     else:
         stop(a.dir)
 

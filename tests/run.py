@@ -28,16 +28,18 @@ SAN_ENV = {
 class Cluster:
     """The database for the PostgreSQL tests: DATABASE_URL or our own."""
 
-    def __init__(self):
+    def __init__(self, name="pg", extra=()):
         self.url = os.environ.get("DATABASE_URL")
         self.dir = None
+        self.name = name
+        self.extra = list(extra)
 
     def __enter__(self):
         if not self.url:
-            self.dir = os.path.join(BUILD, "pg")
+            self.dir = os.path.join(BUILD, self.name)
             out = subprocess.check_output(
                 [sys.executable, os.path.join(HERE, "pgcluster.py"), "start",
-                 self.dir], text=True)
+                 self.dir] + self.extra, text=True)
             self.url = out.strip().splitlines()[-1]
         return self
 
@@ -124,6 +126,90 @@ def compile_fail_tests():
     return ok
 
 
+def run_each_benchmark(quick, out_dir, records, db_url):
+    import json
+    failed = 0
+    for exe in sorted(glob.glob(os.path.join(BUILD, "release", "bench",
+                                             "bench_*"))):
+        if not os.access(exe, os.X_OK) or exe.endswith(".d"):
+            continue
+        name = os.path.basename(exe)
+        out = os.path.join(out_dir, name + ".json")
+        print("BENCH %s" % name, flush=True)
+        cmd = [exe, out] + (["--quick"] if quick else [])
+        if subprocess.call(cmd, env=dict(os.environ,
+                                         DATABASE_URL=db_url)) != 0:
+            print("FAIL %s" % name)
+            failed += 1
+            continue
+        with open(out) as f:
+            records += json.load(f)
+    return failed
+
+
+def write_chart(records, path):
+    """An SVG of ops/s and p99 against clients for host_pg and
+    per_command_pg (log scales), next to results.json."""
+    import math
+    series = {}
+    for r in records:
+        if r.get("name") in ("host_pg", "per_command_pg"):
+            series.setdefault(r["name"], []).append(
+                (r["clients"], r["ops_per_s"], r["p99_us"] / 1000.0))
+    if not series:
+        return
+    colors = {"host_pg": "#1f77b4", "per_command_pg": "#d62728"}
+    w, h, pad = 420, 300, 50
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+           'font-family="sans-serif" font-size="11">' % (2 * w, h + 30)]
+
+    def panel(x0, idx, title, unit):
+        vals = [p[idx] for pts in series.values() for p in pts if p[idx] > 0]
+        lo = 10 ** math.floor(math.log10(min(vals)))
+        hi = 10 ** math.ceil(math.log10(max(vals)))
+        cl = [p[0] for pts in series.values() for p in pts]
+        cmin, cmax = min(cl), max(cl)
+
+        def X(c):
+            return x0 + pad + (w - 2 * pad) * (
+                math.log(c / cmin) / math.log(cmax / cmin) if cmax > cmin
+                else 0)
+
+        def Y(v):
+            return h - pad + 20 - (h - 2 * pad) * (
+                math.log(max(v, lo) / lo) / math.log(hi / lo))
+        out.append('<text x="%d" y="15">%s (%s, log) against clients</text>'
+                   % (x0 + pad, title, unit))
+        out.append('<rect x="%d" y="%d" width="%d" height="%d" fill="none" '
+                   'stroke="#999"/>' % (x0 + pad, pad - 30 + 20, w - 2 * pad,
+                                        h - 2 * pad + 30))
+        e = lo
+        while e <= hi:
+            out.append('<text x="%d" y="%.0f" text-anchor="end">%g</text>'
+                       % (x0 + pad - 4, Y(e) + 4, e))
+            e *= 10
+        for c in sorted(set(cl)):
+            out.append('<text x="%.0f" y="%d" text-anchor="middle">%d</text>'
+                       % (X(c), h + 5, c))
+        for name, pts in series.items():
+            pts = sorted(pts)
+            out.append('<polyline fill="none" stroke="%s" stroke-width="2" '
+                       'points="%s"/>' % (colors[name], " ".join(
+                           "%.1f,%.1f" % (X(p[0]), Y(p[idx])) for p in pts)))
+            for p in pts:
+                out.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>'
+                           % (X(p[0]), Y(p[idx]), colors[name]))
+    panel(0, 1, "committed commands/s", "ops/s")
+    panel(w, 2, "p99 latency", "ms")
+    y = h + 22
+    for i, name in enumerate(sorted(series)):
+        out.append('<text x="%d" y="%d" fill="%s">%s</text>'
+                   % (pad + i * 160, y, colors[name], name))
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
 def run_benchmarks(quick):
     """Runs build/release/bench/bench_*; each writes a JSON array to
     build/bench/<name>.json; they are merged into build/bench/results.json
@@ -134,30 +220,22 @@ def run_benchmarks(quick):
     os.makedirs(out_dir, exist_ok=True)
     records = []
     failed = 0
-    for exe in sorted(glob.glob(os.path.join(BUILD, "release", "bench",
-                                             "bench_*"))):
-        if not os.access(exe, os.X_OK) or exe.endswith(".d"):
-            continue
-        name = os.path.basename(exe)
-        out = os.path.join(out_dir, name + ".json")
-        print("BENCH %s" % name, flush=True)
-        cmd = [exe, out] + (["--quick"] if quick else [])
-        if subprocess.call(cmd) != 0:
-            print("FAIL %s" % name)
-            failed += 1
-            continue
-        with open(out) as f:
-            records += json.load(f)
+    # bench_pg: its own throwaway cluster, with room for a connection per
+    # client thread of per_command_pg (256).
+    with Cluster("pg-bench", ["--max-connections", "300"]) as db:
+        failed = run_each_benchmark(quick, out_dir, records, db.url)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(records, f, indent=2)
         f.write("\n")
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
-            "p99_us", "peak_rss_kb", "bytes_per_aggregate"]
+            "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
+            "cpu_pg_pct"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
         print(" ".join("%-16s" % r.get(c, "") if i == 0 else
                        "%12s" % r.get(c, "") for i, c in enumerate(cols)))
+    write_chart(records, os.path.join(out_dir, "host_pg.svg"))
     print("wrote %s" % os.path.join(out_dir, "results.json"))
     return 1 if failed else 0
 

@@ -25,8 +25,8 @@
  * they are decided again.  On a store without command-id records, ids are
  * remembered only while their command is in flight.
  *
- * Threads: the host runs `workers` worker threads, one committer thread
- * and one housekeeping thread (snapshots, passivation).  Decide handlers
+ * Threads: the host runs `workers` worker threads, one thread per commit
+ * lane (es_host_config_set_lanes) and one housekeeping thread (snapshots, passivation).  Decide handlers
  * and completion callbacks run on worker threads (completions with
  * ES_ECLOSED may also run on the thread closing the host).  The aggregate
  * type's callbacks run on worker threads too, except state_encode for a
@@ -208,6 +208,17 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
  *  Default 10,000 (10 ms).  Returns 0. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
     es_host_config *cfg, uint64_t micros);
+
+/** Commit lanes (0..64): each commits batches on a thread (and, on
+ *  PostgreSQL, a pooled connection) of its own, in parallel with the
+ *  others.  An aggregate's items always go to the same lane (by a hash of
+ *  its key), so they commit in the order they were decided.  0 (the
+ *  default): 4 on a store that writes batches with a constant number of
+ *  statements (PostgreSQL; measured in bench/bench_pg.c), else 1.  Keep
+ *  the PostgreSQL pool larger than the lanes, so that loads do not wait
+ *  for them.  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_lanes(es_host_config *cfg,
+                                                       unsigned n);
 
 /** Rows (events plus command ids) in one commit batch (>= 1).  A batch
  *  closes at this limit or when the committer is free: there is no

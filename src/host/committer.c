@@ -1,6 +1,8 @@
 /*
  * es__commit_batch: many aggregates' writes in one transaction, with the
- * failing part isolated.  Each item is written under a savepoint, so an
+ * failing part isolated.  A backend with a batch writer (write_batch: the
+ * PostgreSQL store) does it with a constant number of statements; what it
+ * leaves pending comes here.  Each item is written under a savepoint, so an
  * item whose versions, event ids or command id are taken is rolled back
  * alone and the others stay in the transaction.  A commit that fails as a
  * whole is retried without the aggregate it names, or group by group.
@@ -111,6 +113,13 @@ static bool any_pending(es__commit_item **items, size_t n)
 size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n)
 {
     if (n == 0) return 0;
+    size_t batched = 0;
+    if (store->ops->write_batch != NULL) {
+        /* The backend's batch writer; what it leaves pending (a failure it
+         * could not pin on an item) is written the generic way below. */
+        batched = store->ops->write_batch(store, items, n);
+        if (!any_pending(items, n)) return batched;
+    }
     bool *written = es__calloc(n, sizeof(bool));
     es__commit_item **sub = es__calloc(n, sizeof *sub);
     if (written == NULL || sub == NULL) {
@@ -121,7 +130,7 @@ size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n)
                 items[i]->status = ES_ENOMEM;
         return 0;
     }
-    size_t committed = 0;
+    size_t committed = batched;
     while (any_pending(items, n)) {
         int crc = 0;
         es_error err = {0};

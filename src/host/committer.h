@@ -22,24 +22,8 @@
 
 #include "store/store_impl.h"
 
-/* Status of an item not written yet. */
-#define ES__COMMIT_PENDING 1
-
-/* One command's writes: its events, their side effects and its command-id
- * record.  Items of one group (one actor) depend on the earlier items of
- * the group in the same batch: when one fails, the later ones fail with
- * ES_ECONFLICT unwritten. */
-typedef struct es__commit_item {
-    const char *type_name;
-    es_uuid aggregate_id;
-    const void *group;
-    es_event *events; /* payloads owned by the item's owner */
-    size_t n_events;
-    es_side_effect *side_effects;
-    size_t n_side_effects;
-    es__command_record record; /* written when the store keeps them */
-    int status; /* out: 0, or why the item was not committed */
-} es__commit_item;
+/* es__commit_item and ES__COMMIT_PENDING live in store/store_impl.h: a
+ * backend with a batch writer (write_batch) takes the same items. */
 
 /* Rows an item adds to a batch (events and the command-id record). */
 size_t es__commit_item_rows(const es__commit_item *item);

@@ -1,7 +1,10 @@
 /*
- * The aggregate host: actors with bounded mailboxes on a worker pool, one
- * committer thread that writes many actors' events per transaction, one
- * housekeeping thread for snapshots and passivation.
+ * The aggregate host: actors with bounded mailboxes on a worker pool,
+ * commit lanes (a thread each) that write many actors' events per
+ * transaction, one housekeeping thread for snapshots and passivation.
+ * An actor's items always go to the same lane (by a hash of its key), so
+ * a lane commits them in the order they were decided, and lanes never
+ * share an aggregate.
  *
  * An actor (one aggregate) is "scheduled" while it sits in the run queue or
  * a worker runs it; only that worker touches its state, so commands of one
@@ -21,7 +24,7 @@
  *                  mailbox, results, inflight count, scheduled flag, LRU
  *                  links
  *   host->rq_lock  the run queue
- *   host->cq_lock  the committer's queue
+ *   lane->lock     one commit lane's queue
  *   host->hk_lock  snapshot jobs and evicted actors for the housekeeper
  *   host->drain_lock  only to wait for the last completion at close
  */
@@ -45,6 +48,7 @@
 #define MAX_ATTEMPTS 4  /* decisions of one command whose commit failed */
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
+#define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
 
 typedef struct htype {
     const es_aggregate_type *type;
@@ -55,6 +59,7 @@ typedef struct htype {
 struct es_host_config {
     unsigned workers;
     size_t mailbox_bound, host_bound, resident_bound, batch_rows;
+    unsigned lanes; /* 0: chosen by the store */
     uint64_t idle_ms, snap_every, resident_bytes, snap_slow_load_us;
     bool snap_on_passivation;
     size_t n_types;
@@ -80,6 +85,8 @@ struct hcmd {
     size_t snap_len;
     uint64_t snap_at;
     int attempts;
+    bool taken;     /* a commit found its command id taken */
+    bool maybe_own; /* a commit of it had an unknown outcome */
     es_uuid id;
     int32_t kind;
     size_t len;
@@ -128,6 +135,16 @@ struct shard {
     size_t resident;
 };
 
+/* A commit lane: a queue of items and the thread that commits them. */
+typedef struct lane {
+    es_host *host;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    hcmd *head, *tail;
+    bool stop, started;
+    pthread_t thread;
+} lane;
+
 typedef struct snap_job {
     struct snap_job *next;
     es_snapshot snap; /* data points behind the job */
@@ -137,6 +154,10 @@ struct es_host {
     es_store *store;
     es_host_config cfg;
     bool has_commands;
+    /* Look command ids up only when the commit finds them taken (a store
+     * whose batch writer checks them in the batch), not before deciding:
+     * the lookup was three round trips per command on a worker. */
+    bool lazy_ids;
     size_t shard_bound;
     shard shards[N_SHARDS];
 
@@ -145,10 +166,8 @@ struct es_host {
     actor *rq_head, *rq_tail;
     bool rq_stop;
 
-    pthread_mutex_t cq_lock;
-    pthread_cond_t cq_cond;
-    hcmd *cq_head, *cq_tail;
-    bool cq_stop;
+    struct lane *lanes;
+    unsigned n_lanes;
 
     pthread_mutex_t hk_lock;
     pthread_cond_t hk_cond;
@@ -164,8 +183,8 @@ struct es_host {
 
     pthread_t *workers;
     unsigned n_workers;
-    pthread_t committer, housekeeper;
-    bool committer_started, housekeeper_started;
+    pthread_t housekeeper;
+    bool housekeeper_started;
 
     atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
         busy, resident, loads, passivations, mailbox_depth, batches,
@@ -281,6 +300,13 @@ int es_host_config_set_snapshot_slow_load(es_host_config *cfg,
 {
     if (cfg == NULL) return ES_EINVAL;
     cfg->snap_slow_load_us = micros;
+    return 0;
+}
+
+int es_host_config_set_lanes(es_host_config *cfg, unsigned n)
+{
+    if (cfg == NULL || n > 64) return ES_EINVAL;
+    cfg->lanes = n;
     return 0;
 }
 
@@ -833,9 +859,11 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
     }
     es_txn_rollback(txn);
     /* A command decided before (attempts > 0) whose commit came back
-     * unknown or taken finds its own outcome here: not a duplicate. */
+     * unknown finds its own outcome here: not a duplicate.  One whose
+     * commit found the id taken (lazy_ids) is one. */
     if (rc == 0)
-        complete(host, h, 0, rec->version, c.ev, c.n, "", h->attempts == 0);
+        complete(host, h, 0, rec->version, c.ev, c.n, "",
+                 h->attempts == 0 || (h->taken && !h->maybe_own));
     else
         complete_error(host, h, rc, actor_version(a), err.message);
     for (size_t i = 0; i < c.n; i++) es__free((void *)c.ev[i].data);
@@ -877,7 +905,9 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         p->dups = h;
         return;
     }
-    if (host->has_commands && answer_from_store(host, a, h)) return;
+    if (host->has_commands && (!host->lazy_ids || h->attempts > 0) &&
+        answer_from_store(host, a, h))
+        return;
     es_error err = {0};
     if (!a->loaded) {
         int rc = load_actor(host, a, &err);
@@ -906,6 +936,11 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
                      es_status_name(rc ? rc : em.failed));
         emitter_free(&em);
         es__hist_record(&host->h_decide, es__now_ns() - td);
+        /* A command accepted before may be rejected on today's state:
+         * its original outcome wins. */
+        if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
+            answer_from_store(host, a, h))
+            return;
         complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
         return;
     }
@@ -913,6 +948,9 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     emitter_free(&em);
     es__hist_record(&host->h_decide, es__now_ns() - td);
     if (rc != 0) {
+        if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
+            rc != ES_ENOMEM && answer_from_store(host, a, h))
+            return;
         complete_error(host, h, rc == ES_ENOMEM ? rc : ES_EAPPLY,
                        actor_version(a), err.message);
         return;
@@ -951,19 +989,31 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     sub->n++;
 }
 
-/* Hand the decided items to the committer. */
+/* The lane of an aggregate: fixed, so its items are committed in order. */
+static lane *lane_of(es_host *host, const actor *a)
+{
+    uint64_t h = 1469598103934665603u; /* FNV-1a over the key */
+    for (int i = 0; i < 16; i++) {
+        h ^= a->id.bytes[i];
+        h *= 1099511628211u;
+    }
+    return &host->lanes[h % host->n_lanes];
+}
+
+/* Hand the decided items to the actor's commit lane. */
 static void flush(es_host *host, actor *a, submit *sub)
 {
     if (sub->n == 0) return;
     pthread_mutex_lock(&a->sh->lock);
     a->inflight += sub->n;
     pthread_mutex_unlock(&a->sh->lock);
-    pthread_mutex_lock(&host->cq_lock);
-    if (host->cq_tail) host->cq_tail->qnext = sub->head;
-    else host->cq_head = sub->head;
-    host->cq_tail = sub->tail;
-    pthread_cond_signal(&host->cq_cond);
-    pthread_mutex_unlock(&host->cq_lock);
+    lane *l = lane_of(host, a);
+    pthread_mutex_lock(&l->lock);
+    if (l->tail) l->tail->qnext = sub->head;
+    else l->head = sub->head;
+    l->tail = sub->tail;
+    pthread_cond_signal(&l->cond);
+    pthread_mutex_unlock(&l->lock);
     memset(sub, 0, sizeof *sub);
 }
 
@@ -996,6 +1046,8 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         }
         a->broken = true;
         if (st == ES_ECONFLICT) count(&host->conflicts, 1);
+        if (st == ES_EIDEMPOTENCY) h->taken = true;
+        if (st == ES_EUNKNOWN) h->maybe_own = true;
         if (retryable(st) && ++h->attempts < MAX_ATTEMPTS &&
             !atomic_load(&host->closing_now)) {
             free_item_data(h);
@@ -1111,21 +1163,22 @@ static void *worker_main(void *arg)
 
 static void *committer_main(void *arg)
 {
-    es_host *host = arg;
+    lane *l = arg;
+    es_host *host = l->host;
     tls_host = host;
     es__commit_item **live = NULL;
     size_t cap = 0;
     for (;;) {
-        pthread_mutex_lock(&host->cq_lock);
-        while (host->cq_head == NULL && !host->cq_stop)
-            pthread_cond_wait(&host->cq_cond, &host->cq_lock);
-        if (host->cq_head == NULL) {
-            pthread_mutex_unlock(&host->cq_lock);
+        pthread_mutex_lock(&l->lock);
+        while (l->head == NULL && !l->stop)
+            pthread_cond_wait(&l->cond, &l->lock);
+        if (l->head == NULL) {
+            pthread_mutex_unlock(&l->lock);
             break;
         }
         /* A batch closes at the row limit or with what is there now. */
         size_t rows = 0, n = 0;
-        hcmd *first = host->cq_head, *last = NULL;
+        hcmd *first = l->head, *last = NULL;
         for (hcmd *h = first; h; h = h->qnext) {
             size_t r = es__commit_item_rows(&h->item);
             if (n > 0 && rows + r > host->cfg.batch_rows) break;
@@ -1133,10 +1186,10 @@ static void *committer_main(void *arg)
             n++;
             last = h;
         }
-        host->cq_head = last->qnext;
-        if (host->cq_head == NULL) host->cq_tail = NULL;
+        l->head = last->qnext;
+        if (l->head == NULL) l->tail = NULL;
         last->qnext = NULL;
-        pthread_mutex_unlock(&host->cq_lock);
+        pthread_mutex_unlock(&l->lock);
 
         if (n > cap) {
             void *p = es__realloc(live, n * 2 * sizeof *live);
@@ -1260,8 +1313,11 @@ static void host_free(es_host *host)
         pthread_mutex_destroy(&host->shards[s].lock);
     pthread_mutex_destroy(&host->rq_lock);
     pthread_cond_destroy(&host->rq_cond);
-    pthread_mutex_destroy(&host->cq_lock);
-    pthread_cond_destroy(&host->cq_cond);
+    for (unsigned i = 0; host->lanes && i < host->n_lanes; i++) {
+        pthread_mutex_destroy(&host->lanes[i].lock);
+        pthread_cond_destroy(&host->lanes[i].cond);
+    }
+    es__free(host->lanes);
     pthread_mutex_destroy(&host->hk_lock);
     pthread_cond_destroy(&host->hk_cond);
     pthread_mutex_destroy(&host->drain_lock);
@@ -1279,13 +1335,15 @@ static void stop_threads(es_host *host)
     for (unsigned i = 0; i < host->n_workers; i++)
         pthread_join(host->workers[i], NULL);
     host->n_workers = 0;
-    if (host->committer_started) {
-        pthread_mutex_lock(&host->cq_lock);
-        host->cq_stop = true;
-        pthread_cond_signal(&host->cq_cond);
-        pthread_mutex_unlock(&host->cq_lock);
-        pthread_join(host->committer, NULL);
-        host->committer_started = false;
+    for (unsigned i = 0; host->lanes && i < host->n_lanes; i++) {
+        lane *l = &host->lanes[i];
+        if (!l->started) continue;
+        pthread_mutex_lock(&l->lock);
+        l->stop = true;
+        pthread_cond_signal(&l->cond);
+        pthread_mutex_unlock(&l->lock);
+        pthread_join(l->thread, NULL);
+        l->started = false;
     }
     if (host->housekeeper_started) {
         pthread_mutex_lock(&host->hk_lock);
@@ -1308,13 +1366,23 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     es_host *host = es__calloc(1, sizeof *host);
     if (host == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     host->workers = es__calloc(cfg->workers, sizeof(pthread_t));
-    if (host->workers == NULL) {
+    /* Lanes pay where commits wait for the database: a store with a
+     * batch writer gets LANES_DEFAULT (measured: bench/bench_pg.c), the
+     * others one. */
+    host->n_lanes = cfg->lanes > 0 ? cfg->lanes
+                    : store->ops->write_batch != NULL ? LANES_DEFAULT
+                                                      : 1;
+    host->lanes = es__calloc(host->n_lanes, sizeof *host->lanes);
+    if (host->workers == NULL || host->lanes == NULL) {
+        es__free(host->lanes);
+        es__free(host->workers);
         es__free(host);
         return es__error_set(err, ES_ENOMEM, "out of memory");
     }
     host->store = store;
     host->cfg = *cfg;
     host->has_commands = es__store_has_commands(store);
+    host->lazy_ids = host->has_commands && store->ops->write_batch != NULL;
     size_t bound = cfg->resident_bound;
     if (cfg->resident_bytes > 0) {
         /* malloc chunks: the actor, its state, a hash bucket (load 1) */
@@ -1332,15 +1400,22 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         pthread_mutex_init(&host->shards[s].lock, NULL);
     pthread_mutex_init(&host->rq_lock, NULL);
     pthread_cond_init(&host->rq_cond, NULL);
-    pthread_mutex_init(&host->cq_lock, NULL);
-    pthread_cond_init(&host->cq_cond, NULL);
+    for (unsigned i = 0; i < host->n_lanes; i++) {
+        host->lanes[i].host = host;
+        pthread_mutex_init(&host->lanes[i].lock, NULL);
+        pthread_cond_init(&host->lanes[i].cond, NULL);
+    }
     pthread_mutex_init(&host->hk_lock, NULL);
     pthread_cond_init(&host->hk_cond, NULL);
     pthread_mutex_init(&host->drain_lock, NULL);
     pthread_cond_init(&host->drain_cond, NULL);
 
-    int rc = pthread_create(&host->committer, NULL, committer_main, host);
-    host->committer_started = rc == 0;
+    int rc = 0;
+    for (unsigned i = 0; rc == 0 && i < host->n_lanes; i++) {
+        lane *l = &host->lanes[i];
+        rc = pthread_create(&l->thread, NULL, committer_main, l);
+        l->started = rc == 0;
+    }
     if (rc == 0) {
         rc = pthread_create(&host->housekeeper, NULL, housekeeper_main, host);
         host->housekeeper_started = rc == 0;

@@ -106,6 +106,8 @@ enum {
     SQL_GET_COMMAND,
     SQL_STATUS_VERSION,
     SQL_STATUS_COUNTS,
+    SQL_BATCH_EVENTS,
+    SQL_BATCH_SIDE_EFFECTS,
     SQL_COUNT
 };
 
@@ -2362,6 +2364,640 @@ static void pg_outbox_unwatch(es__outbox_watch *w)
     es__free(w);
 }
 
+/* ---- the batch writer (the host's group commit) ----
+ *
+ * Many aggregates' items in one transaction with a constant number of
+ * statements: all events in one INSERT (rows skipped on conflict come back
+ * missing from RETURNING), all command ids in one, all side effects in
+ * one, then COMMIT.  Items whose rows were skipped are marked (version
+ * taken: ES_ECONFLICT; command id taken: ES_EIDEMPOTENCY; aggregate of
+ * another type: ES_EINVAL) with their group's later items, the writes are
+ * rolled back to a savepoint taken before them, and written again without
+ * those items, so the innocent ones commit.  A connection lost before
+ * COMMIT is retried on a new connection with backoff; one lost during
+ * COMMIT is resolved by reading one command id of the batch back before
+ * any item gets a status. */
+
+#define BATCH_TRIES 40       /* connections lost in a row before giving up */
+#define BATCH_BACKOFF_MS 200 /* the longest pause between two tries */
+
+typedef struct rowref {
+    es_uuid id;
+    uint64_t version;
+    size_t item;
+} rowref;
+
+static int rowref_cmp(const void *a, const void *b)
+{
+    const rowref *x = a, *y = b;
+    int c = memcmp(x->id.bytes, y->id.bytes, 16);
+    if (c != 0) return c;
+    return x->version < y->version ? -1 : x->version > y->version;
+}
+
+static rowref *rowref_find(rowref *refs, size_t n, const es_uuid *id,
+                           uint64_t version)
+{
+    rowref key = {*id, version, 0};
+    return bsearch(&key, refs, n, sizeof *refs, rowref_cmp);
+}
+
+static void batch_fail_group(es__commit_item **items, size_t n, size_t from,
+                             int status)
+{
+    const void *group = items[from]->group;
+    items[from]->status = status;
+    for (size_t j = from + 1; j < n; j++)
+        if (items[j]->group == group &&
+            items[j]->status == ES__COMMIT_PENDING)
+            items[j]->status = ES_ECONFLICT;
+}
+
+/* The connection broke, or the server is ending it (shutdown, a
+ * terminated backend): worth a try on a new connection. */
+static bool lost_state(const es_error *err)
+{
+    return strncmp(err->sqlstate, "08", 2) == 0 ||
+           strncmp(err->sqlstate, "57P0", 4) == 0;
+}
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* The data keys of the batch's aggregates, read (or made) once per
+ * transaction, before the savepoint: a rollback to it keeps them. */
+typedef struct batch_keys {
+    dek_entry *e; /* sorted by aggregate id */
+    size_t n;
+} batch_keys;
+
+static int dek_cmp(const void *a, const void *b)
+{
+    return memcmp(((const dek_entry *)a)->agg.bytes,
+                  ((const dek_entry *)b)->agg.bytes, 16);
+}
+
+static const dek_entry *batch_key(const batch_keys *k, const es_uuid *agg)
+{
+    dek_entry key;
+    key.agg = *agg;
+    return bsearch(&key, k->e, k->n, sizeof *k->e, dek_cmp);
+}
+
+static void batch_keys_free(batch_keys *k)
+{
+    if (k->e) sodium_memzero(k->e, k->n * sizeof *k->e);
+    es__free(k->e);
+    k->e = NULL;
+    k->n = 0;
+}
+
+static int batch_keys_add(pg_txn *t, batch_keys *k, size_t *cap,
+                          const es_uuid *agg, es_error *err)
+{
+    for (size_t i = 0; i < k->n; i++) /* unsorted while filling */
+        if (es_uuid_equal(&k->e[i].agg, agg)) return 0;
+    const dek_entry *d = NULL;
+    int rc = get_dek(t, agg, true, &d, err);
+    if (rc != 0) return rc;
+    if (k->n == *cap) {
+        size_t nc = *cap ? *cap * 2 : 16;
+        dek_entry *e = es__calloc(nc, sizeof *e);
+        if (e == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+        if (k->n) memcpy(e, k->e, k->n * sizeof *e);
+        batch_keys_free(k);
+        k->e = e;
+        *cap = nc;
+    }
+    k->e[k->n++] = *d;
+    return 0;
+}
+
+/* Keys for every pending item; an item whose key cannot be had (forgotten
+ * aggregate, provider error) fails with its group.  Returns a status only
+ * for a failed statement. */
+static int batch_keys_load(pg_txn *t, batch_keys *k, es__commit_item **items,
+                           size_t n, es_error *err)
+{
+    size_t cap = 0;
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        int rc = 0;
+        if (it->n_events > 0)
+            rc = batch_keys_add(t, k, &cap, &it->aggregate_id, err);
+        for (size_t j = 0; rc == 0 && j < it->n_side_effects; j++)
+            rc = batch_keys_add(t, k, &cap, &it->side_effects[j].aggregate_id,
+                                err);
+        if (rc == 0) continue;
+        if (PQstatus(t->conn) == CONNECTION_BAD ||
+            PQtransactionStatus(t->conn) == PQTRANS_INERROR)
+            return rc;
+        batch_fail_group(items, n, i, rc);
+    }
+    if (k->n > 1) qsort(k->e, k->n, sizeof *k->e, dek_cmp);
+    return 0;
+}
+
+/* One statement of a batch's pipeline: its array parameters and, for the
+ * events and the command ids, which item each row is of. */
+typedef struct pstmt {
+    const char *what, *sql;
+    int n;
+    Oid types[8];
+    es_buf buf[8]; /* 7 arrays, and an optional plain 8th parameter */
+    rowref *refs; /* sorted by (id, version) once built */
+    size_t rows;
+    bool sent;
+} pstmt;
+
+static void pstmt_free(pstmt *p)
+{
+    for (int i = 0; i < 8; i++) es_buf_free(&p->buf[i]);
+    es__free(p->refs);
+    memset(p, 0, sizeof *p);
+}
+
+static int pstmt_init(pstmt *p, const char *what, const char *sql,
+                      const Oid *elems, const Oid *types, size_t rows,
+                      es_error *err)
+{
+    p->what = what;
+    p->sql = sql;
+    p->n = 7;
+    p->rows = rows;
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < 7; i++) {
+        p->types[i] = types[i];
+        rc = array_begin(&p->buf[i], elems[i], rows);
+    }
+    return rc == 0 ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+}
+
+static int pstmt_send(PGconn *c, pstmt *p, es_error *err)
+{
+    const char *values[8];
+    int lens[8];
+    for (int i = 0; i < p->n; i++) {
+        if (p->buf[i].len > INT32_MAX)
+            return es__error_set(err, ES_EINVAL, "%s: a batch of %zu bytes "
+                                 "is too large for one statement", p->what,
+                                 p->buf[i].len);
+        values[i] = (const char *)p->buf[i].data;
+        lens[i] = (int)p->buf[i].len;
+    }
+    if (!PQsendQueryParams(c, p->sql, p->n, p->types, values, lens,
+                           binary_formats, 1))
+        return db_error(c, NULL, err, p->what);
+    p->sent = true;
+    return 0;
+}
+
+/* The next result of a pipeline, past the NULL that ends the previous
+ * statement's; NULL when the connection broke. */
+static PGresult *pipe_result(PGconn *c)
+{
+    for (int i = 0; i < 2; i++) {
+        PGresult *r = PQgetResult(c);
+        if (r != NULL) return r;
+        if (PQstatus(c) == CONNECTION_BAD) return NULL;
+    }
+    return NULL;
+}
+
+/* The events of the pending items; an item with a version or payload
+ * PostgreSQL cannot take fails with its group at once. */
+static int build_events(pg_store *s, const batch_keys *keys,
+                        es__commit_item **items, size_t n, pstmt *p,
+                        es_error *err)
+{
+    size_t rows = 0;
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        for (size_t j = 0; j < it->n_events; j++)
+            if (it->events[j].version > INT64_MAX ||
+                it->events[j].len > MAX_PAYLOAD) {
+                batch_fail_group(items, n, i, ES_EINVAL);
+                break;
+            }
+        if (it->status == ES__COMMIT_PENDING) rows += it->n_events;
+    }
+    if (rows == 0) return 0;
+    if (rows > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many events in a batch");
+    static const Oid elems[7] = {OID_TEXT, OID_UUID, OID_INT8, OID_UUID,
+                                 OID_INT4, OID_BYTEA, OID_TEXT};
+    static const Oid types[7] = {OID_TEXT_ARRAY,  OID_UUID_ARRAY,
+                                 OID_INT8_ARRAY,  OID_UUID_ARRAY,
+                                 OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
+                                 OID_TEXT_ARRAY};
+    int rc = pstmt_init(p, "batch: insert events", s->sql[SQL_BATCH_EVENTS],
+                        elems, types, rows, err);
+    if (rc != 0) return rc;
+    p->refs = es__calloc(rows, sizeof *p->refs);
+    if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    es_buf *ty = &p->buf[0], *ag = &p->buf[1], *ver = &p->buf[2];
+    es_buf *ids = &p->buf[3], *kinds = &p->buf[4], *data = &p->buf[5];
+    es_buf *kk = &p->buf[6];
+    if (!s->encrypt) kk->data[7] = 1; /* has NULLs */
+    size_t r = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        const dek_entry *d = NULL;
+        if (s->encrypt && it->n_events > 0 &&
+            (d = batch_key(keys, &it->aggregate_id)) == NULL)
+            return es__error_set(err, ES_EINVAL, "batch: no data key");
+        size_t tlen = strlen(it->type_name);
+        for (size_t j = 0; rc == 0 && j < it->n_events; j++, r++) {
+            const es_event *e = &it->events[j];
+            p->refs[r] = (rowref){it->aggregate_id, e->version, i};
+            rc = array_item(ty, it->type_name, tlen);
+            if (rc == 0) rc = array_item(ag, it->aggregate_id.bytes, 16);
+            if (rc == 0) rc = array_i64(ver, (int64_t)e->version);
+            if (rc == 0) rc = array_item(ids, e->id.bytes, 16);
+            if (rc == 0) rc = array_i32(kinds, e->kind);
+            if (rc == 0 && d) {
+                ad_buf ad;
+                ad_event(&ad, &it->aggregate_id, e->version);
+                rc = array_sealed(data, d->dek, &ad, e->data, e->len);
+                if (rc == 0) rc = array_item(kk, d->kek, strlen(d->kek));
+            } else if (rc == 0) {
+                rc = array_item(data, e->data, e->len);
+                if (rc == 0) rc = put32(kk, 0xffffffffu); /* NULL */
+            }
+        }
+    }
+    if (rc != 0) return es__error_set(err, ES_ENOMEM, "out of memory");
+    qsort(p->refs, rows, sizeof *p->refs, rowref_cmp);
+    return 0;
+}
+
+/* Items whose events did not all go in fail: a version was taken
+ * (ES_ECONFLICT) or the aggregate is of another type (ES_EINVAL). */
+static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
+                        const PGresult *res, bool *failed, es_error *err)
+{
+    bool *in = es__calloc(p->rows, sizeof *in);
+    if (in == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    int rc = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
+        es_uuid agg;
+        uint64_t v = 0;
+        if (!col_uuid(res, i, 0, &agg)) {
+            rc = bad_row(err, "batch: insert events");
+            break;
+        }
+        if (PQgetisnull(res, i, 1)) { /* an aggregate of another type */
+            for (size_t j = 0; j < n; j++)
+                if (items[j]->status == ES__COMMIT_PENDING &&
+                    es_uuid_equal(&items[j]->aggregate_id, &agg)) {
+                    batch_fail_group(items, n, j, ES_EINVAL);
+                    *failed = true;
+                }
+            continue;
+        }
+        if (!col_u64(res, i, 1, &v)) {
+            rc = bad_row(err, "batch: insert events");
+            break;
+        }
+        rowref *f = rowref_find(p->refs, p->rows, &agg, v);
+        if (f) in[f - p->refs] = true;
+    }
+    for (size_t j = 0; rc == 0 && j < p->rows; j++)
+        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
+            batch_fail_group(items, n, p->refs[j].item, ES_ECONFLICT);
+            *failed = true;
+        }
+    es__free(in);
+    return rc;
+}
+
+/* The command-id records of the pending items. */
+static int build_commands(pg_store *s, es__commit_item **items, size_t n,
+                          pstmt *p, es_error *err)
+{
+    size_t rows = 0;
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING) rows++;
+    if (rows == 0) return 0;
+    static const Oid elems[7] = {OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
+                                 OID_INT8, OID_INT8, OID_INT8};
+    static const Oid types[7] = {OID_UUID_ARRAY,  OID_UUID_ARRAY,
+                                 OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
+                                 OID_INT8_ARRAY,  OID_INT8_ARRAY,
+                                 OID_INT8_ARRAY};
+    int rc = pstmt_init(p, "batch: insert command ids",
+                        s->sql[SQL_INSERT_COMMANDS], elems, types, rows, err);
+    if (rc != 0) return rc;
+    p->refs = es__calloc(rows, sizeof *p->refs);
+    if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    size_t r = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        if (items[i]->status != ES__COMMIT_PENDING) continue;
+        const es__command_record *c = &items[i]->record;
+        uint8_t d[ES__COMMAND_DIGEST];
+        if (c->hashed && c->len == ES__COMMAND_DIGEST)
+            memcpy(d, c->payload, sizeof d);
+        else
+            es__command_digest(c->kind, c->payload, c->len, d);
+        p->refs[r++] = (rowref){c->command_id, 0, i};
+        rc = array_item(&p->buf[0], c->command_id.bytes, 16);
+        if (rc == 0) rc = array_item(&p->buf[1], c->aggregate_id.bytes, 16);
+        if (rc == 0) rc = array_i32(&p->buf[2], c->kind);
+        if (rc == 0) rc = array_item(&p->buf[3], d, sizeof d);
+        if (rc == 0)
+            rc = array_i64(&p->buf[4], version_col(c->first_version));
+        if (rc == 0)
+            rc = array_i64(&p->buf[5], c->event_count > INT64_MAX
+                                           ? INT64_MAX
+                                           : (int64_t)c->event_count);
+        if (rc == 0) rc = array_i64(&p->buf[6], version_col(c->version));
+    }
+    if (rc != 0) return es__error_set(err, ES_ENOMEM, "out of memory");
+    qsort(p->refs, rows, sizeof *p->refs, rowref_cmp);
+    return 0;
+}
+
+/* Items whose command id did not go in fail with ES_EIDEMPOTENCY. */
+static int apply_commands(es__commit_item **items, size_t n, const pstmt *p,
+                          const PGresult *res, bool *failed, es_error *err)
+{
+    bool *in = es__calloc(p->rows, sizeof *in);
+    if (in == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    int rc = 0;
+    for (int i = 0; i < PQntuples(res); i++) {
+        es_uuid id;
+        if (!col_uuid(res, i, 0, &id)) {
+            rc = bad_row(err, "batch: insert command ids");
+            break;
+        }
+        rowref *f = rowref_find(p->refs, p->rows, &id, 0);
+        if (f) in[f - p->refs] = true;
+    }
+    for (size_t j = 0; rc == 0 && j < p->rows; j++)
+        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
+            batch_fail_group(items, n, p->refs[j].item, ES_EIDEMPOTENCY);
+            *failed = true;
+        }
+    es__free(in);
+    return rc;
+}
+
+/* The side effects of the pending items. */
+static int build_side_effects(pg_store *s, const batch_keys *keys,
+                              es__commit_item **items, size_t n, pstmt *p,
+                              es_error *err)
+{
+    size_t rows = 0;
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        for (size_t j = 0; j < it->n_side_effects; j++)
+            if (it->side_effects[j].len > MAX_PAYLOAD) {
+                batch_fail_group(items, n, i, ES_EINVAL);
+                break;
+            }
+        if (it->status == ES__COMMIT_PENDING) rows += it->n_side_effects;
+    }
+    if (rows == 0) return 0;
+    if (rows > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many side effects");
+    static const Oid elems[7] = {OID_UUID, OID_UUID, OID_UUID, OID_INT4,
+                                 OID_BYTEA, OID_TEXT, OID_TEXT};
+    static const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY,
+                                 OID_UUID_ARRAY, OID_INT4_ARRAY,
+                                 OID_BYTEA_ARRAY, OID_TEXT_ARRAY,
+                                 OID_TEXT_ARRAY};
+    int rc = pstmt_init(p, "batch: insert side effects",
+                        s->sql[SQL_BATCH_SIDE_EFFECTS], elems, types, rows,
+                        err);
+    if (rc != 0) return rc;
+    /* The NOTIFY channel, a parameter like every value ($8). */
+    p->n = 8;
+    p->types[7] = OID_TEXT;
+    if (es_buf_append_str(&p->buf[7], s->channel) != 0)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    es_buf *kk = &p->buf[5];
+    if (!s->encrypt) kk->data[7] = 1; /* has NULLs */
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        for (size_t j = 0; rc == 0 && j < it->n_side_effects; j++) {
+            const es_side_effect *e = &it->side_effects[j];
+            rc = array_item(&p->buf[0], e->id.bytes, 16);
+            if (rc == 0) rc = array_item(&p->buf[1], e->aggregate_id.bytes, 16);
+            if (rc == 0) rc = array_item(&p->buf[2], e->event_id.bytes, 16);
+            if (rc == 0) rc = array_i32(&p->buf[3], e->kind);
+            if (rc == 0)
+                rc = array_item(&p->buf[6], it->type_name,
+                                strlen(it->type_name));
+            if (rc != 0) break;
+            if (!s->encrypt) {
+                rc = array_item(&p->buf[4], e->data, e->len);
+                if (rc == 0) rc = put32(kk, 0xffffffffu); /* NULL */
+                continue;
+            }
+            const dek_entry *d = batch_key(keys, &e->aggregate_id);
+            if (d == NULL)
+                return es__error_set(err, ES_EINVAL, "batch: no data key");
+            ad_buf ad;
+            ad_side_effect(&ad, e);
+            rc = array_sealed(&p->buf[4], d->dek, &ad, e->data, e->len);
+            if (rc == 0) rc = array_item(kk, d->kek, strlen(d->kek));
+        }
+    }
+    return rc == 0 ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
+}
+
+/* The writes of one transaction, in one round trip (libpq pipeline):
+ * BEGIN (unless begun), a savepoint, the events, the command ids and the
+ * side effects of the pending items.  When rows were skipped, the items
+ * they belong to fail, and the next round trip rolls back to the
+ * savepoint and writes the rest again.  The pending items that are left
+ * are the ones written (not committed yet).  Returns a status for a
+ * failed statement; the transaction is then to be rolled back. */
+static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
+                       es_error *err)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    PGconn *c = t->conn;
+    static const char begin_sql[] = "BEGIN ISOLATION LEVEL READ COMMITTED";
+    batch_keys keys = {NULL, 0};
+    bool begun = false;
+    int rc = 0;
+    if (s->encrypt) {
+        /* data keys first, in the transaction, before the savepoint */
+        rc = run_simple(c, "batch: begin", begin_sql, err);
+        begun = rc == 0;
+        if (rc == 0) rc = batch_keys_load(t, &keys, items, n, err);
+    }
+    for (bool first = true; rc == 0; first = false) {
+        bool any = false, failed = false;
+        for (size_t i = 0; i < n && !any; i++)
+            any = items[i]->status == ES__COMMIT_PENDING;
+        if (!any) break;
+        pstmt st[3];
+        memset(st, 0, sizeof st);
+        rc = build_events(s, &keys, items, n, &st[0], err);
+        if (rc == 0) rc = build_commands(s, items, n, &st[1], err);
+        if (rc == 0) rc = build_side_effects(s, &keys, items, n, &st[2], err);
+        const char *head[2];
+        int n_head = 0;
+        if (!begun) head[n_head++] = begin_sql;
+        head[n_head++] = first ? "SAVEPOINT es_batch"
+                               : "ROLLBACK TO SAVEPOINT es_batch";
+        if (rc == 0 && !PQenterPipelineMode(c))
+            rc = db_error(c, NULL, err, "batch: pipeline mode");
+        int sent = 0;
+        for (int i = 0; rc == 0 && i < n_head; i++, sent++)
+            if (!PQsendQueryParams(c, head[i], 0, NULL, NULL, NULL, NULL, 0))
+                rc = db_error(c, NULL, err, "batch: begin");
+        begun = true;
+        for (int i = 0; rc == 0 && i < 3; i++)
+            if (st[i].rows > 0) rc = pstmt_send(c, &st[i], err);
+        if (rc == 0 && !PQpipelineSync(c))
+            rc = db_error(c, NULL, err, "batch: pipeline sync");
+        /* the results, in order; the first error is kept */
+        for (int i = 0; rc == 0 && i < n_head + 3; i++) {
+            if (i >= n_head && !st[i - n_head].sent) continue;
+            PGresult *r = pipe_result(c);
+            ExecStatusType est = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+            if (est != PGRES_COMMAND_OK && est != PGRES_TUPLES_OK)
+                rc = db_error(c, r, err, i < n_head ? "batch: begin"
+                                                    : st[i - n_head].what);
+            else if (i == n_head)
+                rc = apply_events(items, n, &st[0], r, &failed, err);
+            else if (i == n_head + 1)
+                rc = apply_commands(items, n, &st[1], r, &failed, err);
+            else if (i == n_head + 2 && strcmp(PQcmdTuples(r), "0") != 0)
+                t->wrote_side_effects = true;
+            PQclear(r);
+        }
+        if (rc == 0) {
+            PGresult *r = pipe_result(c);
+            if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
+                rc = db_error(c, NULL, err, "batch: pipeline sync");
+            PQclear(r);
+        }
+        if (rc == 0 && !PQexitPipelineMode(c))
+            rc = db_error(c, NULL, err, "batch: pipeline mode");
+        for (int i = 0; i < 3; i++) pstmt_free(&st[i]);
+        (void)sent;
+        if (!failed) break;
+    }
+    batch_keys_free(&keys);
+    return rc;
+}
+
+/* After a COMMIT whose answer was lost: did it commit?  The command id of
+ * one written item answers for the whole transaction.  Returns 1
+ * (committed), 0 (not), or -1 (could not find out). */
+static int batch_resolve(pg_store *s, const es__command_record *rec)
+{
+    for (int attempt = 0; attempt < BATCH_TRIES; attempt++) {
+        if (attempt > 0) {
+            unsigned ms = 5u << (attempt < 8 ? attempt : 8);
+            sleep_ms(ms < BATCH_BACKOFF_MS ? ms : BATCH_BACKOFF_MS);
+        }
+        es_error err = {0};
+        es_txn *txn = NULL;
+        if (pg_begin(&s->base, &txn, &err) != 0) continue;
+        es__command_record *got = NULL;
+        int rc = pg_get_command(txn, &rec->command_id, &got, &err);
+        pg_rollback(txn);
+        if (rc == ES_ENOTFOUND) return 0;
+        if (rc != 0) continue;
+        bool ours = es_uuid_equal(&got->aggregate_id, &rec->aggregate_id) &&
+                    got->version == rec->version;
+        es__free(got);
+        return ours ? 1 : -1;
+    }
+    return -1;
+}
+
+/* A transaction of the batch writer: a connection from the pool; BEGIN
+ * goes in the first round trip of batch_write. */
+static int batch_begin(pg_store *s, es_txn **out, es_error *err)
+{
+    pg_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = &s->base;
+    int rc = pool_get(s, &t->conn, err);
+    if (rc != 0) {
+        es__free(t);
+        return rc;
+    }
+    es__store_txn_started(&s->base);
+    *out = &t->base;
+    return 0;
+}
+
+static size_t pg_write_batch(es_store *store, es__commit_item **items,
+                             size_t n)
+{
+    pg_store *s = (pg_store *)store;
+    size_t committed = 0;
+    int lost = 0;
+    for (;;) {
+        size_t first = n;
+        for (size_t i = 0; i < n && first == n; i++)
+            if (items[i]->status == ES__COMMIT_PENDING) first = i;
+        if (first == n) break;
+        if (lost > 0) {
+            unsigned ms = 5u << (lost < 8 ? lost : 8);
+            sleep_ms(ms < BATCH_BACKOFF_MS ? ms : BATCH_BACKOFF_MS);
+        }
+        es_error err = {0};
+        es_txn *txn = NULL;
+        int rc = batch_begin(s, &txn, &err);
+        if (rc == 0 && txn == NULL) rc = ES_ENOMEM; /* not reached */
+        if (rc == 0) {
+            rc = batch_write((pg_txn *)txn, items, n, &err);
+            if (rc != 0) pg_rollback(txn);
+        }
+        bool any = false;
+        for (size_t i = 0; i < n && !any; i++)
+            any = items[i]->status == ES__COMMIT_PENDING;
+        if (rc == 0 && !any) {
+            pg_rollback(txn);
+            break;
+        }
+        if (rc == 0) {
+            const es__command_record *probe = NULL;
+            for (size_t i = 0; i < n && probe == NULL; i++)
+                if (items[i]->status == ES__COMMIT_PENDING)
+                    probe = &items[i]->record;
+            rc = pg_commit(txn, &err);
+            int outcome = rc == 0 ? 1 : 0;
+            if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, probe);
+            if (outcome != 0) {
+                for (size_t i = 0; i < n; i++)
+                    if (items[i]->status == ES__COMMIT_PENDING)
+                        items[i]->status = outcome == 1 ? 0 : ES_EUNKNOWN;
+                if (outcome == 1) committed++;
+                break;
+            }
+            if (rc == ES_EUNKNOWN) rc = ES_EDB; /* read back: not there */
+        }
+        /* Nothing of it committed.  A lost connection is tried again on a
+         * new one; any other failure is left to the generic writer, which
+         * can pin it on one item. */
+        if (lost_state(&err) && ++lost < BATCH_TRIES)
+            continue;
+        if (lost >= BATCH_TRIES)
+            for (size_t i = 0; i < n; i++)
+                if (items[i]->status == ES__COMMIT_PENDING)
+                    items[i]->status = rc;
+        break;
+    }
+    return committed;
+}
+
 static const es_store_ops postgres_ops = {
     .name = "postgres",
     .begin = pg_begin,
@@ -2389,6 +3025,7 @@ static const es_store_ops postgres_ops = {
     .outbox_unwatch = pg_outbox_unwatch,
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
+    .write_batch = pg_write_batch,
     .close = pg_close,
 };
 
@@ -2438,6 +3075,32 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "SELECT version, event_id, NULL::text FROM ins UNION ALL "
         "SELECT NULL, NULL, aggregate_type FROM other",
         e, e);
+    /* The host's batches (pg_write_batch): many aggregates' events in
+     * one statement; RETURNING names the rows that went in, and an
+     * aggregate whose creation event has another type comes back with a
+     * NULL version (none of its rows is inserted). */
+    s->sql[SQL_BATCH_EVENTS] = sqlf(
+        "WITH u AS (SELECT * FROM unnest($1::text[], $2::uuid[], "
+        "$3::bigint[], $4::uuid[], $5::integer[], $6::bytea[], $7::text[]) "
+        "AS u(t, a, v, id, k, p, kk)), "
+        "other AS (SELECT DISTINCT e.aggregate_id FROM %s e JOIN u ON "
+        "e.aggregate_id = u.a AND e.version = 0 AND e.aggregate_type <> u.t), "
+        "ins AS (INSERT INTO %s (aggregate_type, aggregate_id, version, "
+        "event_id, kind, payload, key_id) SELECT u.t, u.a, u.v, u.id, u.k, "
+        "u.p, u.kk FROM u WHERE NOT EXISTS (SELECT 1 FROM other o WHERE "
+        "o.aggregate_id = u.a) ON CONFLICT DO NOTHING RETURNING aggregate_id, "
+        "version) "
+        "SELECT aggregate_id, version FROM ins UNION ALL "
+        "SELECT aggregate_id, NULL::bigint FROM other",
+        e, e);
+    /* With NOTIFY in the same statement, like SQL_INSERT_SIDE_EFFECTS. */
+    s->sql[SQL_BATCH_SIDE_EFFECTS] = sqlf(
+        "WITH ins AS (INSERT INTO %s (id, aggregate_id, event_id, kind, "
+        "payload, key_id, aggregate_type) SELECT * FROM unnest($1::uuid[], "
+        "$2::uuid[], $3::uuid[], $4::integer[], $5::bytea[], $6::text[], "
+        "$7::text[]) ON CONFLICT (id) DO NOTHING RETURNING 1) SELECT %s FROM "
+        "(SELECT 1 FROM ins LIMIT 1) AS one", o,
+        s->notify ? "pg_notify($8, '')" : "$8::text");
     s->sql[SQL_STREAM] = sqlf(
         "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
         "aggregate_id = $1 AND version >= $2 ORDER BY version LIMIT $3", e);

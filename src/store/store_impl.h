@@ -48,6 +48,25 @@ void es__command_digest(int32_t kind, const void *payload, size_t len,
 bool es__command_matches(const es__command_record *rec, int32_t kind,
                          const void *payload, size_t len);
 
+/* Status of an item not written yet. */
+#define ES__COMMIT_PENDING 1
+
+/* One command's writes: its events, their side effects and its command-id
+ * record.  Items of one group (one actor) depend on the earlier items of
+ * the group in the same batch: when one fails, the later ones fail with
+ * ES_ECONFLICT unwritten. */
+typedef struct es__commit_item {
+    const char *type_name;
+    es_uuid aggregate_id;
+    const void *group;
+    es_event *events; /* payloads owned by the item's owner */
+    size_t n_events;
+    es_side_effect *side_effects;
+    size_t n_side_effects;
+    es__command_record record; /* written when the store keeps them */
+    int status; /* out: 0, or why the item was not committed */
+} es__commit_item;
+
 /* Which messages a dispatcher handles: a type and a kind
  * (ES_OUTBOX_ANY_KIND for all its kinds). */
 typedef struct es__outbox_filter {
@@ -118,6 +137,13 @@ typedef struct es_store_ops {
                            size_t n, bool *inserted, es_error *err);
     int (*get_command)(es_txn *txn, const es_uuid *command_id,
                        es__command_record **out, es_error *err);
+    /* Optional: write many aggregates' items in as few transactions as
+     * it can, with a constant number of statements each; the contract of
+     * es__commit_batch (host/committer.h).  Items it could not place on
+     * an aggregate are left ES__COMMIT_PENDING, and the caller writes them
+     * the generic way.  Returns the number of transactions committed. */
+    size_t (*write_batch)(es_store *store, es__commit_item **items,
+                          size_t n);
     /* The outbox (each in a transaction of its own; see outbox.h).
      * claim: among pending messages matching a filter, due at now_ms,
      * unclaimed or with an expired claim, and with no earlier matching

@@ -1,0 +1,615 @@
+/*
+ * Group commit on PostgreSQL (DATABASE_URL; tests/run.py --bench starts a
+ * throwaway cluster), side by side in one run, bank-like deposits over
+ * 10,000 accounts:
+ *
+ *   host_pg         the host: C closed-loop clients (each keeps one
+ *                   command in flight and sends the next from the
+ *                   completion of the previous); commits go through the
+ *                   commit lanes and the PostgreSQL batch writer
+ *   per_command_pg  the library the Eventastic way: C client threads, each
+ *                   with a connection of its own, one transaction per
+ *                   command (begin, load, record, save, commit; a conflict
+ *                   is retried)
+ *
+ * at 1, 8, 64 and 256 clients.  Records name, store, workers, lanes,
+ * clients, keys, ops_per_s (committed commands per second), p50_us,
+ * p99_us (client-side latency of a command), cpu_host_pct and cpu_pg_pct
+ * (CPU of this process and of the PostgreSQL server's processes, in % of
+ * one core over the point) to OUT.json.
+ *
+ * Usage: bench_pg OUT.json [--quick]
+ */
+#include <dirent.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "eventastic.h"
+
+/* ---- an account: one event kind, deposits ---- */
+
+typedef struct account {
+    int64_t balance;
+} account;
+
+typedef struct deposit {
+    es_uuid id;
+    int64_t amount;
+} deposit;
+
+static es_uuid ev_id(const void *e) { return ((const deposit *)e)->id; }
+static int32_t ev_kind(const void *e)
+{
+    (void)e;
+    return 1;
+}
+
+static int apply(void *s, const void *e, es_error *err)
+{
+    (void)err;
+    ((account *)s)->balance += ((const deposit *)e)->amount;
+    return 0;
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+static int state_encode(const void *s, es_buf *out, es_error *err)
+{
+    (void)err;
+    uint8_t b[8];
+    put64(b, (uint64_t)((const account *)s)->balance);
+    return es_buf_append(out, b, 8);
+}
+
+static int state_decode(const uint8_t *p, size_t len, void *s, es_error *err)
+{
+    (void)err;
+    if (len != 8) return ES_EDECODE;
+    ((account *)s)->balance = (int64_t)get64(p);
+    return 0;
+}
+
+static int event_encode(const void *e, es_buf *out, es_error *err)
+{
+    (void)err;
+    uint8_t b[24];
+    memcpy(b, ((const deposit *)e)->id.bytes, 16);
+    put64(b + 16, (uint64_t)((const deposit *)e)->amount);
+    return es_buf_append(out, b, 24);
+}
+
+static int event_decode(int32_t kind, const uint8_t *p, size_t len, void *e,
+                        es_error *err)
+{
+    (void)err;
+    if (kind != 1 || len != 24) return ES_EDECODE;
+    memcpy(((deposit *)e)->id.bytes, p, 16);
+    ((deposit *)e)->amount = (int64_t)get64(p + 16);
+    return 0;
+}
+
+static const es_aggregate_type account_type = {
+    .name = "account",
+    .snapshot_version = 1,
+    .state_size = sizeof(account),
+    .event_size = sizeof(deposit),
+    .event_id = ev_id,
+    .event_kind = ev_kind,
+    .apply_new = apply,
+    .apply = apply,
+    .state_encode = state_encode,
+    .state_decode = state_decode,
+    .event_encode = event_encode,
+    .event_decode = event_decode,
+};
+
+/* Event and command ids: a counter after a prefix of this run (the
+ * database keeps the ids of earlier runs). */
+static atomic_uint_least64_t next_id = 1;
+static uint64_t id_prefix;
+
+static es_uuid make_id(void)
+{
+    uint64_t n = atomic_fetch_add_explicit(&next_id, 1, memory_order_relaxed);
+    es_uuid id;
+    put64(id.bytes, id_prefix);
+    put64(id.bytes + 8, n);
+    return id;
+}
+
+static int decide(void *user, const void *state, const es_command *cmd,
+                  es_emitter *em)
+{
+    (void)user;
+    (void)state;
+    deposit d = {make_id(), (int64_t)get64(cmd->payload)};
+    return es_emit(em, &d);
+}
+
+static es_uuid key_of(uint64_t i)
+{
+    es_uuid id;
+    memset(&id, 0, sizeof id);
+    put64(id.bytes, i + 1);
+    id.bytes[15] = 0x7e;
+    return id;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+
+/* xorshift: the key sequence of one client */
+static uint64_t rnd(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+/* ---- measuring ---- */
+
+#define MAX_SAMPLES (1u << 22)
+static uint32_t *g_lat; /* client-side latencies of one point, in us */
+static atomic_uint g_n_lat;
+
+static void lat_record(double t0)
+{
+    unsigned i = atomic_fetch_add_explicit(&g_n_lat, 1, memory_order_relaxed);
+    if (i < MAX_SAMPLES) g_lat[i] = (uint32_t)((now_s() - t0) * 1e6);
+}
+
+static int u32_cmp(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void lat_percentiles(double *p50, double *p99)
+{
+    unsigned n = atomic_load(&g_n_lat);
+    if (n > MAX_SAMPLES) n = MAX_SAMPLES;
+    *p50 = *p99 = 0;
+    if (n == 0) return;
+    qsort(g_lat, n, sizeof *g_lat, u32_cmp);
+    *p50 = g_lat[n / 2];
+    *p99 = g_lat[(size_t)n * 99 / 100];
+}
+
+static double self_cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+/* utime + stime of a process and its parent's pid, from /proc */
+static bool proc_stat(int pid, int *ppid, double *cpu)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return false;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    if (p == NULL) return false;
+    unsigned long ut = 0, st = 0;
+    int pp = 0;
+    /* fields after comm: state ppid pgrp session tty tpgid flags minflt
+     * cminflt majflt cmajflt utime stime */
+    if (sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
+               &pp, &ut, &st) != 3)
+        return false;
+    *ppid = pp;
+    *cpu = (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+    return true;
+}
+
+static int g_postmaster;
+
+/* CPU seconds of the PostgreSQL server: the postmaster and its children
+ * alive now (the connections of a point live through the point). */
+static double pg_cpu_s(void)
+{
+    if (g_postmaster <= 0) return 0;
+    double sum = 0;
+    DIR *d = opendir("/proc");
+    if (d == NULL) return 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int pid = atoi(e->d_name);
+        int pp = 0;
+        double cpu = 0;
+        if (pid > 0 && proc_stat(pid, &pp, &cpu) &&
+            (pid == g_postmaster || pp == g_postmaster))
+            sum += cpu;
+    }
+    closedir(d);
+    return sum;
+}
+
+static void find_postmaster(es_store *store)
+{
+    /* the checkpointer's parent is the postmaster, and it lives as long */
+    (void)store;
+    const char *url = getenv("DATABASE_URL");
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "psql -XAtq -d '%s' -c \"SELECT pid FROM "
+             "pg_stat_activity WHERE backend_type = 'checkpointer'\" "
+             "2>/dev/null", url ? url : "");
+    FILE *p = popen(cmd, "r");
+    if (p == NULL) return;
+    int backend = 0;
+    if (fscanf(p, "%d", &backend) != 1) backend = 0;
+    pclose(p);
+    int pp = 0;
+    double cpu = 0;
+    if (backend > 0 && proc_stat(backend, &pp, &cpu)) g_postmaster = pp;
+}
+
+typedef struct record {
+    const char *name;
+    unsigned workers, lanes, clients;
+    uint64_t keys;
+    double ops_per_s, p50_us, p99_us, cpu_host_pct, cpu_pg_pct;
+    uint64_t errors;
+} record;
+
+static es_store *open_store(size_t pool)
+{
+    es_pg_config *cfg = NULL;
+    es_store *store = NULL;
+    es_error err = {0};
+    int rc = es_pg_config_new(&cfg, &err);
+    if (rc == 0) rc = es_pg_config_set_schema(cfg, "bench_pg", &err);
+    if (rc == 0) rc = es_pg_config_set_pool_size(cfg, pool, &err);
+    if (rc == 0) rc = es_pg_migrate(cfg, NULL, &err);
+    if (rc == 0) rc = es_pg_store_open(cfg, &store, &err);
+    es_pg_config_free(cfg);
+    if (rc != 0) {
+        fprintf(stderr, "bench_pg: %s: %s\n", es_status_name(rc),
+                err.message);
+        exit(1);
+    }
+    return store;
+}
+
+/* ---- host_pg: closed-loop clients ---- */
+
+typedef struct run {
+    es_host *host;
+    uint64_t keys, base;
+    atomic_bool stop, measuring;
+    atomic_uint_least64_t done, errors;
+    atomic_int live;
+} run;
+
+typedef struct client {
+    run *r;
+    uint64_t seed;
+    double t0;
+    uint8_t amount[8];
+} client;
+
+static void send_next(client *c);
+
+static void client_done(void *ud, const es_host_result *res)
+{
+    client *c = ud;
+    if (atomic_load_explicit(&c->r->measuring, memory_order_relaxed)) {
+        if (res->status == 0) {
+            atomic_fetch_add_explicit(&c->r->done, 1, memory_order_relaxed);
+            lat_record(c->t0);
+        }
+    }
+    if (res->status != 0) atomic_fetch_add(&c->r->errors, 1);
+    send_next(c);
+}
+
+static void send_next(client *c)
+{
+    if (atomic_load_explicit(&c->r->stop, memory_order_relaxed)) {
+        atomic_fetch_sub(&c->r->live, 1);
+        return;
+    }
+    es_uuid key = key_of(c->r->base + rnd(&c->seed) % c->r->keys);
+    es_command cmd = {make_id(), 1, c->amount, 8};
+    c->t0 = now_s();
+    int rc;
+    while ((rc = es_host_send(c->r->host, &account_type, &key, &cmd,
+                              client_done, c, NULL)) == ES_EBUSY) {
+    }
+    if (rc != 0) {
+        atomic_fetch_add(&c->r->errors, 1);
+        atomic_fetch_sub(&c->r->live, 1);
+    }
+}
+
+static void sleep_s(double s)
+{
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    nanosleep(&ts, NULL);
+}
+
+static void count_done(void *ud, const es_host_result *res)
+{
+    (void)res;
+    atomic_fetch_add((atomic_uint_least64_t *)ud, 1);
+}
+
+/* A host with every account resident: the host is a long-lived process
+ * with hot aggregates, so loads are not what a point measures. */
+static es_host *open_warm_host(es_store *store, unsigned lanes,
+                               uint64_t keys)
+{
+    es_host_config *cfg = NULL;
+    es_host *host = NULL;
+    es_host_config_new(&cfg, NULL);
+    es_host_config_set_workers(cfg, 2);
+    if (lanes > 0) es_host_config_set_lanes(cfg, lanes);
+    es_host_config_add_type(cfg, &account_type, decide, NULL, NULL);
+    if (es_host_open(cfg, store, &host, NULL) != 0) abort();
+    es_host_config_free(cfg);
+    atomic_uint_least64_t done = 0;
+    uint8_t amount[8];
+    put64(amount, 1);
+    double t0 = now_s();
+    for (uint64_t i = 0; i < keys; i++) {
+        es_uuid key = key_of(i);
+        es_command cmd = {make_id(), 1, amount, 8};
+        while (es_host_send(host, &account_type, &key, &cmd, count_done,
+                            &done, NULL) == ES_EBUSY) {
+        }
+    }
+    struct timespec tick = {0, 1000000};
+    while (atomic_load(&done) < keys) nanosleep(&tick, NULL);
+    fprintf(stderr, "  host_pg lanes %u: %llu accounts loaded in %.1f s\n",
+            lanes, (unsigned long long)keys, now_s() - t0);
+    return host;
+}
+
+static record host_point(es_host *host, unsigned lanes, unsigned clients,
+                         uint64_t keys, double warm, double seconds)
+{
+    run r;
+    memset(&r, 0, sizeof r);
+    r.host = host;
+    r.keys = keys;
+    client *cs = calloc(clients, sizeof *cs);
+    atomic_store(&r.live, (int)clients);
+    atomic_store(&g_n_lat, 0);
+    for (unsigned i = 0; i < clients; i++) {
+        cs[i].r = &r;
+        cs[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
+        put64(cs[i].amount, 1);
+        send_next(&cs[i]);
+    }
+    sleep_s(warm); /* the accounts are loaded */
+    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = now_s();
+    atomic_store(&r.measuring, true);
+    sleep_s(seconds);
+    atomic_store(&r.measuring, false);
+    double dt = now_s() - t0;
+    double c1 = self_cpu_s(), g1 = pg_cpu_s();
+    uint64_t done = atomic_load(&r.done);
+    atomic_store(&r.stop, true);
+    struct timespec tick = {0, 5000000};
+    while (atomic_load(&r.live) > 0) nanosleep(&tick, NULL);
+    es_host_metrics m;
+    es_host_metrics_get(host, &m);
+    free(cs);
+    record rec = {"host_pg", 2, lanes, clients, keys, (double)done / dt, 0,
+                  0, 100 * (c1 - c0) / dt, 100 * (g1 - g0) / dt,
+                  atomic_load(&r.errors)};
+    lat_percentiles(&rec.p50_us, &rec.p99_us);
+    fprintf(stderr, "  host_pg lanes %u clients %u: %.0f/s, p50 %.0f us, "
+            "p99 %.0f us, %.1f commands/batch since open, cpu host %.0f%% "
+            "pg %.0f%%, %llu errors\n", lanes, clients, rec.ops_per_s,
+            rec.p50_us, rec.p99_us,
+            m.batches ? (double)m.completed / (double)m.batches : 0.0,
+            rec.cpu_host_pct, rec.cpu_pg_pct,
+            (unsigned long long)rec.errors);
+    return rec;
+}
+
+/* ---- per_command_pg: one transaction per command ---- */
+
+typedef struct pc_run {
+    es_store *store;
+    uint64_t keys, base;
+    atomic_bool stop, measuring;
+    atomic_uint_least64_t done, errors, conflicts;
+} pc_run;
+
+typedef struct pc_client {
+    pc_run *r;
+    uint64_t seed;
+    pthread_t th;
+} pc_client;
+
+static void *pc_main(void *arg)
+{
+    pc_client *c = arg;
+    pc_run *r = c->r;
+    while (!atomic_load_explicit(&r->stop, memory_order_relaxed)) {
+        es_uuid key = key_of(r->base + rnd(&c->seed) % r->keys);
+        double t0 = now_s();
+        int rc;
+        for (;;) {
+            es_error err = {0};
+            es_txn *txn = NULL;
+            es_context *ctx = NULL;
+            rc = es_store_begin(r->store, &txn, &err);
+            if (rc != 0) break;
+            deposit d = {make_id(), 1};
+            rc = es_context_load(txn, &account_type, &key, &ctx, &err);
+            if (rc == ES_ENOTFOUND)
+                rc = es_context_record_new(&account_type, &key, &d, &ctx,
+                                           &err);
+            else if (rc == 0)
+                rc = es_context_record(ctx, &d, &err);
+            if (rc == 0) rc = es_context_save(txn, ctx, &err);
+            if (rc == 0)
+                rc = es_txn_commit(txn, &err);
+            else
+                es_txn_rollback(txn);
+            es_context_free(ctx);
+            if (rc != ES_ECONFLICT) break;
+            atomic_fetch_add(&r->conflicts, 1);
+        }
+        if (rc != 0) {
+            atomic_fetch_add(&r->errors, 1);
+            continue;
+        }
+        if (atomic_load_explicit(&r->measuring, memory_order_relaxed)) {
+            atomic_fetch_add_explicit(&r->done, 1, memory_order_relaxed);
+            lat_record(t0);
+        }
+    }
+    return NULL;
+}
+
+static record per_command_point(unsigned clients, uint64_t keys,
+                                double warm, double seconds)
+{
+    es_store *store = open_store(clients);
+    pc_run r;
+    memset(&r, 0, sizeof r);
+    r.store = store;
+    r.keys = keys;
+    r.base = 1000000; /* accounts of their own */
+    pc_client *cs = calloc(clients, sizeof *cs);
+    atomic_store(&g_n_lat, 0);
+    for (unsigned i = 0; i < clients; i++) {
+        cs[i].r = &r;
+        cs[i].seed = 0x9e3779b97f4a7c15u * (i + 7);
+        if (pthread_create(&cs[i].th, NULL, pc_main, &cs[i]) != 0) abort();
+    }
+    sleep_s(warm);
+    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = now_s();
+    atomic_store(&r.measuring, true);
+    sleep_s(seconds);
+    atomic_store(&r.measuring, false);
+    double dt = now_s() - t0;
+    double c1 = self_cpu_s(), g1 = pg_cpu_s();
+    atomic_store(&r.stop, true);
+    for (unsigned i = 0; i < clients; i++) pthread_join(cs[i].th, NULL);
+    free(cs);
+    es_store_close(store);
+    record rec = {"per_command_pg", 0, 0, clients, keys,
+                  (double)atomic_load(&r.done) / dt, 0, 0,
+                  100 * (c1 - c0) / dt, 100 * (g1 - g0) / dt,
+                  atomic_load(&r.errors)};
+    lat_percentiles(&rec.p50_us, &rec.p99_us);
+    fprintf(stderr, "  per_command_pg clients %u: %.0f/s, p50 %.0f us, "
+            "p99 %.0f us, cpu host %.0f%% pg %.0f%%, %llu conflicts, %llu "
+            "errors\n", clients, rec.ops_per_s, rec.p50_us, rec.p99_us,
+            rec.cpu_host_pct, rec.cpu_pg_pct,
+            (unsigned long long)atomic_load(&r.conflicts),
+            (unsigned long long)rec.errors);
+    return rec;
+}
+
+static void write_json(const char *path, const record *r, size_t n)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL) {
+        perror(path);
+        exit(1);
+    }
+    fprintf(f, "[\n");
+    for (size_t i = 0; i < n; i++)
+        fprintf(f, "  {\"name\": \"%s\", \"store\": \"postgres\", "
+                "\"workers\": %u, \"lanes\": %u, \"clients\": %u, "
+                "\"keys\": %llu, \"ops_per_s\": %.0f, \"p50_us\": %.0f, "
+                "\"p99_us\": %.0f, \"cpu_host_pct\": %.0f, "
+                "\"cpu_pg_pct\": %.0f, \"errors\": %llu}%s\n",
+                r[i].name, r[i].workers, r[i].lanes, r[i].clients,
+                (unsigned long long)r[i].keys, r[i].ops_per_s, r[i].p50_us,
+                r[i].p99_us, r[i].cpu_host_pct, r[i].cpu_pg_pct,
+                (unsigned long long)r[i].errors, i + 1 < n ? "," : "");
+    fprintf(f, "]\n");
+    fclose(f);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s OUT.json [--quick] [--lanes N,...]\n",
+                argv[0]);
+        return 2;
+    }
+    bool quick = false;
+    unsigned lanes_set[8] = {4};
+    size_t n_lanes = 1;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0) quick = true;
+        if (strcmp(argv[i], "--lanes") == 0 && i + 1 < argc) {
+            n_lanes = 0;
+            for (char *p = argv[++i]; *p && n_lanes < 8;) {
+                lanes_set[n_lanes++] = (unsigned)strtoul(p, &p, 10);
+                if (*p == ',') p++;
+            }
+        }
+    }
+    if (getenv("DATABASE_URL") == NULL) {
+        fprintf(stderr, "bench_pg: skipped, DATABASE_URL is not set "
+                        "(tests/run.py --bench sets it)\n");
+        FILE *f = fopen(argv[1], "w");
+        if (f) {
+            fputs("[]\n", f);
+            fclose(f);
+        }
+        return 0;
+    }
+    g_lat = calloc(MAX_SAMPLES, sizeof *g_lat);
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    id_prefix = ((uint64_t)rt.tv_sec << 30 ^ (uint64_t)rt.tv_nsec) * 31 +
+                (uint64_t)getpid();
+    double warm = quick ? 0.3 : 1.0, secs = quick ? 0.5 : 3.0;
+    const uint64_t keys = 10000;
+    const unsigned clientset[4] = {1, 8, 64, 256};
+    es_store *store = open_store(16);
+    find_postmaster(store);
+    record recs[64];
+    size_t n = 0;
+    for (int c = 0; c < 4; c++)
+        recs[n++] = per_command_point(clientset[c], keys, warm, secs);
+    for (size_t l = 0; l < n_lanes; l++) {
+        es_host *host = open_warm_host(store, lanes_set[l], keys);
+        for (int c = 0; c < 4; c++)
+            recs[n++] = host_point(host, lanes_set[l], clientset[c], keys,
+                                   warm, secs);
+        es_host_shutdown(host, NULL);
+    }
+    es_store_close(store);
+    write_json(argv[1], recs, n);
+    free(g_lat);
+    return 0;
+}
