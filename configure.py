@@ -348,8 +348,11 @@ def main():
                            "--unit-only", "desc": "TEST unit (release)"})
         n.build("check", "run", everything, variables={
             "cmd": "$python tests/run.py --variants release,asan,tsan "
-                   "--compile-fail --install-test --docs --bank",
+                   "--compile-fail --install-test --docs --bank --badinput "
+                   "--faults",
             "desc": "CHECK"})
+        n.build("check-faults", "run", all_targets["release"], variables={
+            "cmd": "$python tests/faults.py", "desc": "CHECK-FAULTS"})
         n.build("demo", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --demo",
             "desc": "DEMO"})
