@@ -349,7 +349,7 @@ def main():
         n.build("check", "run", everything, variables={
             "cmd": "$python tests/run.py --variants release,asan,tsan "
                    "--compile-fail --install-test --docs --bank --badinput "
-                   "--faults",
+                   "--security --faults",
             "desc": "CHECK"})
         n.build("check-faults", "run", all_targets["release"], variables={
             "cmd": "$python tests/faults.py", "desc": "CHECK-FAULTS"})

@@ -291,6 +291,9 @@ def main():
                     help="the short fault test (tests/faults.py --short)")
     ap.add_argument("--badinput", action="store_true",
                     help="the bad-input catalogue (tests/badinput.py)")
+    ap.add_argument("--security", action="store_true",
+                    help="log_statement, least privilege, secrets "
+                    "(tests/security.py)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="with --bench: short runs, smaller sets")
@@ -336,6 +339,9 @@ def main():
     if a.badinput:
         total += 1
         failed += not script("badinput.py")
+    if a.security:
+        total += 1
+        failed += not script("security.py")
     if a.faults:
         total += 1
         failed += not script("faults.py", "--short")
