@@ -237,6 +237,13 @@ class Op:
 DEFINITE_503 = ("EBUSY", "ECLOSED", "ECONFLICT")
 
 
+def detail_of(body):
+    try:
+        return json.loads(body).get("detail", "")
+    except (ValueError, AttributeError):
+        return ""
+
+
 def classify(status, body):
     if status == 0:
         return "failed"
@@ -295,6 +302,8 @@ class Client(threading.Thread):
         path, body = op.request()
         status, text = self.call("POST", path, body)
         out = "unknown" if status is None else classify(status, text)
+        if status == 503:
+            status = "503 %s" % detail_of(text)
         op.outcomes.append(out)
         op.statuses.append(status)
         self.run_.count(out, status)
@@ -355,18 +364,26 @@ class Run:
 
     # -- helpers --
 
-    def api(self, method, path, body=None, port=None, timeout=10):
-        c = http.client.HTTPConnection("127.0.0.1", port or self.a.port,
-                                       timeout=timeout)
+    def api(self, method, path, body=None, port=None, timeout=10,
+            keep=False):
+        """One request; keep=True reuses one connection (the checks)."""
+        c = getattr(self, "_kept", None) if keep else None
+        if c is None or c.port != (port or self.a.port):
+            c = http.client.HTTPConnection("127.0.0.1", port or self.a.port,
+                                           timeout=timeout)
         try:
             c.request(method, path, body=json.dumps(body) if body else None,
                       headers={"Content-Type": "application/json"})
             r = c.getresponse()
-            return r.status, r.read().decode("utf-8", "replace")
+            out = r.status, r.read().decode("utf-8", "replace")
+            if keep:
+                self._kept = c
+                return out
         except (OSError, http.client.HTTPException):
-            return None, ""
-        finally:
-            c.close()
+            out = None, ""
+            self._kept = None
+        c.close()
+        return out
 
     def wait_healthy(self, seconds=60):
         """Until a read of an account answers 200 on every running server."""
@@ -541,13 +558,20 @@ class Run:
                                           % (s.name, rc))
             self.pg.stop()
 
-    def drain(self, seconds=90):
+    def drain(self, stall=30, seconds=600):
+        """Until the outbox has no pending work; gives up when it makes no
+        progress for `stall` seconds (or after `seconds`).  Returns the
+        pending count left."""
         end = time.time() + seconds
-        while time.time() < end:
+        last, last_change = None, time.time()
+        while time.time() < end and time.time() - last_change < stall:
             rows = self.pg.psql("SELECT count(*) FROM outbox "
                                 "WHERE status = 'pending'")
-            if rows is not None and int(rows[0][0]) == 0:
+            n = int(rows[0][0]) if rows else -1
+            if n == 0:
                 return 0
+            if n != last:
+                last, last_change = n, time.time()
             self.ensure_servers()
             time.sleep(0.5)
         rows = self.pg.psql("SELECT count(*) FROM outbox "
@@ -555,7 +579,12 @@ class Run:
         return int(rows[0][0]) if rows else -1
 
     def check(self, ops, opened, load_s, kinds):
+        rows = self.pg.psql("SELECT count(*) FROM outbox "
+                            "WHERE status = 'pending'")
+        backlog = int(rows[0][0]) if rows else -1
+        t_drain = time.time()
         pending = self.drain()
+        t_drain = time.time() - t_drain
         q = self.pg.psql
         stored = {}
         for cid, agg, first, n in q(
@@ -574,6 +603,7 @@ class Run:
         acked_missing = []
         failed_applied = []
         unknown_applied = 0
+        answered_503_applied = []
         expected = opened
         resent = 0
         for op in ops:
@@ -587,6 +617,11 @@ class Run:
                 failed_applied.append((str(op.id), op.statuses))
             if out == "unknown" and applied:
                 unknown_applied += 1
+                # Answered 503 every time (never a lost connection), yet
+                # applied: the server said "unavailable" for a command
+                # that committed (promise 1 wants such outcomes found out).
+                if all(isinstance(st, str) for st in op.statuses):
+                    answered_503_applied.append((str(op.id), op.statuses))
             if applied and op.kind == "deposit":
                 expected += op.amount
             elif applied and op.kind == "withdraw":
@@ -620,7 +655,7 @@ class Run:
         replay_bad = 0
         unreadable = 0
         for aid in self.accounts:
-            st, text = self.api("GET", "/accounts/%s" % aid)
+            st, text = self.api("GET", "/accounts/%s" % aid, keep=True)
             if st != 200:
                 unreadable += 1
                 continue
@@ -648,7 +683,7 @@ class Run:
         transfers = [op for op in ops if op.kind == "transfer" and
                      op.command_id() in stored]
         for op in transfers:
-            st, text = self.api("GET", "/transfers/%s" % op.id)
+            st, text = self.api("GET", "/transfers/%s" % op.id, keep=True)
             if st != 200 or json.loads(text)["status"] not in (
                     "completed", "refunded"):
                 unsettled += 1
@@ -689,6 +724,7 @@ class Run:
             "ok": by_out["ok"], "failed": by_out["failed"],
             "unknown": by_out["unknown"],
             "unknown_applied": unknown_applied,
+            "answered_503_but_applied": len(answered_503_applied),
             "resent": resent,
             "acked_per_s": round(by_out["ok"] / load_s, 1),
             "http": self.http,
@@ -713,6 +749,8 @@ class Run:
             "transfers_committed": len(transfers),
             "undelivered": max(pending, 0) + max(dead, 0),
             "outbox_pending": pending,
+            "outbox_backlog_after_load": backlog,
+            "drain_seconds": round(t_drain, 1),
             "outbox_dead": dead,
             "snapshots": len(snaps),
             "snapshot_mismatches": snap_bad,
@@ -727,6 +765,8 @@ class Run:
                 r["undelivered"] + r["snapshot_mismatches"])
         r["data_lost"] = lost
         self.report(r, acked_missing, failed_applied)
+        for i, st in answered_503_applied[:5]:
+            print("answered 503 but applied: %s %s" % (i, st))
         return 0 if lost == 0 and survived == len(self.faults) else 1
 
     def report(self, r, acked_missing, failed_applied):
@@ -738,8 +778,9 @@ class Run:
             " %.1f acked/s" % (r["load_seconds"], r["commands"],
                                r["attempts"], r["resent"], r["acked_per_s"]),
             "outcomes        ok %d, failed %d, unknown %d (%d of them "
-            "applied)" % (r["ok"], r["failed"], r["unknown"],
-                          r["unknown_applied"]),
+            "applied, %d of those answered 503 each time)" % (
+                r["ok"], r["failed"], r["unknown"], r["unknown_applied"],
+                r["answered_503_but_applied"]),
             "faults          %d injected, %d survived (%s)" % (
                 r["faults_injected"], r["faults_survived"], fk or "none"),
             "server exits    %d (not counting our kills)" % r["server_exits"],
@@ -756,8 +797,10 @@ class Run:
                 r["api_vs_replay"] + r["replay_errors"]),
             "transfers       %d committed, %d unsettled" % (
                 r["transfers_committed"], r["unsettled_transfers"]),
-            "undelivered     %d (pending %d, dead %d)" % (
-                r["undelivered"], r["outbox_pending"], r["outbox_dead"]),
+            "undelivered     %d (pending %d, dead %d; backlog %d after the "
+            "load, drained in %.0f s)" % (
+                r["undelivered"], r["outbox_pending"], r["outbox_dead"],
+                r["outbox_backlog_after_load"], r["drain_seconds"]),
             "snapshots       %d, %d mismatches" % (r["snapshots"],
                                                    r["snapshot_mismatches"]),
             "DATA LOST       %d" % r["data_lost"],
