@@ -11,6 +11,8 @@ with the same ids) and meanwhile injects faults at seeded random times:
   cut        pg_terminate_backend of the server's connections
   pause      SIGSTOP of bank-server for longer than the client timeout
   second     a second bank-server on the same database, same accounts
+  pgpause    SIGSTOP of the postmaster and all its backends (a database
+             that hangs without closing connections), then SIGCONT
 
 Every request is recorded with its outcome: ok, failed (a definite answer
 that nothing was done) or unknown (the connection died, a timeout, 5xx).
@@ -45,7 +47,8 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 BIN = os.path.join(TOP, "build", "release", "bin")
-ALL_FAULTS = ["kill9", "pgstop", "pgkill9", "cut", "pause", "second"]
+ALL_FAULTS = ["kill9", "pgstop", "pgkill9", "cut", "pause", "second",
+              "pgpause"]
 # The faults the short form in ninja check uses: those that pass today.
 SHORT_FAULTS = ALL_FAULTS
 INITIAL = 100000
@@ -117,6 +120,22 @@ class Postgres:
                 return int(f.readline())
         except (OSError, ValueError):
             return None
+
+    def processes(self):
+        """The postmaster and its children."""
+        pm = self.postmaster_pid()
+        if pm is None:
+            return []
+        pids = [pm]
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open("/proc/%s/stat" % d) as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pm:
+                            pids.append(int(d))
+                except (OSError, ValueError, IndexError):
+                    pass
+        return pids
 
     def psql(self, sql, timeout=30):
         """Rows of a query as lists of strings, or None when it failed."""
@@ -338,7 +357,7 @@ class Run:
         self.seed = args.seed
         self.rng = random.Random(args.seed)
         self.resend = 0.1
-        self.pg = Postgres(os.path.join(TOP, "build", "pg-faults"))
+        self.pg = Postgres(os.path.join(TOP, "build", args.cluster))
         self.a = None
         self.b = None
         self.accounts = []
@@ -467,6 +486,19 @@ class Run:
             time.sleep(CLIENT_TIMEOUT + self.rng.uniform(0.5, 2.0))
             s.proc.send_signal(signal.SIGCONT)
             s.busy = s.paused = False
+        elif name == "pgpause":
+            pids = self.pg.processes()
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            time.sleep(CLIENT_TIMEOUT + self.rng.uniform(0.5, 2.0))
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
         elif name == "second":
             if self.b is not None and self.b.alive():
                 # The second one goes away, the hard way or gently.
@@ -831,6 +863,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--faults", default="",
                     help="comma-separated subset of %s" % ",".join(ALL_FAULTS))
+    ap.add_argument("--cluster", default="pg-faults",
+                    help="the cluster's directory under build/")
     ap.add_argument("--min-gap", type=float, default=2.0)
     ap.add_argument("--max-gap", type=float, default=5.0)
     a = ap.parse_args()
