@@ -36,6 +36,7 @@ PROGRAMS = {
     "/usr/lib/postgresql/15/bin/initdb": "postgresql-15",
     "psql": "postgresql-client-15",
     "doxygen": "doxygen",
+    "clang": "clang",  # libFuzzer targets (ninja fuzz)
 }
 # Always wanted for the test suite, checked by dpkg.
 EXTRA_PACKAGES = []
@@ -199,6 +200,43 @@ WARNINGS = [
 ]
 
 
+def write_fuzz(n):
+    """libFuzzer targets tests/fuzz/fuzz_*.c -> build/fuzz/: clang with
+    address and undefined sanitizers; the library, the bank's domain and
+    the test fixtures are built again with clang for them.  Not part of
+    all: ninja fuzz builds and runs them."""
+    flags = ["-O1", "-g", "-fno-omit-frame-pointer",
+             "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    n.rule("fuzzcc", "clang -MMD -MF $out.d $fuzz_cflags $extra "
+           "-fsanitize=fuzzer-no-link -c $in -o $out",
+           description="CC $out", depfile="$out.d")
+    n.rule("fuzzlink", "clang -pthread -fsanitize=fuzzer $fuzz_cflags "
+           "-o $out $in $lib_libs $jansson_libs", description="LINK $out")
+    # The warnings minus -Werror: clang's set differs from gcc's.
+    n.variable("fuzz_cflags", ["-std=c11", "-D_GNU_SOURCE", "-pthread",
+                               "-Iinclude", "-Isrc", "-Itests"] +
+               [w for w in WARNINGS if w != "-Werror"] + flags +
+               pkg("--cflags", "jansson", "libpq", "libevent_core",
+                   "libsodium"))
+    objs = []
+    for src in (sources("src/*/*.c") + ["examples/bank/bank.c"] +
+                sources("tests/fixtures/*.c")):
+        o = "build/fuzz/obj/%s.o" % src[:-2]
+        n.build(o, "fuzzcc", src)
+        objs.append(o)
+    outs = []
+    for src in sources("tests/fuzz/fuzz_*.c"):
+        name = os.path.basename(src)[:-2]
+        o = "build/fuzz/obj/%s.o" % src[:-2]
+        n.build(o, "fuzzcc", src, variables={
+            "extra": "-Wno-missing-prototypes"})
+        exe = "build/fuzz/%s" % name
+        objs_for = objs
+        n.build(exe, "fuzzlink", [o] + objs_for)
+        outs.append(exe)
+    return outs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cc", default=os.environ.get("CC", "cc"))
@@ -346,14 +384,19 @@ def main():
             n.build(variant, "phony", outs)
             all_targets[variant] = outs
 
+        fuzz_targets = write_fuzz(n)
+
         everything = [t for v in all_targets.values() for t in v]
         n.build("test", "run", all_targets["release"],
                 variables={"cmd": "$python tests/run.py --variants release "
                            "--unit-only", "desc": "TEST unit (release)"})
         n.build("check", "run", everything, variables={
             "cmd": "$python tests/run.py --variants release,asan,tsan "
-                   "--compile-fail --install-test --docs --bank",
+                   "--compile-fail --install-test --docs --bank --badinput "
+                   "--security --faults",
             "desc": "CHECK"})
+        n.build("check-faults", "run", all_targets["release"], variables={
+            "cmd": "$python tests/faults.py", "desc": "CHECK-FAULTS"})
         n.build("demo", "run", all_targets["release"], variables={
             "cmd": "$python tests/demo.py",
             "desc": "DEMO"})
@@ -368,6 +411,9 @@ def main():
             "desc": "UNINSTALL"})
         n.build("docs", "run", [], implicit=["docs/Doxyfile"], variables={
             "cmd": "$python tests/run.py --docs", "desc": "DOCS"})
+        n.build("fuzz", "run", fuzz_targets, implicit=[
+            "tests/fuzz/run_fuzz.py"], variables={
+            "cmd": "$python tests/fuzz/run_fuzz.py", "desc": "FUZZ"})
         n.build("all", "phony", everything)
         n.default(["release"])
     os.replace("build.ninja.tmp", "build.ninja")

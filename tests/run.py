@@ -338,6 +338,25 @@ def bank_e2e(db_url):
     return True
 
 
+def script(name, *args):
+    """A test script of tests/ (faults.py, badinput.py, ...): its output is
+    shown when it fails, its last report line when it passes."""
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, name)] +
+                          list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    label = "%s %s" % (name, " ".join(args))
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout)
+        print("FAIL %-40s (exit %d)" % (label, proc.returncode))
+        return False
+    last = [l for l in proc.stdout.splitlines()
+            if l.startswith(("DATA LOST", "RESULT"))]
+    print("ok   %-40s %.1fs %s" % (label, time.time() - t0,
+                                   last[-1] if last else ""))
+    return True
+
+
 def docs():
     """ninja docs: the API reference; any undocumented public symbol or
     doc error is listed and fails the step."""
@@ -365,6 +384,13 @@ def main():
     ap.add_argument("--docs", action="store_true")
     ap.add_argument("--bank", action="store_true")
     ap.add_argument("--demo", action="store_true")
+    ap.add_argument("--faults", action="store_true",
+                    help="the short fault test (tests/faults.py --short)")
+    ap.add_argument("--badinput", action="store_true",
+                    help="the bad-input catalogue (tests/badinput.py)")
+    ap.add_argument("--security", action="store_true",
+                    help="log_statement, least privilege, secrets "
+                    "(tests/security.py)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="with --bench: short runs, smaller sets")
@@ -409,6 +435,15 @@ def main():
                 failed += not bank_check(db.url)
                 failed += not bank_e2e(None)
                 failed += not bank_e2e(db.url)
+    if a.badinput:
+        total += 1
+        failed += not script("badinput.py")
+    if a.security:
+        total += 1
+        failed += not script("security.py")
+    if a.faults:
+        total += 1
+        failed += not script("faults.py", "--short")
     print("%d of %d test programs passed" % (total - failed, total))
     sys.exit(1 if failed else 0)
 
