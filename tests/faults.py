@@ -408,7 +408,7 @@ class Run:
         """Until a read of an account answers 200 on every running server."""
         end = time.time() + seconds
         probe = "/accounts/%s" % self.accounts[0] if self.accounts \
-            else "/health"
+            else "/healthz"
         while time.time() < end:
             self.ensure_servers()
             servers = [s for s in (self.a, self.b) if s and s.alive()]

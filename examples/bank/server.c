@@ -30,6 +30,7 @@
 #include "eventastic/postgres.h"
 
 #define MAX_BODY (64 * 1024)
+#define MAX_HEADERS (16 * 1024)
 /* The largest amount one request may move: 10^15 cents.  Larger values
  * are client mistakes (400); sums that would still overflow a balance are
  * rejected by the domain. */
@@ -1004,6 +1005,8 @@ int main(int argc, char **argv)
         return 1;
     }
     evhttp_set_max_body_size(http, MAX_BODY);
+    /* Bounded (promise 7): headers beyond this are refused, not read. */
+    evhttp_set_max_headers_size(http, MAX_HEADERS);
     evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST |
                                          EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
                                          EVHTTP_REQ_PATCH | EVHTTP_REQ_HEAD |

@@ -740,14 +740,21 @@ static snap_job *snap_of(const actor *a)
 static int write_snapshots(es_host *host, snap_job *list, es_error *err)
 {
     if (list == NULL) return 0;
-    es_txn *txn = NULL;
-    int rc = es_store_begin(host->store, &txn, err);
+    int rc = 0;
     uint64_t n = 0;
-    for (snap_job *j = list; rc == 0 && j; j = j->next, n++)
-        rc = es_txn_store_snapshot(txn, &j->snap, err);
-    if (txn) {
-        if (rc == 0) rc = es_txn_commit(txn, err);
-        else es_txn_rollback(txn);
+    /* A pooled connection may have died meanwhile (the store then drops
+     * it): one more try on a fresh one before giving up. */
+    for (int attempt = 0; attempt < 2; attempt++) {
+        es_txn *txn = NULL;
+        n = 0;
+        rc = es_store_begin(host->store, &txn, err);
+        for (snap_job *j = list; rc == 0 && j; j = j->next, n++)
+            rc = es_txn_store_snapshot(txn, &j->snap, err);
+        if (txn) {
+            if (rc == 0) rc = es_txn_commit(txn, err);
+            else es_txn_rollback(txn);
+        }
+        if (rc != ES_EDB) break;
     }
     if (rc == 0) count(&host->snapshots, n);
     while (list) {
@@ -818,13 +825,20 @@ static int collect_event(void *ud, const es_event *ev)
 
 /* A command id the store knows: answer the original outcome or
  * ES_EIDEMPOTENCY.  Returns true when h was completed. */
+/* A command whose commit had an unknown outcome and whose read-back
+ * failed too is still unknown: never report it failed (promise 1). */
+static int truth(const hcmd *h, int rc)
+{
+    return h->maybe_own && rc != ES_EIDEMPOTENCY ? ES_EUNKNOWN : rc;
+}
+
 static bool answer_from_store(es_host *host, actor *a, hcmd *h)
 {
     es_error err = {0};
     es_txn *txn = NULL;
     int rc = es_store_begin(host->store, &txn, &err);
     if (rc != 0) {
-        complete_error(host, h, rc, actor_version(a), err.message);
+        complete_error(host, h, truth(h, rc), actor_version(a), err.message);
         return true;
     }
     es__command_record *rec = NULL;
@@ -835,7 +849,7 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
     }
     if (rc != 0) {
         es_txn_rollback(txn);
-        complete_error(host, h, rc, actor_version(a), err.message);
+        complete_error(host, h, truth(h, rc), actor_version(a), err.message);
         return true;
     }
     if (!es_uuid_equal(&rec->aggregate_id, &a->id) ||
@@ -864,8 +878,9 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
     if (rc == 0)
         complete(host, h, 0, rec->version, c.ev, c.n, "",
                  h->attempts == 0 || (h->taken && !h->maybe_own));
-    else
-        complete_error(host, h, rc, actor_version(a), err.message);
+    else /* the record says it committed: never answer a failure */
+        complete_error(host, h, ES_EUNKNOWN, actor_version(a),
+                       "committed, but its events could not be read back");
     for (size_t i = 0; i < c.n; i++) es__free((void *)c.ev[i].data);
     es__free(c.ev);
     es__free(rec);
@@ -912,7 +927,8 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     if (!a->loaded) {
         int rc = load_actor(host, a, &err);
         if (rc != 0) {
-            complete_error(host, h, rc, ES_HOST_NO_VERSION, err.message);
+            complete_error(host, h, truth(h, rc), ES_HOST_NO_VERSION,
+                           err.message);
             return;
         }
     }
