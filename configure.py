@@ -352,9 +352,10 @@ def main():
                     vars_, libs="$cmocka_libs $lib_libs"))
                 tests.append(exe)
             outs += tests
+            bench_common = [obj(s) for s in sources("bench/common/*.c")]
             for src in sources("bench/*.c"):
                 exe = "%s/bench/%s" % (bdir, os.path.basename(src)[:-2])
-                n.build(exe, "link", [obj(src), lib],
+                n.build(exe, "link", [obj(src)] + bench_common + [lib],
                         variables=dict(vars_, libs="$lib_libs"))
                 outs.append(exe)
             for src in sources("examples/*.c"):
