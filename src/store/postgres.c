@@ -1297,6 +1297,35 @@ static int64_t version_col(uint64_t v)
     return v == UINT64_MAX ? -1 : (int64_t)v;
 }
 
+/* The columns of the commands table, as arrays (one element a record). */
+static const Oid command_elems[7] = {OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
+                                     OID_INT8, OID_INT8, OID_INT8};
+static const Oid command_types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY,
+                                     OID_INT4_ARRAY, OID_BYTEA_ARRAY,
+                                     OID_INT8_ARRAY, OID_INT8_ARRAY,
+                                     OID_INT8_ARRAY};
+
+/* Append one record to the seven column arrays.  Returns 0 or ES_ENOMEM. */
+static int command_row(es_buf b[7], const es__command_record *c)
+{
+    uint8_t d[ES__COMMAND_DIGEST];
+    if (c->hashed && c->len == ES__COMMAND_DIGEST)
+        memcpy(d, c->payload, sizeof d);
+    else
+        es__command_digest(c->kind, c->payload, c->len, d);
+    int rc = array_item(&b[0], c->command_id.bytes, 16);
+    if (rc == 0) rc = array_item(&b[1], c->aggregate_id.bytes, 16);
+    if (rc == 0) rc = array_i32(&b[2], c->kind);
+    if (rc == 0) rc = array_item(&b[3], d, sizeof d);
+    if (rc == 0) rc = array_i64(&b[4], version_col(c->first_version));
+    if (rc == 0)
+        rc = array_i64(&b[5], c->event_count > INT64_MAX
+                                  ? INT64_MAX
+                                  : (int64_t)c->event_count);
+    if (rc == 0) rc = array_i64(&b[6], version_col(c->version));
+    return rc;
+}
+
 static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
                               size_t n, bool *inserted, es_error *err)
 {
@@ -1305,53 +1334,26 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
     if (n == 0) return 0;
     if (n > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many command records");
-    es_buf ids = {0}, aggs = {0}, kinds = {0}, digests = {0}, firsts = {0};
-    es_buf counts = {0}, versions = {0};
-    int rc = array_begin(&ids, OID_UUID, n);
-    if (rc == 0) rc = array_begin(&aggs, OID_UUID, n);
-    if (rc == 0) rc = array_begin(&kinds, OID_INT4, n);
-    if (rc == 0) rc = array_begin(&digests, OID_BYTEA, n);
-    if (rc == 0) rc = array_begin(&firsts, OID_INT8, n);
-    if (rc == 0) rc = array_begin(&counts, OID_INT8, n);
-    if (rc == 0) rc = array_begin(&versions, OID_INT8, n);
+    es_buf b[7];
+    memset(b, 0, sizeof b);
+    int rc = 0;
+    for (int k = 0; rc == 0 && k < 7; k++)
+        rc = array_begin(&b[k], command_elems[k], n);
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        const es__command_record *c = &recs[i];
-        uint8_t d[ES__COMMAND_DIGEST];
-        if (c->hashed && c->len == ES__COMMAND_DIGEST)
-            memcpy(d, c->payload, sizeof d);
-        else
-            es__command_digest(c->kind, c->payload, c->len, d);
         inserted[i] = false;
-        rc = array_item(&ids, c->command_id.bytes, 16);
-        if (rc == 0) rc = array_item(&aggs, c->aggregate_id.bytes, 16);
-        if (rc == 0) rc = array_i32(&kinds, c->kind);
-        if (rc == 0) rc = array_item(&digests, d, sizeof d);
-        if (rc == 0) rc = array_i64(&firsts, version_col(c->first_version));
-        if (rc == 0)
-            rc = array_i64(&counts, c->event_count > INT64_MAX
-                                        ? INT64_MAX
-                                        : (int64_t)c->event_count);
-        if (rc == 0) rc = array_i64(&versions, version_col(c->version));
+        rc = command_row(b, &recs[i]);
     }
     PGresult *r = NULL;
     if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
     if (rc == 0) {
-        const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY,
-                              OID_BYTEA_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY,
-                              OID_INT8_ARRAY};
-        const char *values[7] = {(const char *)ids.data,
-                                 (const char *)aggs.data,
-                                 (const char *)kinds.data,
-                                 (const char *)digests.data,
-                                 (const char *)firsts.data,
-                                 (const char *)counts.data,
-                                 (const char *)versions.data};
-        const int lens[7] = {(int)ids.len,     (int)aggs.len,
-                             (int)kinds.len,   (int)digests.len,
-                             (int)firsts.len,  (int)counts.len,
-                             (int)versions.len};
+        const char *values[7];
+        int lens[7];
+        for (int k = 0; k < 7; k++) {
+            values[k] = (const char *)b[k].data;
+            lens[k] = (int)b[k].len;
+        }
         rc = run(t->conn, "insert command ids", s->sql[SQL_INSERT_COMMANDS],
-                 7, types, values, lens, &r, err);
+                 7, command_types, values, lens, &r, err);
     }
     for (int row = 0; rc == 0 && row < PQntuples(r); row++) {
         es_uuid id;
@@ -1363,13 +1365,7 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
             if (es_uuid_equal(&id, &recs[i].command_id)) inserted[i] = true;
     }
     if (r) PQclear(r);
-    es_buf_free(&ids);
-    es_buf_free(&aggs);
-    es_buf_free(&kinds);
-    es_buf_free(&digests);
-    es_buf_free(&firsts);
-    es_buf_free(&counts);
-    es_buf_free(&versions);
+    for (int k = 0; k < 7; k++) es_buf_free(&b[k]);
     return rc;
 }
 
@@ -2685,14 +2681,9 @@ static int build_commands(pg_store *s, es__commit_item **items, size_t n,
     for (size_t i = 0; i < n; i++)
         if (items[i]->status == ES__COMMIT_PENDING) rows++;
     if (rows == 0) return 0;
-    static const Oid elems[7] = {OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
-                                 OID_INT8, OID_INT8, OID_INT8};
-    static const Oid types[7] = {OID_UUID_ARRAY,  OID_UUID_ARRAY,
-                                 OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
-                                 OID_INT8_ARRAY,  OID_INT8_ARRAY,
-                                 OID_INT8_ARRAY};
     int rc = pstmt_init(p, "batch: insert command ids",
-                        s->sql[SQL_INSERT_COMMANDS], elems, types, rows, err);
+                        s->sql[SQL_INSERT_COMMANDS], command_elems,
+                        command_types, rows, err);
     if (rc != 0) return rc;
     p->refs = es__calloc(rows, sizeof *p->refs);
     if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2700,23 +2691,8 @@ static int build_commands(pg_store *s, es__commit_item **items, size_t n,
     for (size_t i = 0; rc == 0 && i < n; i++) {
         if (items[i]->status != ES__COMMIT_PENDING) continue;
         const es__command_record *c = &items[i]->record;
-        uint8_t d[ES__COMMAND_DIGEST];
-        if (c->hashed && c->len == ES__COMMAND_DIGEST)
-            memcpy(d, c->payload, sizeof d);
-        else
-            es__command_digest(c->kind, c->payload, c->len, d);
         p->refs[r++] = (rowref){c->command_id, 0, i};
-        rc = array_item(&p->buf[0], c->command_id.bytes, 16);
-        if (rc == 0) rc = array_item(&p->buf[1], c->aggregate_id.bytes, 16);
-        if (rc == 0) rc = array_i32(&p->buf[2], c->kind);
-        if (rc == 0) rc = array_item(&p->buf[3], d, sizeof d);
-        if (rc == 0)
-            rc = array_i64(&p->buf[4], version_col(c->first_version));
-        if (rc == 0)
-            rc = array_i64(&p->buf[5], c->event_count > INT64_MAX
-                                           ? INT64_MAX
-                                           : (int64_t)c->event_count);
-        if (rc == 0) rc = array_i64(&p->buf[6], version_col(c->version));
+        rc = command_row(p->buf, c);
     }
     if (rc != 0) return es__error_set(err, ES_ENOMEM, "out of memory");
     qsort(p->refs, rows, sizeof *p->refs, rowref_cmp);
