@@ -13,6 +13,8 @@
 #include <time.h>
 
 #include <cmocka.h>
+#include <event2/event.h>
+#include <event2/thread.h>
 
 #include "core/internal.h"
 #include "eventastic.h"
@@ -1868,6 +1870,239 @@ static void test_host_resident_bound_evicts_lru(void **state)
     world_destroy(&w);
 }
 
+/* ---- the I/O loop: the host's own, or the embedder's event_base ---- */
+
+/* The thread running the test's loop, and where state_encode ran. */
+static pthread_t loop_thread;
+static atomic_int encode_calls, encode_off_loop;
+
+static int loop_state_encode(const void *s, es_buf *out, es_error *err)
+{
+    atomic_fetch_add(&encode_calls, 1);
+    if (!pthread_equal(pthread_self(), loop_thread))
+        atomic_fetch_add(&encode_off_loop, 1);
+    return c_state_encode(s, out, err);
+}
+
+static const es_aggregate_type looped_type = {
+    .name = "looped",
+    .snapshot_version = 1,
+    .state_size = sizeof(counter),
+    .event_size = sizeof(counter_event),
+    .event_id = ev_id,
+    .event_kind = ev_kind,
+    .apply_new = c_apply_new,
+    .apply = c_apply,
+    .state_encode = loop_state_encode,
+    .state_decode = c_state_decode,
+    .event_encode = c_event_encode,
+    .event_decode = c_event_decode,
+};
+
+#define LOOP_KEYS 200
+
+static void stop_loop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    event_base_loopbreak(arg);
+}
+
+static void *run_loop(void *arg)
+{
+    event_base_loop(arg, EVLOOP_NO_EXIT_ON_EMPTY);
+    return NULL;
+}
+
+/* Idle passivation by the sweep timer and eviction for room by the wake
+ * event, on the base given (or the host's own when NULL); every
+ * passivation snapshot is encoded on the loop and written. */
+static es_host *open_looped(world *w, es_store *store,
+                            struct event_base *base)
+{
+    es_host_config *cfg = NULL;
+    assert_int_equal(es_host_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_host_config_add_type(cfg, &looped_type, decide, w,
+                                             NULL), 0);
+    assert_int_equal(es_host_config_set_idle_ms(cfg, 30), 0);
+    assert_int_equal(es_host_config_set_snapshots(cfg, 0, true), 0);
+    assert_int_equal(es_host_config_set_snapshot_slow_load(cfg, 0), 0);
+    /* 64 shards of one: new keys evict older ones */
+    assert_int_equal(es_host_config_set_resident_bound(cfg, 64), 0);
+    assert_int_equal(es_host_config_set_event_base(cfg, base), 0);
+    es_error err = {0};
+    int rc = es_host_open(cfg, store, &w->host, &err);
+    if (rc != 0) print_error("open: %s\n", err.message);
+    assert_int_equal(rc, 0);
+    es_host_config_free(cfg);
+    return w->host;
+}
+
+static void send_to_loop_keys(world *w, es_uuid *keys)
+{
+    for (int i = 0; i < LOOP_KEYS; i++) {
+        es_uuid_v7(&keys[i]);
+        payload p = make_payload(1, 0, 0, NULL);
+        es_command c = command(CMD_ADD, &p);
+        int rc;
+        /* ES_EBUSY: the shard's one resident is not idle yet (its
+         * completion runs before it is), so there is nothing to evict */
+        for (int t = 0; t < 1000; t++) {
+            rc = es_host_call(w->host, &looped_type, &keys[i], &c, NULL,
+                              NULL);
+            if (rc != ES_EBUSY) break;
+            sleep_ms(1);
+        }
+        assert_int_equal(rc, 0);
+    }
+}
+
+static bool snapshot_stored(es_store *store, const es_uuid *key)
+{
+    es_txn *txn = NULL;
+    es_snapshot *snap = NULL;
+    if (es_store_begin(store, &txn, NULL) != 0) return false;
+    int rc = es_txn_get_snapshot(txn, key, 1, &snap, NULL);
+    es_txn_rollback(txn);
+    bool ok = rc == 0 && snap != NULL && snap->version == 0;
+    es_free(snap);
+    return ok;
+}
+
+static void loop_passivates(bool external)
+{
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    struct event_base *base = NULL;
+    if (external) {
+        assert_int_equal(evthread_use_pthreads(), 0);
+        base = event_base_new();
+        assert_non_null(base);
+        assert_int_equal(pthread_create(&loop_thread, NULL, run_loop, base),
+                         0);
+    }
+    atomic_store(&encode_calls, 0);
+    atomic_store(&encode_off_loop, 0);
+    world w;
+    world_init(&w);
+    open_looped(&w, store, base);
+    if (external) /* the sweep timer */
+        assert_true(event_base_get_num_events(base,
+                                              EVENT_BASE_COUNT_ADDED) >= 1);
+    es_uuid keys[LOOP_KEYS];
+    send_to_loop_keys(&w, keys);
+    /* Nothing else happens: the loop's timers passivate every key and
+     * hand the snapshots to the writer. */
+    es_host_metrics m;
+    for (int i = 0; i < 1000; i++) {
+        assert_int_equal(es_host_metrics_get(w.host, &m), 0);
+        if (m.passivations == LOOP_KEYS && m.snapshots == LOOP_KEYS) break;
+        sleep_ms(10);
+    }
+    assert_int_equal(m.passivations, LOOP_KEYS);
+    assert_int_equal(m.resident, 0);
+    assert_int_equal(m.snapshots, LOOP_KEYS);
+    assert_int_equal(atomic_load(&encode_calls), LOOP_KEYS);
+    if (external) assert_int_equal(atomic_load(&encode_off_loop), 0);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    for (int i = 0; i < LOOP_KEYS; i++) {
+        uint64_t version = 99;
+        assert_int_equal(stored_value(store, &keys[i], &version), 1);
+        assert_int_equal(version, 0);
+        assert_true(snapshot_stored(store, &keys[i]));
+    }
+    if (external) {
+        /* the host's events are gone; the base is ours and still runs */
+        assert_int_equal(event_base_get_num_events(base,
+                                                   EVENT_BASE_COUNT_ADDED |
+                                                   EVENT_BASE_COUNT_ACTIVE),
+                         0);
+        struct event *stop = event_new(base, -1, 0, stop_loop, base);
+        assert_non_null(stop);
+        event_active(stop, 0, 0);
+        assert_int_equal(pthread_join(loop_thread, NULL), 0);
+        event_free(stop);
+        event_base_free(base);
+    }
+    world_destroy(&w);
+    es_store_close(store);
+}
+
+static void test_host_own_loop_passivates(void **state)
+{
+    (void)state;
+    loop_passivates(false);
+}
+
+static void test_host_external_loop_passivates(void **state)
+{
+    (void)state;
+    loop_passivates(true);
+}
+
+typedef struct loop_shutdown {
+    es_host *host;
+    struct event_base *base;
+    int rc;
+    bool ran;
+} loop_shutdown;
+
+static void shutdown_on_loop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    loop_shutdown *ls = arg;
+    ls->rc = es_host_shutdown(ls->host, NULL);
+    ls->ran = true;
+    event_base_loopbreak(ls->base);
+}
+
+/* An external base that is not running: nothing is passivated until it
+ * runs; es_host_shutdown called on the loop's own thread, from a callback,
+ * passivates what is left (snapshots included) and returns. */
+static void test_host_external_loop_idle_and_shutdown_on_loop(void **state)
+{
+    (void)state;
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(evthread_use_pthreads(), 0);
+    struct event_base *base = event_base_new();
+    assert_non_null(base);
+    loop_thread = pthread_self(); /* the loop runs here, below */
+    atomic_store(&encode_calls, 0);
+    atomic_store(&encode_off_loop, 0);
+    world w;
+    world_init(&w);
+    open_looped(&w, store, base);
+    es_uuid keys[LOOP_KEYS];
+    send_to_loop_keys(&w, keys);
+    sleep_ms(100); /* more than the idle time */
+    es_host_metrics m;
+    assert_int_equal(es_host_metrics_get(w.host, &m), 0);
+    assert_int_equal(m.passivations, 0);
+    assert_true(m.resident > 0 && m.resident <= 64); /* 64 shards of 1 */
+
+    loop_shutdown ls = {w.host, base, -1, false};
+    struct event *ev = event_new(base, -1, 0, shutdown_on_loop, &ls);
+    assert_non_null(ev);
+    struct timeval tv = {0, 1000};
+    assert_int_equal(event_add(ev, &tv), 0);
+    event_base_dispatch(base);
+    assert_true(ls.ran);
+    assert_int_equal(ls.rc, 0);
+    assert_int_equal(atomic_load(&encode_off_loop), 0);
+    assert_int_equal(atomic_load(&encode_calls), LOOP_KEYS);
+    assert_int_equal(event_base_get_num_events(base, EVENT_BASE_COUNT_ADDED |
+                                                         EVENT_BASE_COUNT_ACTIVE),
+                     0);
+    for (int i = 0; i < LOOP_KEYS; i++)
+        assert_true(snapshot_stored(store, &keys[i]));
+    event_free(ev);
+    event_base_free(base);
+    world_destroy(&w);
+    es_store_close(store);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1892,6 +2127,9 @@ int main(void)
         cmocka_unit_test(test_host_chaos_store_matches_outcomes),
         cmocka_unit_test(test_host_resident_bound_evicts_lru),
         cmocka_unit_test(test_host_resident_bytes_bound),
+        cmocka_unit_test(test_host_own_loop_passivates),
+        cmocka_unit_test(test_host_external_loop_passivates),
+        cmocka_unit_test(test_host_external_loop_idle_and_shutdown_on_loop),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,7 +1,9 @@
 /*
  * The aggregate host: actors with bounded mailboxes on a worker pool,
  * commit lanes (a thread each) that write many actors' events per
- * transaction, one housekeeping thread for snapshots and passivation.
+ * transaction, an I/O thread running a libevent event_base (the host's own
+ * thread, or the embedder's loop) for the timers and passivation, and a
+ * snapshot writer thread.
  * An actor's items always go to the same lane (by a hash of its key), so
  * a lane commits them in the order they were decided, and lanes never
  * share an aggregate.
@@ -25,7 +27,7 @@
  *                  links
  *   host->rq_lock  the run queue
  *   lane->lock     one commit lane's queue
- *   host->hk_lock  snapshot jobs and evicted actors for the housekeeper
+ *   host->hk_lock  snapshot jobs, evicted actors, the writer's queue
  *   host->drain_lock  only to wait for the last completion at close
  */
 #include <errno.h>
@@ -34,6 +36,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+
+#include <event2/event.h>
+#include <event2/thread.h>
 
 #include "core/context_internal.h"
 #include "core/internal.h"
@@ -49,6 +54,7 @@
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
 #define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
+#define FLUSH_LINGER_MS 20 /* snapshots queued together, one transaction */
 
 typedef struct htype {
     const es_aggregate_type *type;
@@ -62,6 +68,7 @@ struct es_host_config {
     unsigned lanes; /* 0: chosen by the store */
     uint64_t idle_ms, snap_every, resident_bytes, snap_slow_load_us;
     bool snap_on_passivation;
+    struct event_base *base; /* the embedder's, or NULL: our own */
     size_t n_types;
     htype types[MAX_TYPES];
 };
@@ -169,12 +176,29 @@ struct es_host {
     struct lane *lanes;
     unsigned n_lanes;
 
+    /* hk_lock: snapshot jobs waiting for the flush timer (sj_*), actors
+     * evicted by es_host_send (evicted), jobs handed to the writer
+     * (wr_*).  The writer waits on hk_cond for wr_head or wr_stop. */
     pthread_mutex_t hk_lock;
     pthread_cond_t hk_cond;
     snap_job *sj_head, *sj_tail;
     size_t sj_n;
     actor *evicted;
-    bool hk_stop;
+    snap_job *wr_head, *wr_tail;
+    bool wr_stop, flush_armed;
+
+    /* The I/O loop: its events are made at open and deleted at close;
+     * with our own base, the io thread runs it. */
+    struct event_base *base;
+    bool own_base;
+    struct event *sweep_ev; /* persistent: idle passivation (idle_ms) */
+    struct event *flush_ev; /* one-shot: snapshots queued, write them */
+    struct event *wake_ev;  /* activated: es_host_send evicted an actor */
+    struct event *stop_ev;  /* activated: our own loop, stop it */
+    pthread_t io_thread;
+    bool io_started;
+    pthread_t writer;
+    bool writer_started;
 
     pthread_mutex_t drain_lock;
     pthread_cond_t drain_cond;
@@ -183,8 +207,6 @@ struct es_host {
 
     pthread_t *workers;
     unsigned n_workers;
-    pthread_t housekeeper;
-    bool housekeeper_started;
 
     atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
         busy, resident, loads, passivations, mailbox_depth, batches,
@@ -314,6 +336,14 @@ int es_host_config_set_batch_rows(es_host_config *cfg, size_t rows)
 {
     if (cfg == NULL || rows < 1) return ES_EINVAL;
     cfg->batch_rows = rows;
+    return 0;
+}
+
+int es_host_config_set_event_base(es_host_config *cfg,
+                                  struct event_base *base)
+{
+    if (cfg == NULL) return ES_EINVAL;
+    cfg->base = base;
     return 0;
 }
 
@@ -716,7 +746,16 @@ static void snap_enqueue(es_host *host, snap_job *j)
     else host->sj_head = j;
     host->sj_tail = j;
     host->sj_n++;
+    bool arm = !host->flush_armed;
+    host->flush_armed = true;
     pthread_mutex_unlock(&host->hk_lock);
+    /* The first job arms the flush timer: the jobs of the next
+     * FLUSH_LINGER_MS go in one transaction.  event_add is thread-safe on
+     * a base with libevent's pthread locks. */
+    if (arm) {
+        struct timeval tv = {0, FLUSH_LINGER_MS * 1000};
+        event_add(host->flush_ev, &tv);
+    }
 }
 
 /* Encode the actor's state; NULL when it cannot. */
@@ -1251,7 +1290,53 @@ static void *committer_main(void *arg)
     return NULL;
 }
 
-/* ---- the housekeeper: snapshots, passivation ---- */
+/* ---- the I/O loop: timers and passivation; the snapshot writer ---- */
+
+static void free_jobs(snap_job *jobs)
+{
+    while (jobs) {
+        snap_job *next = jobs->next;
+        es__free(jobs);
+        jobs = next;
+    }
+}
+
+/* Hand snapshot jobs to the writer thread (they are written there: a
+ * store round trip must never block the loop). */
+static void writer_hand(es_host *host, snap_job *jobs)
+{
+    if (jobs == NULL) return;
+    snap_job *tail = jobs;
+    while (tail->next) tail = tail->next;
+    pthread_mutex_lock(&host->hk_lock);
+    if (host->wr_tail) host->wr_tail->next = jobs;
+    else host->wr_head = jobs;
+    host->wr_tail = tail;
+    pthread_cond_signal(&host->hk_cond);
+    pthread_mutex_unlock(&host->hk_lock);
+}
+
+static void *writer_main(void *arg)
+{
+    es_host *host = arg;
+    tls_host = host;
+    for (;;) {
+        pthread_mutex_lock(&host->hk_lock);
+        while (host->wr_head == NULL && !host->wr_stop)
+            pthread_cond_wait(&host->hk_cond, &host->hk_lock);
+        snap_job *jobs = host->wr_head;
+        host->wr_head = host->wr_tail = NULL;
+        pthread_mutex_unlock(&host->hk_lock);
+        if (jobs == NULL) break; /* stopped, nothing left */
+        if (atomic_load(&host->closing_now)) {
+            free_jobs(jobs);
+            continue;
+        }
+        es_error err = {0};
+        write_snapshots(host, jobs, &err); /* a cache: errors only cost */
+    }
+    return NULL;
+}
 
 static void evict_idle(es_host *host, snap_job **jobs)
 {
@@ -1276,49 +1361,127 @@ static void evict_idle(es_host *host, snap_job **jobs)
     }
 }
 
-static void *housekeeper_main(void *arg)
+/* Loop: actors es_host_send evicted for room; passivate them now. */
+static void on_wake(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    pthread_mutex_lock(&host->hk_lock);
+    actor *evicted = host->evicted;
+    host->evicted = NULL;
+    pthread_mutex_unlock(&host->hk_lock);
+    snap_job *jobs = NULL;
+    bool now = atomic_load(&host->closing_now);
+    while (evicted) {
+        actor *next = evicted->next;
+        passivate(host, evicted, !now, &jobs);
+        evicted = next;
+    }
+    writer_hand(host, jobs);
+}
+
+/* Loop, every tick: passivate the actors idle for idle_ms. */
+static void on_sweep(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    snap_job *jobs = NULL;
+    evict_idle(host, &jobs);
+    writer_hand(host, jobs);
+}
+
+/* Loop, FLUSH_LINGER_MS after the first snapshot job was queued. */
+static void on_flush(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    pthread_mutex_lock(&host->hk_lock);
+    snap_job *jobs = host->sj_head;
+    host->sj_head = host->sj_tail = NULL;
+    host->sj_n = 0;
+    host->flush_armed = false;
+    pthread_mutex_unlock(&host->hk_lock);
+    writer_hand(host, jobs);
+}
+
+/* Our own loop only: stop it (activated by host_end; an activation made
+ * before the loop started is run by its first turn, unlike a loopbreak). */
+static void on_stop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    event_base_loopbreak(((es_host *)arg)->base);
+}
+
+static void *io_main(void *arg)
 {
     es_host *host = arg;
     tls_host = host;
-    uint64_t tick = 100000000u; /* ns */
-    if (host->cfg.idle_ms > 0 && host->cfg.idle_ms * 250000u < tick)
-        tick = host->cfg.idle_ms * 250000u;
-    if (tick < 1000000u) tick = 1000000u;
-    for (;;) {
-        pthread_mutex_lock(&host->hk_lock);
-        if (host->sj_head == NULL && host->evicted == NULL &&
-            !host->hk_stop) {
-            struct timespec ts;
-            deadline_in(&ts, tick);
-            pthread_cond_timedwait(&host->hk_cond, &host->hk_lock, &ts);
-        }
-        snap_job *jobs = host->sj_head;
-        host->sj_head = host->sj_tail = NULL;
-        host->sj_n = 0;
-        actor *evicted = host->evicted;
-        host->evicted = NULL;
-        bool stop = host->hk_stop;
-        pthread_mutex_unlock(&host->hk_lock);
-
-        bool now = atomic_load(&host->closing_now);
-        while (evicted) {
-            actor *next = evicted->next;
-            passivate(host, evicted, !now, &jobs);
-            evicted = next;
-        }
-        if (host->cfg.idle_ms > 0 && !stop) evict_idle(host, &jobs);
-        if (now) {
-            while (jobs) {
-                snap_job *next = jobs->next;
-                es__free(jobs);
-                jobs = next;
-            }
-        }
-        es_error err = {0};
-        write_snapshots(host, jobs, &err); /* a cache: errors only cost */
-        if (stop) break;
-    }
+    event_base_loop(host->base, EVLOOP_NO_EXIT_ON_EMPTY);
     return NULL;
+}
+
+static pthread_once_t evthread_once = PTHREAD_ONCE_INIT;
+static int evthread_rc;
+
+static void evthread_init(void) { evthread_rc = evthread_use_pthreads(); }
+
+/* Make the loop's events; with no base of the embedder's, our own base
+ * (libevent's pthread locks on first: other threads activate events). */
+static int io_setup(es_host *host)
+{
+    host->base = host->cfg.base;
+    if (host->base == NULL) {
+        pthread_once(&evthread_once, evthread_init);
+        if (evthread_rc != 0) return ES_EIO;
+        host->base = event_base_new();
+        if (host->base == NULL) return ES_ENOMEM;
+        host->own_base = true;
+        host->stop_ev = event_new(host->base, -1, 0, on_stop, host);
+        if (host->stop_ev == NULL) return ES_ENOMEM;
+    }
+    host->wake_ev = event_new(host->base, -1, 0, on_wake, host);
+    host->flush_ev = event_new(host->base, -1, 0, on_flush, host);
+    if (host->wake_ev == NULL || host->flush_ev == NULL) return ES_ENOMEM;
+    if (host->cfg.idle_ms > 0) {
+        /* a quarter of the idle time, between 1 ms and 100 ms */
+        uint64_t tick_ms = host->cfg.idle_ms / 4;
+        if (tick_ms > 100) tick_ms = 100;
+        if (tick_ms < 1) tick_ms = 1;
+        host->sweep_ev = event_new(host->base, -1, EV_PERSIST, on_sweep,
+                                   host);
+        struct timeval tv = {(time_t)(tick_ms / 1000),
+                             (suseconds_t)(tick_ms % 1000 * 1000)};
+        if (host->sweep_ev == NULL || event_add(host->sweep_ev, &tv) != 0)
+            return ES_ENOMEM;
+    }
+    return 0;
+}
+
+/* Delete the loop's events: event_del waits for a callback running on
+ * the loop's thread to return, so none runs after this.  With our own
+ * base, the loop is stopped first and the base freed. */
+static void io_teardown(es_host *host)
+{
+    if (host->io_started) {
+        event_active(host->stop_ev, 0, 0);
+        pthread_join(host->io_thread, NULL);
+        host->io_started = false;
+    }
+    struct event **evs[] = {&host->sweep_ev, &host->flush_ev,
+                            &host->wake_ev, &host->stop_ev};
+    for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++) {
+        if (*evs[i] == NULL) continue;
+        event_del(*evs[i]);
+        event_free(*evs[i]);
+        *evs[i] = NULL;
+    }
+    if (host->own_base && host->base) event_base_free(host->base);
+    host->base = NULL;
+    host->own_base = false;
 }
 
 /* ---- life cycle ---- */
@@ -1361,13 +1524,15 @@ static void stop_threads(es_host *host)
         pthread_join(l->thread, NULL);
         l->started = false;
     }
-    if (host->housekeeper_started) {
+    /* Workers are gone, so nobody arms the flush timer any more. */
+    io_teardown(host);
+    if (host->writer_started) { /* it writes what it was handed first */
         pthread_mutex_lock(&host->hk_lock);
-        host->hk_stop = true;
+        host->wr_stop = true;
         pthread_cond_signal(&host->hk_cond);
         pthread_mutex_unlock(&host->hk_lock);
-        pthread_join(host->housekeeper, NULL);
-        host->housekeeper_started = false;
+        pthread_join(host->writer, NULL);
+        host->writer_started = false;
     }
 }
 
@@ -1433,12 +1598,23 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         l->started = rc == 0;
     }
     if (rc == 0) {
-        rc = pthread_create(&host->housekeeper, NULL, housekeeper_main, host);
-        host->housekeeper_started = rc == 0;
+        rc = pthread_create(&host->writer, NULL, writer_main, host);
+        host->writer_started = rc == 0;
+    }
+    int io_rc = rc == 0 ? io_setup(host) : 0;
+    if (rc == 0 && io_rc == 0 && host->own_base) {
+        rc = pthread_create(&host->io_thread, NULL, io_main, host);
+        host->io_started = rc == 0;
     }
     for (unsigned i = 0; rc == 0 && i < cfg->workers; i++) {
         rc = pthread_create(&host->workers[i], NULL, worker_main, host);
         if (rc == 0) host->n_workers++;
+    }
+    if (io_rc != 0) {
+        stop_threads(host);
+        host_free(host);
+        return es__error_set(err, io_rc, "could not set up the I/O loop "
+                                         "(libevent)");
     }
     if (rc != 0) {
         stop_threads(host);
@@ -1470,7 +1646,19 @@ static int host_end(es_host *host, bool now, es_error *err)
     pthread_mutex_unlock(&host->drain_lock);
     stop_threads(host);
 
-    snap_job *jobs = NULL;
+    /* What the loop did not get to: evicted actors, queued snapshots. */
+    snap_job *jobs = host->sj_head;
+    host->sj_head = host->sj_tail = NULL;
+    host->sj_n = 0;
+    if (now) {
+        free_jobs(jobs);
+        jobs = NULL;
+    }
+    while (host->evicted) {
+        actor *next = host->evicted->next;
+        passivate(host, host->evicted, !now, &jobs);
+        host->evicted = next;
+    }
     for (size_t s = 0; s < N_SHARDS; s++) {
         shard *sh = &host->shards[s];
         for (size_t i = 0; i < sh->n_buckets; i++) {
@@ -1593,12 +1781,12 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
     }
     pthread_mutex_unlock(&sh->lock);
     es__free(fresh);
-    if (evicted) {
+    if (evicted) { /* passivated on the loop (state_encode, free) */
         pthread_mutex_lock(&host->hk_lock);
         evicted->next = host->evicted;
         host->evicted = evicted;
-        pthread_cond_signal(&host->hk_cond);
         pthread_mutex_unlock(&host->hk_lock);
+        event_active(host->wake_ev, 0, 0);
     }
     if (rc != 0) {
         es__free(h);
