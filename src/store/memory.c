@@ -6,8 +6,8 @@
  * skip ids and versions taken in either (PostgreSQL's ON CONFLICT DO
  * NOTHING); a version or id taken by another transaction that commits first
  * is found at commit, which then fails with ES_ECONFLICT and applies
- * nothing.  Indexes are POSIX binary trees (tsearch), so no map is written
- * here.
+ * nothing.  Indexes are hash sets of pointers (store/ptrmap.h); they were
+ * tsearch trees, a third of the host benchmark in perf.
  *
  * Lock rule: `lock` guards every committed structure; a transaction's
  * pending writes belong to its thread and need no lock.  User callbacks
@@ -21,6 +21,7 @@
 
 #include "core/internal.h"
 #include "eventastic/memory.h"
+#include "store/ptrmap.h"
 #include "store/store_impl.h"
 
 #define TYPE_NAME_MAX 64
@@ -80,11 +81,11 @@ typedef struct mem_cmd {
 typedef struct mem_store {
     struct es_store base;
     pthread_mutex_t lock;
-    void *streams;   /* mem_stream*, by agg */
-    void *ids;       /* mem_id*, by event id */
-    void *snaps;     /* mem_snapset*, by agg */
-    void *se_ids;    /* mem_se*, by side-effect id */
-    void *cmds;      /* mem_cmd*, by command id */
+    es__ptrmap streams; /* mem_stream*, by agg */
+    es__ptrmap ids;     /* mem_id*, by event id */
+    es__ptrmap snaps;   /* mem_snapset*, by agg */
+    es__ptrmap se_ids;  /* mem_se*, by side-effect id */
+    es__ptrmap cmds;    /* mem_cmd*, by command id */
     mem_se **se;     /* committed side effects, oldest first */
     size_t n_se, cap_se;
     size_t event_count;
@@ -111,81 +112,78 @@ typedef struct mark {
 
 typedef struct mem_txn {
     struct es_txn base;
-    pend_event **ev; /* individually allocated: the trees point at them */
+    pend_event **ev; /* individually allocated: the maps point at them */
     size_t n_ev, cap_ev;
-    void *ev_ids;      /* pend_event*, by event id */
-    void *ev_versions; /* pend_event*, by (agg, version) */
+    es__ptrmap ev_ids;      /* pend_event*, by event id */
+    es__ptrmap ev_versions; /* pend_event*, by (agg, version) */
+    es__ptrmap ev_aggs;     /* pend_event*, the first one of each agg */
     pend_snap *snap;
     size_t n_snap, cap_snap;
     mem_se *se;
     size_t n_se, cap_se;
     mem_cmd **cmd; /* individually allocated: cmd_ids points at them */
     size_t n_cmd, cap_cmd;
-    void *cmd_ids; /* mem_cmd*, by command id */
-    void *se_ids; /* es_uuid* (own allocation), the ids in se */
+    es__ptrmap cmd_ids; /* mem_cmd*, by command id */
+    es__ptrmap se_ids;  /* es_uuid* (own allocation), the ids in se */
     mark *marks;
     size_t n_marks, cap_marks;
 } mem_txn;
 
-/* ---- comparators ---- */
+/* ---- index keys: hash and match ---- */
 
-static int cmp_stream(const void *a, const void *b)
+#define KEYED_BY(name, type, field)                                        \
+    static uint64_t hash_##name(const void *item)                          \
+    {                                                                      \
+        return es__uuid_hash(&((const type *)item)->field);                \
+    }                                                                      \
+    static bool match_##name(const void *item, const void *key)            \
+    {                                                                      \
+        return es_uuid_equal(&((const type *)item)->field, key);           \
+    }
+
+KEYED_BY(stream, mem_stream, agg)
+KEYED_BY(id, mem_id, id)
+KEYED_BY(snapset, mem_snapset, agg)
+KEYED_BY(se, mem_se, se.id)
+KEYED_BY(cmd, mem_cmd, rec.command_id)
+KEYED_BY(pend_id, pend_event, ev.id)
+KEYED_BY(pend_agg, pend_event, agg)
+
+static uint64_t hash_uuid(const void *item) { return es__uuid_hash(item); }
+static bool match_uuid(const void *item, const void *key)
 {
-    return es_uuid_compare(&((const mem_stream *)a)->agg,
-                           &((const mem_stream *)b)->agg);
+    return es_uuid_equal(item, key);
 }
 
-static int cmp_id(const void *a, const void *b)
+typedef struct version_key {
+    const es_uuid *agg;
+    uint64_t version;
+} version_key;
+
+static uint64_t version_hash(const es_uuid *agg, uint64_t version)
 {
-    return es_uuid_compare(&((const mem_id *)a)->id,
-                           &((const mem_id *)b)->id);
+    return es__uuid_hash(agg) ^ (version * 0x9e3779b97f4a7c15u);
 }
 
-static int cmp_snapset(const void *a, const void *b)
+static uint64_t hash_pend_version(const void *item)
 {
-    return es_uuid_compare(&((const mem_snapset *)a)->agg,
-                           &((const mem_snapset *)b)->agg);
+    const pend_event *pe = item;
+    return version_hash(&pe->agg, pe->ev.version);
 }
 
-static int cmp_se(const void *a, const void *b)
+static bool match_pend_version(const void *item, const void *key)
 {
-    return es_uuid_compare(&((const mem_se *)a)->se.id,
-                           &((const mem_se *)b)->se.id);
-}
-
-static int cmp_cmd(const void *a, const void *b)
-{
-    return es_uuid_compare(&((const mem_cmd *)a)->rec.command_id,
-                           &((const mem_cmd *)b)->rec.command_id);
-}
-
-static int cmp_uuid(const void *a, const void *b)
-{
-    return es_uuid_compare(a, b);
-}
-
-static int cmp_pend_id(const void *a, const void *b)
-{
-    return es_uuid_compare(&((const pend_event *)a)->ev.id,
-                           &((const pend_event *)b)->ev.id);
-}
-
-static int cmp_pend_version(const void *a, const void *b)
-{
-    const pend_event *x = a, *y = b;
-    int c = es_uuid_compare(&x->agg, &y->agg);
-    if (c != 0) return c;
-    return (x->ev.version > y->ev.version) - (x->ev.version < y->ev.version);
+    const pend_event *pe = item;
+    const version_key *k = key;
+    return pe->ev.version == k->version && es_uuid_equal(&pe->agg, k->agg);
 }
 
 /* ---- committed lookups (lock held) ---- */
 
 static mem_stream *find_stream(mem_store *s, const es_uuid *agg)
 {
-    mem_stream key;
-    key.agg = *agg;
-    void *node = tfind(&key, &s->streams, cmp_stream);
-    return node ? *(mem_stream **)node : NULL;
+    return es__ptrmap_find(&s->streams, es__uuid_hash(agg), match_stream,
+                           agg);
 }
 
 /* Index of the first event with version >= v. */
@@ -211,53 +209,40 @@ static const mem_event *find_version(const mem_stream *st, uint64_t v)
 
 static mem_id *find_id(mem_store *s, const es_uuid *id)
 {
-    mem_id key;
-    key.id = *id;
-    void *node = tfind(&key, &s->ids, cmp_id);
-    return node ? *(mem_id **)node : NULL;
+    return es__ptrmap_find(&s->ids, es__uuid_hash(id), match_id, id);
 }
 
 static mem_snapset *find_snapset(mem_store *s, const es_uuid *agg)
 {
-    mem_snapset key;
-    key.agg = *agg;
-    void *node = tfind(&key, &s->snaps, cmp_snapset);
-    return node ? *(mem_snapset **)node : NULL;
+    return es__ptrmap_find(&s->snaps, es__uuid_hash(agg), match_snapset,
+                           agg);
 }
 
 static bool committed_se_exists(mem_store *s, const es_uuid *id)
 {
-    mem_se key;
-    key.se.id = *id;
-    return tfind(&key, &s->se_ids, cmp_se) != NULL;
+    return es__ptrmap_find(&s->se_ids, es__uuid_hash(id), match_se, id) !=
+           NULL;
 }
 
-static mem_cmd *find_cmd(void *const *root, const es_uuid *id)
+static mem_cmd *find_cmd(const es__ptrmap *map, const es_uuid *id)
 {
-    mem_cmd key;
-    key.rec.command_id = *id;
-    void *node = tfind(&key, root, cmp_cmd);
-    return node ? *(mem_cmd **)node : NULL;
+    return es__ptrmap_find(map, es__uuid_hash(id), match_cmd, id);
 }
 
 /* ---- pending lookups (transaction's thread) ---- */
 
 static pend_event *pend_find_id(mem_txn *t, const es_uuid *id)
 {
-    pend_event key;
-    key.ev.id = *id;
-    void *node = tfind(&key, &t->ev_ids, cmp_pend_id);
-    return node ? *(pend_event **)node : NULL;
+    return es__ptrmap_find(&t->ev_ids, es__uuid_hash(id), match_pend_id,
+                           id);
 }
 
 static pend_event *pend_find_version(mem_txn *t, const es_uuid *agg,
                                      uint64_t v)
 {
-    pend_event key;
-    key.agg = *agg;
-    key.ev.version = v;
-    void *node = tfind(&key, &t->ev_versions, cmp_pend_version);
-    return node ? *(pend_event **)node : NULL;
+    version_key key = {agg, v};
+    return es__ptrmap_find(&t->ev_versions, version_hash(agg, v),
+                           match_pend_version, &key);
 }
 
 /* ---- transactions ---- */
@@ -280,18 +265,20 @@ static void truncate_pending(mem_txn *t, const mark *m)
 {
     while (t->n_ev > m->n_ev) {
         pend_event *pe = t->ev[--t->n_ev];
-        tdelete(pe, &t->ev_ids, cmp_pend_id);
-        tdelete(pe, &t->ev_versions, cmp_pend_version);
+        es__ptrmap_remove(&t->ev_ids, pe, hash_pend_id);
+        es__ptrmap_remove(&t->ev_versions, pe, hash_pend_version);
+        /* the first of its aggregate: the later ones went before it */
+        es__ptrmap_remove(&t->ev_aggs, pe, hash_pend_agg);
         es__free(pe->ev.data);
         es__free(pe);
     }
     while (t->n_snap > m->n_snap) es__free(t->snap[--t->n_snap].snap.data);
     while (t->n_se > m->n_se) {
         mem_se *x = &t->se[--t->n_se];
-        void *node = tfind(&x->se.id, &t->se_ids, cmp_uuid);
-        if (node != NULL) {
-            es_uuid *key = *(es_uuid **)node;
-            tdelete(&x->se.id, &t->se_ids, cmp_uuid);
+        es_uuid *key = es__ptrmap_find(&t->se_ids, es__uuid_hash(&x->se.id),
+                                       match_uuid, &x->se.id);
+        if (key != NULL) {
+            es__ptrmap_remove(&t->se_ids, key, hash_uuid);
             es__free(key);
         }
         es__free((void *)x->se.data);
@@ -299,7 +286,7 @@ static void truncate_pending(mem_txn *t, const mark *m)
     while (t->n_cmd > m->n_cmd) {
         mem_cmd *c = t->cmd[--t->n_cmd];
         if (c == NULL) continue; /* moved to the store at commit */
-        tdelete(c, &t->cmd_ids, cmp_cmd);
+        es__ptrmap_remove(&t->cmd_ids, c, hash_cmd);
         es__free(c);
     }
 }
@@ -308,11 +295,12 @@ static void txn_free(mem_txn *t)
 {
     mark zero = {0, 0, 0, 0};
     truncate_pending(t, &zero);
-    tdestroy(t->ev_ids, noop_free);
-    tdestroy(t->ev_versions, noop_free);
-    tdestroy(t->cmd_ids, noop_free);
+    es__ptrmap_clear(&t->ev_ids, NULL);
+    es__ptrmap_clear(&t->ev_versions, NULL);
+    es__ptrmap_clear(&t->ev_aggs, NULL);
+    es__ptrmap_clear(&t->cmd_ids, NULL);
     es__free(t->cmd);
-    tdestroy(t->se_ids, noop_free); /* empty: truncate_pending freed all */
+    es__ptrmap_clear(&t->se_ids, NULL); /* empty: truncate_pending freed all */
     es__free(t->ev);
     es__free(t->snap);
     es__free(t->se);
@@ -394,8 +382,8 @@ static int validate_commit(mem_store *s, mem_txn *t, es_error *err)
  *   1. prepare: create missing streams and snapshot sets, reserve room in
  *      every array, allocate the index nodes.  Nothing is visible yet
  *      (streams created here are empty and removed again on failure).
- *   2. link: put the index nodes into the trees; tsearch may fail, and
- *      what was linked is then taken out again (tdelete never allocates).
+ *   2. link: put the index nodes into the maps; an insert may fail, and
+ *      what was linked is then taken out again (removal never allocates).
  *   3. apply: move events, snapshots and side effects into the reserved
  *      room.  This cannot fail.
  */
@@ -417,7 +405,7 @@ static void plan_free(mem_store *s, commit_plan *p, const mem_txn *t)
     for (size_t i = 0; p->id && i < t->n_ev; i++) es__free(p->id[i]);
     for (size_t i = 0; p->se && i < t->n_se; i++) es__free(p->se[i]);
     for (size_t i = 0; i < p->n_created; i++) { /* still empty */
-        tdelete(p->created[i], &s->streams, cmp_stream);
+        es__ptrmap_remove(&s->streams, p->created[i], hash_stream);
         es__free(p->created[i]->ev);
         es__free(p->created[i]);
     }
@@ -438,7 +426,7 @@ static mem_stream *stream_for(mem_store *s, commit_plan *p,
     if (st == NULL) return NULL;
     st->agg = pe->agg;
     memcpy(st->type, pe->type, sizeof st->type);
-    if (tsearch(st, &s->streams, cmp_stream) == NULL) {
+    if (es__ptrmap_insert(&s->streams, st, hash_stream) != 0) {
         es__free(st);
         return NULL;
     }
@@ -453,7 +441,7 @@ static mem_snapset *snapset_for(mem_store *s, const es_uuid *agg)
     set = es__calloc(1, sizeof *set); /* an empty set is "no snapshot" */
     if (set == NULL) return NULL;
     set->agg = *agg;
-    if (tsearch(set, &s->snaps, cmp_snapset) == NULL) {
+    if (es__ptrmap_insert(&s->snaps, set, hash_snapset) != 0) {
         es__free(set);
         return NULL;
     }
@@ -534,23 +522,25 @@ static int commit_link(mem_store *s, mem_txn *t, commit_plan *p)
     for (; ids < t->n_ev; ids++) {
         const pend_event *pe = t->ev[ids];
         *p->id[ids] = (mem_id){pe->ev.id, pe->agg, pe->ev.version};
-        if (tsearch(p->id[ids], &s->ids, cmp_id) == NULL) goto undo;
+        if (es__ptrmap_insert(&s->ids, p->id[ids], hash_id) != 0) goto undo;
     }
     for (; ses < t->n_se; ses++) {
         if (p->se[ses] == NULL) continue;
         *p->se[ses] = t->se[ses]; /* data moves in commit_apply */
-        if (tsearch(p->se[ses], &s->se_ids, cmp_se) == NULL) goto undo;
+        if (es__ptrmap_insert(&s->se_ids, p->se[ses], hash_se) != 0)
+            goto undo;
     }
-    /* Command-id records: the transaction's nodes go into the store's
-     * tree as they are (validate_commit found none of their ids). */
+    /* Command-id records: the transaction's records go into the store's
+     * index as they are (validate_commit found none of their ids). */
     for (; cmds < t->n_cmd; cmds++)
-        if (tsearch(t->cmd[cmds], &s->cmds, cmp_cmd) == NULL) goto undo;
+        if (es__ptrmap_insert(&s->cmds, t->cmd[cmds], hash_cmd) != 0)
+            goto undo;
     return 0;
 undo:
-    while (ids-- > 0) tdelete(p->id[ids], &s->ids, cmp_id);
+    while (ids-- > 0) es__ptrmap_remove(&s->ids, p->id[ids], hash_id);
     while (ses-- > 0)
-        if (p->se[ses]) tdelete(p->se[ses], &s->se_ids, cmp_se);
-    while (cmds-- > 0) tdelete(t->cmd[cmds], &s->cmds, cmp_cmd);
+        if (p->se[ses]) es__ptrmap_remove(&s->se_ids, p->se[ses], hash_se);
+    while (cmds-- > 0) es__ptrmap_remove(&s->cmds, t->cmd[cmds], hash_cmd);
     return ES_ENOMEM;
 }
 
@@ -595,7 +585,7 @@ static void commit_apply(mem_store *s, mem_txn *t, commit_plan *p)
         p->se[i] = NULL;
     }
     for (size_t i = 0; i < t->n_cmd; i++) { /* owned by s->cmds now */
-        tdelete(t->cmd[i], &t->cmd_ids, cmp_cmd);
+        es__ptrmap_remove(&t->cmd_ids, t->cmd[i], hash_cmd);
         t->cmd[i] = NULL;
     }
     p->n_created = 0; /* they hold events now */
@@ -748,9 +738,9 @@ static int mem_get_event(es_txn *txn, const es_uuid *agg,
 /* The type of an aggregate that only this transaction has written. */
 static const char *pend_stream_type(const mem_txn *t, const es_uuid *agg)
 {
-    for (size_t i = 0; i < t->n_ev; i++)
-        if (es_uuid_equal(&t->ev[i]->agg, agg)) return t->ev[i]->type;
-    return NULL;
+    const pend_event *pe = es__ptrmap_find(&t->ev_aggs, es__uuid_hash(agg),
+                                           match_pend_agg, agg);
+    return pe ? pe->type : NULL;
 }
 
 static int mem_insert_events(es_txn *txn, const char *type_name,
@@ -774,6 +764,7 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
         rc = es__error_set(err, ES_EINVAL,
                            "aggregate is of type '%s', not '%s'", owner_type,
                            type_name);
+    bool first = owner_type == NULL; /* the aggregate's first pending */
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const es_event *e = &events[i];
         inserted[i] = false;
@@ -790,14 +781,16 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
         pe->agg = *agg;
         strcpy(pe->type, type_name);
         pe->ev = (mem_event){e->id, e->version, e->kind, data, e->len};
-        if (tsearch(pe, &t->ev_ids, cmp_pend_id) == NULL) {
+        if (es__ptrmap_insert(&t->ev_ids, pe, hash_pend_id) != 0) {
             es__free(data);
             es__free(pe);
             rc = es__error_set(err, ES_ENOMEM, "out of memory");
             break;
         }
-        if (tsearch(pe, &t->ev_versions, cmp_pend_version) == NULL) {
-            tdelete(pe, &t->ev_ids, cmp_pend_id);
+        if (es__ptrmap_insert(&t->ev_versions, pe, hash_pend_version) != 0 ||
+            (first && es__ptrmap_insert(&t->ev_aggs, pe, hash_pend_agg))) {
+            es__ptrmap_remove(&t->ev_versions, pe, hash_pend_version);
+            es__ptrmap_remove(&t->ev_ids, pe, hash_pend_id);
             es__free(data);
             es__free(pe);
             rc = es__error_set(err, ES_ENOMEM, "out of memory");
@@ -805,6 +798,7 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
         }
         t->ev[t->n_ev++] = pe;
         inserted[i] = true;
+        first = false;
     }
     pthread_mutex_unlock(&s->lock);
     return rc;
@@ -821,7 +815,8 @@ static int mem_insert_side_effects(es_txn *txn, const char *type_name,
         return es__error_set(err, ES_ENOMEM, "out of memory");
     t->se = arr;
     for (size_t i = 0; i < n; i++) {
-        bool seen = tfind(&items[i].id, &t->se_ids, cmp_uuid) != NULL;
+        bool seen = es__ptrmap_find(&t->se_ids, es__uuid_hash(&items[i].id),
+                                    match_uuid, &items[i].id) != NULL;
         if (!seen) {
             pthread_mutex_lock(&s->lock);
             seen = committed_se_exists(s, &items[i].id);
@@ -830,7 +825,8 @@ static int mem_insert_side_effects(es_txn *txn, const char *type_name,
         if (seen) continue;
         es_uuid *key = es__memdup(&items[i].id, sizeof items[i].id);
         uint8_t *data = key ? es__memdup(items[i].data, items[i].len) : NULL;
-        if (data == NULL || tsearch(key, &t->se_ids, cmp_uuid) == NULL) {
+        if (data == NULL ||
+            es__ptrmap_insert(&t->se_ids, key, hash_uuid) != 0) {
             es__free(key);
             es__free(data);
             return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -865,7 +861,7 @@ static int mem_insert_commands(es_txn *txn, const es__command_record *recs,
         if (copy == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
         /* mem_cmd is a wrapper of the record: same allocation */
         mem_cmd *c = (mem_cmd *)(void *)copy;
-        if (tsearch(c, &t->cmd_ids, cmp_cmd) == NULL) {
+        if (es__ptrmap_insert(&t->cmd_ids, c, hash_cmd) != 0) {
             es__free(c);
             return es__error_set(err, ES_ENOMEM, "out of memory");
         }
@@ -1014,11 +1010,11 @@ static void free_se(void *p)
 static void mem_close(es_store *store)
 {
     mem_store *s = (mem_store *)store;
-    tdestroy(s->streams, free_stream);
-    tdestroy(s->ids, es__free);
-    tdestroy(s->snaps, free_snapset);
-    tdestroy(s->se_ids, free_se);
-    tdestroy(s->cmds, es__free);
+    es__ptrmap_clear(&s->streams, free_stream);
+    es__ptrmap_clear(&s->ids, es__free);
+    es__ptrmap_clear(&s->snaps, free_snapset);
+    es__ptrmap_clear(&s->se_ids, free_se);
+    es__ptrmap_clear(&s->cmds, es__free);
     es__free(s->se);
     pthread_mutex_destroy(&s->lock);
     es__store_destroy(&s->base);
@@ -1034,10 +1030,7 @@ static int cmp_uuid_ptr(const void *a, const void *b)
 
 static mem_se *find_se(mem_store *s, const es_uuid *id)
 {
-    mem_se key;
-    key.se.id = *id;
-    void *node = tfind(&key, &s->se_ids, cmp_se);
-    return node ? *(mem_se **)node : NULL;
+    return es__ptrmap_find(&s->se_ids, es__uuid_hash(id), match_se, id);
 }
 
 static void entry_from(es_outbox_entry *e, const mem_se *m)
@@ -1256,7 +1249,7 @@ static int mem_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
     for (size_t i = 0; i < s->n_se; i++) {
         mem_se *m = s->se[i];
         if (m->status == ES_OUTBOX_DONE && m->finished_ms < before_ms) {
-            tdelete(m, &s->se_ids, cmp_se);
+            es__ptrmap_remove(&s->se_ids, m, hash_se);
             free_se(m);
             n++;
         } else {
