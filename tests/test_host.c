@@ -1398,7 +1398,10 @@ static void wrap_store(es_store *store, bool command_ids, bool flaky)
         wrapped_ops.insert_commands = NULL;
         wrapped_ops.get_command = NULL;
     }
-    if (flaky) wrapped_ops.commit = flaky_commit;
+    if (flaky) { /* commits go through commit, not the batch writer */
+        wrapped_ops.commit = flaky_commit;
+        wrapped_ops.write_batch = NULL;
+    }
     store->ops = &wrapped_ops;
 }
 
@@ -2103,6 +2106,94 @@ static void test_host_external_loop_idle_and_shutdown_on_loop(void **state)
     es_store_close(store);
 }
 
+/* ---- the memory store's batch writer ---- */
+
+typedef struct batch_row {
+    es__commit_item item;
+    es_event ev[2];
+    uint8_t data[8];
+} batch_row;
+
+static void batch_row_init(batch_row *r, const void *group,
+                           const es_uuid *agg, uint64_t version, size_t n,
+                           const es_uuid *command_id)
+{
+    memset(r, 0, sizeof *r);
+    put64(r->data, version);
+    for (size_t i = 0; i < n; i++) {
+        es_uuid_v7(&r->ev[i].id);
+        r->ev[i].version = version + i;
+        r->ev[i].kind = EV_ADD;
+        r->ev[i].data = r->data;
+        r->ev[i].len = sizeof r->data;
+    }
+    r->item.type_name = "counter";
+    r->item.aggregate_id = *agg;
+    r->item.group = group;
+    r->item.events = r->ev;
+    r->item.n_events = n;
+    r->item.status = ES__COMMIT_PENDING;
+    es__command_record rec = {*command_id, *agg, 1, r->data, 8, version, n,
+                              version + n - 1, false};
+    r->item.record = rec;
+}
+
+/* One failing part of a batch never fails the others: a version taken
+ * (and the later item of that aggregate), a command id taken within the
+ * batch, an event id taken within the batch; the rest is stored. */
+static void test_host_memory_batch_isolates_failures(void **state)
+{
+    (void)state;
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_non_null(store->ops->write_batch);
+    es_uuid agg[6], cmd[7];
+    for (int i = 0; i < 6; i++) es_uuid_v7(&agg[i]);
+    for (int i = 0; i < 7; i++) es_uuid_v7(&cmd[i]);
+    int groups[6];
+    static batch_row rows[7];
+    /* aggregate 0 already has version 0 */
+    batch_row_init(&rows[0], &groups[0], &agg[0], 0, 1, &cmd[0]);
+    es__commit_item *first = &rows[0].item;
+    assert_int_equal(store->ops->write_batch(store, &first, 1), 1);
+    assert_int_equal(rows[0].item.status, 0);
+
+    batch_row_init(&rows[1], &groups[1], &agg[1], 0, 2, &cmd[1]); /* ok */
+    batch_row_init(&rows[2], &groups[0], &agg[0], 0, 1, &cmd[2]); /* taken */
+    batch_row_init(&rows[3], &groups[0], &agg[0], 1, 1, &cmd[3]); /* after */
+    batch_row_init(&rows[4], &groups[2], &agg[2], 0, 1, &cmd[1]); /* cmd */
+    batch_row_init(&rows[5], &groups[3], &agg[3], 0, 1, &cmd[5]); /* ev id */
+    rows[5].ev[0].id = rows[1].ev[1].id;
+    batch_row_init(&rows[6], &groups[4], &agg[4], 0, 1, &cmd[6]); /* ok */
+    es__commit_item *items[6];
+    for (int i = 0; i < 6; i++) items[i] = &rows[i + 1].item;
+    assert_int_equal(store->ops->write_batch(store, items, 6), 1);
+    assert_int_equal(rows[1].item.status, 0);
+    assert_int_equal(rows[2].item.status, ES_ECONFLICT);
+    assert_int_equal(rows[3].item.status, ES_ECONFLICT);
+    assert_int_equal(rows[4].item.status, ES_EIDEMPOTENCY);
+    assert_int_equal(rows[5].item.status, ES_ECONFLICT);
+    assert_int_equal(rows[6].item.status, 0);
+    assert_int_equal(es_memory_store_event_count(store), 4);
+
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(store, &txn, NULL), 0);
+    es__command_record *rec = NULL;
+    assert_int_equal(es__txn_get_command(txn, &cmd[1], &rec, NULL), 0);
+    assert_true(es_uuid_equal(&rec->aggregate_id, &agg[1]));
+    assert_int_equal(rec->version, 1);
+    es__free(rec);
+    assert_int_equal(es__txn_get_command(txn, &cmd[2], &rec, NULL),
+                     ES_ENOTFOUND);
+    es_event *ev = NULL;
+    assert_int_equal(es_txn_get_event(txn, &agg[1], &rows[1].ev[1].id, &ev,
+                                      NULL), 0);
+    assert_int_equal(ev->version, 1);
+    es_free(ev);
+    es_txn_rollback(txn);
+    assert_int_equal(es_store_close(store), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2127,6 +2218,7 @@ int main(void)
         cmocka_unit_test(test_host_chaos_store_matches_outcomes),
         cmocka_unit_test(test_host_resident_bound_evicts_lru),
         cmocka_unit_test(test_host_resident_bytes_bound),
+        cmocka_unit_test(test_host_memory_batch_isolates_failures),
         cmocka_unit_test(test_host_own_loop_passivates),
         cmocka_unit_test(test_host_external_loop_passivates),
         cmocka_unit_test(test_host_external_loop_idle_and_shutdown_on_loop),

@@ -220,8 +220,9 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
  *  PostgreSQL, a pooled connection) of its own, in parallel with the
  *  others.  An aggregate's items always go to the same lane (by a hash of
  *  its key), so they commit in the order they were decided.  0 (the
- *  default): 4 on a store that writes batches with a constant number of
- *  statements (PostgreSQL; measured in bench/bench_pg.c), else 1.  Keep
+ *  default): 4 on PostgreSQL, whose batches wait for round trips
+ *  (measured in bench/bench_pg.c), else 1 (the memory store's writes hold
+ *  one lock: more lanes only contend, bench/bench_host.c).  Keep
  *  the PostgreSQL pool larger than the lanes, so that loads do not wait
  *  for them.  Returns 0 or ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_lanes(es_host_config *cfg,

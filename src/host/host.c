@@ -1548,11 +1548,12 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     if (host == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     host->workers = es__calloc(cfg->workers, sizeof(pthread_t));
     /* Lanes pay where commits wait for the database: a store with a
-     * batch writer gets LANES_DEFAULT (measured: bench/bench_pg.c), the
-     * others one. */
+     * batch writer gets LANES_DEFAULT (measured: bench/bench_pg.c) unless
+     * it says otherwise (the memory store: 1), the others one. */
     host->n_lanes = cfg->lanes > 0 ? cfg->lanes
-                    : store->ops->write_batch != NULL ? LANES_DEFAULT
-                                                      : 1;
+                    : store->ops->write_batch == NULL ? 1
+                    : store->ops->batch_lanes > 0     ? store->ops->batch_lanes
+                                                      : LANES_DEFAULT;
     host->lanes = es__calloc(host->n_lanes, sizeof *host->lanes);
     if (host->workers == NULL || host->lanes == NULL) {
         es__free(host->lanes);

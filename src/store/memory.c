@@ -131,6 +131,12 @@ typedef struct mem_txn {
 
 /* ---- index keys: hash and match ---- */
 
+/* es_uuid_equal inlined: index lookups are the store's hot path. */
+static inline bool same_uuid(const es_uuid *a, const es_uuid *b)
+{
+    return memcmp(a->bytes, b->bytes, 16) == 0;
+}
+
 #define KEYED_BY(name, type, field)                                        \
     static uint64_t hash_##name(const void *item)                          \
     {                                                                      \
@@ -138,7 +144,7 @@ typedef struct mem_txn {
     }                                                                      \
     static bool match_##name(const void *item, const void *key)            \
     {                                                                      \
-        return es_uuid_equal(&((const type *)item)->field, key);           \
+        return same_uuid(&((const type *)item)->field, key);               \
     }
 
 KEYED_BY(stream, mem_stream, agg)
@@ -152,7 +158,7 @@ KEYED_BY(pend_agg, pend_event, agg)
 static uint64_t hash_uuid(const void *item) { return es__uuid_hash(item); }
 static bool match_uuid(const void *item, const void *key)
 {
-    return es_uuid_equal(item, key);
+    return same_uuid(item, key);
 }
 
 typedef struct version_key {
@@ -175,7 +181,7 @@ static bool match_pend_version(const void *item, const void *key)
 {
     const pend_event *pe = item;
     const version_key *k = key;
-    return pe->ev.version == k->version && es_uuid_equal(&pe->agg, k->agg);
+    return pe->ev.version == k->version && same_uuid(&pe->agg, k->agg);
 }
 
 /* ---- committed lookups (lock held) ---- */
@@ -1290,6 +1296,197 @@ static int mem_outbox_stats(es_store *store, int64_t now,
     return 0;
 }
 
+/* ---- the host's batches ---- */
+
+/* What one item needs, allocated before anything is linked. */
+typedef struct item_plan {
+    mem_stream *created; /* a new stream, or NULL */
+    uint8_t **data;      /* per event */
+    mem_id **id;         /* per event */
+    mem_se **se;         /* per side effect; NULL: exists, skipped */
+    mem_cmd *cmd;
+} item_plan;
+
+static void item_plan_free(const es__commit_item *it, item_plan *p)
+{
+    for (size_t i = 0; i < it->n_events; i++) {
+        if (p->data) es__free(p->data[i]);
+        if (p->id) es__free(p->id[i]);
+    }
+    for (size_t i = 0; p->se && i < it->n_side_effects; i++)
+        if (p->se[i]) {
+            es__free((void *)p->se[i]->se.data);
+            es__free(p->se[i]);
+        }
+    es__free(p->data);
+    es__free(p->id);
+    es__free(p->se);
+    es__free(p->cmd);
+    if (p->created) es__free(p->created->ev);
+    es__free(p->created);
+    memset(p, 0, sizeof *p);
+}
+
+static bool item_se_seen(const es__commit_item *it, size_t i)
+{
+    for (size_t j = 0; j < i; j++)
+        if (es_uuid_equal(&it->side_effects[j].id, &it->side_effects[i].id))
+            return true;
+    return false;
+}
+
+/* Lock held.  Validate one item against what is stored, take all the
+ * memory it needs, then link it: all or nothing.  Returns 0, ES_ECONFLICT
+ * (a version or event id taken), ES_EIDEMPOTENCY (command id taken),
+ * ES_EINVAL (other type, name too long) or ES_ENOMEM. */
+static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
+                      int64_t now)
+{
+    const es_uuid *agg = &it->aggregate_id;
+    if (strlen(it->type_name) >= TYPE_NAME_MAX) return ES_EINVAL;
+    mem_stream *st = find_stream(s, agg);
+    if (st != NULL && strcmp(st->type, it->type_name) != 0) return ES_EINVAL;
+    for (size_t i = 0; i < it->n_events; i++) {
+        const es_event *e = &it->events[i];
+        if (find_version(st, e->version) || find_id(s, &e->id))
+            return ES_ECONFLICT;
+        for (size_t j = 0; j < i; j++)
+            if (it->events[j].version == e->version ||
+                es_uuid_equal(&it->events[j].id, &e->id))
+                return ES_ECONFLICT;
+    }
+    if (cmds && find_cmd(&s->cmds, &it->record.command_id) != NULL)
+        return ES_EIDEMPOTENCY;
+
+    item_plan p;
+    memset(&p, 0, sizeof p);
+    size_t ne = it->n_events, nse = it->n_side_effects, fresh = 0;
+    bool ok = true;
+    if (ne > 0) {
+        p.data = es__calloc(ne, sizeof *p.data);
+        p.id = es__calloc(ne, sizeof *p.id);
+        ok = p.data && p.id;
+        for (size_t i = 0; ok && i < ne; i++) {
+            const es_event *e = &it->events[i];
+            p.data[i] = es__memdup(e->data, e->len);
+            p.id[i] = es__malloc(sizeof(mem_id));
+            ok = p.id[i] && (p.data[i] || e->len == 0);
+        }
+    }
+    if (ok && nse > 0) {
+        p.se = es__calloc(nse, sizeof *p.se);
+        ok = p.se != NULL;
+        for (size_t i = 0; ok && i < nse; i++) {
+            const es_side_effect *x = &it->side_effects[i];
+            if (committed_se_exists(s, &x->id) || item_se_seen(it, i))
+                continue;
+            mem_se *m = es__calloc(1, sizeof *m);
+            uint8_t *data = m ? es__memdup(x->data, x->len) : NULL;
+            if (m == NULL || (data == NULL && x->len > 0)) {
+                es__free(m);
+                es__free(data);
+                ok = false;
+                break;
+            }
+            m->se = *x;
+            m->se.data = data;
+            snprintf(m->type, sizeof m->type, "%s", it->type_name);
+            m->status = ES_OUTBOX_PENDING;
+            m->created_ms = now;
+            p.se[i] = m;
+            fresh++;
+        }
+    }
+    if (ok && cmds) {
+        p.cmd = (mem_cmd *)(void *)es__command_record_dup(&it->record);
+        ok = p.cmd != NULL;
+    }
+    if (ok && st == NULL && ne > 0) {
+        st = p.created = es__calloc(1, sizeof *st);
+        ok = st != NULL;
+        if (ok) {
+            st->agg = *agg;
+            memcpy(st->type, it->type_name, strlen(it->type_name) + 1);
+        }
+    }
+    void *items = st ? st->ev : NULL;
+    ok = ok && (st == NULL ||
+                es__grow(&items, &st->cap, st->n + ne, sizeof(mem_event)) ==
+                    0);
+    if (st) st->ev = items;
+    items = s->se;
+    ok = ok &&
+         es__grow(&items, &s->cap_se, s->n_se + fresh, sizeof(mem_se *)) ==
+             0;
+    s->se = items;
+    ok = ok && es__ptrmap_reserve(&s->streams, 1, hash_stream) == 0 &&
+         es__ptrmap_reserve(&s->ids, ne, hash_id) == 0 &&
+         es__ptrmap_reserve(&s->se_ids, fresh, hash_se) == 0 &&
+         es__ptrmap_reserve(&s->cmds, 1, hash_cmd) == 0;
+    if (!ok) {
+        item_plan_free(it, &p);
+        return ES_ENOMEM;
+    }
+
+    /* Link: nothing below allocates (room was reserved above). */
+    if (p.created) es__ptrmap_insert(&s->streams, p.created, hash_stream);
+    for (size_t i = 0; i < ne; i++) {
+        const es_event *e = &it->events[i];
+        size_t pos = lower_bound(st, e->version);
+        memmove(&st->ev[pos + 1], &st->ev[pos],
+                (st->n - pos) * sizeof(mem_event));
+        st->ev[pos] = (mem_event){e->id, e->version, e->kind, p.data[i],
+                                  e->len};
+        st->n++;
+        *p.id[i] = (mem_id){e->id, *agg, e->version};
+        es__ptrmap_insert(&s->ids, p.id[i], hash_id);
+        s->event_count++;
+    }
+    for (size_t i = 0; i < nse; i++) {
+        if (p.se[i] == NULL) continue;
+        es__ptrmap_insert(&s->se_ids, p.se[i], hash_se);
+        s->se[s->n_se++] = p.se[i];
+    }
+    if (p.cmd) es__ptrmap_insert(&s->cmds, p.cmd, hash_cmd);
+    es__free(p.data);
+    es__free(p.id);
+    es__free(p.se);
+    return 0;
+}
+
+/* The host's batch writer: every item under one hold of the lock, without
+ * a transaction's pending copies.  An item that fails is left out with
+ * the later items of its group (ES_ECONFLICT); the others are stored.
+ * Readers take the same lock, so they see all of the batch or none. */
+static size_t mem_write_batch(es_store *store, es__commit_item **items,
+                              size_t n)
+{
+    mem_store *s = (mem_store *)store;
+    bool cmds = es__store_has_commands(store);
+    int64_t now = es_clock_now_ms();
+    size_t stored = 0;
+    bool side_effects = false;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        int rc = batch_item(s, it, cmds, now);
+        it->status = rc;
+        if (rc == 0) {
+            stored++;
+            side_effects = side_effects || it->n_side_effects > 0;
+            continue;
+        }
+        for (size_t j = i + 1; j < n; j++)
+            if (items[j]->group == it->group &&
+                items[j]->status == ES__COMMIT_PENDING)
+                items[j]->status = ES_ECONFLICT;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (side_effects) es__store_notify(store);
+    return stored > 0 ? 1 : 0;
+}
+
 static const es_store_ops memory_ops = {
     .name = "memory",
     .begin = mem_begin,
@@ -1308,6 +1505,8 @@ static const es_store_ops memory_ops = {
     .list_side_effects = mem_list_side_effects,
     .insert_commands = mem_insert_commands,
     .get_command = mem_get_command,
+    .write_batch = mem_write_batch,
+    .batch_lanes = 1,
     .outbox_claim = mem_outbox_claim,
     .outbox_finish = mem_outbox_finish,
     .outbox_list = mem_outbox_list,

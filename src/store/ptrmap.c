@@ -38,11 +38,13 @@ static int rehash(es__ptrmap *m, size_t cap, es__ptrmap_hash_fn hash)
     return 0;
 }
 
+/* At most half full: a miss (every insert looks first) probes about 2.5
+ * slots, against 8.5 at 3/4. */
 int es__ptrmap_reserve(es__ptrmap *m, size_t extra, es__ptrmap_hash_fn hash)
 {
-    if ((m->used + extra) * 4 <= m->cap * 3) return 0;
+    if ((m->used + extra) * 2 <= m->cap) return 0;
     size_t cap = m->cap ? m->cap : 16;
-    while ((m->n + extra) * 4 > cap * 3) {
+    while ((m->n + extra) * 2 > cap) {
         if (cap > SIZE_MAX / 4) return ES_ENOMEM;
         cap *= 2;
     }

@@ -1,6 +1,6 @@
 /*
  * A set of pointers keyed by what they point at: open addressing with
- * linear probing, 8 bytes a slot, at most 3/4 full.  The memory store's
+ * linear probing, 8 bytes a slot, at most half full.  The memory store's
  * indexes (streams, event ids, command ids, ...) used tsearch trees: a
  * 32-byte node allocated per entry and a log(n) walk of uuid compares per
  * lookup, which perf showed as a third of the host benchmark.  The caller
