@@ -33,6 +33,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -223,8 +224,9 @@ struct es_emitter {
         es_uuid id;
         int32_t kind;
         es_buf buf;
-    } *ev;
+    } *ev; /* first `one`, then an allocation when more are emitted */
     size_t n, cap;
+    struct enc_event one[2]; /* most commands emit one or two events */
     char reason[256];
 };
 
@@ -650,12 +652,26 @@ int es_emit(es_emitter *em, const void *event)
     int rc = 0;
     es_uuid id = t->event_id(event);
     if (es_uuid_is_nil(&id)) rc = ES_EINVAL;
-    void *items = em->ev;
-    if (rc == 0 &&
-        es__grow(&items, &em->cap, em->n + 1, sizeof(struct enc_event)) != 0)
-        rc = ES_ENOMEM;
+    if (em->ev == NULL) { /* a malloc per command saved */
+        em->ev = em->one;
+        em->cap = sizeof em->one / sizeof em->one[0];
+    }
+    if (rc == 0 && em->n == em->cap) {
+        size_t cap = em->cap * 2;
+        struct enc_event *more =
+            em->cap > SIZE_MAX / 2 / sizeof *more
+                ? NULL
+                : es__malloc(cap * sizeof *more);
+        if (more == NULL) {
+            rc = ES_ENOMEM;
+        } else {
+            memcpy(more, em->ev, em->n * sizeof *more);
+            if (em->ev != em->one) es__free(em->ev);
+            em->ev = more;
+            em->cap = cap;
+        }
+    }
     if (rc == 0) {
-        em->ev = items;
         struct enc_event *e = &em->ev[em->n];
         memset(e, 0, sizeof *e);
         e->id = id;
@@ -694,7 +710,7 @@ const es_uuid *es_emit_aggregate_id(const es_emitter *em)
 static void emitter_free(es_emitter *em)
 {
     for (size_t i = 0; i < em->n; i++) es_buf_free(&em->ev[i].buf);
-    es__free(em->ev);
+    if (em->ev != em->one) es__free(em->ev);
 }
 
 /* Apply what decide emitted to the actor's context; all or nothing. */
@@ -708,7 +724,11 @@ static int apply_emitted(actor *a, es_emitter *em, es_error *err)
     es_context *backup = NULL;
     if (em->n > 1 && had && (rc = es_context_clone(a->ctx, &backup, err)))
         return rc;
-    void *value = es__calloc(1, t->event_size);
+    /* small event values on the stack: a malloc per command saved */
+    _Alignas(max_align_t) unsigned char small[256];
+    void *value = t->event_size <= sizeof small
+                      ? memset(small, 0, t->event_size)
+                      : es__calloc(1, t->event_size);
     if (value == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
     for (size_t i = 0; rc == 0 && i < em->n; i++) {
         const struct enc_event *e = &em->ev[i];
@@ -720,8 +740,9 @@ static int apply_emitted(actor *a, es_emitter *em, es_error *err)
         else
             rc = es_context_record(a->ctx, value, err);
         es_event_value_free(t, value);
+        memset(value, 0, t->event_size);
     }
-    es__free(value);
+    if (value != small) es__free(value);
     if (rc != 0 && (em->n > 1 || !had)) {
         es_context_free(a->ctx);
         a->ctx = backup;
@@ -1073,12 +1094,8 @@ static lane *lane_of(es_host *host, const actor *a)
 }
 
 /* Hand the decided items to the actor's commit lane. */
-static void flush(es_host *host, actor *a, submit *sub)
+static void lane_push(es_host *host, actor *a, submit *sub)
 {
-    if (sub->n == 0) return;
-    pthread_mutex_lock(&a->sh->lock);
-    a->inflight += sub->n;
-    pthread_mutex_unlock(&a->sh->lock);
     lane *l = lane_of(host, a);
     pthread_mutex_lock(&l->lock);
     if (l->tail) l->tail->qnext = sub->head;
@@ -1087,6 +1104,15 @@ static void flush(es_host *host, actor *a, submit *sub)
     pthread_cond_signal(&l->cond);
     pthread_mutex_unlock(&l->lock);
     memset(sub, 0, sizeof *sub);
+}
+
+static void flush(es_host *host, actor *a, submit *sub)
+{
+    if (sub->n == 0) return;
+    pthread_mutex_lock(&a->sh->lock);
+    a->inflight += sub->n;
+    pthread_mutex_unlock(&a->sh->lock);
+    lane_push(host, a, sub);
 }
 
 static bool retryable(int status)
@@ -1163,32 +1189,31 @@ static void run_actor(es_host *host, actor *a)
     int budget = RUN_BUDGET;
     tls_stack[tls_depth++] = a;
     for (;;) {
+        /* One lock a turn: results first, else the next command; when
+         * there is neither, the decided items are counted in flight here
+         * (before the lane can answer them) and handed over below. */
+        if (!a->broken && atomic_load(&a->broken_epoch) >= a->epoch)
+            a->broken = true;
+        hcmd *h = NULL;
+        bool hand_over = false;
         pthread_mutex_lock(&sh->lock);
         hcmd *res = a->res_head;
         a->res_head = a->res_tail = NULL;
-        pthread_mutex_unlock(&sh->lock);
-        if (res) {
-            process_results(host, a, res);
-            continue;
-        }
-        if (!a->broken && atomic_load(&a->broken_epoch) >= a->epoch)
-            a->broken = true;
-        if (a->broken) {
-            flush(host, a, &sub);
-            pthread_mutex_lock(&sh->lock);
-            bool all_back = a->inflight == 0 && a->res_head == NULL;
-            pthread_mutex_unlock(&sh->lock);
-            if (all_back) rebuild(host, a);
-        }
-        hcmd *h = NULL;
-        pthread_mutex_lock(&sh->lock);
-        if (!a->broken && a->mb_head && budget > 0) {
+        if (res == NULL && !a->broken && a->mb_head && budget > 0) {
             h = a->mb_head;
             a->mb_head = h->next;
             if (a->mb_head == NULL) a->mb_tail = NULL;
             a->mb_n--;
         }
+        if (res == NULL && h == NULL && sub.n > 0) {
+            a->inflight += sub.n;
+            hand_over = true;
+        }
         pthread_mutex_unlock(&sh->lock);
+        if (res) {
+            process_results(host, a, res);
+            continue;
+        }
         if (h) {
             uncount(&host->mailbox_depth, 1);
             h->next = NULL;
@@ -1197,7 +1222,16 @@ static void run_actor(es_host *host, actor *a)
             if (sub.n >= RUN_BUDGET) flush(host, a, &sub);
             continue;
         }
-        flush(host, a, &sub);
+        if (hand_over) lane_push(host, a, &sub);
+        if (a->broken) {
+            pthread_mutex_lock(&sh->lock);
+            bool all_back = a->inflight == 0 && a->res_head == NULL;
+            pthread_mutex_unlock(&sh->lock);
+            if (all_back) {
+                rebuild(host, a);
+                continue;
+            }
+        }
         actor_compact(a);
         pthread_mutex_lock(&sh->lock);
         if (a->res_head || (!a->broken && a->mb_head && budget > 0)) {

@@ -1305,8 +1305,10 @@ static int mem_outbox_stats(es_store *store, int64_t now,
 
 /* What one item needs, allocated without the lock, linked under it. */
 typedef struct item_plan {
-    uint8_t **data; /* per event */
-    mem_id **id;    /* per event */
+    uint8_t **data; /* per event (data1 for one) */
+    mem_id **id;    /* per event (id1 for one) */
+    uint8_t *data1;
+    mem_id *id1;
     mem_se **se;    /* per side effect; NULL once skipped */
     mem_cmd *cmd;
     int rc;         /* ES_ENOMEM when allocating failed */
@@ -1323,8 +1325,8 @@ static void item_plan_free(const es__commit_item *it, item_plan *p)
             es__free((void *)p->se[i]->se.data);
             es__free(p->se[i]);
         }
-    es__free(p->data);
-    es__free(p->id);
+    if (p->data != &p->data1) es__free(p->data);
+    if (p->id != &p->id1) es__free(p->id);
     es__free(p->se);
     es__free(p->cmd);
     memset(p, 0, sizeof *p);
@@ -1347,9 +1349,14 @@ static void item_alloc(const es__commit_item *it, bool cmds, int64_t now,
     memset(p, 0, sizeof *p);
     size_t ne = it->n_events, nse = it->n_side_effects;
     bool ok = true;
-    if (ne > 0) {
+    if (ne == 1) { /* the common case, without two arrays */
+        p->data = &p->data1;
+        p->id = &p->id1;
+    } else if (ne > 1) {
         p->data = es__calloc(ne, sizeof *p->data);
         p->id = es__calloc(ne, sizeof *p->id);
+    }
+    if (ne > 0) {
         ok = p->data && p->id;
         for (size_t i = 0; ok && i < ne; i++) {
             const es_event *e = &it->events[i];
