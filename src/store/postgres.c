@@ -3219,7 +3219,10 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
      * of one aggregate go one at a time, in order.  The scan walks the
      * pending messages in seq order (partial index, migration 6) and stops
      * at the limit, probing each one's aggregate for an earlier pending
-     * message: a claim costs about the limit, not the backlog.  The
+     * message: a claim costs about the limit, not the backlog.  OFFSET 0
+     * keeps the probe a per-row index lookup: without it a table with no
+     * statistics yet (fresh, before autovacuum's first ANALYZE) was planned
+     * as a nested-loop anti join, quadratic in the backlog.  The
      * claimable checks are on the locked row itself, so a row another
      * dispatcher claimed or finished since the snapshot is passed over. */
     s->sql[SQL_OB_CLAIM] = sqlf(
@@ -3229,7 +3232,8 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "1 FROM %s p WHERE p.aggregate_id = o.aggregate_id AND p.status = "
         "'pending' AND p.seq < o.seq AND EXISTS (SELECT 1 FROM unnest("
         "$3::text[], $4::integer[]) AS f(t, k) WHERE f.t = p.aggregate_type "
-        "AND (f.k = -2147483648 OR f.k = p.kind))) ORDER BY o.seq LIMIT $5 "
+        "AND (f.k = -2147483648 OR f.k = p.kind)) OFFSET 0) ORDER BY o.seq "
+        "LIMIT $5 "
         "FOR UPDATE OF o SKIP LOCKED), "
         "upd AS (UPDATE %s o SET attempts = o.attempts + 1, claimed_by = $6, "
         "claimed_until = " MS(1) " + $2 * interval '1 millisecond' FROM pick "
