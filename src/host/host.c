@@ -1416,7 +1416,10 @@ static void evict_idle(es_host *host, snap_job **jobs)
         shard *sh = &host->shards[s];
         actor *list = NULL;
         pthread_mutex_lock(&sh->lock);
-        while (sh->lru_head && now - sh->lru_head->last_used >= idle) {
+        /* last_used may be later than now (idle since now was read):
+         * unsigned, now - last_used would wrap and evict it at once */
+        while (sh->lru_head && now >= sh->lru_head->last_used &&
+               now - sh->lru_head->last_used >= idle) {
             actor *a = sh->lru_head;
             unlink_actor(host, sh, a);
             a->next = list;
