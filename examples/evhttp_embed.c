@@ -5,13 +5,14 @@
  * The application owns the event_base and the evhttp server, and hands
  * the base to the host (es_host_config_set_event_base): the host's timers
  * (idle passivation, snapshot flush) run on this loop, so the host starts
- * no I/O thread of its own.  A request handler (loop thread) sends a command with
- * es_host_send and returns at once; the completion callback runs on a
- * worker thread of the host, so it touches no libevent object but one: it
- * fills the request's record and calls event_active on the request's
- * event, which is safe from any thread because evthread_use_pthreads()
- * ran before the base was made.  The loop thread then answers the request.
- * Nothing on the loop thread waits for the host.
+ * no I/O thread of its own.  A request handler (loop thread) sends a
+ * command with es_host_send and returns at once; the completion callback
+ * runs on a worker thread of the host, so it touches no libevent object
+ * but one: it fills the request's record and calls event_active on the
+ * request's event, which is safe from any thread because
+ * evthread_use_pthreads() ran before the base was made.  The loop thread
+ * then answers the request.  Nothing on the loop thread waits for the
+ * host.
  *
  * Counters: POST /counters/<uuid>/add?n=<1..1000>.  Each time a counter
  * passes a multiple of 50, its event makes a side effect ("milestone"),

@@ -2095,8 +2095,9 @@ static void test_host_external_loop_idle_and_shutdown_on_loop(void **state)
     assert_int_equal(ls.rc, 0);
     assert_int_equal(atomic_load(&encode_off_loop), 0);
     assert_int_equal(atomic_load(&encode_calls), LOOP_KEYS);
-    assert_int_equal(event_base_get_num_events(base, EVENT_BASE_COUNT_ADDED |
-                                                         EVENT_BASE_COUNT_ACTIVE),
+    assert_int_equal(event_base_get_num_events(
+                         base, EVENT_BASE_COUNT_ADDED |
+                                   EVENT_BASE_COUNT_ACTIVE),
                      0);
     for (int i = 0; i < LOOP_KEYS; i++)
         assert_true(snapshot_stored(store, &keys[i]));

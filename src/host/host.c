@@ -1680,7 +1680,7 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         rc = pthread_create(&host->io_thread, NULL, io_main, host);
         host->io_started = rc == 0;
     }
-    for (unsigned i = 0; rc == 0 && i < cfg->workers; i++) {
+    for (unsigned i = 0; rc == 0 && io_rc == 0 && i < cfg->workers; i++) {
         rc = pthread_create(&host->workers[i], NULL, worker_main, host);
         if (rc == 0) host->n_workers++;
     }
