@@ -612,7 +612,7 @@ static void wait_passivated(es_host *host)
     }
 }
 
-/* Passivations are counted by the housekeeper when it frees the actor,
+/* Passivations are counted by the I/O loop when it frees the actor,
  * a little after the eviction: wait for the count (at most 2 s). */
 static void wait_passivations(es_host *host, uint64_t n, es_host_metrics *m)
 {
@@ -1447,7 +1447,7 @@ static void test_host_snapshots_never_delay_acknowledgements(void **state)
     payload one = make_payload(1, 0, 0, NULL);
     es_command first = command(CMD_ADD, &one);
     assert_int_equal(call(&w, &w.keys[0], &first, NULL), 0);
-    /* the housekeeper is now stuck writing that snapshot */
+    /* the snapshot writer is now stuck writing that snapshot */
     pthread_mutex_lock(&snap_gate_lock);
     while (snap_waiting == 0)
         pthread_cond_wait(&snap_gate_cond, &snap_gate_lock);
