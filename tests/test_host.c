@@ -1059,13 +1059,37 @@ static void *close_send(void *arg)
     return NULL;
 }
 
-static void close_while_sending(bool now)
+/* The embedder's base for close_while_sending (NULL: the host's own). */
+static struct event_base *close_base;
+
+static void tune_close(es_host_config *cfg)
+{
+    tune_small_mailbox(cfg);
+    if (close_base == NULL) return;
+    /* the loop's timers busy while commands run and the host closes */
+    es_host_config_set_event_base(cfg, close_base);
+    es_host_config_set_idle_ms(cfg, 2);
+    es_host_config_set_snapshots(cfg, 3, true);
+}
+
+static void *run_loop(void *arg);
+
+static void close_while_sending(bool now, bool external)
 {
     world w;
     world_init(&w);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    open_host(&w, store, 2, tune_small_mailbox);
+    pthread_t loop;
+    close_base = NULL;
+    if (external) {
+        assert_int_equal(evthread_use_pthreads(), 0);
+        close_base = event_base_new();
+        assert_non_null(close_base);
+        assert_int_equal(pthread_create(&loop, NULL, run_loop, close_base),
+                         0);
+    }
+    open_host(&w, store, 2, tune_close);
     closer_tally t;
     memset(&t, 0, sizeof t);
     t.w = &w;
@@ -1092,18 +1116,36 @@ static void close_while_sending(bool now)
                      (size_t)atomic_load(&t.ok));
     assert_int_equal(es_store_close(store), 0);
     world_destroy(&w);
+    if (external) { /* the host left nothing on the base, which runs on */
+        assert_int_equal(event_base_get_num_events(
+                             close_base, EVENT_BASE_COUNT_ADDED |
+                                             EVENT_BASE_COUNT_ACTIVE),
+                         0);
+        event_base_loopexit(close_base, NULL);
+        assert_int_equal(pthread_join(loop, NULL), 0);
+        event_base_free(close_base);
+        close_base = NULL;
+    }
 }
 
 static void test_host_shutdown_while_sending(void **state)
 {
     (void)state;
-    close_while_sending(false);
+    close_while_sending(false, false);
 }
 
 static void test_host_close_now_while_sending(void **state)
 {
     (void)state;
-    close_while_sending(true);
+    close_while_sending(true, false);
+}
+
+/* Both ends with the host's timers on the embedder's running loop. */
+static void test_host_external_loop_close_while_sending(void **state)
+{
+    (void)state;
+    close_while_sending(false, true);
+    close_while_sending(true, true);
 }
 
 /* A commit that conflicts (another writer took the version): the actor is
@@ -2221,6 +2263,7 @@ int main(void)
         cmocka_unit_test(test_host_resident_bytes_bound),
         cmocka_unit_test(test_host_memory_batch_isolates_failures),
         cmocka_unit_test(test_host_own_loop_passivates),
+        cmocka_unit_test(test_host_external_loop_close_while_sending),
         cmocka_unit_test(test_host_external_loop_passivates),
         cmocka_unit_test(test_host_external_loop_idle_and_shutdown_on_loop),
     };
