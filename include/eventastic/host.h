@@ -246,8 +246,9 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_batch_rows(
  * callbacks run on the thread running the loop, are short and never wait
  * for the store (snapshots are written by the host's writer thread); they
  * call the aggregate type's state_encode for passivation snapshots.  While
- * the loop does not run, idle aggregates are not passivated and snapshots
- * are not written until es_host_shutdown.  es_host_shutdown and
+ * the loop does not run, idle aggregates are not passivated, aggregates
+ * evicted for room keep their memory and snapshots are not written, until
+ * the loop runs again or es_host_shutdown.  es_host_shutdown and
  * es_host_close delete the host's events from the base (waiting for a
  * callback of theirs running on the loop to return) and never run, break
  * or free the base; they may be called on the loop's thread.  NULL (the
