@@ -43,6 +43,16 @@ class Cluster:
             self.url = out.strip().splitlines()[-1]
         return self
 
+    def env(self):
+        """For a test binary: DATABASE_URL, and when the cluster is ours,
+        where it is and the tool that restarts it (ES_PG_CLUSTER_DIR,
+        ES_PG_CLUSTER_TOOL), so a test may restart PostgreSQL."""
+        e = {"DATABASE_URL": self.url}
+        if self.dir:
+            e["ES_PG_CLUSTER_DIR"] = self.dir
+            e["ES_PG_CLUSTER_TOOL"] = os.path.join(HERE, "pgcluster.py")
+        return e
+
     def __exit__(self, *exc):
         if self.dir:
             subprocess.call([sys.executable, os.path.join(HERE,
@@ -428,7 +438,7 @@ def main():
             for v in variants:
                 for t in pg_tests(v):
                     total += 1
-                    failed += not run_binary(t, v, {"DATABASE_URL": db.url})
+                    failed += not run_binary(t, v, db.env())
             if a.bank:
                 total += 4
                 failed += not bank_check(None)

@@ -979,6 +979,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     it->type_name = t->name;
     it->group = a;
     it->status = ES__COMMIT_PENDING;
+    it->why = NULL;
     it->record = (es__command_record){h->id, a->id, h->kind, h->payload,
                                       h->len,
                                       it->n_events ? it->events[0].version
@@ -1074,7 +1075,7 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         }
         complete_error(host, h, st, ES_HOST_NO_VERSION,
                        st == ES_ECONFLICT ? "commit kept conflicting"
-                                          : NULL);
+                                          : h->item.why);
     }
 }
 

@@ -741,6 +741,17 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
     return 0;
 }
 
+/* COMMIT answered by the server ending the session (shutdown, crash of
+ * another backend, pg_terminate_backend: 57P0x) or a connection error
+ * (08xxx) before libpq saw the socket close: the commit record may have
+ * been written, so the outcome is unknown, not a failure. */
+static bool commit_cut(const PGresult *r)
+{
+    const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    return st != NULL &&
+           (strncmp(st, "57P0", 4) == 0 || strncmp(st, "08", 2) == 0);
+}
+
 static int pg_commit(es_txn *txn, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
@@ -763,7 +774,7 @@ static int pg_commit(es_txn *txn, es_error *err)
                                "failed earlier and was rolled back");
             if (err) memcpy(err->sqlstate, "25P02", 6);
         }
-    } else if (conn_lost(t->conn, r)) {
+    } else if (conn_lost(t->conn, r) || commit_cut(r)) {
         rc = es__error_set(err, ES_EUNKNOWN, "commit: connection lost "
                            "during COMMIT; the transaction may or may not "
                            "have committed");
@@ -2953,8 +2964,13 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
             if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, probe);
             if (outcome != 0) {
                 for (size_t i = 0; i < n; i++)
-                    if (items[i]->status == ES__COMMIT_PENDING)
+                    if (items[i]->status == ES__COMMIT_PENDING) {
                         items[i]->status = outcome == 1 ? 0 : ES_EUNKNOWN;
+                        if (outcome != 1)
+                            items[i]->why = "commit: connection lost during "
+                                            "COMMIT and the outcome could "
+                                            "not be read back";
+                    }
                 if (outcome == 1) committed++;
                 break;
             }
@@ -2967,8 +2983,13 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
             continue;
         if (lost >= BATCH_TRIES)
             for (size_t i = 0; i < n; i++)
-                if (items[i]->status == ES__COMMIT_PENDING)
+                if (items[i]->status == ES__COMMIT_PENDING) {
                     items[i]->status = rc;
+                    items[i]->why = "commit: the database could not be "
+                                    "reached (connection lost or refused, "
+                                    "retried with backoff for about 7 s); "
+                                    "nothing was committed";
+                }
         break;
     }
     return committed;

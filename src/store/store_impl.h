@@ -65,6 +65,8 @@ typedef struct es__commit_item {
     size_t n_side_effects;
     es__command_record record; /* written when the store keeps them */
     int status; /* out: 0, or why the item was not committed */
+    const char *why; /* out: a static message for a failed status, or NULL
+                      * (the status name says it all) */
 } es__commit_item;
 
 /* Which messages a dispatcher handles: a type and a kind
