@@ -153,6 +153,7 @@ typedef struct pg_txn {
     unsigned depth;   /* savepoints open */
     unsigned cursors; /* stream cursors made, for unique names */
     bool wrote_side_effects; /* wake dispatchers after commit */
+    PGconn **own; /* begin_background: the caller's slot, not the pool */
 } pg_txn;
 
 static const int binary_formats[8] = {1, 1, 1, 1, 1, 1, 1, 1};
@@ -708,7 +709,13 @@ static void txn_end(pg_txn *t)
 {
     pg_store *s = (pg_store *)t->base.store;
     sodium_memzero(t->dek, sizeof t->dek);
-    pool_put(s, t->conn);
+    if (t->own == NULL) {
+        pool_put(s, t->conn);
+    } else if (PQstatus(t->conn) != CONNECTION_OK ||
+               PQtransactionStatus(t->conn) != PQTRANS_IDLE) {
+        PQfinish(t->conn); /* a new one next time */
+        *t->own = NULL;
+    }
     es__free(t);
     es__store_txn_ended(&s->base);
 }
@@ -750,6 +757,58 @@ static bool commit_cut(const PGresult *r)
     const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
     return st != NULL &&
            (strncmp(st, "57P0", 4) == 0 || strncmp(st, "08", 2) == 0);
+}
+
+/* A transaction on the caller's own connection (see begin_background in
+ * store_impl.h): a pooled connection is never taken, so a background
+ * writer never makes the commit lanes or loads wait for the pool, and
+ * its commits do not wait for the WAL flush (synchronous_commit off: a
+ * crash may lose the last ones, which only a cache may). */
+static int pg_begin_background(es_store *store, void **slot, es_txn **out,
+                               es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    PGconn **own = (PGconn **)slot;
+    pg_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = store;
+    t->own = own;
+    int rc = 0;
+    /* A kept connection may have died meanwhile: one more try. */
+    for (int attempt = 0; attempt < 2; attempt++) {
+        bool fresh = *own == NULL;
+        if (fresh) {
+            rc = store_connect(s, own, err);
+            if (rc == 0)
+                rc = run_simple(*own, "background: synchronous_commit",
+                                "SET synchronous_commit = off", err);
+            if (rc != 0 && *own != NULL) {
+                PQfinish(*own);
+                *own = NULL;
+            }
+            if (rc != 0) break;
+        }
+        rc = run_simple(*own, "begin", "BEGIN ISOLATION LEVEL READ COMMITTED",
+                        err);
+        if (rc == 0) break;
+        PQfinish(*own);
+        *own = NULL;
+        if (fresh) break;
+    }
+    if (rc != 0) {
+        es__free(t);
+        return rc;
+    }
+    t->conn = *own;
+    es__store_txn_started(store);
+    *out = &t->base;
+    return 0;
+}
+
+static void pg_background_close(es_store *store, void *conn)
+{
+    (void)store;
+    PQfinish(conn);
 }
 
 static int pg_commit(es_txn *txn, es_error *err)
@@ -3023,6 +3082,8 @@ static const es_store_ops postgres_ops = {
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
     .write_batch = pg_write_batch,
+    .begin_background = pg_begin_background,
+    .background_close = pg_background_close,
     .close = pg_close,
 };
 
