@@ -442,9 +442,15 @@ static int status_for_sqlstate(const char *st)
     return ES_EDB;
 }
 
+/* The connection is gone: no result, a broken connection, or an error
+ * libpq made itself (no SQLSTATE: "server closed the connection
+ * unexpectedly"), which in pipeline mode comes before the status turns
+ * CONNECTION_BAD.  Errors from the server always carry a SQLSTATE. */
 static bool conn_lost(PGconn *c, const PGresult *r)
 {
-    return r == NULL || PQstatus(c) == CONNECTION_BAD;
+    return r == NULL || PQstatus(c) == CONNECTION_BAD ||
+           (PQresultStatus(r) == PGRES_FATAL_ERROR &&
+            PQresultErrorField(r, PG_DIAG_SQLSTATE) == NULL);
 }
 
 /* An es_error for a failed statement (r may be NULL). */
@@ -681,12 +687,14 @@ static int pool_get(pg_store *s, PGconn **out, es_error *err)
     }
 }
 
-/* Give a connection back; a broken one, or one still in a transaction,
- * is closed instead. */
+/* Give a connection back; a broken one, one still in a transaction or
+ * one left in pipeline mode (a batch that failed half way) is closed
+ * instead. */
 static void pool_put(pg_store *s, PGconn *c)
 {
     bool healthy = PQstatus(c) == CONNECTION_OK &&
-                   PQtransactionStatus(c) == PQTRANS_IDLE;
+                   PQtransactionStatus(c) == PQTRANS_IDLE &&
+                   PQpipelineStatus(c) == PQ_PIPELINE_OFF;
     if (!healthy) PQfinish(c);
     pthread_mutex_lock(&s->lock);
     if (healthy)
@@ -712,7 +720,8 @@ static void txn_end(pg_txn *t)
     if (t->own == NULL) {
         pool_put(s, t->conn);
     } else if (PQstatus(t->conn) != CONNECTION_OK ||
-               PQtransactionStatus(t->conn) != PQTRANS_IDLE) {
+               PQtransactionStatus(t->conn) != PQTRANS_IDLE ||
+               PQpipelineStatus(t->conn) != PQ_PIPELINE_OFF) {
         PQfinish(t->conn); /* a new one next time */
         *t->own = NULL;
     }
