@@ -418,10 +418,10 @@ static void sleep_ms(long ms)
 
 /* A pool of one connection: were the snapshot writer to take it, the
  * lane could not commit while the writer waits.  The snapshots table is
- * locked against writes from another session while commands run, each
- * asking for a snapshot: they are all acknowledged while the writer
- * waits on the lock, and once it is released the writer stores only the
- * latest snapshot of the many queued. */
+ * locked against writes from another session; a command makes the writer
+ * wait on the lock; then more commands, each asking for a snapshot, are
+ * all acknowledged while it waits, and once the lock is released the
+ * writer stores only the latest snapshot of the many queued. */
 static void test_pg_lanes_snapshot_writer(void **state)
 {
     (void)state;
@@ -448,11 +448,14 @@ static void test_pg_lanes_snapshot_writer(void **state)
     es_command first = command(value, 1);
     assert_int_equal(
         es_host_call(s.host, &counter_type, &s.key, &first, NULL, NULL), 0);
-    for (int i = 0; i < 500 && snap_of_key(g_store, &s.key) != 1; i++)
-        sleep_ms(10);
-    assert_int_equal(snap_of_key(g_store, &s.key), 1);
     es_host_metrics m0;
     es_host_metrics_get(s.host, &m0);
+    for (int i = 0; i < 500 && m0.snapshots < 1; i++) { /* counted */
+        sleep_ms(10);
+        es_host_metrics_get(s.host, &m0);
+    }
+    assert_int_equal(m0.snapshots, 1);
+    assert_int_equal(snap_of_key(g_store, &s.key), 1);
 
     PGconn *lock = fixture_pg_connect();
     assert_non_null(lock);
@@ -462,20 +465,34 @@ static void test_pg_lanes_snapshot_writer(void **state)
     PGresult *r = PQexec(lock, q);
     assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
     PQclear(r);
+    /* asked outside the locking transaction: pg_stat_activity is read
+     * once per transaction */
+    PGconn *watch = fixture_pg_connect();
+    assert_non_null(watch);
+    static const char waiting_sql[] =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+        "'Lock' AND query ILIKE '%snapshots%'";
+    es_command trigger = command(value, 1);
+    assert_int_equal(
+        es_host_call(s.host, &counter_type, &s.key, &trigger, NULL, NULL), 0);
+    long long blocked = 0;
+    for (int i = 0; i < 1000 && blocked != 1; i++) {
+        sleep_ms(10);
+        blocked = sql_num(watch, waiting_sql);
+    }
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, snap_send, &s), 0);
     for (int i = 0; i < 2000 && atomic_load(&s.done) < SNAP_SENDS; i++)
         sleep_ms(10);
     int done_while_locked = atomic_load(&s.done);
-    /* the writer is there, waiting on the lock */
-    long long waiting = sql_num(
-        lock, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type "
-              "= 'Lock' AND query ILIKE '%snapshots%'");
+    /* the writer is still there, waiting on the lock */
+    long long waiting = sql_num(watch, waiting_sql);
+    PQfinish(watch);
     PQclear(PQexec(lock, "COMMIT"));
     PQfinish(lock);
     pthread_join(th, NULL);
     /* the latest snapshot arrives */
-    uint64_t last = SNAP_SENDS + 1;
+    uint64_t last = SNAP_SENDS + 2;
     for (int i = 0; i < 500 && snap_of_key(g_store, &s.key) != last; i++)
         sleep_ms(10);
     uint64_t stored = snap_of_key(g_store, &s.key);
@@ -487,13 +504,15 @@ static void test_pg_lanes_snapshot_writer(void **state)
            "lock (%lld waiting); %llu snapshots written for %d asked\n",
            done_while_locked, SNAP_SENDS, waiting,
            (unsigned long long)(m.snapshots - m0.snapshots), SNAP_SENDS);
+    assert_int_equal(blocked, 1);
     assert_int_equal(done_while_locked, SNAP_SENDS);
     assert_int_equal(s.failed, 0);
     assert_int_equal(waiting, 1);
     assert_int_equal(stored, last);
-    /* one write was waiting on the lock, one more after it */
-    assert_true(m.snapshots - m0.snapshots <= 2);
-    check_counter(g_store, &s.key, SNAP_SENDS + 1, last);
+    /* the write that waited on the lock (the trigger's snapshot), then
+     * one for the SNAP_SENDS queued meanwhile */
+    assert_int_equal(m.snapshots - m0.snapshots, 2);
+    check_counter(g_store, &s.key, SNAP_SENDS + 2, last);
 }
 
 static int group_setup(void **state)
