@@ -853,11 +853,26 @@ static void passivate(es_host *host, actor *a, bool snapshot,
 
 /* ---- the worker side of an actor ---- */
 
+/* The connection broke or the server ended the session (SQLSTATE class
+ * 08, 57P0x: a restart, a terminated backend). */
+static bool connection_lost(const es_error *err)
+{
+    return strncmp(err->sqlstate, "08", 2) == 0 ||
+           strncmp(err->sqlstate, "57P0", 4) == 0;
+}
+
 static int load_actor(es_host *host, actor *a, es_error *err)
 {
     uint64_t t0 = es__now_ns();
     es_context *ctx = NULL;
-    int rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+    int rc = 0;
+    /* A load only reads: one cut by a lost connection is tried again on
+     * a fresh connection (twice), instead of failing the command. */
+    for (int attempt = 0; attempt < 3; attempt++) {
+        memset(err, 0, sizeof *err);
+        rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+        if (rc != ES_EDB || !connection_lost(err)) break;
+    }
     uint64_t took = es__now_ns() - t0;
     count(&host->loads, 1);
     es__hist_record(&host->h_load, took);
