@@ -26,7 +26,7 @@
  * remembered only while their command is in flight.
  *
  * Threads: the host runs `workers` worker threads, one thread per commit
- * lane (es_host_config_set_lanes), one snapshot writer thread, and an I/O
+ * lane (es_host_config_set_lanes), one snapshot writer, and an I/O
  * thread running a libevent event_base: its own, or the embedder's loop
  * thread when es_host_config_set_event_base handed it one.  The loop
  * carries the host's timers (idle passivation, the snapshot flush) and
@@ -204,8 +204,14 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,
 
 /** Snapshot policy: a snapshot after every `every_events` events of an
  *  aggregate (0: never by count), and one on passivation when events came
- *  since the last.  Snapshots are written by the host's snapshot writer
- *  thread, off the command path.  Returns 0. */
+ *  since the last.  Snapshots are written off the command path by the
+ *  snapshot writer, a thread with a database connection of its own (on
+ *  PostgreSQL outside the pool, so never a commit lane's; its commits do
+ *  not wait for the WAL flush, as a snapshot is a cache), woken by the
+ *  I/O loop's flush timer 100 ms after the first snapshot was queued; of
+ *  several snapshots of one aggregate queued meanwhile only the latest is
+ *  written.  A command's acknowledgement never waits for a snapshot.
+ *  Returns 0. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
     es_host_config *cfg, uint64_t every_events, bool on_passivation);
 

@@ -2,8 +2,10 @@
  * The aggregate host: actors with bounded mailboxes on a worker pool,
  * commit lanes (a thread each) that write many actors' events per
  * transaction, an I/O thread running a libevent event_base (the host's own
- * thread, or the embedder's loop) for the timers and passivation, and a
- * snapshot writer thread.
+ * thread, or the embedder's loop) for the timers and passivation, and one
+ * snapshot writer on a connection of its own (never a lane's, never the
+ * pool's on PostgreSQL), which writes only the latest of several
+ * snapshots of one aggregate.
  * An actor's items always go to the same lane (by a hash of its key), so
  * a lane commits them in the order they were decided, and lanes never
  * share an aggregate.
@@ -27,7 +29,8 @@
  *                  links
  *   host->rq_lock  the run queue
  *   lane->lock     one commit lane's queue
- *   host->hk_lock  snapshot jobs, evicted actors, the writer's queue
+ *   host->hk_lock  actors evicted by es_host_send, for the loop
+ *   host->sw_lock  snapshot jobs for the snapshot writer, its flags
  *   host->drain_lock  only to wait for the last completion at close
  */
 #include <errno.h>
@@ -35,6 +38,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -55,7 +59,10 @@
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
 #define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
-#define FLUSH_LINGER_MS 20 /* snapshots queued together, one transaction */
+/* The snapshot writer's pace: the loop's flush timer fires this long
+ * after the first snapshot was queued, so that several snapshots of one
+ * aggregate coalesce into one write. */
+#define FLUSH_MS 100
 
 typedef struct htype {
     const es_aggregate_type *type;
@@ -177,16 +184,9 @@ struct es_host {
     struct lane *lanes;
     unsigned n_lanes;
 
-    /* hk_lock: snapshot jobs waiting for the flush timer (sj_*), actors
-     * evicted by es_host_send (evicted), jobs handed to the writer
-     * (wr_*).  The writer waits on hk_cond for wr_head or wr_stop. */
+    /* hk_lock: actors evicted by es_host_send, passivated on the loop */
     pthread_mutex_t hk_lock;
-    pthread_cond_t hk_cond;
-    snap_job *sj_head, *sj_tail;
-    size_t sj_n;
     actor *evicted;
-    snap_job *wr_head, *wr_tail;
-    bool wr_stop, flush_armed;
 
     /* The I/O loop: its events are made at open and deleted at close;
      * with our own base, the io thread runs it. */
@@ -198,8 +198,18 @@ struct es_host {
     struct event *stop_ev;  /* activated: our own loop, stop it */
     pthread_t io_thread;
     bool io_started;
-    pthread_t writer;
-    bool writer_started;
+
+    /* sw_lock: the snapshot jobs; flush_armed (the loop's flush timer is
+     * pending), sw_flush (it fired: the writer, waiting on sw_cond, takes
+     * the jobs), sw_stop. */
+    pthread_mutex_t sw_lock;
+    pthread_cond_t sw_cond;
+    snap_job *sj_head, *sj_tail;
+    size_t sj_n;
+    bool flush_armed, sw_flush, sw_stop;
+    /* the snapshot writer's connection (its thread's; the closing thread's
+     * once it has stopped) */
+    void *snap_conn;
 
     pthread_mutex_t drain_lock;
     pthread_cond_t drain_cond;
@@ -208,6 +218,8 @@ struct es_host {
 
     pthread_t *workers;
     unsigned n_workers;
+    pthread_t snap_writer;
+    bool snap_writer_started;
 
     atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
         busy, resident, loads, passivations, mailbox_depth, batches,
@@ -767,28 +779,79 @@ static snap_job *snap_job_new(const es_uuid *id, uint64_t version,
     return j;
 }
 
+/* Queue a list of jobs for the snapshot writer.  It is not woken: the
+ * first job arms the loop's flush timer, which wakes it FLUSH_MS later,
+ * so that several snapshots of one aggregate coalesce and a worker
+ * completing a command never waits on it.  event_add is thread-safe on a
+ * base with libevent's pthread locks. */
 static void snap_enqueue(es_host *host, snap_job *j)
 {
-    pthread_mutex_lock(&host->hk_lock);
-    if (host->sj_n >= MAX_SNAP_JOBS) { /* a cache: drop rather than grow */
-        pthread_mutex_unlock(&host->hk_lock);
-        es__free(j);
-        return;
+    bool arm = false;
+    while (j) {
+        snap_job *next = j->next;
+        j->next = NULL;
+        pthread_mutex_lock(&host->sw_lock);
+        bool full = host->sj_n >= MAX_SNAP_JOBS;
+        if (!full) {
+            if (host->sj_tail) host->sj_tail->next = j;
+            else host->sj_head = j;
+            host->sj_tail = j;
+            host->sj_n++;
+            if (!host->flush_armed) arm = host->flush_armed = true;
+        }
+        pthread_mutex_unlock(&host->sw_lock);
+        if (full) es__free(j); /* a cache: drop rather than grow */
+        j = next;
     }
-    if (host->sj_tail) host->sj_tail->next = j;
-    else host->sj_head = j;
-    host->sj_tail = j;
-    host->sj_n++;
-    bool arm = !host->flush_armed;
-    host->flush_armed = true;
-    pthread_mutex_unlock(&host->hk_lock);
-    /* The first job arms the flush timer: the jobs of the next
-     * FLUSH_LINGER_MS go in one transaction.  event_add is thread-safe on
-     * a base with libevent's pthread locks. */
-    if (arm) {
-        struct timeval tv = {0, FLUSH_LINGER_MS * 1000};
+    if (arm && host->flush_ev != NULL) {
+        struct timeval tv = {FLUSH_MS / 1000, FLUSH_MS % 1000 * 1000};
         event_add(host->flush_ev, &tv);
     }
+}
+
+typedef struct snap_ref {
+    snap_job *j;
+    size_t seq; /* queue order */
+} snap_ref;
+
+static int snap_ref_cmp(const void *pa, const void *pb)
+{
+    const snap_ref *a = pa, *b = pb;
+    int c = memcmp(a->j->snap.aggregate_id.bytes, b->j->snap.aggregate_id.bytes,
+                   16);
+    if (c != 0) return c;
+    if (a->j->snap.version != b->j->snap.version)
+        return a->j->snap.version < b->j->snap.version ? -1 : 1;
+    return a->seq < b->seq ? -1 : a->seq > b->seq;
+}
+
+/* Keep only the latest snapshot of each aggregate (highest version, then
+ * the last queued), in aggregate id order: one row write per aggregate,
+ * and hosts sharing a database update the rows in the same order.  Out
+ * of memory: the list as it is. */
+static snap_job *snap_coalesce(snap_job *list)
+{
+    size_t n = 0;
+    for (snap_job *j = list; j; j = j->next) n++;
+    if (n < 2) return list;
+    snap_ref *refs = es__calloc(n, sizeof *refs);
+    if (refs == NULL) return list;
+    n = 0;
+    for (snap_job *j = list; j; j = j->next, n++) refs[n] = (snap_ref){j, n};
+    qsort(refs, n, sizeof *refs, snap_ref_cmp);
+    snap_job *head = NULL, **tail = &head;
+    for (size_t i = 0; i < n; i++) {
+        if (i + 1 < n && es_uuid_equal(&refs[i].j->snap.aggregate_id,
+                                       &refs[i + 1].j->snap.aggregate_id)) {
+            es__free(refs[i].j); /* a later one follows */
+            continue;
+        }
+        *tail = refs[i].j;
+        tail = &refs[i].j->next;
+    }
+    *tail = NULL;
+    es__free(refs);
+    return head;
 }
 
 /* Encode the actor's state; NULL when it cannot. */
@@ -814,12 +877,14 @@ static int write_snapshots(es_host *host, snap_job *list, es_error *err)
     if (list == NULL) return 0;
     int rc = 0;
     uint64_t n = 0;
-    /* A pooled connection may have died meanwhile (the store then drops
-     * it): one more try on a fresh one before giving up. */
+    list = snap_coalesce(list);
+    /* The connection may have died meanwhile (the store then drops it):
+     * one more try on a fresh one before giving up. */
     for (int attempt = 0; attempt < 2; attempt++) {
         es_txn *txn = NULL;
         n = 0;
-        rc = es_store_begin(host->store, &txn, err);
+        rc = es__store_begin_background(host->store, &host->snap_conn, &txn,
+                                        err);
         for (snap_job *j = list; rc == 0 && j; j = j->next, n++)
             rc = es_txn_store_snapshot(txn, &j->snap, err);
         if (txn) {
@@ -858,11 +923,26 @@ static void passivate(es_host *host, actor *a, bool snapshot,
 
 /* ---- the worker side of an actor ---- */
 
+/* The connection broke or the server ended the session (SQLSTATE class
+ * 08, 57P0x: a restart, a terminated backend). */
+static bool connection_lost(const es_error *err)
+{
+    return strncmp(err->sqlstate, "08", 2) == 0 ||
+           strncmp(err->sqlstate, "57P0", 4) == 0;
+}
+
 static int load_actor(es_host *host, actor *a, es_error *err)
 {
     uint64_t t0 = es__now_ns();
     es_context *ctx = NULL;
-    int rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+    int rc = 0;
+    /* A load only reads: one cut by a lost connection is tried again on
+     * a fresh connection (twice), instead of failing the command. */
+    for (int attempt = 0; attempt < 3; attempt++) {
+        memset(err, 0, sizeof *err);
+        rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+        if (rc != ES_EDB || !connection_lost(err)) break;
+    }
     uint64_t took = es__now_ns() - t0;
     count(&host->loads, 1);
     es__hist_record(&host->h_load, took);
@@ -1056,6 +1136,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     it->type_name = t->name;
     it->group = a;
     it->status = ES__COMMIT_PENDING;
+    it->why = NULL;
     it->record = (es__command_record){h->id, a->id, h->kind, h->payload,
                                       h->len,
                                       it->n_events ? it->events[0].version
@@ -1157,7 +1238,7 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         }
         complete_error(host, h, st, ES_HOST_NO_VERSION,
                        st == ES_ECONFLICT ? "commit kept conflicting"
-                                          : NULL);
+                                          : h->item.why);
     }
 }
 
@@ -1360,7 +1441,7 @@ static void *committer_main(void *arg)
     return NULL;
 }
 
-/* ---- the I/O loop: timers and passivation; the snapshot writer ---- */
+/* ---- the I/O loop (timers, passivation) and the snapshot writer ---- */
 
 static void free_jobs(snap_job *jobs)
 {
@@ -1371,39 +1452,32 @@ static void free_jobs(snap_job *jobs)
     }
 }
 
-/* Hand snapshot jobs to the writer thread (they are written there: a
- * store round trip must never block the loop). */
-static void writer_hand(es_host *host, snap_job *jobs)
-{
-    if (jobs == NULL) return;
-    snap_job *tail = jobs;
-    while (tail->next) tail = tail->next;
-    pthread_mutex_lock(&host->hk_lock);
-    if (host->wr_tail) host->wr_tail->next = jobs;
-    else host->wr_head = jobs;
-    host->wr_tail = tail;
-    pthread_cond_signal(&host->hk_cond);
-    pthread_mutex_unlock(&host->hk_lock);
-}
-
-static void *writer_main(void *arg)
+/* The snapshot writer: when the loop's flush timer asks (FLUSH_MS after
+ * the first job was queued, so that several snapshots of one aggregate
+ * coalesce), what was queued, coalesced, in one transaction on its own
+ * connection.  It waits on a condition, never polls.  At the stop it
+ * writes what is left (nothing when closing now). */
+static void *snap_writer_main(void *arg)
 {
     es_host *host = arg;
     tls_host = host;
     for (;;) {
-        pthread_mutex_lock(&host->hk_lock);
-        while (host->wr_head == NULL && !host->wr_stop)
-            pthread_cond_wait(&host->hk_cond, &host->hk_lock);
-        snap_job *jobs = host->wr_head;
-        host->wr_head = host->wr_tail = NULL;
-        pthread_mutex_unlock(&host->hk_lock);
-        if (jobs == NULL) break; /* stopped, nothing left */
+        pthread_mutex_lock(&host->sw_lock);
+        while (!host->sw_flush && !host->sw_stop)
+            pthread_cond_wait(&host->sw_cond, &host->sw_lock);
+        snap_job *jobs = host->sj_head;
+        host->sj_head = host->sj_tail = NULL;
+        host->sj_n = 0;
+        host->sw_flush = false;
+        bool stop = host->sw_stop;
+        pthread_mutex_unlock(&host->sw_lock);
         if (atomic_load(&host->closing_now)) {
             free_jobs(jobs);
-            continue;
+        } else {
+            es_error err = {0};
+            write_snapshots(host, jobs, &err); /* a cache: errors only cost */
         }
-        es_error err = {0};
-        write_snapshots(host, jobs, &err); /* a cache: errors only cost */
+        if (stop) break;
     }
     return NULL;
 }
@@ -1451,7 +1525,7 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
         passivate(host, evicted, !now, &jobs);
         evicted = next;
     }
-    writer_hand(host, jobs);
+    snap_enqueue(host, jobs);
 }
 
 /* Loop, every tick: passivate the actors idle for idle_ms. */
@@ -1462,22 +1536,21 @@ static void on_sweep(evutil_socket_t fd, short what, void *arg)
     es_host *host = arg;
     snap_job *jobs = NULL;
     evict_idle(host, &jobs);
-    writer_hand(host, jobs);
+    snap_enqueue(host, jobs);
 }
 
-/* Loop, FLUSH_LINGER_MS after the first snapshot job was queued. */
+/* Loop, FLUSH_MS after the first snapshot job was queued: wake the
+ * writer (it writes on its own thread: never a store round trip here). */
 static void on_flush(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
     es_host *host = arg;
-    pthread_mutex_lock(&host->hk_lock);
-    snap_job *jobs = host->sj_head;
-    host->sj_head = host->sj_tail = NULL;
-    host->sj_n = 0;
+    pthread_mutex_lock(&host->sw_lock);
     host->flush_armed = false;
-    pthread_mutex_unlock(&host->hk_lock);
-    writer_hand(host, jobs);
+    host->sw_flush = true;
+    pthread_cond_signal(&host->sw_cond);
+    pthread_mutex_unlock(&host->sw_lock);
 }
 
 /* Our own loop only: stop it (activated by host_end; an activation made
@@ -1544,8 +1617,9 @@ static void io_teardown(es_host *host)
         pthread_join(host->io_thread, NULL);
         host->io_started = false;
     }
-    struct event **evs[] = {&host->sweep_ev, &host->flush_ev,
-                            &host->wake_ev, &host->stop_ev};
+    /* the flush timer after the callbacks that may arm it */
+    struct event **evs[] = {&host->sweep_ev, &host->wake_ev,
+                            &host->flush_ev, &host->stop_ev};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++) {
         if (*evs[i] == NULL) continue;
         event_del(*evs[i]);
@@ -1571,7 +1645,10 @@ static void host_free(es_host *host)
     }
     es__free(host->lanes);
     pthread_mutex_destroy(&host->hk_lock);
-    pthread_cond_destroy(&host->hk_cond);
+    free_jobs(host->sj_head); /* left by a failed open */
+    pthread_mutex_destroy(&host->sw_lock);
+    pthread_cond_destroy(&host->sw_cond);
+    es__store_background_close(host->store, &host->snap_conn);
     pthread_mutex_destroy(&host->drain_lock);
     pthread_cond_destroy(&host->drain_cond);
     es__free(host->workers);
@@ -1597,15 +1674,18 @@ static void stop_threads(es_host *host)
         pthread_join(l->thread, NULL);
         l->started = false;
     }
-    /* Workers are gone, so nobody arms the flush timer any more. */
+    /* Workers are gone; the loop's callbacks go next (io_teardown), so
+     * nobody queues snapshots or arms the flush timer any more. */
     io_teardown(host);
-    if (host->writer_started) { /* it writes what it was handed first */
-        pthread_mutex_lock(&host->hk_lock);
-        host->wr_stop = true;
-        pthread_cond_signal(&host->hk_cond);
-        pthread_mutex_unlock(&host->hk_lock);
-        pthread_join(host->writer, NULL);
-        host->writer_started = false;
+    /* last: the loop may have queued snapshots of passivations; the
+     * writer writes what is queued before it stops */
+    if (host->snap_writer_started) {
+        pthread_mutex_lock(&host->sw_lock);
+        host->sw_stop = true;
+        pthread_cond_signal(&host->sw_cond);
+        pthread_mutex_unlock(&host->sw_lock);
+        pthread_join(host->snap_writer, NULL);
+        host->snap_writer_started = false;
     }
 }
 
@@ -1661,7 +1741,8 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         pthread_cond_init(&host->lanes[i].cond, NULL);
     }
     pthread_mutex_init(&host->hk_lock, NULL);
-    pthread_cond_init(&host->hk_cond, NULL);
+    pthread_mutex_init(&host->sw_lock, NULL);
+    pthread_cond_init(&host->sw_cond, NULL);
     pthread_mutex_init(&host->drain_lock, NULL);
     pthread_cond_init(&host->drain_cond, NULL);
 
@@ -1672,8 +1753,8 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         l->started = rc == 0;
     }
     if (rc == 0) {
-        rc = pthread_create(&host->writer, NULL, writer_main, host);
-        host->writer_started = rc == 0;
+        rc = pthread_create(&host->snap_writer, NULL, snap_writer_main, host);
+        host->snap_writer_started = rc == 0;
     }
     int io_rc = rc == 0 ? io_setup(host) : 0;
     if (rc == 0 && io_rc == 0 && host->own_base) {
