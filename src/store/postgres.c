@@ -25,6 +25,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sodium.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -132,6 +133,7 @@ typedef struct pg_store {
     /* NOTIFY channel of the outbox table: "es_outbox_" and a hash of its
      * qualified name (any name fits in 63 bytes, and holds no quote). */
     char channel[32];
+    atomic_size_t claim_turn; /* which type an outbox claim starts with */
 } pg_store;
 
 /* Data keys a transaction has opened, so that each is read once.  Cleared
@@ -1988,49 +1990,65 @@ static int pg_outbox_claim(es_store *store, const char *owner, int64_t now,
         rc = run(t.conn, "outbox: expire claims", s->sql[SQL_OB_EXPIRE], 4,
                  types, values, lens, NULL, err);
     }
-    PGresult *r = NULL;
-    if (rc == 0) {
-        const Oid types[6] = {OID_INT8, OID_INT8, OID_TEXT_ARRAY,
-                              OID_INT4_ARRAY, OID_INT8, OID_TEXT};
-        const char *values[6] = {(const char *)now_b, (const char *)lease_b,
+    /* One claim per aggregate type the filters name: each walks the
+     * pending messages of its type in seq order (index on aggregate_type,
+     * seq), so a backlog of other types costs nothing.  All messages of
+     * an aggregate have its type, so per-aggregate order is whole within
+     * one claim.  The first type claimed rotates, so that one type's
+     * backlog cannot starve the others. */
+    size_t cap = 0, start = nf ? atomic_fetch_add(&s->claim_turn, 1) % nf : 0;
+    es_buf plain = {0};
+    for (size_t k = 0; rc == 0 && k < nf && list->count < max; k++) {
+        const char *type = filters[(start + k) % nf].type_name;
+        bool seen = false; /* claimed already under another filter */
+        for (size_t j = 0; j < k && !seen; j++)
+            seen = strcmp(filters[(start + j) % nf].type_name, type) == 0;
+        if (seen) continue;
+        uint8_t left_b[8];
+        be64(left_b, (uint64_t)(max - list->count > INT64_MAX
+                                    ? INT64_MAX
+                                    : max - list->count));
+        const Oid types[7] = {OID_INT8, OID_INT8, OID_TEXT_ARRAY,
+                              OID_INT4_ARRAY, OID_INT8, OID_TEXT, OID_TEXT};
+        const char *values[7] = {(const char *)now_b, (const char *)lease_b,
                                  (const char *)ftypes.data,
                                  (const char *)fkinds.data,
-                                 (const char *)max_b, owner};
-        const int lens[6] = {8, 8, (int)ftypes.len, (int)fkinds.len, 8,
-                             (int)strlen(owner)};
-        rc = run(t.conn, "outbox: claim", s->sql[SQL_OB_CLAIM], 6, types,
+                                 (const char *)left_b, owner, type};
+        const int lens[7] = {8, 8, (int)ftypes.len, (int)fkinds.len, 8,
+                             (int)strlen(owner), (int)strlen(type)};
+        PGresult *r = NULL;
+        rc = run(t.conn, "outbox: claim", s->sql[SQL_OB_CLAIM], 7, types,
                  values, lens, &r, err);
+        for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+            es_outbox_entry e;
+            es_error why = {0};
+            int orc = entry_read(&t, r, i, &e, &plain, &why);
+            if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
+                /* It can never be delivered: a dead letter, with the
+                 * reason; the others go on. */
+                const Oid dtypes[3] = {OID_UUID, OID_TEXT, OID_TEXT};
+                const char *dvalues[3] = {
+                    (const char *)e.side_effect.id.bytes, owner,
+                    why.message};
+                const int dlens[3] = {16, (int)strlen(owner),
+                                      (int)strlen(why.message)};
+                rc = run(t.conn, "outbox: dead letter", s->sql[SQL_OB_DEAD],
+                         3, dtypes, dvalues, dlens, NULL, err);
+                continue;
+            }
+            if (orc != 0) {
+                rc = orc;
+                if (err) *err = why;
+                break;
+            }
+            if (entry_push_copy(list, &cap, &e) != 0)
+                rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        }
+        PQclear(r);
     }
     es_buf_free(&ftypes);
     es_buf_free(&fkinds);
-    size_t cap = 0;
-    es_buf plain = {0};
-    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
-        es_outbox_entry e;
-        es_error why = {0};
-        int orc = entry_read(&t, r, i, &e, &plain, &why);
-        if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
-            /* It can never be delivered: a dead letter, with the reason;
-             * the others go on. */
-            const Oid types[3] = {OID_UUID, OID_TEXT, OID_TEXT};
-            const char *values[3] = {(const char *)e.side_effect.id.bytes,
-                                     owner, why.message};
-            const int lens[3] = {16, (int)strlen(owner),
-                                 (int)strlen(why.message)};
-            rc = run(t.conn, "outbox: dead letter", s->sql[SQL_OB_DEAD], 3,
-                     types, values, lens, NULL, err);
-            continue;
-        }
-        if (orc != 0) {
-            rc = orc;
-            if (err) *err = why;
-            break;
-        }
-        if (entry_push_copy(list, &cap, &e) != 0)
-            rc = es__error_set(err, ES_ENOMEM, "out of memory");
-    }
     es_buf_free(&plain);
-    PQclear(r);
     if (t.conn != NULL) ob_end(s, &t);
     if (rc != 0) {
         /* The claims already taken simply expire. */
@@ -3308,7 +3326,8 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
     /* The first pending message of each aggregate (among those the
      * filters match) is its head: only heads are claimed, so the messages
      * of one aggregate go one at a time, in order.  The scan walks the
-     * pending messages in seq order (partial index, migration 6) and stops
+     * pending messages of one type ($7) in seq order (partial index,
+     * migration 6) and stops
      * at the limit, probing each one's aggregate for an earlier pending
      * message: a claim costs about the limit, not the backlog.  OFFSET 0
      * keeps the probe a per-row index lookup: without it a table with no
@@ -3318,7 +3337,7 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
      * dispatcher claimed or finished since the snapshot is passed over. */
     s->sql[SQL_OB_CLAIM] = sqlf(
         "WITH pick AS (SELECT o.id FROM %s o WHERE o.status = 'pending' "
-        "AND " OB_FILTER " AND (o.claimed_by IS NULL OR o.claimed_until <= "
+        "AND o.aggregate_type = $7 AND " OB_FILTER " AND (o.claimed_by IS NULL OR o.claimed_until <= "
         MS(1) ") AND o.next_attempt_at <= " MS(1) " AND NOT EXISTS (SELECT "
         "1 FROM %s p WHERE p.aggregate_id = o.aggregate_id AND p.status = "
         "'pending' AND p.seq < o.seq AND EXISTS (SELECT 1 FROM unnest("
