@@ -43,6 +43,16 @@ class Cluster:
             self.url = out.strip().splitlines()[-1]
         return self
 
+    def env(self):
+        """For a test binary: DATABASE_URL, and when the cluster is ours,
+        where it is and the tool that restarts it (ES_PG_CLUSTER_DIR,
+        ES_PG_CLUSTER_TOOL), so a test may restart PostgreSQL."""
+        e = {"DATABASE_URL": self.url}
+        if self.dir:
+            e["ES_PG_CLUSTER_DIR"] = self.dir
+            e["ES_PG_CLUSTER_TOOL"] = os.path.join(HERE, "pgcluster.py")
+        return e
+
     def __exit__(self, *exc):
         if self.dir:
             subprocess.call([sys.executable, os.path.join(HERE,
@@ -126,7 +136,7 @@ def compile_fail_tests():
     return ok
 
 
-def run_each_benchmark(quick, out_dir, records, db_url):
+def run_each_benchmark(quick, out_dir, records, db_url, only=None):
     import json
     failed = 0
     for exe in sorted(glob.glob(os.path.join(BUILD, "release", "bench",
@@ -134,6 +144,8 @@ def run_each_benchmark(quick, out_dir, records, db_url):
         if not os.access(exe, os.X_OK) or exe.endswith(".d"):
             continue
         name = os.path.basename(exe)
+        if only and name not in only:
+            continue
         out = os.path.join(out_dir, name + ".json")
         print("BENCH %s" % name, flush=True)
         cmd = [exe, out] + (["--quick"] if quick else [])
@@ -210,11 +222,12 @@ def write_chart(records, path):
         f.write("\n".join(out) + "\n")
 
 
-def run_benchmarks(quick):
-    """Runs build/release/bench/bench_*; each writes a JSON array to
-    build/bench/<name>.json; they are merged into build/bench/results.json
-    and shown as a table.  Benchmarks are not tests: they run one at a
-    time, outside the test run."""
+def run_benchmarks(quick, only=None):
+    """Runs build/release/bench/bench_* (only those named in `only`, when
+    given); each writes a JSON array to build/bench/<name>.json; they are
+    merged into build/bench/results.json and shown as a table, and the
+    PostgreSQL records are drawn in build/bench/host_pg.svg.  Benchmarks
+    are not tests: they run one at a time, outside the test run."""
     import json
     out_dir = os.path.join(BUILD, "bench")
     os.makedirs(out_dir, exist_ok=True)
@@ -223,13 +236,13 @@ def run_benchmarks(quick):
     # bench_pg: its own throwaway cluster, with room for a connection per
     # client thread of per_command_pg (256).
     with Cluster("pg-bench", ["--max-connections", "300"]) as db:
-        failed = run_each_benchmark(quick, out_dir, records, db.url)
+        failed = run_each_benchmark(quick, out_dir, records, db.url, only)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(records, f, indent=2)
         f.write("\n")
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
             "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
-            "cpu_pg_pct"]
+            "cpu_pg_pct", "events_per_s"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
@@ -394,6 +407,9 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="with --bench: short runs, smaller sets")
+    ap.add_argument("--bench-only", default="",
+                    help="with --bench: only these benchmarks "
+                    "(comma-separated, e.g. bench_pg)")
     a = ap.parse_args()
 
     if a.docs and a.variants == "release" and not a.compile_fail:
@@ -402,7 +418,8 @@ def main():
         ok = all([run_binary(ex, "release") for ex in examples("release")])
         sys.exit(0 if ok else 1)
     if a.bench:
-        sys.exit(run_benchmarks(a.quick))
+        sys.exit(run_benchmarks(a.quick, [b for b in
+                                          a.bench_only.split(",") if b]))
 
     variants = a.variants.split(",")
     failed = 0
@@ -428,7 +445,7 @@ def main():
             for v in variants:
                 for t in pg_tests(v):
                     total += 1
-                    failed += not run_binary(t, v, {"DATABASE_URL": db.url})
+                    failed += not run_binary(t, v, db.env())
             if a.bank:
                 total += 4
                 failed += not bank_check(None)
