@@ -1962,13 +1962,56 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
 
 /* ---- the blocking call ---- */
 
+/* The caller of es_host_call waits on this; the completion callback fills
+ * it under its lock, and unlocking is the worker's last touch.  Waiters
+ * are recycled, never destroyed: POSIX lets the caller destroy the mutex
+ * as soon as it has seen done, but the worker's pthread_mutex_unlock may
+ * then still be writing the mutex's bytes, after the point where a race
+ * detector (helgrind) counts the lock as released, so destroying or
+ * reusing the memory at once (a stack slot, a freed block) is reported as
+ * a race with that unlock.  A recycled waiter's mutex stays a mutex; its
+ * other fields are handed on through waiters_lock (never held with
+ * another lock).  The free list is as long as the most blocking calls
+ * ever waiting at once (one per blocked thread); it is process-wide, so
+ * that no host has to outlive the callers that return waiters to it. */
 typedef struct waiter {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     bool done;
     int status;
     es_host_reply *reply;
+    struct waiter *next; /* in the free list */
 } waiter;
+
+static pthread_mutex_t waiters_lock = PTHREAD_MUTEX_INITIALIZER;
+static waiter *waiters_free;
+
+static waiter *waiter_get(void)
+{
+    pthread_mutex_lock(&waiters_lock);
+    waiter *w = waiters_free;
+    if (w) waiters_free = w->next;
+    pthread_mutex_unlock(&waiters_lock);
+    if (w == NULL) {
+        w = es__calloc(1, sizeof *w);
+        if (w == NULL) return NULL;
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->cond, NULL);
+    }
+    w->done = false;
+    w->status = 0;
+    w->reply = NULL;
+    w->next = NULL;
+    return w;
+}
+
+static void waiter_put(waiter *w)
+{
+    pthread_mutex_lock(&waiters_lock);
+    w->next = waiters_free;
+    waiters_free = w;
+    pthread_mutex_unlock(&waiters_lock);
+}
 
 static es_host_reply *reply_of(const es_host_result *r)
 {
@@ -2032,21 +2075,18 @@ int es_host_call(es_host *host, const es_aggregate_type *type,
                 return es__error_set(err, ES_EMISUSE, "a blocking call to "
                                      "the aggregate that is running "
                                      "would never return");
-    waiter w;
-    memset(&w, 0, sizeof w);
-    pthread_mutex_init(&w.lock, NULL);
-    pthread_cond_init(&w.cond, NULL);
-    int rc = es_host_send(host, type, aggregate_id, command, call_done, &w,
+    waiter *w = waiter_get();
+    if (w == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    int rc = es_host_send(host, type, aggregate_id, command, call_done, w,
                           err);
     if (rc != 0) {
-        pthread_mutex_destroy(&w.lock);
-        pthread_cond_destroy(&w.cond);
+        waiter_put(w);
         return rc;
     }
     for (;;) {
-        pthread_mutex_lock(&w.lock);
-        bool done = w.done;
-        pthread_mutex_unlock(&w.lock);
+        pthread_mutex_lock(&w->lock);
+        bool done = w->done;
+        pthread_mutex_unlock(&w->lock);
         if (done) break;
         /* A worker runs other actors while it waits, so that the pool
          * cannot run out of threads. */
@@ -2057,25 +2097,25 @@ int es_host_call(es_host *host, const es_aggregate_type *type,
             run_actor(host, a);
             continue;
         }
-        pthread_mutex_lock(&w.lock);
-        if (!w.done) {
+        pthread_mutex_lock(&w->lock);
+        if (!w->done) {
             if (on_worker) {
                 struct timespec ts;
                 deadline_in(&ts, 1000000u);
-                pthread_cond_timedwait(&w.cond, &w.lock, &ts);
+                pthread_cond_timedwait(&w->cond, &w->lock, &ts);
             } else {
-                pthread_cond_wait(&w.cond, &w.lock);
+                pthread_cond_wait(&w->cond, &w->lock);
             }
         }
-        pthread_mutex_unlock(&w.lock);
+        pthread_mutex_unlock(&w->lock);
     }
-    pthread_mutex_destroy(&w.lock);
-    pthread_cond_destroy(&w.cond);
-    rc = w.status;
-    if (rc != 0 && err && w.reply)
-        es__error_set(err, rc, "%s", w.reply->reason);
-    if (out) *out = w.reply;
-    else es_host_reply_free(w.reply);
+    rc = w->status;
+    es_host_reply *reply = w->reply;
+    waiter_put(w);
+    if (rc != 0 && err && reply)
+        es__error_set(err, rc, "%s", reply->reason);
+    if (out) *out = reply;
+    else es_host_reply_free(reply);
     return rc;
 }
 

@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libpq-fe.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sodium.h>
@@ -3686,8 +3687,20 @@ static int migrate_in(PGconn *c, const es_pg_config *cfg, int *newest,
     }
     int high = 0;
     for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
-        int v = atoi(PQgetvalue(r, i, 0));
-        const char *sum = PQgetvalue(r, i, 1);
+        /* The table is outside input: strtol, not atoi (undefined when
+         * the number does not fit). */
+        const char *text = PQgetvalue(r, i, 0), *sum = PQgetvalue(r, i, 1);
+        char *end = NULL;
+        errno = 0;
+        long lv = strtol(text, &end, 10);
+        if (errno != 0 || end == text || *end != '\0' || lv < 1 ||
+            lv > INT_MAX) {
+            rc = es__error_set(err, ES_EDB, "migrate: the migrations table "
+                               "has a version that is not a positive "
+                               "integer");
+            break;
+        }
+        int v = (int)lv;
         size_t k = 0;
         while (k < count && es__pg_migrations[k].version != v) k++;
         if (k == count) {
