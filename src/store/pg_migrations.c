@@ -81,6 +81,12 @@ const es__pg_migration es__pg_migrations[] = {
      "    version bigint NOT NULL,\n"
      "    created_at timestamptz NOT NULL DEFAULT now()\n"
      ");\n"},
+    /* A rejection is an outcome too: NULL for a command that was
+     * accepted, else its reason.  bytea, not text: the reason is user text
+     * cut at a byte limit, so it need not be valid in the server's
+     * encoding. */
+    {6, "command ids of rejected commands (their reason)",
+     "ALTER TABLE @commands@ ADD COLUMN rejection bytea;\n"},
 };
 
 const size_t es__pg_migration_count =
