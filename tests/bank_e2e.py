@@ -328,10 +328,12 @@ def routes_and_errors(ck, port):
     big_body = b"{\"command_id\":\"%s\",\"amount\":1,\"pad\":\"%s\"}" % (
         uid().encode(), b"x" * (70 * 1024))
     try:
-        st = request(p, "POST", dpath, raw=big_body)[0]
+        st, _, b = request(p, "POST", dpath, raw=big_body)
     except (ConnectionError, http.client.HTTPException):
-        st = "connection closed"
-    ck.eq("413 for a body over 64 KiB", st, 413)
+        st, b = "connection closed", None
+    ck.eq("413 for a body over 64 KiB", (st, b),
+          (413, {"error": "payload_too_large",
+                 "detail": "the body is over 64 KiB"}))
     ck.eq("server alive after bad input", request(p, "GET",
                                                   "/healthz")[0], 200)
 
