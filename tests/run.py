@@ -224,12 +224,26 @@ def run_benchmarks(quick):
     # client thread of per_command_pg (256).
     with Cluster("pg-bench", ["--max-connections", "300"]) as db:
         failed = run_each_benchmark(quick, out_dir, records, db.url)
+    # bank_http: bank-server and bank-load on a cluster of its own (the
+    # tables bench_pg left behind would not change it, a fresh one is
+    # simpler to reason about).
+    sys.path.insert(0, os.path.join(TOP, "bench"))
+    import bank_http
+    print("BENCH bank_http", flush=True)
+    with Cluster("pg-bank-bench") as db:
+        out = os.path.join(out_dir, "bank_http.json")
+        if bank_http.run(out, db.url, quick, db.dir) != 0:
+            print("FAIL bank_http")
+            failed += 1
+        else:
+            with open(out) as f:
+                records += json.load(f)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(records, f, indent=2)
         f.write("\n")
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
             "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
-            "cpu_pg_pct"]
+            "cpu_pg_pct", "cpu_load_pct"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
