@@ -126,7 +126,7 @@ def compile_fail_tests():
     return ok
 
 
-def run_each_benchmark(quick, out_dir, records, db_url):
+def run_each_benchmark(quick, out_dir, records, db_url, only=None):
     import json
     failed = 0
     for exe in sorted(glob.glob(os.path.join(BUILD, "release", "bench",
@@ -134,6 +134,8 @@ def run_each_benchmark(quick, out_dir, records, db_url):
         if not os.access(exe, os.X_OK) or exe.endswith(".d"):
             continue
         name = os.path.basename(exe)
+        if only and name not in only:
+            continue
         out = os.path.join(out_dir, name + ".json")
         print("BENCH %s" % name, flush=True)
         cmd = [exe, out] + (["--quick"] if quick else [])
@@ -210,35 +212,52 @@ def write_chart(records, path):
         f.write("\n".join(out) + "\n")
 
 
-def run_benchmarks(quick):
-    """Runs build/release/bench/bench_*; each writes a JSON array to
-    build/bench/<name>.json; they are merged into build/bench/results.json
-    and shown as a table.  Benchmarks are not tests: they run one at a
-    time, outside the test run."""
+def run_benchmarks(quick, only=None):
+    """Runs build/release/bench/bench_* and bench/bank_http.py; each
+    writes a JSON array to build/bench/<name>.json; they are merged into
+    build/bench/results.json and shown as a table.  Benchmarks are not
+    tests: they run one at a time, outside the test run.  only: the
+    benchmarks to run (bench_host, bench_pg, bank_http); the records of
+    the others are kept from the last results.json."""
     import json
     out_dir = os.path.join(BUILD, "bench")
     os.makedirs(out_dir, exist_ok=True)
     records = []
     failed = 0
+    results = os.path.join(out_dir, "results.json")
+    if only and os.path.exists(results):
+        with open(results) as f:
+            kept = json.load(f)
+        ran = set()
+        for name in only:
+            out = os.path.join(out_dir, name + ".json")
+            if os.path.exists(out):
+                with open(out) as f:
+                    ran |= {r.get("name") for r in json.load(f)}
+        ran |= set(only)
+        records = [r for r in kept if r.get("name") not in ran]
     # bench_pg: its own throwaway cluster, with room for a connection per
     # client thread of per_command_pg (256).
-    with Cluster("pg-bench", ["--max-connections", "300"]) as db:
-        failed = run_each_benchmark(quick, out_dir, records, db.url)
+    if not only or any(n.startswith("bench_") for n in only):
+        with Cluster("pg-bench", ["--max-connections", "300"]) as db:
+            failed = run_each_benchmark(quick, out_dir, records, db.url,
+                                        only)
     # bank_http: bank-server and bank-load on a cluster of its own (the
     # tables bench_pg left behind would not change it, a fresh one is
     # simpler to reason about).
-    sys.path.insert(0, os.path.join(TOP, "bench"))
-    import bank_http
-    print("BENCH bank_http", flush=True)
-    with Cluster("pg-bank-bench") as db:
-        out = os.path.join(out_dir, "bank_http.json")
-        if bank_http.run(out, db.url, quick, db.dir) != 0:
-            print("FAIL bank_http")
-            failed += 1
-        else:
-            with open(out) as f:
-                records += json.load(f)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    if not only or "bank_http" in only:
+        sys.path.insert(0, os.path.join(TOP, "bench"))
+        import bank_http
+        print("BENCH bank_http", flush=True)
+        with Cluster("pg-bank-bench") as db:
+            out = os.path.join(out_dir, "bank_http.json")
+            if bank_http.run(out, db.url, quick, db.dir) != 0:
+                print("FAIL bank_http")
+                failed += 1
+            else:
+                with open(out) as f:
+                    records += json.load(f)
+    with open(results, "w") as f:
         json.dump(records, f, indent=2)
         f.write("\n")
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
@@ -408,6 +427,10 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="with --bench: short runs, smaller sets")
+    ap.add_argument("--only", default="",
+                    help="with --bench: a comma-separated list of "
+                    "benchmarks (bench_host, bench_pg, bank_http); the "
+                    "others' records are kept in results.json")
     a = ap.parse_args()
 
     if a.docs and a.variants == "release" and not a.compile_fail:
@@ -416,7 +439,8 @@ def main():
         ok = all([run_binary(ex, "release") for ex in examples("release")])
         sys.exit(0 if ok else 1)
     if a.bench:
-        sys.exit(run_benchmarks(a.quick))
+        only = [n for n in a.only.split(",") if n]
+        sys.exit(run_benchmarks(a.quick, only or None))
 
     variants = a.variants.split(",")
     failed = 0
