@@ -461,6 +461,22 @@ static void test_outbox_expired_claim_is_taken_over(void **st)
                                                "dead-dispatcher",
                                                ES_OUTBOX_DONE, c.now, 0, NULL,
                                                NULL), ES_ECONFLICT);
+    if (store->ops->outbox_finish_many != NULL) {
+        /* Also when written with others: counted lost, nothing changed. */
+        es__outbox_verdict v = {.id = done->items[0].side_effect.id,
+                                .status = ES_OUTBOX_PENDING,
+                                .next_attempt_ms = c.now,
+                                .error = "late"};
+        size_t lost = 0;
+        assert_int_equal(store->ops->outbox_finish_many(
+                             store, "dead-dispatcher", c.now, &v, 1, &lost,
+                             NULL), 0);
+        assert_int_equal(lost, 1);
+        es_outbox_entry *again = NULL;
+        assert_int_equal(es_outbox_show(store, &v.id, &again, NULL), 0);
+        assert_int_equal(again->status, ES_OUTBOX_DONE);
+        es_free(again);
+    }
     es_outbox_entry_list_free(done);
 
     /* Abandoned on every attempt: a dead letter with the reason. */

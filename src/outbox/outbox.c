@@ -2,8 +2,10 @@
  * The outbox dispatcher: claims messages through the store's outbox
  * operations, hands them to handlers on worker threads, records verdicts.
  *
- * One claimer thread takes a batch, queues it for the workers, waits until
- * the whole batch is finished, then claims again at once (a finished
+ * One claimer thread takes a batch, queues it for the workers, writes
+ * their verdicts in groups while they work (one write per group, not per
+ * message), waits until the whole batch is finished, then claims again at
+ * once (a finished
  * message may free the next one of its aggregate); with nothing to claim
  * it sleeps until a commit wakes it or the poll interval passes.  A commit
  * of this process wakes it through the store's commit listeners; where
@@ -50,11 +52,13 @@ struct es_outbox {
     pthread_mutex_t lock;
     pthread_cond_t wake_cv;  /* claimer: a commit or a stop */
     pthread_cond_t work_cv;  /* workers: queue not empty or stop */
-    pthread_cond_t done_cv;  /* claimer: batch finished */
+    pthread_cond_t done_cv;  /* claimer: batch finished (monotonic) */
     bool stopping, woken, listening, claimer_started;
     es__outbox_watch *watch; /* NULL: the store hears no other process */
     es_outbox_entry_list *batch;
     size_t next_item, outstanding;
+    es__outbox_verdict *verdicts; /* of the batch, n_verdicts written */
+    size_t n_verdicts;
     pthread_t claimer;
     pthread_t *workers;
     size_t n_workers;
@@ -254,36 +258,75 @@ static int64_t backoff_ms(es_outbox *ob, uint32_t attempts)
     return (int64_t)(x % (uint64_t)(cap + 1));
 }
 
+/* Fill v with a verdict on e; it is written to the store later, with the
+ * others of its round (record_verdicts). */
 static void finish(es_outbox *ob, const es_outbox_entry *e,
                    es_outbox_status status, int64_t next_ms,
-                   const char *error)
+                   const char *error, es__outbox_verdict *v)
 {
-    es_error err = {0};
-    int64_t now = ob->cfg.clock(ob->cfg.clock_ud);
-    int rc = ob->cfg.store->ops->outbox_finish(ob->cfg.store,
-                                               &e->side_effect.id,
-                                               ob->cfg.owner, status, now,
-                                               next_ms, error, &err);
-    if (rc != 0) {
-        char id[ES_UUID_STRLEN + 1];
-        es__log(ES_LOG_WARN, "outbox: verdict on %s not recorded: %s: %s",
-                es_uuid_format(&e->side_effect.id, id), es_status_name(rc),
-                err.message);
+    (void)ob;
+    memset(v, 0, sizeof *v);
+    v->id = e->side_effect.id;
+    v->status = status;
+    v->next_attempt_ms = next_ms;
+    if (error != NULL) { /* cut to the column's bound */
+        size_t len = strnlen(error, sizeof v->error - 1);
+        memcpy(v->error, error, len);
+        v->error[len] = '\0';
     }
 }
 
-static void deliver(es_outbox *ob, const es_outbox_entry *e)
+/* Write n verdicts.  One statement where the store can (finish_many), so
+ * a round of deliveries costs one commit, not one per message.  A verdict
+ * that is not written is not lost work: its claim expires and the message
+ * is delivered again (at least once). */
+static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
+                            size_t n)
+{
+    if (n == 0) return;
+    es_store *store = ob->cfg.store;
+    int64_t now = ob->cfg.clock(ob->cfg.clock_ud);
+    if (store->ops->outbox_finish_many != NULL) {
+        es_error err = {0};
+        size_t lost = 0;
+        int rc = store->ops->outbox_finish_many(store, ob->cfg.owner, now, v,
+                                                n, &lost, &err);
+        if (rc != 0)
+            es__log(ES_LOG_WARN, "outbox: %zu verdicts not recorded (their "
+                    "messages will be delivered again): %s: %s", n,
+                    es_status_name(rc), err.message);
+        else if (lost > 0)
+            es__log(ES_LOG_WARN, "outbox: %zu of %zu verdicts not recorded: "
+                    "their claims were lost (lease expired)", lost, n);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        es_error err = {0};
+        int rc = store->ops->outbox_finish(
+            store, &v[i].id, ob->cfg.owner, v[i].status, now,
+            v[i].next_attempt_ms, v[i].error[0] ? v[i].error : NULL, &err);
+        if (rc != 0) {
+            char id[ES_UUID_STRLEN + 1];
+            es__log(ES_LOG_WARN, "outbox: verdict on %s not recorded: %s: %s",
+                    es_uuid_format(&v[i].id, id), es_status_name(rc),
+                    err.message);
+        }
+    }
+}
+
+static void deliver(es_outbox *ob, const es_outbox_entry *e,
+                    es__outbox_verdict *v)
 {
     const handler_reg *h = find_handler(ob, e);
     if (h == NULL) { /* the filter let it through: release at once */
-        finish(ob, e, ES_OUTBOX_PENDING, 0, NULL);
+        finish(ob, e, ES_OUTBOX_PENDING, 0, NULL, v);
         return;
     }
     char why[320];
     void *value = es__calloc(1, h->type->side_effect_size);
     if (value == NULL) {
         finish(ob, e, ES_OUTBOX_PENDING, ob->cfg.clock(ob->cfg.clock_ud) +
-               backoff_ms(ob, e->attempts), "out of memory");
+               backoff_ms(ob, e->attempts), "out of memory", v);
         atomic_fetch_add(&ob->retries, 1);
         return;
     }
@@ -291,42 +334,42 @@ static void deliver(es_outbox *ob, const es_outbox_entry *e)
     int rc = es_side_effect_decode(h->type, &e->side_effect, value, &derr);
     if (rc != 0) { /* a poison message: dead at once, never blocking */
         snprintf(why, sizeof why, "cannot be decoded: %s", derr.message);
-        finish(ob, e, ES_OUTBOX_DEAD, 0, why);
+        finish(ob, e, ES_OUTBOX_DEAD, 0, why, v);
         atomic_fetch_add(&ob->dead, 1);
         es__free(value);
         return;
     }
     es_error reason = {0};
     atomic_fetch_add(&ob->deliveries, 1);
-    es_outbox_verdict v = h->fn(h->ud, e, value, &reason);
+    es_outbox_verdict verdict = h->fn(h->ud, e, value, &reason);
     es_side_effect_value_free(h->type, value);
     es__free(value);
-    switch (v) {
+    switch (verdict) {
     case ES_OUTBOX_VERDICT_DONE:
-        finish(ob, e, ES_OUTBOX_DONE, 0, NULL);
+        finish(ob, e, ES_OUTBOX_DONE, 0, NULL, v);
         atomic_fetch_add(&ob->done, 1);
         return;
     case ES_OUTBOX_VERDICT_RETRY:
         if (e->attempts >= ob->cfg.max_attempts) {
             snprintf(why, sizeof why, "gave up after %u attempts: %s",
                      e->attempts, reason.message);
-            finish(ob, e, ES_OUTBOX_DEAD, 0, why);
+            finish(ob, e, ES_OUTBOX_DEAD, 0, why, v);
             atomic_fetch_add(&ob->dead, 1);
         } else {
             int64_t next = ob->cfg.clock(ob->cfg.clock_ud) +
                            backoff_ms(ob, e->attempts);
-            finish(ob, e, ES_OUTBOX_PENDING, next, reason.message);
+            finish(ob, e, ES_OUTBOX_PENDING, next, reason.message, v);
             atomic_fetch_add(&ob->retries, 1);
         }
         return;
     case ES_OUTBOX_VERDICT_GIVE_UP:
         finish(ob, e, ES_OUTBOX_DEAD, 0,
-               reason.message[0] ? reason.message : "handler gave up");
+               reason.message[0] ? reason.message : "handler gave up", v);
         atomic_fetch_add(&ob->dead, 1);
         return;
     }
-    snprintf(why, sizeof why, "handler returned %d, not a verdict", (int)v);
-    finish(ob, e, ES_OUTBOX_DEAD, 0, why);
+    snprintf(why, sizeof why, "handler returned %d, not a verdict", (int)verdict);
+    finish(ob, e, ES_OUTBOX_DEAD, 0, why, v);
     atomic_fetch_add(&ob->dead, 1);
 }
 
@@ -347,8 +390,17 @@ int es_outbox_run_once(es_outbox *ob, size_t *delivered, es_error *err)
     es_outbox_entry_list *list = NULL;
     int rc = claim(ob, &list, err);
     if (rc != 0) return rc;
-    for (size_t i = 0; i < list->count; i++) deliver(ob, &list->items[i]);
+    es__outbox_verdict *v =
+        list->count ? es__calloc(list->count, sizeof *v) : NULL;
+    if (list->count > 0 && v == NULL) {
+        es_outbox_entry_list_free(list); /* the claims expire */
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < list->count; i++)
+        deliver(ob, &list->items[i], &v[i]);
+    record_verdicts(ob, v, list->count);
     if (delivered) *delivered = list->count;
+    es__free(v);
     es_outbox_entry_list_free(list);
     return 0;
 }
@@ -358,6 +410,7 @@ int es_outbox_run_once(es_outbox *ob, size_t *delivered, es_error *err)
 static void *worker_main(void *arg)
 {
     es_outbox *ob = arg;
+    es__outbox_verdict v;
     pthread_mutex_lock(&ob->lock);
     for (;;) {
         while (!ob->stopping &&
@@ -366,8 +419,9 @@ static void *worker_main(void *arg)
         if (ob->batch == NULL || ob->next_item >= ob->batch->count) break;
         const es_outbox_entry *e = &ob->batch->items[ob->next_item++];
         pthread_mutex_unlock(&ob->lock);
-        deliver(ob, e);
+        deliver(ob, e, &v);
         pthread_mutex_lock(&ob->lock);
+        ob->verdicts[ob->n_verdicts++] = v;
         if (--ob->outstanding == 0) pthread_cond_signal(&ob->done_cv);
     }
     pthread_mutex_unlock(&ob->lock);
@@ -385,6 +439,46 @@ static void deadline_after(struct timespec *ts, int64_t ms)
     }
 }
 
+/* Hands a claimed batch to the workers and writes their verdicts while
+ * they work: whatever is ready every flush interval, then the rest, so a
+ * round costs a few writes instead of one per message and a slow handler
+ * does not hold back the verdicts of the others for long.  Called and
+ * returns with ob->lock held. */
+static void run_round(es_outbox *ob, es_outbox_entry_list *list,
+                      es__outbox_verdict *v)
+{
+    int64_t flush_ms = ob->cfg.lease_ms / 4;
+    if (flush_ms > 20) flush_ms = 20;
+    if (flush_ms < 1) flush_ms = 1;
+    ob->batch = list;
+    ob->next_item = 0;
+    ob->outstanding = list->count;
+    ob->verdicts = v;
+    ob->n_verdicts = 0;
+    size_t written = 0;
+    pthread_cond_broadcast(&ob->work_cv);
+    for (;;) {
+        bool all = ob->outstanding == 0;
+        size_t ready = ob->n_verdicts;
+        if (ready > written) {
+            /* Entries below n_verdicts are not touched again this round. */
+            pthread_mutex_unlock(&ob->lock);
+            record_verdicts(ob, v + written, ready - written);
+            pthread_mutex_lock(&ob->lock);
+            written = ready;
+        }
+        if (all) break;
+        struct timespec until;
+        deadline_after(&until, flush_ms);
+        while (ob->outstanding > 0 &&
+               pthread_cond_timedwait(&ob->done_cv, &ob->lock, &until) !=
+                   ETIMEDOUT)
+            ;
+    }
+    ob->batch = NULL;
+    ob->verdicts = NULL;
+}
+
 static void *claimer_main(void *arg)
 {
     es_outbox *ob = arg;
@@ -400,17 +494,21 @@ static void *claimer_main(void *arg)
                     es_status_name(rc), err.message);
         pthread_mutex_lock(&ob->lock);
         if (rc == 0 && list->count > 0) {
-            ob->batch = list;
-            ob->next_item = 0;
-            ob->outstanding = list->count;
-            pthread_cond_broadcast(&ob->work_cv);
-            while (ob->outstanding > 0)
-                pthread_cond_wait(&ob->done_cv, &ob->lock);
-            ob->batch = NULL;
-            pthread_mutex_unlock(&ob->lock);
-            es_outbox_entry_list_free(list);
-            pthread_mutex_lock(&ob->lock);
-            continue; /* more may be due now */
+            es__outbox_verdict *v = es__calloc(list->count, sizeof *v);
+            if (v == NULL) { /* the claims expire; try again later */
+                pthread_mutex_unlock(&ob->lock);
+                es_outbox_entry_list_free(list);
+                es__log(ES_LOG_WARN, "outbox: out of memory for a round");
+                pthread_mutex_lock(&ob->lock);
+                list = NULL;
+            } else {
+                run_round(ob, list, v);
+                pthread_mutex_unlock(&ob->lock);
+                es__free(v);
+                es_outbox_entry_list_free(list);
+                pthread_mutex_lock(&ob->lock);
+                continue; /* more may be due now */
+            }
         }
         es_outbox_entry_list_free(list);
         struct timespec until;
@@ -495,9 +593,9 @@ int es_outbox_open(const es_outbox_config *cfg, bool start, es_outbox **out,
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&ob->wake_cv, &ca);
+    pthread_cond_init(&ob->done_cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_cond_init(&ob->work_cv, NULL);
-    pthread_cond_init(&ob->done_cv, NULL);
     es_uuid seed;
     es_uuid_v7(&seed);
     memcpy(&ob->rng, seed.bytes + 8, sizeof ob->rng);

@@ -95,6 +95,7 @@ enum {
     SQL_OB_CLAIM,
     SQL_OB_DEAD,
     SQL_OB_FINISH,
+    SQL_OB_FINISH_MANY,
     SQL_OB_EXISTS,
     SQL_OB_LIST,
     SQL_OB_GET,
@@ -2016,6 +2017,66 @@ static int pg_outbox_finish(es_store *store, const es_uuid *id,
     return rc;
 }
 
+static int pg_outbox_finish_many(es_store *store, const char *owner,
+                                 int64_t now, const es__outbox_verdict *v,
+                                 size_t n, size_t *lost, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    *lost = 0;
+    if (n == 0) return 0;
+    if (n > INT32_MAX)
+        return es__error_set(err, ES_EINVAL, "too many verdicts");
+    es_buf ids = {0}, sts = {0}, nexts = {0}, errs = {0};
+    int rc = array_begin(&ids, OID_UUID, n);
+    if (rc == 0) rc = array_begin(&sts, OID_TEXT, n);
+    if (rc == 0) rc = array_begin(&nexts, OID_INT8, n);
+    if (rc == 0) rc = array_begin(&errs, OID_TEXT, n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const char *st = status_text(v[i].status);
+        rc = array_item(&ids, v[i].id.bytes, 16);
+        if (rc == 0) rc = array_item(&sts, st, strlen(st));
+        uint8_t next_b[8];
+        be64_ms(next_b, v[i].next_attempt_ms);
+        if (rc == 0) rc = array_item(&nexts, next_b, 8);
+        if (rc == 0)
+            rc = array_item(&errs, v[i].error,
+                            strnlen(v[i].error, sizeof v[i].error));
+    }
+    pg_txn t = {0};
+    if (rc != 0)
+        rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    else
+        rc = ob_begin(s, &t, err);
+    if (rc == 0) {
+        uint8_t now_b[8];
+        be64_ms(now_b, now);
+        const Oid types[6] = {OID_TEXT, OID_INT8, OID_UUID_ARRAY,
+                              OID_TEXT_ARRAY, OID_INT8_ARRAY,
+                              OID_TEXT_ARRAY};
+        const char *values[6] = {owner, (const char *)now_b,
+                                 (const char *)ids.data,
+                                 (const char *)sts.data,
+                                 (const char *)nexts.data,
+                                 (const char *)errs.data};
+        const int lens[6] = {(int)strlen(owner), 8, (int)ids.len,
+                             (int)sts.len, (int)nexts.len, (int)errs.len};
+        PGresult *r = NULL;
+        rc = run(t.conn, "outbox: finish", s->sql[SQL_OB_FINISH_MANY], 6,
+                 types, values, lens, &r, err);
+        if (rc == 0) {
+            unsigned long done = strtoul(PQcmdTuples(r), NULL, 10);
+            *lost = done < n ? n - (size_t)done : 0;
+            PQclear(r);
+        }
+        ob_end(s, &t);
+    }
+    es_buf_free(&ids);
+    es_buf_free(&sts);
+    es_buf_free(&nexts);
+    es_buf_free(&errs);
+    return rc;
+}
+
 static int pg_outbox_list(es_store *store, es_outbox_status status,
                           size_t limit, es_outbox_entry_list **out,
                           es_error *err)
@@ -3003,6 +3064,7 @@ static const es_store_ops postgres_ops = {
     .list_side_effects = pg_list_side_effects,
     .outbox_claim = pg_outbox_claim,
     .outbox_finish = pg_outbox_finish,
+    .outbox_finish_many = pg_outbox_finish_many,
     .outbox_list = pg_outbox_list,
     .outbox_get = pg_outbox_get,
     .outbox_requeue = pg_outbox_requeue,
@@ -3165,17 +3227,25 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         o);
     /* The first pending message of each aggregate (among those the
      * filters match) is its head: only heads are claimed, so the messages
-     * of one aggregate go one at a time, in order.  The claimable checks
-     * are on the locked row itself, so a row another dispatcher claimed
-     * or finished since the heads were read is passed over. */
+     * of one aggregate go one at a time, in order.  The scan walks the
+     * pending messages in seq order (partial index, migration 6) and stops
+     * at the limit, probing each one's aggregate for an earlier pending
+     * message: a claim costs about the limit, not the backlog.  OFFSET 0
+     * keeps the probe a per-row index lookup: without it a table with no
+     * statistics yet (fresh, before autovacuum's first ANALYZE) was planned
+     * as a nested-loop anti join, quadratic in the backlog.  The
+     * claimable checks are on the locked row itself, so a row another
+     * dispatcher claimed or finished since the snapshot is passed over. */
     s->sql[SQL_OB_CLAIM] = sqlf(
-        "WITH heads AS (SELECT DISTINCT ON (o.aggregate_id) o.id FROM %s o "
-        "WHERE o.status = 'pending' AND " OB_FILTER " ORDER BY "
-        "o.aggregate_id, o.seq), "
-        "pick AS (SELECT o.id FROM %s o JOIN heads h ON h.id = o.id WHERE "
-        "o.status = 'pending' AND (o.claimed_by IS NULL OR o.claimed_until "
-        "<= " MS(1) ") AND o.next_attempt_at <= " MS(1) " ORDER BY o.seq "
-        "LIMIT $5 FOR UPDATE OF o SKIP LOCKED), "
+        "WITH pick AS (SELECT o.id FROM %s o WHERE o.status = 'pending' "
+        "AND " OB_FILTER " AND (o.claimed_by IS NULL OR o.claimed_until <= "
+        MS(1) ") AND o.next_attempt_at <= " MS(1) " AND NOT EXISTS (SELECT "
+        "1 FROM %s p WHERE p.aggregate_id = o.aggregate_id AND p.status = "
+        "'pending' AND p.seq < o.seq AND EXISTS (SELECT 1 FROM unnest("
+        "$3::text[], $4::integer[]) AS f(t, k) WHERE f.t = p.aggregate_type "
+        "AND (f.k = -2147483648 OR f.k = p.kind)) OFFSET 0) ORDER BY o.seq "
+        "LIMIT $5 "
+        "FOR UPDATE OF o SKIP LOCKED), "
         "upd AS (UPDATE %s o SET attempts = o.attempts + 1, claimed_by = $6, "
         "claimed_until = " MS(1) " + $2 * interval '1 millisecond' FROM pick "
         "WHERE o.id = pick.id RETURNING " OB_COLS ") "
@@ -3191,6 +3261,18 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "last_error = coalesce($6, last_error), claimed_by = NULL, "
         "claimed_until = NULL WHERE id = $1 AND status = 'pending' AND "
         "claimed_by = $2", o);
+    /* Many verdicts at once: the arrays are ids, statuses, next attempt
+     * times (Unix ms) and errors ('' for none). */
+    s->sql[SQL_OB_FINISH_MANY] = sqlf(
+        "UPDATE %s o SET status = v.st, next_attempt_at = CASE WHEN v.st = "
+        "'pending' THEN 'epoch'::timestamptz + v.next * interval "
+        "'1 millisecond' ELSE o.next_attempt_at END, finished_at = CASE "
+        "WHEN v.st = 'done' THEN " MS(2) " ELSE o.finished_at END, "
+        "last_error = coalesce(nullif(v.err, ''), o.last_error), "
+        "claimed_by = NULL, claimed_until = NULL FROM unnest($3::uuid[], "
+        "$4::text[], $5::bigint[], $6::text[]) AS v(id, st, next, err) "
+        "WHERE o.id = v.id AND o.status = 'pending' AND o.claimed_by = $1",
+        o);
     s->sql[SQL_OB_EXISTS] = sqlf("SELECT 1 FROM %s WHERE id = $1", o);
     s->sql[SQL_OB_LIST] = sqlf(
         "SELECT " OB_COLS " FROM %s o WHERE o.status = $1 ORDER BY o.seq "

@@ -72,6 +72,14 @@ typedef struct es__commit_item {
     int status; /* out: 0, or why the item was not committed */
 } es__commit_item;
 
+/* A dispatcher's verdict on one claimed message (outbox_finish_many). */
+typedef struct es__outbox_verdict {
+    es_uuid id;
+    es_outbox_status status; /* done, dead, or pending again */
+    int64_t next_attempt_ms; /* when pending */
+    char error[256];         /* "" when there is none */
+} es__outbox_verdict;
+
 /* Which messages a dispatcher handles: a type and a kind
  * (ES_OUTBOX_ANY_KIND for all its kinds). */
 typedef struct es__outbox_filter {
@@ -165,6 +173,11 @@ typedef struct es_store_ops {
                          const char *owner, es_outbox_status status,
                          int64_t now_ms, int64_t next_attempt_ms,
                          const char *error, es_error *err);
+    /* Optional (NULL: outbox_finish one by one): n verdicts in one write,
+     * each only while owner holds its claim; *lost counts the others. */
+    int (*outbox_finish_many)(es_store *store, const char *owner,
+                              int64_t now_ms, const es__outbox_verdict *v,
+                              size_t n, size_t *lost, es_error *err);
     int (*outbox_list)(es_store *store, es_outbox_status status, size_t limit,
                        es_outbox_entry_list **out, es_error *err);
     int (*outbox_get)(es_store *store, const es_uuid *id,
