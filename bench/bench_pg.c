@@ -18,7 +18,17 @@
  * (CPU of this process and of the PostgreSQL server's processes, in % of
  * one core over the point) to OUT.json.
  *
- * Usage: bench_pg OUT.json [--quick]
+ * Rehydration, one thread loading one 10,000-event aggregate over and
+ * over (es_store_load):
+ *
+ *   load_replay     no snapshot: all 10,000 events read and applied
+ *   load_snapshot   a snapshot at version 9,994 and the 5 events after it
+ *
+ * with ops_per_s = loads per second, p50_us / p99_us per load, events
+ * (in the aggregate), replayed (events applied per load) and
+ * events_per_s (replayed events per second).
+ *
+ * Usage: bench_pg OUT.json [--quick] [--lanes N,...] [--only commands|load]
  */
 #include <dirent.h>
 #include <pthread.h>
@@ -193,6 +203,7 @@ typedef struct record {
     uint64_t keys;
     double ops_per_s, p50_us, p99_us, cpu_host_pct, cpu_pg_pct;
     uint64_t errors;
+    uint64_t events, replayed; /* rehydration records only */
 } record;
 
 static es_store *open_store(size_t pool)
@@ -340,7 +351,7 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
     free(cs);
     record rec = {"host_pg", 2, lanes, clients, keys, (double)done / dt, 0,
                   0, 100 * (c1 - c0) / dt, 100 * (g1 - g0) / dt,
-                  atomic_load(&r.errors)};
+                  atomic_load(&r.errors), 0, 0};
     lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  host_pg lanes %u clients %u: %.0f/s, p50 %.0f us, "
             "p99 %.0f us, %.1f commands/batch since open, cpu host %.0f%% "
@@ -439,7 +450,7 @@ static record per_command_point(unsigned clients, uint64_t keys,
     record rec = {"per_command_pg", 0, 0, clients, keys,
                   (double)atomic_load(&r.done) / dt, 0, 0,
                   100 * (c1 - c0) / dt, 100 * (g1 - g0) / dt,
-                  atomic_load(&r.errors)};
+                  atomic_load(&r.errors), 0, 0};
     lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  per_command_pg clients %u: %.0f/s, p50 %.0f us, "
             "p99 %.0f us, cpu host %.0f%% pg %.0f%%, %llu conflicts, %llu "
@@ -450,6 +461,132 @@ static record per_command_point(unsigned clients, uint64_t keys,
     return rec;
 }
 
+/* ---- rehydration ---- */
+
+#define LOAD_EVENTS 10000
+#define AFTER_SNAPSHOT 5
+
+static void die(const char *what, int rc, const es_error *err)
+{
+    fprintf(stderr, "bench_pg: %s: %s: %s\n", what, es_status_name(rc),
+            err->message);
+    exit(1);
+}
+
+/* Append n deposits to the aggregate (a new one when *ctx is NULL) and
+ * save them in one transaction.  Saving also stores a snapshot. */
+static void append(es_store *store, const es_uuid *key, es_context **ctx,
+                   size_t n)
+{
+    es_error err = {0};
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        deposit d = {make_id(), 1};
+        rc = *ctx == NULL
+                 ? es_context_record_new(&account_type, key, &d, ctx, &err)
+                 : es_context_record(*ctx, &d, &err);
+    }
+    es_txn *txn = NULL;
+    if (rc == 0) rc = es_store_begin(store, &txn, &err);
+    if (rc == 0) rc = es_context_save(txn, *ctx, &err);
+    if (rc == 0) rc = es_txn_commit(txn, &err);
+    else if (txn) es_txn_rollback(txn);
+    if (rc != 0) die("rehydration: append", rc, &err);
+}
+
+/* Replace the aggregate's snapshots by snap (NULL: none). */
+static void set_snapshot(es_store *store, const es_uuid *key,
+                         const es_snapshot *snap)
+{
+    es_error err = {0};
+    es_txn *txn = NULL;
+    int rc = es_store_begin(store, &txn, &err);
+    if (rc == 0) rc = es_txn_delete_snapshots(txn, key, &err);
+    if (rc == 0 && snap) rc = es_txn_store_snapshot(txn, snap, &err);
+    if (rc == 0) rc = es_txn_commit(txn, &err);
+    else if (txn) es_txn_rollback(txn);
+    if (rc != 0) die("rehydration: snapshot", rc, &err);
+}
+
+static record load_point(es_store *store, const char *name,
+                         const es_uuid *key, uint64_t replayed,
+                         double warm, double seconds)
+{
+    atomic_store(&g_n_lat, 0);
+    uint64_t loads = 0;
+    bool measuring = false;
+    double start = now_s(), c0 = 0, g0 = 0, t0 = 0;
+    for (;;) {
+        double t = now_s();
+        if (!measuring && t - start >= warm) {
+            measuring = true;
+            c0 = self_cpu_s();
+            g0 = pg_cpu_s();
+            t0 = t;
+            atomic_store(&g_n_lat, 0);
+        }
+        if (measuring && t - t0 >= seconds) break;
+        es_context *ctx = NULL;
+        es_error err = {0};
+        int rc = es_store_load(store, &account_type, key, &ctx, &err);
+        if (rc != 0) die("rehydration: load", rc, &err);
+        if (es_context_version(ctx) != LOAD_EVENTS - 1 ||
+            ((const account *)es_context_state(ctx))->balance !=
+                LOAD_EVENTS) {
+            fprintf(stderr, "bench_pg: %s loaded a wrong state\n", name);
+            exit(1);
+        }
+        es_context_free(ctx);
+        if (measuring) {
+            loads++;
+            lat_record(t);
+        }
+    }
+    double dt = now_s() - t0;
+    record rec = {name, 0, 0, 1, 1, (double)loads / dt, 0, 0,
+                  100 * (self_cpu_s() - c0) / dt, 100 * (pg_cpu_s() - g0) / dt,
+                  0, LOAD_EVENTS, replayed};
+    lat_percentiles(&rec.p50_us, &rec.p99_us);
+    fprintf(stderr, "  %s: %.0f loads/s (%.0f events/s), p50 %.0f us, p99 "
+            "%.0f us, cpu host %.0f%% pg %.0f%%\n", name, rec.ops_per_s,
+            rec.ops_per_s * (double)replayed, rec.p50_us, rec.p99_us,
+            rec.cpu_host_pct, rec.cpu_pg_pct);
+    return rec;
+}
+
+/* Two aggregates of LOAD_EVENTS deposits: one without a snapshot, one
+ * with a snapshot AFTER_SNAPSHOT events before its end. */
+static void rehydration(es_store *store, double warm, double seconds,
+                        record *out)
+{
+    es_uuid replay_key = make_id(), snap_key = make_id();
+    es_context *ctx = NULL;
+    append(store, &replay_key, &ctx, LOAD_EVENTS);
+    es_context_free(ctx);
+    set_snapshot(store, &replay_key, NULL);
+
+    ctx = NULL;
+    append(store, &snap_key, &ctx, LOAD_EVENTS - AFTER_SNAPSHOT);
+    es_error err = {0};
+    es_txn *txn = NULL;
+    es_snapshot *early = NULL;
+    int rc = es_store_begin(store, &txn, &err);
+    if (rc == 0)
+        rc = es_txn_get_snapshot(txn, &snap_key, account_type.snapshot_version,
+                                 &early, &err);
+    if (txn) es_txn_rollback(txn);
+    if (rc != 0) die("rehydration: read snapshot", rc, &err);
+    append(store, &snap_key, &ctx, AFTER_SNAPSHOT);
+    es_context_free(ctx);
+    set_snapshot(store, &snap_key, early); /* the one 5 events back */
+    es_free(early);
+
+    out[0] = load_point(store, "load_replay", &replay_key, LOAD_EVENTS, warm,
+                        seconds);
+    out[1] = load_point(store, "load_snapshot", &snap_key, AFTER_SNAPSHOT,
+                        warm, seconds);
+}
+
 static void write_json(const char *path, const record *r, size_t n)
 {
     FILE *f = fopen(path, "w");
@@ -458,16 +595,24 @@ static void write_json(const char *path, const record *r, size_t n)
         exit(1);
     }
     fprintf(f, "[\n");
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         fprintf(f, "  {\"name\": \"%s\", \"store\": \"postgres\", "
                 "\"workers\": %u, \"lanes\": %u, \"clients\": %u, "
                 "\"keys\": %llu, \"ops_per_s\": %.0f, \"p50_us\": %.0f, "
                 "\"p99_us\": %.0f, \"cpu_host_pct\": %.0f, "
-                "\"cpu_pg_pct\": %.0f, \"errors\": %llu}%s\n",
+                "\"cpu_pg_pct\": %.0f, \"errors\": %llu",
                 r[i].name, r[i].workers, r[i].lanes, r[i].clients,
                 (unsigned long long)r[i].keys, r[i].ops_per_s, r[i].p50_us,
                 r[i].p99_us, r[i].cpu_host_pct, r[i].cpu_pg_pct,
-                (unsigned long long)r[i].errors, i + 1 < n ? "," : "");
+                (unsigned long long)r[i].errors);
+        if (r[i].events > 0)
+            fprintf(f, ", \"events\": %llu, \"replayed\": %llu, "
+                    "\"events_per_s\": %.0f",
+                    (unsigned long long)r[i].events,
+                    (unsigned long long)r[i].replayed,
+                    r[i].ops_per_s * (double)r[i].replayed);
+        fprintf(f, "}%s\n", i + 1 < n ? "," : "");
+    }
     fprintf(f, "]\n");
     fclose(f);
 }
@@ -475,15 +620,17 @@ static void write_json(const char *path, const record *r, size_t n)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s OUT.json [--quick] [--lanes N,...]\n",
-                argv[0]);
+        fprintf(stderr, "usage: %s OUT.json [--quick] [--lanes N,...] "
+                "[--only commands|load]\n", argv[0]);
         return 2;
     }
     bool quick = false;
+    const char *only = "";
     unsigned lanes_set[8] = {4};
     size_t n_lanes = 1;
     for (int i = 2; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) quick = true;
+        if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
         if (strcmp(argv[i], "--lanes") == 0 && i + 1 < argc) {
             n_lanes = 0;
             for (char *p = argv[++i]; *p && n_lanes < 8;) {
@@ -514,7 +661,8 @@ int main(int argc, char **argv)
     find_postmaster(store);
     record recs[64];
     size_t n = 0;
-    for (int c = 0; c < 4; c++)
+    if (strcmp(only, "load") == 0) n_lanes = 0;
+    for (int c = 0; c < 4 && n_lanes > 0; c++)
         recs[n++] = per_command_point(clientset[c], keys, warm, secs);
     for (size_t l = 0; l < n_lanes; l++) {
         es_host *host = open_warm_host(store, lanes_set[l], keys);
@@ -522,6 +670,10 @@ int main(int argc, char **argv)
             recs[n++] = host_point(host, lanes_set[l], clientset[c], keys,
                                    warm, secs);
         es_host_shutdown(host, NULL);
+    }
+    if (strcmp(only, "commands") != 0) {
+        rehydration(store, warm, secs, &recs[n]);
+        n += 2;
     }
     es_store_close(store);
     write_json(argv[1], recs, n);

@@ -3,6 +3,10 @@
 
   pgcluster.py start DIR   create (if needed) and start; prints the conninfo
   pgcluster.py stop DIR    stop (fast, then immediate)
+  pgcluster.py restart DIR [--down S]
+                           immediate stop (a crash: no checkpoint, clients
+                           cut off), S seconds down, then start again with
+                           the options it ran with
 
 The server listens on a unix socket inside DIR only (no TCP unless --tcp
 PORT).  Run as root, the cluster belongs to the postgres user.
@@ -92,16 +96,52 @@ def stop(d):
                         stdout=subprocess.DEVNULL)
 
 
+def restart(d, down):
+    """Immediate stop, `down` seconds without a server, start again with
+    the options of the last start (postmaster.opts: port, socket,
+    max_connections)."""
+    import shlex
+    data = os.path.join(os.path.abspath(d), "data")
+    with open(os.path.join(data, "postmaster.opts")) as f:
+        argv = shlex.split(f.read())
+    opts = []
+    args = iter(argv[1:])
+    for a in args:
+        if a == "-D":
+            next(args, None)  # pg_ctl passes the data directory itself
+            continue
+        opts.append(shlex.quote(a))
+    b = bindir()
+    subprocess.call(as_owner([os.path.join(b, "pg_ctl"), "-D", data, "-m",
+                              "immediate", "-w", "stop"]),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(down)
+    log = os.path.join(os.path.abspath(d), "server.log")
+    for attempt in range(10):
+        rc = subprocess.call(as_owner(
+            [os.path.join(b, "pg_ctl"), "-D", data, "-l", log, "-o",
+             " ".join(opts), "-w", "-t", "60", "start"]),
+            stdout=subprocess.DEVNULL)
+        if rc == 0:
+            return
+        time.sleep(0.5 + attempt * 0.5)
+    sys.exit("pgcluster: server did not start again")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["start", "stop"])
+    ap.add_argument("action", choices=["start", "stop", "restart"])
     ap.add_argument("dir")
     ap.add_argument("--port", type=int, default=5432)
     ap.add_argument("--tcp", action="store_true")
     ap.add_argument("--max-connections", type=int, default=200)
+    ap.add_argument("--down", type=float, default=0.0,
+                    help="restart: seconds without a server")
     a = ap.parse_args()
     if a.action == "start":
         start(a.dir, a.port, a.tcp, a.max_connections)
+    elif a.action == "restart":
+        restart(a.dir, a.down)
     else:
         stop(a.dir)
 

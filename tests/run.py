@@ -43,6 +43,16 @@ class Cluster:
             self.url = out.strip().splitlines()[-1]
         return self
 
+    def env(self):
+        """For a test binary: DATABASE_URL, and when the cluster is ours,
+        where it is and the tool that restarts it (ES_PG_CLUSTER_DIR,
+        ES_PG_CLUSTER_TOOL), so a test may restart PostgreSQL."""
+        e = {"DATABASE_URL": self.url}
+        if self.dir:
+            e["ES_PG_CLUSTER_DIR"] = self.dir
+            e["ES_PG_CLUSTER_TOOL"] = os.path.join(HERE, "pgcluster.py")
+        return e
+
     def __exit__(self, *exc):
         if self.dir:
             subprocess.call([sys.executable, os.path.join(HERE,
@@ -213,12 +223,13 @@ def write_chart(records, path):
 
 
 def run_benchmarks(quick, only=None):
-    """Runs build/release/bench/bench_* and bench/bank_http.py; each
-    writes a JSON array to build/bench/<name>.json; they are merged into
-    build/bench/results.json and shown as a table.  Benchmarks are not
-    tests: they run one at a time, outside the test run.  only: the
-    benchmarks to run (bench_host, bench_pg, bank_http); the records of
-    the others are kept from the last results.json."""
+    """Runs build/release/bench/bench_* and bench/bank_http.py (only those
+    named in `only`, when given); each writes a JSON array to
+    build/bench/<name>.json; they are merged into build/bench/results.json
+    (with `only`, the records of the others are kept from the last one)
+    and shown as a table, and the PostgreSQL records are drawn in
+    build/bench/host_pg.svg.  Benchmarks are not tests: they run one at a
+    time, outside the test run."""
     import json
     out_dir = os.path.join(BUILD, "bench")
     os.makedirs(out_dir, exist_ok=True)
@@ -262,7 +273,7 @@ def run_benchmarks(quick, only=None):
         f.write("\n")
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
             "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
-            "cpu_pg_pct", "cpu_load_pct"]
+            "cpu_pg_pct", "events_per_s", "cpu_load_pct"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
@@ -427,10 +438,10 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="with --bench: short runs, smaller sets")
-    ap.add_argument("--only", default="",
-                    help="with --bench: a comma-separated list of "
-                    "benchmarks (bench_host, bench_pg, bank_http); the "
-                    "others' records are kept in results.json")
+    ap.add_argument("--bench-only", default="",
+                    help="with --bench: only these benchmarks "
+                    "(comma-separated: bench_host, bench_pg, "
+                    "bank_http)")
     a = ap.parse_args()
 
     if a.docs and a.variants == "release" and not a.compile_fail:
@@ -439,8 +450,8 @@ def main():
         ok = all([run_binary(ex, "release") for ex in examples("release")])
         sys.exit(0 if ok else 1)
     if a.bench:
-        only = [n for n in a.only.split(",") if n]
-        sys.exit(run_benchmarks(a.quick, only or None))
+        sys.exit(run_benchmarks(a.quick, [b for b in
+                                          a.bench_only.split(",") if b]))
 
     variants = a.variants.split(",")
     failed = 0
@@ -466,7 +477,7 @@ def main():
             for v in variants:
                 for t in pg_tests(v):
                     total += 1
-                    failed += not run_binary(t, v, {"DATABASE_URL": db.url})
+                    failed += not run_binary(t, v, db.env())
             if a.bank:
                 total += 4
                 failed += not bank_check(None)

@@ -5,7 +5,9 @@
  * aggregate among many fails alone and is decided again; connections
  * killed from another session during batches and during COMMIT leave
  * every command with exactly one outcome, the true one; command ids
- * survive a restart of the host; encryption at rest still seals.
+ * survive a restart of the host; encryption at rest still seals; the
+ * snapshot writer blocked in the database never holds up a command, and
+ * writes only the latest of an aggregate's queued snapshots.
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -360,6 +362,159 @@ static void test_pg_lanes_encrypted(void **state)
     fixture_pg_drop_schema(schema);
 }
 
+/* ---- the snapshot writer: its own connection, coalescing ---- */
+
+typedef struct snap_sender {
+    es_host *host;
+    es_uuid key;
+    atomic_int done;
+    int failed;
+} snap_sender;
+
+#define SNAP_SENDS 50
+
+static void *snap_send(void *arg)
+{
+    snap_sender *s = arg;
+    for (int i = 0; i < SNAP_SENDS; i++) {
+        uint8_t value[4];
+        es_command c = command(value, 1);
+        if (es_host_call(s->host, &counter_type, &s->key, &c, NULL, NULL))
+            s->failed++;
+        atomic_fetch_add(&s->done, 1);
+    }
+    return NULL;
+}
+
+static long long sql_num(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    long long v = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1
+                      ? atoll(PQgetvalue(r, 0, 0))
+                      : -1;
+    PQclear(r);
+    return v;
+}
+
+static uint64_t snap_of_key(es_store *store, const es_uuid *key)
+{
+    es_txn *txn = NULL;
+    es_snapshot *snap = NULL;
+    uint64_t v = UINT64_MAX;
+    if (es_store_begin(store, &txn, NULL) != 0) return v;
+    if (es_txn_get_snapshot(txn, key, COUNTER_SNAPSHOT_VERSION, &snap,
+                            NULL) == 0)
+        v = snap->version;
+    es_free(snap);
+    es_txn_rollback(txn);
+    return v;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* A pool of one connection: were the snapshot writer to take it, the
+ * lane could not commit while the writer waits.  The snapshots table is
+ * locked against writes from another session; a command makes the writer
+ * wait on the lock; then more commands, each asking for a snapshot, are
+ * all acknowledged while it waits, and once the lock is released the
+ * writer stores only the latest snapshot of the many queued. */
+static void test_pg_lanes_snapshot_writer(void **state)
+{
+    (void)state;
+    es_pg_config *pcfg = NULL;
+    es_store *store = NULL;
+    assert_int_equal(es_pg_config_new(&pcfg, NULL), 0);
+    assert_int_equal(es_pg_config_set_schema(pcfg, g_schema, NULL), 0);
+    assert_int_equal(es_pg_config_set_pool_size(pcfg, 1, NULL), 0);
+    assert_int_equal(es_pg_store_open(pcfg, &store, NULL), 0);
+    es_pg_config_free(pcfg);
+    es_host_config *cfg = NULL;
+    static snap_sender s;
+    memset(&s, 0, sizeof s);
+    assert_int_equal(es_host_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_host_config_set_lanes(cfg, 1), 0);
+    assert_int_equal(es_host_config_set_snapshots(cfg, 1, false), 0);
+    assert_int_equal(es_host_config_set_snapshot_slow_load(cfg, 0), 0);
+    assert_int_equal(
+        es_host_config_add_type(cfg, &counter_type, decide, NULL, NULL), 0);
+    assert_int_equal(es_host_open(cfg, store, &s.host, NULL), 0);
+    es_host_config_free(cfg);
+    es_uuid_v7(&s.key);
+    uint8_t value[4];
+    es_command first = command(value, 1);
+    assert_int_equal(
+        es_host_call(s.host, &counter_type, &s.key, &first, NULL, NULL), 0);
+    es_host_metrics m0;
+    es_host_metrics_get(s.host, &m0);
+    for (int i = 0; i < 500 && m0.snapshots < 1; i++) { /* counted */
+        sleep_ms(10);
+        es_host_metrics_get(s.host, &m0);
+    }
+    assert_int_equal(m0.snapshots, 1);
+    assert_int_equal(snap_of_key(g_store, &s.key), 1);
+
+    PGconn *lock = fixture_pg_connect();
+    assert_non_null(lock);
+    char q[256];
+    snprintf(q, sizeof q,
+             "BEGIN; LOCK TABLE \"%s\".snapshots IN SHARE MODE", g_schema);
+    PGresult *r = PQexec(lock, q);
+    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+    /* asked outside the locking transaction: pg_stat_activity is read
+     * once per transaction */
+    PGconn *watch = fixture_pg_connect();
+    assert_non_null(watch);
+    static const char waiting_sql[] =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+        "'Lock' AND query ILIKE '%snapshots%'";
+    es_command trigger = command(value, 1);
+    assert_int_equal(
+        es_host_call(s.host, &counter_type, &s.key, &trigger, NULL, NULL), 0);
+    long long blocked = 0;
+    for (int i = 0; i < 1000 && blocked != 1; i++) {
+        sleep_ms(10);
+        blocked = sql_num(watch, waiting_sql);
+    }
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, snap_send, &s), 0);
+    for (int i = 0; i < 2000 && atomic_load(&s.done) < SNAP_SENDS; i++)
+        sleep_ms(10);
+    int done_while_locked = atomic_load(&s.done);
+    /* the writer is still there, waiting on the lock */
+    long long waiting = sql_num(watch, waiting_sql);
+    PQfinish(watch);
+    PQclear(PQexec(lock, "COMMIT"));
+    PQfinish(lock);
+    pthread_join(th, NULL);
+    /* the latest snapshot arrives */
+    uint64_t last = SNAP_SENDS + 2;
+    for (int i = 0; i < 500 && snap_of_key(g_store, &s.key) != last; i++)
+        sleep_ms(10);
+    uint64_t stored = snap_of_key(g_store, &s.key);
+    es_host_metrics m;
+    es_host_metrics_get(s.host, &m);
+    assert_int_equal(es_host_shutdown(s.host, NULL), 0);
+    es_store_close(store);
+    printf("snapshot writer: %d of %d acknowledged while it waited on a "
+           "lock (%lld waiting); %llu snapshots written for %d asked\n",
+           done_while_locked, SNAP_SENDS, waiting,
+           (unsigned long long)(m.snapshots - m0.snapshots), SNAP_SENDS);
+    assert_int_equal(blocked, 1);
+    assert_int_equal(done_while_locked, SNAP_SENDS);
+    assert_int_equal(s.failed, 0);
+    assert_int_equal(waiting, 1);
+    assert_int_equal(stored, last);
+    /* the write that waited on the lock (the trigger's snapshot), then
+     * one for the SNAP_SENDS queued meanwhile */
+    assert_int_equal(m.snapshots - m0.snapshots, 2);
+    check_counter(g_store, &s.key, SNAP_SENDS + 2, last);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -387,6 +542,7 @@ int main(void)
         cmocka_unit_test(test_pg_lanes_killed_connections),
         cmocka_unit_test(test_pg_lanes_command_ids_survive_restart),
         cmocka_unit_test(test_pg_lanes_encrypted),
+        cmocka_unit_test(test_pg_lanes_snapshot_writer),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -35,7 +35,8 @@
  * once.
  *
  * Threads: the host runs `workers` worker threads, one thread per commit
- * lane (es_host_config_set_lanes) and one housekeeping thread (snapshots, passivation).  Decide handlers
+ * lane (es_host_config_set_lanes), one housekeeping thread (passivation)
+ * and one snapshot writer.  Decide handlers
  * and completion callbacks run on worker threads (completions with
  * ES_ECLOSED may also run on the thread closing the host).  The aggregate
  * type's callbacks run on worker threads too, except state_encode for a
@@ -207,8 +208,13 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,
 
 /** Snapshot policy: a snapshot after every `every_events` events of an
  *  aggregate (0: never by count), and one on passivation when events came
- *  since the last.  Snapshots are written by the housekeeping thread, off
- *  the command path.  Returns 0. */
+ *  since the last.  Snapshots are written off the command path by the
+ *  snapshot writer, a thread with a database connection of its own (on
+ *  PostgreSQL outside the pool, so never a commit lane's; its commits do
+ *  not wait for the WAL flush, as a snapshot is a cache), about every
+ *  100 ms; of several snapshots of one aggregate queued meanwhile only the
+ *  latest is written.  A command's acknowledgement never waits for a
+ *  snapshot.  Returns 0. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
     es_host_config *cfg, uint64_t every_events, bool on_passivation);
 

@@ -1,7 +1,10 @@
 /*
  * The aggregate host: actors with bounded mailboxes on a worker pool,
  * commit lanes (a thread each) that write many actors' events per
- * transaction, one housekeeping thread for snapshots and passivation.
+ * transaction, one housekeeping thread for passivation, one snapshot
+ * writer on a connection of its own (never a lane's, never the pool's on
+ * PostgreSQL), which writes only the latest of several snapshots of one
+ * aggregate.
  * An actor's items always go to the same lane (by a hash of its key), so
  * a lane commits them in the order they were decided, and lanes never
  * share an aggregate.
@@ -25,13 +28,15 @@
  *                  links
  *   host->rq_lock  the run queue
  *   lane->lock     one commit lane's queue
- *   host->hk_lock  snapshot jobs and evicted actors for the housekeeper
+ *   host->hk_lock  evicted actors for the housekeeper
+ *   host->sw_lock  snapshot jobs for the snapshot writer
  *   host->drain_lock  only to wait for the last completion at close
  */
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -48,6 +53,7 @@
 #define MAX_ATTEMPTS 4  /* decisions of one command whose commit failed */
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
+#define SNAP_TICK_NS 100000000u /* the snapshot writer's pace: 100 ms */
 #define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
 
 typedef struct htype {
@@ -172,10 +178,17 @@ struct es_host {
 
     pthread_mutex_t hk_lock;
     pthread_cond_t hk_cond;
-    snap_job *sj_head, *sj_tail;
-    size_t sj_n;
     actor *evicted;
     bool hk_stop;
+
+    pthread_mutex_t sw_lock;
+    pthread_cond_t sw_cond;
+    snap_job *sj_head, *sj_tail;
+    size_t sj_n;
+    bool sw_stop;
+    /* the snapshot writer's connection (its thread's; the closing thread's
+     * once it has stopped) */
+    void *snap_conn;
 
     pthread_mutex_t drain_lock;
     pthread_cond_t drain_cond;
@@ -184,8 +197,8 @@ struct es_host {
 
     pthread_t *workers;
     unsigned n_workers;
-    pthread_t housekeeper;
-    bool housekeeper_started;
+    pthread_t housekeeper, snap_writer;
+    bool housekeeper_started, snap_writer_started;
 
     atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
         busy, resident, loads, passivations, mailbox_depth, batches,
@@ -709,19 +722,71 @@ static snap_job *snap_job_new(const es_uuid *id, uint64_t version,
     return j;
 }
 
+/* Queue a list of jobs for the snapshot writer.  It is not woken: it
+ * takes them at its pace, so that several snapshots of one aggregate
+ * coalesce and a worker completing a command never waits on it. */
 static void snap_enqueue(es_host *host, snap_job *j)
 {
-    pthread_mutex_lock(&host->hk_lock);
-    if (host->sj_n >= MAX_SNAP_JOBS) { /* a cache: drop rather than grow */
-        pthread_mutex_unlock(&host->hk_lock);
-        es__free(j);
-        return;
+    while (j) {
+        snap_job *next = j->next;
+        j->next = NULL;
+        pthread_mutex_lock(&host->sw_lock);
+        bool full = host->sj_n >= MAX_SNAP_JOBS;
+        if (!full) {
+            if (host->sj_tail) host->sj_tail->next = j;
+            else host->sj_head = j;
+            host->sj_tail = j;
+            host->sj_n++;
+        }
+        pthread_mutex_unlock(&host->sw_lock);
+        if (full) es__free(j); /* a cache: drop rather than grow */
+        j = next;
     }
-    if (host->sj_tail) host->sj_tail->next = j;
-    else host->sj_head = j;
-    host->sj_tail = j;
-    host->sj_n++;
-    pthread_mutex_unlock(&host->hk_lock);
+}
+
+typedef struct snap_ref {
+    snap_job *j;
+    size_t seq; /* queue order */
+} snap_ref;
+
+static int snap_ref_cmp(const void *pa, const void *pb)
+{
+    const snap_ref *a = pa, *b = pb;
+    int c = memcmp(a->j->snap.aggregate_id.bytes, b->j->snap.aggregate_id.bytes,
+                   16);
+    if (c != 0) return c;
+    if (a->j->snap.version != b->j->snap.version)
+        return a->j->snap.version < b->j->snap.version ? -1 : 1;
+    return a->seq < b->seq ? -1 : a->seq > b->seq;
+}
+
+/* Keep only the latest snapshot of each aggregate (highest version, then
+ * the last queued), in aggregate id order: one row write per aggregate,
+ * and hosts sharing a database update the rows in the same order.  Out
+ * of memory: the list as it is. */
+static snap_job *snap_coalesce(snap_job *list)
+{
+    size_t n = 0;
+    for (snap_job *j = list; j; j = j->next) n++;
+    if (n < 2) return list;
+    snap_ref *refs = es__calloc(n, sizeof *refs);
+    if (refs == NULL) return list;
+    n = 0;
+    for (snap_job *j = list; j; j = j->next, n++) refs[n] = (snap_ref){j, n};
+    qsort(refs, n, sizeof *refs, snap_ref_cmp);
+    snap_job *head = NULL, **tail = &head;
+    for (size_t i = 0; i < n; i++) {
+        if (i + 1 < n && es_uuid_equal(&refs[i].j->snap.aggregate_id,
+                                       &refs[i + 1].j->snap.aggregate_id)) {
+            es__free(refs[i].j); /* a later one follows */
+            continue;
+        }
+        *tail = refs[i].j;
+        tail = &refs[i].j->next;
+    }
+    *tail = NULL;
+    es__free(refs);
+    return head;
 }
 
 /* Encode the actor's state; NULL when it cannot. */
@@ -747,12 +812,14 @@ static int write_snapshots(es_host *host, snap_job *list, es_error *err)
     if (list == NULL) return 0;
     int rc = 0;
     uint64_t n = 0;
-    /* A pooled connection may have died meanwhile (the store then drops
-     * it): one more try on a fresh one before giving up. */
+    list = snap_coalesce(list);
+    /* The connection may have died meanwhile (the store then drops it):
+     * one more try on a fresh one before giving up. */
     for (int attempt = 0; attempt < 2; attempt++) {
         es_txn *txn = NULL;
         n = 0;
-        rc = es_store_begin(host->store, &txn, err);
+        rc = es__store_begin_background(host->store, &host->snap_conn, &txn,
+                                        err);
         for (snap_job *j = list; rc == 0 && j; j = j->next, n++)
             rc = es_txn_store_snapshot(txn, &j->snap, err);
         if (txn) {
@@ -791,11 +858,26 @@ static void passivate(es_host *host, actor *a, bool snapshot,
 
 /* ---- the worker side of an actor ---- */
 
+/* The connection broke or the server ended the session (SQLSTATE class
+ * 08, 57P0x: a restart, a terminated backend). */
+static bool connection_lost(const es_error *err)
+{
+    return strncmp(err->sqlstate, "08", 2) == 0 ||
+           strncmp(err->sqlstate, "57P0", 4) == 0;
+}
+
 static int load_actor(es_host *host, actor *a, es_error *err)
 {
     uint64_t t0 = es__now_ns();
     es_context *ctx = NULL;
-    int rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+    int rc = 0;
+    /* A load only reads: one cut by a lost connection is tried again on
+     * a fresh connection (twice), instead of failing the command. */
+    for (int attempt = 0; attempt < 3; attempt++) {
+        memset(err, 0, sizeof *err);
+        rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
+        if (rc != ES_EDB || !connection_lost(err)) break;
+    }
     uint64_t took = es__now_ns() - t0;
     count(&host->loads, 1);
     es__hist_record(&host->h_load, took);
@@ -1018,6 +1100,7 @@ static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub)
     it->type_name = t->name;
     it->group = a;
     it->status = ES__COMMIT_PENDING;
+    it->why = NULL;
     it->record = (es__command_record){h->id, a->id, h->kind, h->payload,
                                       h->len,
                                       it->n_events ? it->events[0].version
@@ -1118,7 +1201,7 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         }
         complete_error(host, h, st, ES_HOST_NO_VERSION,
                        st == ES_ECONFLICT ? "commit kept conflicting"
-                                          : NULL);
+                                          : h->item.why);
     }
 }
 
@@ -1295,7 +1378,7 @@ static void *committer_main(void *arg)
     return NULL;
 }
 
-/* ---- the housekeeper: snapshots, passivation ---- */
+/* ---- the housekeeper (passivation) and the snapshot writer ---- */
 
 static void evict_idle(es_host *host, snap_job **jobs)
 {
@@ -1330,15 +1413,12 @@ static void *housekeeper_main(void *arg)
     if (tick < 1000000u) tick = 1000000u;
     for (;;) {
         pthread_mutex_lock(&host->hk_lock);
-        if (host->sj_head == NULL && host->evicted == NULL &&
-            !host->hk_stop) {
+        if (host->evicted == NULL && !host->hk_stop) {
             struct timespec ts;
             deadline_in(&ts, tick);
             pthread_cond_timedwait(&host->hk_cond, &host->hk_lock, &ts);
         }
-        snap_job *jobs = host->sj_head;
-        host->sj_head = host->sj_tail = NULL;
-        host->sj_n = 0;
+        snap_job *jobs = NULL;
         actor *evicted = host->evicted;
         host->evicted = NULL;
         bool stop = host->hk_stop;
@@ -1351,15 +1431,46 @@ static void *housekeeper_main(void *arg)
             evicted = next;
         }
         if (host->cfg.idle_ms > 0 && !stop) evict_idle(host, &jobs);
-        if (now) {
-            while (jobs) {
-                snap_job *next = jobs->next;
-                es__free(jobs);
-                jobs = next;
-            }
+        snap_enqueue(host, jobs); /* none when closing now */
+        if (stop) break;
+    }
+    return NULL;
+}
+
+static void free_jobs(snap_job *jobs)
+{
+    while (jobs) {
+        snap_job *next = jobs->next;
+        es__free(jobs);
+        jobs = next;
+    }
+}
+
+/* The snapshot writer: every SNAP_TICK_NS, what was queued, coalesced,
+ * in one transaction on its own connection.  At the stop it writes what
+ * is left (nothing when closing now). */
+static void *snap_writer_main(void *arg)
+{
+    es_host *host = arg;
+    tls_host = host;
+    for (;;) {
+        pthread_mutex_lock(&host->sw_lock);
+        if (!host->sw_stop) {
+            struct timespec ts;
+            deadline_in(&ts, SNAP_TICK_NS);
+            pthread_cond_timedwait(&host->sw_cond, &host->sw_lock, &ts);
         }
-        es_error err = {0};
-        write_snapshots(host, jobs, &err); /* a cache: errors only cost */
+        snap_job *jobs = host->sj_head;
+        host->sj_head = host->sj_tail = NULL;
+        host->sj_n = 0;
+        bool stop = host->sw_stop;
+        pthread_mutex_unlock(&host->sw_lock);
+        if (atomic_load(&host->closing_now)) {
+            free_jobs(jobs);
+        } else {
+            es_error err = {0};
+            write_snapshots(host, jobs, &err); /* a cache: errors only cost */
+        }
         if (stop) break;
     }
     return NULL;
@@ -1380,6 +1491,10 @@ static void host_free(es_host *host)
     es__free(host->lanes);
     pthread_mutex_destroy(&host->hk_lock);
     pthread_cond_destroy(&host->hk_cond);
+    free_jobs(host->sj_head); /* left by a failed open */
+    pthread_mutex_destroy(&host->sw_lock);
+    pthread_cond_destroy(&host->sw_cond);
+    es__store_background_close(host->store, &host->snap_conn);
     pthread_mutex_destroy(&host->drain_lock);
     pthread_cond_destroy(&host->drain_cond);
     es__free(host->workers);
@@ -1412,6 +1527,15 @@ static void stop_threads(es_host *host)
         pthread_mutex_unlock(&host->hk_lock);
         pthread_join(host->housekeeper, NULL);
         host->housekeeper_started = false;
+    }
+    /* last: the housekeeper may have queued snapshots of passivations */
+    if (host->snap_writer_started) {
+        pthread_mutex_lock(&host->sw_lock);
+        host->sw_stop = true;
+        pthread_cond_signal(&host->sw_cond);
+        pthread_mutex_unlock(&host->sw_lock);
+        pthread_join(host->snap_writer, NULL);
+        host->snap_writer_started = false;
     }
 }
 
@@ -1467,6 +1591,8 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     }
     pthread_mutex_init(&host->hk_lock, NULL);
     pthread_cond_init(&host->hk_cond, NULL);
+    pthread_mutex_init(&host->sw_lock, NULL);
+    pthread_cond_init(&host->sw_cond, NULL);
     pthread_mutex_init(&host->drain_lock, NULL);
     pthread_cond_init(&host->drain_cond, NULL);
 
@@ -1479,6 +1605,10 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     if (rc == 0) {
         rc = pthread_create(&host->housekeeper, NULL, housekeeper_main, host);
         host->housekeeper_started = rc == 0;
+    }
+    if (rc == 0) {
+        rc = pthread_create(&host->snap_writer, NULL, snap_writer_main, host);
+        host->snap_writer_started = rc == 0;
     }
     for (unsigned i = 0; rc == 0 && i < cfg->workers; i++) {
         rc = pthread_create(&host->workers[i], NULL, worker_main, host);

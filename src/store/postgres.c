@@ -154,6 +154,7 @@ typedef struct pg_txn {
     unsigned depth;   /* savepoints open */
     unsigned cursors; /* stream cursors made, for unique names */
     bool wrote_side_effects; /* wake dispatchers after commit */
+    PGconn **own; /* begin_background: the caller's slot, not the pool */
 } pg_txn;
 
 static const int binary_formats[8] = {1, 1, 1, 1, 1, 1, 1, 1};
@@ -442,9 +443,15 @@ static int status_for_sqlstate(const char *st)
     return ES_EDB;
 }
 
+/* The connection is gone: no result, a broken connection, or an error
+ * libpq made itself (no SQLSTATE: "server closed the connection
+ * unexpectedly"), which in pipeline mode comes before the status turns
+ * CONNECTION_BAD.  Errors from the server always carry a SQLSTATE. */
 static bool conn_lost(PGconn *c, const PGresult *r)
 {
-    return r == NULL || PQstatus(c) == CONNECTION_BAD;
+    return r == NULL || PQstatus(c) == CONNECTION_BAD ||
+           (PQresultStatus(r) == PGRES_FATAL_ERROR &&
+            PQresultErrorField(r, PG_DIAG_SQLSTATE) == NULL);
 }
 
 /* An es_error for a failed statement (r may be NULL). */
@@ -681,12 +688,14 @@ static int pool_get(pg_store *s, PGconn **out, es_error *err)
     }
 }
 
-/* Give a connection back; a broken one, or one still in a transaction,
- * is closed instead. */
+/* Give a connection back; a broken one, one still in a transaction or
+ * one left in pipeline mode (a batch that failed half way) is closed
+ * instead. */
 static void pool_put(pg_store *s, PGconn *c)
 {
     bool healthy = PQstatus(c) == CONNECTION_OK &&
-                   PQtransactionStatus(c) == PQTRANS_IDLE;
+                   PQtransactionStatus(c) == PQTRANS_IDLE &&
+                   PQpipelineStatus(c) == PQ_PIPELINE_OFF;
     if (!healthy) PQfinish(c);
     pthread_mutex_lock(&s->lock);
     if (healthy)
@@ -709,7 +718,14 @@ static void txn_end(pg_txn *t)
 {
     pg_store *s = (pg_store *)t->base.store;
     sodium_memzero(t->dek, sizeof t->dek);
-    pool_put(s, t->conn);
+    if (t->own == NULL) {
+        pool_put(s, t->conn);
+    } else if (PQstatus(t->conn) != CONNECTION_OK ||
+               PQtransactionStatus(t->conn) != PQTRANS_IDLE ||
+               PQpipelineStatus(t->conn) != PQ_PIPELINE_OFF) {
+        PQfinish(t->conn); /* a new one next time */
+        *t->own = NULL;
+    }
     es__free(t);
     es__store_txn_ended(&s->base);
 }
@@ -742,6 +758,69 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
     return 0;
 }
 
+/* COMMIT answered by the server ending the session (shutdown, crash of
+ * another backend, pg_terminate_backend: 57P0x) or a connection error
+ * (08xxx) before libpq saw the socket close: the commit record may have
+ * been written, so the outcome is unknown, not a failure. */
+static bool commit_cut(const PGresult *r)
+{
+    const char *st = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    return st != NULL &&
+           (strncmp(st, "57P0", 4) == 0 || strncmp(st, "08", 2) == 0);
+}
+
+/* A transaction on the caller's own connection (see begin_background in
+ * store_impl.h): a pooled connection is never taken, so a background
+ * writer never makes the commit lanes or loads wait for the pool, and
+ * its commits do not wait for the WAL flush (synchronous_commit off: a
+ * crash may lose the last ones, which only a cache may). */
+static int pg_begin_background(es_store *store, void **slot, es_txn **out,
+                               es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    PGconn **own = (PGconn **)slot;
+    pg_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = store;
+    t->own = own;
+    int rc = 0;
+    /* A kept connection may have died meanwhile: one more try. */
+    for (int attempt = 0; attempt < 2; attempt++) {
+        bool fresh = *own == NULL;
+        if (fresh) {
+            rc = store_connect(s, own, err);
+            if (rc == 0)
+                rc = run_simple(*own, "background: synchronous_commit",
+                                "SET synchronous_commit = off", err);
+            if (rc != 0 && *own != NULL) {
+                PQfinish(*own);
+                *own = NULL;
+            }
+            if (rc != 0) break;
+        }
+        rc = run_simple(*own, "begin", "BEGIN ISOLATION LEVEL READ COMMITTED",
+                        err);
+        if (rc == 0) break;
+        PQfinish(*own);
+        *own = NULL;
+        if (fresh) break;
+    }
+    if (rc != 0) {
+        es__free(t);
+        return rc;
+    }
+    t->conn = *own;
+    es__store_txn_started(store);
+    *out = &t->base;
+    return 0;
+}
+
+static void pg_background_close(es_store *store, void *conn)
+{
+    (void)store;
+    PQfinish(conn);
+}
+
 static int pg_commit(es_txn *txn, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
@@ -764,7 +843,7 @@ static int pg_commit(es_txn *txn, es_error *err)
                                "failed earlier and was rolled back");
             if (err) memcpy(err->sqlstate, "25P02", 6);
         }
-    } else if (conn_lost(t->conn, r)) {
+    } else if (conn_lost(t->conn, r) || commit_cut(r)) {
         rc = es__error_set(err, ES_EUNKNOWN, "commit: connection lost "
                            "during COMMIT; the transaction may or may not "
                            "have committed");
@@ -3025,8 +3104,13 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
             if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, probe);
             if (outcome != 0) {
                 for (size_t i = 0; i < n; i++)
-                    if (items[i]->status == ES__COMMIT_PENDING)
+                    if (items[i]->status == ES__COMMIT_PENDING) {
                         items[i]->status = outcome == 1 ? 0 : ES_EUNKNOWN;
+                        if (outcome != 1)
+                            items[i]->why = "commit: connection lost during "
+                                            "COMMIT and the outcome could "
+                                            "not be read back";
+                    }
                 if (outcome == 1) committed++;
                 break;
             }
@@ -3039,8 +3123,13 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
             continue;
         if (lost >= BATCH_TRIES)
             for (size_t i = 0; i < n; i++)
-                if (items[i]->status == ES__COMMIT_PENDING)
+                if (items[i]->status == ES__COMMIT_PENDING) {
                     items[i]->status = rc;
+                    items[i]->why = "commit: the database could not be "
+                                    "reached (connection lost or refused, "
+                                    "retried with backoff for about 7 s); "
+                                    "nothing was committed";
+                }
         break;
     }
     return committed;
@@ -3075,6 +3164,8 @@ static const es_store_ops postgres_ops = {
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
     .write_batch = pg_write_batch,
+    .begin_background = pg_begin_background,
+    .background_close = pg_background_close,
     .close = pg_close,
 };
 

@@ -25,6 +25,23 @@ int es_store_begin(es_store *store, es_txn **out, es_error *err)
     return store->ops->begin(store, out, err);
 }
 
+int es__store_begin_background(es_store *store, void **slot, es_txn **out,
+                               es_error *err)
+{
+    if (store->ops->begin_background == NULL)
+        return es_store_begin(store, out, err);
+    if (atomic_load(&store->closing))
+        return es__error_set(err, ES_ECLOSED, "store is closing");
+    return store->ops->begin_background(store, slot, out, err);
+}
+
+void es__store_background_close(es_store *store, void **slot)
+{
+    if (*slot != NULL && store->ops->background_close != NULL)
+        store->ops->background_close(store, *slot);
+    *slot = NULL;
+}
+
 int es_txn_commit(es_txn *txn, es_error *err)
 {
     if (txn == NULL)

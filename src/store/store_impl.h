@@ -70,6 +70,8 @@ typedef struct es__commit_item {
     size_t n_side_effects;
     es__command_record record; /* written when the store keeps them */
     int status; /* out: 0, or why the item was not committed */
+    const char *why; /* out: a static message for a failed status, or NULL
+                      * (the status name says it all) */
 } es__commit_item;
 
 /* A dispatcher's verdict on one claimed message (outbox_finish_many). */
@@ -157,6 +159,15 @@ typedef struct es_store_ops {
      * the generic way.  Returns the number of transactions committed. */
     size_t (*write_batch)(es_store *store, es__commit_item **items,
                           size_t n);
+    /* Optional: a transaction on a connection of the caller's own, kept
+     * in *slot between transactions (NULL at first; a broken one is
+     * closed and replaced), never one of the pool's, for writes off the
+     * command path that may be lost in a crash (snapshots, a cache): it
+     * does not wait for the WAL flush.  background_close closes the
+     * connection in a slot (NULL: no-op).  NULL: es_store_begin. */
+    int (*begin_background)(es_store *store, void **slot, es_txn **out,
+                            es_error *err);
+    void (*background_close)(es_store *store, void *conn);
     /* The outbox (each in a transaction of its own; see outbox.h).
      * claim: among pending messages matching a filter, due at now_ms,
      * unclaimed or with an expired claim, and with no earlier matching
@@ -249,6 +260,13 @@ int es__txn_insert_events(es_txn *txn, const char *type_name,
 int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
                                 const es_side_effect *items, size_t n,
                                 es_error *err);
+
+/* A transaction for a background writer on a connection of its own (the
+ * begin_background op), or es_store_begin when the backend has none.
+ * *slot starts NULL; es__store_background_close(store, slot) ends it. */
+int es__store_begin_background(es_store *store, void **slot, es_txn **out,
+                               es_error *err);
+void es__store_background_close(es_store *store, void **slot);
 
 /* Command-id records; ES_EINVAL when the backend has none (see
  * es__store_has_commands). */

@@ -1,0 +1,299 @@
+/*
+ * PostgreSQL restarted under load from the host (immediate stop: a crash,
+ * no checkpoint, every connection cut; then down for a while; then
+ * started again).  Every command completes, each with the truth: what
+ * was acknowledged is stored, what failed is not (unless it failed with
+ * ES_EUNKNOWN), every failure says why; and the host keeps working once
+ * the server is back (its lanes reconnect with backoff).
+ *
+ * It needs a cluster of its own to restart: tests/run.py sets
+ * ES_PG_CLUSTER_DIR and ES_PG_CLUSTER_TOOL when it started the cluster;
+ * with only DATABASE_URL the test is skipped.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include <cmocka.h>
+
+#include "eventastic.h"
+#include "fixtures/counter.h"
+#include "fixtures/pg.h"
+
+extern char **environ;
+
+static es_store *g_store;
+static char g_schema[64];
+
+#define KEYS 16
+#define PRODUCERS 16
+#define OK_BEFORE 200 /* acknowledged commands before the restart */
+#define OK_AFTER 300  /* ... and sent after it, acknowledged */
+
+/* Command: add the 4-byte little-endian value; the first one resets. */
+static int decide(void *user, const void *state, const es_command *cmd,
+                  es_emitter *em)
+{
+    (void)user;
+    if (cmd->len != 4) return es_emit_reject(em, "bad payload");
+    const uint8_t *p = cmd->payload;
+    int32_t v = (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 |
+                          (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+    if (state == NULL) {
+        counter_event reset = counter_reset(es_emit_aggregate_id(em));
+        int rc = es_emit(em, &reset);
+        if (rc != 0) return rc;
+    }
+    counter_event add = counter_add(v);
+    return es_emit(em, &add);
+}
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+typedef struct shared {
+    es_host *host;
+    es_uuid keys[KEYS];
+    atomic_int ok[KEYS], unknown[KEYS];
+    atomic_int ok_total, ok_after, failed, busy, odd, no_reason;
+    atomic_int by_status[4]; /* ES_EDB, ES_EUNKNOWN, ES_ECONFLICT, other */
+    atomic_int phase;        /* 0 up, 1 restarting, 2 back */
+    atomic_bool stop;
+    atomic_uint_least64_t slowest_ms;
+    atomic_int odd_status;
+    pthread_mutex_t lock;
+    char reason[4][256]; /* the first reason of each kind (lock) */
+} shared;
+
+typedef struct producer {
+    shared *s;
+    unsigned seed;
+} producer;
+
+static void *produce(void *arg)
+{
+    producer *p = arg;
+    shared *s = p->s;
+    while (!atomic_load(&s->stop)) {
+        p->seed = p->seed * 1103515245u + 12345u;
+        int k = (int)((p->seed >> 16) % KEYS);
+        uint8_t value[4] = {1, 0, 0, 0};
+        es_command c = {{{0}}, 1, value, 4};
+        es_uuid_v7(&c.id);
+        bool after = atomic_load(&s->phase) == 2;
+        uint64_t t0 = now_ms();
+        es_host_reply *r = NULL;
+        int rc = es_host_call(s->host, &counter_type, &s->keys[k], &c, &r,
+                              NULL);
+        uint64_t took = now_ms() - t0;
+        uint64_t slow = atomic_load(&s->slowest_ms);
+        while (took > slow &&
+               !atomic_compare_exchange_weak(&s->slowest_ms, &slow, took)) {
+        }
+        if (rc == ES_EBUSY && r == NULL) {
+            atomic_fetch_add(&s->busy, 1); /* refused, not accepted */
+        } else if (rc == 0) {
+            atomic_fetch_add(&s->ok[k], 1);
+            atomic_fetch_add(&s->ok_total, 1);
+            if (after) atomic_fetch_add(&s->ok_after, 1);
+        } else {
+            atomic_fetch_add(&s->failed, 1);
+            /* a reason that says more than the status name */
+            if (r == NULL || r->reason[0] == '\0' ||
+                strcmp(r->reason, es_strerror(rc)) == 0)
+                atomic_fetch_add(&s->no_reason, 1);
+            int slot = rc == ES_EDB         ? 0
+                       : rc == ES_EUNKNOWN  ? 1
+                       : rc == ES_ECONFLICT ? 2
+                                            : 3;
+            atomic_fetch_add(&s->by_status[slot], 1);
+            if (slot == 3) atomic_store(&s->odd_status, rc);
+            pthread_mutex_lock(&s->lock);
+            if (r && s->reason[slot][0] == '\0')
+                snprintf(s->reason[slot], sizeof s->reason[slot], "%s",
+                         r->reason);
+            pthread_mutex_unlock(&s->lock);
+            if (rc == ES_EUNKNOWN) atomic_fetch_add(&s->unknown[k], 1);
+        }
+        es_host_reply_free(r);
+        if (rc != 0) { /* do not spin while the server is down */
+            struct timespec ts = {0, 5000000L};
+            nanosleep(&ts, NULL);
+        }
+    }
+    return NULL;
+}
+
+/* Waits (up to limit_ms) until *v reaches want. */
+static bool wait_for(atomic_int *v, int want, uint64_t limit_ms)
+{
+    uint64_t end = now_ms() + limit_ms;
+    while (atomic_load(v) < want && now_ms() < end) {
+        struct timespec ts = {0, 10000000L};
+        nanosleep(&ts, NULL);
+    }
+    return atomic_load(v) >= want;
+}
+
+static int restart_server(const char *tool, const char *dir,
+                          const char *down)
+{
+    char *argv[] = {"python3", (char *)tool, "restart", (char *)dir,
+                    "--down", (char *)down, NULL};
+    pid_t pid;
+    int rc = posix_spawnp(&pid, "python3", NULL, NULL, argv, environ);
+    if (rc != 0) return rc;
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* Load from PRODUCERS threads; the server restarted with `down` seconds
+ * without it.  With long_outage (longer than the lanes retry: about 7 s),
+ * the commands of the outage must fail, with a reason, and the ones after
+ * it succeed. */
+static void restart_under_load(const char *down, bool long_outage)
+{
+    const char *dir = getenv("ES_PG_CLUSTER_DIR");
+    const char *tool = getenv("ES_PG_CLUSTER_TOOL");
+    if (dir == NULL || tool == NULL) {
+        printf("restart: skipped, the cluster is not this run's own "
+               "(ES_PG_CLUSTER_DIR, ES_PG_CLUSTER_TOOL unset)\n");
+        skip();
+    }
+    static shared s;
+    memset(&s, 0, sizeof s);
+    pthread_mutex_init(&s.lock, NULL);
+    for (int k = 0; k < KEYS; k++) es_uuid_v7(&s.keys[k]);
+    es_host_config *cfg = NULL;
+    assert_int_equal(es_host_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_host_config_add_type(cfg, &counter_type, decide,
+                                             NULL, NULL),
+                     0);
+    assert_int_equal(es_host_open(cfg, g_store, &s.host, NULL), 0);
+    es_host_config_free(cfg);
+
+    pthread_t th[PRODUCERS];
+    producer ps[PRODUCERS];
+    for (int i = 0; i < PRODUCERS; i++) {
+        ps[i] = (producer){&s, 17u * (unsigned)i + 3u};
+        assert_int_equal(pthread_create(&th[i], NULL, produce, &ps[i]), 0);
+    }
+    bool before = wait_for(&s.ok_total, OK_BEFORE, 60000);
+    atomic_store(&s.phase, 1);
+    uint64_t t0 = now_ms();
+    int restarted = restart_server(tool, dir, down);
+    uint64_t down_ms = now_ms() - t0;
+    atomic_store(&s.phase, 2);
+    uint64_t t1 = now_ms();
+    bool after = wait_for(&s.ok_after, OK_AFTER, 60000);
+    uint64_t recover_ms = now_ms() - t1;
+    atomic_store(&s.stop, true);
+    for (int i = 0; i < PRODUCERS; i++) pthread_join(th[i], NULL);
+    es_host_metrics m;
+    es_host_metrics_get(s.host, &m);
+    assert_int_equal(es_host_shutdown(s.host, NULL), 0);
+
+    printf("restart: %s; server down %llu ms; %d ok (%d sent after it), %d "
+           "failed (EDB %d, EUNKNOWN %d, ECONFLICT %d, other %d), %d busy; "
+           "slowest call %llu ms; %llu ms to %d acknowledgements after "
+           "it\n",
+           long_outage ? "long outage" : "short", (unsigned long long)down_ms,
+           atomic_load(&s.ok_total),
+           atomic_load(&s.ok_after), atomic_load(&s.failed),
+           atomic_load(&s.by_status[0]), atomic_load(&s.by_status[1]),
+           atomic_load(&s.by_status[2]), atomic_load(&s.by_status[3]),
+           atomic_load(&s.busy),
+           (unsigned long long)atomic_load(&s.slowest_ms),
+           (unsigned long long)recover_ms, OK_AFTER);
+    for (int i = 0; i < 4; i++)
+        if (s.reason[i][0]) printf("  e.g. %s\n", s.reason[i]);
+    pthread_mutex_destroy(&s.lock);
+    assert_int_equal(restarted, 0);
+    assert_true(before);
+    assert_true(after); /* the host works again after the restart */
+    /* every command completed (all calls returned), each failure with a
+     * reason and a status that says what happened */
+    assert_int_equal(atomic_load(&s.no_reason), 0);
+    if (atomic_load(&s.by_status[3]) != 0)
+        printf("restart: unexpected status %s\n",
+               es_status_name(atomic_load(&s.odd_status)));
+    assert_int_equal(atomic_load(&s.by_status[3]), 0);
+    assert_int_equal(m.accepted, m.completed);
+    /* longer than the lanes retry: the commands caught in it fail
+     * (ES_EDB), or stay unknown when their COMMIT was cut */
+    if (long_outage) assert_true(atomic_load(&s.failed) > 0);
+    /* Acknowledged: stored; failed: not stored (ES_EUNKNOWN: may be).
+     * Each stored command added 1, and the first also stored the reset,
+     * so n stored commands give result n at version n. */
+    for (int k = 0; k < KEYS; k++) {
+        int ok = atomic_load(&s.ok[k]), unk = atomic_load(&s.unknown[k]);
+        counter_context *ctx = NULL;
+        int rc = counter_store_load(g_store, &s.keys[k], &ctx, NULL);
+        int stored = 0;
+        if (rc == 0) {
+            stored = counter_state(ctx)->result;
+            assert_int_equal(counter_version(ctx), (uint64_t)stored);
+            counter_context_free(ctx);
+        } else {
+            assert_int_equal(rc, ES_ENOTFOUND);
+        }
+        assert_true(stored >= ok);
+        assert_true(stored <= ok + unk);
+    }
+}
+
+static void test_pg_restart_under_load(void **state)
+{
+    (void)state;
+    restart_under_load("1.5", false);
+}
+
+static void test_pg_restart_long_outage(void **state)
+{
+    (void)state;
+    restart_under_load("9", true);
+}
+
+static int group_setup(void **state)
+{
+    (void)state;
+    fixture_pg_random_name(g_schema, sizeof g_schema, "restart_");
+    return fixture_pg_open(g_schema, &g_store) == 0 ? 0 : -1;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    es_store_close(g_store);
+    fixture_pg_drop_schema(g_schema);
+    return 0;
+}
+
+int main(void)
+{
+    if (getenv("DATABASE_URL") == NULL) {
+        printf("test_pg_restart: skipped, DATABASE_URL is not set "
+               "(tests/run.py sets it)\n");
+        return 0;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_pg_restart_under_load),
+        cmocka_unit_test(test_pg_restart_long_outage),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
