@@ -159,6 +159,11 @@ typedef struct es_store_ops {
      * the generic way.  Returns the number of transactions committed. */
     size_t (*write_batch)(es_store *store, es__commit_item **items,
                           size_t n);
+    /* Commit lanes the host uses by default with write_batch; 0: the
+     * host's default for a database (several lanes overlap round trips).
+     * The memory store says 1: its writes hold one lock, and more lane
+     * threads only contend for it (bench/bench_host.c). */
+    unsigned batch_lanes;
     /* Optional: a transaction on a connection of the caller's own, kept
      * in *slot between transactions (NULL at first; a broken one is
      * closed and replaced), never one of the pool's, for writes off the
