@@ -208,6 +208,7 @@ enum {
     CMD_POISON,     /* an event that apply refuses */
     CMD_CALL_OTHER, /* es_host_call to the key in the payload */
     CMD_WAIT,       /* blocks on the gate */
+    CMD_TAKE,       /* takes amount away, rejected when value < amount */
 };
 
 /* Payload: amount, producer, seq, other key (fixed layout). */
@@ -324,6 +325,14 @@ static int decide(void *user, const void *state, const es_command *cmd,
             pthread_cond_wait(&w->gate_cond, &w->gate_lock);
         pthread_mutex_unlock(&w->gate_lock);
         return es_emit(em, &e);
+    case CMD_TAKE: {
+        int64_t have = s ? s->value : 0;
+        if (have < amount)
+            return es_emit_reject(em, "short: %lld < %lld", (long long)have,
+                                  (long long)amount);
+        e.amount = -amount;
+        return es_emit(em, &e);
+    }
     }
     return es_emit_reject(em, "unknown command %d", (int)cmd->kind);
 }
@@ -1806,6 +1815,189 @@ static void test_host_unknown_commit_outcome_is_read_back(void **state)
     world_destroy(&w);
 }
 
+/* A rejection is an outcome: a replay answers it again, with its reason,
+ * even when the state changed so that deciding again would accept. */
+static void expect_rejection(world *w, const es_uuid *key,
+                             const es_command *c, const char *reason,
+                             bool duplicate)
+{
+    es_host_reply *r = NULL;
+    assert_int_equal(call(w, key, c, &r), ES_EREJECTED);
+    assert_non_null(r);
+    assert_string_equal(r->reason, reason);
+    assert_int_equal(r->duplicate, duplicate);
+    assert_int_equal(r->n_events, 0);
+    es_host_reply_free(r);
+}
+
+static void test_host_rejection_replayed(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, tune_fast_idle);
+    const es_uuid *key = &w.keys[0];
+    payload five = make_payload(5, 0, 0, NULL);
+    payload six = make_payload(6, 0, 0, NULL);
+    payload ten = make_payload(10, 0, 0, NULL);
+    es_command add = command(CMD_ADD, &five);
+    assert_int_equal(call(&w, key, &add, NULL), 0); /* value 5 */
+    es_command take = command(CMD_TAKE, &six);
+    es_command other = take;
+    other.payload = ten.b;
+    expect_rejection(&w, key, &take, "short: 5 < 6", false);
+
+    /* Now it would be accepted if decided again. */
+    es_command more = command(CMD_ADD, &ten);
+    assert_int_equal(call(&w, key, &more, NULL), 0); /* value 15 */
+    expect_rejection(&w, key, &take, "short: 5 < 6", true);
+    es_host_reply *r = NULL;
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    /* The same id for another aggregate is a clash too. */
+    assert_int_equal(call(&w, &w.keys[1], &take, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+
+    /* Passivated: answered from the store's record. */
+    wait_passivated(w.host);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(m.resident, 0);
+    expect_rejection(&w, key, &take, "short: 5 < 6", true);
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    /* Restarted on the same store. */
+    open_host(&w, store, 1, NULL);
+    expect_rejection(&w, key, &take, "short: 5 < 6", true);
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    /* A rejection of a key with no events at all is recorded too. */
+    es_command first = command(CMD_TAKE, &five);
+    expect_rejection(&w, &w.keys[2], &first, "short: 0 < 5", false);
+    es_command seed = command(CMD_ADD, &ten);
+    assert_int_equal(call(&w, &w.keys[2], &seed, NULL), 0);
+    expect_rejection(&w, &w.keys[2], &first, "short: 0 < 5", true);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    /* Nothing stored for the rejections: the three adds only. */
+    assert_int_equal(es_memory_store_event_count(store), 3);
+    assert_int_equal(stored_value(store, key, NULL), 15);
+    assert_int_equal(stored_value(store, &w.keys[2], NULL), 10);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* Rejections and successes of one key, pipelined: each rejection is
+ * answered after the items before it, duplicates in flight share it. */
+typedef struct take_seen {
+    atomic_int n, ok, rejected, dups;
+} take_seen;
+
+static void take_done(void *ud, const es_host_result *r)
+{
+    take_seen *t = ud;
+    if (r->status == 0) atomic_fetch_add(&t->ok, 1);
+    if (r->status == ES_EREJECTED) atomic_fetch_add(&t->rejected, 1);
+    if (r->duplicate) atomic_fetch_add(&t->dups, 1);
+    atomic_fetch_add(&t->n, 1);
+}
+
+static void test_host_rejection_pipelined(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, NULL);
+    const es_uuid *key = &w.keys[0];
+    payload one = make_payload(1, 0, 0, NULL);
+    payload three = make_payload(3, 0, 0, NULL);
+    take_seen t;
+    memset(&t, 0, sizeof t);
+    /* adds of 1, each followed by a take of 3 sent twice: a take passes
+     * when the value reached 3 */
+    es_command takes[30];
+    for (int i = 0; i < 30; i++) {
+        es_command add = command(CMD_ADD, &one);
+        takes[i] = command(CMD_TAKE, &three);
+        assert_int_equal(es_host_send(w.host, &counter_type, key, &add,
+                                      take_done, &t, NULL), 0);
+        for (int k = 0; k < 2; k++)
+            assert_int_equal(es_host_send(w.host, &counter_type, key,
+                                          &takes[i], take_done, &t, NULL),
+                             0);
+    }
+    while (atomic_load(&t.n) < 90) sleep_ms(1);
+    /* value after i+1 adds and the takes so far: a take passes every
+     * third add, so 10 takes pass and 20 are rejected */
+    assert_int_equal(atomic_load(&t.ok), 30 + 2 * 10);
+    assert_int_equal(atomic_load(&t.rejected), 2 * 20);
+    assert_int_equal(atomic_load(&t.dups), 30);
+    /* the replays after the fact agree */
+    int rejected = 0;
+    for (int i = 0; i < 30; i++) {
+        es_host_reply *r = NULL;
+        int rc = call(&w, key, &takes[i], &r);
+        assert_true(r->duplicate);
+        if (rc == ES_EREJECTED) rejected++;
+        else assert_int_equal(rc, 0);
+        es_host_reply_free(r);
+    }
+    assert_int_equal(rejected, 20);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(stored_value(store, key, NULL), 0);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* A rejection whose record did not commit is not answered as one: the
+ * caller gets an error and may send it again; one whose commit outcome
+ * was lost is read back and answered. */
+static void test_host_rejection_record_failures(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    wrap_store(store, true, true);
+    open_host(&w, store, 2, NULL);
+    const es_uuid *key = &w.keys[0];
+    payload one = make_payload(1, 0, 0, NULL);
+    payload five = make_payload(5, 0, 0, NULL);
+    es_command c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, key, &c, NULL), 0); /* value 1 */
+
+    atomic_store(&failing_commits, 1 << 30);
+    es_command take = command(CMD_TAKE, &five);
+    es_host_reply *r = NULL;
+    int rc = call(&w, key, &take, &r);
+    es_host_reply_free(r);
+    assert_int_equal(rc, ES_EDB);
+    atomic_store(&failing_commits, 0);
+    /* nothing recorded: decided again, on today's state */
+    expect_rejection(&w, key, &take, "short: 1 < 5", false);
+    expect_rejection(&w, key, &take, "short: 1 < 5", true);
+
+    /* The record committed but the commit said unknown: read back. */
+    atomic_store(&unknown_commits, 1);
+    es_command take2 = command(CMD_TAKE, &five);
+    expect_rejection(&w, key, &take2, "short: 1 < 5", false);
+    es_command big = command(CMD_ADD, &five);
+    assert_int_equal(call(&w, key, &big, NULL), 0);
+    expect_rejection(&w, key, &take2, "short: 1 < 5", true);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    unwrap_store(store);
+    assert_int_equal(stored_value(store, key, NULL), 6);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 /* The resident bound in bytes: an estimate turned into a count. */
 static void tune_resident_bytes(es_host_config *cfg)
 {
@@ -2177,7 +2369,7 @@ static void batch_row_init(batch_row *r, const void *group,
     r->item.n_events = n;
     r->item.status = ES__COMMIT_PENDING;
     es__command_record rec = {*command_id, *agg, 1, r->data, 8, version, n,
-                              version + n - 1, false};
+                              version + n - 1, false, false, NULL};
     r->item.record = rec;
 }
 
@@ -2258,6 +2450,9 @@ int main(void)
         cmocka_unit_test(test_host_snapshots_never_delay_acknowledgements),
         cmocka_unit_test(test_host_failing_commits_never_succeed),
         cmocka_unit_test(test_host_unknown_commit_outcome_is_read_back),
+        cmocka_unit_test(test_host_rejection_replayed),
+        cmocka_unit_test(test_host_rejection_pipelined),
+        cmocka_unit_test(test_host_rejection_record_failures),
         cmocka_unit_test(test_host_chaos_store_matches_outcomes),
         cmocka_unit_test(test_host_resident_bound_evicts_lru),
         cmocka_unit_test(test_host_resident_bytes_bound),

@@ -16,14 +16,23 @@
  * ES_ECONFLICT after a few attempts); they never report a success that did
  * not commit.
  *
- * Idempotency: a command id already accepted for the aggregate is answered
- * with the original outcome (same events, same version) without deciding
- * again; the same id with other content (kind or payload bytes) is
+ * Idempotency: a command id already used for the aggregate is answered
+ * with the original outcome without deciding again: the same events and
+ * version for an accepted command, ES_EREJECTED with the same reason for
+ * a rejected one (es_emit_reject), even when deciding again would now
+ * accept it.  The same id with other content (kind or payload bytes) is
  * answered ES_EIDEMPOTENCY.  Command ids are stored in the transaction of
- * their events, so this holds after passivation and after a restart of the
- * host on the same store.  Rejected commands are not stored: sent again,
- * they are decided again.  On a store without command-id records, ids are
- * remembered only while their command is in flight.
+ * their events (a rejection: a record with its reason and no events,
+ * committed like any other), so this holds after passivation and after a
+ * restart of the host on the same store.  A rejection is therefore
+ * reported only once its record committed, after the commands decided
+ * before it; if that write fails, the command completes with the store's
+ * error (ES_EDB, ...), not ES_EREJECTED, and nothing is recorded: sent
+ * again, it is decided again.  A decide that fails with an error (any
+ * other non-zero return) or a failing apply is not an outcome and is not
+ * recorded.  On a store without command-id records, ids are remembered
+ * only while their command is in flight and rejections are answered at
+ * once.
  *
  * Threads: the host runs `workers` worker threads, one thread per commit
  * lane (es_host_config_set_lanes), one snapshot writer, and an I/O
@@ -129,7 +138,8 @@ typedef struct es_host_result {
      *  before the command ran), or a store error (ES_EDB, ES_ENOMEM,
      *  ES_EDECODE while loading). */
     int status;
-    /** True when answered from an earlier command with this id. */
+    /** True when answered from an earlier command with this id (also for
+     *  a rejection answered again). */
     bool duplicate;
     /** The aggregate's version after the command (its last event's
      *  version, or the version it saw when it emitted none);

@@ -97,6 +97,7 @@ struct hcmd {
     uint64_t epoch;
     uint64_t t_accept, t_handoff;
     uint8_t *snap; /* encoded state to store once the item commits */
+    char *reason;  /* a rejection waiting for its record to commit */
     size_t snap_len;
     uint64_t snap_at;
     int attempts;
@@ -550,6 +551,10 @@ static void free_item_data(hcmd *h)
         es__free((void *)h->item.side_effects[i].data);
     es__free(h->item.side_effects);
     es__free(h->snap);
+    es__free(h->reason);
+    h->reason = NULL;
+    h->item.record.reason = NULL;
+    h->item.record.rejected = false;
     h->item.events = NULL;
     h->item.side_effects = NULL;
     h->item.n_events = h->item.n_side_effects = 0;
@@ -1013,6 +1018,17 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
                        "for another aggregate");
         return true;
     }
+    /* A command decided before (attempts > 0) whose commit came back
+     * unknown finds its own outcome here: not a duplicate.  One whose
+     * commit found the id taken (lazy_ids) is one. */
+    bool dup = h->attempts == 0 || (h->taken && !h->maybe_own);
+    if (rec->rejected) {
+        es_txn_rollback(txn);
+        complete(host, h, ES_EREJECTED, rec->version, NULL, 0,
+                 rec->reason ? rec->reason : "", dup);
+        es__free(rec);
+        return true;
+    }
     collect c = {NULL, 0, (size_t)rec->event_count};
     if (c.want > 0) {
         c.ev = es__calloc(c.want, sizeof *c.ev);
@@ -1024,12 +1040,8 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
         if (rc == 0 && c.n != c.want) rc = ES_EDECODE;
     }
     es_txn_rollback(txn);
-    /* A command decided before (attempts > 0) whose commit came back
-     * unknown finds its own outcome here: not a duplicate.  One whose
-     * commit found the id taken (lazy_ids) is one. */
     if (rc == 0)
-        complete(host, h, 0, rec->version, c.ev, c.n, "",
-                 h->attempts == 0 || (h->taken && !h->maybe_own));
+        complete(host, h, 0, rec->version, c.ev, c.n, "", dup);
     else /* the record says it committed: never answer a failure */
         complete_error(host, h, ES_EUNKNOWN, actor_version(a),
                        "committed, but its events could not be read back");
@@ -1049,6 +1061,9 @@ typedef struct submit {
     hcmd *head, *tail;
     uint32_t n;
 } submit;
+
+static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub,
+                         uint64_t t_decided);
 
 /* Decide one command; on success its item joins the submit list. */
 static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
@@ -1100,6 +1115,11 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     int rc = a->ht->decide(a->ht->user, actor_state(a), &cmd, &em);
     em.active = false;
     if (rc != 0 || em.rejected || em.failed != 0) {
+        /* A rejection is an outcome (promise 3) and is recorded like one;
+         * a decide that failed (an error, not es_emit_reject) is not:
+         * deciding again may succeed. */
+        bool rejection = em.rejected && em.failed == 0 &&
+                         (rc == 0 || rc == ES_EREJECTED);
         char reason[256];
         if (em.reason[0])
             snprintf(reason, sizeof reason, "%s", em.reason);
@@ -1107,13 +1127,26 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
             snprintf(reason, sizeof reason, "decide failed: %s",
                      es_status_name(rc ? rc : em.failed));
         emitter_free(&em);
-        es__hist_record(&host->h_decide, es__now_ns() - td);
+        uint64_t t_rejected = es__now_ns();
+        es__hist_record(&host->h_decide, t_rejected - td);
         /* A command accepted before may be rejected on today's state:
          * its original outcome wins. */
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
             answer_from_store(host, a, h))
             return;
-        complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
+        if (!rejection || !host->has_commands) {
+            complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
+            return;
+        }
+        /* Answered once its record committed, after the items before it:
+         * it may have been decided on their events. */
+        h->reason = es__strdup(reason);
+        if (h->reason == NULL) {
+            complete_error(host, h, ES_ENOMEM, actor_version(a),
+                           "out of memory");
+            return;
+        }
+        enqueue_item(host, a, h, sub, t_rejected);
         return;
     }
     rc = apply_emitted(a, &em, &err);
@@ -1128,10 +1161,20 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
                        actor_version(a), err.message);
         return;
     }
-    es__commit_item *it = &h->item;
     if (a->ctx)
-        es__context_take(a->ctx, &it->events, &it->n_events,
-                         &it->side_effects, &it->n_side_effects);
+        es__context_take(a->ctx, &h->item.events, &h->item.n_events,
+                         &h->item.side_effects, &h->item.n_side_effects);
+    enqueue_item(host, a, h, sub, t_decided);
+}
+
+/* Make h's commit item (its events, if any, are in it already; a
+ * rejection has h->reason) and put it on the pending and submit lists;
+ * t_decided: when its decide ended (the commit wait starts there). */
+static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub,
+                         uint64_t t_decided)
+{
+    const es_aggregate_type *t = a->ht->type;
+    es__commit_item *it = &h->item;
     uint64_t v = actor_version(a);
     it->type_name = t->name;
     it->group = a;
@@ -1141,7 +1184,8 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
                                       h->len,
                                       it->n_events ? it->events[0].version
                                                    : v,
-                                      it->n_events, v, false};
+                                      it->n_events, v, false,
+                                      h->reason != NULL, h->reason};
     if (host->cfg.snap_every > 0 && it->n_events > 0 &&
         v + 1 - a->folded_at_snapshot >= host->cfg.snap_every) {
         snap_job *j = snap_of(a);
@@ -1220,8 +1264,12 @@ static void process_results(es_host *host, actor *a, hcmd *list)
                 snap_enqueue(host, (snap_job *)(void *)h->snap);
                 h->snap = NULL;
             }
-            complete(host, h, 0, h->item.record.version, h->item.events,
-                     h->item.n_events, "", false);
+            if (h->item.record.rejected)
+                complete(host, h, ES_EREJECTED, h->item.record.version,
+                         NULL, 0, h->reason, false);
+            else
+                complete(host, h, 0, h->item.record.version,
+                         h->item.events, h->item.n_events, "", false);
             continue;
         }
         a->broken = true;

@@ -93,6 +93,12 @@ const es__pg_migration es__pg_migrations[] = {
      "'pending';\n"
      "CREATE INDEX ON @outbox@ (claimed_until) WHERE status = 'pending' "
      "AND claimed_by IS NOT NULL;\n"},
+    /* A rejection is an outcome too: NULL for a command that was
+     * accepted, else its reason.  bytea, not text: the reason is user text
+     * cut at a byte limit, so it need not be valid in the server's
+     * encoding. */
+    {7, "command ids of rejected commands (their reason)",
+     "ALTER TABLE @commands@ ADD COLUMN rejection bytea;\n"},
 };
 
 const size_t es__pg_migration_count =

@@ -1381,15 +1381,17 @@ static int64_t version_col(uint64_t v)
 }
 
 /* The columns of the commands table, as arrays (one element a record). */
-static const Oid command_elems[7] = {OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
-                                     OID_INT8, OID_INT8, OID_INT8};
-static const Oid command_types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY,
-                                     OID_INT4_ARRAY, OID_BYTEA_ARRAY,
-                                     OID_INT8_ARRAY, OID_INT8_ARRAY,
-                                     OID_INT8_ARRAY};
+#define COMMAND_COLS 8
+static const Oid command_elems[COMMAND_COLS] = {
+    OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
+    OID_INT8, OID_INT8, OID_INT8, OID_BYTEA};
+static const Oid command_types[COMMAND_COLS] = {
+    OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY, OID_BYTEA_ARRAY,
+    OID_INT8_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY, OID_BYTEA_ARRAY};
 
-/* Append one record to the seven column arrays.  Returns 0 or ES_ENOMEM. */
-static int command_row(es_buf b[7], const es__command_record *c)
+/* Append one record to the column arrays: the last one is the rejection
+ * reason, NULL for an accepted command.  Returns 0 or ES_ENOMEM. */
+static int command_row(es_buf b[COMMAND_COLS], const es__command_record *c)
 {
     uint8_t d[ES__COMMAND_DIGEST];
     if (c->hashed && c->len == ES__COMMAND_DIGEST)
@@ -1406,6 +1408,11 @@ static int command_row(es_buf b[7], const es__command_record *c)
                                   ? INT64_MAX
                                   : (int64_t)c->event_count);
     if (rc == 0) rc = array_i64(&b[6], version_col(c->version));
+    if (rc == 0 && c->rejected)
+        rc = array_item(&b[7], c->reason ? c->reason : "",
+                        c->reason ? strlen(c->reason) : 0);
+    else if (rc == 0)
+        rc = put32(&b[7], UINT32_MAX); /* length -1: NULL */
     return rc;
 }
 
@@ -1417,10 +1424,10 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
     if (n == 0) return 0;
     if (n > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many command records");
-    es_buf b[7];
+    es_buf b[COMMAND_COLS];
     memset(b, 0, sizeof b);
     int rc = 0;
-    for (int k = 0; rc == 0 && k < 7; k++)
+    for (int k = 0; rc == 0 && k < COMMAND_COLS; k++)
         rc = array_begin(&b[k], command_elems[k], n);
     for (size_t i = 0; rc == 0 && i < n; i++) {
         inserted[i] = false;
@@ -1429,14 +1436,14 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
     PGresult *r = NULL;
     if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
     if (rc == 0) {
-        const char *values[7];
-        int lens[7];
-        for (int k = 0; k < 7; k++) {
+        const char *values[COMMAND_COLS];
+        int lens[COMMAND_COLS];
+        for (int k = 0; k < COMMAND_COLS; k++) {
             values[k] = (const char *)b[k].data;
             lens[k] = (int)b[k].len;
         }
         rc = run(t->conn, "insert command ids", s->sql[SQL_INSERT_COMMANDS],
-                 7, command_types, values, lens, &r, err);
+                 COMMAND_COLS, command_types, values, lens, &r, err);
     }
     for (int row = 0; rc == 0 && row < PQntuples(r); row++) {
         es_uuid id;
@@ -1448,7 +1455,7 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
             if (es_uuid_equal(&id, &recs[i].command_id)) inserted[i] = true;
     }
     if (r) PQclear(r);
-    for (int k = 0; k < 7; k++) es_buf_free(&b[k]);
+    for (int k = 0; k < COMMAND_COLS; k++) es_buf_free(&b[k]);
     return rc;
 }
 
@@ -1483,6 +1490,10 @@ static int pg_get_command(es_txn *txn, const es_uuid *command_id,
     rec.first_version = first < 0 ? UINT64_MAX : (uint64_t)first;
     rec.event_count = (uint64_t)count;
     rec.version = version < 0 ? UINT64_MAX : (uint64_t)version;
+    /* libpq ends every value with a NUL, binary ones too; a reason with
+     * a NUL inside is cut there. */
+    rec.rejected = !PQgetisnull(r, 0, 6);
+    if (rec.rejected) rec.reason = PQgetvalue(r, 0, 6);
     *out = es__command_record_dup(&rec);
     PQclear(r);
     if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2663,7 +2674,7 @@ typedef struct pstmt {
     const char *what, *sql;
     int n;
     Oid types[8];
-    es_buf buf[8]; /* 7 arrays, and an optional plain 8th parameter */
+    es_buf buf[8]; /* up to 8 arrays, or 7 and a plain 8th parameter */
     rowref *refs; /* sorted by (id, version) once built */
     size_t rows;
     bool sent;
@@ -2677,15 +2688,15 @@ static void pstmt_free(pstmt *p)
 }
 
 static int pstmt_init(pstmt *p, const char *what, const char *sql,
-                      const Oid *elems, const Oid *types, size_t rows,
-                      es_error *err)
+                      int n, const Oid *elems, const Oid *types,
+                      size_t rows, es_error *err)
 {
     p->what = what;
     p->sql = sql;
-    p->n = 7;
+    p->n = n;
     p->rows = rows;
     int rc = 0;
-    for (int i = 0; rc == 0 && i < 7; i++) {
+    for (int i = 0; rc == 0 && i < n; i++) {
         p->types[i] = types[i];
         rc = array_begin(&p->buf[i], elems[i], rows);
     }
@@ -2751,7 +2762,7 @@ static int build_events(pg_store *s, const batch_keys *keys,
                                  OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
                                  OID_TEXT_ARRAY};
     int rc = pstmt_init(p, "batch: insert events", s->sql[SQL_BATCH_EVENTS],
-                        elems, types, rows, err);
+                        7, elems, types, rows, err);
     if (rc != 0) return rc;
     p->refs = es__calloc(rows, sizeof *p->refs);
     if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2841,8 +2852,8 @@ static int build_commands(pg_store *s, es__commit_item **items, size_t n,
         if (items[i]->status == ES__COMMIT_PENDING) rows++;
     if (rows == 0) return 0;
     int rc = pstmt_init(p, "batch: insert command ids",
-                        s->sql[SQL_INSERT_COMMANDS], command_elems,
-                        command_types, rows, err);
+                        s->sql[SQL_INSERT_COMMANDS], COMMAND_COLS,
+                        command_elems, command_types, rows, err);
     if (rc != 0) return rc;
     p->refs = es__calloc(rows, sizeof *p->refs);
     if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2909,8 +2920,8 @@ static int build_side_effects(pg_store *s, const batch_keys *keys,
                                  OID_BYTEA_ARRAY, OID_TEXT_ARRAY,
                                  OID_TEXT_ARRAY};
     int rc = pstmt_init(p, "batch: insert side effects",
-                        s->sql[SQL_BATCH_SIDE_EFFECTS], elems, types, rows,
-                        err);
+                        s->sql[SQL_BATCH_SIDE_EFFECTS], 7, elems, types,
+                        rows, err);
     if (rc != 0) return rc;
     /* The NOTIFY channel, a parameter like every value ($8). */
     p->n = 8;
@@ -3186,13 +3197,13 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
     qualify(cm, sizeof cm, cfg->schema, cfg->tables[ES_PG_TABLE_COMMANDS]);
     s->sql[SQL_INSERT_COMMANDS] = sqlf(
         "INSERT INTO %s (command_id, aggregate_id, kind, digest, "
-        "first_version, event_count, version) SELECT * FROM "
+        "first_version, event_count, version, rejection) SELECT * FROM "
         "unnest($1::uuid[], $2::uuid[], $3::integer[], $4::bytea[], "
-        "$5::bigint[], $6::bigint[], $7::bigint[]) ON CONFLICT (command_id) "
-        "DO NOTHING RETURNING command_id", cm);
+        "$5::bigint[], $6::bigint[], $7::bigint[], $8::bytea[]) "
+        "ON CONFLICT (command_id) DO NOTHING RETURNING command_id", cm);
     s->sql[SQL_GET_COMMAND] = sqlf(
         "SELECT aggregate_id, kind, digest, first_version, event_count, "
-        "version FROM %s WHERE command_id = $1", cm);
+        "version, rejection FROM %s WHERE command_id = $1", cm);
     qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
     qualify(m, sizeof m, cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
     qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);

@@ -22,6 +22,9 @@
  * so that a later command with the same id can be compared byte for byte.
  * event_count 0 means "accepted, no events"; version is then the
  * aggregate's version at the time (UINT64_MAX before its first event).
+ * A rejected command (decide called es_emit_reject) has a record too, with
+ * no events and its rejection reason, so that a replay answers the same
+ * rejection instead of deciding again on a newer state.
  */
 typedef struct es__command_record {
     es_uuid command_id;
@@ -33,6 +36,8 @@ typedef struct es__command_record {
     uint64_t event_count;
     uint64_t version; /* resulting version */
     bool hashed;      /* payload holds a digest of the content (below) */
+    bool rejected;    /* the outcome was a rejection (no events) */
+    const char *reason; /* rejected: the reason text (NUL-terminated) */
 } es__command_record;
 
 /* Size of a content digest: BLAKE2b over the kind and the payload.  A
@@ -275,7 +280,7 @@ int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
                             size_t n, bool *inserted, es_error *err);
 int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
                         es__command_record **out, es_error *err);
-/* One allocation holding a command record and its payload. */
+/* One allocation holding a command record, its payload and its reason. */
 es__command_record *es__command_record_dup(const es__command_record *rec);
 
 /* One allocation holding an event and a copy of its payload. */
