@@ -245,7 +245,10 @@ static void restart_under_load(const char *down, bool long_outage)
     for (int k = 0; k < KEYS; k++) {
         int ok = atomic_load(&s.ok[k]), unk = atomic_load(&s.unknown[k]);
         counter_context *ctx = NULL;
-        int rc = counter_store_load(g_store, &s.keys[k], &ctx, NULL);
+        es_error lerr = {0};
+        int rc = counter_store_load(g_store, &s.keys[k], &ctx, &lerr);
+        if (rc != 0 && rc != ES_ENOTFOUND)
+            printf("load: %s: %s\n", es_status_name(rc), lerr.message);
         int stored = 0;
         if (rc == 0) {
             stored = counter_state(ctx)->result;
@@ -265,8 +268,10 @@ static void restart_under_load(const char *down, bool long_outage)
 static int stored_count(const es_uuid *key)
 {
     counter_context *ctx = NULL;
-    int rc = counter_store_load(g_store, key, &ctx, NULL);
+    es_error err = {0};
+    int rc = counter_store_load(g_store, key, &ctx, &err);
     if (rc == ES_ENOTFOUND) return 0;
+    if (rc != 0) printf("load: %s: %s\n", es_status_name(rc), err.message);
     assert_int_equal(rc, 0);
     int n = counter_state(ctx)->result;
     assert_int_equal(counter_version(ctx), (uint64_t)n);

@@ -141,14 +141,16 @@ static bool any_pending(es__commit_item **items, size_t n)
     return false;
 }
 
-size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n)
+size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
+                        size_t n)
 {
     if (n == 0) return 0;
     size_t batched = 0;
     if (store->ops->write_batch != NULL) {
         /* The backend's batch writer; what it leaves pending (a failure it
-         * could not pin on an item) is written the generic way below. */
-        batched = store->ops->write_batch(store, items, n);
+         * could not pin on an item) is written the generic way below, on
+         * a pooled connection (rare: only such failures). */
+        batched = store->ops->write_batch(store, slot, items, n);
         if (!any_pending(items, n)) return batched;
     }
     bool *written = es__calloc(n, sizeof(bool));

@@ -42,8 +42,11 @@ size_t es__commit_item_rows(const es__commit_item *item);
  * items whose COMMIT answer was lost and not read back come back
  * ES__COMMIT_UNKNOWN (store/store_impl.h); the caller waits and hands
  * the same items in again (they are read back before anything is
- * written).  Thread: the committer's.
+ * written).  *slot: the committer's own connection for the batch writer
+ * (see write_batch in store/store_impl.h; NULL at first, closed with
+ * es__store_background_close).  Thread: the committer's.
  */
-size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n);
+size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
+                        size_t n);
 
 #endif

@@ -152,6 +152,7 @@ typedef struct lane {
     bool stop, started;
     pthread_t thread;
     uint32_t seed; /* the lane's: jitter of its backoff */
+    void *conn;    /* the lane thread's own connection (write_batch) */
 } lane;
 
 typedef struct snap_job {
@@ -1297,7 +1298,8 @@ static void lane_commit(es_host *host, lane *l, es__commit_item **items,
 {
     unsigned delay = LANE_BACKOFF_MIN_MS;
     for (bool last = false;; last = atomic_load(&host->ending)) {
-        count(&host->batches, es__commit_batch(host->store, items, n));
+        count(&host->batches,
+              es__commit_batch(host->store, &l->conn, items, n));
         bool waiting = false;
         for (size_t i = 0; i < n && !waiting; i++)
             waiting = items[i]->status == ES__COMMIT_RETRY ||
@@ -1394,6 +1396,7 @@ static void *committer_main(void *arg)
         }
     }
     es__free(live);
+    es__store_background_close(host->store, &l->conn);
     return NULL;
 }
 

@@ -738,13 +738,18 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
     t->base.store = store;
     int rc = 0;
     /* A pooled connection may have died while idle (server restart):
-     * BEGIN finds out, and nothing was done yet, so try a fresh one. */
-    for (int attempt = 0; attempt < 2; attempt++) {
+     * BEGIN finds out, and nothing was done yet, so try the next one
+     * (each dead one is closed), until a fresh one. */
+    for (size_t attempt = 0; attempt <= s->max; attempt++) {
         if ((rc = pool_get(s, &t->conn, err)) != 0) break;
+        es_error e = {0};
         rc = run_simple(t->conn, "begin",
-                        "BEGIN ISOLATION LEVEL READ COMMITTED", err);
+                        "BEGIN ISOLATION LEVEL READ COMMITTED", &e);
         if (rc == 0) break;
-        bool lost = PQstatus(t->conn) == CONNECTION_BAD;
+        if (err) *err = e;
+        /* the socket's close may not have turned the status bad yet */
+        bool lost = PQstatus(t->conn) == CONNECTION_BAD ||
+                    strcmp(e.sqlstate, LOST_SQLSTATE) == 0;
         pool_put(s, t->conn);
         t->conn = NULL;
         if (!lost) break;
@@ -3003,41 +3008,58 @@ static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
     return rc;
 }
 
-/* After a COMMIT whose answer was lost: did it commit?  The command id of
- * one written item answers for the whole transaction.  One try: the
- * caller (a commit lane) waits and asks again.  Returns 1 (committed), 0
- * (not), or -1 (could not find out). */
-static int batch_resolve(pg_store *s, const es__command_record *rec)
+/* A transaction of the batch writer on the caller's connection in *slot
+ * (a commit lane's own, never the pool's: a burst of loads cannot starve
+ * the lanes), made when *slot is NULL; txn_end closes a broken one and
+ * clears the slot.  BEGIN goes in the first round trip of batch_write. */
+static int batch_begin(pg_store *s, PGconn **slot, es_txn **out,
+                       es_error *err)
 {
-    es_error err = {0};
-    es_txn *txn = NULL;
-    if (pg_begin(&s->base, &txn, &err) != 0) return -1;
+    pg_txn *t = es__calloc(1, sizeof *t);
+    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    t->base.store = &s->base;
+    t->own = slot;
+    if (*slot == NULL) {
+        int rc = store_connect(s, slot, err);
+        if (rc != 0) {
+            es__free(t);
+            return rc;
+        }
+    }
+    t->conn = *slot;
+    es__store_txn_started(&s->base);
+    *out = &t->base;
+    return 0;
+}
+
+/* After a COMMIT whose answer was lost: did it commit?  The command id of
+ * one written item answers for the whole transaction.  One try (on a
+ * fresh connection when the kept one died): the caller (a commit lane)
+ * waits and asks again.  Returns 1 (committed), 0 (not), or -1 (could
+ * not find out). */
+static int batch_resolve(pg_store *s, PGconn **slot,
+                         const es__command_record *rec)
+{
+    int rc = -1;
     es__command_record *got = NULL;
-    int rc = pg_get_command(txn, &rec->command_id, &got, &err);
-    pg_rollback(txn);
+    for (int attempt = 0; attempt < 2 && rc != 0 && rc != ES_ENOTFOUND;
+         attempt++) {
+        bool fresh = *slot == NULL;
+        es_error err = {0};
+        es_txn *txn = NULL;
+        if (batch_begin(s, slot, &txn, &err) != 0) return -1;
+        rc = run_simple(((pg_txn *)txn)->conn, "read back: begin",
+                        "BEGIN ISOLATION LEVEL READ COMMITTED", &err);
+        if (rc == 0) rc = pg_get_command(txn, &rec->command_id, &got, &err);
+        pg_rollback(txn);
+        if (fresh) break;
+    }
     if (rc == ES_ENOTFOUND) return 0;
     if (rc != 0) return -1;
     bool ours = es_uuid_equal(&got->aggregate_id, &rec->aggregate_id) &&
                 got->version == rec->version;
     es__free(got);
     return ours ? 1 : -1;
-}
-
-/* A transaction of the batch writer: a connection from the pool; BEGIN
- * goes in the first round trip of batch_write. */
-static int batch_begin(pg_store *s, es_txn **out, es_error *err)
-{
-    pg_txn *t = es__calloc(1, sizeof *t);
-    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    t->base.store = &s->base;
-    int rc = pool_get(s, &t->conn, err);
-    if (rc != 0) {
-        es__free(t);
-        return rc;
-    }
-    es__store_txn_started(&s->base);
-    *out = &t->base;
-    return 0;
 }
 
 /* Sets every item still status `from` to `to`, with `why`. */
@@ -3051,15 +3073,16 @@ static void batch_mark(es__commit_item **items, size_t n, int from, int to,
         }
 }
 
-static size_t pg_write_batch(es_store *store, es__commit_item **items,
-                             size_t n)
+static size_t pg_write_batch(es_store *store, void **slot,
+                             es__commit_item **items, size_t n)
 {
     pg_store *s = (pg_store *)store;
+    PGconn **conn = (PGconn **)slot;
     size_t committed = 0;
     /* A batch whose COMMIT answer was lost: the truth first. */
     for (size_t i = 0; i < n; i++) {
         if (items[i]->status != ES__COMMIT_UNKNOWN) continue;
-        int outcome = batch_resolve(s, &items[i]->record);
+        int outcome = batch_resolve(s, conn, &items[i]->record);
         if (outcome < 0) return 0; /* still unknown: asked again later */
         batch_mark(items, n, ES__COMMIT_UNKNOWN,
                    outcome == 1 ? 0 : ES__COMMIT_PENDING, NULL);
@@ -3075,7 +3098,7 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
         if (first == n) break;
         es_error err = {0};
         es_txn *txn = NULL;
-        int rc = batch_begin(s, &txn, &err);
+        int rc = batch_begin(s, conn, &txn, &err);
         if (rc == 0 && txn == NULL) rc = ES_ENOMEM; /* not reached */
         if (rc == 0) {
             rc = batch_write((pg_txn *)txn, items, n, &err);
@@ -3095,7 +3118,7 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
                     probe = &items[i]->record;
             rc = pg_commit(txn, &err);
             int outcome = rc == 0 ? 1 : 0;
-            if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, probe);
+            if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, conn, probe);
             if (outcome == 1) {
                 batch_mark(items, n, ES__COMMIT_PENDING, 0, NULL);
                 committed++;

@@ -164,9 +164,12 @@ typedef struct es_store_ops {
      * reached the items come back ES__COMMIT_RETRY or ES__COMMIT_UNKNOWN
      * (above), and the caller decides when to hand them in again.  Items
      * ES__COMMIT_UNKNOWN on entry (all from one transaction) are read
-     * back first.  Returns the number of transactions committed. */
-    size_t (*write_batch)(es_store *store, es__commit_item **items,
-                          size_t n);
+     * back first.  *slot is the caller's own connection, kept between
+     * calls (NULL at first; a broken one is closed and replaced; closed
+     * with background_close), never one of the pool's.  Returns the
+     * number of transactions committed. */
+    size_t (*write_batch)(es_store *store, void **slot,
+                          es__commit_item **items, size_t n);
     /* Optional: a transaction on a connection of the caller's own, kept
      * in *slot between transactions (NULL at first; a broken one is
      * closed and replaced), never one of the pool's, for writes off the
