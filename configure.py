@@ -37,6 +37,7 @@ PROGRAMS = {
     "psql": "postgresql-client-15",
     "doxygen": "doxygen",
     "clang": "clang",  # libFuzzer targets (ninja fuzz)
+    "valgrind": "valgrind",  # helgrind run of ninja check-faults
 }
 # Always wanted for the test suite, checked by dpkg.
 EXTRA_PACKAGES = []
@@ -232,6 +233,10 @@ def write_fuzz(n):
             "extra": "-Wno-missing-prototypes"})
         exe = "build/fuzz/%s" % name
         objs_for = objs
+        if name.startswith("fuzz_pg_"):
+            # It includes src/store/postgres.c itself (tests/fuzz/pg_fake.h).
+            objs_for = [o for o in objs
+                        if o != "build/fuzz/obj/src/store/postgres.o"]
         n.build(exe, "fuzzlink", [o] + objs_for)
         outs.append(exe)
     return outs
@@ -396,8 +401,14 @@ def main():
                    "--compile-fail --install-test --docs --bank --badinput "
                    "--security --faults",
             "desc": "CHECK"})
-        n.build("check-faults", "run", all_targets["release"], variables={
-            "cmd": "$python tests/faults.py", "desc": "CHECK-FAULTS"})
+        # The host tests under helgrind (minutes), then the long fault
+        # run; both run, and either failing fails the step.
+        n.build("check-faults", "run", all_targets["release"] +
+                ["build/debug/tests/test_host"], implicit=[
+                    "tests/valgrind.py", "tests/faults.py"], variables={
+            "cmd": "$python tests/valgrind.py; v=$$?; "
+                   "$python tests/faults.py && exit $$v",
+            "desc": "CHECK-FAULTS"})
         n.build("demo", "run", all_targets["release"], variables={
             "cmd": "$python tests/demo.py",
             "desc": "DEMO"})

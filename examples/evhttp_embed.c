@@ -2,14 +2,17 @@
  * Embedding the aggregate host in an application's own libevent HTTP
  * server (docs/embedding.md walks through it).
  *
- * The application owns the event_base and the evhttp server; the host runs
- * its own threads.  A request handler (loop thread) sends a command with
- * es_host_send and returns at once; the completion callback runs on a
- * worker thread of the host, so it touches no libevent object but one: it
- * fills the request's record and calls event_active on the request's
- * event, which is safe from any thread because evthread_use_pthreads()
- * ran before the base was made.  The loop thread then answers the request.
- * Nothing on the loop thread waits for the host.
+ * The application owns the event_base and the evhttp server, and hands
+ * the base to the host (es_host_config_set_event_base): the host's timers
+ * (idle passivation, snapshot flush) run on this loop, so the host starts
+ * no I/O thread of its own.  A request handler (loop thread) sends a
+ * command with es_host_send and returns at once; the completion callback
+ * runs on a worker thread of the host, so it touches no libevent object
+ * but one: it fills the request's record and calls event_active on the
+ * request's event, which is safe from any thread because
+ * evthread_use_pthreads() ran before the base was made.  The loop thread
+ * then answers the request.  Nothing on the loop thread waits for the
+ * host.
  *
  * Counters: POST /counters/<uuid>/add?n=<1..1000>.  Each time a counter
  * passes a multiple of 50, its event makes a side effect ("milestone"),
@@ -404,6 +407,8 @@ int main(void)
      * event_active may be called from the host's threads. */
     if (evthread_use_pthreads() != 0) return 1;
     app a = {0};
+    a.base = event_base_new();
+    if (a.base == NULL) return 1;
     es_error err = {0};
     es_store *store = NULL;
     es_host_config *hcfg = NULL;
@@ -413,6 +418,8 @@ int main(void)
     if ((rc = es_memory_store_open(&store, &err)) != 0 ||
         (rc = es_host_config_new(&hcfg, &err)) != 0 ||
         (rc = es_host_config_set_workers(hcfg, 2)) != 0 ||
+        /* our loop carries the host's timers */
+        (rc = es_host_config_set_event_base(hcfg, a.base)) != 0 ||
         (rc = es_host_config_add_type(hcfg, &counter_type, decide, NULL,
                                       &err)) != 0 ||
         (rc = es_host_open(hcfg, store, &a.host, &err)) != 0 ||
@@ -427,8 +434,7 @@ int main(void)
     es_host_config_free(hcfg);
     es_outbox_config_free(ocfg);
 
-    a.base = event_base_new();
-    a.http = a.base ? evhttp_new(a.base) : NULL;
+    a.http = evhttp_new(a.base);
     struct evhttp_bound_socket *sock =
         a.http ? evhttp_bind_socket_with_handle(a.http, "127.0.0.1", 0)
                : NULL;
@@ -482,7 +488,7 @@ int main(void)
     es_outbox_close(outbox);
     /* 3: the host: decides what is queued, waits for the commits; the
      * completions still activate their events on our base, so the base
-     * outlives the host. */
+     * outlives the host.  It also deletes its timers from our base. */
     if ((rc = es_host_shutdown(a.host, &err)) != 0)
         fprintf(stderr, "shutdown: %s\n", err.message);
     /* 4: run what the completions activated, then free the loop's side. */

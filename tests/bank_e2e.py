@@ -328,12 +328,78 @@ def routes_and_errors(ck, port):
     big_body = b"{\"command_id\":\"%s\",\"amount\":1,\"pad\":\"%s\"}" % (
         uid().encode(), b"x" * (70 * 1024))
     try:
-        st = request(p, "POST", dpath, raw=big_body)[0]
+        st, _, b = request(p, "POST", dpath, raw=big_body)
     except (ConnectionError, http.client.HTTPException):
-        st = "connection closed"
-    ck.eq("413 for a body over 64 KiB", st, 413)
+        st, b = "connection closed", None
+    ck.eq("413 for a body over 64 KiB", (st, b),
+          (413, {"error": "payload_too_large",
+                 "detail": "the body is over 64 KiB"}))
     ck.eq("server alive after bad input", request(p, "GET",
                                                   "/healthz")[0], 200)
+
+
+def rejection_replays(ck, port):
+    """Rejections are outcomes: replayed after the state changed so that
+    the request would now pass, they answer the same status and body.
+    Returns the replays as (what, method, path, body, answer), to be sent
+    again after a restart."""
+    p = port
+    replays = []
+
+    def first(what, path, body, want):
+        got = request(p, "POST", path, body)[::2]
+        ck.eq(what, got, want)
+        replays.append((what + " replayed", "POST", path, body, got))
+
+    def again(what):
+        for w, m, path, body, want in replays:
+            if w == what + " replayed":
+                ck.eq(w, request(p, m, path, body)[::2], want)
+
+    cid = uid()
+    open_account(p, 100, cid)
+    wd = {"command_id": uid(), "amount": 150}
+    first("withdrawal rejected", "/accounts/%s/withdrawals" % cid, wd,
+          (422, {"error": "insufficient_funds"}))
+    ck.eq("deposit after the rejection",
+          request(p, "POST", "/accounts/%s/deposits" % cid,
+                  {"command_id": uid(), "amount": 100})[::2],
+          (200, {"account_id": cid, "balance": 200, "version": 1}))
+    again("withdrawal rejected")
+    ck.eq("rejected withdrawal, same id other amount",
+          request(p, "POST", "/accounts/%s/withdrawals" % cid,
+                  dict(wd, amount=151))[::2],
+          (409, {"error": "idempotency_conflict"}))
+
+    tid = uid()
+    tr = {"transfer_id": tid, "from": cid, "to": uid(), "amount": 500}
+    first("transfer rejected (insufficient)", "/transfers", tr,
+          (422, {"error": "insufficient_funds"}))
+    ck.eq("deposit after the rejected transfer",
+          request(p, "POST", "/accounts/%s/deposits" % cid,
+                  {"command_id": uid(), "amount": 1000})[::2],
+          (200, {"account_id": cid, "balance": 1200, "version": 2}))
+    again("transfer rejected (insufficient)")
+    ck.eq("rejected transfer, same id other amount",
+          request(p, "POST", "/transfers", dict(tr, amount=501))[::2],
+          (409, {"error": "idempotency_conflict"}))
+    ck.eq("rejected transfer not recorded",
+          request(p, "GET", "/transfers/" + tid)[::2],
+          (404, {"error": "not_found"}))
+
+    ghost = uid()
+    first("transfer from unknown account", "/transfers",
+          {"transfer_id": uid(), "from": ghost, "to": cid, "amount": 1},
+          (404, {"error": "not_found"}))
+    first("deposit to unknown account", "/accounts/%s/deposits" % ghost,
+          {"command_id": uid(), "amount": 5}, (404, {"error": "not_found"}))
+    ck.eq("the unknown account opened", open_account(p, 10, ghost)[0], 201)
+    again("transfer from unknown account")
+    again("deposit to unknown account")
+    ck.eq("balances unchanged by the replayed rejections",
+          [request(p, "GET", "/accounts/" + a)[2].get("balance")
+           for a in (cid, ghost)], [1200, 10])
+    return replays
 
 
 def garbage(ck, port):
@@ -421,6 +487,7 @@ def run(db_url):
     srv = Server(db_url)
     try:
         routes_and_errors(ck, srv.port)
+        replays = rejection_replays(ck, srv.port)
         garbage(ck, srv.port)
         if db_url:
             accounts, acked, unknown, stop, threads = sigterm_under_load(
@@ -432,6 +499,9 @@ def run(db_url):
                 t.join()
             ck.eq("exit status after SIGTERM under load", rc, 0)
             srv = Server(db_url)
+            for what, m, path, body, want in replays:
+                ck.eq(what + " after a restart",
+                      request(srv.port, m, path, body)[::2], want)
             total = 0
             for a in accounts:
                 st, _, b = request(srv.port, "GET", "/accounts/" + a)

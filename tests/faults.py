@@ -13,6 +13,15 @@ with the same ids) and meanwhile injects faults at seeded random times:
   second     a second bank-server on the same database, same accounts
   pgpause    SIGSTOP of the postmaster and all its backends (a database
              that hangs without closing connections), then SIGCONT
+  netdrop    the TCP proxy between the servers and PostgreSQL drops every
+             connection at once, mid-flight (reset or FIN, at random)
+  nethang    the proxy stops forwarding without closing anything (a
+             half-open network) for longer than the client timeout, then
+             resumes or drops the connections
+
+The bank-servers reach PostgreSQL only through that proxy (a small TCP
+relay of this script's own, threads of the standard library); the checks
+go to PostgreSQL directly.
 
 Every request is recorded with its outcome: ok, failed (a definite answer
 that nothing was done) or unknown (the connection died, a timeout, 5xx).
@@ -48,7 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 BIN = os.path.join(TOP, "build", "release", "bin")
 ALL_FAULTS = ["kill9", "pgstop", "pgkill9", "cut", "pause", "second",
-              "pgpause"]
+              "pgpause", "netdrop", "nethang"]
 # The faults the short form in ninja check uses: those that pass today.
 SHORT_FAULTS = ALL_FAULTS
 INITIAL = 100000
@@ -151,12 +160,124 @@ class Postgres:
         return [l.split("\t") for l in proc.stdout.splitlines() if l]
 
 
+# ---- the network between the servers and the database ----
+
+class Proxy:
+    """A TCP relay from 127.0.0.1:port to PostgreSQL's Unix socket, two
+    threads per connection.  drop() closes every connection at once;
+    hang() stops forwarding (nothing is closed, new connections are
+    accepted and held) until resume()."""
+
+    def __init__(self, pg):
+        self.pg = pg
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(128)
+        self.port = self.lsock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.pairs = set()
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.closed = False
+        self.accepted = 0
+        self.dropped = 0
+        threading.Thread(target=self.accept_loop, daemon=True).start()
+
+    def url(self):
+        return "host=127.0.0.1 port=%d user=postgres dbname=postgres" % \
+            self.port
+
+    def upstream(self):
+        return os.path.join(self.pg.dir, "sock", ".s.PGSQL.%d" % self.pg.port)
+
+    def accept_loop(self):
+        while not self.closed:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.open_pair, args=(c,),
+                             daemon=True).start()
+
+    def open_pair(self, c):
+        self.flowing.wait()  # a hung network does not connect either
+        u = socket.socket(socket.AF_UNIX)
+        try:
+            u.connect(self.upstream())
+        except OSError:
+            c.close()
+            u.close()
+            return
+        pair = (c, u)
+        with self.lock:
+            if self.closed:
+                c.close()
+                u.close()
+                return
+            self.pairs.add(pair)
+            self.accepted += 1
+        for a, b in ((c, u), (u, c)):
+            threading.Thread(target=self.pump, args=(a, b, pair),
+                             daemon=True).start()
+
+    def pump(self, src, dst, pair):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                self.flowing.wait()
+                dst.sendall(data)
+        except OSError:
+            pass
+        self.close_pair(pair)
+
+    def close_pair(self, pair, reset=False):
+        with self.lock:
+            if pair not in self.pairs:
+                return
+            self.pairs.discard(pair)
+        c, u = pair
+        if reset:
+            # RST instead of FIN: the server sees ECONNRESET.
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                         struct.pack("ii", 1, 0))
+        for s_ in (c, u):
+            try:
+                s_.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s_.close()
+
+    def drop(self, reset):
+        with self.lock:
+            pairs = list(self.pairs)
+        for pair in pairs:
+            self.close_pair(pair, reset)
+        self.dropped += len(pairs)
+        return len(pairs)
+
+    def hang(self):
+        self.flowing.clear()
+
+    def resume(self):
+        self.flowing.set()
+
+    def close(self):
+        self.closed = True
+        self.flowing.set()
+        self.lsock.close()
+        self.drop(False)
+
+
 # ---- the servers ----
 
 class Server:
-    def __init__(self, name, pg, workers=2):
+    def __init__(self, name, pg, db_url, workers=2):
         self.name = name
         self.pg = pg
+        self.db_url = db_url  # through the proxy
         self.port = free_port()
         self.proc = None
         self.workers = workers
@@ -168,7 +289,7 @@ class Server:
     def start(self, migrate=False, tries=30):
         for attempt in range(tries):
             cmd = [os.path.join(BIN, "bank-server"), "--listen",
-                   "127.0.0.1:%d" % self.port, "--db", self.pg.url,
+                   "127.0.0.1:%d" % self.port, "--db", self.db_url,
                    "--workers", str(self.workers)]
             if migrate:
                 cmd.append("--migrate")
@@ -358,6 +479,7 @@ class Run:
         self.rng = random.Random(args.seed)
         self.resend = 0.1
         self.pg = Postgres(os.path.join(TOP, "build", args.cluster))
+        self.proxy = None
         self.a = None
         self.b = None
         self.accounts = []
@@ -499,6 +621,16 @@ class Run:
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
+        elif name == "netdrop":
+            n = self.proxy.drop(reset=self.rng.random() < 0.5)
+            log("       %d connections dropped" % n)
+        elif name == "nethang":
+            self.proxy.hang()
+            time.sleep(CLIENT_TIMEOUT + self.rng.uniform(0.5, 2.0))
+            if self.rng.random() < 0.5:
+                n = self.proxy.drop(reset=self.rng.random() < 0.5)
+                log("       %d connections dropped after the hang" % n)
+            self.proxy.resume()
         elif name == "second":
             if self.b is not None and self.b.alive():
                 # The second one goes away, the hard way or gently.
@@ -510,7 +642,7 @@ class Run:
                     if rc != 0:
                         self.notes.append("b exited %s on SIGTERM" % rc)
             else:
-                b = Server("b", self.pg)
+                b = Server("b", self.pg, self.proxy.url())
                 b.busy = True
                 if b.start():
                     self.b = b
@@ -522,10 +654,16 @@ class Run:
             log("       not recovered after %s" % name)
 
     def nemesis(self, kinds, interval):
+        # Each kind once, in a seeded order, before any repeats: a short
+        # run then sees every kind it has time for.
+        bag = []
         while not self.stop_load.is_set():
             if self.stop_load.wait(self.rng.uniform(*interval)):
                 break
-            self.fault(self.rng.choice(kinds))
+            if not bag:
+                bag = list(kinds)
+                self.rng.shuffle(bag)
+            self.fault(bag.pop())
 
     # -- the run --
 
@@ -548,8 +686,9 @@ class Run:
         self.t0 = time.time()
         if not self.pg.start():
             return 2
+        self.proxy = Proxy(self.pg)
         try:
-            self.a = Server("a", self.pg, a.workers)
+            self.a = Server("a", self.pg, self.proxy.url(), a.workers)
             if not self.a.start(migrate=True):
                 log("bank-server did not start")
                 return 2
@@ -588,6 +727,7 @@ class Run:
                     if rc not in (0, None):
                         self.notes.append("%s exited %s on SIGTERM at the end"
                                           % (s.name, rc))
+            self.proxy.close()
             self.pg.stop()
 
     def drain(self, stall=30, seconds=600):
@@ -764,6 +904,8 @@ class Run:
             "faults_survived": survived,
             "faults_by_kind": kinds_seen,
             "server_exits": self.server_exits,
+            "proxy_connections": self.proxy.accepted,
+            "proxy_dropped": self.proxy.dropped,
             "acked_missing": len(acked_missing),
             "failed_but_applied": len(failed_applied),
             "duplicates": duplicates,
@@ -816,6 +958,9 @@ class Run:
             "faults          %d injected, %d survived (%s)" % (
                 r["faults_injected"], r["faults_survived"], fk or "none"),
             "server exits    %d (not counting our kills)" % r["server_exits"],
+            "network         %d database connections through the proxy, "
+            "%d dropped by faults" % (r["proxy_connections"],
+                                      r["proxy_dropped"]),
             "acked_missing   %d" % r["acked_missing"],
             "failed_applied  %d" % r["failed_but_applied"],
             "duplicates      %d (+%d events without command, %d commands "

@@ -223,26 +223,57 @@ def write_chart(records, path):
 
 
 def run_benchmarks(quick, only=None):
-    """Runs build/release/bench/bench_* (only those named in `only`, when
-    given); each writes a JSON array to build/bench/<name>.json; they are
-    merged into build/bench/results.json and shown as a table, and the
-    PostgreSQL records are drawn in build/bench/host_pg.svg.  Benchmarks
-    are not tests: they run one at a time, outside the test run."""
+    """Runs build/release/bench/bench_* and bench/bank_http.py (only those
+    named in `only`, when given); each writes a JSON array to
+    build/bench/<name>.json; they are merged into build/bench/results.json
+    (with `only`, the records of the others are kept from the last one)
+    and shown as a table, and the PostgreSQL records are drawn in
+    build/bench/host_pg.svg.  Benchmarks are not tests: they run one at a
+    time, outside the test run."""
     import json
     out_dir = os.path.join(BUILD, "bench")
     os.makedirs(out_dir, exist_ok=True)
     records = []
     failed = 0
+    results = os.path.join(out_dir, "results.json")
+    if only and os.path.exists(results):
+        with open(results) as f:
+            kept = json.load(f)
+        ran = set()
+        for name in only:
+            out = os.path.join(out_dir, name + ".json")
+            if os.path.exists(out):
+                with open(out) as f:
+                    ran |= {r.get("name") for r in json.load(f)}
+        ran |= set(only)
+        records = [r for r in kept if r.get("name") not in ran]
     # bench_pg: its own throwaway cluster, with room for a connection per
     # client thread of per_command_pg (256).
-    with Cluster("pg-bench", ["--max-connections", "300"]) as db:
-        failed = run_each_benchmark(quick, out_dir, records, db.url, only)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    if not only or any(n.startswith("bench_") for n in only):
+        with Cluster("pg-bench", ["--max-connections", "300"]) as db:
+            failed = run_each_benchmark(quick, out_dir, records, db.url,
+                                        only)
+    # bank_http: bank-server and bank-load on a cluster of its own (the
+    # tables bench_pg left behind would not change it, a fresh one is
+    # simpler to reason about).
+    if not only or "bank_http" in only:
+        sys.path.insert(0, os.path.join(TOP, "bench"))
+        import bank_http
+        print("BENCH bank_http", flush=True)
+        with Cluster("pg-bank-bench") as db:
+            out = os.path.join(out_dir, "bank_http.json")
+            if bank_http.run(out, db.url, quick, db.dir) != 0:
+                print("FAIL bank_http")
+                failed += 1
+            else:
+                with open(out) as f:
+                    records += json.load(f)
+    with open(results, "w") as f:
         json.dump(records, f, indent=2)
         f.write("\n")
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
             "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
-            "cpu_pg_pct", "events_per_s"]
+            "cpu_pg_pct", "events_per_s", "cpu_load_pct"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
@@ -409,7 +440,8 @@ def main():
                     help="with --bench: short runs, smaller sets")
     ap.add_argument("--bench-only", default="",
                     help="with --bench: only these benchmarks "
-                    "(comma-separated, e.g. bench_pg)")
+                    "(comma-separated: bench_host, bench_pg, "
+                    "bank_http)")
     a = ap.parse_args()
 
     if a.docs and a.variants == "release" and not a.compile_fail:

@@ -13,6 +13,8 @@
 #include <time.h>
 
 #include <cmocka.h>
+#include <event2/event.h>
+#include <event2/thread.h>
 
 #include "core/internal.h"
 #include "eventastic.h"
@@ -206,6 +208,7 @@ enum {
     CMD_POISON,     /* an event that apply refuses */
     CMD_CALL_OTHER, /* es_host_call to the key in the payload */
     CMD_WAIT,       /* blocks on the gate */
+    CMD_TAKE,       /* takes amount away, rejected when value < amount */
 };
 
 /* Payload: amount, producer, seq, other key (fixed layout). */
@@ -322,6 +325,14 @@ static int decide(void *user, const void *state, const es_command *cmd,
             pthread_cond_wait(&w->gate_cond, &w->gate_lock);
         pthread_mutex_unlock(&w->gate_lock);
         return es_emit(em, &e);
+    case CMD_TAKE: {
+        int64_t have = s ? s->value : 0;
+        if (have < amount)
+            return es_emit_reject(em, "short: %lld < %lld", (long long)have,
+                                  (long long)amount);
+        e.amount = -amount;
+        return es_emit(em, &e);
+    }
     }
     return es_emit_reject(em, "unknown command %d", (int)cmd->kind);
 }
@@ -610,7 +621,7 @@ static void wait_passivated(es_host *host)
     }
 }
 
-/* Passivations are counted by the housekeeper when it frees the actor,
+/* Passivations are counted by the I/O loop when it frees the actor,
  * a little after the eviction: wait for the count (at most 2 s). */
 static void wait_passivations(es_host *host, uint64_t n, es_host_metrics *m)
 {
@@ -1057,13 +1068,37 @@ static void *close_send(void *arg)
     return NULL;
 }
 
-static void close_while_sending(bool now)
+/* The embedder's base for close_while_sending (NULL: the host's own). */
+static struct event_base *close_base;
+
+static void tune_close(es_host_config *cfg)
+{
+    tune_small_mailbox(cfg);
+    if (close_base == NULL) return;
+    /* the loop's timers busy while commands run and the host closes */
+    es_host_config_set_event_base(cfg, close_base);
+    es_host_config_set_idle_ms(cfg, 2);
+    es_host_config_set_snapshots(cfg, 3, true);
+}
+
+static void *run_loop(void *arg);
+
+static void close_while_sending(bool now, bool external)
 {
     world w;
     world_init(&w);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    open_host(&w, store, 2, tune_small_mailbox);
+    pthread_t loop;
+    close_base = NULL;
+    if (external) {
+        assert_int_equal(evthread_use_pthreads(), 0);
+        close_base = event_base_new();
+        assert_non_null(close_base);
+        assert_int_equal(pthread_create(&loop, NULL, run_loop, close_base),
+                         0);
+    }
+    open_host(&w, store, 2, tune_close);
     closer_tally t;
     memset(&t, 0, sizeof t);
     t.w = &w;
@@ -1090,18 +1125,36 @@ static void close_while_sending(bool now)
                      (size_t)atomic_load(&t.ok));
     assert_int_equal(es_store_close(store), 0);
     world_destroy(&w);
+    if (external) { /* the host left nothing on the base, which runs on */
+        assert_int_equal(event_base_get_num_events(
+                             close_base, EVENT_BASE_COUNT_ADDED |
+                                             EVENT_BASE_COUNT_ACTIVE),
+                         0);
+        event_base_loopexit(close_base, NULL);
+        assert_int_equal(pthread_join(loop, NULL), 0);
+        event_base_free(close_base);
+        close_base = NULL;
+    }
 }
 
 static void test_host_shutdown_while_sending(void **state)
 {
     (void)state;
-    close_while_sending(false);
+    close_while_sending(false, false);
 }
 
 static void test_host_close_now_while_sending(void **state)
 {
     (void)state;
-    close_while_sending(true);
+    close_while_sending(true, false);
+}
+
+/* Both ends with the host's timers on the embedder's running loop. */
+static void test_host_external_loop_close_while_sending(void **state)
+{
+    (void)state;
+    close_while_sending(false, true);
+    close_while_sending(true, true);
 }
 
 /* A commit that conflicts (another writer took the version): the actor is
@@ -1396,7 +1449,10 @@ static void wrap_store(es_store *store, bool command_ids, bool flaky)
         wrapped_ops.insert_commands = NULL;
         wrapped_ops.get_command = NULL;
     }
-    if (flaky) wrapped_ops.commit = flaky_commit;
+    if (flaky) { /* commits go through commit, not the batch writer */
+        wrapped_ops.commit = flaky_commit;
+        wrapped_ops.write_batch = NULL;
+    }
     store->ops = &wrapped_ops;
 }
 
@@ -1442,7 +1498,7 @@ static void test_host_snapshots_never_delay_acknowledgements(void **state)
     payload one = make_payload(1, 0, 0, NULL);
     es_command first = command(CMD_ADD, &one);
     assert_int_equal(call(&w, &w.keys[0], &first, NULL), 0);
-    /* the housekeeper is now stuck writing that snapshot */
+    /* the snapshot writer is now stuck writing that snapshot */
     pthread_mutex_lock(&snap_gate_lock);
     while (snap_waiting == 0)
         pthread_cond_wait(&snap_gate_cond, &snap_gate_lock);
@@ -1759,6 +1815,189 @@ static void test_host_unknown_commit_outcome_is_read_back(void **state)
     world_destroy(&w);
 }
 
+/* A rejection is an outcome: a replay answers it again, with its reason,
+ * even when the state changed so that deciding again would accept. */
+static void expect_rejection(world *w, const es_uuid *key,
+                             const es_command *c, const char *reason,
+                             bool duplicate)
+{
+    es_host_reply *r = NULL;
+    assert_int_equal(call(w, key, c, &r), ES_EREJECTED);
+    assert_non_null(r);
+    assert_string_equal(r->reason, reason);
+    assert_int_equal(r->duplicate, duplicate);
+    assert_int_equal(r->n_events, 0);
+    es_host_reply_free(r);
+}
+
+static void test_host_rejection_replayed(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, tune_fast_idle);
+    const es_uuid *key = &w.keys[0];
+    payload five = make_payload(5, 0, 0, NULL);
+    payload six = make_payload(6, 0, 0, NULL);
+    payload ten = make_payload(10, 0, 0, NULL);
+    es_command add = command(CMD_ADD, &five);
+    assert_int_equal(call(&w, key, &add, NULL), 0); /* value 5 */
+    es_command take = command(CMD_TAKE, &six);
+    es_command other = take;
+    other.payload = ten.b;
+    expect_rejection(&w, key, &take, "short: 5 < 6", false);
+
+    /* Now it would be accepted if decided again. */
+    es_command more = command(CMD_ADD, &ten);
+    assert_int_equal(call(&w, key, &more, NULL), 0); /* value 15 */
+    expect_rejection(&w, key, &take, "short: 5 < 6", true);
+    es_host_reply *r = NULL;
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    /* The same id for another aggregate is a clash too. */
+    assert_int_equal(call(&w, &w.keys[1], &take, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+
+    /* Passivated: answered from the store's record. */
+    wait_passivated(w.host);
+    es_host_metrics m;
+    es_host_metrics_get(w.host, &m);
+    assert_int_equal(m.resident, 0);
+    expect_rejection(&w, key, &take, "short: 5 < 6", true);
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    /* Restarted on the same store. */
+    open_host(&w, store, 1, NULL);
+    expect_rejection(&w, key, &take, "short: 5 < 6", true);
+    assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    /* A rejection of a key with no events at all is recorded too. */
+    es_command first = command(CMD_TAKE, &five);
+    expect_rejection(&w, &w.keys[2], &first, "short: 0 < 5", false);
+    es_command seed = command(CMD_ADD, &ten);
+    assert_int_equal(call(&w, &w.keys[2], &seed, NULL), 0);
+    expect_rejection(&w, &w.keys[2], &first, "short: 0 < 5", true);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+
+    /* Nothing stored for the rejections: the three adds only. */
+    assert_int_equal(es_memory_store_event_count(store), 3);
+    assert_int_equal(stored_value(store, key, NULL), 15);
+    assert_int_equal(stored_value(store, &w.keys[2], NULL), 10);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* Rejections and successes of one key, pipelined: each rejection is
+ * answered after the items before it, duplicates in flight share it. */
+typedef struct take_seen {
+    atomic_int n, ok, rejected, dups;
+} take_seen;
+
+static void take_done(void *ud, const es_host_result *r)
+{
+    take_seen *t = ud;
+    if (r->status == 0) atomic_fetch_add(&t->ok, 1);
+    if (r->status == ES_EREJECTED) atomic_fetch_add(&t->rejected, 1);
+    if (r->duplicate) atomic_fetch_add(&t->dups, 1);
+    atomic_fetch_add(&t->n, 1);
+}
+
+static void test_host_rejection_pipelined(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 2, NULL);
+    const es_uuid *key = &w.keys[0];
+    payload one = make_payload(1, 0, 0, NULL);
+    payload three = make_payload(3, 0, 0, NULL);
+    take_seen t;
+    memset(&t, 0, sizeof t);
+    /* adds of 1, each followed by a take of 3 sent twice: a take passes
+     * when the value reached 3 */
+    es_command takes[30];
+    for (int i = 0; i < 30; i++) {
+        es_command add = command(CMD_ADD, &one);
+        takes[i] = command(CMD_TAKE, &three);
+        assert_int_equal(es_host_send(w.host, &counter_type, key, &add,
+                                      take_done, &t, NULL), 0);
+        for (int k = 0; k < 2; k++)
+            assert_int_equal(es_host_send(w.host, &counter_type, key,
+                                          &takes[i], take_done, &t, NULL),
+                             0);
+    }
+    while (atomic_load(&t.n) < 90) sleep_ms(1);
+    /* value after i+1 adds and the takes so far: a take passes every
+     * third add, so 10 takes pass and 20 are rejected */
+    assert_int_equal(atomic_load(&t.ok), 30 + 2 * 10);
+    assert_int_equal(atomic_load(&t.rejected), 2 * 20);
+    assert_int_equal(atomic_load(&t.dups), 30);
+    /* the replays after the fact agree */
+    int rejected = 0;
+    for (int i = 0; i < 30; i++) {
+        es_host_reply *r = NULL;
+        int rc = call(&w, key, &takes[i], &r);
+        assert_true(r->duplicate);
+        if (rc == ES_EREJECTED) rejected++;
+        else assert_int_equal(rc, 0);
+        es_host_reply_free(r);
+    }
+    assert_int_equal(rejected, 20);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(stored_value(store, key, NULL), 0);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
+/* A rejection whose record did not commit is not answered as one: the
+ * caller gets an error and may send it again; one whose commit outcome
+ * was lost is read back and answered. */
+static void test_host_rejection_record_failures(void **state)
+{
+    (void)state;
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    wrap_store(store, true, true);
+    open_host(&w, store, 2, NULL);
+    const es_uuid *key = &w.keys[0];
+    payload one = make_payload(1, 0, 0, NULL);
+    payload five = make_payload(5, 0, 0, NULL);
+    es_command c = command(CMD_ADD, &one);
+    assert_int_equal(call(&w, key, &c, NULL), 0); /* value 1 */
+
+    atomic_store(&failing_commits, 1 << 30);
+    es_command take = command(CMD_TAKE, &five);
+    es_host_reply *r = NULL;
+    int rc = call(&w, key, &take, &r);
+    es_host_reply_free(r);
+    assert_int_equal(rc, ES_EDB);
+    atomic_store(&failing_commits, 0);
+    /* nothing recorded: decided again, on today's state */
+    expect_rejection(&w, key, &take, "short: 1 < 5", false);
+    expect_rejection(&w, key, &take, "short: 1 < 5", true);
+
+    /* The record committed but the commit said unknown: read back. */
+    atomic_store(&unknown_commits, 1);
+    es_command take2 = command(CMD_TAKE, &five);
+    expect_rejection(&w, key, &take2, "short: 1 < 5", false);
+    es_command big = command(CMD_ADD, &five);
+    assert_int_equal(call(&w, key, &big, NULL), 0);
+    expect_rejection(&w, key, &take2, "short: 1 < 5", true);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    unwrap_store(store);
+    assert_int_equal(stored_value(store, key, NULL), 6);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+}
+
 /* The resident bound in bytes: an estimate turned into a count. */
 static void tune_resident_bytes(es_host_config *cfg)
 {
@@ -1868,6 +2107,328 @@ static void test_host_resident_bound_evicts_lru(void **state)
     world_destroy(&w);
 }
 
+/* ---- the I/O loop: the host's own, or the embedder's event_base ---- */
+
+/* The thread running the test's loop, and where state_encode ran. */
+static pthread_t loop_thread;
+static atomic_int encode_calls, encode_off_loop;
+
+static int loop_state_encode(const void *s, es_buf *out, es_error *err)
+{
+    atomic_fetch_add(&encode_calls, 1);
+    if (!pthread_equal(pthread_self(), loop_thread))
+        atomic_fetch_add(&encode_off_loop, 1);
+    return c_state_encode(s, out, err);
+}
+
+static const es_aggregate_type looped_type = {
+    .name = "looped",
+    .snapshot_version = 1,
+    .state_size = sizeof(counter),
+    .event_size = sizeof(counter_event),
+    .event_id = ev_id,
+    .event_kind = ev_kind,
+    .apply_new = c_apply_new,
+    .apply = c_apply,
+    .state_encode = loop_state_encode,
+    .state_decode = c_state_decode,
+    .event_encode = c_event_encode,
+    .event_decode = c_event_decode,
+};
+
+#define LOOP_KEYS 200
+
+static void stop_loop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    event_base_loopbreak(arg);
+}
+
+static void *run_loop(void *arg)
+{
+    event_base_loop(arg, EVLOOP_NO_EXIT_ON_EMPTY);
+    return NULL;
+}
+
+/* Idle passivation by the sweep timer and eviction for room by the wake
+ * event, on the base given (or the host's own when NULL); every
+ * passivation snapshot is encoded on the loop and written. */
+static es_host *open_looped(world *w, es_store *store,
+                            struct event_base *base)
+{
+    es_host_config *cfg = NULL;
+    assert_int_equal(es_host_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_host_config_add_type(cfg, &looped_type, decide, w,
+                                             NULL), 0);
+    assert_int_equal(es_host_config_set_idle_ms(cfg, 30), 0);
+    assert_int_equal(es_host_config_set_snapshots(cfg, 0, true), 0);
+    assert_int_equal(es_host_config_set_snapshot_slow_load(cfg, 0), 0);
+    /* 64 shards of one: new keys evict older ones */
+    assert_int_equal(es_host_config_set_resident_bound(cfg, 64), 0);
+    assert_int_equal(es_host_config_set_event_base(cfg, base), 0);
+    es_error err = {0};
+    int rc = es_host_open(cfg, store, &w->host, &err);
+    if (rc != 0) print_error("open: %s\n", err.message);
+    assert_int_equal(rc, 0);
+    es_host_config_free(cfg);
+    return w->host;
+}
+
+static void send_to_loop_keys(world *w, es_uuid *keys)
+{
+    for (int i = 0; i < LOOP_KEYS; i++) {
+        es_uuid_v7(&keys[i]);
+        payload p = make_payload(1, 0, 0, NULL);
+        es_command c = command(CMD_ADD, &p);
+        int rc;
+        /* ES_EBUSY: the shard's one resident is not idle yet (its
+         * completion runs before it is), so there is nothing to evict */
+        for (int t = 0; t < 1000; t++) {
+            rc = es_host_call(w->host, &looped_type, &keys[i], &c, NULL,
+                              NULL);
+            if (rc != ES_EBUSY) break;
+            sleep_ms(1);
+        }
+        assert_int_equal(rc, 0);
+    }
+}
+
+static bool snapshot_stored(es_store *store, const es_uuid *key)
+{
+    es_txn *txn = NULL;
+    es_snapshot *snap = NULL;
+    if (es_store_begin(store, &txn, NULL) != 0) return false;
+    int rc = es_txn_get_snapshot(txn, key, 1, &snap, NULL);
+    es_txn_rollback(txn);
+    bool ok = rc == 0 && snap != NULL && snap->version == 0;
+    es_free(snap);
+    return ok;
+}
+
+static void loop_passivates(bool external)
+{
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    struct event_base *base = NULL;
+    if (external) {
+        assert_int_equal(evthread_use_pthreads(), 0);
+        base = event_base_new();
+        assert_non_null(base);
+        assert_int_equal(pthread_create(&loop_thread, NULL, run_loop, base),
+                         0);
+    }
+    atomic_store(&encode_calls, 0);
+    atomic_store(&encode_off_loop, 0);
+    world w;
+    world_init(&w);
+    open_looped(&w, store, base);
+    if (external) /* the sweep timer */
+        assert_true(event_base_get_num_events(base,
+                                              EVENT_BASE_COUNT_ADDED) >= 1);
+    es_uuid keys[LOOP_KEYS];
+    send_to_loop_keys(&w, keys);
+    /* Nothing else happens: the loop's timers passivate every key and
+     * hand the snapshots to the writer. */
+    es_host_metrics m;
+    for (int i = 0; i < 1000; i++) {
+        assert_int_equal(es_host_metrics_get(w.host, &m), 0);
+        if (m.passivations == LOOP_KEYS && m.snapshots == LOOP_KEYS) break;
+        sleep_ms(10);
+    }
+    assert_int_equal(m.passivations, LOOP_KEYS);
+    assert_int_equal(m.resident, 0);
+    assert_int_equal(m.snapshots, LOOP_KEYS);
+    assert_int_equal(atomic_load(&encode_calls), LOOP_KEYS);
+    if (external) assert_int_equal(atomic_load(&encode_off_loop), 0);
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    for (int i = 0; i < LOOP_KEYS; i++) {
+        uint64_t version = 99;
+        assert_int_equal(stored_value(store, &keys[i], &version), 1);
+        assert_int_equal(version, 0);
+        assert_true(snapshot_stored(store, &keys[i]));
+    }
+    if (external) {
+        /* the host's events are gone; the base is ours and still runs */
+        assert_int_equal(event_base_get_num_events(base,
+                                                   EVENT_BASE_COUNT_ADDED |
+                                                   EVENT_BASE_COUNT_ACTIVE),
+                         0);
+        struct event *stop = event_new(base, -1, 0, stop_loop, base);
+        assert_non_null(stop);
+        event_active(stop, 0, 0);
+        assert_int_equal(pthread_join(loop_thread, NULL), 0);
+        event_free(stop);
+        event_base_free(base);
+    }
+    world_destroy(&w);
+    es_store_close(store);
+}
+
+static void test_host_own_loop_passivates(void **state)
+{
+    (void)state;
+    loop_passivates(false);
+}
+
+static void test_host_external_loop_passivates(void **state)
+{
+    (void)state;
+    loop_passivates(true);
+}
+
+typedef struct loop_shutdown {
+    es_host *host;
+    struct event_base *base;
+    int rc;
+    bool ran;
+} loop_shutdown;
+
+static void shutdown_on_loop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    loop_shutdown *ls = arg;
+    ls->rc = es_host_shutdown(ls->host, NULL);
+    ls->ran = true;
+    event_base_loopbreak(ls->base);
+}
+
+/* An external base that is not running: nothing is passivated until it
+ * runs; es_host_shutdown called on the loop's own thread, from a callback,
+ * passivates what is left (snapshots included) and returns. */
+static void test_host_external_loop_idle_and_shutdown_on_loop(void **state)
+{
+    (void)state;
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(evthread_use_pthreads(), 0);
+    struct event_base *base = event_base_new();
+    assert_non_null(base);
+    loop_thread = pthread_self(); /* the loop runs here, below */
+    atomic_store(&encode_calls, 0);
+    atomic_store(&encode_off_loop, 0);
+    world w;
+    world_init(&w);
+    open_looped(&w, store, base);
+    es_uuid keys[LOOP_KEYS];
+    send_to_loop_keys(&w, keys);
+    sleep_ms(100); /* more than the idle time */
+    es_host_metrics m;
+    assert_int_equal(es_host_metrics_get(w.host, &m), 0);
+    assert_int_equal(m.passivations, 0);
+    assert_true(m.resident > 0 && m.resident <= 64); /* 64 shards of 1 */
+
+    loop_shutdown ls = {w.host, base, -1, false};
+    struct event *ev = event_new(base, -1, 0, shutdown_on_loop, &ls);
+    assert_non_null(ev);
+    struct timeval tv = {0, 1000};
+    assert_int_equal(event_add(ev, &tv), 0);
+    event_base_dispatch(base);
+    assert_true(ls.ran);
+    assert_int_equal(ls.rc, 0);
+    assert_int_equal(atomic_load(&encode_off_loop), 0);
+    assert_int_equal(atomic_load(&encode_calls), LOOP_KEYS);
+    assert_int_equal(event_base_get_num_events(
+                         base, EVENT_BASE_COUNT_ADDED |
+                                   EVENT_BASE_COUNT_ACTIVE),
+                     0);
+    for (int i = 0; i < LOOP_KEYS; i++)
+        assert_true(snapshot_stored(store, &keys[i]));
+    event_free(ev);
+    event_base_free(base);
+    world_destroy(&w);
+    es_store_close(store);
+}
+
+/* ---- the memory store's batch writer ---- */
+
+typedef struct batch_row {
+    es__commit_item item;
+    es_event ev[2];
+    uint8_t data[8];
+} batch_row;
+
+static void batch_row_init(batch_row *r, const void *group,
+                           const es_uuid *agg, uint64_t version, size_t n,
+                           const es_uuid *command_id)
+{
+    memset(r, 0, sizeof *r);
+    put64(r->data, version);
+    for (size_t i = 0; i < n; i++) {
+        es_uuid_v7(&r->ev[i].id);
+        r->ev[i].version = version + i;
+        r->ev[i].kind = EV_ADD;
+        r->ev[i].data = r->data;
+        r->ev[i].len = sizeof r->data;
+    }
+    r->item.type_name = "counter";
+    r->item.aggregate_id = *agg;
+    r->item.group = group;
+    r->item.events = r->ev;
+    r->item.n_events = n;
+    r->item.status = ES__COMMIT_PENDING;
+    es__command_record rec = {*command_id, *agg, 1, r->data, 8, version, n,
+                              version + n - 1, false, false, NULL};
+    r->item.record = rec;
+}
+
+/* One failing part of a batch never fails the others: a version taken
+ * (and the later item of that aggregate), a command id taken within the
+ * batch, an event id taken within the batch; the rest is stored. */
+static void test_host_memory_batch_isolates_failures(void **state)
+{
+    (void)state;
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_non_null(store->ops->write_batch);
+    es_uuid agg[6], cmd[7];
+    for (int i = 0; i < 6; i++) es_uuid_v7(&agg[i]);
+    for (int i = 0; i < 7; i++) es_uuid_v7(&cmd[i]);
+    int groups[6];
+    static batch_row rows[7];
+    /* aggregate 0 already has version 0 */
+    batch_row_init(&rows[0], &groups[0], &agg[0], 0, 1, &cmd[0]);
+    es__commit_item *first = &rows[0].item;
+    assert_int_equal(store->ops->write_batch(store, NULL, &first, 1), 1);
+    assert_int_equal(rows[0].item.status, 0);
+
+    batch_row_init(&rows[1], &groups[1], &agg[1], 0, 2, &cmd[1]); /* ok */
+    batch_row_init(&rows[2], &groups[0], &agg[0], 0, 1, &cmd[2]); /* taken */
+    batch_row_init(&rows[3], &groups[0], &agg[0], 1, 1, &cmd[3]); /* after */
+    batch_row_init(&rows[4], &groups[2], &agg[2], 0, 1, &cmd[1]); /* cmd */
+    batch_row_init(&rows[5], &groups[3], &agg[3], 0, 1, &cmd[5]); /* ev id */
+    rows[5].ev[0].id = rows[1].ev[1].id;
+    batch_row_init(&rows[6], &groups[4], &agg[4], 0, 1, &cmd[6]); /* ok */
+    es__commit_item *items[6];
+    for (int i = 0; i < 6; i++) items[i] = &rows[i + 1].item;
+    assert_int_equal(store->ops->write_batch(store, NULL, items, 6), 1);
+    assert_int_equal(rows[1].item.status, 0);
+    assert_int_equal(rows[2].item.status, ES_ECONFLICT);
+    assert_int_equal(rows[3].item.status, ES_ECONFLICT);
+    assert_int_equal(rows[4].item.status, ES_EIDEMPOTENCY);
+    assert_int_equal(rows[5].item.status, ES_ECONFLICT);
+    assert_int_equal(rows[6].item.status, 0);
+    assert_int_equal(es_memory_store_event_count(store), 4);
+
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(store, &txn, NULL), 0);
+    es__command_record *rec = NULL;
+    assert_int_equal(es__txn_get_command(txn, &cmd[1], &rec, NULL), 0);
+    assert_true(es_uuid_equal(&rec->aggregate_id, &agg[1]));
+    assert_int_equal(rec->version, 1);
+    es__free(rec);
+    assert_int_equal(es__txn_get_command(txn, &cmd[2], &rec, NULL),
+                     ES_ENOTFOUND);
+    es_event *ev = NULL;
+    assert_int_equal(es_txn_get_event(txn, &agg[1], &rows[1].ev[1].id, &ev,
+                                      NULL), 0);
+    assert_int_equal(ev->version, 1);
+    es_free(ev);
+    es_txn_rollback(txn);
+    assert_int_equal(es_store_close(store), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1889,9 +2450,17 @@ int main(void)
         cmocka_unit_test(test_host_snapshots_never_delay_acknowledgements),
         cmocka_unit_test(test_host_failing_commits_never_succeed),
         cmocka_unit_test(test_host_unknown_commit_outcome_is_read_back),
+        cmocka_unit_test(test_host_rejection_replayed),
+        cmocka_unit_test(test_host_rejection_pipelined),
+        cmocka_unit_test(test_host_rejection_record_failures),
         cmocka_unit_test(test_host_chaos_store_matches_outcomes),
         cmocka_unit_test(test_host_resident_bound_evicts_lru),
         cmocka_unit_test(test_host_resident_bytes_bound),
+        cmocka_unit_test(test_host_memory_batch_isolates_failures),
+        cmocka_unit_test(test_host_own_loop_passivates),
+        cmocka_unit_test(test_host_external_loop_close_while_sending),
+        cmocka_unit_test(test_host_external_loop_passivates),
+        cmocka_unit_test(test_host_external_loop_idle_and_shutdown_on_loop),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

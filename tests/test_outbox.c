@@ -420,6 +420,62 @@ static void test_outbox_leaves_unhandled_types_alone(void **st)
     es_store_close(store);
 }
 
+/* A dispatcher for two aggregate types (one named by two filters): each
+ * round claims the head of every aggregate of both types, and each
+ * aggregate's messages go in order. */
+static void test_outbox_claims_every_handled_type_in_order(void **st)
+{
+    (void)st;
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    recorder r;
+    recorder_init(&r);
+    fake_clock c = {es_clock_now_ms()};
+    es_outbox_config *cfg = NULL;
+    assert_int_equal(es_outbox_config_new(store, &cfg, NULL), 0);
+    assert_int_equal(es_outbox_config_add_handler(cfg, &job_type, 7,
+                                                  record_fx, &r, NULL), 0);
+    assert_int_equal(es_outbox_config_add_handler(cfg, &other_type,
+                                                  ES_OUTBOX_ANY_KIND,
+                                                  record_fx, &r, NULL), 0);
+    assert_int_equal(es_outbox_config_add_handler(cfg, &job_type, 8,
+                                                  record_fx, &r, NULL), 0);
+    assert_int_equal(es_outbox_config_set_clock(cfg, fake_now, &c, NULL), 0);
+    es_outbox *ob = NULL;
+    assert_int_equal(es_outbox_open(cfg, false, &ob, NULL), 0);
+    es_outbox_config_free(cfg);
+    es_uuid a, b;
+    es_uuid_v7(&a);
+    es_uuid_v7(&b);
+    const char *as[] = {"a1", "a2", "a3"};
+    const char *bs[] = {"b1", "b2", "b3"};
+    store_job(store, &job_type, &a, as, 3, true);
+    store_job(store, &other_type, &b, bs, 3, true);
+    for (int round = 0; round < 3; round++) {
+        size_t n = 0;
+        assert_int_equal(es_outbox_run_once(ob, &n, NULL), 0);
+        assert_int_equal(n, 2); /* one head of each aggregate */
+    }
+    size_t n = 9;
+    assert_int_equal(es_outbox_run_once(ob, &n, NULL), 0);
+    assert_int_equal(n, 0);
+    assert_int_equal(r.n, 6);
+    char seen_a[4] = "", seen_b[4] = "";
+    for (size_t i = 0; i < r.n; i++) {
+        char *seen = r.text[i][0] == 'a' ? seen_a : seen_b;
+        size_t len = strlen(seen);
+        seen[len] = r.text[i][1];
+        seen[len + 1] = '\0';
+    }
+    assert_string_equal(seen_a, "123");
+    assert_string_equal(seen_b, "123");
+    es_outbox_stats stats;
+    assert_int_equal(es_outbox_stats_get(store, 0, &stats, NULL), 0);
+    assert_int_equal(stats.pending, 0);
+    es_outbox_close(ob);
+    es_store_close(store);
+}
+
 static void test_outbox_expired_claim_is_taken_over(void **st)
 {
     (void)st;
@@ -673,6 +729,7 @@ int main(void)
             test_outbox_retry_backoff_then_dead_letter_then_requeue),
         cmocka_unit_test(test_outbox_poison_message_never_blocks_others),
         cmocka_unit_test(test_outbox_leaves_unhandled_types_alone),
+        cmocka_unit_test(test_outbox_claims_every_handled_type_in_order),
         cmocka_unit_test(test_outbox_expired_claim_is_taken_over),
         cmocka_unit_test(test_outbox_two_dispatchers_share_work_in_order),
         cmocka_unit_test(test_outbox_wakes_on_commit_and_polls_for_retries),

@@ -2,8 +2,7 @@
  * The aggregate host on the PostgreSQL store (DATABASE_URL): batched
  * commits with a savepoint per command, per-key order under concurrent
  * producers, and a commit that conflicts with another writer decided
- * again.  The backend has no command-id records yet: the host must work
- * without them.
+ * again; rejected commands answered the same after a restart.
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -23,7 +22,11 @@
 static es_store *g_store;
 static char g_schema[64];
 
-/* Command: add the 4-byte little-endian value; the first one resets. */
+enum { CMD_ADD = 1, CMD_TAKE = 2, CMD_ODD = 3 };
+
+/* CMD_ADD: add the 4-byte little-endian value; the first one resets.
+ * CMD_TAKE: subtract it, rejected when the result would go below zero.
+ * CMD_ODD: always rejected, with a reason that is not valid UTF-8. */
 static int decide(void *user, const void *state, const es_command *cmd,
                   es_emitter *em)
 {
@@ -32,6 +35,13 @@ static int decide(void *user, const void *state, const es_command *cmd,
     const uint8_t *p = cmd->payload;
     int32_t v = (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 |
                           (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+    if (cmd->kind == CMD_ODD) return es_emit_reject(em, "odd \xff\xc3");
+    if (cmd->kind == CMD_TAKE) {
+        int32_t have = state ? ((const counter *)state)->result : 0;
+        if (have < v)
+            return es_emit_reject(em, "short: %d < %d", (int)have, (int)v);
+        v = -v;
+    }
     if (state == NULL) {
         counter_event reset = counter_reset(es_emit_aggregate_id(em));
         int rc = es_emit(em, &reset);
@@ -168,6 +178,74 @@ static void test_pg_host_conflict_decided_again(void **state)
     counter_context_free(ctx);
 }
 
+static void expect_rejection(es_host *host, const es_uuid *key,
+                             const es_command *c, const char *reason,
+                             bool duplicate)
+{
+    es_host_reply *r = NULL;
+    assert_int_equal(es_host_call(host, &counter_type, key, c, &r, NULL),
+                     ES_EREJECTED);
+    assert_non_null(r);
+    assert_string_equal(r->reason, reason);
+    assert_int_equal(r->duplicate, duplicate);
+    es_host_reply_free(r);
+}
+
+/* A rejection is recorded with its reason: after a restart, a replay is
+ * answered with it even though deciding again would now accept (and
+ * nothing of that second decision is stored); other content is
+ * ES_EIDEMPOTENCY. */
+static void test_pg_host_rejection_replayed(void **state)
+{
+    (void)state;
+    es_host *host = open_host();
+    assert_non_null(host);
+    es_uuid key;
+    es_uuid_v7(&key);
+    uint8_t v5[4], v10[4], v6[4], vo[4];
+    es_command take = command(v5, 5);
+    take.kind = CMD_TAKE;
+    es_command other = command(v6, 6);
+    other.kind = CMD_TAKE;
+    other.id = take.id;
+    es_command odd = command(vo, 1);
+    odd.kind = CMD_ODD;
+    expect_rejection(host, &key, &take, "short: 0 < 5", false);
+    expect_rejection(host, &key, &odd, "odd \xff\xc3", false);
+    es_command add = command(v10, 10);
+    assert_int_equal(es_host_call(host, &counter_type, &key, &add, NULL,
+                                  NULL), 0);
+    expect_rejection(host, &key, &take, "short: 0 < 5", true);
+    es_host_reply *r = NULL;
+    assert_int_equal(es_host_call(host, &counter_type, &key, &other, &r,
+                                  NULL), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+
+    /* Restarted: nothing resident, the record answers. */
+    host = open_host();
+    assert_non_null(host);
+    expect_rejection(host, &key, &take, "short: 0 < 5", true);
+    expect_rejection(host, &key, &odd, "odd \xff\xc3", true);
+    assert_int_equal(es_host_call(host, &counter_type, &key, &other, &r,
+                                  NULL), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
+    /* a new take of 5 is accepted: the state is right after all that */
+    es_command take2 = command(v5, 5);
+    take2.kind = CMD_TAKE;
+    assert_int_equal(es_host_call(host, &counter_type, &key, &take2, &r,
+                                  NULL), 0);
+    assert_false(r->duplicate);
+    es_host_reply_free(r);
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+
+    counter_context *ctx = NULL;
+    assert_int_equal(counter_store_load(g_store, &key, &ctx, NULL), 0);
+    assert_int_equal(counter_state(ctx)->result, 5);
+    assert_int_equal(counter_version(ctx), 2); /* reset, add, take2 */
+    counter_context_free(ctx);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -193,6 +271,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_host_concurrent_producers),
         cmocka_unit_test(test_pg_host_conflict_decided_again),
+        cmocka_unit_test(test_pg_host_rejection_replayed),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

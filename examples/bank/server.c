@@ -30,6 +30,11 @@
 #include "eventastic/postgres.h"
 
 #define MAX_BODY (64 * 1024)
+/* What evhttp reads of a body at most.  Above MAX_BODY and up to this,
+ * the handler answers 413 in JSON like every other error; libevent 2.1
+ * has no hook for its own error pages, so beyond this it answers its own
+ * 413 (HTML) before reading the body.  Bounds the memory of a request. */
+#define MAX_BODY_READ (1024 * 1024)
 #define MAX_HEADERS (16 * 1024)
 /* The largest amount one request may move: 10^15 cents.  Larger values
  * are client mistakes (400); sums that would still overflow a balance are
@@ -338,7 +343,7 @@ static json_t *read_body(struct evhttp_request *req, char *detail,
         snprintf(detail, cap, "the body must be a JSON object");
         return NULL;
     }
-    if (len > MAX_BODY) { /* evhttp answers 413 before this */
+    if (len > MAX_BODY) { /* handle answers 413 before this */
         snprintf(detail, cap, "the body is over 64 KiB");
         return NULL;
     }
@@ -833,7 +838,11 @@ static void handle(struct evhttp_request *req, void *arg)
     enum evhttp_cmd_type m = evhttp_request_get_command(req);
     bool get = m == EVHTTP_REQ_GET, post = m == EVHTTP_REQ_POST;
     es_uuid id;
-    if (path == NULL) {
+    if (evbuffer_get_length(evhttp_request_get_input_buffer(req)) >
+        MAX_BODY) {
+        reply_error(srv, req, 413, "payload_too_large",
+                    "the body is over 64 KiB");
+    } else if (path == NULL) {
         bad_request(srv, req, "bad request URI");
     } else if (atomic_load(&srv->closing)) {
         overloaded(srv, req);
@@ -1004,7 +1013,7 @@ int main(int argc, char **argv)
         es_store_close(srv.store);
         return 1;
     }
-    evhttp_set_max_body_size(http, MAX_BODY);
+    evhttp_set_max_body_size(http, MAX_BODY_READ);
     /* Bounded (promise 7): headers beyond this are refused, not read. */
     evhttp_set_max_headers_size(http, MAX_HEADERS);
     evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST |

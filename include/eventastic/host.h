@@ -16,24 +16,36 @@
  * ES_ECONFLICT after a few attempts); they never report a success that did
  * not commit.
  *
- * Idempotency: a command id already accepted for the aggregate is answered
- * with the original outcome (same events, same version) without deciding
- * again; the same id with other content (kind or payload bytes) is
+ * Idempotency: a command id already used for the aggregate is answered
+ * with the original outcome without deciding again: the same events and
+ * version for an accepted command, ES_EREJECTED with the same reason for
+ * a rejected one (es_emit_reject), even when deciding again would now
+ * accept it.  The same id with other content (kind or payload bytes) is
  * answered ES_EIDEMPOTENCY.  Command ids are stored in the transaction of
- * their events, so this holds after passivation and after a restart of the
- * host on the same store.  Rejected commands are not stored: sent again,
- * they are decided again.  On a store without command-id records, ids are
- * remembered only while their command is in flight.
+ * their events (a rejection: a record with its reason and no events,
+ * committed like any other), so this holds after passivation and after a
+ * restart of the host on the same store.  A rejection is therefore
+ * reported only once its record committed, after the commands decided
+ * before it; if that write fails, the command completes with the store's
+ * error (ES_EDB, ...), not ES_EREJECTED, and nothing is recorded: sent
+ * again, it is decided again.  A decide that fails with an error (any
+ * other non-zero return) or a failing apply is not an outcome and is not
+ * recorded.  On a store without command-id records, ids are remembered
+ * only while their command is in flight and rejections are answered at
+ * once.
  *
  * Threads: the host runs `workers` worker threads, one thread per commit
- * lane (es_host_config_set_lanes), one housekeeping thread (passivation)
- * and one snapshot writer.  Decide handlers
- * and completion callbacks run on worker threads (completions with
- * ES_ECLOSED may also run on the thread closing the host).  The aggregate
- * type's callbacks run on worker threads too, except state_encode for a
- * snapshot on passivation (housekeeping thread, or the thread running
- * es_host_shutdown).  All user code of one aggregate runs on one thread
- * at a time.
+ * lane (es_host_config_set_lanes), one snapshot writer, and an I/O
+ * thread running a libevent event_base: its own, or the embedder's loop
+ * thread when es_host_config_set_event_base handed it one.  The loop
+ * carries the host's timers (idle passivation, the snapshot flush) and
+ * passivates aggregates; other threads wake it with events, never by
+ * polling.  Decide handlers and completion callbacks run on worker
+ * threads (completions with ES_ECLOSED may also run on the thread closing
+ * the host).  The aggregate type's callbacks run on worker threads too,
+ * except state_encode for a snapshot on passivation (the I/O thread, or
+ * the thread running es_host_shutdown).  All user code of one aggregate
+ * runs on one thread at a time.
  */
 #ifndef EVENTASTIC_HOST_H
 #define EVENTASTIC_HOST_H
@@ -49,6 +61,9 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* libevent's loop, declared only: this header does not include libevent. */
+struct event_base;
 
 /** The host (opaque).  es_host_open; es_host_shutdown or es_host_close. */
 typedef struct es_host es_host;
@@ -127,7 +142,8 @@ typedef struct es_host_result {
      *  While the host runs, commits wait for a database that cannot be
      *  reached instead of failing. */
     int status;
-    /** True when answered from an earlier command with this id. */
+    /** True when answered from an earlier command with this id (also for
+     *  a rejection answered again). */
     bool duplicate;
     /** The aggregate's version after the command (its last event's
      *  version, or the version it saw when it emitted none);
@@ -205,10 +221,11 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,
  *  since the last.  Snapshots are written off the command path by the
  *  snapshot writer, a thread with a database connection of its own (on
  *  PostgreSQL outside the pool, so never a commit lane's; its commits do
- *  not wait for the WAL flush, as a snapshot is a cache), about every
- *  100 ms; of several snapshots of one aggregate queued meanwhile only the
- *  latest is written.  A command's acknowledgement never waits for a
- *  snapshot.  Returns 0. */
+ *  not wait for the WAL flush, as a snapshot is a cache), woken by the
+ *  I/O loop's flush timer 100 ms after the first snapshot was queued; of
+ *  several snapshots of one aggregate queued meanwhile only the latest is
+ *  written.  A command's acknowledgement never waits for a snapshot.
+ *  Returns 0. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
     es_host_config *cfg, uint64_t every_events, bool on_passivation);
 
@@ -223,8 +240,9 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
  *  PostgreSQL, a pooled connection) of its own, in parallel with the
  *  others.  An aggregate's items always go to the same lane (by a hash of
  *  its key), so they commit in the order they were decided.  0 (the
- *  default): 4 on a store that writes batches with a constant number of
- *  statements (PostgreSQL; measured in bench/bench_pg.c), else 1.  Keep
+ *  default): 4 on PostgreSQL, whose batches wait for round trips
+ *  (measured in bench/bench_pg.c), else 1 (the memory store's writes hold
+ *  one lock: more lanes only contend, bench/bench_host.c).  Keep
  *  the PostgreSQL pool larger than the lanes, so that loads do not wait
  *  for them.  Returns 0 or ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_lanes(es_host_config *cfg,
@@ -235,6 +253,31 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_lanes(es_host_config *cfg,
  *  linger.  Returns 0 or ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_batch_rows(
     es_host_config *cfg, size_t rows);
+
+/**
+ * Run the host's timers on the embedder's libevent loop instead of a
+ * thread of the host's own.  base must be a libevent 2.1 event_base made
+ * after evthread_use_pthreads() was called (so that the host's threads may
+ * activate events on it), and must outlive the host.  The embedder runs
+ * it (event_base_dispatch or event_base_loop, on one thread of their
+ * choosing); the host only adds events to it: an idle-passivation timer
+ * (when idle_ms > 0), a snapshot flush timer, and an event that worker
+ * threads activate when an aggregate was evicted for room.  Their
+ * callbacks run on the thread running the loop, are short and never wait
+ * for the store (snapshots are written by the host's writer thread); they
+ * call the aggregate type's state_encode for passivation snapshots.  While
+ * the loop does not run, idle aggregates are not passivated, aggregates
+ * evicted for room keep their memory and snapshots are not written, until
+ * the loop runs again or es_host_shutdown.  es_host_shutdown and
+ * es_host_close delete the host's events from the base (waiting for a
+ * callback of theirs running on the loop to return) and never run, break
+ * or free the base; they may be called on the loop's thread.  NULL (the
+ * default): the host makes its own base, calling evthread_use_pthreads()
+ * once, and runs it on a thread of its own.  Returns 0 or ES_EINVAL.
+ * Thread: the config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_event_base(
+    es_host_config *cfg, struct event_base *base);
 
 /**
  * Register an aggregate type with its command handler.  The type is

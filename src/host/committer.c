@@ -169,6 +169,15 @@ size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
         es_error err = {0};
         committed += attempt(store, items, n, written, &crc, &err);
         if (crc == 0) break;
+        /* It may have committed: writing it again would find its own
+         * command id taken and pass it off as a duplicate.  The host reads
+         * the outcome back instead. */
+        if (crc == ES_EUNKNOWN) {
+            for (size_t i = 0; i < n; i++)
+                if (written[i] && items[i]->status == ES__COMMIT_PENDING)
+                    items[i]->status = ES_EUNKNOWN;
+            continue;
+        }
         /* The commit failed as a whole.  Pinned on one aggregate: retry
          * without it. */
         bool pinned = false;

@@ -1,10 +1,11 @@
 /*
  * The aggregate host: actors with bounded mailboxes on a worker pool,
  * commit lanes (a thread each) that write many actors' events per
- * transaction, one housekeeping thread for passivation, one snapshot
- * writer on a connection of its own (never a lane's, never the pool's on
- * PostgreSQL), which writes only the latest of several snapshots of one
- * aggregate.
+ * transaction, an I/O thread running a libevent event_base (the host's own
+ * thread, or the embedder's loop) for the timers and passivation, and one
+ * snapshot writer on a connection of its own (never a lane's, never the
+ * pool's on PostgreSQL), which writes only the latest of several
+ * snapshots of one aggregate.
  * An actor's items always go to the same lane (by a hash of its key), so
  * a lane commits them in the order they were decided, and lanes never
  * share an aggregate.  A lane waits out a database that cannot be
@@ -30,17 +31,21 @@
  *                  links
  *   host->rq_lock  the run queue
  *   lane->lock     one commit lane's queue
- *   host->hk_lock  evicted actors for the housekeeper
- *   host->sw_lock  snapshot jobs for the snapshot writer
+ *   host->hk_lock  actors evicted by es_host_send, for the loop
+ *   host->sw_lock  snapshot jobs for the snapshot writer, its flags
  *   host->drain_lock  only to wait for the last completion at close
  */
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <event2/event.h>
+#include <event2/thread.h>
 
 #include "core/context_internal.h"
 #include "core/internal.h"
@@ -55,8 +60,11 @@
 #define MAX_ATTEMPTS 4  /* decisions of one command whose commit failed */
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
-#define SNAP_TICK_NS 100000000u /* the snapshot writer's pace: 100 ms */
 #define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
+/* The snapshot writer's pace: the loop's flush timer fires this long
+ * after the first snapshot was queued, so that several snapshots of one
+ * aggregate coalesce into one write. */
+#define FLUSH_MS 100
 
 typedef struct htype {
     const es_aggregate_type *type;
@@ -70,6 +78,7 @@ struct es_host_config {
     unsigned lanes; /* 0: chosen by the store */
     uint64_t idle_ms, snap_every, resident_bytes, snap_slow_load_us;
     bool snap_on_passivation;
+    struct event_base *base; /* the embedder's, or NULL: our own */
     size_t n_types;
     htype types[MAX_TYPES];
 };
@@ -90,6 +99,7 @@ struct hcmd {
     uint64_t epoch;
     uint64_t t_accept, t_handoff;
     uint8_t *snap; /* encoded state to store once the item commits */
+    char *reason;  /* a rejection waiting for its record to commit */
     size_t snap_len;
     uint64_t snap_at;
     int attempts;
@@ -179,16 +189,29 @@ struct es_host {
     struct lane *lanes;
     unsigned n_lanes;
 
+    /* hk_lock: actors evicted by es_host_send, passivated on the loop */
     pthread_mutex_t hk_lock;
-    pthread_cond_t hk_cond;
     actor *evicted;
-    bool hk_stop;
 
+    /* The I/O loop: its events are made at open and deleted at close;
+     * with our own base, the io thread runs it. */
+    struct event_base *base;
+    bool own_base;
+    struct event *sweep_ev; /* persistent: idle passivation (idle_ms) */
+    struct event *flush_ev; /* one-shot: snapshots queued, write them */
+    struct event *wake_ev;  /* activated: es_host_send evicted an actor */
+    struct event *stop_ev;  /* activated: our own loop, stop it */
+    pthread_t io_thread;
+    bool io_started;
+
+    /* sw_lock: the snapshot jobs; flush_armed (the loop's flush timer is
+     * pending), sw_flush (it fired: the writer, waiting on sw_cond, takes
+     * the jobs), sw_stop. */
     pthread_mutex_t sw_lock;
     pthread_cond_t sw_cond;
     snap_job *sj_head, *sj_tail;
     size_t sj_n;
-    bool sw_stop;
+    bool flush_armed, sw_flush, sw_stop;
     /* the snapshot writer's connection (its thread's; the closing thread's
      * once it has stopped) */
     void *snap_conn;
@@ -203,8 +226,8 @@ struct es_host {
 
     pthread_t *workers;
     unsigned n_workers;
-    pthread_t housekeeper, snap_writer;
-    bool housekeeper_started, snap_writer_started;
+    pthread_t snap_writer;
+    bool snap_writer_started;
 
     atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
         busy, resident, loads, passivations, mailbox_depth, batches,
@@ -221,8 +244,9 @@ struct es_emitter {
         es_uuid id;
         int32_t kind;
         es_buf buf;
-    } *ev;
+    } *ev; /* first `one`, then an allocation when more are emitted */
     size_t n, cap;
+    struct enc_event one[2]; /* most commands emit one or two events */
     char reason[256];
 };
 
@@ -334,6 +358,14 @@ int es_host_config_set_batch_rows(es_host_config *cfg, size_t rows)
 {
     if (cfg == NULL || rows < 1) return ES_EINVAL;
     cfg->batch_rows = rows;
+    return 0;
+}
+
+int es_host_config_set_event_base(es_host_config *cfg,
+                                  struct event_base *base)
+{
+    if (cfg == NULL) return ES_EINVAL;
+    cfg->base = base;
     return 0;
 }
 
@@ -480,6 +512,18 @@ static void runq_push(es_host *host, actor *a)
     pthread_mutex_unlock(&host->rq_lock);
 }
 
+/* Push a list of actors (linked by next) with one lock. */
+static void runq_push_list(es_host *host, actor *head, actor *tail, size_t n)
+{
+    pthread_mutex_lock(&host->rq_lock);
+    if (host->rq_tail) host->rq_tail->next = head;
+    else host->rq_head = head;
+    host->rq_tail = tail;
+    if (n == 1) pthread_cond_signal(&host->rq_cond);
+    else pthread_cond_broadcast(&host->rq_cond);
+    pthread_mutex_unlock(&host->rq_lock);
+}
+
 /* Next actor to run; with wait, blocks until one or the stop. */
 static actor *runq_pop(es_host *host, bool wait)
 {
@@ -514,6 +558,10 @@ static void free_item_data(hcmd *h)
         es__free((void *)h->item.side_effects[i].data);
     es__free(h->item.side_effects);
     es__free(h->snap);
+    es__free(h->reason);
+    h->reason = NULL;
+    h->item.record.reason = NULL;
+    h->item.record.rejected = false;
     h->item.events = NULL;
     h->item.side_effects = NULL;
     h->item.n_events = h->item.n_side_effects = 0;
@@ -628,12 +676,26 @@ int es_emit(es_emitter *em, const void *event)
     int rc = 0;
     es_uuid id = t->event_id(event);
     if (es_uuid_is_nil(&id)) rc = ES_EINVAL;
-    void *items = em->ev;
-    if (rc == 0 &&
-        es__grow(&items, &em->cap, em->n + 1, sizeof(struct enc_event)) != 0)
-        rc = ES_ENOMEM;
+    if (em->ev == NULL) { /* a malloc per command saved */
+        em->ev = em->one;
+        em->cap = sizeof em->one / sizeof em->one[0];
+    }
+    if (rc == 0 && em->n == em->cap) {
+        size_t cap = em->cap * 2;
+        struct enc_event *more =
+            em->cap > SIZE_MAX / 2 / sizeof *more
+                ? NULL
+                : es__malloc(cap * sizeof *more);
+        if (more == NULL) {
+            rc = ES_ENOMEM;
+        } else {
+            memcpy(more, em->ev, em->n * sizeof *more);
+            if (em->ev != em->one) es__free(em->ev);
+            em->ev = more;
+            em->cap = cap;
+        }
+    }
     if (rc == 0) {
-        em->ev = items;
         struct enc_event *e = &em->ev[em->n];
         memset(e, 0, sizeof *e);
         e->id = id;
@@ -672,7 +734,7 @@ const es_uuid *es_emit_aggregate_id(const es_emitter *em)
 static void emitter_free(es_emitter *em)
 {
     for (size_t i = 0; i < em->n; i++) es_buf_free(&em->ev[i].buf);
-    es__free(em->ev);
+    if (em->ev != em->one) es__free(em->ev);
 }
 
 /* Apply what decide emitted to the actor's context; all or nothing. */
@@ -686,7 +748,11 @@ static int apply_emitted(actor *a, es_emitter *em, es_error *err)
     es_context *backup = NULL;
     if (em->n > 1 && had && (rc = es_context_clone(a->ctx, &backup, err)))
         return rc;
-    void *value = es__calloc(1, t->event_size);
+    /* small event values on the stack: a malloc per command saved */
+    _Alignas(max_align_t) unsigned char small[256];
+    void *value = t->event_size <= sizeof small
+                      ? memset(small, 0, t->event_size)
+                      : es__calloc(1, t->event_size);
     if (value == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
     for (size_t i = 0; rc == 0 && i < em->n; i++) {
         const struct enc_event *e = &em->ev[i];
@@ -698,8 +764,9 @@ static int apply_emitted(actor *a, es_emitter *em, es_error *err)
         else
             rc = es_context_record(a->ctx, value, err);
         es_event_value_free(t, value);
+        memset(value, 0, t->event_size);
     }
-    es__free(value);
+    if (value != small) es__free(value);
     if (rc != 0 && (em->n > 1 || !had)) {
         es_context_free(a->ctx);
         a->ctx = backup;
@@ -724,11 +791,14 @@ static snap_job *snap_job_new(const es_uuid *id, uint64_t version,
     return j;
 }
 
-/* Queue a list of jobs for the snapshot writer.  It is not woken: it
- * takes them at its pace, so that several snapshots of one aggregate
- * coalesce and a worker completing a command never waits on it. */
+/* Queue a list of jobs for the snapshot writer.  It is not woken: the
+ * first job arms the loop's flush timer, which wakes it FLUSH_MS later,
+ * so that several snapshots of one aggregate coalesce and a worker
+ * completing a command never waits on it.  event_add is thread-safe on a
+ * base with libevent's pthread locks. */
 static void snap_enqueue(es_host *host, snap_job *j)
 {
+    bool arm = false;
     while (j) {
         snap_job *next = j->next;
         j->next = NULL;
@@ -739,10 +809,15 @@ static void snap_enqueue(es_host *host, snap_job *j)
             else host->sj_head = j;
             host->sj_tail = j;
             host->sj_n++;
+            if (!host->flush_armed) arm = host->flush_armed = true;
         }
         pthread_mutex_unlock(&host->sw_lock);
         if (full) es__free(j); /* a cache: drop rather than grow */
         j = next;
+    }
+    if (arm && host->flush_ev != NULL) {
+        struct timeval tv = {FLUSH_MS / 1000, FLUSH_MS % 1000 * 1000};
+        event_add(host->flush_ev, &tv);
     }
 }
 
@@ -950,6 +1025,17 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
                        "for another aggregate");
         return true;
     }
+    /* A command decided before (attempts > 0) whose commit came back
+     * unknown finds its own outcome here: not a duplicate.  One whose
+     * commit found the id taken (lazy_ids) is one. */
+    bool dup = h->attempts == 0 || (h->taken && !h->maybe_own);
+    if (rec->rejected) {
+        es_txn_rollback(txn);
+        complete(host, h, ES_EREJECTED, rec->version, NULL, 0,
+                 rec->reason ? rec->reason : "", dup);
+        es__free(rec);
+        return true;
+    }
     collect c = {NULL, 0, (size_t)rec->event_count};
     if (c.want > 0) {
         c.ev = es__calloc(c.want, sizeof *c.ev);
@@ -961,12 +1047,8 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
         if (rc == 0 && c.n != c.want) rc = ES_EDECODE;
     }
     es_txn_rollback(txn);
-    /* A command decided before (attempts > 0) whose commit came back
-     * unknown finds its own outcome here: not a duplicate.  One whose
-     * commit found the id taken (lazy_ids) is one. */
     if (rc == 0)
-        complete(host, h, 0, rec->version, c.ev, c.n, "",
-                 h->attempts == 0 || (h->taken && !h->maybe_own));
+        complete(host, h, 0, rec->version, c.ev, c.n, "", dup);
     else /* the record says it committed: never answer a failure */
         complete_error(host, h, ES_EUNKNOWN, actor_version(a),
                        "committed, but its events could not be read back");
@@ -986,6 +1068,9 @@ typedef struct submit {
     hcmd *head, *tail;
     uint32_t n;
 } submit;
+
+static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub,
+                         uint64_t t_decided);
 
 /* Decide one command; on success its item joins the submit list. */
 static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
@@ -1013,6 +1098,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         answer_from_store(host, a, h))
         return;
     es_error err = {0};
+    bool loaded_now = !a->loaded;
     if (!a->loaded) {
         int rc = load_actor(host, a, &err);
         if (rc != 0) {
@@ -1029,10 +1115,18 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     em.aggregate_id = &a->id;
     em.active = true;
     es_command cmd = {h->id, h->kind, h->len ? h->payload : NULL, h->len};
-    uint64_t td = es__now_ns();
+    /* Clock reads were 6% of the host bench: t0 still holds unless a
+     * load or a store lookup came between. */
+    bool waited = loaded_now || !host->lazy_ids || h->attempts > 0;
+    uint64_t td = waited ? es__now_ns() : t0;
     int rc = a->ht->decide(a->ht->user, actor_state(a), &cmd, &em);
     em.active = false;
     if (rc != 0 || em.rejected || em.failed != 0) {
+        /* A rejection is an outcome (promise 3) and is recorded like one;
+         * a decide that failed (an error, not es_emit_reject) is not:
+         * deciding again may succeed. */
+        bool rejection = em.rejected && em.failed == 0 &&
+                         (rc == 0 || rc == ES_EREJECTED);
         char reason[256];
         if (em.reason[0])
             snprintf(reason, sizeof reason, "%s", em.reason);
@@ -1040,18 +1134,32 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
             snprintf(reason, sizeof reason, "decide failed: %s",
                      es_status_name(rc ? rc : em.failed));
         emitter_free(&em);
-        es__hist_record(&host->h_decide, es__now_ns() - td);
+        uint64_t t_rejected = es__now_ns();
+        es__hist_record(&host->h_decide, t_rejected - td);
         /* A command accepted before may be rejected on today's state:
          * its original outcome wins. */
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
             answer_from_store(host, a, h))
             return;
-        complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
+        if (!rejection || !host->has_commands) {
+            complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
+            return;
+        }
+        /* Answered once its record committed, after the items before it:
+         * it may have been decided on their events. */
+        h->reason = es__strdup(reason);
+        if (h->reason == NULL) {
+            complete_error(host, h, ES_ENOMEM, actor_version(a),
+                           "out of memory");
+            return;
+        }
+        enqueue_item(host, a, h, sub, t_rejected);
         return;
     }
     rc = apply_emitted(a, &em, &err);
     emitter_free(&em);
-    es__hist_record(&host->h_decide, es__now_ns() - td);
+    uint64_t t_decided = es__now_ns();
+    es__hist_record(&host->h_decide, t_decided - td);
     if (rc != 0) {
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
             rc != ES_ENOMEM && answer_from_store(host, a, h))
@@ -1060,10 +1168,20 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
                        actor_version(a), err.message);
         return;
     }
-    es__commit_item *it = &h->item;
     if (a->ctx)
-        es__context_take(a->ctx, &it->events, &it->n_events,
-                         &it->side_effects, &it->n_side_effects);
+        es__context_take(a->ctx, &h->item.events, &h->item.n_events,
+                         &h->item.side_effects, &h->item.n_side_effects);
+    enqueue_item(host, a, h, sub, t_decided);
+}
+
+/* Make h's commit item (its events, if any, are in it already; a
+ * rejection has h->reason) and put it on the pending and submit lists;
+ * t_decided: when its decide ended (the commit wait starts there). */
+static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub,
+                         uint64_t t_decided)
+{
+    const es_aggregate_type *t = a->ht->type;
+    es__commit_item *it = &h->item;
     uint64_t v = actor_version(a);
     it->type_name = t->name;
     it->group = a;
@@ -1073,7 +1191,8 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
                                       h->len,
                                       it->n_events ? it->events[0].version
                                                    : v,
-                                      it->n_events, v, false};
+                                      it->n_events, v, false,
+                                      h->reason != NULL, h->reason};
     if (host->cfg.snap_every > 0 && it->n_events > 0 &&
         v + 1 - a->folded_at_snapshot >= host->cfg.snap_every) {
         snap_job *j = snap_of(a);
@@ -1083,7 +1202,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         }
     }
     h->epoch = a->epoch;
-    h->t_handoff = es__now_ns();
+    h->t_handoff = t_decided;
     h->next = NULL;
     if (a->pend_tail) a->pend_tail->next = h;
     else a->pend_head = h;
@@ -1107,12 +1226,8 @@ static lane *lane_of(es_host *host, const actor *a)
 }
 
 /* Hand the decided items to the actor's commit lane. */
-static void flush(es_host *host, actor *a, submit *sub)
+static void lane_push(es_host *host, actor *a, submit *sub)
 {
-    if (sub->n == 0) return;
-    pthread_mutex_lock(&a->sh->lock);
-    a->inflight += sub->n;
-    pthread_mutex_unlock(&a->sh->lock);
     lane *l = lane_of(host, a);
     pthread_mutex_lock(&l->lock);
     if (l->tail) l->tail->qnext = sub->head;
@@ -1121,6 +1236,15 @@ static void flush(es_host *host, actor *a, submit *sub)
     pthread_cond_signal(&l->cond);
     pthread_mutex_unlock(&l->lock);
     memset(sub, 0, sizeof *sub);
+}
+
+static void flush(es_host *host, actor *a, submit *sub)
+{
+    if (sub->n == 0) return;
+    pthread_mutex_lock(&a->sh->lock);
+    a->inflight += sub->n;
+    pthread_mutex_unlock(&a->sh->lock);
+    lane_push(host, a, sub);
 }
 
 static bool retryable(int status)
@@ -1132,6 +1256,7 @@ static bool retryable(int status)
 /* Outcomes from the committer, in the order the actor decided them. */
 static void process_results(es_host *host, actor *a, hcmd *list)
 {
+    uint64_t now = es__now_ns();
     while (list) {
         hcmd *h = list;
         list = h->qnext;
@@ -1139,15 +1264,19 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         a->pend_head = h->next;
         if (a->pend_head == NULL) a->pend_tail = NULL;
         h->next = NULL;
-        es__hist_record(&host->h_commit, es__now_ns() - h->t_handoff);
+        es__hist_record(&host->h_commit, now - h->t_handoff);
         int st = h->item.status;
         if (st == 0) {
             if (h->snap) {
                 snap_enqueue(host, (snap_job *)(void *)h->snap);
                 h->snap = NULL;
             }
-            complete(host, h, 0, h->item.record.version, h->item.events,
-                     h->item.n_events, "", false);
+            if (h->item.record.rejected)
+                complete(host, h, ES_EREJECTED, h->item.record.version,
+                         NULL, 0, h->reason, false);
+            else
+                complete(host, h, 0, h->item.record.version,
+                         h->item.events, h->item.n_events, "", false);
             continue;
         }
         a->broken = true;
@@ -1196,32 +1325,31 @@ static void run_actor(es_host *host, actor *a)
     int budget = RUN_BUDGET;
     tls_stack[tls_depth++] = a;
     for (;;) {
+        /* One lock a turn: results first, else the next command; when
+         * there is neither, the decided items are counted in flight here
+         * (before the lane can answer them) and handed over below. */
+        if (!a->broken && atomic_load(&a->broken_epoch) >= a->epoch)
+            a->broken = true;
+        hcmd *h = NULL;
+        bool hand_over = false;
         pthread_mutex_lock(&sh->lock);
         hcmd *res = a->res_head;
         a->res_head = a->res_tail = NULL;
-        pthread_mutex_unlock(&sh->lock);
-        if (res) {
-            process_results(host, a, res);
-            continue;
-        }
-        if (!a->broken && atomic_load(&a->broken_epoch) >= a->epoch)
-            a->broken = true;
-        if (a->broken) {
-            flush(host, a, &sub);
-            pthread_mutex_lock(&sh->lock);
-            bool all_back = a->inflight == 0 && a->res_head == NULL;
-            pthread_mutex_unlock(&sh->lock);
-            if (all_back) rebuild(host, a);
-        }
-        hcmd *h = NULL;
-        pthread_mutex_lock(&sh->lock);
-        if (!a->broken && a->mb_head && budget > 0) {
+        if (res == NULL && !a->broken && a->mb_head && budget > 0) {
             h = a->mb_head;
             a->mb_head = h->next;
             if (a->mb_head == NULL) a->mb_tail = NULL;
             a->mb_n--;
         }
+        if (res == NULL && h == NULL && sub.n > 0) {
+            a->inflight += sub.n;
+            hand_over = true;
+        }
         pthread_mutex_unlock(&sh->lock);
+        if (res) {
+            process_results(host, a, res);
+            continue;
+        }
         if (h) {
             uncount(&host->mailbox_depth, 1);
             h->next = NULL;
@@ -1230,7 +1358,16 @@ static void run_actor(es_host *host, actor *a)
             if (sub.n >= RUN_BUDGET) flush(host, a, &sub);
             continue;
         }
-        flush(host, a, &sub);
+        if (hand_over) lane_push(host, a, &sub);
+        if (a->broken) {
+            pthread_mutex_lock(&sh->lock);
+            bool all_back = a->inflight == 0 && a->res_head == NULL;
+            pthread_mutex_unlock(&sh->lock);
+            if (all_back) {
+                rebuild(host, a);
+                continue;
+            }
+        }
         actor_compact(a);
         pthread_mutex_lock(&sh->lock);
         if (a->res_head || (!a->broken && a->mb_head && budget > 0)) {
@@ -1375,32 +1512,89 @@ static void *committer_main(void *arg)
                 live[k++] = &h->item;
         }
         if (k > 0) lane_commit(host, l, live, k);
-        /* Post the outcomes back, in order. */
+        /* Post the outcomes back, in order: an actor's items sit
+         * together (one flush), so they go back under one shard lock, and
+         * the actors to run go to the run queue under one lock. */
+        actor *wake_head = NULL, *wake_tail = NULL;
+        size_t n_wake = 0;
         hcmd *h = first;
         while (h) {
-            hcmd *next = h->qnext;
             actor *a = h->actor;
-            if (h->item.status != 0 &&
-                atomic_load(&a->broken_epoch) < h->epoch)
-                atomic_store(&a->broken_epoch, h->epoch);
-            h->qnext = NULL;
+            hcmd *run_last = h;
+            uint32_t n_run = 1;
+            while (run_last->qnext && run_last->qnext->actor == a) {
+                run_last = run_last->qnext;
+                n_run++;
+            }
+            hcmd *next = run_last->qnext;
+            run_last->qnext = NULL;
+            for (hcmd *x = h; x; x = x->qnext)
+                if (x->item.status != 0 &&
+                    atomic_load(&a->broken_epoch) < x->epoch)
+                    atomic_store(&a->broken_epoch, x->epoch);
             pthread_mutex_lock(&a->sh->lock);
             if (a->res_tail) a->res_tail->qnext = h;
             else a->res_head = h;
-            a->res_tail = h;
-            a->inflight--;
+            a->res_tail = run_last;
+            a->inflight -= n_run;
             bool push = schedule_locked(a->sh, a);
             pthread_mutex_unlock(&a->sh->lock);
-            if (push) runq_push(host, a);
+            if (push) {
+                a->next = NULL;
+                if (wake_tail) wake_tail->next = a;
+                else wake_head = a;
+                wake_tail = a;
+                n_wake++;
+            }
             h = next;
         }
+        if (wake_head) runq_push_list(host, wake_head, wake_tail, n_wake);
     }
     es__free(live);
     es__store_background_close(host->store, &l->conn);
     return NULL;
 }
 
-/* ---- the housekeeper (passivation) and the snapshot writer ---- */
+/* ---- the I/O loop (timers, passivation) and the snapshot writer ---- */
+
+static void free_jobs(snap_job *jobs)
+{
+    while (jobs) {
+        snap_job *next = jobs->next;
+        es__free(jobs);
+        jobs = next;
+    }
+}
+
+/* The snapshot writer: when the loop's flush timer asks (FLUSH_MS after
+ * the first job was queued, so that several snapshots of one aggregate
+ * coalesce), what was queued, coalesced, in one transaction on its own
+ * connection.  It waits on a condition, never polls.  At the stop it
+ * writes what is left (nothing when closing now). */
+static void *snap_writer_main(void *arg)
+{
+    es_host *host = arg;
+    tls_host = host;
+    for (;;) {
+        pthread_mutex_lock(&host->sw_lock);
+        while (!host->sw_flush && !host->sw_stop)
+            pthread_cond_wait(&host->sw_cond, &host->sw_lock);
+        snap_job *jobs = host->sj_head;
+        host->sj_head = host->sj_tail = NULL;
+        host->sj_n = 0;
+        host->sw_flush = false;
+        bool stop = host->sw_stop;
+        pthread_mutex_unlock(&host->sw_lock);
+        if (atomic_load(&host->closing_now)) {
+            free_jobs(jobs);
+        } else {
+            es_error err = {0};
+            write_snapshots(host, jobs, &err); /* a cache: errors only cost */
+        }
+        if (stop) break;
+    }
+    return NULL;
+}
 
 static void evict_idle(es_host *host, snap_job **jobs)
 {
@@ -1410,7 +1604,10 @@ static void evict_idle(es_host *host, snap_job **jobs)
         shard *sh = &host->shards[s];
         actor *list = NULL;
         pthread_mutex_lock(&sh->lock);
-        while (sh->lru_head && now - sh->lru_head->last_used >= idle) {
+        /* last_used may be later than now (idle since now was read):
+         * unsigned, now - last_used would wrap and evict it at once */
+        while (sh->lru_head && now >= sh->lru_head->last_used &&
+               now - sh->lru_head->last_used >= idle) {
             actor *a = sh->lru_head;
             unlink_actor(host, sh, a);
             a->next = list;
@@ -1425,77 +1622,127 @@ static void evict_idle(es_host *host, snap_job **jobs)
     }
 }
 
-static void *housekeeper_main(void *arg)
+/* Loop: actors es_host_send evicted for room; passivate them now. */
+static void on_wake(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    pthread_mutex_lock(&host->hk_lock);
+    actor *evicted = host->evicted;
+    host->evicted = NULL;
+    pthread_mutex_unlock(&host->hk_lock);
+    snap_job *jobs = NULL;
+    bool now = atomic_load(&host->closing_now);
+    while (evicted) {
+        actor *next = evicted->next;
+        passivate(host, evicted, !now, &jobs);
+        evicted = next;
+    }
+    snap_enqueue(host, jobs);
+}
+
+/* Loop, every tick: passivate the actors idle for idle_ms. */
+static void on_sweep(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    snap_job *jobs = NULL;
+    evict_idle(host, &jobs);
+    snap_enqueue(host, jobs);
+}
+
+/* Loop, FLUSH_MS after the first snapshot job was queued: wake the
+ * writer (it writes on its own thread: never a store round trip here). */
+static void on_flush(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    pthread_mutex_lock(&host->sw_lock);
+    host->flush_armed = false;
+    host->sw_flush = true;
+    pthread_cond_signal(&host->sw_cond);
+    pthread_mutex_unlock(&host->sw_lock);
+}
+
+/* Our own loop only: stop it (activated by host_end; an activation made
+ * before the loop started is run by its first turn, unlike a loopbreak). */
+static void on_stop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    event_base_loopbreak(((es_host *)arg)->base);
+}
+
+static void *io_main(void *arg)
 {
     es_host *host = arg;
     tls_host = host;
-    uint64_t tick = 100000000u; /* ns */
-    if (host->cfg.idle_ms > 0 && host->cfg.idle_ms * 250000u < tick)
-        tick = host->cfg.idle_ms * 250000u;
-    if (tick < 1000000u) tick = 1000000u;
-    for (;;) {
-        pthread_mutex_lock(&host->hk_lock);
-        if (host->evicted == NULL && !host->hk_stop) {
-            struct timespec ts;
-            deadline_in(&ts, tick);
-            pthread_cond_timedwait(&host->hk_cond, &host->hk_lock, &ts);
-        }
-        snap_job *jobs = NULL;
-        actor *evicted = host->evicted;
-        host->evicted = NULL;
-        bool stop = host->hk_stop;
-        pthread_mutex_unlock(&host->hk_lock);
-
-        bool now = atomic_load(&host->closing_now);
-        while (evicted) {
-            actor *next = evicted->next;
-            passivate(host, evicted, !now, &jobs);
-            evicted = next;
-        }
-        if (host->cfg.idle_ms > 0 && !stop) evict_idle(host, &jobs);
-        snap_enqueue(host, jobs); /* none when closing now */
-        if (stop) break;
-    }
+    event_base_loop(host->base, EVLOOP_NO_EXIT_ON_EMPTY);
     return NULL;
 }
 
-static void free_jobs(snap_job *jobs)
+static pthread_once_t evthread_once = PTHREAD_ONCE_INIT;
+static int evthread_rc;
+
+static void evthread_init(void) { evthread_rc = evthread_use_pthreads(); }
+
+/* Make the loop's events; with no base of the embedder's, our own base
+ * (libevent's pthread locks on first: other threads activate events). */
+static int io_setup(es_host *host)
 {
-    while (jobs) {
-        snap_job *next = jobs->next;
-        es__free(jobs);
-        jobs = next;
+    host->base = host->cfg.base;
+    if (host->base == NULL) {
+        pthread_once(&evthread_once, evthread_init);
+        if (evthread_rc != 0) return ES_EIO;
+        host->base = event_base_new();
+        if (host->base == NULL) return ES_ENOMEM;
+        host->own_base = true;
+        host->stop_ev = event_new(host->base, -1, 0, on_stop, host);
+        if (host->stop_ev == NULL) return ES_ENOMEM;
     }
+    host->wake_ev = event_new(host->base, -1, 0, on_wake, host);
+    host->flush_ev = event_new(host->base, -1, 0, on_flush, host);
+    if (host->wake_ev == NULL || host->flush_ev == NULL) return ES_ENOMEM;
+    if (host->cfg.idle_ms > 0) {
+        /* a quarter of the idle time, between 1 ms and 100 ms */
+        uint64_t tick_ms = host->cfg.idle_ms / 4;
+        if (tick_ms > 100) tick_ms = 100;
+        if (tick_ms < 1) tick_ms = 1;
+        host->sweep_ev = event_new(host->base, -1, EV_PERSIST, on_sweep,
+                                   host);
+        struct timeval tv = {(time_t)(tick_ms / 1000),
+                             (suseconds_t)(tick_ms % 1000 * 1000)};
+        if (host->sweep_ev == NULL || event_add(host->sweep_ev, &tv) != 0)
+            return ES_ENOMEM;
+    }
+    return 0;
 }
 
-/* The snapshot writer: every SNAP_TICK_NS, what was queued, coalesced,
- * in one transaction on its own connection.  At the stop it writes what
- * is left (nothing when closing now). */
-static void *snap_writer_main(void *arg)
+/* Delete the loop's events: event_del waits for a callback running on
+ * the loop's thread to return, so none runs after this.  With our own
+ * base, the loop is stopped first and the base freed. */
+static void io_teardown(es_host *host)
 {
-    es_host *host = arg;
-    tls_host = host;
-    for (;;) {
-        pthread_mutex_lock(&host->sw_lock);
-        if (!host->sw_stop) {
-            struct timespec ts;
-            deadline_in(&ts, SNAP_TICK_NS);
-            pthread_cond_timedwait(&host->sw_cond, &host->sw_lock, &ts);
-        }
-        snap_job *jobs = host->sj_head;
-        host->sj_head = host->sj_tail = NULL;
-        host->sj_n = 0;
-        bool stop = host->sw_stop;
-        pthread_mutex_unlock(&host->sw_lock);
-        if (atomic_load(&host->closing_now)) {
-            free_jobs(jobs);
-        } else {
-            es_error err = {0};
-            write_snapshots(host, jobs, &err); /* a cache: errors only cost */
-        }
-        if (stop) break;
+    if (host->io_started) {
+        event_active(host->stop_ev, 0, 0);
+        pthread_join(host->io_thread, NULL);
+        host->io_started = false;
     }
-    return NULL;
+    /* the flush timer after the callbacks that may arm it */
+    struct event **evs[] = {&host->sweep_ev, &host->wake_ev,
+                            &host->flush_ev, &host->stop_ev};
+    for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++) {
+        if (*evs[i] == NULL) continue;
+        event_del(*evs[i]);
+        event_free(*evs[i]);
+        *evs[i] = NULL;
+    }
+    if (host->own_base && host->base) event_base_free(host->base);
+    host->base = NULL;
+    host->own_base = false;
 }
 
 /* ---- life cycle ---- */
@@ -1512,7 +1759,6 @@ static void host_free(es_host *host)
     }
     es__free(host->lanes);
     pthread_mutex_destroy(&host->hk_lock);
-    pthread_cond_destroy(&host->hk_cond);
     free_jobs(host->sj_head); /* left by a failed open */
     pthread_mutex_destroy(&host->sw_lock);
     pthread_cond_destroy(&host->sw_cond);
@@ -1542,15 +1788,11 @@ static void stop_threads(es_host *host)
         pthread_join(l->thread, NULL);
         l->started = false;
     }
-    if (host->housekeeper_started) {
-        pthread_mutex_lock(&host->hk_lock);
-        host->hk_stop = true;
-        pthread_cond_signal(&host->hk_cond);
-        pthread_mutex_unlock(&host->hk_lock);
-        pthread_join(host->housekeeper, NULL);
-        host->housekeeper_started = false;
-    }
-    /* last: the housekeeper may have queued snapshots of passivations */
+    /* Workers are gone; the loop's callbacks go next (io_teardown), so
+     * nobody queues snapshots or arms the flush timer any more. */
+    io_teardown(host);
+    /* last: the loop may have queued snapshots of passivations; the
+     * writer writes what is queued before it stops */
     if (host->snap_writer_started) {
         pthread_mutex_lock(&host->sw_lock);
         host->sw_stop = true;
@@ -1573,11 +1815,12 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     if (host == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     host->workers = es__calloc(cfg->workers, sizeof(pthread_t));
     /* Lanes pay where commits wait for the database: a store with a
-     * batch writer gets LANES_DEFAULT (measured: bench/bench_pg.c), the
-     * others one. */
+     * batch writer gets LANES_DEFAULT (measured: bench/bench_pg.c) unless
+     * it says otherwise (the memory store: 1), the others one. */
     host->n_lanes = cfg->lanes > 0 ? cfg->lanes
-                    : store->ops->write_batch != NULL ? LANES_DEFAULT
-                                                      : 1;
+                    : store->ops->write_batch == NULL ? 1
+                    : store->ops->batch_lanes > 0     ? store->ops->batch_lanes
+                                                      : LANES_DEFAULT;
     host->lanes = es__calloc(host->n_lanes, sizeof *host->lanes);
     if (host->workers == NULL || host->lanes == NULL) {
         es__free(host->lanes);
@@ -1613,7 +1856,6 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         pthread_cond_init(&host->lanes[i].cond, NULL);
     }
     pthread_mutex_init(&host->hk_lock, NULL);
-    pthread_cond_init(&host->hk_cond, NULL);
     pthread_mutex_init(&host->sw_lock, NULL);
     pthread_cond_init(&host->sw_cond, NULL);
     pthread_mutex_init(&host->drain_lock, NULL);
@@ -1626,16 +1868,23 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         l->started = rc == 0;
     }
     if (rc == 0) {
-        rc = pthread_create(&host->housekeeper, NULL, housekeeper_main, host);
-        host->housekeeper_started = rc == 0;
-    }
-    if (rc == 0) {
         rc = pthread_create(&host->snap_writer, NULL, snap_writer_main, host);
         host->snap_writer_started = rc == 0;
     }
-    for (unsigned i = 0; rc == 0 && i < cfg->workers; i++) {
+    int io_rc = rc == 0 ? io_setup(host) : 0;
+    if (rc == 0 && io_rc == 0 && host->own_base) {
+        rc = pthread_create(&host->io_thread, NULL, io_main, host);
+        host->io_started = rc == 0;
+    }
+    for (unsigned i = 0; rc == 0 && io_rc == 0 && i < cfg->workers; i++) {
         rc = pthread_create(&host->workers[i], NULL, worker_main, host);
         if (rc == 0) host->n_workers++;
+    }
+    if (io_rc != 0) {
+        stop_threads(host);
+        host_free(host);
+        return es__error_set(err, io_rc, "could not set up the I/O loop "
+                                         "(libevent)");
     }
     if (rc != 0) {
         stop_threads(host);
@@ -1673,7 +1922,19 @@ static int host_end(es_host *host, bool now, es_error *err)
     pthread_mutex_unlock(&host->drain_lock);
     stop_threads(host);
 
-    snap_job *jobs = NULL;
+    /* What the loop did not get to: evicted actors, queued snapshots. */
+    snap_job *jobs = host->sj_head;
+    host->sj_head = host->sj_tail = NULL;
+    host->sj_n = 0;
+    if (now) {
+        free_jobs(jobs);
+        jobs = NULL;
+    }
+    while (host->evicted) {
+        actor *next = host->evicted->next;
+        passivate(host, host->evicted, !now, &jobs);
+        host->evicted = next;
+    }
     for (size_t s = 0; s < N_SHARDS; s++) {
         shard *sh = &host->shards[s];
         for (size_t i = 0; i < sh->n_buckets; i++) {
@@ -1796,12 +2057,12 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
     }
     pthread_mutex_unlock(&sh->lock);
     es__free(fresh);
-    if (evicted) {
+    if (evicted) { /* passivated on the loop (state_encode, free) */
         pthread_mutex_lock(&host->hk_lock);
         evicted->next = host->evicted;
         host->evicted = evicted;
-        pthread_cond_signal(&host->hk_cond);
         pthread_mutex_unlock(&host->hk_lock);
+        event_active(host->wake_ev, 0, 0);
     }
     if (rc != 0) {
         es__free(h);
@@ -1822,13 +2083,56 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
 
 /* ---- the blocking call ---- */
 
+/* The caller of es_host_call waits on this; the completion callback fills
+ * it under its lock, and unlocking is the worker's last touch.  Waiters
+ * are recycled, never destroyed: POSIX lets the caller destroy the mutex
+ * as soon as it has seen done, but the worker's pthread_mutex_unlock may
+ * then still be writing the mutex's bytes, after the point where a race
+ * detector (helgrind) counts the lock as released, so destroying or
+ * reusing the memory at once (a stack slot, a freed block) is reported as
+ * a race with that unlock.  A recycled waiter's mutex stays a mutex; its
+ * other fields are handed on through waiters_lock (never held with
+ * another lock).  The free list is as long as the most blocking calls
+ * ever waiting at once (one per blocked thread); it is process-wide, so
+ * that no host has to outlive the callers that return waiters to it. */
 typedef struct waiter {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     bool done;
     int status;
     es_host_reply *reply;
+    struct waiter *next; /* in the free list */
 } waiter;
+
+static pthread_mutex_t waiters_lock = PTHREAD_MUTEX_INITIALIZER;
+static waiter *waiters_free;
+
+static waiter *waiter_get(void)
+{
+    pthread_mutex_lock(&waiters_lock);
+    waiter *w = waiters_free;
+    if (w) waiters_free = w->next;
+    pthread_mutex_unlock(&waiters_lock);
+    if (w == NULL) {
+        w = es__calloc(1, sizeof *w);
+        if (w == NULL) return NULL;
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->cond, NULL);
+    }
+    w->done = false;
+    w->status = 0;
+    w->reply = NULL;
+    w->next = NULL;
+    return w;
+}
+
+static void waiter_put(waiter *w)
+{
+    pthread_mutex_lock(&waiters_lock);
+    w->next = waiters_free;
+    waiters_free = w;
+    pthread_mutex_unlock(&waiters_lock);
+}
 
 static es_host_reply *reply_of(const es_host_result *r)
 {
@@ -1892,21 +2196,18 @@ int es_host_call(es_host *host, const es_aggregate_type *type,
                 return es__error_set(err, ES_EMISUSE, "a blocking call to "
                                      "the aggregate that is running "
                                      "would never return");
-    waiter w;
-    memset(&w, 0, sizeof w);
-    pthread_mutex_init(&w.lock, NULL);
-    pthread_cond_init(&w.cond, NULL);
-    int rc = es_host_send(host, type, aggregate_id, command, call_done, &w,
+    waiter *w = waiter_get();
+    if (w == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    int rc = es_host_send(host, type, aggregate_id, command, call_done, w,
                           err);
     if (rc != 0) {
-        pthread_mutex_destroy(&w.lock);
-        pthread_cond_destroy(&w.cond);
+        waiter_put(w);
         return rc;
     }
     for (;;) {
-        pthread_mutex_lock(&w.lock);
-        bool done = w.done;
-        pthread_mutex_unlock(&w.lock);
+        pthread_mutex_lock(&w->lock);
+        bool done = w->done;
+        pthread_mutex_unlock(&w->lock);
         if (done) break;
         /* A worker runs other actors while it waits, so that the pool
          * cannot run out of threads. */
@@ -1917,25 +2218,25 @@ int es_host_call(es_host *host, const es_aggregate_type *type,
             run_actor(host, a);
             continue;
         }
-        pthread_mutex_lock(&w.lock);
-        if (!w.done) {
+        pthread_mutex_lock(&w->lock);
+        if (!w->done) {
             if (on_worker) {
                 struct timespec ts;
                 deadline_in(&ts, 1000000u);
-                pthread_cond_timedwait(&w.cond, &w.lock, &ts);
+                pthread_cond_timedwait(&w->cond, &w->lock, &ts);
             } else {
-                pthread_cond_wait(&w.cond, &w.lock);
+                pthread_cond_wait(&w->cond, &w->lock);
             }
         }
-        pthread_mutex_unlock(&w.lock);
+        pthread_mutex_unlock(&w->lock);
     }
-    pthread_mutex_destroy(&w.lock);
-    pthread_cond_destroy(&w.cond);
-    rc = w.status;
-    if (rc != 0 && err && w.reply)
-        es__error_set(err, rc, "%s", w.reply->reason);
-    if (out) *out = w.reply;
-    else es_host_reply_free(w.reply);
+    rc = w->status;
+    es_host_reply *reply = w->reply;
+    waiter_put(w);
+    if (rc != 0 && err && reply)
+        es__error_set(err, rc, "%s", reply->reason);
+    if (out) *out = reply;
+    else es_host_reply_free(reply);
     return rc;
 }
 

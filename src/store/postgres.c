@@ -22,9 +22,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libpq-fe.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sodium.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -132,6 +134,7 @@ typedef struct pg_store {
     /* NOTIFY channel of the outbox table: "es_outbox_" and a hash of its
      * qualified name (any name fits in 63 bytes, and holds no quote). */
     char channel[32];
+    atomic_size_t claim_turn; /* which type an outbox claim starts with */
 } pg_store;
 
 /* Data keys a transaction has opened, so that each is read once.  Cleared
@@ -1383,15 +1386,17 @@ static int64_t version_col(uint64_t v)
 }
 
 /* The columns of the commands table, as arrays (one element a record). */
-static const Oid command_elems[7] = {OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
-                                     OID_INT8, OID_INT8, OID_INT8};
-static const Oid command_types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY,
-                                     OID_INT4_ARRAY, OID_BYTEA_ARRAY,
-                                     OID_INT8_ARRAY, OID_INT8_ARRAY,
-                                     OID_INT8_ARRAY};
+#define COMMAND_COLS 8
+static const Oid command_elems[COMMAND_COLS] = {
+    OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
+    OID_INT8, OID_INT8, OID_INT8, OID_BYTEA};
+static const Oid command_types[COMMAND_COLS] = {
+    OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY, OID_BYTEA_ARRAY,
+    OID_INT8_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY, OID_BYTEA_ARRAY};
 
-/* Append one record to the seven column arrays.  Returns 0 or ES_ENOMEM. */
-static int command_row(es_buf b[7], const es__command_record *c)
+/* Append one record to the column arrays: the last one is the rejection
+ * reason, NULL for an accepted command.  Returns 0 or ES_ENOMEM. */
+static int command_row(es_buf b[COMMAND_COLS], const es__command_record *c)
 {
     uint8_t d[ES__COMMAND_DIGEST];
     if (c->hashed && c->len == ES__COMMAND_DIGEST)
@@ -1408,6 +1413,11 @@ static int command_row(es_buf b[7], const es__command_record *c)
                                   ? INT64_MAX
                                   : (int64_t)c->event_count);
     if (rc == 0) rc = array_i64(&b[6], version_col(c->version));
+    if (rc == 0 && c->rejected)
+        rc = array_item(&b[7], c->reason ? c->reason : "",
+                        c->reason ? strlen(c->reason) : 0);
+    else if (rc == 0)
+        rc = put32(&b[7], UINT32_MAX); /* length -1: NULL */
     return rc;
 }
 
@@ -1419,10 +1429,10 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
     if (n == 0) return 0;
     if (n > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many command records");
-    es_buf b[7];
+    es_buf b[COMMAND_COLS];
     memset(b, 0, sizeof b);
     int rc = 0;
-    for (int k = 0; rc == 0 && k < 7; k++)
+    for (int k = 0; rc == 0 && k < COMMAND_COLS; k++)
         rc = array_begin(&b[k], command_elems[k], n);
     for (size_t i = 0; rc == 0 && i < n; i++) {
         inserted[i] = false;
@@ -1431,14 +1441,14 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
     PGresult *r = NULL;
     if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
     if (rc == 0) {
-        const char *values[7];
-        int lens[7];
-        for (int k = 0; k < 7; k++) {
+        const char *values[COMMAND_COLS];
+        int lens[COMMAND_COLS];
+        for (int k = 0; k < COMMAND_COLS; k++) {
             values[k] = (const char *)b[k].data;
             lens[k] = (int)b[k].len;
         }
         rc = run(t->conn, "insert command ids", s->sql[SQL_INSERT_COMMANDS],
-                 7, command_types, values, lens, &r, err);
+                 COMMAND_COLS, command_types, values, lens, &r, err);
     }
     for (int row = 0; rc == 0 && row < PQntuples(r); row++) {
         es_uuid id;
@@ -1450,7 +1460,7 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
             if (es_uuid_equal(&id, &recs[i].command_id)) inserted[i] = true;
     }
     if (r) PQclear(r);
-    for (int k = 0; k < 7; k++) es_buf_free(&b[k]);
+    for (int k = 0; k < COMMAND_COLS; k++) es_buf_free(&b[k]);
     return rc;
 }
 
@@ -1485,6 +1495,10 @@ static int pg_get_command(es_txn *txn, const es_uuid *command_id,
     rec.first_version = first < 0 ? UINT64_MAX : (uint64_t)first;
     rec.event_count = (uint64_t)count;
     rec.version = version < 0 ? UINT64_MAX : (uint64_t)version;
+    /* libpq ends every value with a NUL, binary ones too; a reason with
+     * a NUL inside is cut there. */
+    rec.rejected = !PQgetisnull(r, 0, 6);
+    if (rec.rejected) rec.reason = PQgetvalue(r, 0, 6);
     *out = es__command_record_dup(&rec);
     PQclear(r);
     if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -1993,49 +2007,65 @@ static int pg_outbox_claim(es_store *store, const char *owner, int64_t now,
         rc = run(t.conn, "outbox: expire claims", s->sql[SQL_OB_EXPIRE], 4,
                  types, values, lens, NULL, err);
     }
-    PGresult *r = NULL;
-    if (rc == 0) {
-        const Oid types[6] = {OID_INT8, OID_INT8, OID_TEXT_ARRAY,
-                              OID_INT4_ARRAY, OID_INT8, OID_TEXT};
-        const char *values[6] = {(const char *)now_b, (const char *)lease_b,
+    /* One claim per aggregate type the filters name: each walks the
+     * pending messages of its type in seq order (index on aggregate_type,
+     * seq), so a backlog of other types costs nothing.  All messages of
+     * an aggregate have its type, so per-aggregate order is whole within
+     * one claim.  The first type claimed rotates, so that one type's
+     * backlog cannot starve the others. */
+    size_t cap = 0, start = nf ? atomic_fetch_add(&s->claim_turn, 1) % nf : 0;
+    es_buf plain = {0};
+    for (size_t k = 0; rc == 0 && k < nf && list->count < max; k++) {
+        const char *type = filters[(start + k) % nf].type_name;
+        bool seen = false; /* claimed already under another filter */
+        for (size_t j = 0; j < k && !seen; j++)
+            seen = strcmp(filters[(start + j) % nf].type_name, type) == 0;
+        if (seen) continue;
+        uint8_t left_b[8];
+        be64(left_b, (uint64_t)(max - list->count > INT64_MAX
+                                    ? INT64_MAX
+                                    : max - list->count));
+        const Oid types[7] = {OID_INT8, OID_INT8, OID_TEXT_ARRAY,
+                              OID_INT4_ARRAY, OID_INT8, OID_TEXT, OID_TEXT};
+        const char *values[7] = {(const char *)now_b, (const char *)lease_b,
                                  (const char *)ftypes.data,
                                  (const char *)fkinds.data,
-                                 (const char *)max_b, owner};
-        const int lens[6] = {8, 8, (int)ftypes.len, (int)fkinds.len, 8,
-                             (int)strlen(owner)};
-        rc = run(t.conn, "outbox: claim", s->sql[SQL_OB_CLAIM], 6, types,
+                                 (const char *)left_b, owner, type};
+        const int lens[7] = {8, 8, (int)ftypes.len, (int)fkinds.len, 8,
+                             (int)strlen(owner), (int)strlen(type)};
+        PGresult *r = NULL;
+        rc = run(t.conn, "outbox: claim", s->sql[SQL_OB_CLAIM], 7, types,
                  values, lens, &r, err);
+        for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+            es_outbox_entry e;
+            es_error why = {0};
+            int orc = entry_read(&t, r, i, &e, &plain, &why);
+            if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
+                /* It can never be delivered: a dead letter, with the
+                 * reason; the others go on. */
+                const Oid dtypes[3] = {OID_UUID, OID_TEXT, OID_TEXT};
+                const char *dvalues[3] = {
+                    (const char *)e.side_effect.id.bytes, owner,
+                    why.message};
+                const int dlens[3] = {16, (int)strlen(owner),
+                                      (int)strlen(why.message)};
+                rc = run(t.conn, "outbox: dead letter", s->sql[SQL_OB_DEAD],
+                         3, dtypes, dvalues, dlens, NULL, err);
+                continue;
+            }
+            if (orc != 0) {
+                rc = orc;
+                if (err) *err = why;
+                break;
+            }
+            if (entry_push_copy(list, &cap, &e) != 0)
+                rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        }
+        PQclear(r);
     }
     es_buf_free(&ftypes);
     es_buf_free(&fkinds);
-    size_t cap = 0;
-    es_buf plain = {0};
-    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
-        es_outbox_entry e;
-        es_error why = {0};
-        int orc = entry_read(&t, r, i, &e, &plain, &why);
-        if (orc == ES_EDECRYPT || orc == ES_EFORGOTTEN) {
-            /* It can never be delivered: a dead letter, with the reason;
-             * the others go on. */
-            const Oid types[3] = {OID_UUID, OID_TEXT, OID_TEXT};
-            const char *values[3] = {(const char *)e.side_effect.id.bytes,
-                                     owner, why.message};
-            const int lens[3] = {16, (int)strlen(owner),
-                                 (int)strlen(why.message)};
-            rc = run(t.conn, "outbox: dead letter", s->sql[SQL_OB_DEAD], 3,
-                     types, values, lens, NULL, err);
-            continue;
-        }
-        if (orc != 0) {
-            rc = orc;
-            if (err) *err = why;
-            break;
-        }
-        if (entry_push_copy(list, &cap, &e) != 0)
-            rc = es__error_set(err, ES_ENOMEM, "out of memory");
-    }
     es_buf_free(&plain);
-    PQclear(r);
     if (t.conn != NULL) ob_end(s, &t);
     if (rc != 0) {
         /* The claims already taken simply expire. */
@@ -2642,7 +2672,7 @@ typedef struct pstmt {
     const char *what, *sql;
     int n;
     Oid types[8];
-    es_buf buf[8]; /* 7 arrays, and an optional plain 8th parameter */
+    es_buf buf[8]; /* up to 8 arrays, or 7 and a plain 8th parameter */
     rowref *refs; /* sorted by (id, version) once built */
     size_t rows;
     bool sent;
@@ -2656,15 +2686,15 @@ static void pstmt_free(pstmt *p)
 }
 
 static int pstmt_init(pstmt *p, const char *what, const char *sql,
-                      const Oid *elems, const Oid *types, size_t rows,
-                      es_error *err)
+                      int n, const Oid *elems, const Oid *types,
+                      size_t rows, es_error *err)
 {
     p->what = what;
     p->sql = sql;
-    p->n = 7;
+    p->n = n;
     p->rows = rows;
     int rc = 0;
-    for (int i = 0; rc == 0 && i < 7; i++) {
+    for (int i = 0; rc == 0 && i < n; i++) {
         p->types[i] = types[i];
         rc = array_begin(&p->buf[i], elems[i], rows);
     }
@@ -2730,7 +2760,7 @@ static int build_events(pg_store *s, const batch_keys *keys,
                                  OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
                                  OID_TEXT_ARRAY};
     int rc = pstmt_init(p, "batch: insert events", s->sql[SQL_BATCH_EVENTS],
-                        elems, types, rows, err);
+                        7, elems, types, rows, err);
     if (rc != 0) return rc;
     p->refs = es__calloc(rows, sizeof *p->refs);
     if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2820,8 +2850,8 @@ static int build_commands(pg_store *s, es__commit_item **items, size_t n,
         if (items[i]->status == ES__COMMIT_PENDING) rows++;
     if (rows == 0) return 0;
     int rc = pstmt_init(p, "batch: insert command ids",
-                        s->sql[SQL_INSERT_COMMANDS], command_elems,
-                        command_types, rows, err);
+                        s->sql[SQL_INSERT_COMMANDS], COMMAND_COLS,
+                        command_elems, command_types, rows, err);
     if (rc != 0) return rc;
     p->refs = es__calloc(rows, sizeof *p->refs);
     if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2888,8 +2918,8 @@ static int build_side_effects(pg_store *s, const batch_keys *keys,
                                  OID_BYTEA_ARRAY, OID_TEXT_ARRAY,
                                  OID_TEXT_ARRAY};
     int rc = pstmt_init(p, "batch: insert side effects",
-                        s->sql[SQL_BATCH_SIDE_EFFECTS], elems, types, rows,
-                        err);
+                        s->sql[SQL_BATCH_SIDE_EFFECTS], 7, elems, types,
+                        rows, err);
     if (rc != 0) return rc;
     /* The NOTIFY channel, a parameter like every value ($8). */
     p->n = 8;
@@ -3189,13 +3219,13 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
     qualify(cm, sizeof cm, cfg->schema, cfg->tables[ES_PG_TABLE_COMMANDS]);
     s->sql[SQL_INSERT_COMMANDS] = sqlf(
         "INSERT INTO %s (command_id, aggregate_id, kind, digest, "
-        "first_version, event_count, version) SELECT * FROM "
+        "first_version, event_count, version, rejection) SELECT * FROM "
         "unnest($1::uuid[], $2::uuid[], $3::integer[], $4::bytea[], "
-        "$5::bigint[], $6::bigint[], $7::bigint[]) ON CONFLICT (command_id) "
-        "DO NOTHING RETURNING command_id", cm);
+        "$5::bigint[], $6::bigint[], $7::bigint[], $8::bytea[]) "
+        "ON CONFLICT (command_id) DO NOTHING RETURNING command_id", cm);
     s->sql[SQL_GET_COMMAND] = sqlf(
         "SELECT aggregate_id, kind, digest, first_version, event_count, "
-        "version FROM %s WHERE command_id = $1", cm);
+        "version, rejection FROM %s WHERE command_id = $1", cm);
     qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
     qualify(m, sizeof m, cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
     qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);
@@ -3330,7 +3360,8 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
     /* The first pending message of each aggregate (among those the
      * filters match) is its head: only heads are claimed, so the messages
      * of one aggregate go one at a time, in order.  The scan walks the
-     * pending messages in seq order (partial index, migration 6) and stops
+     * pending messages of one type ($7) in seq order (partial index,
+     * migration 6) and stops
      * at the limit, probing each one's aggregate for an earlier pending
      * message: a claim costs about the limit, not the backlog.  OFFSET 0
      * keeps the probe a per-row index lookup: without it a table with no
@@ -3340,7 +3371,7 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
      * dispatcher claimed or finished since the snapshot is passed over. */
     s->sql[SQL_OB_CLAIM] = sqlf(
         "WITH pick AS (SELECT o.id FROM %s o WHERE o.status = 'pending' "
-        "AND " OB_FILTER " AND (o.claimed_by IS NULL OR o.claimed_until <= "
+        "AND o.aggregate_type = $7 AND " OB_FILTER " AND (o.claimed_by IS NULL OR o.claimed_until <= "
         MS(1) ") AND o.next_attempt_at <= " MS(1) " AND NOT EXISTS (SELECT "
         "1 FROM %s p WHERE p.aggregate_id = o.aggregate_id AND p.status = "
         "'pending' AND p.seq < o.seq AND EXISTS (SELECT 1 FROM unnest("
@@ -3689,8 +3720,20 @@ static int migrate_in(PGconn *c, const es_pg_config *cfg, int *newest,
     }
     int high = 0;
     for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
-        int v = atoi(PQgetvalue(r, i, 0));
-        const char *sum = PQgetvalue(r, i, 1);
+        /* The table is outside input: strtol, not atoi (undefined when
+         * the number does not fit). */
+        const char *text = PQgetvalue(r, i, 0), *sum = PQgetvalue(r, i, 1);
+        char *end = NULL;
+        errno = 0;
+        long lv = strtol(text, &end, 10);
+        if (errno != 0 || end == text || *end != '\0' || lv < 1 ||
+            lv > INT_MAX) {
+            rc = es__error_set(err, ES_EDB, "migrate: the migrations table "
+                               "has a version that is not a positive "
+                               "integer");
+            break;
+        }
+        int v = (int)lv;
         size_t k = 0;
         while (k < count && es__pg_migrations[k].version != v) k++;
         if (k == count) {

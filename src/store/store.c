@@ -251,12 +251,17 @@ int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
 
 es__command_record *es__command_record_dup(const es__command_record *rec)
 {
-    es__command_record *copy = es__malloc(sizeof *copy + rec->len);
+    size_t rlen = rec->reason ? strlen(rec->reason) + 1 : 0;
+    es__command_record *copy = es__malloc(sizeof *copy + rec->len + rlen);
     if (copy == NULL) return NULL;
     *copy = *rec;
     uint8_t *data = (uint8_t *)(copy + 1);
     if (rec->len > 0) memcpy(data, rec->payload, rec->len);
     copy->payload = data;
+    if (rlen > 0) {
+        memcpy(data + rec->len, rec->reason, rlen);
+        copy->reason = (const char *)(data + rec->len);
+    }
     return copy;
 }
 

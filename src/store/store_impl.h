@@ -22,6 +22,9 @@
  * so that a later command with the same id can be compared byte for byte.
  * event_count 0 means "accepted, no events"; version is then the
  * aggregate's version at the time (UINT64_MAX before its first event).
+ * A rejected command (decide called es_emit_reject) has a record too, with
+ * no events and its rejection reason, so that a replay answers the same
+ * rejection instead of deciding again on a newer state.
  */
 typedef struct es__command_record {
     es_uuid command_id;
@@ -33,6 +36,8 @@ typedef struct es__command_record {
     uint64_t event_count;
     uint64_t version; /* resulting version */
     bool hashed;      /* payload holds a digest of the content (below) */
+    bool rejected;    /* the outcome was a rejection (no events) */
+    const char *reason; /* rejected: the reason text (NUL-terminated) */
 } es__command_record;
 
 /* Size of a content digest: BLAKE2b over the kind and the payload.  A
@@ -166,10 +171,16 @@ typedef struct es_store_ops {
      * ES__COMMIT_UNKNOWN on entry (all from one transaction) are read
      * back first.  *slot is the caller's own connection, kept between
      * calls (NULL at first; a broken one is closed and replaced; closed
-     * with background_close), never one of the pool's.  Returns the
-     * number of transactions committed. */
+     * with background_close), never one of the pool's; a backend without
+     * connections ignores it.  Returns the number of transactions
+     * committed. */
     size_t (*write_batch)(es_store *store, void **slot,
                           es__commit_item **items, size_t n);
+    /* Commit lanes the host uses by default with write_batch; 0: the
+     * host's default for a database (several lanes overlap round trips).
+     * The memory store says 1: its writes hold one lock, and more lane
+     * threads only contend for it (bench/bench_host.c). */
+    unsigned batch_lanes;
     /* Optional: a transaction on a connection of the caller's own, kept
      * in *slot between transactions (NULL at first; a broken one is
      * closed and replaced), never one of the pool's, for writes off the
@@ -286,7 +297,7 @@ int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
                             size_t n, bool *inserted, es_error *err);
 int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
                         es__command_record **out, es_error *err);
-/* One allocation holding a command record and its payload. */
+/* One allocation holding a command record, its payload and its reason. */
 es__command_record *es__command_record_dup(const es__command_record *rec);
 
 /* One allocation holding an event and a copy of its payload. */

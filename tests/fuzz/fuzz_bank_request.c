@@ -39,12 +39,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         bank_command c;
         memset(&c, 0, sizeof c);
         es_uuid cid, key;
-        bool ok = get_uuid_field(o, "command_id", &cid);
-        ok &= get_uuid_field(o, "account_id", &key);
-        ok &= get_amount(o, "amount", &c.amount, false);
-        ok &= get_amount(o, "initial_balance", &c.amount, true);
-        ok &= get_text(o, "owner", c.owner);
-        ok &= get_text(o, "email", c.email);
+        /* Each getter that says no gives the detail the answer carries. */
+        char d[6][200];
+        memset(d, 0, sizeof d);
+        bool r[6] = {
+            get_uuid_field(o, "command_id", &cid, d[0], sizeof d[0]),
+            get_uuid_field(o, "account_id", &key, d[1], sizeof d[1]),
+            get_amount(o, "amount", &c.amount, false, d[2], sizeof d[2]),
+            get_amount(o, "initial_balance", &c.amount, true, d[3],
+                       sizeof d[3]),
+            get_text(o, "owner", c.owner, d[4], sizeof d[4]),
+            get_text(o, "email", c.email, d[5], sizeof d[5]),
+        };
+        bool ok = true;
+        for (int i = 0; i < 6; i++) {
+            if (!r[i] && d[i][0] == '\0') abort();
+            ok &= r[i];
+        }
         if (c.amount < 0) abort();
         if (strlen(c.owner) >= BANK_NAME_MAX) abort();
         c.kind = BANK_CMD_OPEN;

@@ -2,7 +2,8 @@
 """ninja fuzz: runs each libFuzzer target of build/fuzz/ for a short,
 bounded time (FUZZ_SECONDS, default 20) on its committed seed corpus
 (tests/fuzz/corpus/<target>/; new inputs go to build/fuzz/corpus/, never
-into the tree) with tests/fuzz/json.dict.  A crash leaves its input in
+into the tree) with its dictionary (tests/fuzz/<target>.dict, else
+json.dict).  A crash leaves its input in
 build/fuzz/ and fails the step: make it a regression test."""
 
 import glob
@@ -13,6 +14,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(TOP, "build", "fuzz")
+
+
+def dict_for(name):
+    """tests/fuzz/<target>.dict when there is one, else json.dict."""
+    own = os.path.join(HERE, name + ".dict")
+    return own if os.path.exists(own) else os.path.join(HERE, "json.dict")
 
 
 def main():
@@ -29,7 +36,7 @@ def main():
         cmd = [exe, work, seeds, "-max_total_time=%d" % seconds,
                "-timeout=10", "-rss_limit_mb=2048", "-max_len=70000",
                "-artifact_prefix=%s/%s-" % (OUT, name),
-               "-dict=%s" % os.path.join(HERE, "json.dict")]
+               "-dict=%s" % dict_for(name)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env=dict(os.environ,
