@@ -202,9 +202,20 @@ size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
             int grc = 0;
             es_error gerr = {0};
             committed += attempt(store, sub, k, written, &grc, &gerr);
-            for (size_t j = 0; j < k; j++)
+            bool away = false;
+            for (size_t j = 0; j < k; j++) {
                 if (sub[j]->status == ES__COMMIT_PENDING)
                     sub[j]->status = grc != 0 ? grc : ES_ECONFLICT;
+                away = away || sub[j]->status == ES__COMMIT_RETRY ||
+                       sub[j]->status == ES__COMMIT_UNKNOWN;
+            }
+            /* The database went away: the rest waits with the lane (and
+             * only one transaction's items may be unknown at a time:
+             * one read-back answers for them all). */
+            if (away) {
+                mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
+                break;
+            }
         }
         break;
     }
