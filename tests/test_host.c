@@ -2390,7 +2390,7 @@ static void test_host_memory_batch_isolates_failures(void **state)
     /* aggregate 0 already has version 0 */
     batch_row_init(&rows[0], &groups[0], &agg[0], 0, 1, &cmd[0]);
     es__commit_item *first = &rows[0].item;
-    assert_int_equal(store->ops->write_batch(store, &first, 1), 1);
+    assert_int_equal(store->ops->write_batch(store, NULL, &first, 1), 1);
     assert_int_equal(rows[0].item.status, 0);
 
     batch_row_init(&rows[1], &groups[1], &agg[1], 0, 2, &cmd[1]); /* ok */
@@ -2402,7 +2402,7 @@ static void test_host_memory_batch_isolates_failures(void **state)
     batch_row_init(&rows[6], &groups[4], &agg[4], 0, 1, &cmd[6]); /* ok */
     es__commit_item *items[6];
     for (int i = 0; i < 6; i++) items[i] = &rows[i + 1].item;
-    assert_int_equal(store->ops->write_batch(store, items, 6), 1);
+    assert_int_equal(store->ops->write_batch(store, NULL, items, 6), 1);
     assert_int_equal(rows[1].item.status, 0);
     assert_int_equal(rows[2].item.status, ES_ECONFLICT);
     assert_int_equal(rows[3].item.status, ES_ECONFLICT);

@@ -9,6 +9,7 @@
  * snapshot writer blocked in the database never holds up a command, and
  * writes only the latest of an aggregate's queued snapshots.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -515,6 +516,64 @@ static void test_pg_lanes_snapshot_writer(void **state)
     check_counter(g_store, &s.key, SNAP_SENDS + 2, last);
 }
 
+/* A pool of one connection, held by a transaction of the test (as a
+ * burst of loads would hold the pool): a lane commits on a connection
+ * of its own, so a command to a resident key still commits. */
+static void test_pg_lanes_own_connections(void **state)
+{
+    (void)state;
+    es_pg_config *pcfg = NULL;
+    es_store *store = NULL;
+    assert_int_equal(es_pg_config_new(&pcfg, NULL), 0);
+    assert_int_equal(es_pg_config_set_schema(pcfg, g_schema, NULL), 0);
+    assert_int_equal(es_pg_config_set_pool_size(pcfg, 1, NULL), 0);
+    assert_int_equal(es_pg_store_open(pcfg, &store, NULL), 0);
+    es_pg_config_free(pcfg);
+    es_host *host = open_host(store, 1);
+    assert_non_null(host);
+    es_uuid key;
+    es_uuid_v7(&key);
+    uint8_t value[4];
+    es_command first = command(value, 1);
+    assert_int_equal(es_host_call(host, &counter_type, &key, &first, NULL,
+                                  NULL),
+                     0); /* loaded: resident from now on */
+
+    es_txn *held = NULL;
+    assert_int_equal(es_store_begin(store, &held, NULL), 0);
+    static waiter w;
+    memset(&w, 0, sizeof w);
+    pthread_mutex_init(&w.lock, NULL);
+    pthread_cond_init(&w.cond, NULL);
+    w.left = 1;
+    slot sl = {&w, 0};
+    es_command second = command(value, 1);
+    assert_int_equal(es_host_send(host, &counter_type, &key, &second,
+                                  on_done, &sl, NULL),
+                     0);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += 20;
+    pthread_mutex_lock(&w.lock);
+    while (w.left > 0 &&
+           pthread_cond_timedwait(&w.cond, &w.lock, &ts) != ETIMEDOUT) {
+    }
+    int left_while_held = w.left;
+    pthread_mutex_unlock(&w.lock);
+    es_txn_rollback(held); /* the pool is free again */
+    pthread_mutex_lock(&w.lock);
+    while (w.left > 0) pthread_cond_wait(&w.cond, &w.lock);
+    pthread_mutex_unlock(&w.lock);
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+    es_store_close(store);
+    pthread_mutex_destroy(&w.lock);
+    pthread_cond_destroy(&w.cond);
+    assert_int_equal(left_while_held, 0); /* committed while the pool was
+                                           * held */
+    assert_int_equal(w.status[0], 0);
+    check_counter(g_store, &key, 2, 2);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -543,6 +602,7 @@ int main(void)
         cmocka_unit_test(test_pg_lanes_command_ids_survive_restart),
         cmocka_unit_test(test_pg_lanes_encrypted),
         cmocka_unit_test(test_pg_lanes_snapshot_writer),
+        cmocka_unit_test(test_pg_lanes_own_connections),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

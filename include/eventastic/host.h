@@ -135,8 +135,12 @@ typedef struct es_host_result {
      *  could not be applied), ES_EIDEMPOTENCY (id used with other content
      *  or by another aggregate), ES_ECONFLICT (commits kept conflicting:
      *  retry), ES_ECLOSED (host closed before the outcome was known or
-     *  before the command ran), or a store error (ES_EDB, ES_ENOMEM,
-     *  ES_EDECODE while loading). */
+     *  before the command ran, or closed while the database could not be
+     *  reached: not committed), ES_EUNKNOWN (host closed before a COMMIT
+     *  whose answer was lost could be read back: it may have committed),
+     *  or a store error (ES_EDB, ES_ENOMEM, ES_EDECODE while loading).
+     *  While the host runs, commits wait for a database that cannot be
+     *  reached instead of failing. */
     int status;
     /** True when answered from an earlier command with this id (also for
      *  a rejection answered again). */

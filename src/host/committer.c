@@ -64,6 +64,21 @@ static int write_item(es_txn *txn, es__commit_item *it, es_error *err)
     return rc;
 }
 
+/* The connection broke or could not be made (SQLSTATE class 08, or the
+ * server ending the session: 57P0x): nothing is wrong with the items, the
+ * lane waits and hands them in again. */
+static bool unreachable(const es_error *err)
+{
+    return strncmp(err->sqlstate, "08", 2) == 0 ||
+           strncmp(err->sqlstate, "57P0", 4) == 0;
+}
+
+static void mark(es__commit_item **items, size_t n, int from, int to)
+{
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == from) items[i]->status = to;
+}
+
 /* One transaction over the pending items.  Returns 1 when it committed;
  * else 0 with *commit_rc and err set when the commit itself failed (the
  * written items are pending again). */
@@ -74,8 +89,8 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     es_txn *txn = NULL;
     int rc = es_store_begin(store, &txn, err);
     if (rc != 0) {
-        for (size_t i = 0; i < n; i++)
-            if (items[i]->status == ES__COMMIT_PENDING) items[i]->status = rc;
+        mark(items, n, ES__COMMIT_PENDING,
+             unreachable(err) ? ES__COMMIT_RETRY : rc);
         return 0;
     }
     size_t n_written = 0;
@@ -84,6 +99,11 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
         if (items[i]->status != ES__COMMIT_PENDING) continue;
         es_error item_err = {0};
         rc = write_item(txn, items[i], &item_err);
+        if (rc != 0 && unreachable(&item_err)) {
+            es_txn_rollback(txn);
+            mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
+            return 0;
+        }
         if (rc != 0)
             fail_group(items, n, i, rc);
         else {
@@ -99,6 +119,17 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     for (size_t i = 0; i < n; i++)
         if (written[i] && rc == 0) items[i]->status = 0;
     if (rc == 0) return 1;
+    if (rc == ES_EUNKNOWN && store->ops->write_batch != NULL) {
+        /* the batch writer reads them back when handed in again */
+        for (size_t i = 0; i < n; i++)
+            if (written[i]) items[i]->status = ES__COMMIT_UNKNOWN;
+        mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
+        return 0;
+    }
+    if (rc != ES_EUNKNOWN && unreachable(err)) {
+        mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
+        return 0;
+    }
     *commit_rc = rc;
     return 0;
 }
@@ -110,14 +141,16 @@ static bool any_pending(es__commit_item **items, size_t n)
     return false;
 }
 
-size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n)
+size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
+                        size_t n)
 {
     if (n == 0) return 0;
     size_t batched = 0;
     if (store->ops->write_batch != NULL) {
         /* The backend's batch writer; what it leaves pending (a failure it
-         * could not pin on an item) is written the generic way below. */
-        batched = store->ops->write_batch(store, items, n);
+         * could not pin on an item) is written the generic way below, on
+         * a pooled connection (rare: only such failures). */
+        batched = store->ops->write_batch(store, slot, items, n);
         if (!any_pending(items, n)) return batched;
     }
     bool *written = es__calloc(n, sizeof(bool));
@@ -169,9 +202,20 @@ size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n)
             int grc = 0;
             es_error gerr = {0};
             committed += attempt(store, sub, k, written, &grc, &gerr);
-            for (size_t j = 0; j < k; j++)
+            bool away = false;
+            for (size_t j = 0; j < k; j++) {
                 if (sub[j]->status == ES__COMMIT_PENDING)
                     sub[j]->status = grc != 0 ? grc : ES_ECONFLICT;
+                away = away || sub[j]->status == ES__COMMIT_RETRY ||
+                       sub[j]->status == ES__COMMIT_UNKNOWN;
+            }
+            /* The database went away: the rest waits with the lane (and
+             * only one transaction's items may be unknown at a time:
+             * one read-back answers for them all). */
+            if (away) {
+                mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
+                break;
+            }
         }
         break;
     }

@@ -11,8 +11,9 @@
  *   handed over; with several lanes, a group's next batch waits for its
  *   previous one, or a group sticks to one lane;
  * - every item gets exactly one status, and 0 only once the transaction
- *   holding it committed (ES_EUNKNOWN when that cannot be known: the host
- *   reads the command id back before answering);
+ *   holding it committed (while the database cannot be reached, the lane
+ *   keeps the items and tries again; ES_EUNKNOWN only when the host closes
+ *   before the outcome could be read back);
  * - one group's failure never fails another group's items.
  */
 #ifndef ES_HOST_COMMITTER_H
@@ -36,8 +37,16 @@ size_t es__commit_item_rows(const es__commit_item *item);
  * retried, so one aggregate's failure never fails another's commit.  When
  * a failed commit cannot be pinned on one aggregate, each group is
  * committed alone.  Sets every item's status; returns the number of
- * transactions that committed.  Thread: the committer's.
+ * transactions that committed.  One try: items the database could not
+ * take because it could not be reached come back ES__COMMIT_RETRY, and
+ * items whose COMMIT answer was lost and not read back come back
+ * ES__COMMIT_UNKNOWN (store/store_impl.h); the caller waits and hands
+ * the same items in again (they are read back before anything is
+ * written).  *slot: the committer's own connection for the batch writer
+ * (see write_batch in store/store_impl.h; NULL at first, closed with
+ * es__store_background_close).  Thread: the committer's.
  */
-size_t es__commit_batch(es_store *store, es__commit_item **items, size_t n);
+size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
+                        size_t n);
 
 #endif

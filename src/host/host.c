@@ -8,7 +8,9 @@
  * snapshots of one aggregate.
  * An actor's items always go to the same lane (by a hash of its key), so
  * a lane commits them in the order they were decided, and lanes never
- * share an aggregate.
+ * share an aggregate.  A lane waits out a database that cannot be
+ * reached (it keeps its batch and tries again with backoff) until the
+ * host ends; meanwhile commands queue up to the host bound.
  *
  * An actor (one aggregate) is "scheduled" while it sits in the run queue or
  * a worker runs it; only that worker touches its state, so commands of one
@@ -159,6 +161,8 @@ typedef struct lane {
     hcmd *head, *tail;
     bool stop, started;
     pthread_t thread;
+    uint32_t seed; /* the lane's: jitter of its backoff */
+    void *conn;    /* the lane thread's own connection (write_batch) */
 } lane;
 
 typedef struct snap_job {
@@ -215,6 +219,9 @@ struct es_host {
     pthread_mutex_t drain_lock;
     pthread_cond_t drain_cond;
     atomic_bool closing, closing_now;
+    /* es_host_shutdown or es_host_close has begun: lanes stop waiting
+     * for a database that cannot be reached (es_host_stop does not) */
+    atomic_bool ending;
     atomic_size_t pending;
 
     pthread_t *workers;
@@ -1397,6 +1404,65 @@ static void *worker_main(void *arg)
 
 /* ---- the committer ---- */
 
+#define LANE_BACKOFF_MIN_MS 10
+#define LANE_BACKOFF_MAX_MS 1000
+
+/* Sleep about ms (jittered: between half and all of it), or until the
+ * host begins to end. */
+static void lane_pause(es_host *host, lane *l, unsigned ms)
+{
+    l->seed = l->seed * 1103515245u + 12345u;
+    unsigned half = ms / 2;
+    unsigned span = ms - half + 1;
+    uint64_t ns = (uint64_t)(half + (l->seed >> 8) % span) * 1000000u;
+    struct timespec ts;
+    deadline_in(&ts, ns);
+    pthread_mutex_lock(&l->lock);
+    while (!atomic_load(&host->ending))
+        if (pthread_cond_timedwait(&l->cond, &l->lock, &ts) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&l->lock);
+}
+
+/* Commit one batch, waiting out a database that cannot be reached: the
+ * lane keeps the batch and tries again with capped exponential backoff,
+ * and a batch whose COMMIT answer was lost is read back once the
+ * database answers, so its commands get the truth.  Only when the host
+ * ends: one last try, then ES_ECLOSED for what did not commit and
+ * ES_EUNKNOWN for what could not be read back. */
+static void lane_commit(es_host *host, lane *l, es__commit_item **items,
+                        size_t n)
+{
+    unsigned delay = LANE_BACKOFF_MIN_MS;
+    for (bool last = false;; last = atomic_load(&host->ending)) {
+        count(&host->batches,
+              es__commit_batch(host->store, &l->conn, items, n));
+        bool waiting = false;
+        for (size_t i = 0; i < n && !waiting; i++)
+            waiting = items[i]->status == ES__COMMIT_RETRY ||
+                      items[i]->status == ES__COMMIT_UNKNOWN;
+        if (!waiting) return;
+        if (last) break;
+        if (!atomic_load(&host->ending)) {
+            lane_pause(host, l, delay);
+            delay = delay * 2 < LANE_BACKOFF_MAX_MS ? delay * 2
+                                                    : LANE_BACKOFF_MAX_MS;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        es__commit_item *it = items[i];
+        if (it->status == ES__COMMIT_RETRY) {
+            it->status = ES_ECLOSED;
+            it->why = "host closed while the database could not be "
+                      "reached; nothing was committed";
+        } else if (it->status == ES__COMMIT_UNKNOWN) {
+            it->status = ES_EUNKNOWN;
+            it->why = "host closed before the outcome of a COMMIT whose "
+                      "answer was lost could be read back";
+        }
+    }
+}
+
 static void *committer_main(void *arg)
 {
     lane *l = arg;
@@ -1445,8 +1511,7 @@ static void *committer_main(void *arg)
             else
                 live[k++] = &h->item;
         }
-        if (k > 0)
-            count(&host->batches, es__commit_batch(host->store, live, k));
+        if (k > 0) lane_commit(host, l, live, k);
         /* Post the outcomes back, in order: an actor's items sit
          * together (one flush), so they go back under one shard lock, and
          * the actors to run go to the run queue under one lock. */
@@ -1486,6 +1551,7 @@ static void *committer_main(void *arg)
         if (wake_head) runq_push_list(host, wake_head, wake_tail, n_wake);
     }
     es__free(live);
+    es__store_background_close(host->store, &l->conn);
     return NULL;
 }
 
@@ -1785,6 +1851,7 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     pthread_cond_init(&host->rq_cond, NULL);
     for (unsigned i = 0; i < host->n_lanes; i++) {
         host->lanes[i].host = host;
+        host->lanes[i].seed = 2654435761u * (i + 1);
         pthread_mutex_init(&host->lanes[i].lock, NULL);
         pthread_cond_init(&host->lanes[i].cond, NULL);
     }
@@ -1838,6 +1905,12 @@ static int host_end(es_host *host, bool now, es_error *err)
                                               "from its own threads");
     if (now) atomic_store(&host->closing_now, true);
     atomic_store(&host->closing, true);
+    atomic_store(&host->ending, true);
+    for (unsigned i = 0; i < host->n_lanes; i++) { /* out of lane_pause */
+        pthread_mutex_lock(&host->lanes[i].lock);
+        pthread_cond_signal(&host->lanes[i].cond);
+        pthread_mutex_unlock(&host->lanes[i].lock);
+    }
     /* Every accepted command completes: workers decide (or, closing now,
      * complete with ES_ECLOSED) what is in the mailboxes. */
     pthread_mutex_lock(&host->drain_lock);

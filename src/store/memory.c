@@ -1494,9 +1494,10 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
  * a transaction's pending copies.  An item that fails is left out with
  * the later items of its group (ES_ECONFLICT); the others are stored.
  * Readers take the same lock, so they see all of the batch or none. */
-static size_t mem_write_batch(es_store *store, es__commit_item **items,
-                              size_t n)
+static size_t mem_write_batch(es_store *store, void **slot,
+                              es__commit_item **items, size_t n)
 {
+    (void)slot; /* no connections */
     mem_store *s = (mem_store *)store;
     bool cmds = es__store_has_commands(store);
     int64_t now = es_clock_now_ms();

@@ -741,13 +741,18 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
     t->base.store = store;
     int rc = 0;
     /* A pooled connection may have died while idle (server restart):
-     * BEGIN finds out, and nothing was done yet, so try a fresh one. */
-    for (int attempt = 0; attempt < 2; attempt++) {
+     * BEGIN finds out, and nothing was done yet, so try the next one
+     * (each dead one is closed), until a fresh one. */
+    for (size_t attempt = 0; attempt <= s->max; attempt++) {
         if ((rc = pool_get(s, &t->conn, err)) != 0) break;
+        es_error e = {0};
         rc = run_simple(t->conn, "begin",
-                        "BEGIN ISOLATION LEVEL READ COMMITTED", err);
+                        "BEGIN ISOLATION LEVEL READ COMMITTED", &e);
         if (rc == 0) break;
-        bool lost = PQstatus(t->conn) == CONNECTION_BAD;
+        if (err) *err = e;
+        /* the socket's close may not have turned the status bad yet */
+        bool lost = PQstatus(t->conn) == CONNECTION_BAD ||
+                    strcmp(e.sqlstate, LOST_SQLSTATE) == 0;
         pool_put(s, t->conn);
         t->conn = NULL;
         if (!lost) break;
@@ -2540,12 +2545,11 @@ static void pg_outbox_unwatch(es__outbox_watch *w)
  * another type: ES_EINVAL) with their group's later items, the writes are
  * rolled back to a savepoint taken before them, and written again without
  * those items, so the innocent ones commit.  A connection lost before
- * COMMIT is retried on a new connection with backoff; one lost during
- * COMMIT is resolved by reading one command id of the batch back before
- * any item gets a status. */
-
-#define BATCH_TRIES 40       /* connections lost in a row before giving up */
-#define BATCH_BACKOFF_MS 200 /* the longest pause between two tries */
+ * COMMIT leaves the items ES__COMMIT_RETRY; one lost during COMMIT is
+ * resolved by reading one command id of the batch back before any item
+ * gets a status, or leaves them ES__COMMIT_UNKNOWN when the read-back
+ * fails too.  Waiting for the database is the caller's (the commit
+ * lanes, which can see the host closing). */
 
 typedef struct rowref {
     es_uuid id;
@@ -2585,12 +2589,6 @@ static bool lost_state(const es_error *err)
 {
     return strncmp(err->sqlstate, "08", 2) == 0 ||
            strncmp(err->sqlstate, "57P0", 4) == 0;
-}
-
-static void sleep_ms(unsigned ms)
-{
-    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
 }
 
 /* The data keys of the batch's aggregates, read (or made) once per
@@ -3040,67 +3038,97 @@ static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
     return rc;
 }
 
-/* After a COMMIT whose answer was lost: did it commit?  The command id of
- * one written item answers for the whole transaction.  Returns 1
- * (committed), 0 (not), or -1 (could not find out). */
-static int batch_resolve(pg_store *s, const es__command_record *rec)
-{
-    for (int attempt = 0; attempt < BATCH_TRIES; attempt++) {
-        if (attempt > 0) {
-            unsigned ms = 5u << (attempt < 8 ? attempt : 8);
-            sleep_ms(ms < BATCH_BACKOFF_MS ? ms : BATCH_BACKOFF_MS);
-        }
-        es_error err = {0};
-        es_txn *txn = NULL;
-        if (pg_begin(&s->base, &txn, &err) != 0) continue;
-        es__command_record *got = NULL;
-        int rc = pg_get_command(txn, &rec->command_id, &got, &err);
-        pg_rollback(txn);
-        if (rc == ES_ENOTFOUND) return 0;
-        if (rc != 0) continue;
-        bool ours = es_uuid_equal(&got->aggregate_id, &rec->aggregate_id) &&
-                    got->version == rec->version;
-        es__free(got);
-        return ours ? 1 : -1;
-    }
-    return -1;
-}
-
-/* A transaction of the batch writer: a connection from the pool; BEGIN
- * goes in the first round trip of batch_write. */
-static int batch_begin(pg_store *s, es_txn **out, es_error *err)
+/* A transaction of the batch writer on the caller's connection in *slot
+ * (a commit lane's own, never the pool's: a burst of loads cannot starve
+ * the lanes), made when *slot is NULL; txn_end closes a broken one and
+ * clears the slot.  BEGIN goes in the first round trip of batch_write. */
+static int batch_begin(pg_store *s, PGconn **slot, es_txn **out,
+                       es_error *err)
 {
     pg_txn *t = es__calloc(1, sizeof *t);
     if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     t->base.store = &s->base;
-    int rc = pool_get(s, &t->conn, err);
-    if (rc != 0) {
-        es__free(t);
-        return rc;
+    t->own = slot;
+    if (*slot == NULL) {
+        int rc = store_connect(s, slot, err);
+        if (rc != 0) {
+            es__free(t);
+            return rc;
+        }
     }
+    t->conn = *slot;
     es__store_txn_started(&s->base);
     *out = &t->base;
     return 0;
 }
 
-static size_t pg_write_batch(es_store *store, es__commit_item **items,
-                             size_t n)
+/* After a COMMIT whose answer was lost: did it commit?  The command id of
+ * one written item answers for the whole transaction.  One try (on a
+ * fresh connection when the kept one died): the caller (a commit lane)
+ * waits and asks again.  Returns 1 (committed), 0 (not), or -1 (could
+ * not find out). */
+static int batch_resolve(pg_store *s, PGconn **slot,
+                         const es__command_record *rec)
+{
+    int rc = -1;
+    es__command_record *got = NULL;
+    for (int attempt = 0; attempt < 2 && rc != 0 && rc != ES_ENOTFOUND;
+         attempt++) {
+        bool fresh = *slot == NULL;
+        es_error err = {0};
+        es_txn *txn = NULL;
+        if (batch_begin(s, slot, &txn, &err) != 0) return -1;
+        rc = run_simple(((pg_txn *)txn)->conn, "read back: begin",
+                        "BEGIN ISOLATION LEVEL READ COMMITTED", &err);
+        if (rc == 0) rc = pg_get_command(txn, &rec->command_id, &got, &err);
+        pg_rollback(txn);
+        if (fresh) break;
+    }
+    if (rc == ES_ENOTFOUND) return 0;
+    if (rc != 0) return -1;
+    bool ours = es_uuid_equal(&got->aggregate_id, &rec->aggregate_id) &&
+                got->version == rec->version;
+    es__free(got);
+    return ours ? 1 : -1;
+}
+
+/* Sets every item still status `from` to `to`, with `why`. */
+static void batch_mark(es__commit_item **items, size_t n, int from, int to,
+                       const char *why)
+{
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == from) {
+            items[i]->status = to;
+            items[i]->why = why;
+        }
+}
+
+static size_t pg_write_batch(es_store *store, void **slot,
+                             es__commit_item **items, size_t n)
 {
     pg_store *s = (pg_store *)store;
+    PGconn **conn = (PGconn **)slot;
     size_t committed = 0;
+    /* A batch whose COMMIT answer was lost: the truth first. */
+    for (size_t i = 0; i < n; i++) {
+        if (items[i]->status != ES__COMMIT_UNKNOWN) continue;
+        int outcome = batch_resolve(s, conn, &items[i]->record);
+        if (outcome < 0) return 0; /* still unknown: asked again later */
+        batch_mark(items, n, ES__COMMIT_UNKNOWN,
+                   outcome == 1 ? 0 : ES__COMMIT_PENDING, NULL);
+        if (outcome == 1) committed++;
+        break;
+    }
+    batch_mark(items, n, ES__COMMIT_RETRY, ES__COMMIT_PENDING, NULL);
     int lost = 0;
     for (;;) {
         size_t first = n;
         for (size_t i = 0; i < n && first == n; i++)
             if (items[i]->status == ES__COMMIT_PENDING) first = i;
         if (first == n) break;
-        if (lost > 0) {
-            unsigned ms = 5u << (lost < 8 ? lost : 8);
-            sleep_ms(ms < BATCH_BACKOFF_MS ? ms : BATCH_BACKOFF_MS);
-        }
         es_error err = {0};
         es_txn *txn = NULL;
-        int rc = batch_begin(s, &txn, &err);
+        int rc = batch_begin(s, conn, &txn, &err);
         if (rc == 0 && txn == NULL) rc = ES_ENOMEM; /* not reached */
         if (rc == 0) {
             rc = batch_write((pg_txn *)txn, items, n, &err);
@@ -3120,35 +3148,29 @@ static size_t pg_write_batch(es_store *store, es__commit_item **items,
                     probe = &items[i]->record;
             rc = pg_commit(txn, &err);
             int outcome = rc == 0 ? 1 : 0;
-            if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, probe);
-            if (outcome != 0) {
-                for (size_t i = 0; i < n; i++)
-                    if (items[i]->status == ES__COMMIT_PENDING) {
-                        items[i]->status = outcome == 1 ? 0 : ES_EUNKNOWN;
-                        if (outcome != 1)
-                            items[i]->why = "commit: connection lost during "
-                                            "COMMIT and the outcome could "
-                                            "not be read back";
-                    }
-                if (outcome == 1) committed++;
+            if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, conn, probe);
+            if (outcome == 1) {
+                batch_mark(items, n, ES__COMMIT_PENDING, 0, NULL);
+                committed++;
                 break;
             }
-            if (rc == ES_EUNKNOWN) rc = ES_EDB; /* read back: not there */
+            if (outcome < 0) {
+                batch_mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_UNKNOWN,
+                           "commit: connection lost during COMMIT and the "
+                           "outcome could not be read back");
+                break;
+            }
+            /* read back: not there, so nothing of it committed */
         }
-        /* Nothing of it committed.  A lost connection is tried again on a
-         * new one; any other failure is left to the generic writer, which
-         * can pin it on one item. */
-        if (lost_state(&err) && ++lost < BATCH_TRIES)
-            continue;
-        if (lost >= BATCH_TRIES)
-            for (size_t i = 0; i < n; i++)
-                if (items[i]->status == ES__COMMIT_PENDING) {
-                    items[i]->status = rc;
-                    items[i]->why = "commit: the database could not be "
-                                    "reached (connection lost or refused, "
-                                    "retried with backoff for about 7 s); "
-                                    "nothing was committed";
-                }
+        /* Nothing of it committed.  A pooled connection that died while
+         * idle is tried once more on a fresh one; a database that cannot
+         * be reached is the caller's to wait for; any other failure is
+         * left to the generic writer, which can pin it on one item. */
+        if (!lost_state(&err)) break;
+        if (++lost < 2) continue;
+        batch_mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY,
+                   "commit: the database could not be reached (connection "
+                   "lost or refused); nothing was committed");
         break;
     }
     return committed;

@@ -55,6 +55,15 @@ bool es__command_matches(const es__command_record *rec, int32_t kind,
 
 /* Status of an item not written yet. */
 #define ES__COMMIT_PENDING 1
+/* Not committed: the database could not be reached (connection refused,
+ * or lost before COMMIT was sent).  The caller hands the same items to
+ * the batch writer again later (the writer takes them as pending). */
+#define ES__COMMIT_RETRY 2
+/* The answer to COMMIT was lost and reading the batch back did not
+ * answer either: the transaction may or may not have committed.  Handed
+ * to the batch writer again, the items are read back before anything is
+ * written; never written again unread. */
+#define ES__COMMIT_UNKNOWN 3
 
 /* One command's writes: its events, their side effects and its command-id
  * record.  Items of one group (one actor) depend on the earlier items of
@@ -156,9 +165,17 @@ typedef struct es_store_ops {
      * it can, with a constant number of statements each; the contract of
      * es__commit_batch (host/committer.h).  Items it could not place on
      * an aggregate are left ES__COMMIT_PENDING, and the caller writes them
-     * the generic way.  Returns the number of transactions committed. */
-    size_t (*write_batch)(es_store *store, es__commit_item **items,
-                          size_t n);
+     * the generic way.  One try, no waiting: when the database cannot be
+     * reached the items come back ES__COMMIT_RETRY or ES__COMMIT_UNKNOWN
+     * (above), and the caller decides when to hand them in again.  Items
+     * ES__COMMIT_UNKNOWN on entry (all from one transaction) are read
+     * back first.  *slot is the caller's own connection, kept between
+     * calls (NULL at first; a broken one is closed and replaced; closed
+     * with background_close), never one of the pool's; a backend without
+     * connections ignores it.  Returns the number of transactions
+     * committed. */
+    size_t (*write_batch)(es_store *store, void **slot,
+                          es__commit_item **items, size_t n);
     /* Commit lanes the host uses by default with write_batch; 0: the
      * host's default for a database (several lanes overlap round trips).
      * The memory store says 1: its writes hold one lock, and more lane
