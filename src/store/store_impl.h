@@ -127,13 +127,13 @@ typedef struct es_store_ops {
                   uint64_t from_version,
                   int (*fn)(void *ud, const es_event *event), void *ud,
                   es_error *err);
-    /* aggregate_id NULL: find the event id under any aggregate; the owner
-     * goes to *owner (may be NULL).  *out: one allocation, es__free. */
+    /* An event id is unique per aggregate (so that a store's tables can
+     * be distributed by aggregate id): both ids are required.  *out: one
+     * allocation, es__free. */
     int (*get_event)(es_txn *txn, const es_uuid *aggregate_id,
-                     const es_uuid *event_id, es_event **out, es_uuid *owner,
-                     es_error *err);
-    /* Insert events, skipping any whose event id or (aggregate, version)
-     * exists; inserted[i] says which went in. */
+                     const es_uuid *event_id, es_event **out, es_error *err);
+    /* Insert events, skipping any whose (aggregate, event id) or
+     * (aggregate, version) exists; inserted[i] says which went in. */
     int (*insert_events)(es_txn *txn, const char *type_name,
                          const es_uuid *aggregate_id, const es_event *events,
                          size_t n, bool *inserted, es_error *err);
@@ -154,13 +154,15 @@ typedef struct es_store_ops {
     /* Command-id records (the host's idempotency).  Optional: a backend
      * may leave both NULL, and the host then remembers command ids only
      * while they are in flight.  insert_commands skips ids that exist
-     * (ON CONFLICT DO NOTHING) and says which went in; get_command finds a
-     * record by command id alone (*out: one allocation, es__free;
-     * ES_ENOTFOUND when unknown). */
+     * for their aggregate (ON CONFLICT DO NOTHING) and says which went in;
+     * get_command finds a record by (aggregate id, command id): a command
+     * id is unique per aggregate, like an event id (*out: one
+     * allocation, es__free; ES_ENOTFOUND when unknown). */
     int (*insert_commands)(es_txn *txn, const es__command_record *recs,
                            size_t n, bool *inserted, es_error *err);
-    int (*get_command)(es_txn *txn, const es_uuid *command_id,
-                       es__command_record **out, es_error *err);
+    int (*get_command)(es_txn *txn, const es_uuid *aggregate_id,
+                       const es_uuid *command_id, es__command_record **out,
+                       es_error *err);
     /* Optional: write many aggregates' items in as few transactions as
      * it can, with a constant number of statements each; the contract of
      * es__commit_batch (host/committer.h).  Items it could not place on
@@ -274,8 +276,6 @@ void es__store_txn_ended(es_store *store);
 int es__txn_savepoint(es_txn *txn, es_error *err);
 int es__txn_rollback_to(es_txn *txn, es_error *err);
 int es__txn_release(es_txn *txn, es_error *err);
-int es__txn_get_event_any(es_txn *txn, const es_uuid *event_id,
-                          es_event **out, es_uuid *owner, es_error *err);
 int es__txn_insert_events(es_txn *txn, const char *type_name,
                           const es_uuid *aggregate_id, const es_event *events,
                           size_t n, bool *inserted, es_error *err);
@@ -295,8 +295,9 @@ void es__store_background_close(es_store *store, void **slot);
 bool es__store_has_commands(const es_store *store);
 int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
                             size_t n, bool *inserted, es_error *err);
-int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
-                        es__command_record **out, es_error *err);
+int es__txn_get_command(es_txn *txn, const es_uuid *aggregate_id,
+                        const es_uuid *command_id, es__command_record **out,
+                        es_error *err);
 /* One allocation holding a command record, its payload and its reason. */
 es__command_record *es__command_record_dup(const es__command_record *rec);
 
