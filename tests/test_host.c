@@ -663,10 +663,8 @@ static void test_host_idempotent_replay_passivation_restart(void **state)
     es_host_reply_free(r);
     assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
     es_host_reply_free(r);
-    /* Command ids are unique per aggregate: the same id for another
-     * aggregate is another command there, not a duplicate. */
-    assert_int_equal(call(&w, &w.keys[1], &add, &r), 0);
-    assert_false(r->duplicate);
+    /* The same id for another aggregate is a clash too. */
+    assert_int_equal(call(&w, &w.keys[1], &add, &r), ES_EIDEMPOTENCY);
     es_host_reply_free(r);
 
     /* Passivated. */
@@ -707,8 +705,8 @@ static void test_host_idempotent_replay_passivation_restart(void **state)
     es_host_reply_free(b);
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
 
-    /* Nothing stored twice: 1 + 2 + 1 events, and 1 under keys[1]. */
-    assert_int_equal(es_memory_store_event_count(store), 5);
+    /* Nothing stored twice: 1 + 2 + 1 events. */
+    assert_int_equal(es_memory_store_event_count(store), 4);
     uint64_t version = 0;
     assert_int_equal(stored_value(store, key, &version), 28);
     /* A snapshot was written on the way (every 3 events, passivation). */
@@ -1736,8 +1734,7 @@ static void test_host_chaos_store_matches_outcomes(void **state)
             chaos_slot *c = &chaos_slots[p][i];
             assert_int_equal(atomic_load(&c->completions), 1);
             es__command_record *rec = NULL;
-            int found = es__txn_get_command(txn, &w.keys[c->key],
-                                            &c->cmd.id, &rec, NULL);
+            int found = es__txn_get_command(txn, &c->cmd.id, &rec, NULL);
             bool ok = atomic_load(&c->status) == 0;
             uint64_t version = atomic_load(&c->version);
             if (!ok && c->resent && atomic_load(&c->resend_status) == 0) {
@@ -1859,9 +1856,9 @@ static void test_host_rejection_replayed(void **state)
     es_host_reply *r = NULL;
     assert_int_equal(call(&w, key, &other, &r), ES_EIDEMPOTENCY);
     es_host_reply_free(r);
-    /* Command ids are unique per aggregate: for another aggregate, the
-     * same id is another command (decided there: rejected too, as new). */
-    expect_rejection(&w, &w.keys[1], &take, "short: 0 < 6", false);
+    /* The same id for another aggregate is a clash too. */
+    assert_int_equal(call(&w, &w.keys[1], &take, &r), ES_EIDEMPOTENCY);
+    es_host_reply_free(r);
 
     /* Passivated: answered from the store's record. */
     wait_passivated(w.host);
@@ -2378,7 +2375,7 @@ static void batch_row_init(batch_row *r, const void *group,
 
 /* One failing part of a batch never fails the others: a version taken
  * (and the later item of that aggregate), a command id taken within the
- * batch, an event id taken within the batch; the rest is stored. */
+ * batch, an event id taken twice in one item; the rest is stored. */
 static void test_host_memory_batch_isolates_failures(void **state)
 {
     (void)state;
@@ -2399,8 +2396,8 @@ static void test_host_memory_batch_isolates_failures(void **state)
     batch_row_init(&rows[1], &groups[1], &agg[1], 0, 2, &cmd[1]); /* ok */
     batch_row_init(&rows[2], &groups[0], &agg[0], 0, 1, &cmd[2]); /* taken */
     batch_row_init(&rows[3], &groups[0], &agg[0], 1, 1, &cmd[3]); /* after */
-    /* command and event ids are unique per aggregate: a clash needs one */
-    batch_row_init(&rows[4], &groups[1], &agg[1], 2, 1, &cmd[1]); /* cmd */
+    batch_row_init(&rows[4], &groups[2], &agg[2], 0, 1, &cmd[1]); /* cmd */
+    /* event ids are unique per aggregate: a clash needs one aggregate */
     batch_row_init(&rows[5], &groups[3], &agg[3], 0, 2, &cmd[5]); /* ev id */
     rows[5].ev[1].id = rows[5].ev[0].id;
     batch_row_init(&rows[6], &groups[4], &agg[4], 0, 1, &cmd[6]); /* ok */
@@ -2418,12 +2415,11 @@ static void test_host_memory_batch_isolates_failures(void **state)
     es_txn *txn = NULL;
     assert_int_equal(es_store_begin(store, &txn, NULL), 0);
     es__command_record *rec = NULL;
-    assert_int_equal(es__txn_get_command(txn, &agg[1], &cmd[1], &rec, NULL),
-                     0);
+    assert_int_equal(es__txn_get_command(txn, &cmd[1], &rec, NULL), 0);
     assert_true(es_uuid_equal(&rec->aggregate_id, &agg[1]));
     assert_int_equal(rec->version, 1);
     es__free(rec);
-    assert_int_equal(es__txn_get_command(txn, &agg[0], &cmd[2], &rec, NULL),
+    assert_int_equal(es__txn_get_command(txn, &cmd[2], &rec, NULL),
                      ES_ENOTFOUND);
     es_event *ev = NULL;
     assert_int_equal(es_txn_get_event(txn, &agg[1], &rows[1].ev[1].id, &ev,

@@ -1,12 +1,13 @@
 /*
  * The keys of the PostgreSQL schema, as Citus needs them: every unique
- * index of the per-aggregate tables (events, snapshots, commands, data
- * keys) includes aggregate_id, the distribution column (read from the
- * catalog of a migrated schema, and of one upgraded from the keys of
- * migration 7).  Under those keys an event id and a command id are unique
- * per aggregate; the same id twice for one aggregate is still refused or
- * answered as a duplicate, in the library (event ids) and in the host's
- * batch writer (command ids).
+ * index of a table includes the column it would be distributed by
+ * (read from the catalog of a migrated schema, and of one upgraded from
+ * the keys of migration 7).  events, snapshots and data keys go by
+ * aggregate_id; commands by command_id, because a command id stays
+ * unique across aggregates.  Under those keys an event id is unique per
+ * aggregate: the same id twice for one aggregate is still a duplicate or
+ * ES_EIDEMPOTENCY.  A command id used twice, for one aggregate or two,
+ * is still refused, in a transaction and in the host's batch writer.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -67,29 +68,34 @@ static long long sql_int(const char *query, int n, const char *const *vals)
     return v;
 }
 
-#define PER_AGGREGATE "('events', 'snapshots', 'commands', 'data_keys')"
+/* Each table and the column it is distributed by (docs/scaling.md). */
+#define DIST_COLUMNS                                                       \
+    "(VALUES ('events', 'aggregate_id'), ('snapshots', 'aggregate_id'), "  \
+    "('data_keys', 'aggregate_id'), ('commands', 'command_id')) "          \
+    "AS d(tab, col)"
+#define DISTRIBUTED "('events', 'snapshots', 'data_keys', 'commands')"
 
-/* Unique indexes (primary keys and unique constraints have one each) of
- * the per-aggregate tables in schema $1 that do not include aggregate_id:
- * what Citus refuses on a table distributed by it. */
+/* Unique indexes (primary keys and unique constraints have one each) in
+ * schema $1 that do not include their table's distribution column: what
+ * Citus refuses on a distributed table. */
 static const char OFFENDERS[] =
     "SELECT string_agg(i.indexrelid::regclass::text, ' ' ORDER BY 1) "
     "FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = $1 AND c.relname IN " PER_AGGREGATE " "
-    "AND i.indisunique AND NOT EXISTS (SELECT 1 FROM pg_attribute a "
-    "WHERE a.attrelid = i.indrelid AND a.attname = 'aggregate_id' "
+    "JOIN " DIST_COLUMNS " ON d.tab = c.relname "
+    "WHERE n.nspname = $1 AND i.indisunique AND NOT EXISTS (SELECT 1 FROM "
+    "pg_attribute a WHERE a.attrelid = i.indrelid AND a.attname = d.col "
     "AND a.attnum = ANY (i.indkey))";
 
-/* Constraints that need a unique index (p, u, x) without aggregate_id:
+/* Constraints that need a unique index (p, u, x) without the column:
  * the same question asked of pg_constraint. */
 static const char CONSTRAINT_OFFENDERS[] =
     "SELECT count(*) FROM pg_constraint k JOIN pg_class c "
     "ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = $1 AND c.relname IN " PER_AGGREGATE " "
-    "AND k.contype IN ('p', 'u', 'x') AND NOT EXISTS (SELECT 1 FROM "
-    "pg_attribute a WHERE a.attrelid = k.conrelid AND a.attname = "
-    "'aggregate_id' AND a.attnum = ANY (k.conkey))";
+    "JOIN " DIST_COLUMNS " ON d.tab = c.relname "
+    "WHERE n.nspname = $1 AND k.contype IN ('p', 'u', 'x') AND NOT EXISTS "
+    "(SELECT 1 FROM pg_attribute a WHERE a.attrelid = k.conrelid AND "
+    "a.attname = d.col AND a.attnum = ANY (k.conkey))";
 
 /* Every unique index of those tables as table(col,...), sorted. */
 static const char UNIQUE_KEYS[] =
@@ -99,11 +105,11 @@ static const char UNIQUE_KEYS[] =
     "i.indrelid AND a.attnum = u.attnum) || ')' AS k "
     "FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE n.nspname = $1 AND c.relname IN " PER_AGGREGATE " "
+    "WHERE n.nspname = $1 AND c.relname IN " DISTRIBUTED " "
     "AND i.indisunique) AS keys";
 
 static const char EXPECTED_KEYS[] =
-    "commands(aggregate_id,command_id) data_keys(aggregate_id) "
+    "commands(command_id) data_keys(aggregate_id) "
     "events(aggregate_id,event_id) events(aggregate_id,version) "
     "snapshots(aggregate_id,snapshot_version)";
 
@@ -129,7 +135,7 @@ static void expect_distributable(const char *schema)
     assert_int_equal(sql_int(POSITION_INDEXES, 1, v), 1);
 }
 
-static void test_pg_keys_unique_indexes_include_aggregate_id(void **state)
+static void test_pg_keys_unique_indexes_include_dist_column(void **state)
 {
     (void)state;
     char schema[40], q[300];
@@ -153,8 +159,8 @@ static void test_pg_keys_unique_indexes_include_aggregate_id(void **state)
 }
 
 /* A schema with migration 7's keys (event_id unique across aggregates, a
- * unique index on position, commands keyed by command id alone), with
- * rows in it, is upgraded by migration 8. */
+ * unique index on position), with rows in it, is upgraded by migration
+ * 8. */
 static void test_pg_keys_upgrade_from_7(void **state)
 {
     (void)state;
@@ -176,8 +182,6 @@ static void test_pg_keys_upgrade_from_7(void **state)
              "DROP INDEX events_position_idx;"
              "ALTER TABLE events ADD UNIQUE (event_id);"
              "CREATE UNIQUE INDEX ON events (position);"
-             "ALTER TABLE commands DROP CONSTRAINT commands_pkey;"
-             "ALTER TABLE commands ADD PRIMARY KEY (command_id);"
              "DELETE FROM es_migrations WHERE version = 8;"
              "RESET search_path",
              schema);
@@ -186,7 +190,6 @@ static void test_pg_keys_upgrade_from_7(void **state)
     char *bad = sql_text(OFFENDERS, 1, v);
     assert_true(strstr(bad, "events_event_id_key") != NULL);
     assert_true(strstr(bad, "events_position_idx") != NULL);
-    assert_true(strstr(bad, "commands_pkey") != NULL);
     free(bad);
 
     assert_int_equal(fixture_pg_open(schema, &store), 0);
@@ -284,9 +287,9 @@ static es__command_record record(const es_uuid *cmd, const es_uuid *agg,
     return r;
 }
 
-/* Command ids in a transaction: one id is taken once per aggregate, and
- * the lookup by (aggregate, command id) finds each aggregate's record. */
-static void test_pg_keys_command_id_per_aggregate(void **state)
+/* Command ids in a transaction: an id is taken once, whatever the
+ * aggregate, and the lookup by command id alone finds its record. */
+static void test_pg_keys_command_id_across_aggregates(void **state)
 {
     (void)state;
     char schema[40];
@@ -297,38 +300,26 @@ static void test_pg_keys_command_id_per_aggregate(void **state)
     es_uuid_v7(&c1);
     es_uuid_v7(&a1);
     es_uuid_v7(&a2);
-    es__command_record recs[3] = {record(&c1, &a1, "one", 0),
-                                  record(&c1, &a2, "two", 0),
-                                  record(&c1, &a1, "again", 1)};
-    bool ins[3];
+    es__command_record recs[2] = {record(&c1, &a1, "one", 0),
+                                  record(&c1, &a2, "two", 0)};
+    bool ins[2];
     es_txn *txn = NULL;
     es_error err = {0};
     assert_int_equal(es_store_begin(store, &txn, &err), 0);
-    assert_int_equal(es__txn_insert_commands(txn, recs, 3, ins, &err), 0);
+    assert_int_equal(es__txn_insert_commands(txn, &recs[0], 1, ins, &err), 0);
     assert_true(ins[0]);
-    assert_true(ins[1]);
-    assert_false(ins[2]);
     assert_int_equal(es_txn_commit(txn, &err), 0);
 
     assert_int_equal(es_store_begin(store, &txn, &err), 0);
-    assert_int_equal(es__txn_insert_commands(txn, &recs[2], 1, ins, &err), 0);
-    assert_false(ins[0]); /* committed before: still taken */
+    assert_int_equal(es__txn_insert_commands(txn, recs, 2, ins, &err), 0);
+    assert_false(ins[0]); /* the same aggregate: taken */
+    assert_false(ins[1]); /* another aggregate: taken too */
     es__command_record *got = NULL;
-    assert_int_equal(es__txn_get_command(txn, &a1, &c1, &got, &err), 0);
+    assert_int_equal(es__txn_get_command(txn, &c1, &got, &err), 0);
     assert_true(es_uuid_equal(&got->aggregate_id, &a1));
     assert_true(es__command_matches(got, 7, "one", 3));
-    assert_false(es__command_matches(got, 7, "again", 5));
+    assert_false(es__command_matches(got, 7, "two", 3));
     es__free(got);
-    assert_int_equal(es__txn_get_command(txn, &a2, &c1, &got, &err), 0);
-    assert_true(es_uuid_equal(&got->aggregate_id, &a2));
-    assert_true(es__command_matches(got, 7, "two", 3));
-    es__free(got);
-    es_uuid a3;
-    es_uuid_v7(&a3);
-    got = NULL;
-    assert_int_equal(es__txn_get_command(txn, &a3, &c1, &got, &err),
-                     ES_ENOTFOUND);
-    assert_null(got);
     es_txn_rollback(txn);
     assert_int_equal(es_store_close(store), 0);
     fixture_pg_drop_schema(schema);
@@ -360,10 +351,11 @@ static void batch_row_init(batch_row *r, const es_uuid *agg,
     r->item.record = rec;
 }
 
-/* The host's batch writer: one command id for several aggregates in one
- * batch commits for each; taken again for one of them, that item gets
- * ES_EIDEMPOTENCY and the others in its batch commit. */
-static void test_pg_keys_batch_command_id_per_aggregate(void **state)
+/* The host's batch writer under the new keys: one event id for two
+ * aggregates commits for each; a command id taken (for its own aggregate
+ * or another) fails that item with ES_EIDEMPOTENCY and the others in its
+ * batch commit. */
+static void test_pg_keys_batch_ids(void **state)
 {
     (void)state;
     char schema[40];
@@ -371,41 +363,40 @@ static void test_pg_keys_batch_command_id_per_aggregate(void **state)
     es_store *store = NULL;
     assert_int_equal(fixture_pg_open(schema, &store), 0);
     assert_non_null(store->ops->write_batch);
-    es_uuid agg[4], cmd, fresh;
-    for (int i = 0; i < 4; i++) es_uuid_v7(&agg[i]);
-    es_uuid_v7(&cmd);
-    es_uuid_v7(&fresh);
+    es_uuid agg[5], cmd[5];
+    for (int i = 0; i < 5; i++) {
+        es_uuid_v7(&agg[i]);
+        es_uuid_v7(&cmd[i]);
+    }
     void *slot = NULL;
 
     static batch_row rows[5];
-    batch_row_init(&rows[0], &agg[0], 0, &cmd);
-    batch_row_init(&rows[1], &agg[1], 0, &cmd);
+    batch_row_init(&rows[0], &agg[0], 0, &cmd[0]);
+    batch_row_init(&rows[1], &agg[1], 0, &cmd[1]);
+    rows[1].ev.id = rows[0].ev.id; /* one event id, two aggregates */
     es__commit_item *items[3] = {&rows[0].item, &rows[1].item};
     assert_int_equal(store->ops->write_batch(store, &slot, items, 2), 1);
     assert_int_equal(rows[0].item.status, 0);
     assert_int_equal(rows[1].item.status, 0);
 
-    batch_row_init(&rows[2], &agg[0], 1, &cmd);   /* taken for agg[0] */
-    batch_row_init(&rows[3], &agg[2], 0, &cmd);   /* new for agg[2] */
-    batch_row_init(&rows[4], &agg[3], 0, &fresh); /* unrelated */
+    batch_row_init(&rows[2], &agg[0], 1, &cmd[0]); /* taken, same agg */
+    batch_row_init(&rows[3], &agg[2], 0, &cmd[1]); /* taken, other agg */
+    batch_row_init(&rows[4], &agg[3], 0, &cmd[4]); /* new */
     items[0] = &rows[2].item;
     items[1] = &rows[3].item;
     items[2] = &rows[4].item;
     assert_true(store->ops->write_batch(store, &slot, items, 3) >= 1);
     assert_int_equal(rows[2].item.status, ES_EIDEMPOTENCY);
-    assert_int_equal(rows[3].item.status, 0);
+    assert_int_equal(rows[3].item.status, ES_EIDEMPOTENCY);
     assert_int_equal(rows[4].item.status, 0);
     store->ops->background_close(store, slot);
 
     char q[200];
     snprintf(q, sizeof q, "SELECT count(*) FROM \"%s\".events", schema);
-    assert_int_equal(sql_int(q, 0, NULL), 4);
-    char id[ES_UUID_STRLEN + 1];
-    es_uuid_format(&cmd, id);
-    const char *v[1] = {id};
-    snprintf(q, sizeof q, "SELECT count(*) FROM \"%s\".commands WHERE "
-             "command_id = $1", schema);
-    assert_int_equal(sql_int(q, 1, v), 3);
+    assert_int_equal(sql_int(q, 0, NULL), 3);
+    assert_int_equal(events_with_id(schema, &rows[0].ev.id), 2);
+    snprintf(q, sizeof q, "SELECT count(*) FROM \"%s\".commands", schema);
+    assert_int_equal(sql_int(q, 0, NULL), 3);
     assert_int_equal(es_store_close(store), 0);
     fixture_pg_drop_schema(schema);
 }
@@ -432,11 +423,11 @@ int main(void)
         return 0;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_pg_keys_unique_indexes_include_aggregate_id),
+        cmocka_unit_test(test_pg_keys_unique_indexes_include_dist_column),
         cmocka_unit_test(test_pg_keys_upgrade_from_7),
         cmocka_unit_test(test_pg_keys_event_id_per_aggregate),
-        cmocka_unit_test(test_pg_keys_command_id_per_aggregate),
-        cmocka_unit_test(test_pg_keys_batch_command_id_per_aggregate),
+        cmocka_unit_test(test_pg_keys_command_id_across_aggregates),
+        cmocka_unit_test(test_pg_keys_batch_ids),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

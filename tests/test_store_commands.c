@@ -1,5 +1,5 @@
 /* Command-id records in the in-memory store: insert with skip semantics,
- * lookup by (aggregate, command id), savepoints, commit conflicts. */
+ * lookup, savepoints, commit conflicts. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -49,7 +49,7 @@ static void test_store_commands_insert_skip_lookup(void **state)
     assert_true(ins[1]);
     assert_false(ins[2]); /* skipped: id taken in this transaction */
     es__command_record *got = NULL;
-    assert_int_equal(es__txn_get_command(txn, &agg, &c2, &got, NULL), 0);
+    assert_int_equal(es__txn_get_command(txn, &c2, &got, NULL), 0);
     assert_int_equal(got->len, 3);
     assert_memory_equal(got->payload, "two", 3);
     es__free(got);
@@ -57,7 +57,7 @@ static void test_store_commands_insert_skip_lookup(void **state)
 
     /* Committed: visible to a new transaction, skipped on insert. */
     assert_int_equal(es_store_begin(store, &txn, NULL), 0);
-    assert_int_equal(es__txn_get_command(txn, &agg, &c1, &got, NULL), 0);
+    assert_int_equal(es__txn_get_command(txn, &c1, &got, NULL), 0);
     assert_true(es_uuid_equal(&got->aggregate_id, &agg));
     assert_int_equal(got->kind, 7);
     assert_int_equal(got->version, 0);
@@ -65,23 +65,9 @@ static void test_store_commands_insert_skip_lookup(void **state)
     es__free(got);
     assert_int_equal(es__txn_insert_commands(txn, &recs[2], 1, ins, NULL), 0);
     assert_false(ins[0]);
-    /* Unique per aggregate: the same id for another aggregate goes in,
-     * and each aggregate finds its own record. */
-    es_uuid agg2;
-    es_uuid_v7(&agg2);
-    es__command_record elsewhere = record(&c1, &agg2, "three", 0);
-    assert_int_equal(es__txn_insert_commands(txn, &elsewhere, 1, ins, NULL),
-                     0);
-    assert_true(ins[0]);
-    assert_int_equal(es__txn_get_command(txn, &agg2, &c1, &got, NULL), 0);
-    assert_memory_equal(got->payload, "three", 5);
-    es__free(got);
-    assert_int_equal(es__txn_get_command(txn, &agg, &c1, &got, NULL), 0);
-    assert_memory_equal(got->payload, "one", 3);
-    es__free(got);
     es_uuid unknown;
     es_uuid_v7(&unknown);
-    assert_int_equal(es__txn_get_command(txn, &agg, &unknown, &got, NULL),
+    assert_int_equal(es__txn_get_command(txn, &unknown, &got, NULL),
                      ES_ENOTFOUND);
     assert_null(got);
     es_txn_rollback(txn);
@@ -109,8 +95,7 @@ static void test_store_commands_savepoint_and_conflict(void **state)
     assert_true(ins);
     assert_int_equal(es__txn_rollback_to(txn, NULL), 0);
     es__command_record *got = NULL;
-    assert_int_equal(es__txn_get_command(txn, &agg, &c1, &got, NULL),
-                     ES_ENOTFOUND);
+    assert_int_equal(es__txn_get_command(txn, &c1, &got, NULL), ES_ENOTFOUND);
     assert_int_equal(es__txn_insert_commands(txn, &r2, 1, &ins, NULL), 0);
     assert_int_equal(es_txn_commit(txn, NULL), 0);
 
@@ -129,10 +114,10 @@ static void test_store_commands_savepoint_and_conflict(void **state)
     assert_true(es_uuid_equal(&err.aggregate_id, &agg));
 
     assert_int_equal(es_store_begin(store, &txn, NULL), 0);
-    assert_int_equal(es__txn_get_command(txn, &agg, &c1, &got, NULL), 0);
+    assert_int_equal(es__txn_get_command(txn, &c1, &got, NULL), 0);
     assert_memory_equal(got->payload, "x", 1);
     es__free(got);
-    assert_int_equal(es__txn_get_command(txn, &agg, &c2, &got, NULL), 0);
+    assert_int_equal(es__txn_get_command(txn, &c2, &got, NULL), 0);
     es__free(got);
     es_txn_rollback(txn);
     assert_int_equal(es_store_close(store), 0);

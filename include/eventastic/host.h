@@ -16,10 +16,7 @@
  * ES_ECONFLICT after a few attempts); they never report a success that did
  * not commit.
  *
- * Idempotency: a command id is unique per aggregate (the same id sent to
- * another aggregate is another command there: the stores' keys include
- * the aggregate id, so that the tables can be distributed by it).  A
- * command id already used for the aggregate is answered
+ * Idempotency: a command id already used for the aggregate is answered
  * with the original outcome without deciding again: the same events and
  * version for an accepted command, ES_EREJECTED with the same reason for
  * a rejected one (es_emit_reject), even when deciding again would now
@@ -135,8 +132,8 @@ ES_EXPORT ES_OWNER_THREAD const es_uuid *es_emit_aggregate_id(
  */
 typedef struct es_host_result {
     /** 0 (committed), ES_EREJECTED (decide rejected), ES_EAPPLY (an event
-     *  could not be applied), ES_EIDEMPOTENCY (id used for the aggregate
-     *  with other content), ES_ECONFLICT (commits kept conflicting:
+     *  could not be applied), ES_EIDEMPOTENCY (id used with other content
+     *  or by another aggregate), ES_ECONFLICT (commits kept conflicting:
      *  retry), ES_ECLOSED (host closed before the outcome was known or
      *  before the command ran, or closed while the database could not be
      *  reached: not committed), ES_EUNKNOWN (host closed before a COMMIT

@@ -1006,7 +1006,7 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
         return true;
     }
     es__command_record *rec = NULL;
-    rc = es__txn_get_command(txn, &a->id, &h->id, &rec, &err);
+    rc = es__txn_get_command(txn, &h->id, &rec, &err);
     if (rc == ES_ENOTFOUND) {
         es_txn_rollback(txn);
         return false;
@@ -1016,11 +1016,13 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
         complete_error(host, h, truth(h, rc), actor_version(a), err.message);
         return true;
     }
-    if (!es__command_matches(rec, h->kind, h->payload, h->len)) {
+    if (!es_uuid_equal(&rec->aggregate_id, &a->id) ||
+        !es__command_matches(rec, h->kind, h->payload, h->len)) {
         es_txn_rollback(txn);
         es__free(rec);
         complete_error(host, h, ES_EIDEMPOTENCY, actor_version(a),
-                       "command id already used with other content");
+                       "command id already used with other content or "
+                       "for another aggregate");
         return true;
     }
     /* A command decided before (attempts > 0) whose commit came back

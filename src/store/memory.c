@@ -151,12 +151,13 @@ static inline bool same_uuid(const es_uuid *a, const es_uuid *b)
 KEYED_BY(stream, mem_stream, agg)
 KEYED_BY(snapset, mem_snapset, agg)
 KEYED_BY(se, mem_se, se.id)
+KEYED_BY(cmd, mem_cmd, rec.command_id)
 KEYED_BY(pend_agg, pend_event, agg)
 
-/* Event ids and command ids are unique per aggregate, as in the
- * PostgreSQL store, whose keys include the aggregate id so that the
- * tables can be distributed by it.  Their maps hash the id alone and
- * match the pair. */
+/* Event ids are unique per aggregate, as in the PostgreSQL store, whose
+ * keys include the aggregate id so that the tables can be distributed by
+ * it.  Their maps hash the id alone and match the pair.  Command ids stay
+ * unique across aggregates. */
 typedef struct agg_key {
     const es_uuid *agg;
     const es_uuid *id;
@@ -171,17 +172,6 @@ static bool match_id(const void *item, const void *key)
     const mem_id *m = item;
     const agg_key *k = key;
     return same_uuid(&m->id, k->id) && same_uuid(&m->agg, k->agg);
-}
-static uint64_t hash_cmd(const void *item)
-{
-    return es__uuid_hash(&((const mem_cmd *)item)->rec.command_id);
-}
-static bool match_cmd(const void *item, const void *key)
-{
-    const mem_cmd *c = item;
-    const agg_key *k = key;
-    return same_uuid(&c->rec.command_id, k->id) &&
-           same_uuid(&c->rec.aggregate_id, k->agg);
 }
 static uint64_t hash_pend_id(const void *item)
 {
@@ -273,11 +263,9 @@ static bool committed_se_exists(mem_store *s, const es_uuid *id)
            NULL;
 }
 
-static mem_cmd *find_cmd(const es__ptrmap *map, const es_uuid *agg,
-                         const es_uuid *id)
+static mem_cmd *find_cmd(const es__ptrmap *map, const es_uuid *id)
 {
-    agg_key key = {agg, id};
-    return es__ptrmap_find(map, es__uuid_hash(id), match_cmd, &key);
+    return es__ptrmap_find(map, es__uuid_hash(id), match_cmd, id);
 }
 
 /* ---- pending lookups (transaction's thread) ---- */
@@ -420,8 +408,7 @@ static int validate_commit(mem_store *s, mem_txn *t, es_error *err)
     }
     for (size_t i = 0; i < t->n_cmd; i++) {
         const es__command_record *r = &t->cmd[i]->rec;
-        if (find_cmd(&s->cmds, &r->aggregate_id, &r->command_id) == NULL)
-            continue;
+        if (find_cmd(&s->cmds, &r->command_id) == NULL) continue;
         int rc = es__error_set(err, ES_ECONFLICT,
                                "command id was taken by a concurrent "
                                "transaction");
@@ -907,10 +894,9 @@ static int mem_insert_commands(es_txn *txn, const es__command_record *recs,
     t->cmd = items;
     for (size_t i = 0; i < n; i++) {
         inserted[i] = false;
-        const es_uuid *agg = &recs[i].aggregate_id, *id = &recs[i].command_id;
-        if (find_cmd(&t->cmd_ids, agg, id) != NULL) continue;
+        if (find_cmd(&t->cmd_ids, &recs[i].command_id) != NULL) continue;
         pthread_mutex_lock(&s->lock);
-        bool seen = find_cmd(&s->cmds, agg, id) != NULL;
+        bool seen = find_cmd(&s->cmds, &recs[i].command_id) != NULL;
         pthread_mutex_unlock(&s->lock);
         if (seen) continue;
         es__command_record *copy = es__command_record_dup(&recs[i]);
@@ -927,20 +913,19 @@ static int mem_insert_commands(es_txn *txn, const es__command_record *recs,
     return 0;
 }
 
-static int mem_get_command(es_txn *txn, const es_uuid *agg,
-                           const es_uuid *command_id,
+static int mem_get_command(es_txn *txn, const es_uuid *command_id,
                            es__command_record **out, es_error *err)
 {
     mem_txn *t = (mem_txn *)txn;
     mem_store *s = (mem_store *)txn->store;
-    mem_cmd *c = find_cmd(&t->cmd_ids, agg, command_id);
+    mem_cmd *c = find_cmd(&t->cmd_ids, command_id);
     if (c != NULL) {
         *out = es__command_record_dup(&c->rec);
         return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
     }
     int rc = ES_ENOTFOUND;
     pthread_mutex_lock(&s->lock);
-    c = find_cmd(&s->cmds, agg, command_id);
+    c = find_cmd(&s->cmds, command_id);
     if (c != NULL) {
         *out = es__command_record_dup(&c->rec);
         rc = *out ? 0 : ES_ENOMEM;
@@ -1464,8 +1449,7 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
                 same_uuid(&it->events[j].id, &e->id))
                 return ES_ECONFLICT;
     }
-    if (cmds && find_cmd(&s->cmds, &it->record.aggregate_id,
-                          &it->record.command_id) != NULL)
+    if (cmds && find_cmd(&s->cmds, &it->record.command_id) != NULL)
         return ES_EIDEMPOTENCY;
     if (p->rc != 0) return p->rc;
 

@@ -101,16 +101,17 @@ const es__pg_migration es__pg_migrations[] = {
     {7, "command ids of rejected commands (their reason)",
      "ALTER TABLE @commands@ ADD COLUMN rejection bytea;\n"},
     /* Citus requires every unique constraint of a distributed table to
-     * include its distribution column; aggregate_id is the natural one.
-     * So event ids and command ids become unique per aggregate (every
-     * lookup of them names the aggregate anyway), and position loses its
-     * unique index: an identity column is unique by construction, and a
-     * plain index still serves readers that follow it.  The old
-     * constraints have names chosen by PostgreSQL (they depend on the
-     * table names), so they are found in the catalog by their columns.
-     * On a large table, building the new indexes takes a while and
-     * blocks writes: run this migration in a quiet moment. */
-    {8, "unique keys include aggregate_id (distributable by it)",
+     * include its distribution column; for the events table that is
+     * aggregate_id.  So an event id becomes unique per aggregate (every
+     * lookup of one names the aggregate), and position loses its unique
+     * index: an identity column is unique by construction, and a plain
+     * index still serves readers that follow it.  The old constraint and
+     * index have names chosen by PostgreSQL (they depend on the table
+     * name), so they are found in the catalog by their columns.  On a
+     * large table, building the new index takes a while and blocks
+     * writes: run this migration in a quiet moment.  (Command ids stay
+     * unique across aggregates, on purpose: see docs/scaling.md.) */
+    {8, "events: unique keys include aggregate_id (distributable by it)",
      "DO $migrate$\n"
      "DECLARE r record;\n"
      "BEGIN\n"
@@ -131,17 +132,10 @@ const es__pg_migration es__pg_migrations[] = {
      "    LOOP\n"
      "        EXECUTE format('DROP INDEX %s', r.idx);\n"
      "    END LOOP;\n"
-     "    FOR r IN SELECT c.conname FROM pg_constraint c\n"
-     "        WHERE c.conrelid = '@commands@'::regclass AND c.contype = 'p'\n"
-     "    LOOP\n"
-     "        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I',\n"
-     "                       '@commands@', r.conname);\n"
-     "    END LOOP;\n"
      "END\n"
      "$migrate$;\n"
      "ALTER TABLE @events@ ADD UNIQUE (aggregate_id, event_id);\n"
-     "CREATE INDEX ON @events@ (position);\n"
-     "ALTER TABLE @commands@ ADD PRIMARY KEY (aggregate_id, command_id);\n"},
+     "CREATE INDEX ON @events@ (position);\n"},
 };
 
 const size_t es__pg_migration_count =

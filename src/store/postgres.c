@@ -1451,36 +1451,29 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
                  COMMAND_COLS, command_types, values, lens, &r, err);
     }
     for (int row = 0; rc == 0 && row < PQntuples(r); row++) {
-        es_uuid agg, id;
-        if (!col_uuid(r, row, 0, &agg) || !col_uuid(r, row, 1, &id)) {
+        es_uuid id;
+        if (!col_uuid(r, row, 0, &id)) {
             rc = bad_row(err, "insert command ids");
             break;
         }
-        /* One id twice for one aggregate in recs: the first went in. */
         for (size_t i = 0; i < n; i++)
-            if (!inserted[i] && es_uuid_equal(&id, &recs[i].command_id) &&
-                es_uuid_equal(&agg, &recs[i].aggregate_id)) {
-                inserted[i] = true;
-                break;
-            }
+            if (es_uuid_equal(&id, &recs[i].command_id)) inserted[i] = true;
     }
     if (r) PQclear(r);
     for (int k = 0; k < COMMAND_COLS; k++) es_buf_free(&b[k]);
     return rc;
 }
 
-static int pg_get_command(es_txn *txn, const es_uuid *agg,
-                          const es_uuid *command_id,
+static int pg_get_command(es_txn *txn, const es_uuid *command_id,
                           es__command_record **out, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
     pg_store *s = (pg_store *)txn->store;
-    const Oid types[2] = {OID_UUID, OID_UUID};
-    const char *values[2] = {(const char *)command_id->bytes,
-                             (const char *)agg->bytes};
-    const int lens[2] = {16, 16};
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)command_id->bytes};
+    const int lens[1] = {16};
     PGresult *r = NULL;
-    int rc = run(t->conn, "get command id", s->sql[SQL_GET_COMMAND], 2, types,
+    int rc = run(t->conn, "get command id", s->sql[SQL_GET_COMMAND], 1, types,
                  values, lens, &r, err);
     if (rc != 0) return rc;
     if (PQntuples(r) == 0) {
@@ -2882,24 +2875,13 @@ static int apply_commands(es__commit_item **items, size_t n, const pstmt *p,
     if (in == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     int rc = 0;
     for (int i = 0; i < PQntuples(res); i++) {
-        es_uuid agg, id;
-        if (!col_uuid(res, i, 0, &agg) || !col_uuid(res, i, 1, &id)) {
+        es_uuid id;
+        if (!col_uuid(res, i, 0, &id)) {
             rc = bad_row(err, "batch: insert command ids");
             break;
         }
-        /* A command id is unique per aggregate: one batch may hold it
-         * for several aggregates, next to each other in refs. */
         rowref *f = rowref_find(p->refs, p->rows, &id, 0);
-        if (f == NULL) continue;
-        size_t j = (size_t)(f - p->refs);
-        while (j > 0 && es_uuid_equal(&p->refs[j - 1].id, &id)) j--;
-        for (; j < p->rows && es_uuid_equal(&p->refs[j].id, &id); j++) {
-            const es__commit_item *it = items[p->refs[j].item];
-            if (!in[j] && es_uuid_equal(&it->record.aggregate_id, &agg)) {
-                in[j] = true;
-                break;
-            }
-        }
+        if (f) in[f - p->refs] = true;
     }
     for (size_t j = 0; rc == 0 && j < p->rows; j++)
         if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
@@ -3098,9 +3080,7 @@ static int batch_resolve(pg_store *s, PGconn **slot,
         if (batch_begin(s, slot, &txn, &err) != 0) return -1;
         rc = run_simple(((pg_txn *)txn)->conn, "read back: begin",
                         "BEGIN ISOLATION LEVEL READ COMMITTED", &err);
-        if (rc == 0)
-            rc = pg_get_command(txn, &rec->aggregate_id, &rec->command_id,
-                                &got, &err);
+        if (rc == 0) rc = pg_get_command(txn, &rec->command_id, &got, &err);
         pg_rollback(txn);
         if (fresh) break;
     }
@@ -3242,12 +3222,10 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "first_version, event_count, version, rejection) SELECT * FROM "
         "unnest($1::uuid[], $2::uuid[], $3::integer[], $4::bytea[], "
         "$5::bigint[], $6::bigint[], $7::bigint[], $8::bytea[]) "
-        "ON CONFLICT (aggregate_id, command_id) DO NOTHING "
-        "RETURNING aggregate_id, command_id", cm);
+        "ON CONFLICT (command_id) DO NOTHING RETURNING command_id", cm);
     s->sql[SQL_GET_COMMAND] = sqlf(
         "SELECT aggregate_id, kind, digest, first_version, event_count, "
-        "version, rejection FROM %s WHERE aggregate_id = $2 AND "
-        "command_id = $1", cm);
+        "version, rejection FROM %s WHERE command_id = $1", cm);
     qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
     qualify(m, sizeof m, cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
     qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);

@@ -231,16 +231,14 @@ int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
     return txn->store->ops->insert_commands(txn, recs, n, inserted, err);
 }
 
-int es__txn_get_command(es_txn *txn, const es_uuid *aggregate_id,
-                        const es_uuid *command_id, es__command_record **out,
-                        es_error *err)
+int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
+                        es__command_record **out, es_error *err)
 {
     *out = NULL;
     if (!es__store_has_commands(txn->store))
         return es__error_set(err, ES_EINVAL, "store '%s' keeps no command "
                              "ids", txn->store->ops->name);
-    return txn->store->ops->get_command(txn, aggregate_id, command_id, out,
-                                        err);
+    return txn->store->ops->get_command(txn, command_id, out, err);
 }
 
 es__command_record *es__command_record_dup(const es__command_record *rec)

@@ -154,15 +154,16 @@ typedef struct es_store_ops {
     /* Command-id records (the host's idempotency).  Optional: a backend
      * may leave both NULL, and the host then remembers command ids only
      * while they are in flight.  insert_commands skips ids that exist
-     * for their aggregate (ON CONFLICT DO NOTHING) and says which went in;
-     * get_command finds a record by (aggregate id, command id): a command
-     * id is unique per aggregate, like an event id (*out: one
-     * allocation, es__free; ES_ENOTFOUND when unknown). */
+     * (ON CONFLICT DO NOTHING) and says which went in; get_command finds a
+     * record by command id alone: unlike an event id, a command id is
+     * unique across aggregates (the same id sent to another aggregate is
+     * ES_EIDEMPOTENCY), so its table is keyed, and distributable, by
+     * command id (*out: one allocation, es__free; ES_ENOTFOUND when
+     * unknown). */
     int (*insert_commands)(es_txn *txn, const es__command_record *recs,
                            size_t n, bool *inserted, es_error *err);
-    int (*get_command)(es_txn *txn, const es_uuid *aggregate_id,
-                       const es_uuid *command_id, es__command_record **out,
-                       es_error *err);
+    int (*get_command)(es_txn *txn, const es_uuid *command_id,
+                       es__command_record **out, es_error *err);
     /* Optional: write many aggregates' items in as few transactions as
      * it can, with a constant number of statements each; the contract of
      * es__commit_batch (host/committer.h).  Items it could not place on
@@ -295,9 +296,8 @@ void es__store_background_close(es_store *store, void **slot);
 bool es__store_has_commands(const es_store *store);
 int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
                             size_t n, bool *inserted, es_error *err);
-int es__txn_get_command(es_txn *txn, const es_uuid *aggregate_id,
-                        const es_uuid *command_id, es__command_record **out,
-                        es_error *err);
+int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
+                        es__command_record **out, es_error *err);
 /* One allocation holding a command record, its payload and its reason. */
 es__command_record *es__command_record_dup(const es__command_record *rec);
 
