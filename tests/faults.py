@@ -761,9 +761,13 @@ class Run:
         t_drain = time.time() - t_drain
         q = self.pg.psql
         stored = {}
-        for cid, agg, first, n in q(
+        rejected = set()  # a rejection is recorded too, but applies nothing
+        for cid, agg, first, n, rej in q(
                 "SELECT command_id, aggregate_id, first_version, "
-                "event_count FROM commands"):
+                "event_count, rejection IS NOT NULL FROM commands"):
+            if rej == "t" and int(n) == 0:
+                rejected.add(uuid.UUID(cid))
+                continue
             stored[uuid.UUID(cid)] = (uuid.UUID(agg), int(first), int(n))
         events = {}
         for agg, typ, ver, kind, payload in q(

@@ -24,6 +24,7 @@
 
 #include "eventastic.h"
 #include "fixtures/counter.h"
+#include "store/store_impl.h"
 #include "fixtures/pg.h"
 
 #define APP_NAME "es_lanes_victim"
@@ -574,6 +575,83 @@ static void test_pg_lanes_own_connections(void **state)
     check_counter(g_store, &key, 2, 2);
 }
 
+
+/* ---- the batch writer's prepared statements ---- */
+
+/* The batch statements prepared on conn (its own session's view). */
+static long prepared_batch_statements(PGconn *conn)
+{
+    PGresult *r = PQexec(conn, "SELECT count(*) FROM pg_prepared_statements "
+                               "WHERE name LIKE 'es\\_batch\\_%'");
+    long n = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1
+                 ? atol(PQgetvalue(r, 0, 0))
+                 : -1;
+    PQclear(r);
+    return n;
+}
+
+typedef struct batch_one {
+    es__commit_item item;
+    es_event ev;
+    uint8_t data[4];
+} batch_one;
+
+/* A command creating a new aggregate with one event. */
+static void batch_one_init(batch_one *b)
+{
+    memset(b, 0, sizeof *b);
+    es_uuid agg, cmd;
+    es_uuid_v7(&agg);
+    es_uuid_v7(&cmd);
+    es_uuid_v7(&b->ev.id);
+    b->ev.kind = 1;
+    b->ev.data = b->data;
+    b->ev.len = sizeof b->data;
+    b->item.type_name = "counter";
+    b->item.aggregate_id = agg;
+    b->item.group = b;
+    b->item.events = &b->ev;
+    b->item.n_events = 1;
+    b->item.status = ES__COMMIT_PENDING;
+    es__command_record rec = {cmd,  agg,   1,     b->data, sizeof b->data, 0,
+                              1,    0,     false, false,   NULL};
+    b->item.record = rec;
+}
+
+/* A lane connection prepares the batch statements once and writes its
+ * batches with them; after the connection is lost, the new one prepares
+ * them again (a batch on a connection without them would fail and be
+ * left to the slow generic writer: write_batch would commit nothing). */
+static void test_pg_lanes_prepared_after_reconnect(void **state)
+{
+    (void)state;
+    es_store *store = g_store;
+    void *conn = NULL;
+    batch_one b[3];
+    long pid[3] = {0, 0, 0};
+    PGconn *admin = fixture_pg_connect();
+    assert_non_null(admin);
+    for (int i = 0; i < 3; i++) {
+        batch_one_init(&b[i]);
+        es__commit_item *it = &b[i].item;
+        assert_int_equal(store->ops->write_batch(store, &conn, &it, 1), 1);
+        assert_int_equal(b[i].item.status, 0);
+        assert_non_null(conn);
+        assert_int_equal(prepared_batch_statements(conn), 3);
+        pid[i] = PQbackendPID(conn);
+        if (i == 1) { /* lose the connection before the third batch */
+            char sql[96];
+            snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%ld)",
+                     pid[i]);
+            PQclear(PQexec(admin, sql));
+        }
+    }
+    assert_int_equal(pid[0], pid[1]); /* kept, prepared once */
+    assert_int_not_equal(pid[1], pid[2]); /* a new one, prepared again */
+    PQfinish(admin);
+    store->ops->background_close(store, conn);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -603,6 +681,7 @@ int main(void)
         cmocka_unit_test(test_pg_lanes_encrypted),
         cmocka_unit_test(test_pg_lanes_snapshot_writer),
         cmocka_unit_test(test_pg_lanes_own_connections),
+        cmocka_unit_test(test_pg_lanes_prepared_after_reconnect),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

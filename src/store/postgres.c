@@ -22,6 +22,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <libpq-events.h>
 #include <libpq-fe.h>
 #include <limits.h>
 #include <poll.h>
@@ -2666,10 +2667,93 @@ static int batch_keys_load(pg_txn *t, batch_keys *k, es__commit_item **items,
     return 0;
 }
 
+static PGresult *pipe_result(PGconn *c);
+
+/* The batch's statements are prepared once per lane connection and then
+ * only bound and executed: parsing and planning them for every batch
+ * took about 42% of PostgreSQL's CPU time (perf, bench_pg).  Their
+ * parameter types are fixed here, as they are built below. */
+enum { BATCH_EVENTS, BATCH_COMMANDS, BATCH_SIDE_EFFECTS, BATCH_STMTS };
+static const struct {
+    const char *name;
+    int sql;
+    int n;
+    Oid types[8];
+} batch_stmts[BATCH_STMTS] = {
+    [BATCH_EVENTS] = {"es_batch_events", SQL_BATCH_EVENTS, 7,
+                      {OID_TEXT_ARRAY, OID_UUID_ARRAY, OID_INT8_ARRAY,
+                       OID_UUID_ARRAY, OID_INT4_ARRAY, OID_BYTEA_ARRAY,
+                       OID_TEXT_ARRAY}},
+    [BATCH_COMMANDS] = {"es_batch_commands", SQL_INSERT_COMMANDS,
+                        COMMAND_COLS,
+                        {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY,
+                         OID_BYTEA_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY,
+                         OID_INT8_ARRAY, OID_BYTEA_ARRAY}},
+    [BATCH_SIDE_EFFECTS] = {"es_batch_side_effects", SQL_BATCH_SIDE_EFFECTS,
+                            8,
+                            {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
+                             OID_INT4_ARRAY, OID_BYTEA_ARRAY, OID_TEXT_ARRAY,
+                             OID_TEXT_ARRAY, OID_TEXT}},
+};
+
+/* Marks a connection whose batch statements are prepared: its instance
+ * data is the store they were prepared for.  The mark lives and dies
+ * with the PGconn (a new connection after a loss has none, so it is
+ * prepared again); a reset connection loses its prepared statements, and
+ * the mark with them. */
+static int batch_evproc(PGEventId id, void *info, void *pass)
+{
+    (void)pass;
+    if (id == PGEVT_CONNRESET)
+        PQsetInstanceData(((PGEventConnReset *)info)->conn, batch_evproc,
+                          NULL);
+    return 1;
+}
+
+/* Prepares the batch statements on c unless they are: one round trip,
+ * outside any transaction.  DEALLOCATE ALL first, so that an earlier try
+ * that failed half way cannot make a name clash.  A connection that
+ * cannot carry the mark is prepared again next time (harmless). */
+static int batch_prepare(pg_store *s, PGconn *c, es_error *err)
+{
+    if (PQinstanceData(c, batch_evproc) == s) return 0;
+    int rc = 0;
+    if (!PQenterPipelineMode(c))
+        return db_error(c, NULL, err, "batch: pipeline mode");
+    if (!PQsendQueryParams(c, "DEALLOCATE ALL", 0, NULL, NULL, NULL, NULL, 0))
+        rc = db_error(c, NULL, err, "batch: prepare");
+    for (int i = 0; rc == 0 && i < BATCH_STMTS; i++)
+        if (!PQsendPrepare(c, batch_stmts[i].name,
+                           s->sql[batch_stmts[i].sql], batch_stmts[i].n,
+                           batch_stmts[i].types))
+            rc = db_error(c, NULL, err, "batch: prepare");
+    if (rc == 0 && !PQpipelineSync(c))
+        rc = db_error(c, NULL, err, "batch: pipeline sync");
+    for (int i = 0; rc == 0 && i < 1 + BATCH_STMTS; i++) {
+        PGresult *r = pipe_result(c);
+        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
+            rc = db_error(c, r, err, "batch: prepare");
+        PQclear(r);
+    }
+    if (rc == 0) {
+        PGresult *r = pipe_result(c);
+        if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
+            rc = db_error(c, NULL, err, "batch: pipeline sync");
+        PQclear(r);
+    }
+    if (rc == 0 && !PQexitPipelineMode(c))
+        rc = db_error(c, NULL, err, "batch: pipeline mode");
+    if (rc != 0) return rc;
+    if (!PQsetInstanceData(c, batch_evproc, s) &&
+        PQregisterEventProc(c, batch_evproc, "eventastic batch", NULL))
+        PQsetInstanceData(c, batch_evproc, s);
+    return 0;
+}
+
 /* One statement of a batch's pipeline: its array parameters and, for the
  * events and the command ids, which item each row is of. */
 typedef struct pstmt {
-    const char *what, *sql;
+    const char *what, *name; /* name: prepared (batch_stmts) */
     int n;
     Oid types[8];
     es_buf buf[8]; /* up to 8 arrays, or 7 and a plain 8th parameter */
@@ -2685,18 +2769,18 @@ static void pstmt_free(pstmt *p)
     memset(p, 0, sizeof *p);
 }
 
-static int pstmt_init(pstmt *p, const char *what, const char *sql,
-                      int n, const Oid *elems, const Oid *types,
-                      size_t rows, es_error *err)
+static int pstmt_init(pstmt *p, const char *what, int stmt,
+                      const Oid *elems, size_t rows, es_error *err)
 {
     p->what = what;
-    p->sql = sql;
-    p->n = n;
+    p->name = batch_stmts[stmt].name;
+    p->n = batch_stmts[stmt].n;
+    const Oid *types = batch_stmts[stmt].types;
     p->rows = rows;
     int rc = 0;
-    for (int i = 0; rc == 0 && i < n; i++) {
+    for (int i = 0; rc == 0 && i < p->n; i++) {
         p->types[i] = types[i];
-        rc = array_begin(&p->buf[i], elems[i], rows);
+        if (elems[i] != 0) rc = array_begin(&p->buf[i], elems[i], rows);
     }
     return rc == 0 ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
 }
@@ -2713,8 +2797,8 @@ static int pstmt_send(PGconn *c, pstmt *p, es_error *err)
         values[i] = (const char *)p->buf[i].data;
         lens[i] = (int)p->buf[i].len;
     }
-    if (!PQsendQueryParams(c, p->sql, p->n, p->types, values, lens,
-                           binary_formats, 1))
+    if (!PQsendQueryPrepared(c, p->name, p->n, values, lens, binary_formats,
+                             1))
         return db_error(c, NULL, err, p->what);
     p->sent = true;
     return 0;
@@ -2755,12 +2839,8 @@ static int build_events(pg_store *s, const batch_keys *keys,
         return es__error_set(err, ES_EINVAL, "too many events in a batch");
     static const Oid elems[7] = {OID_TEXT, OID_UUID, OID_INT8, OID_UUID,
                                  OID_INT4, OID_BYTEA, OID_TEXT};
-    static const Oid types[7] = {OID_TEXT_ARRAY,  OID_UUID_ARRAY,
-                                 OID_INT8_ARRAY,  OID_UUID_ARRAY,
-                                 OID_INT4_ARRAY,  OID_BYTEA_ARRAY,
-                                 OID_TEXT_ARRAY};
-    int rc = pstmt_init(p, "batch: insert events", s->sql[SQL_BATCH_EVENTS],
-                        7, elems, types, rows, err);
+    int rc = pstmt_init(p, "batch: insert events", BATCH_EVENTS, elems, rows,
+                        err);
     if (rc != 0) return rc;
     p->refs = es__calloc(rows, sizeof *p->refs);
     if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2842,16 +2922,15 @@ static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
 }
 
 /* The command-id records of the pending items. */
-static int build_commands(pg_store *s, es__commit_item **items, size_t n,
-                          pstmt *p, es_error *err)
+static int build_commands(es__commit_item **items, size_t n, pstmt *p,
+                          es_error *err)
 {
     size_t rows = 0;
     for (size_t i = 0; i < n; i++)
         if (items[i]->status == ES__COMMIT_PENDING) rows++;
     if (rows == 0) return 0;
-    int rc = pstmt_init(p, "batch: insert command ids",
-                        s->sql[SQL_INSERT_COMMANDS], COMMAND_COLS,
-                        command_elems, command_types, rows, err);
+    int rc = pstmt_init(p, "batch: insert command ids", BATCH_COMMANDS,
+                        command_elems, rows, err);
     if (rc != 0) return rc;
     p->refs = es__calloc(rows, sizeof *p->refs);
     if (p->refs == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
@@ -2911,19 +2990,13 @@ static int build_side_effects(pg_store *s, const batch_keys *keys,
     if (rows == 0) return 0;
     if (rows > INT32_MAX)
         return es__error_set(err, ES_EINVAL, "too many side effects");
-    static const Oid elems[7] = {OID_UUID, OID_UUID, OID_UUID, OID_INT4,
-                                 OID_BYTEA, OID_TEXT, OID_TEXT};
-    static const Oid types[7] = {OID_UUID_ARRAY, OID_UUID_ARRAY,
-                                 OID_UUID_ARRAY, OID_INT4_ARRAY,
-                                 OID_BYTEA_ARRAY, OID_TEXT_ARRAY,
-                                 OID_TEXT_ARRAY};
-    int rc = pstmt_init(p, "batch: insert side effects",
-                        s->sql[SQL_BATCH_SIDE_EFFECTS], 7, elems, types,
-                        rows, err);
+    /* the 8th parameter is not an array: the NOTIFY channel */
+    static const Oid elems[8] = {OID_UUID, OID_UUID, OID_UUID, OID_INT4,
+                                 OID_BYTEA, OID_TEXT, OID_TEXT, 0};
+    int rc = pstmt_init(p, "batch: insert side effects", BATCH_SIDE_EFFECTS,
+                        elems, rows, err);
     if (rc != 0) return rc;
     /* The NOTIFY channel, a parameter like every value ($8). */
-    p->n = 8;
-    p->types[7] = OID_TEXT;
     if (es_buf_append_str(&p->buf[7], s->channel) != 0)
         return es__error_set(err, ES_ENOMEM, "out of memory");
     es_buf *kk = &p->buf[5];
@@ -2973,8 +3046,8 @@ static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
     static const char begin_sql[] = "BEGIN ISOLATION LEVEL READ COMMITTED";
     batch_keys keys = {NULL, 0};
     bool begun = false;
-    int rc = 0;
-    if (s->encrypt) {
+    int rc = batch_prepare(s, c, err);
+    if (rc == 0 && s->encrypt) {
         /* data keys first, in the transaction, before the savepoint */
         rc = run_simple(c, "batch: begin", begin_sql, err);
         begun = rc == 0;
@@ -2988,7 +3061,7 @@ static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
         pstmt st[3];
         memset(st, 0, sizeof st);
         rc = build_events(s, &keys, items, n, &st[0], err);
-        if (rc == 0) rc = build_commands(s, items, n, &st[1], err);
+        if (rc == 0) rc = build_commands(items, n, &st[1], err);
         if (rc == 0) rc = build_side_effects(s, &keys, items, n, &st[2], err);
         const char *head[2];
         int n_head = 0;
