@@ -2881,6 +2881,19 @@ static int build_events(pg_store *s, const batch_keys *keys,
     return 0;
 }
 
+/* The rows of p that the statement did not return (in[row] false) were
+ * not inserted: their items' groups fail with status. */
+static void fail_unreturned(es__commit_item **items, size_t n,
+                            const pstmt *p, const bool *in, int status,
+                            bool *failed)
+{
+    for (size_t j = 0; j < p->rows; j++)
+        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
+            batch_fail_group(items, n, p->refs[j].item, status);
+            *failed = true;
+        }
+}
+
 /* Items whose events did not all go in fail: a version was taken
  * (ES_ECONFLICT) or the aggregate is of another type (ES_EINVAL). */
 static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
@@ -2912,11 +2925,7 @@ static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
         rowref *f = rowref_find(p->refs, p->rows, &agg, v);
         if (f) in[f - p->refs] = true;
     }
-    for (size_t j = 0; rc == 0 && j < p->rows; j++)
-        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
-            batch_fail_group(items, n, p->refs[j].item, ES_ECONFLICT);
-            *failed = true;
-        }
+    if (rc == 0) fail_unreturned(items, n, p, in, ES_ECONFLICT, failed);
     es__free(in);
     return rc;
 }
@@ -2962,11 +2971,7 @@ static int apply_commands(es__commit_item **items, size_t n, const pstmt *p,
         rowref *f = rowref_find(p->refs, p->rows, &id, 0);
         if (f) in[f - p->refs] = true;
     }
-    for (size_t j = 0; rc == 0 && j < p->rows; j++)
-        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
-            batch_fail_group(items, n, p->refs[j].item, ES_EIDEMPOTENCY);
-            *failed = true;
-        }
+    if (rc == 0) fail_unreturned(items, n, p, in, ES_EIDEMPOTENCY, failed);
     es__free(in);
     return rc;
 }
