@@ -2710,6 +2710,20 @@ static int batch_evproc(PGEventId id, void *info, void *pass)
     return 1;
 }
 
+/* After the last result of a pipeline: its sync, then out of pipeline
+ * mode. */
+static int pipeline_end(PGconn *c, es_error *err)
+{
+    PGresult *r = pipe_result(c);
+    int rc = 0;
+    if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
+        rc = db_error(c, NULL, err, "batch: pipeline sync");
+    PQclear(r);
+    if (rc == 0 && !PQexitPipelineMode(c))
+        rc = db_error(c, NULL, err, "batch: pipeline mode");
+    return rc;
+}
+
 /* Prepares the batch statements on c unless they are: one round trip,
  * outside any transaction.  DEALLOCATE ALL first, so that an earlier try
  * that failed half way cannot make a name clash.  A connection that
@@ -2735,14 +2749,7 @@ static int batch_prepare(pg_store *s, PGconn *c, es_error *err)
             rc = db_error(c, r, err, "batch: prepare");
         PQclear(r);
     }
-    if (rc == 0) {
-        PGresult *r = pipe_result(c);
-        if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
-            rc = db_error(c, NULL, err, "batch: pipeline sync");
-        PQclear(r);
-    }
-    if (rc == 0 && !PQexitPipelineMode(c))
-        rc = db_error(c, NULL, err, "batch: pipeline mode");
+    if (rc == 0) rc = pipeline_end(c, err);
     if (rc != 0) return rc;
     if (!PQsetInstanceData(c, batch_evproc, s) &&
         PQregisterEventProc(c, batch_evproc, "eventastic batch", NULL))
@@ -3100,14 +3107,7 @@ static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
                 t->wrote_side_effects = true;
             PQclear(r);
         }
-        if (rc == 0) {
-            PGresult *r = pipe_result(c);
-            if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
-                rc = db_error(c, NULL, err, "batch: pipeline sync");
-            PQclear(r);
-        }
-        if (rc == 0 && !PQexitPipelineMode(c))
-            rc = db_error(c, NULL, err, "batch: pipeline mode");
+        if (rc == 0) rc = pipeline_end(c, err);
         for (int i = 0; i < 3; i++) pstmt_free(&st[i]);
         (void)sent;
         if (!failed) break;
