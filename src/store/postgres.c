@@ -3011,6 +3011,17 @@ struct pg_lane {
     pstmt st[3];
     const es__command_record *probe;
     void (*after_resolve)(pg_lane *l, int outcome);
+    /* The connection's backend as pg_stat_activity names it (pid and
+     * backend_start, which tells it from a later backend with the same
+     * pid); "" when it could not be read.  The orphan: the backend of a
+     * connection dropped while its COMMIT went unanswered.  While it
+     * lives (a half-open connection, a stopped server process) it may
+     * still commit, so a read back that does not find the batch proves
+     * nothing: the read back asks it to end and waits until it has. */
+    char conn_start[64];
+    int orphan_pid;
+    char orphan_start[64];
+    bool asked_orphan;
     es_error err;
 };
 
@@ -3169,7 +3180,8 @@ static const PGresult *lane_res(const pg_lane *l, size_t i)
 static void lane_prepared(pg_lane *l, bool ok)
 {
     bool good = ok;
-    for (int i = 0; good && i < 1 + BATCH_STMTS + (l->setup ? 1 : 0); i++) {
+    int n = 1 + BATCH_STMTS + (l->setup ? 1 : 0);
+    for (int i = 0; good && i < n; i++) {
         const PGresult *r = lane_res(l, (size_t)i);
         if (r == NULL || !res_ok(r)) {
             db_error(l->conn, r, &l->err, "batch: prepare");
@@ -3181,6 +3193,12 @@ static void lane_prepared(pg_lane *l, bool ok)
         l->on_conn(l, false);
         return;
     }
+    const PGresult *r = lane_res(l, (size_t)n);
+    l->conn_start[0] = 0;
+    if (r != NULL && PQresultStatus(r) == PGRES_TUPLES_OK &&
+        PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) &&
+        strlen(PQgetvalue(r, 0, 0)) < sizeof l->conn_start)
+        strcpy(l->conn_start, PQgetvalue(r, 0, 0));
     if (!PQsetInstanceData(l->conn, batch_evproc, l->s) &&
         PQregisterEventProc(l->conn, batch_evproc, "eventastic batch", NULL))
         PQsetInstanceData(l->conn, batch_evproc, l->s);
@@ -3211,6 +3229,12 @@ static void lane_prepare(pg_lane *l)
         sent = PQsendPrepare(l->conn, batch_stmts[i].name,
                              l->s->sql[batch_stmts[i].sql], batch_stmts[i].n,
                              batch_stmts[i].types) == 1;
+    /* the backend's start, for telling it apart later (lane_orphan) */
+    if (sent)
+        sent = PQsendQueryParams(l->conn, "SELECT backend_start::text FROM "
+                                 "pg_stat_activity WHERE pid = "
+                                 "pg_backend_pid()", 0, NULL, NULL, NULL,
+                                 NULL, 0) == 1;
     lane_rt_go(l, sent, lane_prepared);
 }
 
@@ -3284,6 +3308,7 @@ static void lane_ensure(pg_lane *l, lane_step then)
         }
     }
     lane_drop(l);
+    l->conn_start[0] = 0;
     l->conn = PQconnectStart(l->s->conninfo);
     if (l->conn == NULL || PQstatus(l->conn) == CONNECTION_BAD) {
         lane_connect_failed(l);
@@ -3299,7 +3324,18 @@ static void lane_resolve_ask(pg_lane *l, bool ok);
 
 static void lane_resolved(pg_lane *l, bool ok)
 {
-    const PGresult *r = lane_res(l, 0);
+    size_t k = 0;
+    if (l->asked_orphan) {
+        const PGresult *o = lane_res(l, k++);
+        if (ok && o != NULL && PQresultStatus(o) == PGRES_TUPLES_OK) {
+            if (PQntuples(o) > 0) { /* asked to end; it may still commit */
+                l->after_resolve(l, -1);
+                return;
+            }
+            l->orphan_pid = 0; /* gone: its transaction is over */
+        }
+    }
+    const PGresult *r = lane_res(l, k);
     if (!ok || r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
         if (!ok) lane_lost(l, "read back");
         else lane_drop(l);
@@ -3331,18 +3367,34 @@ static void lane_resolve_ask(pg_lane *l, bool ok)
     static const Oid types[1] = {OID_UUID};
     const char *values[1] = {(const char *)l->probe->command_id.bytes};
     static const int lens[1] = {16};
-    bool sent = lane_rt_begin(l) &&
-                PQsendQueryParams(l->conn, l->s->sql[SQL_GET_COMMAND], 1,
-                                  types, values, lens, binary_formats,
-                                  1) == 1;
+    bool sent = lane_rt_begin(l);
+    l->asked_orphan = l->orphan_pid != 0;
+    if (sent && l->asked_orphan) {
+        /* the orphan, if it still runs, is asked to end (this role may
+         * end its own backends); the pid alone could name a later
+         * backend */
+        static const Oid otypes[2] = {OID_INT4, OID_TEXT};
+        char pid[16];
+        snprintf(pid, sizeof pid, "%d", l->orphan_pid);
+        const char *ovalues[2] = {pid, l->orphan_start};
+        sent = PQsendQueryParams(l->conn, "SELECT pg_terminate_backend(pid) "
+                                 "FROM pg_stat_activity WHERE pid = $1 AND "
+                                 "backend_start::text = $2", 2, otypes,
+                                 ovalues, NULL, NULL, 0) == 1;
+    }
+    if (sent)
+        sent = PQsendQueryParams(l->conn, l->s->sql[SQL_GET_COMMAND], 1,
+                                 types, values, lens, binary_formats,
+                                 1) == 1;
     lane_rt_go(l, sent, lane_resolved);
 }
 
 /* After a COMMIT whose answer was lost: did it commit?  The command id of
- * one written item answers for the whole transaction.  after(l, 1):
- * committed, 0: not, -1: could not find out (the caller waits and asks
- * again).  On the kept connection if there is one, then once on a new
- * one. */
+ * one written item answers for the whole transaction, once the backend
+ * that had the COMMIT has ended (l->orphan_pid).  after(l, 1):
+ * committed, 0: not, -1: could not find out, or that backend still runs
+ * (the caller waits and asks again).  On the kept connection if there is
+ * one, then once on a new one. */
 static void lane_resolve(pg_lane *l, const es__command_record *probe,
                          void (*after)(pg_lane *l, int outcome))
 {
@@ -3481,7 +3533,10 @@ static void txn_committed(pg_lane *l, bool ok)
         txn_failed(l); /* the server answered: it did not commit */
         return;
     }
-    /* The answer was lost: the truth first. */
+    /* The answer was lost: the truth first, once the backend that had
+     * the COMMIT has ended. */
+    l->orphan_pid = l->conn && l->conn_start[0] ? PQbackendPID(l->conn) : 0;
+    memcpy(l->orphan_start, l->conn_start, sizeof l->orphan_start);
     lane_drop(l);
     const es__command_record *probe = NULL;
     for (size_t i = 0; i < l->n && probe == NULL; i++)
