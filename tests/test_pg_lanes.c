@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -638,6 +639,352 @@ static void test_pg_lanes_prepared_after_reconnect(void **state)
     store->ops->background_close(store, conn);
 }
 
+/* ---- half-open connections: the lane's backend frozen (SIGSTOP) ----
+ *
+ * A backend stopped with SIGSTOP keeps its socket open and says nothing:
+ * to the lane it is a server or a network gone without a word.  The
+ * victim stores get a short statement timeout, so the lane gives up on
+ * a silent round trip after it and LANE_SILENCE_MARGIN_MS (5 s).  Every
+ * backend stopped here is continued by the tests' teardown, whatever
+ * happened. */
+
+#define HALF_TIMEOUT_MS 200
+#define HALF_SILENCE_MS (HALF_TIMEOUT_MS + 5000)
+#define HALF_LOCK 4242 /* the advisory lock case (b)'s COMMIT waits on */
+
+static pid_t g_frozen[4];
+static int g_n_frozen;
+
+static void thaw_all(void)
+{
+    for (int i = 0; i < g_n_frozen; i++) kill(g_frozen[i], SIGCONT);
+    g_n_frozen = 0;
+}
+
+static int thaw_teardown(void **state)
+{
+    (void)state;
+    thaw_all();
+    return 0;
+}
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Whether pid is a PostgreSQL process of this machine, and its state
+ * letter in /proc (0 when it cannot be read). */
+static char proc_state(pid_t pid, bool *postgres)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *open = strchr(buf, '('), *close = strrchr(buf, ')');
+    if (open == NULL || close == NULL || close[1] == 0) return 0;
+    *postgres = strncmp(open + 1, "postgres", 8) == 0;
+    return close[2];
+}
+
+/* SIGSTOP pid (a backend of the cluster on this machine) and wait until
+ * it is stopped.  False, with the reason in why, when it cannot be done
+ * here (the server on another machine, or not ours to signal). */
+static bool freeze(pid_t pid, char *why, size_t cap)
+{
+    bool postgres = false;
+    if (proc_state(pid, &postgres) == 0 || !postgres) {
+        snprintf(why, cap, "backend %d is not a postgres process of this "
+                 "machine", (int)pid);
+        return false;
+    }
+    g_frozen[g_n_frozen++] = pid; /* before: the teardown continues it */
+    if (kill(pid, SIGSTOP) != 0) {
+        g_n_frozen--;
+        snprintf(why, cap, "kill(%d, SIGSTOP): %s", (int)pid,
+                 strerror(errno));
+        return false;
+    }
+    for (int i = 0; i < 1000 && proc_state(pid, &postgres) != 'T'; i++)
+        sleep_ms(1);
+    return proc_state(pid, &postgres) == 'T';
+}
+
+static es_store *open_half_store(const char *schema, const char *app)
+{
+    const char *url = getenv("DATABASE_URL");
+    char ci[1024];
+    if (strncmp(url, "postgres", 8) == 0)
+        snprintf(ci, sizeof ci, "%s%capplication_name=%s", url,
+                 strchr(url, '?') ? '&' : '?', app);
+    else
+        snprintf(ci, sizeof ci, "%s application_name=%s", url, app);
+    es_pg_config *cfg = NULL;
+    es_store *store = NULL;
+    if (es_pg_config_new(&cfg, NULL) != 0 ||
+        es_pg_config_set_conninfo(cfg, ci, NULL) != 0 ||
+        es_pg_config_set_schema(cfg, schema, NULL) != 0 ||
+        es_pg_config_set_pool_size(cfg, 1, NULL) != 0 ||
+        es_pg_config_set_statement_timeout(cfg, HALF_TIMEOUT_MS, NULL) != 0 ||
+        es_pg_migrate(cfg, NULL, NULL) != 0 ||
+        es_pg_store_open(cfg, &store, NULL) != 0)
+        store = NULL;
+    es_pg_config_free(cfg);
+    return store;
+}
+
+/* The pid of the one backend of app that matches cond (SQL on
+ * pg_stat_activity), waiting for it up to ms; 0 if none. */
+static pid_t backend_of(PGconn *admin, const char *app, const char *cond,
+                        long ms)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
+             "AND %s",
+             cond);
+    const char *values[1] = {app};
+    for (long waited = 0;; waited += 2) {
+        PGresult *r = PQexecParams(admin, sql, 1, NULL, values, NULL, NULL,
+                                   0);
+        pid_t pid = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1
+                        ? (pid_t)atoi(PQgetvalue(r, 0, 0))
+                        : 0;
+        PQclear(r);
+        if (pid != 0 || waited >= ms) return pid;
+        sleep_ms(2);
+    }
+}
+
+/* How many rows of the key are in the schema's events and commands, and
+ * whether its versions run 1..n without a gap. */
+static void stored_rows(PGconn *admin, const char *schema, const es_uuid *key,
+                        const es_uuid *cmd, long long *events,
+                        long long *max_version, long long *commands)
+{
+    char k[37], c[37], sql[512];
+    es_uuid_format(key, k);
+    es_uuid_format(cmd, c);
+    snprintf(sql, sizeof sql,
+             "SELECT (SELECT count(*) FROM \"%s\".events WHERE aggregate_id "
+             "= $1::uuid), (SELECT coalesce(max(version), -1) FROM "
+             "\"%s\".events WHERE aggregate_id = $1::uuid), (SELECT count(*) "
+             "FROM \"%s\".commands WHERE command_id = $2::uuid)",
+             schema, schema, schema);
+    const char *values[2] = {k, c};
+    PGresult *r = PQexecParams(admin, sql, 2, NULL, values, NULL, NULL, 0);
+    bool ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1;
+    *events = ok ? atoll(PQgetvalue(r, 0, 0)) : -1;
+    *max_version = ok ? atoll(PQgetvalue(r, 0, 1)) : -1;
+    *commands = ok ? atoll(PQgetvalue(r, 0, 2)) : -1;
+    PQclear(r);
+}
+
+/* Waits for the one command of w, up to ms (< 0: for ever); whether it
+ * completed. */
+static bool wait_done(waiter *w, long ms)
+{
+    long long end = now_ms() + ms;
+    pthread_mutex_lock(&w->lock);
+    while (w->left > 0 && (ms < 0 || now_ms() < end)) {
+        pthread_mutex_unlock(&w->lock);
+        sleep_ms(5);
+        pthread_mutex_lock(&w->lock);
+    }
+    bool done = w->left == 0;
+    pthread_mutex_unlock(&w->lock);
+    return done;
+}
+
+typedef struct half_case {
+    char schema[64], app[80];
+    es_store *store;
+    es_host *host;
+    PGconn *admin;
+    es_uuid key;
+    es_command cmd;
+    uint8_t value[4];
+    waiter w;
+    slot sl;
+} half_case;
+
+/* A store and a one-lane host of their own; the first command on the
+ * key (the lane connects, the aggregate is resident from then on). */
+static void half_open_case(half_case *hc, const char *prefix,
+                           const char *extra_sql)
+{
+    memset(hc, 0, sizeof *hc);
+    fixture_pg_random_name(hc->schema, sizeof hc->schema, prefix);
+    snprintf(hc->app, sizeof hc->app, "es_%s", hc->schema);
+    hc->admin = fixture_pg_connect();
+    assert_non_null(hc->admin);
+    hc->store = open_half_store(hc->schema, hc->app);
+    assert_non_null(hc->store);
+    if (extra_sql) {
+        PGresult *r = PQexec(hc->admin, extra_sql);
+        assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+        PQclear(r);
+    }
+    hc->host = open_host(hc->store, 1);
+    assert_non_null(hc->host);
+    es_uuid_v7(&hc->key);
+    uint8_t value[4];
+    es_command first = command(value, 1);
+    assert_int_equal(
+        es_host_call(hc->host, &counter_type, &hc->key, &first, NULL, NULL),
+        0);
+    pthread_mutex_init(&hc->w.lock, NULL);
+    pthread_cond_init(&hc->w.cond, NULL);
+    hc->w.left = 1;
+    hc->sl = (slot){&hc->w, 0};
+    hc->cmd = command(hc->value, 1);
+}
+
+static void half_send(half_case *hc)
+{
+    assert_int_equal(es_host_send(hc->host, &counter_type, &hc->key,
+                                  &hc->cmd, on_done, &hc->sl, NULL),
+                     0);
+}
+
+/* After the backend was continued: the command's truth in the database
+ * (stored once if acknowledged, not at all if not; versions without a
+ * gap), then everything closed. */
+static void half_close(half_case *hc, pid_t old)
+{
+    assert_true(wait_done(&hc->w, 30000));
+    /* the continued backend reads what is left on its socket and ends */
+    pid_t still = 0;
+    for (int i = 0; i < 500; i++) {
+        char cond[64];
+        snprintf(cond, sizeof cond, "pid = %d", (int)old);
+        if ((still = backend_of(hc->admin, hc->app, cond, 0)) == 0) break;
+        sleep_ms(10);
+    }
+    assert_int_equal(es_host_shutdown(hc->host, NULL), 0);
+    es_store_close(hc->store);
+    long long events, max_version, commands;
+    stored_rows(hc->admin, hc->schema, &hc->key, &hc->cmd.id, &events,
+                &max_version, &commands);
+    PQfinish(hc->admin);
+    pthread_mutex_destroy(&hc->w.lock);
+    pthread_cond_destroy(&hc->w.cond);
+    fixture_pg_drop_schema(hc->schema);
+    assert_int_equal(still, 0);
+    if (hc->w.status[0] == 0) {
+        assert_int_equal(hc->w.version[0], 2);
+        assert_int_equal(commands, 1);
+        assert_int_equal(events, 3); /* reset, add, add: versions 0..2 */
+        assert_int_equal(max_version, 2);
+    } else {
+        assert_int_equal(commands, 0);
+        assert_int_equal(events, 2);
+        assert_int_equal(max_version, 1);
+    }
+}
+
+/* (a) The lane's backend frozen before the batch: the writes go into a
+ * socket nobody reads.  The lane gives up after the silence limit and
+ * writes the batch on a new connection; the command is acknowledged, and
+ * the continued backend (which never got a COMMIT) stores nothing. */
+static void test_pg_lanes_half_open_before_writes(void **state)
+{
+    (void)state;
+    static half_case hc;
+    half_open_case(&hc, "half_a_", NULL);
+    pid_t pid = backend_of(hc.admin, hc.app, "query = 'COMMIT'", 1000);
+    assert_int_not_equal(pid, 0);
+    char why[160];
+    if (!freeze(pid, why, sizeof why)) {
+        printf("half-open: skipped, %s\n", why);
+        thaw_all();
+        skip();
+    }
+    long long t0 = now_ms();
+    half_send(&hc);
+    bool done_frozen = wait_done(&hc.w, HALF_SILENCE_MS + 10000);
+    long long took = now_ms() - t0;
+    /* the lane writes on a connection of its own, not the frozen one */
+    char cond[64];
+    snprintf(cond, sizeof cond, "pid <> %d AND query = 'COMMIT'", (int)pid);
+    pid_t fresh = backend_of(hc.admin, hc.app, cond, 0);
+    thaw_all();
+    printf("half-open before the writes: status %d after %lld ms "
+           "(silence limit %d ms), backend %d frozen, then %d\n",
+           hc.w.status[0], took, HALF_SILENCE_MS, (int)pid, (int)fresh);
+    assert_true(done_frozen);
+    assert_int_equal(hc.w.status[0], 0);
+    assert_int_not_equal(fresh, 0);
+    half_close(&hc, pid);
+}
+
+/* (b) The lane's backend frozen while COMMIT is in flight, holding the
+ * transaction with the batch's rows.  A deferred constraint trigger
+ * makes COMMIT wait on an advisory lock the test holds (it waits on
+ * past the statement timeout), so the backend is caught inside COMMIT
+ * every time.  The lane hears nothing; the outcome is unknown while the
+ * backend lives: a read back that does not see the rows proves nothing,
+ * since the backend may still commit once it runs again.  The command
+ * must not complete as failed while that can happen, and must end with
+ * the truth once the backend runs again and the lock is free. */
+static void test_pg_lanes_half_open_in_commit(void **state)
+{
+    (void)state;
+    static half_case hc;
+    char sql[1024];
+    /* half_open_case names the schema: the trigger goes in after */
+    half_open_case(&hc, "half_b_", NULL);
+    snprintf(sql, sizeof sql,
+             "CREATE FUNCTION \"%s\".hold() RETURNS trigger LANGUAGE plpgsql "
+             "AS $$ BEGIN LOOP BEGIN PERFORM pg_advisory_xact_lock(%d); "
+             "RETURN NULL; EXCEPTION WHEN query_canceled THEN NULL; END; "
+             "END LOOP; END $$; CREATE CONSTRAINT TRIGGER hold AFTER INSERT "
+             "ON \"%s\".commands DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+             "EXECUTE FUNCTION \"%s\".hold()",
+             hc.schema, HALF_LOCK, hc.schema, hc.schema);
+    PGresult *r = PQexec(hc.admin, sql);
+    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+    PGconn *lock = fixture_pg_connect();
+    assert_non_null(lock);
+    snprintf(sql, sizeof sql, "SELECT pg_advisory_lock(%d)", HALF_LOCK);
+    r = PQexec(lock, sql);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    PQclear(r);
+    half_send(&hc);
+    pid_t pid = backend_of(hc.admin, hc.app,
+                           "query = 'COMMIT' AND wait_event = 'advisory'",
+                           10000);
+    assert_int_not_equal(pid, 0);
+    char why[160];
+    if (!freeze(pid, why, sizeof why)) {
+        PQfinish(lock);
+        printf("half-open: skipped, %s\n", why);
+        thaw_all();
+        skip();
+    }
+    long long t0 = now_ms();
+    /* the lane gives up on the silent COMMIT, then asks */
+    bool done_frozen = wait_done(&hc.w, HALF_SILENCE_MS + 2000);
+    long long took = now_ms() - t0;
+    int status_frozen = hc.w.status[0];
+    thaw_all();
+    PQfinish(lock); /* the lock is free: a living COMMIT goes on */
+    assert_true(wait_done(&hc.w, 30000));
+    printf("half-open in COMMIT: %s while frozen (%lld ms, status %d), "
+           "then status %d, version %llu\n",
+           done_frozen ? "completed" : "not completed", took, status_frozen,
+           hc.w.status[0], (unsigned long long)hc.w.version[0]);
+    half_close(&hc, pid);
+    /* nothing could be known while the backend could still commit */
+    assert_false(done_frozen);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -660,6 +1007,7 @@ int main(void)
                "(tests/run.py sets it)\n");
         return 0;
     }
+    atexit(thaw_all); /* no backend left stopped, whatever happens */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_lanes_conflict_among_many),
         cmocka_unit_test(test_pg_lanes_killed_connections),
@@ -668,6 +1016,10 @@ int main(void)
         cmocka_unit_test(test_pg_lanes_snapshot_writer),
         cmocka_unit_test(test_pg_lanes_own_connections),
         cmocka_unit_test(test_pg_lanes_prepared_after_reconnect),
+        cmocka_unit_test_teardown(test_pg_lanes_half_open_before_writes,
+                                  thaw_teardown),
+        cmocka_unit_test_teardown(test_pg_lanes_half_open_in_commit,
+                                  thaw_teardown),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
