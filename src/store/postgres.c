@@ -3014,10 +3014,14 @@ struct pg_lane {
     /* The connection's backend as pg_stat_activity names it (pid and
      * backend_start, which tells it from a later backend with the same
      * pid); "" when it could not be read.  The orphan: the backend of a
-     * connection dropped while its COMMIT went unanswered.  While it
-     * lives (a half-open connection, a stopped server process) it may
-     * still commit, so a read back that does not find the batch proves
-     * nothing: the read back asks it to end and waits until it has. */
+     * connection dropped in a transaction (lane_drop).  While it lives
+     * (a half-open connection, a stopped server process) it holds the
+     * rows it wrote, and if its COMMIT was sent it may still commit: a
+     * read back that does not find the batch proves nothing, and the
+     * batch written again waits on those rows.  So the read back asks it
+     * to end (lane_orphan_send) and waits, with the host's backoff,
+     * until it has; the next writes ask it to end and go on (no COMMIT
+     * reached it, or it was read back: it cannot commit). */
     char conn_start[64];
     int orphan_pid;
     char orphan_start[64];
@@ -3034,10 +3038,18 @@ static void lane_results_clear(pg_lane *l)
     l->res_oom = false;
 }
 
-/* Close the connection (a broken one, or one in an unknown state). */
+/* Close the connection (a broken one, or one in an unknown state); its
+ * backend becomes the orphan if it may hold a transaction of ours.  One
+ * orphan at a time: while one is kept, a read back writes nothing, and
+ * the writes after it have asked it to end. */
 static void lane_drop(pg_lane *l)
 {
     event_del(l->ev);
+    if (l->conn && l->orphan_pid == 0 && l->conn_start[0] &&
+        PQtransactionStatus(l->conn) != PQTRANS_IDLE) {
+        l->orphan_pid = PQbackendPID(l->conn);
+        memcpy(l->orphan_start, l->conn_start, sizeof l->orphan_start);
+    }
     if (l->conn) PQfinish(l->conn);
     l->conn = NULL;
     l->connecting = false;
@@ -3318,6 +3330,24 @@ static void lane_ensure(pg_lane *l, lane_step then)
     lane_connect_poll(l, 0);
 }
 
+/* ---- the orphan ---- */
+
+/* Queue the question for the orphan: if it still runs, it is asked to
+ * end (this role may end its own backends), and a row says it was still
+ * there; no row, it is gone.  The pid alone could name a later
+ * backend: backend_start tells them apart. */
+static bool lane_orphan_send(pg_lane *l)
+{
+    static const Oid types[2] = {OID_INT4, OID_TEXT};
+    char pid[16];
+    snprintf(pid, sizeof pid, "%d", l->orphan_pid);
+    const char *values[2] = {pid, l->orphan_start};
+    return PQsendQueryParams(l->conn, "SELECT pg_terminate_backend(pid) "
+                             "FROM pg_stat_activity WHERE pid = $1 AND "
+                             "backend_start::text = $2", 2, types, values,
+                             NULL, NULL, 0) == 1;
+}
+
 /* ---- reading a COMMIT back ---- */
 
 static void lane_resolve_ask(pg_lane *l, bool ok);
@@ -3369,19 +3399,7 @@ static void lane_resolve_ask(pg_lane *l, bool ok)
     static const int lens[1] = {16};
     bool sent = lane_rt_begin(l);
     l->asked_orphan = l->orphan_pid != 0;
-    if (sent && l->asked_orphan) {
-        /* the orphan, if it still runs, is asked to end (this role may
-         * end its own backends); the pid alone could name a later
-         * backend */
-        static const Oid otypes[2] = {OID_INT4, OID_TEXT};
-        char pid[16];
-        snprintf(pid, sizeof pid, "%d", l->orphan_pid);
-        const char *ovalues[2] = {pid, l->orphan_start};
-        sent = PQsendQueryParams(l->conn, "SELECT pg_terminate_backend(pid) "
-                                 "FROM pg_stat_activity WHERE pid = $1 AND "
-                                 "backend_start::text = $2", 2, otypes,
-                                 ovalues, NULL, NULL, 0) == 1;
-    }
+    if (sent && l->asked_orphan) sent = lane_orphan_send(l);
     if (sent)
         sent = PQsendQueryParams(l->conn, l->s->sql[SQL_GET_COMMAND], 1,
                                  types, values, lens, binary_formats,
@@ -3534,9 +3552,7 @@ static void txn_committed(pg_lane *l, bool ok)
         return;
     }
     /* The answer was lost: the truth first, once the backend that had
-     * the COMMIT has ended. */
-    l->orphan_pid = l->conn && l->conn_start[0] ? PQbackendPID(l->conn) : 0;
-    memcpy(l->orphan_start, l->conn_start, sizeof l->orphan_start);
+     * the COMMIT (the orphan lane_drop makes) has ended. */
     lane_drop(l);
     const es__command_record *probe = NULL;
     for (size_t i = 0; i < l->n && probe == NULL; i++)
@@ -3562,6 +3578,7 @@ static void txn_written(pg_lane *l, bool ok)
         txn_failed(l);
         return;
     }
+    if (l->asked_orphan) l->orphan_pid = 0; /* asked to end (once) */
     size_t k = 0;
     int rc = 0;
     bool failed = false;
@@ -3619,6 +3636,12 @@ static void txn_write(pg_lane *l)
         sent = PQsendQueryParams(l->conn, "BEGIN ISOLATION LEVEL READ "
                                  "COMMITTED", 0, NULL, NULL, NULL, NULL,
                                  0) == 1;
+        l->n_head++;
+    }
+    /* the orphan's rows would hold the writes up: it is asked to end */
+    l->asked_orphan = l->first && l->orphan_pid != 0;
+    if (sent && l->asked_orphan) {
+        sent = lane_orphan_send(l);
         l->n_head++;
     }
     if (sent) {
