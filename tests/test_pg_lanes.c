@@ -703,6 +703,10 @@ static bool freeze(pid_t pid, char *why, size_t cap)
                  "machine", (int)pid);
         return false;
     }
+    if (g_n_frozen == (int)(sizeof g_frozen / sizeof *g_frozen)) {
+        snprintf(why, cap, "too many backends stopped");
+        return false;
+    }
     g_frozen[g_n_frozen++] = pid; /* before: the teardown continues it */
     if (kill(pid, SIGSTOP) != 0) {
         g_n_frozen--;
@@ -712,7 +716,10 @@ static bool freeze(pid_t pid, char *why, size_t cap)
     }
     for (int i = 0; i < 1000 && proc_state(pid, &postgres) != 'T'; i++)
         sleep_ms(1);
-    return proc_state(pid, &postgres) == 'T';
+    if (proc_state(pid, &postgres) == 'T') return true;
+    thaw_all();
+    snprintf(why, cap, "backend %d did not stop", (int)pid);
+    return false;
 }
 
 static es_store *open_half_store(const char *schema, const char *app)
@@ -888,6 +895,23 @@ static void half_close(half_case *hc, pid_t old)
     }
 }
 
+/* The backend cannot be stopped here: the case ends (its command, if
+ * sent, completes once lock is freed), frees what it made and is
+ * skipped, saying why. */
+static void half_skip(half_case *hc, bool sent, PGconn *lock, const char *why)
+{
+    printf("half-open: skipped, %s\n", why);
+    PQfinish(lock);
+    if (sent) wait_done(&hc->w, -1);
+    es_host_shutdown(hc->host, NULL);
+    es_store_close(hc->store);
+    PQfinish(hc->admin);
+    pthread_mutex_destroy(&hc->w.lock);
+    pthread_cond_destroy(&hc->w.cond);
+    fixture_pg_drop_schema(hc->schema);
+    skip();
+}
+
 /* (a) The lane's backend frozen before the batch: the writes go into a
  * socket nobody reads.  The lane gives up after the silence limit and
  * writes the batch on a new connection; the command is acknowledged, and
@@ -900,11 +924,7 @@ static void test_pg_lanes_half_open_before_writes(void **state)
     pid_t pid = backend_of(hc.admin, hc.app, "query = 'COMMIT'", 1000);
     assert_int_not_equal(pid, 0);
     char why[160];
-    if (!freeze(pid, why, sizeof why)) {
-        printf("half-open: skipped, %s\n", why);
-        thaw_all();
-        skip();
-    }
+    if (!freeze(pid, why, sizeof why)) half_skip(&hc, false, NULL, why);
     long long t0 = now_ms();
     half_send(&hc);
     bool done_frozen = wait_done(&hc.w, HALF_SILENCE_MS + 10000);
@@ -962,15 +982,10 @@ static void test_pg_lanes_half_open_in_commit(void **state)
                            10000);
     assert_int_not_equal(pid, 0);
     char why[160];
-    if (!freeze(pid, why, sizeof why)) {
-        PQfinish(lock);
-        printf("half-open: skipped, %s\n", why);
-        thaw_all();
-        skip();
-    }
+    if (!freeze(pid, why, sizeof why)) half_skip(&hc, true, lock, why);
     long long t0 = now_ms();
     /* the lane gives up on the silent COMMIT, then asks */
-    bool done_frozen = wait_done(&hc.w, HALF_SILENCE_MS + 2000);
+    bool done_frozen = wait_done(&hc.w, HALF_SILENCE_MS + 1000);
     long long took = now_ms() - t0;
     int status_frozen = hc.w.status[0];
     thaw_all();
@@ -983,6 +998,60 @@ static void test_pg_lanes_half_open_in_commit(void **state)
     half_close(&hc, pid);
     /* nothing could be known while the backend could still commit */
     assert_false(done_frozen);
+}
+
+/* (c) The lane's backend alive but stuck inside the batch's writes,
+ * holding the rows written so far, before any COMMIT: a trigger on the
+ * command ids waits on the test's advisory lock (past the statement
+ * timeout).  Not stopped: a server process that still runs but no
+ * longer answers (its client gone, or stuck).  The lane gives up on it
+ * after the silence limit and writes again on a new connection; those
+ * writes would wait on the stuck rows (until the statement timeout
+ * failed the batch), so the lane asks the old backend to end first, and
+ * the command is acknowledged while the test still holds the lock. */
+static void test_pg_lanes_half_open_stuck_in_writes(void **state)
+{
+    (void)state;
+    static half_case hc;
+    char sql[1024];
+    half_open_case(&hc, "half_c_", NULL);
+    /* only the first write waits (a sequence is not rolled back) */
+    snprintf(sql, sizeof sql,
+             "CREATE SEQUENCE \"%s\".stuck; CREATE FUNCTION \"%s\".hold() "
+             "RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF "
+             "nextval('\"%s\".stuck') = 1 THEN LOOP BEGIN PERFORM "
+             "pg_advisory_xact_lock(%d); EXIT; EXCEPTION WHEN query_canceled "
+             "THEN NULL; END; END LOOP; END IF; RETURN NULL; END $$; CREATE "
+             "TRIGGER hold AFTER INSERT ON \"%s\".commands FOR EACH ROW "
+             "EXECUTE FUNCTION \"%s\".hold()",
+             hc.schema, hc.schema, hc.schema, HALF_LOCK + 1, hc.schema,
+             hc.schema);
+    PGresult *r = PQexec(hc.admin, sql);
+    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+    PQclear(r);
+    PGconn *lock = fixture_pg_connect();
+    assert_non_null(lock);
+    snprintf(sql, sizeof sql, "SELECT pg_advisory_lock(%d)", HALF_LOCK + 1);
+    r = PQexec(lock, sql);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    PQclear(r);
+    long long t0 = now_ms();
+    half_send(&hc);
+    pid_t pid = backend_of(hc.admin, hc.app,
+                           "state = 'active' AND wait_event = 'advisory'",
+                           10000);
+    bool done_stuck = wait_done(&hc.w, HALF_SILENCE_MS + 5000);
+    long long took = now_ms() - t0;
+    PQfinish(lock);
+    assert_true(wait_done(&hc.w, 30000));
+    printf("half-open, stuck in the writes: %s while stuck (%lld ms, "
+           "status %d, version %llu)\n",
+           done_stuck ? "completed" : "not completed", took,
+           hc.w.status[0], (unsigned long long)hc.w.version[0]);
+    assert_int_not_equal(pid, 0);
+    half_close(&hc, pid);
+    assert_true(done_stuck);
+    assert_int_equal(hc.w.status[0], 0);
 }
 
 static int group_setup(void **state)
@@ -1020,6 +1089,7 @@ int main(void)
                                   thaw_teardown),
         cmocka_unit_test_teardown(test_pg_lanes_half_open_in_commit,
                                   thaw_teardown),
+        cmocka_unit_test(test_pg_lanes_half_open_stuck_in_writes),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
