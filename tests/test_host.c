@@ -2369,7 +2369,7 @@ static void batch_row_init(batch_row *r, const void *group,
     r->item.n_events = n;
     r->item.status = ES__COMMIT_PENDING;
     es__command_record rec = {*command_id, *agg, 1, r->data, 8, version, n,
-                              version + n - 1, false, false, NULL};
+                              version + n - 1, false, false, NULL, false};
     r->item.record = rec;
 }
 

@@ -1047,6 +1047,17 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
      * unknown finds its own outcome here: not a duplicate.  One whose
      * commit found the id taken (lazy_ids) is one. */
     bool dup = h->attempts == 0 || (h->taken && !h->maybe_own);
+    if (rec->rejected && rec->forgotten) {
+        /* Its reason was sealed with the aggregate's data key, since
+         * destroyed (crypto-shredding): the aggregate is gone, and so is
+         * the reason. */
+        es_txn_rollback(txn);
+        complete_error(host, h, truth(h, ES_EFORGOTTEN), actor_version(a),
+                       "aggregate was forgotten: the command was rejected, "
+                       "its reason is destroyed");
+        es__free(rec);
+        return true;
+    }
     if (rec->rejected) {
         es_txn_rollback(txn);
         complete(host, h, ES_EREJECTED, rec->version, NULL, 0,
@@ -1210,7 +1221,7 @@ static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub,
                                       it->n_events ? it->events[0].version
                                                    : v,
                                       it->n_events, v, false,
-                                      h->reason != NULL, h->reason};
+                                      h->reason != NULL, h->reason, false};
     if (host->cfg.snap_every > 0 && it->n_events > 0 &&
         v + 1 - a->folded_at_snapshot >= host->cfg.snap_every) {
         snap_job *j = snap_of(a);
