@@ -922,6 +922,11 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (lanes > 64) {
+        fprintf(stderr, "bank-server: --lanes takes 0 (the host's default) "
+                        "to 64\n");
+        return 2;
+    }
     char host_part[256];
     const char *colon = strrchr(listen, ':');
     if (colon == NULL || (size_t)(colon - listen) >= sizeof host_part ||
