@@ -246,7 +246,7 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
  *  PostgreSQL each lane is a non-blocking connection of its own, outside
  *  the pool, whose round trips overlap the other lanes').  An aggregate's
  *  items always go to the same lane (by a hash of its key), so they
- *  commit in the order they were decided.  0 (the default): 4 on
+ *  commit in the order they were decided.  0 (the default): 2 on
  *  PostgreSQL, whose batches wait for round trips (measured in
  *  bench/bench_pg.c), else 1 (the memory store's writes hold one lock:
  *  more lanes only contend, bench/bench_host.c).  Returns 0 or

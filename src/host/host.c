@@ -63,7 +63,7 @@
 #define MAX_ATTEMPTS 4  /* decisions of one command whose commit failed */
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
-#define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
+#define LANES_DEFAULT 2 /* commit lanes on a store with a batch writer */
 /* The snapshot writer's pace: the loop's flush timer fires this long
  * after the first snapshot was queued, so that several snapshots of one
  * aggregate coalesce into one write. */
