@@ -736,8 +736,16 @@ static void test_pg_encryption_rejection_reason(void **state)
     assert_string_equal(got->reason, why);
     es__free(got);
 
+    /* a reason of agg kept in clear (as before migration 9) */
+    es_uuid c5;
+    es_uuid_v7(&c5);
+    es__command_record r5 = rejection(&c5, &agg, why);
+    assert_int_equal(put_record(g_plain, &r5, &err), 0);
+    assert_int_equal(rejection_rows("commands", &c5, NULL, "user@"), 1);
+
     /* crypto-shredding: the record stays (its id is taken), the reason
-     * is gone; the aggregate takes no new rejection */
+     * is gone, the one in clear too; the aggregate takes no new
+     * rejection */
     es_txn *txn = NULL;
     assert_int_equal(es_store_begin(g_k1, &txn, &err), 0);
     assert_int_equal(es_pg_forget_aggregate(txn, &agg, &err), 0);
@@ -747,6 +755,14 @@ static void test_pg_encryption_rejection_reason(void **state)
     assert_true(got->forgotten);
     assert_null(got->reason);
     assert_true(es_uuid_equal(&got->aggregate_id, &agg));
+    es__free(got);
+    assert_int_equal(rejection_rows("commands", &c5, NULL, ""), 0);
+    assert_int_equal(rejection_rows("commands", &c5, "", "user@"), 0);
+    assert_int_equal(rejection_rows("commands", &c5, "", ""), 1);
+    assert_int_equal(get_record(g_k1, &c5, &got, &err), 0);
+    assert_true(got->rejected);
+    assert_true(got->forgotten);
+    assert_null(got->reason);
     es__free(got);
     es_uuid c4;
     es_uuid_v7(&c4);

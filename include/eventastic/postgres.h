@@ -71,8 +71,11 @@
  * - Rows written without encryption (key_id or rejection_key NULL, also
  *   every rejection written before migration 9) stay readable by a store
  *   with keys, so encryption can be turned on for an existing database;
- *   they are not sealed afterwards, and forgetting does not remove them.
- *   Key bytes never appear in messages, logs or SQL.
+ *   they are not sealed afterwards.  Forgetting an aggregate does not
+ *   remove its events or snapshots written in clear, but it empties the
+ *   reasons of its rejections kept in clear, which then read as
+ *   forgotten like the sealed ones.  Key bytes never appear in messages,
+ *   logs or SQL.
  * - es_txn_list_side_effects fails (ES_EDECRYPT) when one of the listed
  *   side effects does not open; list one aggregate's to get past it.  A
  *   claimed outbox message that does not open becomes a dead letter with
@@ -294,9 +297,11 @@ ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_key_provider(
  * aggregate's encrypted events, snapshots and side effects read as
  * ES_EFORGOTTEN, and writing to it gives ES_EFORGOTTEN; its snapshots are
  * deleted and its pending side effects are marked dead (they cannot be
- * delivered); the sealed reasons of its rejected commands are unreadable
- * (a host answers their replay ES_EFORGOTTEN).  Rows the aggregate had before encryption was turned on are
- * not encrypted and cannot be shredded this way.  Forgetting an aggregate
+ * delivered); the reasons of its rejected commands are unreadable (the
+ * sealed ones) or emptied (the ones kept in clear), and a host answers
+ * their replay ES_EFORGOTTEN.  Events the aggregate had before
+ * encryption was turned on are not encrypted and cannot be shredded this
+ * way.  Forgetting an aggregate
  * twice, or one never written, is not an error (it can never be written
  * afterwards).  Errors: ES_EINVAL (NULL argument, not a PostgreSQL
  * transaction, a store without keys), ES_EDB.

@@ -96,6 +96,7 @@ enum {
     SQL_PUT_KEY,
     SQL_FORGET_KEY,
     SQL_FORGET_SIDE_EFFECTS,
+    SQL_FORGET_REASONS,
     SQL_OB_EXPIRE,
     SQL_OB_CLAIM,
     SQL_OB_DEAD,
@@ -4178,6 +4179,14 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "VALUES ($1, '', NULL, now()) ON CONFLICT (aggregate_id) DO UPDATE "
         "SET wrapped = NULL, destroyed_at = coalesce(k.destroyed_at, now())",
         k);
+    /* Reasons of the aggregate's rejections kept in clear (recorded
+     * before migration 9, or by a store without keys): emptied, and
+     * marked sealed, so that they read as forgotten like the sealed
+     * ones. */
+    s->sql[SQL_FORGET_REASONS] = sqlf(
+        "UPDATE %s SET rejection = '\\x'::bytea, rejection_key = '' WHERE "
+        "aggregate_id = $1 AND rejection IS NOT NULL AND rejection_key IS "
+        "NULL", cm);
     s->sql[SQL_FORGET_SIDE_EFFECTS] = sqlf(
         "UPDATE %s SET status = 'dead', last_error = 'aggregate forgotten "
         "(crypto-shredding)' WHERE aggregate_id = $1 AND status = "
@@ -4369,6 +4378,10 @@ int es_pg_forget_aggregate(es_txn *txn, const es_uuid *aggregate_id,
         rc = run(t->conn, "forget: side effects",
                  s->sql[SQL_FORGET_SIDE_EFFECTS], 1, types, values, lens,
                  NULL, err);
+    if (rc == 0)
+        rc = run(t->conn, "forget: rejection reasons in clear",
+                 s->sql[SQL_FORGET_REASONS], 1, types, values, lens, NULL,
+                 err);
     return rc;
 }
 
