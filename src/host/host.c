@@ -65,6 +65,10 @@
  * after the first snapshot was queued, so that several snapshots of one
  * aggregate coalesce into one write. */
 #define FLUSH_MS 100
+/* A load cut off from the database: the actor is parked and its load
+ * tried again after this backoff (doubling, jittered, capped). */
+#define LOAD_BACKOFF_MIN_MS 10
+#define LOAD_BACKOFF_MAX_MS 1000
 
 typedef struct htype {
     const es_aggregate_type *type;
@@ -129,6 +133,12 @@ struct actor {
     bool scheduled, in_lru;
     /* the worker running the actor */
     bool loaded, broken;
+    /* the worker running the actor: parked (its load could not reach
+     * the database; this turn ends, the loop schedules it again) and the
+     * backoff of its next load (0: its last load reached the database).
+     * In the padding before broken_epoch: the actor does not grow. */
+    bool parked;
+    uint16_t park_ms;
     /* written by the committer, read by the worker */
     atomic_uint_least64_t broken_epoch;
     /* the worker running the actor: the state is either in ctx (while
@@ -189,9 +199,14 @@ struct es_host {
     struct lane *lanes;
     unsigned n_lanes;
 
-    /* hk_lock: actors evicted by es_host_send, passivated on the loop */
+    /* hk_lock: actors evicted by es_host_send, passivated on the loop;
+     * parked actors (linked by next, due time in last_used) and when the
+     * retry timer is due (0: not armed).  Lock order: hk_lock, then
+     * libevent's lock of the base (event_add under hk_lock). */
     pthread_mutex_t hk_lock;
     actor *evicted;
+    actor *parked;
+    uint64_t retry_due;
 
     /* The I/O loop: its events are made at open and deleted at close;
      * with our own base, the io thread runs it. */
@@ -201,6 +216,7 @@ struct es_host {
     struct event *flush_ev; /* one-shot: snapshots queued, write them */
     struct event *wake_ev;  /* activated: es_host_send evicted an actor */
     struct event *stop_ev;  /* activated: our own loop, stop it */
+    struct event *retry_ev; /* one-shot: parked actors due, run them */
     pthread_t io_thread;
     bool io_started;
 
@@ -959,6 +975,7 @@ static int load_actor(es_host *host, actor *a, es_error *err)
     count(&host->loads, 1);
     es__hist_record(&host->h_load, took);
     if (rc == ES_ENOTFOUND) rc = 0;
+    if (rc != ES_EDB || !connection_lost(err)) a->park_ms = 0;
     if (rc != 0) return rc;
     a->ctx = ctx;
     a->loaded = true;
@@ -1100,7 +1117,39 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     es_error err = {0};
     bool loaded_now = !a->loaded;
     if (!a->loaded) {
+        /* Ending while the database could not be reached: no more tries
+         * (the first command of an actor parked or cut off now tried). */
+        if (a->park_ms != 0 && atomic_load(&host->ending)) {
+            complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
+                           "host ended while the database could not be "
+                           "reached to load the aggregate");
+            return;
+        }
         int rc = load_actor(host, a, &err);
+        if (rc == ES_EDB && connection_lost(&err)) {
+            /* Wait the outage out without holding this worker: h goes
+             * back to the head of the mailbox (per-key order) and the
+             * actor is parked; run_actor ends its turn. */
+            unsigned ms = a->park_ms == 0 ? LOAD_BACKOFF_MIN_MS
+                                          : 2u * a->park_ms;
+            if (ms > LOAD_BACKOFF_MAX_MS) ms = LOAD_BACKOFF_MAX_MS;
+            a->park_ms = (uint16_t)ms;
+            if (!atomic_load(&host->ending)) {
+                pthread_mutex_lock(&a->sh->lock);
+                h->next = a->mb_head;
+                a->mb_head = h;
+                if (a->mb_tail == NULL) a->mb_tail = h;
+                a->mb_n++;
+                pthread_mutex_unlock(&a->sh->lock);
+                count(&host->mailbox_depth, 1);
+                a->parked = true;
+                return;
+            }
+            complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
+                           "host ended while the database could not be "
+                           "reached to load the aggregate");
+            return;
+        }
         if (rc != 0) {
             complete_error(host, h, truth(h, rc), ES_HOST_NO_VERSION,
                            err.message);
@@ -1318,6 +1367,92 @@ static void rebuild(es_host *host, actor *a)
     a->bnc_head = a->bnc_tail = NULL;
 }
 
+/* Jitter of the load backoff: between half and all of ms, in ns. */
+static uint64_t jittered_ns(const actor *a, unsigned ms)
+{
+    uint64_t x = es__now_ns() ^ key_hash(&a->id);
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdu;
+    x ^= x >> 33;
+    unsigned half = ms / 2;
+    return (uint64_t)(half + x % (ms - half + 1)) * 1000000u;
+}
+
+/* Arm the retry timer for due (hk_lock held): only when it is not armed
+ * already for an earlier time. */
+static void arm_retry_locked(es_host *host, uint64_t due, uint64_t now)
+{
+    if (host->retry_ev == NULL) return;
+    if (host->retry_due != 0 && host->retry_due <= due) return;
+    host->retry_due = due;
+    uint64_t us = due > now ? (due - now) / 1000u : 0;
+    struct timeval tv = {(time_t)(us / 1000000u),
+                         (suseconds_t)(us % 1000000u)};
+    event_add(host->retry_ev, &tv);
+}
+
+/* The worker's last touch of a parked actor: it stays scheduled (so
+ * es_host_send does not queue it and it is never passivated) and the
+ * loop's retry timer puts it back on the run queue when its backoff is
+ * over.  A host ending runs it at once: its commands complete. */
+static void park(es_host *host, actor *a)
+{
+    uint64_t now = es__now_ns();
+    uint64_t due = now + jittered_ns(a, a->park_ms);
+    pthread_mutex_lock(&host->hk_lock);
+    bool now_run = atomic_load(&host->ending);
+    if (!now_run) {
+        a->last_used = due;
+        a->next = host->parked;
+        host->parked = a;
+        arm_retry_locked(host, due, now);
+    }
+    pthread_mutex_unlock(&host->hk_lock);
+    if (now_run) runq_push(host, a);
+}
+
+/* Take the parked actors due by now (all with all) off the list (hk_lock
+ * held); returns them linked by next, their number in *n. */
+static actor *unpark_locked(es_host *host, uint64_t now, bool all,
+                            actor **tail, size_t *n)
+{
+    actor *head = NULL, **pp = &host->parked;
+    *tail = NULL;
+    *n = 0;
+    uint64_t next_due = 0;
+    while (*pp) {
+        actor *a = *pp;
+        if (all || a->last_used <= now) {
+            *pp = a->next;
+            a->next = NULL;
+            if (*tail) (*tail)->next = a;
+            else head = a;
+            *tail = a;
+            (*n)++;
+            continue;
+        }
+        if (next_due == 0 || a->last_used < next_due) next_due = a->last_used;
+        pp = &a->next;
+    }
+    host->retry_due = 0;
+    if (next_due != 0) arm_retry_locked(host, next_due, now);
+    return head;
+}
+
+/* Loop, when the first parked actor is due: run the due ones again. */
+static void on_retry(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    actor *tail = NULL;
+    size_t n = 0;
+    pthread_mutex_lock(&host->hk_lock);
+    actor *head = unpark_locked(host, es__now_ns(), false, &tail, &n);
+    pthread_mutex_unlock(&host->hk_lock);
+    if (head) runq_push_list(host, head, tail, n);
+}
+
 static void run_actor(es_host *host, actor *a)
 {
     shard *sh = a->sh;
@@ -1355,6 +1490,14 @@ static void run_actor(es_host *host, actor *a)
             h->next = NULL;
             process_command(host, a, h, &sub);
             budget--;
+            if (a->parked) {
+                a->parked = false;
+                flush(host, a, &sub);
+                actor_compact(a);
+                tls_depth--;
+                park(host, a); /* from here on another worker may run a */
+                return;
+            }
             if (sub.n >= RUN_BUDGET) flush(host, a, &sub);
             continue;
         }
@@ -1705,7 +1848,10 @@ static int io_setup(es_host *host)
     }
     host->wake_ev = event_new(host->base, -1, 0, on_wake, host);
     host->flush_ev = event_new(host->base, -1, 0, on_flush, host);
-    if (host->wake_ev == NULL || host->flush_ev == NULL) return ES_ENOMEM;
+    host->retry_ev = event_new(host->base, -1, 0, on_retry, host);
+    if (host->wake_ev == NULL || host->flush_ev == NULL ||
+        host->retry_ev == NULL)
+        return ES_ENOMEM;
     if (host->cfg.idle_ms > 0) {
         /* a quarter of the idle time, between 1 ms and 100 ms */
         uint64_t tick_ms = host->cfg.idle_ms / 4;
@@ -1733,7 +1879,8 @@ static void io_teardown(es_host *host)
     }
     /* the flush timer after the callbacks that may arm it */
     struct event **evs[] = {&host->sweep_ev, &host->wake_ev,
-                            &host->flush_ev, &host->stop_ev};
+                            &host->flush_ev, &host->retry_ev,
+                            &host->stop_ev};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++) {
         if (*evs[i] == NULL) continue;
         event_del(*evs[i]);
@@ -1910,6 +2057,14 @@ static int host_end(es_host *host, bool now, es_error *err)
         pthread_mutex_lock(&host->lanes[i].lock);
         pthread_cond_signal(&host->lanes[i].cond);
         pthread_mutex_unlock(&host->lanes[i].lock);
+    }
+    { /* parked actors run now: their commands complete (ES_ECLOSED) */
+        actor *tail = NULL;
+        size_t n = 0;
+        pthread_mutex_lock(&host->hk_lock);
+        actor *head = unpark_locked(host, 0, true, &tail, &n);
+        pthread_mutex_unlock(&host->hk_lock);
+        if (head) runq_push_list(host, head, tail, n);
     }
     /* Every accepted command completes: workers decide (or, closing now,
      * complete with ES_ECLOSED) what is in the mailboxes. */
