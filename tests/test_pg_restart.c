@@ -301,6 +301,8 @@ static void bound_done(void *ud, const es_host_result *r)
     else if (r->status == ES_ECLOSED) atomic_fetch_add(&u->b->closed, 1);
     else if (r->status == ES_EDB) atomic_fetch_add(&u->b->db, 1);
     else atomic_fetch_add(&u->b->other, 1);
+    if (r->status != 0 && r->status != ES_ECLOSED) /* what went wrong */
+        printf("outage: %s: %s\n", es_status_name(r->status), r->reason);
     atomic_fetch_add(&u->b->done, 1);
 }
 

@@ -1013,12 +1013,46 @@ static int truth(const hcmd *h, int rc)
     return h->maybe_own && rc != ES_EIDEMPOTENCY ? ES_EUNKNOWN : rc;
 }
 
-static bool answer_from_store(es_host *host, actor *a, hcmd *h)
+/* The database could not be reached to load a or to look h up before
+ * deciding it: wait the outage out without holding this worker.  h goes
+ * back to the head of the mailbox (per-key order) and the actor is
+ * parked (run_actor ends its turn; the loop's retry timer runs it again
+ * after the backoff).  A host ending completes h instead: ES_ECLOSED. */
+static void park_command(es_host *host, actor *a, hcmd *h)
+{
+    unsigned ms = a->park_ms == 0 ? LOAD_BACKOFF_MIN_MS : 2u * a->park_ms;
+    if (ms > LOAD_BACKOFF_MAX_MS) ms = LOAD_BACKOFF_MAX_MS;
+    a->park_ms = (uint16_t)ms;
+    if (atomic_load(&host->ending)) {
+        complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
+                       "host ended while the database could not be "
+                       "reached to load the aggregate or look the "
+                       "command up");
+        return;
+    }
+    pthread_mutex_lock(&a->sh->lock);
+    h->next = a->mb_head;
+    a->mb_head = h;
+    if (a->mb_tail == NULL) a->mb_tail = h;
+    a->mb_n++;
+    pthread_mutex_unlock(&a->sh->lock);
+    count(&host->mailbox_depth, 1);
+    a->parked = true;
+}
+
+/* may_park: before a load (the actor is not loaded), a lookup that
+ * cannot reach the database parks h like a load would. */
+static bool answer_from_store(es_host *host, actor *a, hcmd *h,
+                              bool may_park)
 {
     es_error err = {0};
     es_txn *txn = NULL;
     int rc = es_store_begin(host->store, &txn, &err);
     if (rc != 0) {
+        if (may_park && rc == ES_EDB && connection_lost(&err)) {
+            park_command(host, a, h);
+            return true;
+        }
         complete_error(host, h, truth(h, rc), actor_version(a), err.message);
         return true;
     }
@@ -1030,6 +1064,10 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
     }
     if (rc != 0) {
         es_txn_rollback(txn);
+        if (may_park && rc == ES_EDB && connection_lost(&err)) {
+            park_command(host, a, h);
+            return true;
+        }
         complete_error(host, h, truth(h, rc), actor_version(a), err.message);
         return true;
     }
@@ -1111,43 +1149,24 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         p->dups = h;
         return;
     }
+    /* Ending while the database could not be reached: no more tries
+     * (after the first command of an actor parked or cut off now). */
+    if (!a->loaded && a->park_ms != 0 && atomic_load(&host->ending)) {
+        complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
+                       "host ended while the database could not be "
+                       "reached to load the aggregate or look the "
+                       "command up");
+        return;
+    }
     if (host->has_commands && (!host->lazy_ids || h->attempts > 0) &&
-        answer_from_store(host, a, h))
+        answer_from_store(host, a, h, !a->loaded))
         return;
     es_error err = {0};
     bool loaded_now = !a->loaded;
     if (!a->loaded) {
-        /* Ending while the database could not be reached: no more tries
-         * (the first command of an actor parked or cut off now tried). */
-        if (a->park_ms != 0 && atomic_load(&host->ending)) {
-            complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
-                           "host ended while the database could not be "
-                           "reached to load the aggregate");
-            return;
-        }
         int rc = load_actor(host, a, &err);
         if (rc == ES_EDB && connection_lost(&err)) {
-            /* Wait the outage out without holding this worker: h goes
-             * back to the head of the mailbox (per-key order) and the
-             * actor is parked; run_actor ends its turn. */
-            unsigned ms = a->park_ms == 0 ? LOAD_BACKOFF_MIN_MS
-                                          : 2u * a->park_ms;
-            if (ms > LOAD_BACKOFF_MAX_MS) ms = LOAD_BACKOFF_MAX_MS;
-            a->park_ms = (uint16_t)ms;
-            if (!atomic_load(&host->ending)) {
-                pthread_mutex_lock(&a->sh->lock);
-                h->next = a->mb_head;
-                a->mb_head = h;
-                if (a->mb_tail == NULL) a->mb_tail = h;
-                a->mb_n++;
-                pthread_mutex_unlock(&a->sh->lock);
-                count(&host->mailbox_depth, 1);
-                a->parked = true;
-                return;
-            }
-            complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
-                           "host ended while the database could not be "
-                           "reached to load the aggregate");
+            park_command(host, a, h);
             return;
         }
         if (rc != 0) {
@@ -1188,7 +1207,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         /* A command accepted before may be rejected on today's state:
          * its original outcome wins. */
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
-            answer_from_store(host, a, h))
+            answer_from_store(host, a, h, false))
             return;
         if (!rejection || !host->has_commands) {
             complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
@@ -1211,7 +1230,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     es__hist_record(&host->h_decide, t_decided - td);
     if (rc != 0) {
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
-            rc != ES_ENOMEM && answer_from_store(host, a, h))
+            rc != ES_ENOMEM && answer_from_store(host, a, h, false))
             return;
         complete_error(host, h, rc == ES_ENOMEM ? rc : ES_EAPPLY,
                        actor_version(a), err.message);
