@@ -2521,7 +2521,7 @@ static void batch_row_init(batch_row *r, const void *group,
 
 /* One failing part of a batch never fails the others: a version taken
  * (and the later item of that aggregate), a command id taken within the
- * batch, an event id taken within the batch; the rest is stored. */
+ * batch, an event id taken twice in one item; the rest is stored. */
 static void test_host_memory_batch_isolates_failures(void **state)
 {
     (void)state;
@@ -2543,8 +2543,9 @@ static void test_host_memory_batch_isolates_failures(void **state)
     batch_row_init(&rows[2], &groups[0], &agg[0], 0, 1, &cmd[2]); /* taken */
     batch_row_init(&rows[3], &groups[0], &agg[0], 1, 1, &cmd[3]); /* after */
     batch_row_init(&rows[4], &groups[2], &agg[2], 0, 1, &cmd[1]); /* cmd */
-    batch_row_init(&rows[5], &groups[3], &agg[3], 0, 1, &cmd[5]); /* ev id */
-    rows[5].ev[0].id = rows[1].ev[1].id;
+    /* event ids are unique per aggregate: a clash needs one aggregate */
+    batch_row_init(&rows[5], &groups[3], &agg[3], 0, 2, &cmd[5]); /* ev id */
+    rows[5].ev[1].id = rows[5].ev[0].id;
     batch_row_init(&rows[6], &groups[4], &agg[4], 0, 1, &cmd[6]); /* ok */
     es__commit_item *items[6];
     for (int i = 0; i < 6; i++) items[i] = &rows[i + 1].item;

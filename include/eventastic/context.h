@@ -61,8 +61,15 @@ ES_EXPORT ES_OWNER_THREAD int es_context_record(es_context *ctx,
  *   not written again and its side effects are not queued again; the
  *   context is rebuilt from the store with the remaining events applied
  *   after it, so state and versions stay exact (no double apply, no gap);
- * - the same id with other content (or used by another aggregate) gives
- *   ES_EIDEMPOTENCY; es_context_idempotency_clash shows both events;
+ * - the same id with other content gives ES_EIDEMPOTENCY;
+ *   es_context_idempotency_clash shows both events;
+ * - event ids are unique per aggregate (the stores' keys include the
+ *   aggregate id, so that the PostgreSQL tables can be distributed by
+ *   it): the same id under another aggregate is that aggregate's own
+ *   event.  Ids from es_uuid_v7 never meet; an application that brings
+ *   its own event ids and derives side-effect ids from them must keep
+ *   them unique across aggregates, or the outbox skips the second side
+ *   effect as a duplicate of the first;
  * - a version already taken gives ES_ECONFLICT with the aggregate id and
  *   the version in err.
  * On success the uncommitted lists are empty.  On failure the transaction

@@ -832,13 +832,11 @@ static int classify_skipped(es_txn *txn, es_context *ctx, const bool *inserted,
         if (inserted[i]) continue;
         const es_event *ev = &ctx->uncommitted.items[i];
         es_event *stored = NULL;
-        es_uuid owner;
         es_error inner = {0};
-        int rc = es__txn_get_event_any(txn, &ev->id, &stored, &owner, &inner);
+        int rc = es_txn_get_event(txn, &ctx->id, &ev->id, &stored, &inner);
         if (rc == ES_ENOTFOUND) return conflict_error(err, ctx, ev->version);
         if (rc != 0) return es__error_wrap(err, rc, &inner, "read back");
-        bool equal = es_uuid_equal(&owner, &ctx->id) &&
-                     same_content(stored, ev->kind, ev->data, ev->len);
+        bool equal = same_content(stored, ev->kind, ev->data, ev->len);
         if (!equal) {
             rc = set_clash(ctx, stored, ev, err);
             es__free(stored);

@@ -149,12 +149,40 @@ static inline bool same_uuid(const es_uuid *a, const es_uuid *b)
     }
 
 KEYED_BY(stream, mem_stream, agg)
-KEYED_BY(id, mem_id, id)
 KEYED_BY(snapset, mem_snapset, agg)
 KEYED_BY(se, mem_se, se.id)
 KEYED_BY(cmd, mem_cmd, rec.command_id)
-KEYED_BY(pend_id, pend_event, ev.id)
 KEYED_BY(pend_agg, pend_event, agg)
+
+/* Event ids are unique per aggregate, as in the PostgreSQL store, whose
+ * keys include the aggregate id so that the tables can be distributed by
+ * it.  Their maps hash the id alone and match the pair.  Command ids stay
+ * unique across aggregates. */
+typedef struct agg_key {
+    const es_uuid *agg;
+    const es_uuid *id;
+} agg_key;
+
+static uint64_t hash_id(const void *item)
+{
+    return es__uuid_hash(&((const mem_id *)item)->id);
+}
+static bool match_id(const void *item, const void *key)
+{
+    const mem_id *m = item;
+    const agg_key *k = key;
+    return same_uuid(&m->id, k->id) && same_uuid(&m->agg, k->agg);
+}
+static uint64_t hash_pend_id(const void *item)
+{
+    return es__uuid_hash(&((const pend_event *)item)->ev.id);
+}
+static bool match_pend_id(const void *item, const void *key)
+{
+    const pend_event *pe = item;
+    const agg_key *k = key;
+    return same_uuid(&pe->ev.id, k->id) && same_uuid(&pe->agg, k->agg);
+}
 
 static uint64_t hash_uuid(const void *item) { return es__uuid_hash(item); }
 static bool match_uuid(const void *item, const void *key)
@@ -217,9 +245,10 @@ static const mem_event *find_version(const mem_stream *st, uint64_t v)
     return (i < st->n && st->ev[i].version == v) ? &st->ev[i] : NULL;
 }
 
-static mem_id *find_id(mem_store *s, const es_uuid *id)
+static mem_id *find_id(mem_store *s, const es_uuid *agg, const es_uuid *id)
 {
-    return es__ptrmap_find(&s->ids, es__uuid_hash(id), match_id, id);
+    agg_key key = {agg, id};
+    return es__ptrmap_find(&s->ids, es__uuid_hash(id), match_id, &key);
 }
 
 static mem_snapset *find_snapset(mem_store *s, const es_uuid *agg)
@@ -241,10 +270,12 @@ static mem_cmd *find_cmd(const es__ptrmap *map, const es_uuid *id)
 
 /* ---- pending lookups (transaction's thread) ---- */
 
-static pend_event *pend_find_id(mem_txn *t, const es_uuid *id)
+static pend_event *pend_find_id(mem_txn *t, const es_uuid *agg,
+                                const es_uuid *id)
 {
+    agg_key key = {agg, id};
     return es__ptrmap_find(&t->ev_ids, es__uuid_hash(id), match_pend_id,
-                           id);
+                           &key);
 }
 
 static pend_event *pend_find_version(mem_txn *t, const es_uuid *agg,
@@ -357,7 +388,8 @@ static int validate_commit(mem_store *s, mem_txn *t, es_error *err)
     for (size_t i = 0; i < t->n_ev; i++) {
         const pend_event *pe = t->ev[i];
         mem_stream *st = find_stream(s, &pe->agg);
-        if (find_version(st, pe->ev.version) != NULL || find_id(s, &pe->ev.id)) {
+        if (find_version(st, pe->ev.version) != NULL ||
+            find_id(s, &pe->agg, &pe->ev.id)) {
             int rc = es__error_set(err, ES_ECONFLICT,
                                    "version %llu or event id of the aggregate "
                                    "was taken by a concurrent transaction",
@@ -714,27 +746,25 @@ static int mem_stream_fn(es_txn *txn, const es_uuid *agg, uint64_t from,
 
 static int mem_get_event(es_txn *txn, const es_uuid *agg,
                          const es_uuid *event_id, es_event **out,
-                         es_uuid *owner, es_error *err)
+                         es_error *err)
 {
     mem_txn *t = (mem_txn *)txn;
     mem_store *s = (mem_store *)txn->store;
-    pend_event *pe = pend_find_id(t, event_id);
-    if (pe != NULL && (agg == NULL || es_uuid_equal(agg, &pe->agg))) {
+    pend_event *pe = pend_find_id(t, agg, event_id);
+    if (pe != NULL) {
         es_event ev = {pe->ev.id, pe->ev.version, pe->ev.kind, pe->ev.data,
                        pe->ev.len};
-        if (owner) *owner = pe->agg;
         *out = es__event_dup(&ev);
         return *out ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
     }
     int rc = ES_ENOTFOUND;
     pthread_mutex_lock(&s->lock);
-    mem_id *idx = find_id(s, event_id);
-    if (idx != NULL && (agg == NULL || es_uuid_equal(agg, &idx->agg))) {
+    mem_id *idx = find_id(s, agg, event_id);
+    if (idx != NULL) {
         const mem_event *e = find_version(find_stream(s, &idx->agg),
                                           idx->version);
         if (e != NULL) {
             es_event ev = {e->id, e->version, e->kind, e->data, e->len};
-            if (owner) *owner = idx->agg;
             *out = es__event_dup(&ev);
             rc = *out ? 0 : ES_ENOMEM;
         }
@@ -779,8 +809,9 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const es_event *e = &events[i];
         inserted[i] = false;
-        if (find_id(s, &e->id) || find_version(st, e->version) ||
-            pend_find_id(t, &e->id) || pend_find_version(t, agg, e->version))
+        if (find_id(s, agg, &e->id) || find_version(st, e->version) ||
+            pend_find_id(t, agg, &e->id) ||
+            pend_find_version(t, agg, e->version))
             continue;
         pend_event *pe = es__calloc(1, sizeof *pe);
         uint8_t *data = pe ? es__memdup(e->data, e->len) : NULL;
@@ -1411,7 +1442,7 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
     if (st != NULL && strcmp(st->type, it->type_name) != 0) return ES_EINVAL;
     for (size_t i = 0; i < it->n_events; i++) {
         const es_event *e = &it->events[i];
-        if (find_version(st, e->version) || find_id(s, &e->id))
+        if (find_version(st, e->version) || find_id(s, agg, &e->id))
             return ES_ECONFLICT;
         for (size_t j = 0; j < i; j++)
             if (it->events[j].version == e->version ||

@@ -2,8 +2,9 @@
  * The migrations of the PostgreSQL store (see pg_migrations.h).
  *
  * events: (aggregate id, version) is the primary key, so a version is
- * taken once; event_id is unique across aggregates (idempotency key).
- * position is an identity column that read models can follow later.
+ * taken once; event_id was unique across aggregates until migration 8,
+ * and is unique per aggregate since (idempotency key; see 8).  position
+ * is an identity column that read models can follow later.
  * Constraint and index names are left to PostgreSQL, so that table names
  * of any valid length work.  keys holds each aggregate's data key, wrapped
  * by the master key key_id; NULL once destroyed (crypto-shredding).
@@ -99,6 +100,42 @@ const es__pg_migration es__pg_migrations[] = {
      * encoding. */
     {7, "command ids of rejected commands (their reason)",
      "ALTER TABLE @commands@ ADD COLUMN rejection bytea;\n"},
+    /* Citus requires every unique constraint of a distributed table to
+     * include its distribution column; for the events table that is
+     * aggregate_id.  So an event id becomes unique per aggregate (every
+     * lookup of one names the aggregate), and position loses its unique
+     * index: an identity column is unique by construction, and a plain
+     * index still serves readers that follow it.  The old constraint and
+     * index have names chosen by PostgreSQL (they depend on the table
+     * name), so they are found in the catalog by their columns.  On a
+     * large table, building the new index takes a while and blocks
+     * writes: run this migration in a quiet moment.  (Command ids stay
+     * unique across aggregates, on purpose: see docs/scaling.md.) */
+    {8, "events: unique keys include aggregate_id (distributable by it)",
+     "DO $migrate$\n"
+     "DECLARE r record;\n"
+     "BEGIN\n"
+     "    FOR r IN SELECT c.conname FROM pg_constraint c\n"
+     "        JOIN pg_attribute a ON a.attrelid = c.conrelid\n"
+     "        AND a.attname = 'event_id'\n"
+     "        WHERE c.conrelid = '@events@'::regclass AND c.contype = 'u'\n"
+     "        AND c.conkey = ARRAY[a.attnum]\n"
+     "    LOOP\n"
+     "        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I',\n"
+     "                       '@events@', r.conname);\n"
+     "    END LOOP;\n"
+     "    FOR r IN SELECT i.indexrelid::regclass AS idx FROM pg_index i\n"
+     "        JOIN pg_attribute a ON a.attrelid = i.indrelid\n"
+     "        AND a.attname = 'position'\n"
+     "        WHERE i.indrelid = '@events@'::regclass AND i.indisunique\n"
+     "        AND i.indnatts = 1 AND i.indkey[0] = a.attnum\n"
+     "    LOOP\n"
+     "        EXECUTE format('DROP INDEX %s', r.idx);\n"
+     "    END LOOP;\n"
+     "END\n"
+     "$migrate$;\n"
+     "ALTER TABLE @events@ ADD UNIQUE (aggregate_id, event_id);\n"
+     "CREATE INDEX ON @events@ (position);\n"},
 };
 
 const size_t es__pg_migration_count =

@@ -7,7 +7,8 @@
  * statement; the statements are built once, when the store opens.
  *
  * Events of one save go in one statement (arrays + unnest), skipping rows
- * whose event id or (aggregate, version) exists (ON CONFLICT DO NOTHING);
+ * whose (aggregate, event id) or (aggregate, version) exists (ON CONFLICT
+ * DO NOTHING);
  * RETURNING says which went in, and the core decides what a skipped row
  * means.  Streams are read `chunk` rows at a time, so memory is bounded
  * by one page whatever the stream's length: the first page with one query
@@ -1335,13 +1336,13 @@ static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
 
 static int pg_get_event(es_txn *txn, const es_uuid *agg,
                         const es_uuid *event_id, es_event **out,
-                        es_uuid *owner, es_error *err)
+                        es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
     pg_store *s = (pg_store *)txn->store;
     const Oid types[2] = {OID_UUID, OID_UUID};
     const char *values[2] = {(const char *)event_id->bytes,
-                             agg ? (const char *)agg->bytes : NULL};
+                             (const char *)agg->bytes};
     const int lens[2] = {16, 16};
     PGresult *r = NULL;
     int rc = run(t->conn, "get event", s->sql[SQL_GET_EVENT], 2, types,
@@ -1372,7 +1373,6 @@ static int pg_get_event(es_txn *txn, const es_uuid *agg,
     PQclear(r);
     es_buf_free(&plain);
     if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    if (owner) *owner = who;
     return 0;
 }
 
@@ -3363,7 +3363,7 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "aggregate_id = $1 AND version >= $2 ORDER BY version", e);
     s->sql[SQL_GET_EVENT] = sqlf(
         "SELECT aggregate_id, version, kind, payload, key_id FROM %s WHERE "
-        "event_id = $1 AND ($2::uuid IS NULL OR aggregate_id = $2)", e);
+        "aggregate_id = $2 AND event_id = $1", e);
     /* NOTIFY in the same statement (no extra round trip) when a row went
      * in: it is delivered only if the transaction commits, and one
      * transaction's notifications are folded into one.  The result has a

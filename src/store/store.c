@@ -81,8 +81,7 @@ int es_txn_get_event(es_txn *txn, const es_uuid *aggregate_id,
     if (txn == NULL || aggregate_id == NULL || event_id == NULL || out == NULL)
         return es__error_set(err, ES_EINVAL, "all arguments are required");
     *out = NULL;
-    return txn->store->ops->get_event(txn, aggregate_id, event_id, out, NULL,
-                                      err);
+    return txn->store->ops->get_event(txn, aggregate_id, event_id, out, err);
 }
 
 int es_txn_get_snapshot(es_txn *txn, const es_uuid *aggregate_id,
@@ -138,13 +137,6 @@ int es__txn_rollback_to(es_txn *txn, es_error *err)
 int es__txn_release(es_txn *txn, es_error *err)
 {
     return txn->store->ops->release(txn, err);
-}
-
-int es__txn_get_event_any(es_txn *txn, const es_uuid *event_id,
-                          es_event **out, es_uuid *owner, es_error *err)
-{
-    *out = NULL;
-    return txn->store->ops->get_event(txn, NULL, event_id, out, owner, err);
 }
 
 int es__txn_insert_events(es_txn *txn, const char *type_name,

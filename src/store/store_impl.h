@@ -127,13 +127,13 @@ typedef struct es_store_ops {
                   uint64_t from_version,
                   int (*fn)(void *ud, const es_event *event), void *ud,
                   es_error *err);
-    /* aggregate_id NULL: find the event id under any aggregate; the owner
-     * goes to *owner (may be NULL).  *out: one allocation, es__free. */
+    /* An event id is unique per aggregate (so that a store's tables can
+     * be distributed by aggregate id): both ids are required.  *out: one
+     * allocation, es__free. */
     int (*get_event)(es_txn *txn, const es_uuid *aggregate_id,
-                     const es_uuid *event_id, es_event **out, es_uuid *owner,
-                     es_error *err);
-    /* Insert events, skipping any whose event id or (aggregate, version)
-     * exists; inserted[i] says which went in. */
+                     const es_uuid *event_id, es_event **out, es_error *err);
+    /* Insert events, skipping any whose (aggregate, event id) or
+     * (aggregate, version) exists; inserted[i] says which went in. */
     int (*insert_events)(es_txn *txn, const char *type_name,
                          const es_uuid *aggregate_id, const es_event *events,
                          size_t n, bool *inserted, es_error *err);
@@ -155,8 +155,11 @@ typedef struct es_store_ops {
      * may leave both NULL, and the host then remembers command ids only
      * while they are in flight.  insert_commands skips ids that exist
      * (ON CONFLICT DO NOTHING) and says which went in; get_command finds a
-     * record by command id alone (*out: one allocation, es__free;
-     * ES_ENOTFOUND when unknown). */
+     * record by command id alone: unlike an event id, a command id is
+     * unique across aggregates (the same id sent to another aggregate is
+     * ES_EIDEMPOTENCY), so its table is keyed, and distributable, by
+     * command id (*out: one allocation, es__free; ES_ENOTFOUND when
+     * unknown). */
     int (*insert_commands)(es_txn *txn, const es__command_record *recs,
                            size_t n, bool *inserted, es_error *err);
     int (*get_command)(es_txn *txn, const es_uuid *command_id,
@@ -274,8 +277,6 @@ void es__store_txn_ended(es_store *store);
 int es__txn_savepoint(es_txn *txn, es_error *err);
 int es__txn_rollback_to(es_txn *txn, es_error *err);
 int es__txn_release(es_txn *txn, es_error *err);
-int es__txn_get_event_any(es_txn *txn, const es_uuid *event_id,
-                          es_event **out, es_uuid *owner, es_error *err);
 int es__txn_insert_events(es_txn *txn, const char *type_name,
                           const es_uuid *aggregate_id, const es_event *events,
                           size_t n, bool *inserted, es_error *err);
