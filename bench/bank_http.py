@@ -15,7 +15,6 @@ tests/run.py --bench runs it; standalone:
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +26,9 @@ CLIENTS = 64
 ACCOUNTS = 1000
 TICK = os.sysconf("SC_CLK_TCK")
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+# The demo's server helpers (tests/demo.py).
+sys.path.insert(0, os.path.join(TOP, "tests"))
+from demo import free_port, wait_listening  # noqa: E402
 
 
 def cpu_ticks(pid):
@@ -92,19 +87,6 @@ def peak_rss_kb(pid):
     except (OSError, ValueError):
         pass
     return 0
-
-
-def wait_listening(port, proc, seconds=30):
-    end = time.time() + seconds
-    while time.time() < end:
-        if proc.poll() is not None:
-            return False
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 def run(out_path, db_url, quick=False, pg_dir=None):

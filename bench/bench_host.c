@@ -27,44 +27,7 @@
 #include "eventastic.h"
 
 #include "common/account.h"
-
-/* Event ids: a counter is enough for a benchmark, and cheaper than v7. */
-static atomic_uint_least64_t next_id = 1;
-
-static es_uuid make_id(void)
-{
-    uint64_t n = atomic_fetch_add_explicit(&next_id, 1, memory_order_relaxed);
-    es_uuid id;
-    memset(&id, 0, sizeof id);
-    put64(id.bytes + 8, n);
-    id.bytes[0] = 0x42;
-    return id;
-}
-
-static int decide(void *user, const void *state, const es_command *cmd,
-                  es_emitter *em)
-{
-    (void)user;
-    (void)state;
-    deposit d = {make_id(), (int64_t)get64(cmd->payload)};
-    return es_emit(em, &d);
-}
-
-static es_uuid key_of(uint64_t i)
-{
-    es_uuid id;
-    memset(&id, 0, sizeof id);
-    put64(id.bytes, i + 1);
-    id.bytes[15] = 0x7e;
-    return id;
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#include "common/bench.h"
 
 static long peak_rss_kb(void)
 {
@@ -74,15 +37,6 @@ static long peak_rss_kb(void)
 }
 
 /* xorshift: the key sequence of one client */
-static uint64_t rnd(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *s = x;
-}
-
 /* ---- host_memory: closed-loop clients ---- */
 
 typedef struct run {
@@ -115,8 +69,8 @@ static void send_next(client *c)
         atomic_fetch_sub(&c->r->live, 1);
         return;
     }
-    es_uuid key = key_of(rnd(&c->seed) % c->r->keys);
-    es_command cmd = {make_id(), 1, c->amount, 8};
+    es_uuid key = bench_key_of(bench_rnd(&c->seed) % c->r->keys);
+    es_command cmd = {bench_make_id(), 1, c->amount, 8};
     int rc;
     while ((rc = es_host_send(c->r->host, &account_type, &key, &cmd,
                               client_done, c, NULL)) == ES_EBUSY) {
@@ -147,7 +101,8 @@ static record host_point(unsigned workers, unsigned clients, uint64_t keys,
     es_host_config_set_workers(cfg, workers);
     es_host_config_set_resident_bound(cfg, 2000000);
     es_host_config_set_snapshots(cfg, 0, false);
-    es_host_config_add_type(cfg, &account_type, decide, NULL, NULL);
+    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+                            NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
 
@@ -157,7 +112,7 @@ static record host_point(unsigned workers, unsigned clients, uint64_t keys,
     r.keys = keys;
     client *cs = calloc(clients, sizeof *cs);
     atomic_store(&r.live, (int)clients);
-    double t0 = now_s();
+    double t0 = bench_now_s();
     for (unsigned i = 0; i < clients; i++) {
         cs[i].r = &r;
         cs[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
@@ -165,9 +120,9 @@ static record host_point(unsigned workers, unsigned clients, uint64_t keys,
         send_next(&cs[i]);
     }
     struct timespec tick = {0, 10000000};
-    while (now_s() - t0 < seconds) nanosleep(&tick, NULL);
+    while (bench_now_s() - t0 < seconds) nanosleep(&tick, NULL);
     uint64_t done = atomic_load(&r.done);
-    double dt = now_s() - t0;
+    double dt = bench_now_s() - t0;
     atomic_store(&r.stop, true);
     while (atomic_load(&r.live) > 0) nanosleep(&tick, NULL);
     es_host_metrics m;
@@ -198,14 +153,14 @@ static record direct_point(uint64_t keys, double seconds)
     uint64_t seed = 0x9e3779b97f4a7c15u, done = 0;
     uint8_t amount[8];
     put64(amount, 1);
-    double t0 = now_s(), dt = 0;
+    double t0 = bench_now_s(), dt = 0;
     for (;;) {
         size_t n_dirty = 0;
         for (int i = 0; i < 1024; i++) {
-            uint64_t k = rnd(&seed) % keys;
-            es_uuid key = key_of(k);
-            /* what decide emits, applied through the context */
-            deposit d = {make_id(), (int64_t)get64(amount)};
+            uint64_t k = bench_rnd(&seed) % keys;
+            es_uuid key = bench_key_of(k);
+            /* what the decide emits, applied through the context */
+            deposit d = {bench_make_id(), (int64_t)get64(amount)};
             if (ctx[k] == NULL) {
                 if (es_context_record_new(&account_type, &key, &d, &ctx[k],
                                           NULL) != 0)
@@ -222,7 +177,7 @@ static record direct_point(uint64_t keys, double seconds)
             if (es_context_save(txn, ctx[dirty[i]], NULL) != 0) abort();
         if (es_txn_commit(txn, NULL) != 0) abort();
         done += 1024;
-        dt = now_s() - t0;
+        dt = bench_now_s() - t0;
         if (dt >= seconds) break;
     }
     for (uint64_t k = 0; k < keys; k++) es_context_free(ctx[k]);
@@ -254,7 +209,8 @@ static record resident_point(uint64_t n)
     es_host_config_set_resident_bound(cfg, n * 2);
     es_host_config_set_idle_ms(cfg, 0);
     es_host_config_set_snapshots(cfg, 0, false);
-    es_host_config_add_type(cfg, &account_type, decide, NULL, NULL);
+    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+                            NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
     atomic_uint_least64_t done = 0;
@@ -263,8 +219,8 @@ static record resident_point(uint64_t n)
     malloc_trim(0);
     size_t before = mallinfo2().uordblks;
     for (uint64_t i = 0; i < n; i++) {
-        es_uuid key = key_of(i);
-        es_command cmd = {make_id(), 1, amount, 8};
+        es_uuid key = bench_key_of(i);
+        es_command cmd = {bench_make_id(), 1, amount, 8};
         while (es_host_send(host, &account_type, &key, &cmd, count_done,
                             &done, NULL) == ES_EBUSY) {
         }

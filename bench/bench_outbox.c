@@ -25,6 +25,8 @@
 
 #include "eventastic.h"
 
+#include "common/bench.h"
+
 typedef struct job {
     int64_t count;
 } job;
@@ -146,13 +148,6 @@ static void die(const char *what, int rc, const es_error *err)
     exit(1);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* n aggregates with one event (one side effect) each, 1000 a transaction. */
 static void fill(es_store *store, const es_aggregate_type *type, size_t n)
 {
@@ -242,9 +237,9 @@ static void measure(size_t backlog, size_t rounds, record *round_rec,
     double total = 0;
     for (size_t i = 0; i < rounds; i++) {
         size_t n = 0;
-        double t0 = now_s();
+        double t0 = bench_now_s();
         rc = es_outbox_run_once(ob, &n, &err);
-        lat[i] = (now_s() - t0) * 1e6;
+        lat[i] = (bench_now_s() - t0) * 1e6;
         if (rc != 0) die("round", rc, &err);
         total += lat[i] / 1e6;
         msgs += n;
@@ -258,7 +253,7 @@ static void measure(size_t backlog, size_t rounds, record *round_rec,
     /* The running dispatcher drains the rest. */
     size_t rest = backlog - msgs;
     atomic_store(&g_delivered, 0);
-    double t0 = now_s();
+    double t0 = bench_now_s();
     rc = es_outbox_open(cfg, true, &ob, &err);
     if (rc != 0) die("outbox", rc, &err);
     for (;;) {
@@ -269,7 +264,7 @@ static void measure(size_t backlog, size_t rounds, record *round_rec,
             break;
         usleep(2000);
     }
-    double secs = now_s() - t0;
+    double secs = bench_now_s() - t0;
     es_outbox_close(ob);
     es_outbox_config_free(cfg);
     *drain_rec = (record){"outbox_drain", backlog, (double)rest / secs, 0, 0};

@@ -43,57 +43,10 @@
 #include "eventastic.h"
 
 #include "common/account.h"
-
-/* Event and command ids: a counter after a prefix of this run (the
- * database keeps the ids of earlier runs). */
-static atomic_uint_least64_t next_id = 1;
-static uint64_t id_prefix;
-
-static es_uuid make_id(void)
-{
-    uint64_t n = atomic_fetch_add_explicit(&next_id, 1, memory_order_relaxed);
-    es_uuid id;
-    put64(id.bytes, id_prefix);
-    put64(id.bytes + 8, n);
-    return id;
-}
-
-static int decide(void *user, const void *state, const es_command *cmd,
-                  es_emitter *em)
-{
-    (void)user;
-    (void)state;
-    deposit d = {make_id(), (int64_t)get64(cmd->payload)};
-    return es_emit(em, &d);
-}
-
-static es_uuid key_of(uint64_t i)
-{
-    es_uuid id;
-    memset(&id, 0, sizeof id);
-    put64(id.bytes, i + 1);
-    id.bytes[15] = 0x7e;
-    return id;
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#include "common/bench.h"
 
 
 /* xorshift: the key sequence of one client */
-static uint64_t rnd(uint64_t *s)
-{
-    uint64_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *s = x;
-}
-
 /* ---- measuring ---- */
 
 #define MAX_SAMPLES (1u << 22)
@@ -103,7 +56,7 @@ static atomic_uint g_n_lat;
 static void lat_record(double t0)
 {
     unsigned i = atomic_fetch_add_explicit(&g_n_lat, 1, memory_order_relaxed);
-    if (i < MAX_SAMPLES) g_lat[i] = (uint32_t)((now_s() - t0) * 1e6);
+    if (i < MAX_SAMPLES) g_lat[i] = (uint32_t)((bench_now_s() - t0) * 1e6);
 }
 
 static int u32_cmp(const void *a, const void *b)
@@ -263,9 +216,9 @@ static void send_next(client *c)
         atomic_fetch_sub(&c->r->live, 1);
         return;
     }
-    es_uuid key = key_of(c->r->base + rnd(&c->seed) % c->r->keys);
-    es_command cmd = {make_id(), 1, c->amount, 8};
-    c->t0 = now_s();
+    es_uuid key = bench_key_of(c->r->base + bench_rnd(&c->seed) % c->r->keys);
+    es_command cmd = {bench_make_id(), 1, c->amount, 8};
+    c->t0 = bench_now_s();
     int rc;
     while ((rc = es_host_send(c->r->host, &account_type, &key, &cmd,
                               client_done, c, NULL)) == ES_EBUSY) {
@@ -298,16 +251,17 @@ static es_host *open_warm_host(es_store *store, unsigned lanes,
     es_host_config_new(&cfg, NULL);
     es_host_config_set_workers(cfg, 2);
     if (lanes > 0) es_host_config_set_lanes(cfg, lanes);
-    es_host_config_add_type(cfg, &account_type, decide, NULL, NULL);
+    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+                            NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
     atomic_uint_least64_t done = 0;
     uint8_t amount[8];
     put64(amount, 1);
-    double t0 = now_s();
+    double t0 = bench_now_s();
     for (uint64_t i = 0; i < keys; i++) {
-        es_uuid key = key_of(i);
-        es_command cmd = {make_id(), 1, amount, 8};
+        es_uuid key = bench_key_of(i);
+        es_command cmd = {bench_make_id(), 1, amount, 8};
         while (es_host_send(host, &account_type, &key, &cmd, count_done,
                             &done, NULL) == ES_EBUSY) {
         }
@@ -315,7 +269,7 @@ static es_host *open_warm_host(es_store *store, unsigned lanes,
     struct timespec tick = {0, 1000000};
     while (atomic_load(&done) < keys) nanosleep(&tick, NULL);
     fprintf(stderr, "  host_pg lanes %u: %llu accounts loaded in %.1f s\n",
-            lanes, (unsigned long long)keys, now_s() - t0);
+            lanes, (unsigned long long)keys, bench_now_s() - t0);
     return host;
 }
 
@@ -336,11 +290,11 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
         send_next(&cs[i]);
     }
     sleep_s(warm); /* the accounts are loaded */
-    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = now_s();
+    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = bench_now_s();
     atomic_store(&r.measuring, true);
     sleep_s(seconds);
     atomic_store(&r.measuring, false);
-    double dt = now_s() - t0;
+    double dt = bench_now_s() - t0;
     double c1 = self_cpu_s(), g1 = pg_cpu_s();
     uint64_t done = atomic_load(&r.done);
     atomic_store(&r.stop, true);
@@ -383,8 +337,8 @@ static void *pc_main(void *arg)
     pc_client *c = arg;
     pc_run *r = c->r;
     while (!atomic_load_explicit(&r->stop, memory_order_relaxed)) {
-        es_uuid key = key_of(r->base + rnd(&c->seed) % r->keys);
-        double t0 = now_s();
+        es_uuid key = bench_key_of(r->base + bench_rnd(&c->seed) % r->keys);
+        double t0 = bench_now_s();
         int rc;
         for (;;) {
             es_error err = {0};
@@ -392,7 +346,7 @@ static void *pc_main(void *arg)
             es_context *ctx = NULL;
             rc = es_store_begin(r->store, &txn, &err);
             if (rc != 0) break;
-            deposit d = {make_id(), 1};
+            deposit d = {bench_make_id(), 1};
             rc = es_context_load(txn, &account_type, &key, &ctx, &err);
             if (rc == ES_ENOTFOUND)
                 rc = es_context_record_new(&account_type, &key, &d, &ctx,
@@ -437,11 +391,11 @@ static record per_command_point(unsigned clients, uint64_t keys,
         if (pthread_create(&cs[i].th, NULL, pc_main, &cs[i]) != 0) abort();
     }
     sleep_s(warm);
-    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = now_s();
+    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = bench_now_s();
     atomic_store(&r.measuring, true);
     sleep_s(seconds);
     atomic_store(&r.measuring, false);
-    double dt = now_s() - t0;
+    double dt = bench_now_s() - t0;
     double c1 = self_cpu_s(), g1 = pg_cpu_s();
     atomic_store(&r.stop, true);
     for (unsigned i = 0; i < clients; i++) pthread_join(cs[i].th, NULL);
@@ -481,7 +435,7 @@ static void append(es_store *store, const es_uuid *key, es_context **ctx,
     es_error err = {0};
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        deposit d = {make_id(), 1};
+        deposit d = {bench_make_id(), 1};
         rc = *ctx == NULL
                  ? es_context_record_new(&account_type, key, &d, ctx, &err)
                  : es_context_record(*ctx, &d, &err);
@@ -515,9 +469,9 @@ static record load_point(es_store *store, const char *name,
     atomic_store(&g_n_lat, 0);
     uint64_t loads = 0;
     bool measuring = false;
-    double start = now_s(), c0 = 0, g0 = 0, t0 = 0;
+    double start = bench_now_s(), c0 = 0, g0 = 0, t0 = 0;
     for (;;) {
-        double t = now_s();
+        double t = bench_now_s();
         if (!measuring && t - start >= warm) {
             measuring = true;
             c0 = self_cpu_s();
@@ -542,7 +496,7 @@ static record load_point(es_store *store, const char *name,
             lat_record(t);
         }
     }
-    double dt = now_s() - t0;
+    double dt = bench_now_s() - t0;
     record rec = {name, 0, 0, 1, 1, (double)loads / dt, 0, 0,
                   100 * (self_cpu_s() - c0) / dt, 100 * (pg_cpu_s() - g0) / dt,
                   0, LOAD_EVENTS, replayed};
@@ -559,7 +513,7 @@ static record load_point(es_store *store, const char *name,
 static void rehydration(es_store *store, double warm, double seconds,
                         record *out)
 {
-    es_uuid replay_key = make_id(), snap_key = make_id();
+    es_uuid replay_key = bench_make_id(), snap_key = bench_make_id();
     es_context *ctx = NULL;
     append(store, &replay_key, &ctx, LOAD_EVENTS);
     es_context_free(ctx);
@@ -652,7 +606,7 @@ int main(int argc, char **argv)
     g_lat = calloc(MAX_SAMPLES, sizeof *g_lat);
     struct timespec rt;
     clock_gettime(CLOCK_REALTIME, &rt);
-    id_prefix = ((uint64_t)rt.tv_sec << 30 ^ (uint64_t)rt.tv_nsec) * 31 +
+    bench_id_prefix = ((uint64_t)rt.tv_sec << 30 ^ (uint64_t)rt.tv_nsec) * 31 +
                 (uint64_t)getpid();
     double warm = quick ? 0.3 : 1.0, secs = quick ? 0.5 : 3.0;
     const uint64_t keys = 10000;

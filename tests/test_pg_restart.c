@@ -41,23 +41,6 @@ static char g_schema[64];
 #define OK_BEFORE 200 /* acknowledged commands before the restart */
 #define OK_AFTER 300  /* ... and sent after it, acknowledged */
 
-/* Command: add the 4-byte little-endian value; the first one resets. */
-static int decide(void *user, const void *state, const es_command *cmd,
-                  es_emitter *em)
-{
-    (void)user;
-    if (cmd->len != 4) return es_emit_reject(em, "bad payload");
-    const uint8_t *p = cmd->payload;
-    int32_t v = (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 |
-                          (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
-    if (state == NULL) {
-        counter_event reset = counter_reset(es_emit_aggregate_id(em));
-        int rc = es_emit(em, &reset);
-        if (rc != 0) return rc;
-    }
-    counter_event add = counter_add(v);
-    return es_emit(em, &add);
-}
 
 static uint64_t now_ms(void)
 {
@@ -181,8 +164,8 @@ static void restart_under_load(const char *down, bool long_outage)
     for (int k = 0; k < KEYS; k++) es_uuid_v7(&s.keys[k]);
     es_host_config *cfg = NULL;
     assert_int_equal(es_host_config_new(&cfg, NULL), 0);
-    assert_int_equal(es_host_config_add_type(cfg, &counter_type, decide,
-                                             NULL, NULL),
+    assert_int_equal(es_host_config_add_type(cfg, &counter_type,
+                                             counter_decide_add, NULL, NULL),
                      0);
     assert_int_equal(es_host_open(cfg, g_store, &s.host, NULL), 0);
     es_host_config_free(cfg);
@@ -370,8 +353,8 @@ static void test_pg_restart_outage_bounds(void **state)
     }
     es_host_config *cfg = NULL;
     assert_int_equal(es_host_config_new(&cfg, NULL), 0);
-    assert_int_equal(es_host_config_add_type(cfg, &counter_type, decide,
-                                             NULL, NULL),
+    assert_int_equal(es_host_config_add_type(cfg, &counter_type,
+                                             counter_decide_add, NULL, NULL),
                      0);
     assert_int_equal(es_host_config_set_host_bound(cfg, HOST_BOUND), 0);
     es_host *host = NULL;

@@ -39,23 +39,6 @@ extern char **environ;
 static es_store *g_store;
 static char g_schema[64];
 
-/* Command: add the 4-byte little-endian value; the first one resets. */
-static int decide(void *user, const void *state, const es_command *cmd,
-                  es_emitter *em)
-{
-    (void)user;
-    if (cmd->len != 4) return es_emit_reject(em, "bad payload");
-    const uint8_t *p = cmd->payload;
-    int32_t v = (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 |
-                          (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
-    if (state == NULL) {
-        counter_event reset = counter_reset(es_emit_aggregate_id(em));
-        int rc = es_emit(em, &reset);
-        if (rc != 0) return rc;
-    }
-    counter_event add = counter_add(v);
-    return es_emit(em, &add);
-}
 
 /* ---- the child: one host, THREADS clients ---- */
 
@@ -104,7 +87,8 @@ static int child_main(char **argv)
     if (es_host_config_new(&cfg, NULL) != 0 ||
         es_host_config_set_workers(cfg, 2) != 0 ||
         es_host_config_set_snapshots(cfg, 10, true) != 0 ||
-        es_host_config_add_type(cfg, &counter_type, decide, NULL, NULL) ||
+        es_host_config_add_type(cfg, &counter_type, counter_decide_add, NULL,
+                                NULL) ||
         es_host_open(cfg, store, &host, NULL) != 0) {
         es_host_config_free(cfg);
         es_store_close(store);

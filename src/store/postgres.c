@@ -2710,6 +2710,20 @@ static int batch_evproc(PGEventId id, void *info, void *pass)
     return 1;
 }
 
+/* After the last result of a pipeline: its sync, then out of pipeline
+ * mode. */
+static int pipeline_end(PGconn *c, es_error *err)
+{
+    PGresult *r = pipe_result(c);
+    int rc = 0;
+    if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
+        rc = db_error(c, NULL, err, "batch: pipeline sync");
+    PQclear(r);
+    if (rc == 0 && !PQexitPipelineMode(c))
+        rc = db_error(c, NULL, err, "batch: pipeline mode");
+    return rc;
+}
+
 /* Prepares the batch statements on c unless they are: one round trip,
  * outside any transaction.  DEALLOCATE ALL first, so that an earlier try
  * that failed half way cannot make a name clash.  A connection that
@@ -2735,14 +2749,7 @@ static int batch_prepare(pg_store *s, PGconn *c, es_error *err)
             rc = db_error(c, r, err, "batch: prepare");
         PQclear(r);
     }
-    if (rc == 0) {
-        PGresult *r = pipe_result(c);
-        if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
-            rc = db_error(c, NULL, err, "batch: pipeline sync");
-        PQclear(r);
-    }
-    if (rc == 0 && !PQexitPipelineMode(c))
-        rc = db_error(c, NULL, err, "batch: pipeline mode");
+    if (rc == 0) rc = pipeline_end(c, err);
     if (rc != 0) return rc;
     if (!PQsetInstanceData(c, batch_evproc, s) &&
         PQregisterEventProc(c, batch_evproc, "eventastic batch", NULL))
@@ -2881,6 +2888,19 @@ static int build_events(pg_store *s, const batch_keys *keys,
     return 0;
 }
 
+/* The rows of p that the statement did not return (in[row] false) were
+ * not inserted: their items' groups fail with status. */
+static void fail_unreturned(es__commit_item **items, size_t n,
+                            const pstmt *p, const bool *in, int status,
+                            bool *failed)
+{
+    for (size_t j = 0; j < p->rows; j++)
+        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
+            batch_fail_group(items, n, p->refs[j].item, status);
+            *failed = true;
+        }
+}
+
 /* Items whose events did not all go in fail: a version was taken
  * (ES_ECONFLICT) or the aggregate is of another type (ES_EINVAL). */
 static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
@@ -2912,11 +2932,7 @@ static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
         rowref *f = rowref_find(p->refs, p->rows, &agg, v);
         if (f) in[f - p->refs] = true;
     }
-    for (size_t j = 0; rc == 0 && j < p->rows; j++)
-        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
-            batch_fail_group(items, n, p->refs[j].item, ES_ECONFLICT);
-            *failed = true;
-        }
+    if (rc == 0) fail_unreturned(items, n, p, in, ES_ECONFLICT, failed);
     es__free(in);
     return rc;
 }
@@ -2962,11 +2978,7 @@ static int apply_commands(es__commit_item **items, size_t n, const pstmt *p,
         rowref *f = rowref_find(p->refs, p->rows, &id, 0);
         if (f) in[f - p->refs] = true;
     }
-    for (size_t j = 0; rc == 0 && j < p->rows; j++)
-        if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
-            batch_fail_group(items, n, p->refs[j].item, ES_EIDEMPOTENCY);
-            *failed = true;
-        }
+    if (rc == 0) fail_unreturned(items, n, p, in, ES_EIDEMPOTENCY, failed);
     es__free(in);
     return rc;
 }
@@ -3095,14 +3107,7 @@ static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
                 t->wrote_side_effects = true;
             PQclear(r);
         }
-        if (rc == 0) {
-            PGresult *r = pipe_result(c);
-            if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
-                rc = db_error(c, NULL, err, "batch: pipeline sync");
-            PQclear(r);
-        }
-        if (rc == 0 && !PQexitPipelineMode(c))
-            rc = db_error(c, NULL, err, "batch: pipeline mode");
+        if (rc == 0) rc = pipeline_end(c, err);
         for (int i = 0; i < 3; i++) pstmt_free(&st[i]);
         (void)sent;
         if (!failed) break;
