@@ -1521,21 +1521,24 @@ static void test_host_snapshots_never_delay_acknowledgements(void **state)
     world_destroy(&w);
 }
 
-/* Loads that cannot reach the database (LOAD_LOST: a lost connection,
- * SQLSTATE 08006) or that read a bad row (LOAD_BAD: ES_EDECODE). */
-enum { LOAD_OK, LOAD_LOST, LOAD_BAD };
-static atomic_int load_fault;
+/* Loads that cannot reach the database (load_lost: a lost connection,
+ * SQLSTATE 08006, whatever the key) or that read a bad row (the stream of
+ * bad_row_key only: ES_EDECODE).  The bad row belongs to one key: when it
+ * was a switch for every load, a parked key whose retry fell into the
+ * switch's window failed all its commands with ES_EDECODE (seen once in
+ * hundreds of runs under load, every time with the window widened). */
+static atomic_bool load_lost;
+static es_uuid bad_row_key; /* set before the host starts */
 
-static int load_fault_status(es_error *err)
+static int load_fault_status(const es_uuid *aggregate_id, es_error *err)
 {
-    int f = atomic_load(&load_fault);
-    if (f == LOAD_LOST) {
+    if (atomic_load(&load_lost)) {
         int rc = es__error_set(err, ES_EDB, "injected: connection lost");
         if (err) memcpy(err->sqlstate, "08006", 6);
         return rc;
     }
-    if (f == LOAD_BAD) return es__error_set(err, ES_EDECODE, "injected: "
-                                                             "bad row");
+    if (es_uuid_equal(aggregate_id, &bad_row_key))
+        return es__error_set(err, ES_EDECODE, "injected: bad row");
     return 0;
 }
 
@@ -1543,7 +1546,7 @@ static int faulty_get_snapshot(es_txn *txn, const es_uuid *aggregate_id,
                                uint64_t snapshot_version, es_snapshot **out,
                                es_error *err)
 {
-    int rc = load_fault_status(err);
+    int rc = load_fault_status(aggregate_id, err);
     if (rc != 0) return rc;
     return memory_ops->get_snapshot(txn, aggregate_id, snapshot_version, out,
                                     err);
@@ -1554,7 +1557,7 @@ static int faulty_stream(es_txn *txn, const es_uuid *aggregate_id,
                          int (*fn)(void *ud, const es_event *event),
                          void *ud, es_error *err)
 {
-    int rc = load_fault_status(err);
+    int rc = load_fault_status(aggregate_id, err);
     if (rc != 0) return rc;
     return memory_ops->stream(txn, aggregate_id, from_version, fn, ud, err);
 }
@@ -1611,13 +1614,14 @@ static void test_host_load_waits_out_outage(void **state)
     wrap_store(store, true, false);
     wrapped_ops.get_snapshot = faulty_get_snapshot;
     wrapped_ops.stream = faulty_stream;
-    atomic_store(&load_fault, LOAD_OK);
+    atomic_store(&load_lost, false);
+    bad_row_key = w.keys[2];
     open_host(&w, store, 1, NULL);
     payload one = make_payload(1, 0, 0, NULL);
     es_command first = command(CMD_ADD, &one);
     assert_int_equal(call(&w, &w.keys[0], &first, NULL), 0);
 
-    atomic_store(&load_fault, LOAD_LOST);
+    atomic_store(&load_lost, true);
     static load_wait lw;
     memset(&lw, 0, sizeof lw);
     es_host_metrics m0, m1;
@@ -1628,17 +1632,20 @@ static void test_host_load_waits_out_outage(void **state)
         es_command c = command(CMD_ADD, &one);
         assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
     }
-    sleep_ms(100); /* several backoff rounds */
-    assert_int_equal(es_host_metrics_get(w.host, &m1), 0);
+    /* tried again, not once: several backoff rounds (10, 20, 40 ms) */
+    for (int i = 0; i < 500; i++) {
+        assert_int_equal(es_host_metrics_get(w.host, &m1), 0);
+        if (m1.loads - m0.loads >= 3) break;
+        sleep_ms(10);
+    }
+    assert_true(m1.loads - m0.loads >= 3);
     assert_int_equal(atomic_load(&lw.n), 0);
-    assert_true(m1.loads - m0.loads >= 3); /* tried again, not once */
 
-    /* a bad row is not an outage: that command fails at once */
-    atomic_store(&load_fault, LOAD_BAD);
+    /* The database is back.  A bad row is not an outage: that command
+     * fails at once; the parked ones complete. */
+    atomic_store(&load_lost, false);
     es_command bad = command(CMD_ADD, &one);
     assert_int_equal(call(&w, &w.keys[2], &bad, NULL), ES_EDECODE);
-
-    atomic_store(&load_fault, LOAD_OK);
     for (int i = 0; i < 500 && atomic_load(&lw.n) < PARKED_CMDS; i++)
         sleep_ms(10);
     assert_int_equal(atomic_load(&lw.n), PARKED_CMDS);
@@ -1646,7 +1653,7 @@ static void test_host_load_waits_out_outage(void **state)
     assert_int_equal(atomic_load(&lw.out_of_order), 0);
 
     /* shutdown while parked: ES_ECLOSED, nothing stored */
-    atomic_store(&load_fault, LOAD_LOST);
+    atomic_store(&load_lost, true);
     static load_wait closed;
     memset(&closed, 0, sizeof closed);
     send_parked(&w, &w.keys[3], &closed);
@@ -1654,7 +1661,7 @@ static void test_host_load_waits_out_outage(void **state)
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
     assert_int_equal(atomic_load(&closed.n), PARKED_CMDS);
     assert_int_equal(atomic_load(&closed.closed), PARKED_CMDS);
-    atomic_store(&load_fault, LOAD_OK);
+    atomic_store(&load_lost, false);
     unwrap_store(store);
     uint64_t version = 0;
     assert_int_equal(stored_value(store, &w.keys[0], &version), 11);
