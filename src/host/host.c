@@ -69,6 +69,10 @@
  * tried again after this backoff (doubling, jittered, capped). */
 #define LOAD_BACKOFF_MIN_MS 10
 #define LOAD_BACKOFF_MAX_MS 1000
+/* A parked actor due within this of now is run: the retry timer may fire
+ * a little early by es__now_ns (libevent adds a timeout to the loop's
+ * cached time), and without it the loop would arm again for a few us. */
+#define RETRY_SLACK_NS 1000000u
 
 typedef struct htype {
     const es_aggregate_type *type;
@@ -1397,17 +1401,22 @@ static uint64_t jittered_ns(const actor *a, unsigned ms)
     return (uint64_t)(half + x % (ms - half + 1)) * 1000000u;
 }
 
-/* Arm the retry timer for due (hk_lock held): only when it is not armed
- * already for an earlier time. */
-static void arm_retry_locked(es_host *host, uint64_t due, uint64_t now)
+/* Arm the retry timer for due (hk_lock held) unless it is armed already
+ * for that time or earlier.  Returns false when there is no timer (it
+ * could not be added): the caller runs the actors at once rather than
+ * leave them parked with nothing to wake them.  retry_due records only a
+ * timer that is pending, or one that fired and whose on_retry has yet to
+ * take hk_lock (it then arms for what is left). */
+static bool arm_retry_locked(es_host *host, uint64_t due, uint64_t now)
 {
-    if (host->retry_ev == NULL) return;
-    if (host->retry_due != 0 && host->retry_due <= due) return;
-    host->retry_due = due;
+    if (host->retry_due != 0 && host->retry_due <= due) return true;
+    if (host->retry_ev == NULL) return false;
     uint64_t us = due > now ? (due - now) / 1000u : 0;
     struct timeval tv = {(time_t)(us / 1000000u),
                          (suseconds_t)(us % 1000000u)};
-    event_add(host->retry_ev, &tv);
+    if (event_add(host->retry_ev, &tv) != 0) return false;
+    host->retry_due = due;
+    return true;
 }
 
 /* The worker's last touch of a parked actor: it stays scheduled (so
@@ -1418,30 +1427,35 @@ static void park(es_host *host, actor *a)
 {
     uint64_t now = es__now_ns();
     uint64_t due = now + jittered_ns(a, a->park_ms);
+    /* One lock for the list and the timer: on_retry either sees a on the
+     * list or runs after the timer is armed for it. */
     pthread_mutex_lock(&host->hk_lock);
-    bool now_run = atomic_load(&host->ending);
+    bool now_run = atomic_load(&host->ending) ||
+                   !arm_retry_locked(host, due, now);
     if (!now_run) {
         a->last_used = due;
         a->next = host->parked;
         host->parked = a;
-        arm_retry_locked(host, due, now);
     }
     pthread_mutex_unlock(&host->hk_lock);
     if (now_run) runq_push(host, a);
 }
 
 /* Take the parked actors due by now (all with all) off the list (hk_lock
- * held); returns them linked by next, their number in *n. */
+ * held) and arm the timer for the earliest of the others; returns the
+ * actors taken, linked by next, their number in *n.  The timer fired, or
+ * is ignored (all): whatever it was armed for is forgotten. */
 static actor *unpark_locked(es_host *host, uint64_t now, bool all,
                             actor **tail, size_t *n)
 {
     actor *head = NULL, **pp = &host->parked;
     *tail = NULL;
     *n = 0;
+    host->retry_due = 0;
     uint64_t next_due = 0;
     while (*pp) {
         actor *a = *pp;
-        if (all || a->last_used <= now) {
+        if (all || a->last_used <= now + RETRY_SLACK_NS) {
             *pp = a->next;
             a->next = NULL;
             if (*tail) (*tail)->next = a;
@@ -1453,8 +1467,16 @@ static actor *unpark_locked(es_host *host, uint64_t now, bool all,
         if (next_due == 0 || a->last_used < next_due) next_due = a->last_used;
         pp = &a->next;
     }
-    host->retry_due = 0;
-    if (next_due != 0) arm_retry_locked(host, next_due, now);
+    if (next_due != 0 && !arm_retry_locked(host, next_due, now)) {
+        /* no timer: the others run now too */
+        if (*tail) (*tail)->next = host->parked;
+        else head = host->parked;
+        for (actor *a = host->parked; a; a = a->next) {
+            *tail = a;
+            (*n)++;
+        }
+        host->parked = NULL;
+    }
     return head;
 }
 
