@@ -153,6 +153,12 @@ size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
         batched = store->ops->write_batch(store, slot, items, n);
         if (!any_pending(items, n)) return batched;
     }
+    return batched + es__commit_rest(store, items, n);
+}
+
+size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n)
+{
+    if (!any_pending(items, n)) return 0;
     bool *written = es__calloc(n, sizeof(bool));
     es__commit_item **sub = es__calloc(n, sizeof *sub);
     if (written == NULL || sub == NULL) {
@@ -163,7 +169,7 @@ size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
                 items[i]->status = ES_ENOMEM;
         return 0;
     }
-    size_t committed = batched;
+    size_t committed = 0;
     while (any_pending(items, n)) {
         int crc = 0;
         es_error err = {0};

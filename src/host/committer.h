@@ -49,4 +49,11 @@ size_t es__commit_item_rows(const es__commit_item *item);
 size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
                         size_t n);
 
+/* The part of es__commit_batch after the backend's batch writer: the
+ * items still ES__COMMIT_PENDING, written the generic way (savepoint per
+ * item, on pooled connections; blocking).  For the items an asynchronous
+ * batch writer (lane_write) left pending.  Returns the number of
+ * transactions that committed.  Thread: any; blocks on the database. */
+size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n);
+
 #endif

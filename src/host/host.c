@@ -167,16 +167,25 @@ struct shard {
     size_t resident;
 };
 
-/* A commit lane: a queue of items and the thread that commits them. */
+/* A commit lane: a queue of items, written a batch at a time on the
+ * host's commit loop. */
 typedef struct lane {
     es_host *host;
     pthread_mutex_t lock;
-    pthread_cond_t cond;
-    hcmd *head, *tail;
-    bool stop, started;
-    pthread_t thread;
-    uint32_t seed; /* the lane's: jitter of its backoff */
-    void *conn;    /* the lane thread's own connection (write_batch) */
+    hcmd *head, *tail; /* queued by workers */
+    bool kicked;       /* kick_ev activated, not yet found the queue empty */
+    /* the commit loop's thread only: */
+    bool busy;      /* a batch is being written */
+    bool waiting;   /* ... and waits for retry_ev */
+    bool last_try;  /* ... for the last time: the host ends */
+    hcmd *batch;    /* its commands */
+    es__commit_item **live; /* its items to write */
+    size_t k, cap;
+    unsigned delay; /* the next backoff, ms */
+    uint32_t seed;  /* the lane's: jitter of its backoff */
+    struct event *kick_ev, *retry_ev;
+    es__batch_lane *bl; /* the store's asynchronous writer, or NULL */
+    void *conn;     /* the synchronous writer's connection */
 } lane;
 
 typedef struct snap_job {
@@ -202,6 +211,12 @@ struct es_host {
 
     struct lane *lanes;
     unsigned n_lanes;
+    /* The commit loop: the lanes' events, on its own thread. */
+    struct event_base *cbase;
+    struct event *cstop_ev;     /* activated: stop the commit loop */
+    struct event *lanes_end_ev; /* activated: the host ends */
+    pthread_t commit_thread;
+    bool commit_started;
 
     /* hk_lock: actors evicted by es_host_send, passivated on the loop;
      * parked actors (linked by next, due time in last_used) and when the
@@ -1297,7 +1312,8 @@ static lane *lane_of(es_host *host, const actor *a)
     return &host->lanes[h % host->n_lanes];
 }
 
-/* Hand the decided items to the actor's commit lane. */
+/* Hand the decided items to the actor's commit lane (its loop is woken
+ * by an event, once until it finds the queue empty). */
 static void lane_push(es_host *host, actor *a, submit *sub)
 {
     lane *l = lane_of(host, a);
@@ -1305,9 +1321,11 @@ static void lane_push(es_host *host, actor *a, submit *sub)
     if (l->tail) l->tail->qnext = sub->head;
     else l->head = sub->head;
     l->tail = sub->tail;
-    pthread_cond_signal(&l->cond);
+    bool kick = !l->kicked;
+    l->kicked = true;
     pthread_mutex_unlock(&l->lock);
     memset(sub, 0, sizeof *sub);
+    if (kick) event_active(l->kick_ev, 0, 0);
 }
 
 static void flush(es_host *host, actor *a, submit *sub)
@@ -1586,55 +1604,116 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* ---- the committer ---- */
+/* ---- the commit lanes, on the commit loop ----
+ *
+ * Every lane lives on one libevent loop, the host's commit loop (a
+ * thread of its own, never the embedder's loop: a host may be shut down
+ * from a callback there, while its lanes still have to finish).  A store
+ * with an asynchronous batch writer (lane_open: PostgreSQL) writes there
+ * without blocking, so one thread serves every lane and their round trips
+ * overlap; any other store (memory) writes synchronously in the lane's
+ * callback.  A lane writes one batch at a time: when it is done, the
+ * next batch is what has queued meanwhile (up to batch_rows), so a lone
+ * command is written at once and a busy lane batches more. */
 
 #define LANE_BACKOFF_MIN_MS 10
 #define LANE_BACKOFF_MAX_MS 1000
 
-/* Sleep about ms (jittered: between half and all of it), or until the
- * host begins to end. */
-static void lane_pause(es_host *host, lane *l, unsigned ms)
+static void lane_write(lane *l);
+
+/* Post the outcomes of the lane's batch back, in order: an actor's items
+ * sit together (one flush), so they go back under one shard lock, and the
+ * actors to run go to the run queue under one lock. */
+static void lane_post(es_host *host, hcmd *h)
 {
-    l->seed = l->seed * 1103515245u + 12345u;
-    unsigned half = ms / 2;
-    unsigned span = ms - half + 1;
-    uint64_t ns = (uint64_t)(half + (l->seed >> 8) % span) * 1000000u;
-    struct timespec ts;
-    deadline_in(&ts, ns);
-    pthread_mutex_lock(&l->lock);
-    while (!atomic_load(&host->ending))
-        if (pthread_cond_timedwait(&l->cond, &l->lock, &ts) == ETIMEDOUT)
-            break;
-    pthread_mutex_unlock(&l->lock);
+    actor *wake_head = NULL, *wake_tail = NULL;
+    size_t n_wake = 0;
+    while (h) {
+        actor *a = h->actor;
+        hcmd *run_last = h;
+        uint32_t n_run = 1;
+        while (run_last->qnext && run_last->qnext->actor == a) {
+            run_last = run_last->qnext;
+            n_run++;
+        }
+        hcmd *next = run_last->qnext;
+        run_last->qnext = NULL;
+        for (hcmd *x = h; x; x = x->qnext)
+            if (x->item.status != 0 &&
+                atomic_load(&a->broken_epoch) < x->epoch)
+                atomic_store(&a->broken_epoch, x->epoch);
+        pthread_mutex_lock(&a->sh->lock);
+        if (a->res_tail) a->res_tail->qnext = h;
+        else a->res_head = h;
+        a->res_tail = run_last;
+        a->inflight -= n_run;
+        bool push = schedule_locked(a->sh, a);
+        pthread_mutex_unlock(&a->sh->lock);
+        if (push) {
+            a->next = NULL;
+            if (wake_tail) wake_tail->next = a;
+            else wake_head = a;
+            wake_tail = a;
+            n_wake++;
+        }
+        h = next;
+    }
+    if (wake_head) runq_push_list(host, wake_head, wake_tail, n_wake);
 }
 
-/* Commit one batch, waiting out a database that cannot be reached: the
- * lane keeps the batch and tries again with capped exponential backoff,
- * and a batch whose COMMIT answer was lost is read back once the
- * database answers, so its commands get the truth.  Only when the host
- * ends: one last try, then ES_ECLOSED for what did not commit and
- * ES_EUNKNOWN for what could not be read back. */
-static void lane_commit(es_host *host, lane *l, es__commit_item **items,
-                        size_t n)
+/* The lane's batch is over: every item has its outcome. */
+static void lane_end_batch(lane *l)
 {
-    unsigned delay = LANE_BACKOFF_MIN_MS;
-    for (bool last = false;; last = atomic_load(&host->ending)) {
-        count(&host->batches,
-              es__commit_batch(host->store, &l->conn, items, n));
-        bool waiting = false;
-        for (size_t i = 0; i < n && !waiting; i++)
-            waiting = items[i]->status == ES__COMMIT_RETRY ||
-                      items[i]->status == ES__COMMIT_UNKNOWN;
-        if (!waiting) return;
-        if (last) break;
-        if (!atomic_load(&host->ending)) {
-            lane_pause(host, l, delay);
-            delay = delay * 2 < LANE_BACKOFF_MAX_MS ? delay * 2
-                                                    : LANE_BACKOFF_MAX_MS;
-        }
+    hcmd *first = l->batch;
+    l->batch = NULL;
+    l->busy = false;
+    l->last_try = false;
+    lane_post(l->host, first);
+    event_active(l->kick_ev, 0, 0); /* the next batch, if any */
+}
+
+/* A write of the batch is done.  What the batch writer could not pin on
+ * an aggregate (left pending) is written the generic way; items the
+ * database could not take wait with the lane: it tries again with capped,
+ * jittered exponential backoff, and a batch whose COMMIT answer was lost
+ * is read back once the database answers, so its commands get the truth.
+ * Only when the host ends: one last try, then ES_ECLOSED for what did not
+ * commit and ES_EUNKNOWN for what could not be read back. */
+static void lane_done(void *ud, size_t committed)
+{
+    lane *l = ud;
+    es_host *host = l->host;
+    count(&host->batches, committed);
+    count(&host->batches, es__commit_rest(host->store, l->live, l->k));
+    bool waiting = false;
+    for (size_t i = 0; i < l->k && !waiting; i++)
+        waiting = l->live[i]->status == ES__COMMIT_RETRY ||
+                  l->live[i]->status == ES__COMMIT_UNKNOWN;
+    if (!waiting) {
+        lane_end_batch(l);
+        return;
     }
-    for (size_t i = 0; i < n; i++) {
-        es__commit_item *it = items[i];
+    if (!atomic_load(&host->ending)) {
+        l->seed = l->seed * 1103515245u + 12345u;
+        unsigned half = l->delay / 2;
+        unsigned ms = half + (l->seed >> 8) % (l->delay - half + 1);
+        struct timeval tv = {(time_t)(ms / 1000),
+                             (suseconds_t)(ms % 1000 * 1000)};
+        l->delay = l->delay * 2 < LANE_BACKOFF_MAX_MS ? l->delay * 2
+                                                      : LANE_BACKOFF_MAX_MS;
+        l->waiting = true;
+        if (event_add(l->retry_ev, &tv) == 0) return;
+        l->waiting = false;
+        /* no timer: at once (not reached but with memory exhausted) */
+    }
+    if (!l->last_try) {
+        l->last_try = atomic_load(&host->ending);
+        event_active(l->retry_ev, 0, 0);
+        l->waiting = true;
+        return;
+    }
+    for (size_t i = 0; i < l->k; i++) {
+        es__commit_item *it = l->live[i];
         if (it->status == ES__COMMIT_RETRY) {
             it->status = ES_ECLOSED;
             it->why = "host closed while the database could not be "
@@ -1645,98 +1724,114 @@ static void lane_commit(es_host *host, lane *l, es__commit_item **items,
                       "answer was lost could be read back";
         }
     }
+    lane_end_batch(l);
 }
 
-static void *committer_main(void *arg)
+/* Write the lane's live items: asynchronously on a store that can, else
+ * here and now. */
+static void lane_write(lane *l)
 {
+    es_host *host = l->host;
+    if (l->bl != NULL) {
+        host->store->ops->lane_write(l->bl, l->live, l->k, lane_done, l);
+        return;
+    }
+    lane_done(l, es__commit_batch(host->store, &l->conn, l->live, l->k));
+}
+
+/* The backoff is over, or the host ends: try the batch again. */
+static void on_lane_retry(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    lane *l = arg;
+    if (!l->waiting) return;
+    l->waiting = false;
+    lane_write(l);
+}
+
+/* The host ends: lanes waiting out the database try once more now. */
+static void on_lanes_end(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    for (unsigned i = 0; i < host->n_lanes; i++) {
+        lane *l = &host->lanes[i];
+        if (!l->waiting) continue;
+        event_del(l->retry_ev);
+        on_lane_retry(-1, 0, l);
+    }
+}
+
+/* Items have queued (lane_push), or the last batch ended: the next
+ * batch, which closes at the row limit or with what is there now. */
+static void on_lane_kick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
     lane *l = arg;
     es_host *host = l->host;
-    tls_host = host;
-    es__commit_item **live = NULL;
-    size_t cap = 0;
-    for (;;) {
-        pthread_mutex_lock(&l->lock);
-        while (l->head == NULL && !l->stop)
-            pthread_cond_wait(&l->cond, &l->lock);
-        if (l->head == NULL) {
-            pthread_mutex_unlock(&l->lock);
-            break;
-        }
-        /* A batch closes at the row limit or with what is there now. */
-        size_t rows = 0, n = 0;
-        hcmd *first = l->head, *last = NULL;
-        for (hcmd *h = first; h; h = h->qnext) {
-            size_t r = es__commit_item_rows(&h->item);
-            if (n > 0 && rows + r > host->cfg.batch_rows) break;
-            rows += r;
-            n++;
-            last = h;
-        }
-        l->head = last->qnext;
-        if (l->head == NULL) l->tail = NULL;
-        last->qnext = NULL;
+    if (l->busy) return;
+    pthread_mutex_lock(&l->lock);
+    if (l->head == NULL) {
+        l->kicked = false;
         pthread_mutex_unlock(&l->lock);
-
-        if (n > cap) {
-            void *p = es__realloc(live, n * 2 * sizeof *live);
-            if (p) {
-                live = p;
-                cap = n * 2;
-            }
-        }
-        bool oom = n > cap;
-        size_t k = 0;
-        bool now = atomic_load(&host->closing_now);
-        for (hcmd *h = first; h; h = h->qnext) {
-            if (now) h->item.status = ES_ECLOSED;
-            else if (oom) h->item.status = ES_ENOMEM;
-            else if (h->epoch <= atomic_load(&h->actor->broken_epoch))
-                h->item.status = ES_ECONFLICT; /* decided on lost events */
-            else
-                live[k++] = &h->item;
-        }
-        if (k > 0) lane_commit(host, l, live, k);
-        /* Post the outcomes back, in order: an actor's items sit
-         * together (one flush), so they go back under one shard lock, and
-         * the actors to run go to the run queue under one lock. */
-        actor *wake_head = NULL, *wake_tail = NULL;
-        size_t n_wake = 0;
-        hcmd *h = first;
-        while (h) {
-            actor *a = h->actor;
-            hcmd *run_last = h;
-            uint32_t n_run = 1;
-            while (run_last->qnext && run_last->qnext->actor == a) {
-                run_last = run_last->qnext;
-                n_run++;
-            }
-            hcmd *next = run_last->qnext;
-            run_last->qnext = NULL;
-            for (hcmd *x = h; x; x = x->qnext)
-                if (x->item.status != 0 &&
-                    atomic_load(&a->broken_epoch) < x->epoch)
-                    atomic_store(&a->broken_epoch, x->epoch);
-            pthread_mutex_lock(&a->sh->lock);
-            if (a->res_tail) a->res_tail->qnext = h;
-            else a->res_head = h;
-            a->res_tail = run_last;
-            a->inflight -= n_run;
-            bool push = schedule_locked(a->sh, a);
-            pthread_mutex_unlock(&a->sh->lock);
-            if (push) {
-                a->next = NULL;
-                if (wake_tail) wake_tail->next = a;
-                else wake_head = a;
-                wake_tail = a;
-                n_wake++;
-            }
-            h = next;
-        }
-        if (wake_head) runq_push_list(host, wake_head, wake_tail, n_wake);
+        return;
     }
-    es__free(live);
-    es__store_background_close(host->store, &l->conn);
+    size_t rows = 0, n = 0;
+    hcmd *first = l->head, *last = NULL;
+    for (hcmd *h = first; h; h = h->qnext) {
+        size_t r = es__commit_item_rows(&h->item);
+        if (n > 0 && rows + r > host->cfg.batch_rows) break;
+        rows += r;
+        n++;
+        last = h;
+    }
+    l->head = last->qnext;
+    if (l->head == NULL) l->tail = NULL;
+    last->qnext = NULL;
+    pthread_mutex_unlock(&l->lock);
+
+    if (n > l->cap) {
+        void *p = es__realloc(l->live, n * 2 * sizeof *l->live);
+        if (p) {
+            l->live = p;
+            l->cap = n * 2;
+        }
+    }
+    bool oom = n > l->cap;
+    size_t k = 0;
+    bool now = atomic_load(&host->closing_now);
+    for (hcmd *h = first; h; h = h->qnext) {
+        if (now) h->item.status = ES_ECLOSED;
+        else if (oom) h->item.status = ES_ENOMEM;
+        else if (h->epoch <= atomic_load(&h->actor->broken_epoch))
+            h->item.status = ES_ECONFLICT; /* decided on lost events */
+        else
+            l->live[k++] = &h->item;
+    }
+    l->batch = first;
+    l->k = k;
+    l->busy = true;
+    l->delay = LANE_BACKOFF_MIN_MS;
+    if (k > 0) lane_write(l);
+    else lane_end_batch(l);
+}
+
+static void *commit_main(void *arg)
+{
+    es_host *host = arg;
+    tls_host = host;
+    event_base_loop(host->cbase, EVLOOP_NO_EXIT_ON_EMPTY);
     return NULL;
+}
+
+static void on_commit_stop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    event_base_loopbreak(arg);
 }
 
 /* ---- the I/O loop (timers, passivation) and the snapshot writer ---- */
@@ -1933,6 +2028,71 @@ static void io_teardown(es_host *host)
     host->own_base = false;
 }
 
+/* The commit loop and the lanes' events (and the store's lanes).  The
+ * loop's thread is started by the caller. */
+static int commit_setup(es_host *host, es_error *err)
+{
+    pthread_once(&evthread_once, evthread_init);
+    if (evthread_rc != 0)
+        return es__error_set(err, ES_EIO, "could not set up the commit "
+                                          "loop (libevent threads)");
+    host->cbase = event_base_new();
+    if (host->cbase == NULL)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    host->cstop_ev = event_new(host->cbase, -1, 0, on_commit_stop,
+                               host->cbase);
+    host->lanes_end_ev = event_new(host->cbase, -1, 0, on_lanes_end, host);
+    if (host->cstop_ev == NULL || host->lanes_end_ev == NULL)
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    for (unsigned i = 0; i < host->n_lanes; i++) {
+        lane *l = &host->lanes[i];
+        l->kick_ev = event_new(host->cbase, -1, 0, on_lane_kick, l);
+        l->retry_ev = event_new(host->cbase, -1, 0, on_lane_retry, l);
+        if (l->kick_ev == NULL || l->retry_ev == NULL)
+            return es__error_set(err, ES_ENOMEM, "out of memory");
+        if (host->store->ops->lane_open != NULL) {
+            int rc = host->store->ops->lane_open(host->store, host->cbase,
+                                                 &l->bl, err);
+            if (rc != 0) return rc;
+        }
+    }
+    return 0;
+}
+
+/* Stop the commit loop (its lanes are idle: every command completed) and
+ * free the lanes' events, connections and writers. */
+static void commit_teardown(es_host *host)
+{
+    if (host->commit_started) {
+        event_active(host->cstop_ev, 0, 0);
+        pthread_join(host->commit_thread, NULL);
+        host->commit_started = false;
+    }
+    for (unsigned i = 0; host->lanes && i < host->n_lanes; i++) {
+        lane *l = &host->lanes[i];
+        struct event **evs[] = {&l->kick_ev, &l->retry_ev};
+        for (size_t j = 0; j < 2; j++)
+            if (*evs[j]) {
+                event_free(*evs[j]);
+                *evs[j] = NULL;
+            }
+        if (l->bl) host->store->ops->lane_close(l->bl);
+        l->bl = NULL;
+        es__store_background_close(host->store, &l->conn);
+        es__free(l->live);
+        l->live = NULL;
+        l->cap = 0;
+    }
+    struct event **evs[] = {&host->cstop_ev, &host->lanes_end_ev};
+    for (size_t j = 0; j < 2; j++)
+        if (*evs[j]) {
+            event_free(*evs[j]);
+            *evs[j] = NULL;
+        }
+    if (host->cbase) event_base_free(host->cbase);
+    host->cbase = NULL;
+}
+
 /* ---- life cycle ---- */
 
 static void host_free(es_host *host)
@@ -1941,10 +2101,8 @@ static void host_free(es_host *host)
         pthread_mutex_destroy(&host->shards[s].lock);
     pthread_mutex_destroy(&host->rq_lock);
     pthread_cond_destroy(&host->rq_cond);
-    for (unsigned i = 0; host->lanes && i < host->n_lanes; i++) {
+    for (unsigned i = 0; host->lanes && i < host->n_lanes; i++)
         pthread_mutex_destroy(&host->lanes[i].lock);
-        pthread_cond_destroy(&host->lanes[i].cond);
-    }
     es__free(host->lanes);
     pthread_mutex_destroy(&host->hk_lock);
     free_jobs(host->sj_head); /* left by a failed open */
@@ -1966,16 +2124,7 @@ static void stop_threads(es_host *host)
     for (unsigned i = 0; i < host->n_workers; i++)
         pthread_join(host->workers[i], NULL);
     host->n_workers = 0;
-    for (unsigned i = 0; host->lanes && i < host->n_lanes; i++) {
-        lane *l = &host->lanes[i];
-        if (!l->started) continue;
-        pthread_mutex_lock(&l->lock);
-        l->stop = true;
-        pthread_cond_signal(&l->cond);
-        pthread_mutex_unlock(&l->lock);
-        pthread_join(l->thread, NULL);
-        l->started = false;
-    }
+    commit_teardown(host);
     /* Workers are gone; the loop's callbacks go next (io_teardown), so
      * nobody queues snapshots or arms the flush timer any more. */
     io_teardown(host);
@@ -2041,7 +2190,6 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
         host->lanes[i].host = host;
         host->lanes[i].seed = 2654435761u * (i + 1);
         pthread_mutex_init(&host->lanes[i].lock, NULL);
-        pthread_cond_init(&host->lanes[i].cond, NULL);
     }
     pthread_mutex_init(&host->hk_lock, NULL);
     pthread_mutex_init(&host->sw_lock, NULL);
@@ -2050,11 +2198,14 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     pthread_cond_init(&host->drain_cond, NULL);
 
     int rc = 0;
-    for (unsigned i = 0; rc == 0 && i < host->n_lanes; i++) {
-        lane *l = &host->lanes[i];
-        rc = pthread_create(&l->thread, NULL, committer_main, l);
-        l->started = rc == 0;
+    int commit_rc = commit_setup(host, err);
+    if (commit_rc != 0) {
+        stop_threads(host);
+        host_free(host);
+        return commit_rc;
     }
+    rc = pthread_create(&host->commit_thread, NULL, commit_main, host);
+    host->commit_started = rc == 0;
     if (rc == 0) {
         rc = pthread_create(&host->snap_writer, NULL, snap_writer_main, host);
         host->snap_writer_started = rc == 0;
@@ -2094,11 +2245,8 @@ static int host_end(es_host *host, bool now, es_error *err)
     if (now) atomic_store(&host->closing_now, true);
     atomic_store(&host->closing, true);
     atomic_store(&host->ending, true);
-    for (unsigned i = 0; i < host->n_lanes; i++) { /* out of lane_pause */
-        pthread_mutex_lock(&host->lanes[i].lock);
-        pthread_cond_signal(&host->lanes[i].cond);
-        pthread_mutex_unlock(&host->lanes[i].lock);
-    }
+    if (host->lanes_end_ev) /* lanes waiting out the database: now */
+        event_active(host->lanes_end_ev, 0, 0);
     { /* parked actors run now: their commands complete (ES_ECLOSED) */
         actor *tail = NULL;
         size_t n = 0;

@@ -22,6 +22,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <event2/event.h>
 #include <libpq-events.h>
 #include <libpq-fe.h>
 #include <limits.h>
@@ -1103,6 +1104,59 @@ static int undecryptable(es_error *err, const es_uuid *agg, const char *what)
     return ES_EDECRYPT;
 }
 
+/* The data key in row `row` of a key query's result (key_id, wrapped),
+ * unwrapped into *e (locked: read FOR SHARE).  A NULL wrapped key is a
+ * forgotten aggregate. */
+static int dek_from_row(pg_store *s, const es_uuid *agg, const PGresult *r,
+                        int row, bool locked, dek_entry *e, es_error *err)
+{
+    memset(e, 0, sizeof *e);
+    e->agg = *agg;
+    e->locked = locked;
+    if (PQgetisnull(r, row, 1)) return forgotten(err, agg);
+    snprintf(e->kek, sizeof e->kek, "%s", PQgetvalue(r, row, 0));
+    const uint8_t *w = (const uint8_t *)PQgetvalue(r, row, 1);
+    size_t wlen = (size_t)PQgetlength(r, row, 1);
+    es_error inner = {0};
+    int rc = s->provider.unwrap(s->provider.ud, e->kek, agg, w, wlen, e->dek,
+                                &inner);
+    if (rc == 0) return 0;
+    sodium_memzero(e, sizeof *e);
+    char id[ES_UUID_STRLEN + 1];
+    es__error_wrap(err, rc < 0 ? rc : ES_EDECRYPT, &inner,
+                   "aggregate %s: its data key", es_uuid_format(agg, id));
+    if (err) err->aggregate_id = *agg;
+    return rc < 0 ? rc : ES_EDECRYPT;
+}
+
+/* A new data key for agg in *e, wrapped by the newest master key into
+ * wrapped (*wlen bytes), to be stored with SQL_PUT_KEY. */
+static int dek_new(pg_store *s, const es_uuid *agg, dek_entry *e,
+                   uint8_t wrapped[ES_PG_WRAPPED_MAX], size_t *wlen,
+                   es_error *err)
+{
+    memset(e, 0, sizeof *e);
+    e->agg = *agg;
+    e->locked = true; /* our own uncommitted row */
+    crypto_aead_xchacha20poly1305_ietf_keygen(e->dek);
+    *wlen = 0;
+    es_error inner = {0};
+    int rc = s->provider.current(s->provider.ud, e->kek, &inner);
+    if (rc == 0 && !key_id_valid(e->kek))
+        rc = es__error_set(&inner, ES_EINVAL, "the key provider named "
+                           "an invalid master key id");
+    if (rc == 0)
+        rc = s->provider.wrap(s->provider.ud, e->kek, agg, e->dek, wrapped,
+                              wlen, &inner);
+    if (rc == 0 && (*wlen == 0 || *wlen > ES_PG_WRAPPED_MAX))
+        rc = es__error_set(&inner, ES_EINVAL, "the key provider wrapped "
+                           "a data key into %zu bytes", *wlen);
+    if (rc == 0) return 0;
+    sodium_memzero(e, sizeof *e);
+    return es__error_wrap(err, rc < 0 ? rc : ES_EIO, &inner,
+                          "wrapping a data key");
+}
+
 /* The data key of an aggregate: from the transaction's cache, from the
  * keys table, or (create) a new one wrapped by the newest master key.
  * ES_ENOTFOUND when there is none and create is false.  *out is valid
@@ -1135,61 +1189,20 @@ static int get_dek(pg_txn *t, const es_uuid *agg, bool create,
                      s->sql[create ? SQL_LOCK_KEY : SQL_GET_KEY], 1, types,
                      values, lens, &r, err);
         if (rc != 0) return rc;
+        dek_entry e;
         if (PQntuples(r) == 1) {
-            dek_entry e;
-            memset(&e, 0, sizeof e);
-            e.agg = *agg;
-            e.locked = create;
-            if (PQgetisnull(r, 0, 1)) {
-                PQclear(r);
-                return forgotten(err, agg);
-            }
-            snprintf(e.kek, sizeof e.kek, "%s", PQgetvalue(r, 0, 0));
-            const uint8_t *w = (const uint8_t *)PQgetvalue(r, 0, 1);
-            size_t wlen = (size_t)PQgetlength(r, 0, 1);
-            es_error inner = {0};
-            rc = s->provider.unwrap(s->provider.ud, e.kek, agg, w, wlen,
-                                    e.dek, &inner);
+            rc = dek_from_row(s, agg, r, 0, create, &e, err);
             PQclear(r);
-            if (rc != 0) {
-                sodium_memzero(&e, sizeof e);
-                char id[ES_UUID_STRLEN + 1];
-                es__error_wrap(err, rc < 0 ? rc : ES_EDECRYPT, &inner,
-                               "aggregate %s: its data key",
-                               es_uuid_format(agg, id));
-                if (err) err->aggregate_id = *agg;
-                return rc < 0 ? rc : ES_EDECRYPT;
-            }
-            *out = dek_cache_put(t, &e);
+            if (rc == 0) *out = dek_cache_put(t, &e);
             sodium_memzero(&e, sizeof e);
-            return 0;
+            return rc;
         }
         PQclear(r);
         if (!create) return ES_ENOTFOUND;
 
-        dek_entry e;
-        memset(&e, 0, sizeof e);
-        e.agg = *agg;
-        e.locked = true; /* our own uncommitted row */
-        crypto_aead_xchacha20poly1305_ietf_keygen(e.dek);
         uint8_t wrapped[ES_PG_WRAPPED_MAX];
         size_t wlen = 0;
-        es_error inner = {0};
-        rc = s->provider.current(s->provider.ud, e.kek, &inner);
-        if (rc == 0 && !key_id_valid(e.kek))
-            rc = es__error_set(&inner, ES_EINVAL, "the key provider named "
-                               "an invalid master key id");
-        if (rc == 0)
-            rc = s->provider.wrap(s->provider.ud, e.kek, agg, e.dek, wrapped,
-                                  &wlen, &inner);
-        if (rc == 0 && (wlen == 0 || wlen > ES_PG_WRAPPED_MAX))
-            rc = es__error_set(&inner, ES_EINVAL, "the key provider wrapped "
-                               "a data key into %zu bytes", wlen);
-        if (rc != 0) {
-            sodium_memzero(&e, sizeof e);
-            return es__error_wrap(err, rc < 0 ? rc : ES_EIO, &inner,
-                                  "wrapping a data key");
-        }
+        if ((rc = dek_new(s, agg, &e, wrapped, &wlen, err)) != 0) return rc;
         const char *ivalues[3] = {(const char *)agg->bytes, e.kek,
                                   (const char *)wrapped};
         const int ilens[3] = {16, (int)strlen(e.kek), (int)wlen};
@@ -2620,55 +2633,6 @@ static void batch_keys_free(batch_keys *k)
     k->n = 0;
 }
 
-static int batch_keys_add(pg_txn *t, batch_keys *k, size_t *cap,
-                          const es_uuid *agg, es_error *err)
-{
-    for (size_t i = 0; i < k->n; i++) /* unsorted while filling */
-        if (es_uuid_equal(&k->e[i].agg, agg)) return 0;
-    const dek_entry *d = NULL;
-    int rc = get_dek(t, agg, true, &d, err);
-    if (rc != 0) return rc;
-    if (k->n == *cap) {
-        size_t nc = *cap ? *cap * 2 : 16;
-        dek_entry *e = es__calloc(nc, sizeof *e);
-        if (e == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-        if (k->n) memcpy(e, k->e, k->n * sizeof *e);
-        batch_keys_free(k);
-        k->e = e;
-        *cap = nc;
-    }
-    k->e[k->n++] = *d;
-    return 0;
-}
-
-/* Keys for every pending item; an item whose key cannot be had (forgotten
- * aggregate, provider error) fails with its group.  Returns a status only
- * for a failed statement. */
-static int batch_keys_load(pg_txn *t, batch_keys *k, es__commit_item **items,
-                           size_t n, es_error *err)
-{
-    size_t cap = 0;
-    for (size_t i = 0; i < n; i++) {
-        es__commit_item *it = items[i];
-        if (it->status != ES__COMMIT_PENDING) continue;
-        int rc = 0;
-        if (it->n_events > 0)
-            rc = batch_keys_add(t, k, &cap, &it->aggregate_id, err);
-        for (size_t j = 0; rc == 0 && j < it->n_side_effects; j++)
-            rc = batch_keys_add(t, k, &cap, &it->side_effects[j].aggregate_id,
-                                err);
-        if (rc == 0) continue;
-        if (PQstatus(t->conn) == CONNECTION_BAD ||
-            PQtransactionStatus(t->conn) == PQTRANS_INERROR)
-            return rc;
-        batch_fail_group(items, n, i, rc);
-    }
-    if (k->n > 1) qsort(k->e, k->n, sizeof *k->e, dek_cmp);
-    return 0;
-}
-
-static PGresult *pipe_result(PGconn *c);
-
 /* The batch's statements are prepared once per lane connection and then
  * only bound and executed: parsing and planning them for every batch
  * took about 42% of PostgreSQL's CPU time (perf, bench_pg).  Their
@@ -2708,53 +2672,6 @@ static int batch_evproc(PGEventId id, void *info, void *pass)
         PQsetInstanceData(((PGEventConnReset *)info)->conn, batch_evproc,
                           NULL);
     return 1;
-}
-
-/* After the last result of a pipeline: its sync, then out of pipeline
- * mode. */
-static int pipeline_end(PGconn *c, es_error *err)
-{
-    PGresult *r = pipe_result(c);
-    int rc = 0;
-    if (r == NULL || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
-        rc = db_error(c, NULL, err, "batch: pipeline sync");
-    PQclear(r);
-    if (rc == 0 && !PQexitPipelineMode(c))
-        rc = db_error(c, NULL, err, "batch: pipeline mode");
-    return rc;
-}
-
-/* Prepares the batch statements on c unless they are: one round trip,
- * outside any transaction.  DEALLOCATE ALL first, so that an earlier try
- * that failed half way cannot make a name clash.  A connection that
- * cannot carry the mark is prepared again next time (harmless). */
-static int batch_prepare(pg_store *s, PGconn *c, es_error *err)
-{
-    if (PQinstanceData(c, batch_evproc) == s) return 0;
-    int rc = 0;
-    if (!PQenterPipelineMode(c))
-        return db_error(c, NULL, err, "batch: pipeline mode");
-    if (!PQsendQueryParams(c, "DEALLOCATE ALL", 0, NULL, NULL, NULL, NULL, 0))
-        rc = db_error(c, NULL, err, "batch: prepare");
-    for (int i = 0; rc == 0 && i < BATCH_STMTS; i++)
-        if (!PQsendPrepare(c, batch_stmts[i].name,
-                           s->sql[batch_stmts[i].sql], batch_stmts[i].n,
-                           batch_stmts[i].types))
-            rc = db_error(c, NULL, err, "batch: prepare");
-    if (rc == 0 && !PQpipelineSync(c))
-        rc = db_error(c, NULL, err, "batch: pipeline sync");
-    for (int i = 0; rc == 0 && i < 1 + BATCH_STMTS; i++) {
-        PGresult *r = pipe_result(c);
-        if (r == NULL || PQresultStatus(r) != PGRES_COMMAND_OK)
-            rc = db_error(c, r, err, "batch: prepare");
-        PQclear(r);
-    }
-    if (rc == 0) rc = pipeline_end(c, err);
-    if (rc != 0) return rc;
-    if (!PQsetInstanceData(c, batch_evproc, s) &&
-        PQregisterEventProc(c, batch_evproc, "eventastic batch", NULL))
-        PQsetInstanceData(c, batch_evproc, s);
-    return 0;
 }
 
 /* One statement of a batch's pipeline: its array parameters and, for the
@@ -2809,18 +2726,6 @@ static int pstmt_send(PGconn *c, pstmt *p, es_error *err)
         return db_error(c, NULL, err, p->what);
     p->sent = true;
     return 0;
-}
-
-/* The next result of a pipeline, past the NULL that ends the previous
- * statement's; NULL when the connection broke. */
-static PGresult *pipe_result(PGconn *c)
-{
-    for (int i = 0; i < 2; i++) {
-        PGresult *r = PQgetResult(c);
-        if (r != NULL) return r;
-        if (PQstatus(c) == CONNECTION_BAD) return NULL;
-    }
-    return NULL;
 }
 
 /* The events of the pending items; an item with a version or payload
@@ -3043,131 +2948,389 @@ static int build_side_effects(pg_store *s, const batch_keys *keys,
     return rc == 0 ? 0 : es__error_set(err, ES_ENOMEM, "out of memory");
 }
 
-/* The writes of one transaction, in one round trip (libpq pipeline):
- * BEGIN (unless begun), a savepoint, the events, the command ids and the
- * side effects of the pending items.  When rows were skipped, the items
- * they belong to fail, and the next round trip rolls back to the
- * savepoint and writes the rest again.  The pending items that are left
- * are the ones written (not committed yet).  Returns a status for a
- * failed statement; the transaction is then to be rolled back. */
-static int batch_write(pg_txn *t, es__commit_item **items, size_t n,
-                       es_error *err)
+/* ---- the batch writer: commit lanes on a libevent loop ----
+ *
+ * A lane writes a batch in a few round trips on a connection of its own,
+ * each a libpq pipeline ended by a sync, sent and read without blocking
+ * (PQsetnonblocking): the loop's event on the socket drives it, so one
+ * loop thread serves every lane.  The steps:
+ *   - connect (PQconnectStart and PQconnectPoll) and prepare the batch
+ *     statements, once per connection;
+ *   - items ES__COMMIT_UNKNOWN on entry: read back by the command id of
+ *     one of them, before anything is written;
+ *   - with encryption: BEGIN and the data keys of the batch, read FOR
+ *     SHARE in one round trip (the missing ones are made and stored in a
+ *     second);
+ *   - the writes: [BEGIN,] SAVEPOINT, the events, the command ids and the
+ *     side effects; when rows did not go in, their groups fail and the
+ *     rest is written again after ROLLBACK TO SAVEPOINT;
+ *   - COMMIT; an answer that was lost is read back.
+ * pg_write_batch runs the same steps on a loop of its own, to the end. */
+
+typedef struct pg_lane pg_lane;
+typedef void (*lane_step)(pg_lane *l, bool ok);
+
+/* A connection attempt that makes no progress for this long fails (libpq
+ * leaves connect_timeout to the caller of PQconnectPoll). */
+#define LANE_CONNECT_TIMEOUT_S 10
+
+struct pg_lane {
+    pg_store *s;
+    struct event_base *base;
+    struct event *ev; /* the connection's socket */
+    PGconn *conn;
+    bool connecting;
+    lane_step on_rt;  /* the round trip under way ends here */
+    lane_step on_conn; /* connected and prepared, or not */
+    PGresult **res;   /* the round trip's results, in order, no sync */
+    size_t n_res, cap_res;
+    bool res_oom;
+    /* the batch */
+    es__commit_item **items;
+    size_t n;
+    es__batch_done done;
+    void *ud;
+    size_t committed;
+    int lost; /* transactions lost with their connection, this batch */
+    bool begun, first, side_effects;
+    bool setup;    /* a new connection: SET its session settings */
+    bool new_conn; /* lane_ensure made a new connection */
+    int n_head;        /* statements before the batch's in a round trip */
+    int key_attempt;
+    batch_keys keys;
+    size_t keys_cap;
+    es_uuid *need; /* the aggregates whose keys a round trip asks for */
+    size_t n_need;
+    dek_entry *made; /* keys made for need[], stored by the round trip */
+    pstmt st[3];
+    const es__command_record *probe;
+    void (*after_resolve)(pg_lane *l, int outcome);
+    es_error err;
+};
+
+static void lane_io(evutil_socket_t fd, short what, void *arg);
+
+static void lane_results_clear(pg_lane *l)
 {
-    pg_store *s = (pg_store *)t->base.store;
-    PGconn *c = t->conn;
-    static const char begin_sql[] = "BEGIN ISOLATION LEVEL READ COMMITTED";
-    batch_keys keys = {NULL, 0};
-    bool begun = false;
-    int rc = batch_prepare(s, c, err);
-    if (rc == 0 && s->encrypt) {
-        /* data keys first, in the transaction, before the savepoint */
-        rc = run_simple(c, "batch: begin", begin_sql, err);
-        begun = rc == 0;
-        if (rc == 0) rc = batch_keys_load(t, &keys, items, n, err);
-    }
-    for (bool first = true; rc == 0; first = false) {
-        bool any = false, failed = false;
-        for (size_t i = 0; i < n && !any; i++)
-            any = items[i]->status == ES__COMMIT_PENDING;
-        if (!any) break;
-        pstmt st[3];
-        memset(st, 0, sizeof st);
-        rc = build_events(s, &keys, items, n, &st[0], err);
-        if (rc == 0) rc = build_commands(items, n, &st[1], err);
-        if (rc == 0) rc = build_side_effects(s, &keys, items, n, &st[2], err);
-        const char *head[2];
-        int n_head = 0;
-        if (!begun) head[n_head++] = begin_sql;
-        head[n_head++] = first ? "SAVEPOINT es_batch"
-                               : "ROLLBACK TO SAVEPOINT es_batch";
-        if (rc == 0 && !PQenterPipelineMode(c))
-            rc = db_error(c, NULL, err, "batch: pipeline mode");
-        int sent = 0;
-        for (int i = 0; rc == 0 && i < n_head; i++, sent++)
-            if (!PQsendQueryParams(c, head[i], 0, NULL, NULL, NULL, NULL, 0))
-                rc = db_error(c, NULL, err, "batch: begin");
-        begun = true;
-        for (int i = 0; rc == 0 && i < 3; i++)
-            if (st[i].rows > 0) rc = pstmt_send(c, &st[i], err);
-        if (rc == 0 && !PQpipelineSync(c))
-            rc = db_error(c, NULL, err, "batch: pipeline sync");
-        /* the results, in order; the first error is kept */
-        for (int i = 0; rc == 0 && i < n_head + 3; i++) {
-            if (i >= n_head && !st[i - n_head].sent) continue;
-            PGresult *r = pipe_result(c);
-            ExecStatusType est = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
-            if (est != PGRES_COMMAND_OK && est != PGRES_TUPLES_OK)
-                rc = db_error(c, r, err, i < n_head ? "batch: begin"
-                                                    : st[i - n_head].what);
-            else if (i == n_head)
-                rc = apply_events(items, n, &st[0], r, &failed, err);
-            else if (i == n_head + 1)
-                rc = apply_commands(items, n, &st[1], r, &failed, err);
-            else if (i == n_head + 2 && strcmp(PQcmdTuples(r), "0") != 0)
-                t->wrote_side_effects = true;
-            PQclear(r);
-        }
-        if (rc == 0) rc = pipeline_end(c, err);
-        for (int i = 0; i < 3; i++) pstmt_free(&st[i]);
-        (void)sent;
-        if (!failed) break;
-    }
-    batch_keys_free(&keys);
-    return rc;
+    for (size_t i = 0; i < l->n_res; i++) PQclear(l->res[i]);
+    l->n_res = 0;
+    l->res_oom = false;
 }
 
-/* A transaction of the batch writer on the caller's connection in *slot
- * (a commit lane's own, never the pool's: a burst of loads cannot starve
- * the lanes), made when *slot is NULL; txn_end closes a broken one and
- * clears the slot.  BEGIN goes in the first round trip of batch_write. */
-static int batch_begin(pg_store *s, PGconn **slot, es_txn **out,
-                       es_error *err)
+/* Close the connection (a broken one, or one in an unknown state). */
+static void lane_drop(pg_lane *l)
 {
-    pg_txn *t = es__calloc(1, sizeof *t);
-    if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    t->base.store = &s->base;
-    t->own = slot;
-    if (*slot == NULL) {
-        int rc = store_connect(s, slot, err);
-        if (rc != 0) {
-            es__free(t);
-            return rc;
+    event_del(l->ev);
+    if (l->conn) PQfinish(l->conn);
+    l->conn = NULL;
+    l->connecting = false;
+}
+
+/* Wait on the socket for what (and at most tv). */
+static bool lane_wait(pg_lane *l, short what, const struct timeval *tv)
+{
+    event_del(l->ev);
+    int fd = PQsocket(l->conn);
+    return fd >= 0 &&
+           event_assign(l->ev, l->base, fd, what, lane_io, l) == 0 &&
+           event_add(l->ev, tv) == 0;
+}
+
+/* The connection failed: l->err says how (as lost unless set). */
+static void lane_lost(pg_lane *l, const char *what)
+{
+    if (l->err.code == 0) {
+        if (l->conn) db_error(l->conn, NULL, &l->err, what);
+        else {
+            es__error_set(&l->err, ES_EDB, "%s: connection to the database "
+                          "lost", what);
+            memcpy(l->err.sqlstate, LOST_SQLSTATE, 6);
         }
     }
-    t->conn = *slot;
-    es__store_txn_started(&s->base);
-    *out = &t->base;
-    return 0;
+    lane_drop(l);
+}
+
+/* The end of a round trip: its step runs with its results. */
+static void lane_rt_end(pg_lane *l, bool ok)
+{
+    event_del(l->ev);
+    lane_step step = l->on_rt;
+    l->on_rt = NULL;
+    if (ok && l->res_oom) {
+        es__error_set(&l->err, ES_ENOMEM, "out of memory");
+        ok = false;
+    }
+    step(l, ok);
+}
+
+/* Results as they arrive, up to the sync that ends the round trip. */
+static void lane_rt_io(pg_lane *l, short what)
+{
+    if ((what & EV_READ) && !PQconsumeInput(l->conn)) {
+        lane_rt_end(l, false);
+        return;
+    }
+    int f = PQflush(l->conn);
+    if (f < 0) {
+        lane_rt_end(l, false);
+        return;
+    }
+    int nulls = 0;
+    while (!PQisBusy(l->conn)) {
+        PGresult *r = PQgetResult(l->conn);
+        if (r == NULL) { /* between two statements' results */
+            if (PQstatus(l->conn) == CONNECTION_BAD || ++nulls > 1) break;
+            continue;
+        }
+        nulls = 0;
+        if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
+            PQclear(r);
+            lane_rt_end(l, PQexitPipelineMode(l->conn) == 1);
+            return;
+        }
+        if (l->n_res == l->cap_res) {
+            size_t cap = l->cap_res ? l->cap_res * 2 : 8;
+            PGresult **p = es__realloc(l->res, cap * sizeof *p);
+            if (p == NULL) {
+                l->res_oom = true;
+                PQclear(r);
+                continue;
+            }
+            l->res = p;
+            l->cap_res = cap;
+        }
+        l->res[l->n_res++] = r;
+    }
+    if (PQstatus(l->conn) == CONNECTION_BAD ||
+        !lane_wait(l, EV_READ | (f == 1 ? EV_WRITE : 0), NULL))
+        lane_rt_end(l, false);
+}
+
+/* A round trip: enter pipeline mode, then the caller sends its statements
+ * and calls lane_rt_go. */
+static bool lane_rt_begin(pg_lane *l)
+{
+    lane_results_clear(l);
+    return PQenterPipelineMode(l->conn) == 1;
+}
+
+/* Send what was queued with a sync; step runs when its results are in.
+ * sent false: queueing failed (the connection, unless l->err says). */
+static void lane_rt_go(pg_lane *l, bool sent, lane_step step)
+{
+    l->on_rt = step;
+    int f = -1;
+    if (sent && PQpipelineSync(l->conn) == 1) f = PQflush(l->conn);
+    if (f < 0 || !lane_wait(l, EV_READ | (f == 1 ? EV_WRITE : 0), NULL))
+        lane_rt_end(l, false);
+}
+
+static bool res_ok(const PGresult *r)
+{
+    ExecStatusType st = PQresultStatus(r);
+    return st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+}
+
+/* Result i of the round trip, NULL when it did not come. */
+static const PGresult *lane_res(const pg_lane *l, size_t i)
+{
+    return i < l->n_res ? l->res[i] : NULL;
+}
+
+/* ---- connecting ---- */
+
+static void lane_prepared(pg_lane *l, bool ok)
+{
+    bool good = ok;
+    for (int i = 0; good && i < 1 + BATCH_STMTS + (l->setup ? 1 : 0); i++) {
+        const PGresult *r = lane_res(l, (size_t)i);
+        if (r == NULL || !res_ok(r)) {
+            db_error(l->conn, r, &l->err, "batch: prepare");
+            good = false;
+        }
+    }
+    if (!good) {
+        lane_lost(l, "batch: prepare");
+        l->on_conn(l, false);
+        return;
+    }
+    if (!PQsetInstanceData(l->conn, batch_evproc, l->s) &&
+        PQregisterEventProc(l->conn, batch_evproc, "eventastic batch", NULL))
+        PQsetInstanceData(l->conn, batch_evproc, l->s);
+    l->on_conn(l, true);
+}
+
+/* The batch statements, prepared once per connection in one round trip
+ * (with the session's settings on a new one).  DEALLOCATE ALL first, so
+ * that an earlier try that failed half way cannot make a name clash. */
+static void lane_prepare(pg_lane *l)
+{
+    if (PQinstanceData(l->conn, batch_evproc) == l->s) {
+        l->on_conn(l, true);
+        return;
+    }
+    bool sent = lane_rt_begin(l);
+    if (sent && l->setup) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "SET statement_timeout = %lld",
+                 (long long)l->s->statement_timeout_ms);
+        sent = PQsendQueryParams(l->conn, sql, 0, NULL, NULL, NULL, NULL,
+                                 0) == 1;
+    }
+    if (sent)
+        sent = PQsendQueryParams(l->conn, "DEALLOCATE ALL", 0, NULL, NULL,
+                                 NULL, NULL, 0) == 1;
+    for (int i = 0; sent && i < BATCH_STMTS; i++)
+        sent = PQsendPrepare(l->conn, batch_stmts[i].name,
+                             l->s->sql[batch_stmts[i].sql], batch_stmts[i].n,
+                             batch_stmts[i].types) == 1;
+    lane_rt_go(l, sent, lane_prepared);
+}
+
+static void lane_connect_failed(pg_lane *l)
+{
+    char msg[200];
+    scrub(msg, sizeof msg,
+          l->conn ? PQerrorMessage(l->conn) : "out of memory", l->s->password);
+    es__error_set(&l->err, ES_EDB, "could not connect to the database: %s",
+                  msg);
+    memcpy(l->err.sqlstate, "08001", 6);
+    lane_drop(l);
+    l->on_conn(l, false);
+}
+
+static void lane_connect_poll(pg_lane *l, short what)
+{
+    static const struct timeval tv = {LANE_CONNECT_TIMEOUT_S, 0};
+    if (what & EV_TIMEOUT) {
+        es__error_set(&l->err, ES_EDB, "could not connect to the database: "
+                      "no answer within %d s", LANE_CONNECT_TIMEOUT_S);
+        memcpy(l->err.sqlstate, "08001", 6);
+        lane_drop(l);
+        l->on_conn(l, false);
+        return;
+    }
+    switch (PQconnectPoll(l->conn)) {
+    case PGRES_POLLING_READING:
+        if (!lane_wait(l, EV_READ, &tv)) lane_connect_failed(l);
+        return;
+    case PGRES_POLLING_WRITING:
+        if (!lane_wait(l, EV_WRITE, &tv)) lane_connect_failed(l);
+        return;
+    case PGRES_POLLING_OK:
+        l->connecting = false;
+        event_del(l->ev);
+        PQsetNoticeProcessor(l->conn, quiet_notices, NULL);
+        if (PQsetnonblocking(l->conn, 1) != 0) {
+            lane_connect_failed(l);
+            return;
+        }
+        l->setup = l->s->statement_timeout_ms != 0;
+        lane_prepare(l);
+        return;
+    case PGRES_POLLING_FAILED:
+    case PGRES_POLLING_ACTIVE: /* not used since PostgreSQL 8 */
+        break;
+    }
+    lane_connect_failed(l);
+}
+
+static void lane_io(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    pg_lane *l = arg;
+    if (l->connecting) lane_connect_poll(l, what);
+    else if (l->on_rt) lane_rt_io(l, what);
+}
+
+/* A connection ready for the batch statements, then then(l, ok); not ok:
+ * l->err says why. */
+static void lane_ensure(pg_lane *l, lane_step then)
+{
+    l->on_conn = then;
+    l->setup = l->new_conn = false;
+    if (l->conn && PQstatus(l->conn) == CONNECTION_OK &&
+        PQtransactionStatus(l->conn) == PQTRANS_IDLE) {
+        if (PQisnonblocking(l->conn) || PQsetnonblocking(l->conn, 1) == 0) {
+            lane_prepare(l);
+            return;
+        }
+    }
+    lane_drop(l);
+    l->conn = PQconnectStart(l->s->conninfo);
+    if (l->conn == NULL || PQstatus(l->conn) == CONNECTION_BAD) {
+        lane_connect_failed(l);
+        return;
+    }
+    l->connecting = l->new_conn = true;
+    lane_connect_poll(l, 0);
+}
+
+/* ---- reading a COMMIT back ---- */
+
+static void lane_resolve_ask(pg_lane *l, bool ok);
+
+static void lane_resolved(pg_lane *l, bool ok)
+{
+    const PGresult *r = lane_res(l, 0);
+    if (!ok || r == NULL || PQresultStatus(r) != PGRES_TUPLES_OK) {
+        if (!ok) lane_lost(l, "read back");
+        else lane_drop(l);
+        if (!l->new_conn) { /* a kept connection: once more on a new one */
+            lane_ensure(l, lane_resolve_ask);
+            return;
+        }
+        l->after_resolve(l, -1);
+        return;
+    }
+    if (PQntuples(r) == 0) {
+        l->after_resolve(l, 0);
+        return;
+    }
+    es_uuid agg;
+    int64_t version = 0;
+    bool ours = col_uuid(r, 0, 0, &agg) && col_i64(r, 0, 5, &version) &&
+                es_uuid_equal(&agg, &l->probe->aggregate_id) &&
+                (uint64_t)version == l->probe->version;
+    l->after_resolve(l, ours ? 1 : -1);
+}
+
+static void lane_resolve_ask(pg_lane *l, bool ok)
+{
+    if (!ok) {
+        l->after_resolve(l, -1);
+        return;
+    }
+    static const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)l->probe->command_id.bytes};
+    static const int lens[1] = {16};
+    bool sent = lane_rt_begin(l) &&
+                PQsendQueryParams(l->conn, l->s->sql[SQL_GET_COMMAND], 1,
+                                  types, values, lens, binary_formats,
+                                  1) == 1;
+    lane_rt_go(l, sent, lane_resolved);
 }
 
 /* After a COMMIT whose answer was lost: did it commit?  The command id of
- * one written item answers for the whole transaction.  One try (on a
- * fresh connection when the kept one died): the caller (a commit lane)
- * waits and asks again.  Returns 1 (committed), 0 (not), or -1 (could
- * not find out). */
-static int batch_resolve(pg_store *s, PGconn **slot,
-                         const es__command_record *rec)
+ * one written item answers for the whole transaction.  after(l, 1):
+ * committed, 0: not, -1: could not find out (the caller waits and asks
+ * again).  On the kept connection if there is one, then once on a new
+ * one. */
+static void lane_resolve(pg_lane *l, const es__command_record *probe,
+                         void (*after)(pg_lane *l, int outcome))
 {
-    int rc = -1;
-    es__command_record *got = NULL;
-    for (int attempt = 0; attempt < 2 && rc != 0 && rc != ES_ENOTFOUND;
-         attempt++) {
-        bool fresh = *slot == NULL;
-        es_error err = {0};
-        es_txn *txn = NULL;
-        if (batch_begin(s, slot, &txn, &err) != 0) return -1;
-        rc = run_simple(((pg_txn *)txn)->conn, "read back: begin",
-                        "BEGIN ISOLATION LEVEL READ COMMITTED", &err);
-        if (rc == 0) rc = pg_get_command(txn, &rec->command_id, &got, &err);
-        pg_rollback(txn);
-        if (fresh) break;
-    }
-    if (rc == ES_ENOTFOUND) return 0;
-    if (rc != 0) return -1;
-    bool ours = es_uuid_equal(&got->aggregate_id, &rec->aggregate_id) &&
-                got->version == rec->version;
-    es__free(got);
-    return ours ? 1 : -1;
+    l->probe = probe;
+    l->after_resolve = after;
+    lane_ensure(l, lane_resolve_ask);
+}
+
+/* ---- a batch ---- */
+
+static bool any_pending(es__commit_item **items, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING) return true;
+    return false;
 }
 
 /* Sets every item still status `from` to `to`, with `why`. */
@@ -3181,77 +3344,558 @@ static void batch_mark(es__commit_item **items, size_t n, int from, int to,
         }
 }
 
+static void lane_batch_free(pg_lane *l)
+{
+    batch_keys_free(&l->keys);
+    l->keys_cap = 0;
+    if (l->made) sodium_memzero(l->made, l->n_need * sizeof *l->made);
+    es__free(l->made);
+    l->made = NULL;
+    es__free(l->need);
+    l->need = NULL;
+    l->n_need = 0;
+    for (int i = 0; i < 3; i++) pstmt_free(&l->st[i]);
+    lane_results_clear(l);
+}
+
+static void lane_finish(pg_lane *l)
+{
+    lane_batch_free(l);
+    es__batch_done done = l->done;
+    l->done = NULL;
+    l->items = NULL;
+    done(l->ud, l->committed);
+}
+
+static void txn_next(pg_lane *l);
+
+/* Nothing of the transaction committed (l->err says why).  A connection
+ * that died while idle is tried once more on a new one; a database that
+ * cannot be reached is the caller's to wait for; any other failure is
+ * left to the generic writer, which can pin it on one item. */
+static void txn_failed(pg_lane *l)
+{
+    if (!lost_state(&l->err)) {
+        lane_finish(l);
+        return;
+    }
+    if (++l->lost < 2) {
+        txn_next(l);
+        return;
+    }
+    batch_mark(l->items, l->n, ES__COMMIT_PENDING, ES__COMMIT_RETRY,
+               "commit: the database could not be reached (connection "
+               "lost or refused); nothing was committed");
+    lane_finish(l);
+}
+
+static void txn_rolled_back(pg_lane *l, bool ok)
+{
+    if (!ok) lane_drop(l);
+    if (l->err.code != 0) txn_failed(l);
+    else lane_finish(l);
+}
+
+/* End the open transaction with ROLLBACK, then txn_failed (l->err set) or
+ * the end of the batch (nothing left to write). */
+static void txn_rollback(pg_lane *l)
+{
+    if (l->conn == NULL || PQstatus(l->conn) != CONNECTION_OK ||
+        PQtransactionStatus(l->conn) == PQTRANS_IDLE) {
+        txn_rolled_back(l, l->conn != NULL &&
+                               PQstatus(l->conn) == CONNECTION_OK);
+        return;
+    }
+    bool sent = lane_rt_begin(l) &&
+                PQsendQueryParams(l->conn, "ROLLBACK", 0, NULL, NULL, NULL,
+                                  NULL, 0) == 1;
+    lane_rt_go(l, sent, txn_rolled_back);
+}
+
+static void txn_commit_resolved(pg_lane *l, int outcome)
+{
+    if (outcome == 1) {
+        batch_mark(l->items, l->n, ES__COMMIT_PENDING, 0, NULL);
+        l->committed++;
+        if (l->side_effects) es__store_notify(&l->s->base);
+        lane_finish(l);
+    } else if (outcome < 0) {
+        batch_mark(l->items, l->n, ES__COMMIT_PENDING, ES__COMMIT_UNKNOWN,
+                   "commit: connection lost during COMMIT and the outcome "
+                   "could not be read back");
+        lane_finish(l);
+    } else { /* read back: not there, so nothing of it committed */
+        memset(&l->err, 0, sizeof l->err);
+        es__error_set(&l->err, ES_EDB, "commit: connection lost during "
+                      "COMMIT; it did not commit");
+        memcpy(l->err.sqlstate, LOST_SQLSTATE, 6);
+        txn_failed(l);
+    }
+}
+
+static void txn_committed(pg_lane *l, bool ok)
+{
+    const PGresult *r = lane_res(l, 0);
+    if (ok && r != NULL && PQresultStatus(r) == PGRES_COMMAND_OK) {
+        if (strcmp(PQcmdStatus((PGresult *)r), "COMMIT") == 0) {
+            txn_commit_resolved(l, 1);
+            return;
+        }
+        /* COMMIT of a failed transaction answers ROLLBACK */
+        es__error_set(&l->err, ES_EDB, "commit: the transaction had failed "
+                      "earlier and was rolled back");
+        memcpy(l->err.sqlstate, "25P02", 6);
+        txn_failed(l);
+        return;
+    }
+    if (ok && r != NULL && !commit_cut(r) &&
+        PQstatus(l->conn) == CONNECTION_OK) {
+        db_error(l->conn, r, &l->err, "commit");
+        txn_failed(l); /* the server answered: it did not commit */
+        return;
+    }
+    /* The answer was lost: the truth first. */
+    lane_drop(l);
+    const es__command_record *probe = NULL;
+    for (size_t i = 0; i < l->n && probe == NULL; i++)
+        if (l->items[i]->status == ES__COMMIT_PENDING)
+            probe = &l->items[i]->record;
+    lane_resolve(l, probe, txn_commit_resolved);
+}
+
+static void txn_commit(pg_lane *l)
+{
+    bool sent = lane_rt_begin(l) &&
+                PQsendQueryParams(l->conn, "COMMIT", 0, NULL, NULL, NULL,
+                                  NULL, 0) == 1;
+    lane_rt_go(l, sent, txn_committed);
+}
+
+static void txn_write(pg_lane *l);
+
+static void txn_written(pg_lane *l, bool ok)
+{
+    if (!ok) {
+        lane_lost(l, "batch: write");
+        txn_failed(l);
+        return;
+    }
+    size_t k = 0;
+    int rc = 0;
+    bool failed = false;
+    for (int i = 0; rc == 0 && i < l->n_head; i++, k++) {
+        const PGresult *r = lane_res(l, k);
+        if (r == NULL || !res_ok(r))
+            rc = db_error(l->conn, r, &l->err, "batch: begin");
+    }
+    l->begun = true;
+    for (int i = 0; rc == 0 && i < 3; i++) {
+        if (!l->st[i].sent) continue;
+        const PGresult *r = lane_res(l, k++);
+        if (r == NULL || !res_ok(r))
+            rc = db_error(l->conn, r, &l->err, l->st[i].what);
+        else if (i == 0)
+            rc = apply_events(l->items, l->n, &l->st[0], r, &failed, &l->err);
+        else if (i == 1)
+            rc = apply_commands(l->items, l->n, &l->st[1], r, &failed,
+                                &l->err);
+        else if (strcmp(PQcmdTuples((PGresult *)r), "0") != 0)
+            l->side_effects = true;
+    }
+    if (rc != 0) {
+        txn_rollback(l);
+        return;
+    }
+    l->first = false;
+    if (!any_pending(l->items, l->n)) {
+        txn_rollback(l); /* nothing left to commit */
+        return;
+    }
+    if (failed) txn_write(l); /* the rest again, from the savepoint */
+    else txn_commit(l);
+}
+
+/* The writes of the pending items, in one round trip: BEGIN (unless
+ * begun), a savepoint (or back to it), the events, the command ids and
+ * the side effects. */
+static void txn_write(pg_lane *l)
+{
+    for (int i = 0; i < 3; i++) pstmt_free(&l->st[i]);
+    int rc = build_events(l->s, &l->keys, l->items, l->n, &l->st[0],
+                          &l->err);
+    if (rc == 0) rc = build_commands(l->items, l->n, &l->st[1], &l->err);
+    if (rc == 0)
+        rc = build_side_effects(l->s, &l->keys, l->items, l->n, &l->st[2],
+                                &l->err);
+    if (rc != 0 || !any_pending(l->items, l->n)) {
+        txn_rollback(l);
+        return;
+    }
+    bool sent = lane_rt_begin(l);
+    l->n_head = 0;
+    if (sent && !l->begun) {
+        sent = PQsendQueryParams(l->conn, "BEGIN ISOLATION LEVEL READ "
+                                 "COMMITTED", 0, NULL, NULL, NULL, NULL,
+                                 0) == 1;
+        l->n_head++;
+    }
+    if (sent) {
+        sent = PQsendQueryParams(l->conn, l->first
+                                     ? "SAVEPOINT es_batch"
+                                     : "ROLLBACK TO SAVEPOINT es_batch",
+                                 0, NULL, NULL, NULL, NULL, 0) == 1;
+        l->n_head++;
+    }
+    for (int i = 0; sent && i < 3; i++)
+        if (l->st[i].rows > 0 && pstmt_send(l->conn, &l->st[i], &l->err) != 0)
+            sent = false;
+    if (!sent && l->err.code != 0 && !lost_state(&l->err) &&
+        PQstatus(l->conn) == CONNECTION_OK) {
+        /* a batch too large for one statement: nothing was sent yet */
+        PQexitPipelineMode(l->conn);
+        if (PQpipelineStatus(l->conn) != PQ_PIPELINE_OFF) lane_drop(l);
+        txn_rollback(l);
+        return;
+    }
+    lane_rt_go(l, sent, txn_written);
+}
+
+/* ---- the data keys (encryption at rest) ---- */
+
+/* Fail the groups of the pending items that need agg's key. */
+static void keys_fail(pg_lane *l, const es_uuid *agg, int status)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        es__commit_item *it = l->items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        bool uses = it->n_events > 0 && es_uuid_equal(&it->aggregate_id, agg);
+        for (size_t j = 0; !uses && j < it->n_side_effects; j++)
+            uses = es_uuid_equal(&it->side_effects[j].aggregate_id, agg);
+        if (uses) batch_fail_group(l->items, l->n, i, status);
+    }
+}
+
+static int keys_add(pg_lane *l, const dek_entry *d)
+{
+    batch_keys *k = &l->keys;
+    if (k->n == l->keys_cap) {
+        size_t nc = l->keys_cap ? l->keys_cap * 2 : 16;
+        dek_entry *e = es__calloc(nc, sizeof *e);
+        if (e == NULL) return ES_ENOMEM;
+        if (k->n) memcpy(e, k->e, k->n * sizeof *e);
+        size_t n = k->n;
+        batch_keys_free(k);
+        k->e = e;
+        k->n = n;
+        l->keys_cap = nc;
+    }
+    k->e[k->n++] = *d;
+    return 0;
+}
+
+static int uuid_cmp(const void *a, const void *b)
+{
+    return memcmp(((const es_uuid *)a)->bytes, ((const es_uuid *)b)->bytes,
+                  16);
+}
+
+static void keys_ask(pg_lane *l);
+
+/* The keys are in (or their groups failed): sorted, then the writes. */
+static void keys_done(pg_lane *l)
+{
+    if (l->keys.n > 1) qsort(l->keys.e, l->keys.n, sizeof *l->keys.e, dek_cmp);
+    txn_write(l);
+}
+
+static void keys_stored(pg_lane *l, bool ok)
+{
+    if (!ok) {
+        lane_lost(l, "store data key");
+        txn_failed(l);
+        return;
+    }
+    size_t m = 0, k = 0;
+    for (size_t i = 0; i < l->n_need; i++) {
+        if (es_uuid_is_nil(&l->made[i].agg)) continue; /* not made */
+        const PGresult *r = lane_res(l, k++);
+        if (r == NULL || !res_ok(r)) {
+            db_error(l->conn, r, &l->err, "store data key");
+            txn_rollback(l);
+            return;
+        }
+        if (strcmp(PQcmdTuples((PGresult *)r), "1") != 0)
+            l->need[m++] = l->need[i]; /* another made one first */
+        else if (keys_add(l, &l->made[i]) != 0) {
+            es__error_set(&l->err, ES_ENOMEM, "out of memory");
+            txn_rollback(l);
+            return;
+        }
+    }
+    sodium_memzero(l->made, l->n_need * sizeof *l->made);
+    es__free(l->made);
+    l->made = NULL;
+    l->n_need = m;
+    if (m == 0) {
+        keys_done(l);
+        return;
+    }
+    l->key_attempt++;
+    keys_ask(l); /* read the ones another transaction made */
+}
+
+/* Make the missing keys and store them, in one round trip. */
+static void keys_make(pg_lane *l)
+{
+    l->made = es__calloc(l->n_need, sizeof *l->made);
+    if (l->made == NULL) {
+        es__error_set(&l->err, ES_ENOMEM, "out of memory");
+        txn_rollback(l);
+        return;
+    }
+    bool sent = lane_rt_begin(l);
+    for (size_t i = 0; sent && i < l->n_need; i++) {
+        uint8_t wrapped[ES_PG_WRAPPED_MAX];
+        size_t wlen = 0;
+        es_error kerr = {0};
+        int rc = dek_new(l->s, &l->need[i], &l->made[i], wrapped, &wlen,
+                         &kerr);
+        if (rc != 0) {
+            keys_fail(l, &l->need[i], rc);
+            continue;
+        }
+        static const Oid types[3] = {OID_UUID, OID_TEXT, OID_BYTEA};
+        const char *values[3] = {(const char *)l->need[i].bytes,
+                                 l->made[i].kek, (const char *)wrapped};
+        const int lens[3] = {16, (int)strlen(l->made[i].kek), (int)wlen};
+        sent = PQsendQueryParams(l->conn, l->s->sql[SQL_PUT_KEY], 3, types,
+                                 values, lens, binary_formats, 1) == 1;
+        sodium_memzero(wrapped, sizeof wrapped);
+    }
+    lane_rt_go(l, sent, keys_stored);
+}
+
+static void keys_read(pg_lane *l, bool ok)
+{
+    if (!ok) {
+        lane_lost(l, "read data key");
+        txn_failed(l);
+        return;
+    }
+    size_t k = 0;
+    if (!l->begun) {
+        const PGresult *r = lane_res(l, k++);
+        if (r == NULL || !res_ok(r)) {
+            db_error(l->conn, r, &l->err, "batch: begin");
+            txn_rollback(l);
+            return;
+        }
+        l->begun = true;
+    }
+    size_t m = 0;
+    for (size_t i = 0; i < l->n_need; i++) {
+        const PGresult *r = lane_res(l, k++);
+        if (r == NULL || !res_ok(r)) {
+            db_error(l->conn, r, &l->err, "read data key");
+            txn_rollback(l);
+            return;
+        }
+        if (PQntuples(r) != 1) {
+            l->need[m++] = l->need[i];
+            continue;
+        }
+        dek_entry e;
+        es_error kerr = {0};
+        int rc = dek_from_row(l->s, &l->need[i], r, 0, true, &e, &kerr);
+        if (rc == 0 && keys_add(l, &e) != 0) rc = ES_ENOMEM;
+        sodium_memzero(&e, sizeof e);
+        if (rc != 0) keys_fail(l, &l->need[i], rc);
+    }
+    l->n_need = m;
+    if (m == 0) {
+        keys_done(l);
+        return;
+    }
+    if (l->key_attempt > 0) { /* made by another, then gone: give up */
+        for (size_t i = 0; i < m; i++) keys_fail(l, &l->need[i], ES_EDB);
+        keys_done(l);
+        return;
+    }
+    keys_make(l);
+}
+
+/* BEGIN (unless begun) and the keys in l->need, read FOR SHARE. */
+static void keys_ask(pg_lane *l)
+{
+    bool sent = lane_rt_begin(l);
+    if (sent && !l->begun)
+        sent = PQsendQueryParams(l->conn, "BEGIN ISOLATION LEVEL READ "
+                                 "COMMITTED", 0, NULL, NULL, NULL, NULL,
+                                 0) == 1;
+    static const Oid types[1] = {OID_UUID};
+    static const int lens[1] = {16};
+    for (size_t i = 0; sent && i < l->n_need; i++) {
+        const char *values[1] = {(const char *)l->need[i].bytes};
+        sent = PQsendQueryParams(l->conn, l->s->sql[SQL_LOCK_KEY], 1, types,
+                                 values, lens, binary_formats, 1) == 1;
+    }
+    lane_rt_go(l, sent, keys_read);
+}
+
+/* The data keys of every aggregate the pending items write to. */
+static void keys_load(pg_lane *l)
+{
+    size_t cap = 0;
+    for (size_t i = 0; i < l->n; i++)
+        if (l->items[i]->status == ES__COMMIT_PENDING)
+            cap += (l->items[i]->n_events > 0) +
+                   l->items[i]->n_side_effects;
+    l->n_need = 0;
+    if (cap > 0 && (l->need = es__calloc(cap, sizeof *l->need)) == NULL) {
+        es__error_set(&l->err, ES_ENOMEM, "out of memory");
+        txn_failed(l);
+        return;
+    }
+    for (size_t i = 0; i < l->n; i++) {
+        es__commit_item *it = l->items[i];
+        if (it->status != ES__COMMIT_PENDING) continue;
+        if (it->n_events > 0) l->need[l->n_need++] = it->aggregate_id;
+        for (size_t j = 0; j < it->n_side_effects; j++)
+            l->need[l->n_need++] = it->side_effects[j].aggregate_id;
+    }
+    if (l->n_need > 1) qsort(l->need, l->n_need, sizeof *l->need, uuid_cmp);
+    size_t m = 0;
+    for (size_t i = 0; i < l->n_need; i++)
+        if (m == 0 || !es_uuid_equal(&l->need[m - 1], &l->need[i]))
+            l->need[m++] = l->need[i];
+    l->n_need = m;
+    if (m == 0) {
+        keys_done(l);
+        return;
+    }
+    keys_ask(l);
+}
+
+/* ---- the batch, transaction by transaction ---- */
+
+static void txn_connected(pg_lane *l, bool ok)
+{
+    if (!ok) {
+        txn_failed(l);
+        return;
+    }
+    if (l->s->encrypt) keys_load(l);
+    else txn_write(l);
+}
+
+/* One transaction over the pending items (none left: the batch ends). */
+static void txn_next(pg_lane *l)
+{
+    if (!any_pending(l->items, l->n)) {
+        lane_finish(l);
+        return;
+    }
+    lane_batch_free(l);
+    memset(&l->err, 0, sizeof l->err);
+    l->begun = l->side_effects = false;
+    l->first = true;
+    l->key_attempt = 0;
+    lane_ensure(l, txn_connected);
+}
+
+static void lane_entry_resolved(pg_lane *l, int outcome)
+{
+    if (outcome < 0) { /* still unknown: asked again later */
+        lane_finish(l);
+        return;
+    }
+    batch_mark(l->items, l->n, ES__COMMIT_UNKNOWN,
+               outcome == 1 ? 0 : ES__COMMIT_PENDING, NULL);
+    if (outcome == 1) l->committed++;
+    batch_mark(l->items, l->n, ES__COMMIT_RETRY, ES__COMMIT_PENDING, NULL);
+    l->lost = 0;
+    txn_next(l);
+}
+
+static void pg_lane_write(es__batch_lane *lane, es__commit_item **items,
+                          size_t n, es__batch_done done, void *ud)
+{
+    pg_lane *l = (pg_lane *)lane;
+    l->items = items;
+    l->n = n;
+    l->done = done;
+    l->ud = ud;
+    l->committed = 0;
+    memset(&l->err, 0, sizeof l->err);
+    /* A batch whose COMMIT answer was lost: the truth first. */
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_UNKNOWN) {
+            lane_resolve(l, &items[i]->record, lane_entry_resolved);
+            return;
+        }
+    lane_entry_resolved(l, 0);
+}
+
+static int pg_lane_open(es_store *store, struct event_base *base,
+                        es__batch_lane **out, es_error *err)
+{
+    pg_lane *l = es__calloc(1, sizeof *l);
+    if (l == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    l->s = (pg_store *)store;
+    l->base = base;
+    l->ev = event_new(base, -1, 0, lane_io, l);
+    if (l->ev == NULL) {
+        es__free(l);
+        return es__error_set(err, ES_ENOMEM, "out of memory");
+    }
+    *out = (es__batch_lane *)l;
+    return 0;
+}
+
+static void pg_lane_close(es__batch_lane *lane)
+{
+    pg_lane *l = (pg_lane *)lane;
+    if (l == NULL) return;
+    lane_drop(l);
+    lane_batch_free(l);
+    event_free(l->ev);
+    es__free(l->res);
+    es__free(l);
+}
+
+/* write_batch: the lane's steps on a loop of its own, to the end, with
+ * the caller's connection. */
+typedef struct sync_batch {
+    bool done;
+    size_t committed;
+} sync_batch;
+
+static void sync_batch_done(void *ud, size_t committed)
+{
+    sync_batch *b = ud;
+    b->done = true;
+    b->committed = committed;
+}
+
 static size_t pg_write_batch(es_store *store, void **slot,
                              es__commit_item **items, size_t n)
 {
-    pg_store *s = (pg_store *)store;
-    PGconn **conn = (PGconn **)slot;
-    size_t committed = 0;
-    /* A batch whose COMMIT answer was lost: the truth first. */
-    for (size_t i = 0; i < n; i++) {
-        if (items[i]->status != ES__COMMIT_UNKNOWN) continue;
-        int outcome = batch_resolve(s, conn, &items[i]->record);
-        if (outcome < 0) return 0; /* still unknown: asked again later */
-        batch_mark(items, n, ES__COMMIT_UNKNOWN,
-                   outcome == 1 ? 0 : ES__COMMIT_PENDING, NULL);
-        if (outcome == 1) committed++;
-        break;
+    struct event_base *base = event_base_new();
+    es__batch_lane *lane = NULL;
+    if (base == NULL || pg_lane_open(store, base, &lane, NULL) != 0) {
+        if (base) event_base_free(base);
+        return 0; /* left pending: the generic writer */
     }
-    batch_mark(items, n, ES__COMMIT_RETRY, ES__COMMIT_PENDING, NULL);
-    int lost = 0;
-    for (;;) {
-        size_t first = n;
-        for (size_t i = 0; i < n && first == n; i++)
-            if (items[i]->status == ES__COMMIT_PENDING) first = i;
-        if (first == n) break;
-        es_error err = {0};
-        es_txn *txn = NULL;
-        int rc = batch_begin(s, conn, &txn, &err);
-        if (rc == 0 && txn == NULL) rc = ES_ENOMEM; /* not reached */
-        if (rc == 0) {
-            rc = batch_write((pg_txn *)txn, items, n, &err);
-            if (rc != 0) pg_rollback(txn);
-        }
-        bool any = false;
-        for (size_t i = 0; i < n && !any; i++)
-            any = items[i]->status == ES__COMMIT_PENDING;
-        if (rc == 0 && !any) {
-            pg_rollback(txn);
-            break;
-        }
-        if (rc == 0) {
-            const es__command_record *probe = NULL;
-            for (size_t i = 0; i < n && probe == NULL; i++)
-                if (items[i]->status == ES__COMMIT_PENDING)
-                    probe = &items[i]->record;
-            rc = pg_commit(txn, &err);
-            int outcome = rc == 0 ? 1 : 0;
-            if (rc == ES_EUNKNOWN) outcome = batch_resolve(s, conn, probe);
-            if (outcome == 1) {
-                batch_mark(items, n, ES__COMMIT_PENDING, 0, NULL);
-                committed++;
-                break;
-            }
-            if (outcome < 0) {
-                batch_mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_UNKNOWN,
-                           "commit: connection lost during COMMIT and the "
-                           "outcome could not be read back");
-                break;
-            }
-            /* read back: not there, so nothing of it committed */
-        }
-        /* Nothing of it committed.  A pooled connection that died while
-         * idle is tried once more on a fresh one; a database that cannot
-         * be reached is the caller's to wait for; any other failure is
-         * left to the generic writer, which can pin it on one item. */
-        if (!lost_state(&err)) break;
-        if (++lost < 2) continue;
-        batch_mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY,
-                   "commit: the database could not be reached (connection "
-                   "lost or refused); nothing was committed");
-        break;
-    }
-    return committed;
+    pg_lane *l = (pg_lane *)lane;
+    l->conn = *slot;
+    sync_batch b = {false, 0};
+    pg_lane_write(lane, items, n, sync_batch_done, &b);
+    while (!b.done) event_base_loop(base, EVLOOP_ONCE);
+    *slot = l->conn;
+    l->conn = NULL;
+    pg_lane_close(lane);
+    event_base_free(base);
+    return b.committed;
 }
 
 static const es_store_ops postgres_ops = {
@@ -3283,6 +3927,9 @@ static const es_store_ops postgres_ops = {
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
     .write_batch = pg_write_batch,
+    .lane_open = pg_lane_open,
+    .lane_write = pg_lane_write,
+    .lane_close = pg_lane_close,
     .begin_background = pg_begin_background,
     .background_close = pg_background_close,
     .close = pg_close,

@@ -53,6 +53,12 @@ void es__command_digest(int32_t kind, const void *payload, size_t len,
 bool es__command_matches(const es__command_record *rec, int32_t kind,
                          const void *payload, size_t len);
 
+/* A commit lane of a backend's asynchronous batch writer (lane_open). */
+typedef struct es__batch_lane es__batch_lane;
+struct event_base;
+/* A lane_write has set every item's status; committed: transactions. */
+typedef void (*es__batch_done)(void *ud, size_t committed);
+
 /* Status of an item not written yet. */
 #define ES__COMMIT_PENDING 1
 /* Not committed: the database could not be reached (connection refused,
@@ -179,6 +185,22 @@ typedef struct es_store_ops {
      * committed. */
     size_t (*write_batch)(es_store *store, void **slot,
                           es__commit_item **items, size_t n);
+    /* Optional: write_batch on a libevent loop, without blocking it
+     * (non-blocking libpq on the PostgreSQL store).  lane_open makes a
+     * commit lane of the backend's on base (no I/O yet: it connects on
+     * its first batch).  lane_write starts one write_batch of items (same
+     * contract, same statuses; items stay the caller's and untouched by
+     * anyone else until done) and returns at once; done(ud, committed)
+     * runs on the loop's thread when every item has its status, possibly
+     * before lane_write returns.  One batch at a time per lane.
+     * lane_close frees an idle lane and closes its connection, from any
+     * thread once the loop no longer runs its events.  Called only on the
+     * loop's thread, except lane_close. */
+    int (*lane_open)(es_store *store, struct event_base *base,
+                     es__batch_lane **out, es_error *err);
+    void (*lane_write)(es__batch_lane *lane, es__commit_item **items,
+                       size_t n, es__batch_done done, void *ud);
+    void (*lane_close)(es__batch_lane *lane);
     /* Commit lanes the host uses by default with write_batch; 0: the
      * host's default for a database (several lanes overlap round trips).
      * The memory store says 1: its writes hold one lock, and more lane
