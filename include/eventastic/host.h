@@ -236,15 +236,16 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
     es_host_config *cfg, uint64_t micros);
 
-/** Commit lanes (0..64): each commits batches on a thread (and, on
- *  PostgreSQL, a pooled connection) of its own, in parallel with the
- *  others.  An aggregate's items always go to the same lane (by a hash of
- *  its key), so they commit in the order they were decided.  0 (the
- *  default): 4 on PostgreSQL, whose batches wait for round trips
- *  (measured in bench/bench_pg.c), else 1 (the memory store's writes hold
- *  one lock: more lanes only contend, bench/bench_host.c).  Keep
- *  the PostgreSQL pool larger than the lanes, so that loads do not wait
- *  for them.  Returns 0 or ES_EINVAL. */
+/** Commit lanes (0..64): each commits one batch at a time, in parallel
+ *  with the others, all on the host's commit loop (one thread; on
+ *  PostgreSQL each lane is a non-blocking connection of its own, outside
+ *  the pool, whose round trips overlap the other lanes').  An aggregate's
+ *  items always go to the same lane (by a hash of its key), so they
+ *  commit in the order they were decided.  0 (the default): 2 on
+ *  PostgreSQL, whose batches wait for round trips (measured in
+ *  bench/bench_pg.c), else 1 (the memory store's writes hold one lock:
+ *  more lanes only contend, bench/bench_host.c).  Returns 0 or
+ *  ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_lanes(es_host_config *cfg,
                                                        unsigned n);
 

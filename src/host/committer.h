@@ -2,9 +2,10 @@
  * The committer interface: how the host hands the writes of many
  * aggregates to the store as one batch.  The host queues items and runs
  * batches on its committer thread; es__commit_batch is the part that talks
- * to the store.  The PostgreSQL group-commit lanes replace it with an
- * asynchronous version: same items, same per-item statuses.  Never
- * installed.
+ * to the store.  A store with an asynchronous batch writer (lane_write in
+ * store/store_impl.h: PostgreSQL) writes the same items with the same
+ * per-item statuses on the host's commit loop, and es__commit_rest
+ * writes what it leaves pending.  Never installed.
  *
  * What a replacement must keep (the host relies on it):
  * - items of one group (actor) are committed in the order they were

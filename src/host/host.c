@@ -1,8 +1,10 @@
 /*
  * The aggregate host: actors with bounded mailboxes on a worker pool,
- * commit lanes (a thread each) that write many actors' events per
- * transaction, an I/O thread running a libevent event_base (the host's own
- * thread, or the embedder's loop) for the timers and passivation, and one
+ * commit lanes that write many actors' events per transaction, all on the
+ * commit loop (a libevent event_base on a thread of the host's; on
+ * PostgreSQL each lane is a non-blocking connection), an I/O thread
+ * running a libevent event_base (the host's own thread, or the embedder's
+ * loop) for the timers and passivation, and one
  * snapshot writer on a connection of its own (never a lane's, never the
  * pool's on PostgreSQL), which writes only the latest of several
  * snapshots of one aggregate.
@@ -30,7 +32,8 @@
  *                  mailbox, results, inflight count, scheduled flag, LRU
  *                  links
  *   host->rq_lock  the run queue
- *   lane->lock     one commit lane's queue
+ *   lane->lock     one commit lane's queue and its kicked flag (the rest
+ *                  of a lane is the commit loop's thread's alone)
  *   host->hk_lock  actors evicted by es_host_send, for the loop
  *   host->sw_lock  snapshot jobs for the snapshot writer, its flags
  *   host->drain_lock  only to wait for the last completion at close
@@ -60,7 +63,7 @@
 #define MAX_ATTEMPTS 4  /* decisions of one command whose commit failed */
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
-#define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
+#define LANES_DEFAULT 2 /* commit lanes on a store with a batch writer */
 /* The snapshot writer's pace: the loop's flush timer fires this long
  * after the first snapshot was queued, so that several snapshots of one
  * aggregate coalesce into one write. */

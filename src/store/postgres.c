@@ -2973,6 +2973,12 @@ typedef void (*lane_step)(pg_lane *l, bool ok);
 /* A connection attempt that makes no progress for this long fails (libpq
  * leaves connect_timeout to the caller of PQconnectPoll). */
 #define LANE_CONNECT_TIMEOUT_S 10
+/* A round trip whose socket stays silent for this long (a half-open
+ * connection: the server or the network gone without a word) counts as
+ * a lost connection: the statement timeout, when set, plus this margin;
+ * else LANE_SILENCE_S.  A COMMIT cut off this way is read back. */
+#define LANE_SILENCE_MARGIN_MS 5000
+#define LANE_SILENCE_S 60
 
 struct pg_lane {
     pg_store *s;
@@ -3063,9 +3069,28 @@ static void lane_rt_end(pg_lane *l, bool ok)
     step(l, ok);
 }
 
+/* How long a round trip may wait for its socket. */
+static struct timeval lane_silence(const pg_lane *l)
+{
+    int64_t ms = l->s->statement_timeout_ms > 0
+                     ? l->s->statement_timeout_ms + LANE_SILENCE_MARGIN_MS
+                     : (int64_t)LANE_SILENCE_S * 1000;
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000 * 1000)};
+    return tv;
+}
+
 /* Results as they arrive, up to the sync that ends the round trip. */
 static void lane_rt_io(pg_lane *l, short what)
 {
+    if (what & EV_TIMEOUT) {
+        struct timeval tv = lane_silence(l);
+        es__error_set(&l->err, ES_EDB, "connection to the database lost: "
+                      "no answer within %lld ms", (long long)tv.tv_sec * 1000 +
+                      (long long)tv.tv_usec / 1000);
+        memcpy(l->err.sqlstate, LOST_SQLSTATE, 6);
+        lane_rt_end(l, false);
+        return;
+    }
     if ((what & EV_READ) && !PQconsumeInput(l->conn)) {
         lane_rt_end(l, false);
         return;
@@ -3101,8 +3126,9 @@ static void lane_rt_io(pg_lane *l, short what)
         }
         l->res[l->n_res++] = r;
     }
+    struct timeval tv = lane_silence(l);
     if (PQstatus(l->conn) == CONNECTION_BAD ||
-        !lane_wait(l, EV_READ | (f == 1 ? EV_WRITE : 0), NULL))
+        !lane_wait(l, EV_READ | (f == 1 ? EV_WRITE : 0), &tv))
         lane_rt_end(l, false);
 }
 
@@ -3121,7 +3147,8 @@ static void lane_rt_go(pg_lane *l, bool sent, lane_step step)
     l->on_rt = step;
     int f = -1;
     if (sent && PQpipelineSync(l->conn) == 1) f = PQflush(l->conn);
-    if (f < 0 || !lane_wait(l, EV_READ | (f == 1 ? EV_WRITE : 0), NULL))
+    struct timeval tv = lane_silence(l);
+    if (f < 0 || !lane_wait(l, EV_READ | (f == 1 ? EV_WRITE : 0), &tv))
         lane_rt_end(l, false);
 }
 
