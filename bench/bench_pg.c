@@ -580,7 +580,7 @@ int main(int argc, char **argv)
     }
     bool quick = false;
     const char *only = "";
-    unsigned lanes_set[8] = {4};
+    unsigned lanes_set[8] = {2};
     size_t n_lanes = 1;
     for (int i = 2; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) quick = true;

@@ -2,7 +2,8 @@
  * Encryption at rest on the PostgreSQL store (DATABASE_URL): the
  * reference's encryption.rs cases, then rotation, crypto-shredding,
  * wrong and missing keys, tampered rows, and plaintext rows from before
- * encryption was turned on.
+ * encryption was turned on; the reasons of rejected commands (the host's
+ * command-id records), and migration 9 that made room for their key id.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,11 +18,13 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include "core/internal.h"
 #include "eventastic.h"
 #include "fixtures/account.h"
 #include "fixtures/helpers.h"
 #include "fixtures/ids.h"
 #include "fixtures/pg.h"
+#include "store/store_impl.h"
 
 static PGconn *g_sql;
 static es_store *g_plain; /* no keys */
@@ -620,6 +623,223 @@ static void test_pg_encryption_key_provider(void **state)
     account_context_free(ctx);
 }
 
+/* ==== rejected commands ==== */
+
+/* A rejected command's record, as the host makes it. */
+static es__command_record rejection(const es_uuid *cmd, const es_uuid *agg,
+                                    const char *reason)
+{
+    es__command_record r;
+    memset(&r, 0, sizeof r);
+    r.command_id = *cmd;
+    r.aggregate_id = *agg;
+    r.kind = 2;
+    r.payload = (const uint8_t *)"take 50";
+    r.len = 7;
+    r.first_version = r.version = UINT64_MAX;
+    r.rejected = true;
+    r.reason = reason;
+    return r;
+}
+
+static int put_record(es_store *store, const es__command_record *rec,
+                      es_error *err)
+{
+    es_txn *txn = NULL;
+    bool ins = false;
+    int rc = es_store_begin(store, &txn, err);
+    if (rc != 0) return rc;
+    rc = es__txn_insert_commands(txn, rec, 1, &ins, err);
+    if (rc == 0 && !ins) rc = ES_EIDEMPOTENCY;
+    if (rc == 0) return es_txn_commit(txn, err);
+    es_txn_rollback(txn);
+    return rc;
+}
+
+/* The record of cmd read from store; *out NULL unless 0 is returned. */
+static int get_record(es_store *store, const es_uuid *cmd,
+                      es__command_record **out, es_error *err)
+{
+    es_txn *txn = NULL;
+    int rc = es_store_begin(store, &txn, err);
+    if (rc != 0) return rc;
+    rc = es__txn_get_command(txn, cmd, out, err);
+    es_txn_rollback(txn);
+    return rc;
+}
+
+/* Rows of the commands table of cmd with that key id (NULL: none) whose
+ * stored rejection holds the text `in` (as bytes). */
+static long long rejection_rows(const char *table, const es_uuid *cmd,
+                                const char *key_id, const char *in)
+{
+    char q[256];
+    snprintf(q, sizeof q, "SELECT count(*) FROM %s WHERE command_id = $1 "
+             "AND rejection IS NOT NULL AND rejection_key IS NOT DISTINCT "
+             "FROM $2 AND position($3::bytea in rejection) > 0", table);
+    idtext c = txt(cmd);
+    const char *v[3] = {c.s, key_id, in};
+    return sql_int(q, 3, v);
+}
+
+/* The generic write path (insert_commands): with keys a rejection's
+ * reason is sealed with the aggregate's data key, bound to its command
+ * id; without, it stays in clear and reads back with keys; once the
+ * aggregate is forgotten, its record reads without the reason. */
+static void test_pg_encryption_rejection_reason(void **state)
+{
+    (void)state;
+    const char *why = "insufficient funds for user@example.com: "
+                      "balance 12, asked 50";
+    es_uuid agg, c1, c2, c3, plain_agg;
+    es_uuid_v7(&agg);
+    es_uuid_v7(&c1);
+    es_uuid_v7(&c2);
+    es_uuid_v7(&c3);
+    es_uuid_v7(&plain_agg);
+    es_error err = {0};
+    es__command_record r1 = rejection(&c1, &agg, why);
+    es__command_record r2 = rejection(&c2, &agg, "other reason");
+    assert_int_equal(put_record(g_k1, &r1, &err), 0);
+    assert_int_equal(put_record(g_k1, &r2, &err), 0);
+    /* at rest: sealed, the master key id beside it; no clear text */
+    assert_int_equal(rejection_rows("commands", &c1, id_k1, ""), 1);
+    assert_int_equal(rejection_rows("commands", &c1, id_k1, "user@"), 0);
+    assert_int_equal(rejection_rows("commands", &c1, id_k1, "balance"), 0);
+
+    es__command_record *got = NULL;
+    assert_int_equal(get_record(g_k1, &c1, &got, &err), 0);
+    assert_true(got->rejected);
+    assert_false(got->forgotten);
+    assert_string_equal(got->reason, why);
+    es__free(got);
+    /* a store without the key does not open it */
+    assert_int_equal(get_record(g_plain, &c1, &got, &err), ES_EDECRYPT);
+    assert_null(got);
+    assert_null(strstr(err.message, "user@"));
+    /* a sealed reason moved to another command's row does not open */
+    idtext s1 = txt(&c1), s2 = txt(&c2);
+    const char *mv[2] = {s2.s, s1.s};
+    assert_int_equal(sql_int("UPDATE commands SET rejection = (SELECT "
+                             "rejection FROM commands WHERE command_id = "
+                             "$2) WHERE command_id = $1",
+                             2, mv),
+                     -1);
+    assert_int_equal(get_record(g_k1, &c2, &got, &err), ES_EDECRYPT);
+    assert_true(es_uuid_equal(&err.aggregate_id, &agg));
+
+    /* without keys: in clear, no key id; a store with keys reads it */
+    es__command_record r3 = rejection(&c3, &plain_agg, why);
+    assert_int_equal(put_record(g_plain, &r3, &err), 0);
+    assert_int_equal(rejection_rows("commands", &c3, NULL, "user@"), 1);
+    assert_int_equal(get_record(g_k1, &c3, &got, &err), 0);
+    assert_string_equal(got->reason, why);
+    es__free(got);
+
+    /* a reason of agg kept in clear (as before migration 9) */
+    es_uuid c5;
+    es_uuid_v7(&c5);
+    es__command_record r5 = rejection(&c5, &agg, why);
+    assert_int_equal(put_record(g_plain, &r5, &err), 0);
+    assert_int_equal(rejection_rows("commands", &c5, NULL, "user@"), 1);
+
+    /* crypto-shredding: the record stays (its id is taken), the reason
+     * is gone, the one in clear too; the aggregate takes no new
+     * rejection */
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(g_k1, &txn, &err), 0);
+    assert_int_equal(es_pg_forget_aggregate(txn, &agg, &err), 0);
+    assert_int_equal(es_txn_commit(txn, &err), 0);
+    assert_int_equal(get_record(g_k1, &c1, &got, &err), 0);
+    assert_true(got->rejected);
+    assert_true(got->forgotten);
+    assert_null(got->reason);
+    assert_true(es_uuid_equal(&got->aggregate_id, &agg));
+    es__free(got);
+    assert_int_equal(rejection_rows("commands", &c5, NULL, ""), 0);
+    assert_int_equal(rejection_rows("commands", &c5, "", "user@"), 0);
+    assert_int_equal(rejection_rows("commands", &c5, "", ""), 1);
+    assert_int_equal(get_record(g_k1, &c5, &got, &err), 0);
+    assert_true(got->rejected);
+    assert_true(got->forgotten);
+    assert_null(got->reason);
+    es__free(got);
+    es_uuid c4;
+    es_uuid_v7(&c4);
+    es__command_record r4 = rejection(&c4, &agg, why);
+    assert_int_equal(put_record(g_k1, &r4, &err), ES_EFORGOTTEN);
+    /* the plain one is untouched by it */
+    assert_int_equal(get_record(g_k1, &c3, &got, &err), 0);
+    assert_string_equal(got->reason, why);
+    es__free(got);
+}
+
+/* Migration 9 on a schema at 8 with a rejection stored then (in clear,
+ * no key column): it adds rejection_key, the old row still reads, and
+ * new ones are sealed. */
+static void test_pg_encryption_migration_9(void **state)
+{
+    (void)state;
+    char schema[64], q[512];
+    fixture_pg_random_name(schema, sizeof schema, "mig9_");
+    es_store *st = NULL;
+    assert_int_equal(fixture_pg_open(schema, &st), 0);
+    es_store_close(st);
+    /* back to 8: what a database migrated by the previous release has */
+    snprintf(q, sizeof q, "ALTER TABLE \"%s\".commands DROP COLUMN "
+             "rejection_key; DELETE FROM \"%s\".es_migrations WHERE "
+             "version = 9", schema, schema);
+    PQclear(PQexec(g_sql, q));
+    snprintf(q, sizeof q, "SELECT count(*) FROM information_schema.columns "
+             "WHERE table_schema = $1 AND table_name = 'commands' AND "
+             "column_name = 'rejection_key'");
+    const char *sv[1] = {schema};
+    assert_int_equal(sql_int(q, 1, sv), 0);
+    es_uuid old_cmd, agg;
+    es_uuid_v7(&old_cmd);
+    es_uuid_v7(&agg);
+    idtext oc = txt(&old_cmd), ag = txt(&agg);
+    char ins[512];
+    snprintf(ins, sizeof ins, "INSERT INTO \"%s\".commands (command_id, "
+             "aggregate_id, kind, digest, first_version, event_count, "
+             "version, rejection) VALUES ($1, $2, 2, '\\x00', -1, 0, -1, "
+             "'short: 0 < 5'::bytea)", schema);
+    const char *iv[2] = {oc.s, ag.s};
+    assert_int_equal(sql_int(ins, 2, iv), -1);
+
+    es_pg_config *cfg = NULL;
+    es_error err = {0};
+    assert_int_equal(es_pg_config_new(&cfg, &err), 0);
+    assert_int_equal(es_pg_config_set_schema(cfg, schema, &err), 0);
+    assert_int_equal(es_pg_config_add_key(cfg, id_k1, key_a, &err), 0);
+    int version = 0;
+    assert_int_equal(es_pg_migrate(cfg, &version, &err), 0);
+    assert_int_equal(version, es_pg_schema_version());
+    assert_int_equal(version, 9);
+    assert_int_equal(sql_int(q, 1, sv), 1);
+    assert_int_equal(es_pg_store_open(cfg, &st, &err), 0);
+    es_pg_config_free(cfg);
+
+    es__command_record *got = NULL;
+    assert_int_equal(get_record(st, &old_cmd, &got, &err), 0);
+    assert_true(got->rejected);
+    assert_string_equal(got->reason, "short: 0 < 5");
+    es__free(got);
+    es_uuid new_cmd;
+    es_uuid_v7(&new_cmd);
+    es__command_record r = rejection(&new_cmd, &agg, "short: 0 < 6");
+    assert_int_equal(put_record(st, &r, &err), 0);
+    char table[128];
+    snprintf(table, sizeof table, "\"%s\".commands", schema);
+    assert_int_equal(rejection_rows(table, &new_cmd, id_k1, ""), 1);
+    assert_int_equal(rejection_rows(table, &new_cmd, id_k1, "short"), 0);
+    assert_int_equal(get_record(st, &new_cmd, &got, &err), 0);
+    assert_string_equal(got->reason, "short: 0 < 6");
+    es__free(got);
+    es_store_close(st);
+    fixture_pg_drop_schema(schema);
+}
+
 /* ---- setup ---- */
 
 static int group_setup(void **state)
@@ -671,6 +891,8 @@ int main(void)
         cmocka_unit_test(test_pg_encryption_reads_plaintext_rows),
         cmocka_unit_test(test_pg_encryption_bad_keys_rejected),
         cmocka_unit_test(test_pg_encryption_key_provider),
+        cmocka_unit_test(test_pg_encryption_rejection_reason),
+        cmocka_unit_test(test_pg_encryption_migration_9),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

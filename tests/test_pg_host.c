@@ -2,7 +2,9 @@
  * The aggregate host on the PostgreSQL store (DATABASE_URL): batched
  * commits with a savepoint per command, per-key order under concurrent
  * producers, and a commit that conflicts with another writer decided
- * again; rejected commands answered the same after a restart.
+ * again; rejected commands answered the same after a restart, their
+ * reasons sealed when the store has keys and gone once the aggregate is
+ * forgotten.
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -19,8 +21,11 @@
 #include "fixtures/counter.h"
 #include "fixtures/pg.h"
 
-static es_store *g_store;
+static es_store *g_store;  /* no keys */
+static es_store *g_sealed; /* the same schema, with a master key */
+static PGconn *g_sql;
 static char g_schema[64];
+static const char g_key_id[] = "host-k1";
 
 enum { CMD_ADD = 1, CMD_TAKE = 2, CMD_ODD = 3 };
 
@@ -59,16 +64,55 @@ static es_command command(uint8_t value[4], int32_t v)
     return c;
 }
 
-static es_host *open_host(void)
+static es_host *open_host_on(es_store *store)
 {
     es_host_config *cfg = NULL;
     es_host *host = NULL;
     if (es_host_config_new(&cfg, NULL) != 0 ||
         es_host_config_add_type(cfg, &counter_type, decide, NULL, NULL) ||
-        es_host_open(cfg, g_store, &host, NULL) != 0)
+        es_host_open(cfg, store, &host, NULL) != 0)
         host = NULL;
     es_host_config_free(cfg);
     return host;
+}
+
+static es_host *open_host(void)
+{
+    return open_host_on(g_store);
+}
+
+/* The stored rejection of command id: whether its row has one, its
+ * rejection_key (NULL: in clear; copied into key), and whether the reason's
+ * bytes appear anywhere in the stored rejection. */
+typedef struct stored_rejection {
+    bool found, rejected, key_null, clear;
+    char key[64];
+} stored_rejection;
+
+static stored_rejection stored(const es_uuid *id, const char *reason)
+{
+    stored_rejection out;
+    memset(&out, 0, sizeof out);
+    char q[256], ids[ES_UUID_STRLEN + 1];
+    snprintf(q, sizeof q, "SELECT rejection IS NOT NULL, rejection_key, "
+             "coalesce(position($2::bytea in rejection) > 0, false) "
+             "FROM \"%s\".commands WHERE command_id = $1::uuid", g_schema);
+    es_uuid_format(id, ids);
+    const char *values[2] = {ids, reason};
+    const int lens[2] = {0, (int)strlen(reason)};
+    const int formats[2] = {0, 1}; /* the reason as raw bytes */
+    PGresult *r = PQexecParams(g_sql, q, 2, NULL, values, lens, formats, 0);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK)
+        fail_msg("helper SQL failed: %s", PQresultErrorMessage(r));
+    if (PQntuples(r) == 1) {
+        out.found = true;
+        out.rejected = PQgetvalue(r, 0, 0)[0] == 't';
+        out.key_null = PQgetisnull(r, 0, 1);
+        snprintf(out.key, sizeof out.key, "%s", PQgetvalue(r, 0, 1));
+        out.clear = PQgetvalue(r, 0, 2)[0] == 't';
+    }
+    PQclear(r);
+    return out;
 }
 
 #define KEYS 4
@@ -212,6 +256,11 @@ static void test_pg_host_rejection_replayed(void **state)
     odd.kind = CMD_ODD;
     expect_rejection(host, &key, &take, "short: 0 < 5", false);
     expect_rejection(host, &key, &odd, "odd \xff\xc3", false);
+    /* no keys: the reason is stored in clear, no key id beside it */
+    stored_rejection st = stored(&take.id, "short: 0 < 5");
+    assert_true(st.found && st.rejected && st.key_null && st.clear);
+    st = stored(&odd.id, "odd \xff\xc3");
+    assert_true(st.found && st.rejected && st.key_null && st.clear);
     es_command add = command(v10, 10);
     assert_int_equal(es_host_call(host, &counter_type, &key, &add, NULL,
                                   NULL), 0);
@@ -246,16 +295,127 @@ static void test_pg_host_rejection_replayed(void **state)
     counter_context_free(ctx);
 }
 
+static void expect_status(es_host *host, const es_uuid *key,
+                          const es_command *c, int status,
+                          const char *absent)
+{
+    es_host_reply *r = NULL;
+    es_error err = {0};
+    assert_int_equal(es_host_call(host, &counter_type, key, c, &r, &err),
+                     status);
+    if (r) assert_null(strstr(r->reason, absent));
+    assert_null(strstr(err.message, absent));
+    es_host_reply_free(r);
+}
+
+static void forget(const es_uuid *key)
+{
+    es_txn *txn = NULL;
+    assert_int_equal(es_store_begin(g_sealed, &txn, NULL), 0);
+    assert_int_equal(es_pg_forget_aggregate(txn, key, NULL), 0);
+    assert_int_equal(es_txn_commit(txn, NULL), 0);
+}
+
+/* With keys, a rejection's reason (it may carry personal data) is sealed
+ * with the aggregate's data key, on the host's batch path: nothing of it
+ * in clear, the same answer on a replay after a restart.  Once the
+ * aggregate is forgotten, a replay gets ES_EFORGOTTEN and never the
+ * reason; other content under the id is still ES_EIDEMPOTENCY. */
+static void test_pg_host_rejection_sealed(void **state)
+{
+    (void)state;
+    es_host *host = open_host_on(g_sealed);
+    assert_non_null(host);
+    es_uuid key, quiet; /* quiet: rejections only, never an event */
+    es_uuid_v7(&key);
+    es_uuid_v7(&quiet);
+    uint8_t v5[4], v6[4], v10[4], vo[4], vq[4];
+    es_command take = command(v5, 5);
+    take.kind = CMD_TAKE;
+    es_command odd = command(vo, 1);
+    odd.kind = CMD_ODD;
+    es_command qtake = command(vq, 7);
+    qtake.kind = CMD_TAKE;
+    es_command other = command(v6, 6); /* qtake's id, other content */
+    other.kind = CMD_TAKE;
+    other.id = qtake.id;
+    expect_rejection(host, &key, &take, "short: 0 < 5", false);
+    expect_rejection(host, &key, &odd, "odd \xff\xc3", false);
+    expect_rejection(host, &quiet, &qtake, "short: 0 < 7", false);
+    es_command add = command(v10, 10);
+    assert_int_equal(es_host_call(host, &counter_type, &key, &add, NULL,
+                                  NULL), 0);
+    expect_rejection(host, &key, &take, "short: 0 < 5", true);
+
+    /* at rest: sealed, the master key's id beside it, the text nowhere */
+    const struct {
+        const es_uuid *id;
+        const char *reason;
+    } rows[3] = {{&take.id, "short: 0 < 5"},
+                 {&odd.id, "odd \xff\xc3"},
+                 {&qtake.id, "short: 0 < 7"}};
+    for (int i = 0; i < 3; i++) {
+        stored_rejection st = stored(rows[i].id, rows[i].reason);
+        assert_true(st.found && st.rejected);
+        assert_false(st.key_null);
+        assert_string_equal(st.key, g_key_id);
+        assert_false(st.clear);
+        /* and not readable a shorter way either: "short" alone */
+        if (i != 1) assert_false(stored(rows[i].id, "short").clear);
+    }
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+
+    /* Restarted: the records answer, opened with the data keys. */
+    host = open_host_on(g_sealed);
+    assert_non_null(host);
+    expect_rejection(host, &key, &take, "short: 0 < 5", true);
+    expect_rejection(host, &key, &odd, "odd \xff\xc3", true);
+    expect_rejection(host, &quiet, &qtake, "short: 0 < 7", true);
+    expect_status(host, &quiet, &other, ES_EIDEMPOTENCY, "short");
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+
+    /* A store without the key does not open them (and says so). */
+    host = open_host_on(g_store);
+    assert_non_null(host);
+    expect_status(host, &quiet, &qtake, ES_EDECRYPT, "short");
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+
+    /* Crypto-shredding: the reasons go with the data keys. */
+    forget(&key);
+    forget(&quiet);
+    host = open_host_on(g_sealed);
+    assert_non_null(host);
+    expect_status(host, &key, &take, ES_EFORGOTTEN, "short");
+    expect_status(host, &key, &odd, ES_EFORGOTTEN, "odd");
+    /* quiet has no event to load: its record answers, not a new decide
+     * (which would reject with the same text) */
+    expect_status(host, &quiet, &qtake, ES_EFORGOTTEN, "short");
+    expect_status(host, &quiet, &other, ES_EIDEMPOTENCY, "short");
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
     fixture_pg_random_name(g_schema, sizeof g_schema, "host_");
-    return fixture_pg_open(g_schema, &g_store) == 0 ? 0 : -1;
+    if (fixture_pg_open(g_schema, &g_store) != 0) return -1;
+    es_pg_config *cfg = NULL;
+    uint8_t k[ES_PG_KEY_BYTES];
+    for (size_t i = 0; i < sizeof k; i++) k[i] = (uint8_t)(i * 11 + 3);
+    int rc = es_pg_config_new(&cfg, NULL);
+    if (rc == 0) rc = es_pg_config_set_schema(cfg, g_schema, NULL);
+    if (rc == 0) rc = es_pg_config_add_key(cfg, g_key_id, k, NULL);
+    if (rc == 0) rc = es_pg_store_open(cfg, &g_sealed, NULL);
+    es_pg_config_free(cfg);
+    g_sql = fixture_pg_connect();
+    return rc == 0 && g_sql ? 0 : -1;
 }
 
 static int group_teardown(void **state)
 {
     (void)state;
+    es_store_close(g_sealed);
+    PQfinish(g_sql);
     es_store_close(g_store);
     fixture_pg_drop_schema(g_schema);
     return 0;
@@ -272,6 +432,7 @@ int main(void)
         cmocka_unit_test(test_pg_host_concurrent_producers),
         cmocka_unit_test(test_pg_host_conflict_decided_again),
         cmocka_unit_test(test_pg_host_rejection_replayed),
+        cmocka_unit_test(test_pg_host_rejection_sealed),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

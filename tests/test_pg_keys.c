@@ -347,7 +347,7 @@ static void batch_row_init(batch_row *r, const es_uuid *agg,
     r->item.n_events = 1;
     r->item.status = ES__COMMIT_PENDING;
     es__command_record rec = {*command_id, *agg, 1, r->data, 8, version, 1,
-                              version, false, false, NULL};
+                              version, false, false, NULL, false};
     r->item.record = rec;
 }
 

@@ -601,7 +601,7 @@ static void batch_one_init(batch_one *b)
     b->item.n_events = 1;
     b->item.status = ES__COMMIT_PENDING;
     es__command_record rec = {cmd,  agg,   1,     b->data, sizeof b->data, 0,
-                              1,    0,     false, false,   NULL};
+                              1,    0,     false, false,   NULL, false};
     b->item.record = rec;
 }
 

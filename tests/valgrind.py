@@ -10,9 +10,10 @@ Part of ninja check-faults, not of ninja check: it takes minutes.
 It prints one summary line and fails when a test fails or valgrind reports
 any error (--error-exitcode); the whole report is kept in
 build/valgrind-<tool>-test_host.log and its first error is printed.
-Besides valgrind's defaults, tests/valgrind.supp hides two reports that
-are not about our code (glibc's timed wait, p11-kit at exit; no data
-race); the summary line says how often each matched.
+Besides valgrind's defaults, tests/valgrind.supp hides reports that
+are not about our code (glibc's timed wait, p11-kit at exit, and one
+data race inside libevent on its own debug flag); the summary line says
+how often each matched.
 """
 
 import argparse

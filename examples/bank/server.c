@@ -907,7 +907,7 @@ int main(int argc, char **argv)
 {
     const char *listen = "127.0.0.1:8080";
     const char *db = getenv("DATABASE_URL");
-    unsigned workers = 2, lanes = 2;
+    unsigned workers = 2, lanes = 0; /* 0: the host's default */
     bool migrate = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -922,9 +922,11 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    /* Commit lanes: this host has no es_host_config_set_lanes yet, so the
-     * option is accepted and has no effect. */
-    (void)lanes;
+    if (lanes > 64) {
+        fprintf(stderr, "bank-server: --lanes takes 0 (the host's default) "
+                        "to 64\n");
+        return 2;
+    }
     char host_part[256];
     const char *colon = strrchr(listen, ':');
     if (colon == NULL || (size_t)(colon - listen) >= sizeof host_part ||
@@ -964,6 +966,7 @@ int main(int argc, char **argv)
     es_host_config *hcfg = NULL;
     rc = es_host_config_new(&hcfg, &err);
     if (rc == 0) rc = es_host_config_set_workers(hcfg, workers);
+    if (rc == 0) rc = es_host_config_set_lanes(hcfg, lanes);
     if (rc == 0) rc = bank_register(hcfg, &err);
     if (rc == 0) rc = es_host_open(hcfg, srv.store, &srv.host, &err);
     es_host_config_free(hcfg);

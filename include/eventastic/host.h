@@ -32,7 +32,10 @@
  * other non-zero return) or a failing apply is not an outcome and is not
  * recorded.  On a store without command-id records, ids are remembered
  * only while their command is in flight and rejections are answered at
- * once.
+ * once.  On a PostgreSQL store with keys a rejection's reason is sealed
+ * with its aggregate's data key; once the aggregate is forgotten
+ * (es_pg_forget_aggregate) a replay is answered ES_EFORGOTTEN, without
+ * the reason.
  *
  * Threads: the host runs `workers` worker threads, one thread per commit
  * lane (es_host_config_set_lanes), one snapshot writer, and an I/O
@@ -138,7 +141,9 @@ typedef struct es_host_result {
      *  before the command ran, or closed while the database could not be
      *  reached: not committed), ES_EUNKNOWN (host closed before a COMMIT
      *  whose answer was lost could be read back: it may have committed),
-     *  or a store error (ES_EDB, ES_ENOMEM, ES_EDECODE while loading).
+     *  or a store error (ES_EDB, ES_ENOMEM, ES_EDECODE while loading;
+     *  ES_EFORGOTTEN, ES_EDECRYPT with encryption at rest, also for a
+     *  replayed rejection whose reason is sealed).
      *  While the host runs, commits wait for a database that cannot be
      *  reached instead of failing. */
     int status;
@@ -241,7 +246,7 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
  *  PostgreSQL each lane is a non-blocking connection of its own, outside
  *  the pool, whose round trips overlap the other lanes').  An aggregate's
  *  items always go to the same lane (by a hash of its key), so they
- *  commit in the order they were decided.  0 (the default): 4 on
+ *  commit in the order they were decided.  0 (the default): 2 on
  *  PostgreSQL, whose batches wait for round trips (measured in
  *  bench/bench_pg.c), else 1 (the memory store's writes hold one lock:
  *  more lanes only contend, bench/bench_host.c).  Returns 0 or

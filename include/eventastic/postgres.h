@@ -46,26 +46,36 @@
  *
  * Encryption at rest (optional): give the config one or more master keys
  * (es_pg_config_add_key), or a master-key provider such as a KMS
- * (es_pg_config_set_key_provider), and event payloads, snapshots and
- * side-effect payloads are sealed with XChaCha20-Poly1305 (libsodium)
- * before they leave the process; ids, versions, kinds and times stay
- * plain.  Each
+ * (es_pg_config_set_key_provider), and event payloads, snapshots,
+ * side-effect payloads and the reasons of the host's rejected commands
+ * (es_emit_reject: user text that may carry personal data) are sealed
+ * with XChaCha20-Poly1305 (libsodium) before they leave the process; ids,
+ * versions, kinds, times and command digests stay plain.  Each
  * aggregate has its own random data key, stored in the keys table wrapped
  * by the newest master key when the aggregate is first written; each row
- * records the id of that master key in its key_id column.  The associated
- * data binds a ciphertext to its aggregate, version (and snapshot version
- * or side-effect id), so a row copied elsewhere does not open.
+ * records the id of that master key in its key_id column (for a
+ * rejection: rejection_key, migration 9).  The associated data binds a
+ * ciphertext to its aggregate, version (and snapshot version, side-effect
+ * id or command id), so a row copied elsewhere does not open.
  * - Rotation: add a new master key last; aggregates written from then on
  *   use it, and the older keys still open what they wrapped.
  * - Crypto-shredding: es_pg_forget_aggregate destroys one aggregate's data
  *   key; its events, snapshots and side effects then read as ES_EFORGOTTEN,
- *   never as garbage, and other aggregates are untouched.
+ *   never as garbage, and other aggregates are untouched.  Its rejected
+ *   commands keep their ids (still taken, still compared by content) but
+ *   lose their reasons: the host answers a replay of one ES_EFORGOTTEN
+ *   (other content under the id: ES_EIDEMPOTENCY), never the reason.
  * - A ciphertext that does not open (wrong master key, a master key the
  *   store lacks, tampered or truncated bytes) gives ES_EDECRYPT; an
  *   unreadable snapshot is ignored and the stream replayed.
- * - Rows written without encryption (key_id NULL) stay readable by a
- *   store with keys, so encryption can be turned on for an existing
- *   database.  Key bytes never appear in messages, logs or SQL.
+ * - Rows written without encryption (key_id or rejection_key NULL, also
+ *   every rejection written before migration 9) stay readable by a store
+ *   with keys, so encryption can be turned on for an existing database;
+ *   they are not sealed afterwards.  Forgetting an aggregate does not
+ *   remove its events or snapshots written in clear, but it empties the
+ *   reasons of its rejections kept in clear, which then read as
+ *   forgotten like the sealed ones.  Key bytes never appear in messages,
+ *   logs or SQL.
  * - es_txn_list_side_effects fails (ES_EDECRYPT) when one of the listed
  *   side effects does not open; list one aggregate's to get past it.  A
  *   claimed outbox message that does not open becomes a dead letter with
@@ -287,8 +297,11 @@ ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_key_provider(
  * aggregate's encrypted events, snapshots and side effects read as
  * ES_EFORGOTTEN, and writing to it gives ES_EFORGOTTEN; its snapshots are
  * deleted and its pending side effects are marked dead (they cannot be
- * delivered).  Rows the aggregate had before encryption was turned on are
- * not encrypted and cannot be shredded this way.  Forgetting an aggregate
+ * delivered); the reasons of its rejected commands are unreadable (the
+ * sealed ones) or emptied (the ones kept in clear), and a host answers
+ * their replay ES_EFORGOTTEN.  Events the aggregate had before
+ * encryption was turned on are not encrypted and cannot be shredded this
+ * way.  Forgetting an aggregate
  * twice, or one never written, is not an error (it can never be written
  * afterwards).  Errors: ES_EINVAL (NULL argument, not a PostgreSQL
  * transaction, a store without keys), ES_EDB.

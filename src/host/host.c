@@ -63,11 +63,19 @@
 #define MAX_ATTEMPTS 4  /* decisions of one command whose commit failed */
 #define MAX_NESTED 16   /* actors run by one thread inside blocking calls */
 #define MAX_SNAP_JOBS 65536
-#define LANES_DEFAULT 4 /* commit lanes on a store with a batch writer */
+#define LANES_DEFAULT 2 /* commit lanes on a store with a batch writer */
 /* The snapshot writer's pace: the loop's flush timer fires this long
  * after the first snapshot was queued, so that several snapshots of one
  * aggregate coalesce into one write. */
 #define FLUSH_MS 100
+/* A load cut off from the database: the actor is parked and its load
+ * tried again after this backoff (doubling, jittered, capped). */
+#define LOAD_BACKOFF_MIN_MS 10
+#define LOAD_BACKOFF_MAX_MS 1000
+/* A parked actor due within this of now is run: the retry timer may fire
+ * a little early by es__now_ns (libevent adds a timeout to the loop's
+ * cached time), and without it the loop would arm again for a few us. */
+#define RETRY_SLACK_NS 1000000u
 
 typedef struct htype {
     const es_aggregate_type *type;
@@ -132,6 +140,12 @@ struct actor {
     bool scheduled, in_lru;
     /* the worker running the actor */
     bool loaded, broken;
+    /* the worker running the actor: parked (its load could not reach
+     * the database; this turn ends, the loop schedules it again) and the
+     * backoff of its next load (0: its last load reached the database).
+     * In the padding before broken_epoch: the actor does not grow. */
+    bool parked;
+    uint16_t park_ms;
     /* written by the committer, read by the worker */
     atomic_uint_least64_t broken_epoch;
     /* the worker running the actor: the state is either in ctx (while
@@ -207,9 +221,14 @@ struct es_host {
     pthread_t commit_thread;
     bool commit_started;
 
-    /* hk_lock: actors evicted by es_host_send, passivated on the loop */
+    /* hk_lock: actors evicted by es_host_send, passivated on the loop;
+     * parked actors (linked by next, due time in last_used) and when the
+     * retry timer is due (0: not armed).  Lock order: hk_lock, then
+     * libevent's lock of the base (event_add under hk_lock). */
     pthread_mutex_t hk_lock;
     actor *evicted;
+    actor *parked;
+    uint64_t retry_due;
 
     /* The I/O loop: its events are made at open and deleted at close;
      * with our own base, the io thread runs it. */
@@ -219,6 +238,7 @@ struct es_host {
     struct event *flush_ev; /* one-shot: snapshots queued, write them */
     struct event *wake_ev;  /* activated: es_host_send evicted an actor */
     struct event *stop_ev;  /* activated: our own loop, stop it */
+    struct event *retry_ev; /* one-shot: parked actors due, run them */
     pthread_t io_thread;
     bool io_started;
 
@@ -977,6 +997,7 @@ static int load_actor(es_host *host, actor *a, es_error *err)
     count(&host->loads, 1);
     es__hist_record(&host->h_load, took);
     if (rc == ES_ENOTFOUND) rc = 0;
+    if (rc != ES_EDB || !connection_lost(err)) a->park_ms = 0;
     if (rc != 0) return rc;
     a->ctx = ctx;
     a->loaded = true;
@@ -1014,12 +1035,46 @@ static int truth(const hcmd *h, int rc)
     return h->maybe_own && rc != ES_EIDEMPOTENCY ? ES_EUNKNOWN : rc;
 }
 
-static bool answer_from_store(es_host *host, actor *a, hcmd *h)
+/* The database could not be reached to load a or to look h up before
+ * deciding it: wait the outage out without holding this worker.  h goes
+ * back to the head of the mailbox (per-key order) and the actor is
+ * parked (run_actor ends its turn; the loop's retry timer runs it again
+ * after the backoff).  A host ending completes h instead: ES_ECLOSED. */
+static void park_command(es_host *host, actor *a, hcmd *h)
+{
+    unsigned ms = a->park_ms == 0 ? LOAD_BACKOFF_MIN_MS : 2u * a->park_ms;
+    if (ms > LOAD_BACKOFF_MAX_MS) ms = LOAD_BACKOFF_MAX_MS;
+    a->park_ms = (uint16_t)ms;
+    if (atomic_load(&host->ending)) {
+        complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
+                       "host ended while the database could not be "
+                       "reached to load the aggregate or look the "
+                       "command up");
+        return;
+    }
+    pthread_mutex_lock(&a->sh->lock);
+    h->next = a->mb_head;
+    a->mb_head = h;
+    if (a->mb_tail == NULL) a->mb_tail = h;
+    a->mb_n++;
+    pthread_mutex_unlock(&a->sh->lock);
+    count(&host->mailbox_depth, 1);
+    a->parked = true;
+}
+
+/* may_park: before a load (the actor is not loaded), a lookup that
+ * cannot reach the database parks h like a load would. */
+static bool answer_from_store(es_host *host, actor *a, hcmd *h,
+                              bool may_park)
 {
     es_error err = {0};
     es_txn *txn = NULL;
     int rc = es_store_begin(host->store, &txn, &err);
     if (rc != 0) {
+        if (may_park && rc == ES_EDB && connection_lost(&err)) {
+            park_command(host, a, h);
+            return true;
+        }
         complete_error(host, h, truth(h, rc), actor_version(a), err.message);
         return true;
     }
@@ -1031,6 +1086,10 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
     }
     if (rc != 0) {
         es_txn_rollback(txn);
+        if (may_park && rc == ES_EDB && connection_lost(&err)) {
+            park_command(host, a, h);
+            return true;
+        }
         complete_error(host, h, truth(h, rc), actor_version(a), err.message);
         return true;
     }
@@ -1047,6 +1106,17 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h)
      * unknown finds its own outcome here: not a duplicate.  One whose
      * commit found the id taken (lazy_ids) is one. */
     bool dup = h->attempts == 0 || (h->taken && !h->maybe_own);
+    if (rec->rejected && rec->forgotten) {
+        /* Its reason was sealed with the aggregate's data key, since
+         * destroyed (crypto-shredding): the aggregate is gone, and so is
+         * the reason. */
+        es_txn_rollback(txn);
+        complete_error(host, h, truth(h, ES_EFORGOTTEN), actor_version(a),
+                       "aggregate was forgotten: the command was rejected, "
+                       "its reason is destroyed");
+        es__free(rec);
+        return true;
+    }
     if (rec->rejected) {
         es_txn_rollback(txn);
         complete(host, h, ES_EREJECTED, rec->version, NULL, 0,
@@ -1112,13 +1182,26 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         p->dups = h;
         return;
     }
+    /* Ending while the database could not be reached: no more tries
+     * (after the first command of an actor parked or cut off now). */
+    if (!a->loaded && a->park_ms != 0 && atomic_load(&host->ending)) {
+        complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
+                       "host ended while the database could not be "
+                       "reached to load the aggregate or look the "
+                       "command up");
+        return;
+    }
     if (host->has_commands && (!host->lazy_ids || h->attempts > 0) &&
-        answer_from_store(host, a, h))
+        answer_from_store(host, a, h, !a->loaded))
         return;
     es_error err = {0};
     bool loaded_now = !a->loaded;
     if (!a->loaded) {
         int rc = load_actor(host, a, &err);
+        if (rc == ES_EDB && connection_lost(&err)) {
+            park_command(host, a, h);
+            return;
+        }
         if (rc != 0) {
             complete_error(host, h, truth(h, rc), ES_HOST_NO_VERSION,
                            err.message);
@@ -1157,7 +1240,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
         /* A command accepted before may be rejected on today's state:
          * its original outcome wins. */
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
-            answer_from_store(host, a, h))
+            answer_from_store(host, a, h, false))
             return;
         if (!rejection || !host->has_commands) {
             complete_error(host, h, ES_EREJECTED, actor_version(a), reason);
@@ -1180,7 +1263,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     es__hist_record(&host->h_decide, t_decided - td);
     if (rc != 0) {
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
-            rc != ES_ENOMEM && answer_from_store(host, a, h))
+            rc != ES_ENOMEM && answer_from_store(host, a, h, false))
             return;
         complete_error(host, h, rc == ES_ENOMEM ? rc : ES_EAPPLY,
                        actor_version(a), err.message);
@@ -1210,7 +1293,7 @@ static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub,
                                       it->n_events ? it->events[0].version
                                                    : v,
                                       it->n_events, v, false,
-                                      h->reason != NULL, h->reason};
+                                      h->reason != NULL, h->reason, false};
     if (host->cfg.snap_every > 0 && it->n_events > 0 &&
         v + 1 - a->folded_at_snapshot >= host->cfg.snap_every) {
         snap_job *j = snap_of(a);
@@ -1339,6 +1422,110 @@ static void rebuild(es_host *host, actor *a)
     a->bnc_head = a->bnc_tail = NULL;
 }
 
+/* Jitter of the load backoff: between half and all of ms, in ns. */
+static uint64_t jittered_ns(const actor *a, unsigned ms)
+{
+    uint64_t x = es__now_ns() ^ key_hash(&a->id);
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdu;
+    x ^= x >> 33;
+    unsigned half = ms / 2;
+    return (uint64_t)(half + x % (ms - half + 1)) * 1000000u;
+}
+
+/* Arm the retry timer for due (hk_lock held) unless it is armed already
+ * for that time or earlier.  Returns false when there is no timer (it
+ * could not be added): the caller runs the actors at once rather than
+ * leave them parked with nothing to wake them.  retry_due records only a
+ * timer that is pending, or one that fired and whose on_retry has yet to
+ * take hk_lock (it then arms for what is left). */
+static bool arm_retry_locked(es_host *host, uint64_t due, uint64_t now)
+{
+    if (host->retry_due != 0 && host->retry_due <= due) return true;
+    if (host->retry_ev == NULL) return false;
+    uint64_t us = due > now ? (due - now) / 1000u : 0;
+    struct timeval tv = {(time_t)(us / 1000000u),
+                         (suseconds_t)(us % 1000000u)};
+    if (event_add(host->retry_ev, &tv) != 0) return false;
+    host->retry_due = due;
+    return true;
+}
+
+/* The worker's last touch of a parked actor: it stays scheduled (so
+ * es_host_send does not queue it and it is never passivated) and the
+ * loop's retry timer puts it back on the run queue when its backoff is
+ * over.  A host ending runs it at once: its commands complete. */
+static void park(es_host *host, actor *a)
+{
+    uint64_t now = es__now_ns();
+    uint64_t due = now + jittered_ns(a, a->park_ms);
+    /* One lock for the list and the timer: on_retry either sees a on the
+     * list or runs after the timer is armed for it. */
+    pthread_mutex_lock(&host->hk_lock);
+    bool now_run = atomic_load(&host->ending) ||
+                   !arm_retry_locked(host, due, now);
+    if (!now_run) {
+        a->last_used = due;
+        a->next = host->parked;
+        host->parked = a;
+    }
+    pthread_mutex_unlock(&host->hk_lock);
+    if (now_run) runq_push(host, a);
+}
+
+/* Take the parked actors due by now (all with all) off the list (hk_lock
+ * held) and arm the timer for the earliest of the others; returns the
+ * actors taken, linked by next, their number in *n.  The timer fired, or
+ * is ignored (all): whatever it was armed for is forgotten. */
+static actor *unpark_locked(es_host *host, uint64_t now, bool all,
+                            actor **tail, size_t *n)
+{
+    actor *head = NULL, **pp = &host->parked;
+    *tail = NULL;
+    *n = 0;
+    host->retry_due = 0;
+    uint64_t next_due = 0;
+    while (*pp) {
+        actor *a = *pp;
+        if (all || a->last_used <= now + RETRY_SLACK_NS) {
+            *pp = a->next;
+            a->next = NULL;
+            if (*tail) (*tail)->next = a;
+            else head = a;
+            *tail = a;
+            (*n)++;
+            continue;
+        }
+        if (next_due == 0 || a->last_used < next_due) next_due = a->last_used;
+        pp = &a->next;
+    }
+    if (next_due != 0 && !arm_retry_locked(host, next_due, now)) {
+        /* no timer: the others run now too */
+        if (*tail) (*tail)->next = host->parked;
+        else head = host->parked;
+        for (actor *a = host->parked; a; a = a->next) {
+            *tail = a;
+            (*n)++;
+        }
+        host->parked = NULL;
+    }
+    return head;
+}
+
+/* Loop, when the first parked actor is due: run the due ones again. */
+static void on_retry(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    es_host *host = arg;
+    actor *tail = NULL;
+    size_t n = 0;
+    pthread_mutex_lock(&host->hk_lock);
+    actor *head = unpark_locked(host, es__now_ns(), false, &tail, &n);
+    pthread_mutex_unlock(&host->hk_lock);
+    if (head) runq_push_list(host, head, tail, n);
+}
+
 static void run_actor(es_host *host, actor *a)
 {
     shard *sh = a->sh;
@@ -1376,6 +1563,14 @@ static void run_actor(es_host *host, actor *a)
             h->next = NULL;
             process_command(host, a, h, &sub);
             budget--;
+            if (a->parked) {
+                a->parked = false;
+                flush(host, a, &sub);
+                actor_compact(a);
+                tls_depth--;
+                park(host, a); /* from here on another worker may run a */
+                return;
+            }
             if (sub.n >= RUN_BUDGET) flush(host, a, &sub);
             continue;
         }
@@ -1803,7 +1998,10 @@ static int io_setup(es_host *host)
     }
     host->wake_ev = event_new(host->base, -1, 0, on_wake, host);
     host->flush_ev = event_new(host->base, -1, 0, on_flush, host);
-    if (host->wake_ev == NULL || host->flush_ev == NULL) return ES_ENOMEM;
+    host->retry_ev = event_new(host->base, -1, 0, on_retry, host);
+    if (host->wake_ev == NULL || host->flush_ev == NULL ||
+        host->retry_ev == NULL)
+        return ES_ENOMEM;
     if (host->cfg.idle_ms > 0) {
         /* a quarter of the idle time, between 1 ms and 100 ms */
         uint64_t tick_ms = host->cfg.idle_ms / 4;
@@ -1831,7 +2029,8 @@ static void io_teardown(es_host *host)
     }
     /* the flush timer after the callbacks that may arm it */
     struct event **evs[] = {&host->sweep_ev, &host->wake_ev,
-                            &host->flush_ev, &host->stop_ev};
+                            &host->flush_ev, &host->retry_ev,
+                            &host->stop_ev};
     for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++) {
         if (*evs[i] == NULL) continue;
         event_del(*evs[i]);
@@ -2062,6 +2261,14 @@ static int host_end(es_host *host, bool now, es_error *err)
     atomic_store(&host->ending, true);
     if (host->lanes_end_ev) /* lanes waiting out the database: now */
         event_active(host->lanes_end_ev, 0, 0);
+    { /* parked actors run now: their commands complete (ES_ECLOSED) */
+        actor *tail = NULL;
+        size_t n = 0;
+        pthread_mutex_lock(&host->hk_lock);
+        actor *head = unpark_locked(host, 0, true, &tail, &n);
+        pthread_mutex_unlock(&host->hk_lock);
+        if (head) runq_push_list(host, head, tail, n);
+    }
     /* Every accepted command completes: workers decide (or, closing now,
      * complete with ES_ECLOSED) what is in the mailboxes. */
     pthread_mutex_lock(&host->drain_lock);

@@ -136,6 +136,13 @@ const es__pg_migration es__pg_migrations[] = {
      "$migrate$;\n"
      "ALTER TABLE @events@ ADD UNIQUE (aggregate_id, event_id);\n"
      "CREATE INDEX ON @events@ (position);\n"},
+    /* With encryption at rest, a rejection's reason (user text that may
+     * carry personal data) is sealed with the aggregate's data key like
+     * its events: rejection_key is the id of the master key that wrapped
+     * that data key, NULL for a reason stored in clear (no encryption, or
+     * written before this migration). */
+    {9, "command ids: rejection reasons sealed (their master key id)",
+     "ALTER TABLE @commands@ ADD COLUMN rejection_key text;\n"},
 };
 
 const size_t es__pg_migration_count =

@@ -96,6 +96,7 @@ enum {
     SQL_PUT_KEY,
     SQL_FORGET_KEY,
     SQL_FORGET_SIDE_EFFECTS,
+    SQL_FORGET_REASONS,
     SQL_OB_EXPIRE,
     SQL_OB_CLAIM,
     SQL_OB_DEAD,
@@ -163,7 +164,10 @@ typedef struct pg_txn {
     PGconn **own; /* begin_background: the caller's slot, not the pool */
 } pg_txn;
 
-static const int binary_formats[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+/* Every parameter is binary; as many entries as the most parameters of a
+ * statement (the commands' 9). */
+#define MAX_PARAMS 9
+static const int binary_formats[MAX_PARAMS] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
 
 /* ---- names ---- */
 
@@ -965,6 +969,16 @@ static void ad_side_effect(ad_buf *ad, const es_side_effect *se)
     ad_put(ad, se->event_id.bytes, 16);
 }
 
+/* A rejection's reason: its command id and aggregate. */
+static void ad_rejection(ad_buf *ad, const es_uuid *command_id,
+                         const es_uuid *agg)
+{
+    ad->n = 0;
+    ad_put(ad, "R", 1);
+    ad_put(ad, command_id->bytes, 16);
+    ad_put(ad, agg->bytes, 16);
+}
+
 static void ad_data_key(ad_buf *ad, const es_uuid *agg, const char *kek)
 {
     ad->n = 0;
@@ -1400,17 +1414,23 @@ static int64_t version_col(uint64_t v)
 }
 
 /* The columns of the commands table, as arrays (one element a record). */
-#define COMMAND_COLS 8
+#define COMMAND_COLS 9
+_Static_assert(COMMAND_COLS <= MAX_PARAMS, "binary_formats is too short");
 static const Oid command_elems[COMMAND_COLS] = {
-    OID_UUID, OID_UUID, OID_INT4, OID_BYTEA,
-    OID_INT8, OID_INT8, OID_INT8, OID_BYTEA};
+    OID_UUID, OID_UUID, OID_INT4, OID_BYTEA, OID_INT8,
+    OID_INT8, OID_INT8, OID_BYTEA, OID_TEXT};
 static const Oid command_types[COMMAND_COLS] = {
-    OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY, OID_BYTEA_ARRAY,
-    OID_INT8_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY, OID_BYTEA_ARRAY};
+    OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY,
+    OID_BYTEA_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY,
+    OID_INT8_ARRAY, OID_BYTEA_ARRAY, OID_TEXT_ARRAY};
 
-/* Append one record to the column arrays: the last one is the rejection
- * reason, NULL for an accepted command.  Returns 0 or ES_ENOMEM. */
-static int command_row(es_buf b[COMMAND_COLS], const es__command_record *c)
+/* Append one record to the column arrays: the last two are the rejection
+ * reason (NULL for an accepted command) and the id of the master key of
+ * the data key it is sealed with (NULL: in clear).  key: the aggregate's
+ * data key when the store encrypts, else NULL; only a rejected record
+ * uses it.  Returns 0 or ES_ENOMEM. */
+static int command_row(es_buf b[COMMAND_COLS], const es__command_record *c,
+                       const dek_entry *key)
 {
     uint8_t d[ES__COMMAND_DIGEST];
     if (c->hashed && c->len == ES__COMMAND_DIGEST)
@@ -1427,11 +1447,19 @@ static int command_row(es_buf b[COMMAND_COLS], const es__command_record *c)
                                   ? INT64_MAX
                                   : (int64_t)c->event_count);
     if (rc == 0) rc = array_i64(&b[6], version_col(c->version));
-    if (rc == 0 && c->rejected)
-        rc = array_item(&b[7], c->reason ? c->reason : "",
-                        c->reason ? strlen(c->reason) : 0);
-    else if (rc == 0)
-        rc = put32(&b[7], UINT32_MAX); /* length -1: NULL */
+    if (rc != 0) return rc;
+    const char *why = c->reason ? c->reason : "";
+    if (c->rejected && key) {
+        ad_buf ad;
+        ad_rejection(&ad, &c->command_id, &c->aggregate_id);
+        rc = array_sealed(&b[7], key->dek, &ad, (const uint8_t *)why,
+                          strlen(why));
+        if (rc == 0) rc = array_item(&b[8], key->kek, strlen(key->kek));
+        return rc;
+    }
+    if (c->rejected) rc = array_item(&b[7], why, strlen(why));
+    else rc = put32(&b[7], UINT32_MAX); /* length -1: NULL */
+    if (rc == 0) rc = put32(&b[8], UINT32_MAX);
     return rc;
 }
 
@@ -1448,10 +1476,25 @@ static int pg_insert_commands(es_txn *txn, const es__command_record *recs,
     int rc = 0;
     for (int k = 0; rc == 0 && k < COMMAND_COLS; k++)
         rc = array_begin(&b[k], command_elems[k], n);
+    for (size_t i = 0; i < n; i++) inserted[i] = false;
+    dek_entry key;
+    memset(&key, 0, sizeof key);
+    bool have_key = false;
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        inserted[i] = false;
-        rc = command_row(b, &recs[i]);
+        /* A rejection's reason is sealed with its aggregate's data key
+         * (made now if it has none), like an event. */
+        bool seal = s->encrypt && recs[i].rejected;
+        if (seal && !(have_key &&
+                      es_uuid_equal(&key.agg, &recs[i].aggregate_id))) {
+            const dek_entry *d = NULL;
+            if ((rc = get_dek(t, &recs[i].aggregate_id, true, &d, err)) != 0)
+                break;
+            key = *d;
+            have_key = true;
+        }
+        rc = command_row(b, &recs[i], seal ? &key : NULL);
     }
+    sodium_memzero(&key, sizeof key);
     PGresult *r = NULL;
     if (rc == ES_ENOMEM) es__error_set(err, rc, "out of memory");
     if (rc == 0) {
@@ -1513,8 +1556,38 @@ static int pg_get_command(es_txn *txn, const es_uuid *command_id,
      * a NUL inside is cut there. */
     rec.rejected = !PQgetisnull(r, 0, 6);
     if (rec.rejected) rec.reason = PQgetvalue(r, 0, 6);
-    *out = es__command_record_dup(&rec);
+    es_buf plain = {0};
+    if (rec.rejected && !PQgetisnull(r, 0, 7)) {
+        /* Sealed: opened with the aggregate's data key.  Once that is
+         * destroyed the record stays (its id is still taken, its digest
+         * still compared), without its reason. */
+        const uint8_t *data = (const uint8_t *)rec.reason;
+        size_t len = (size_t)PQgetlength(r, 0, 6);
+        ad_buf ad;
+        ad_rejection(&ad, command_id, &rec.aggregate_id);
+        es_error inner = {0};
+        rc = open_row(t, &rec.aggregate_id, r, 0, 7, &ad, &plain, &data,
+                      &len, &inner);
+        if (rc == ES_EFORGOTTEN) {
+            rec.forgotten = true;
+            rec.reason = NULL;
+            rc = 0;
+        } else if (rc != 0) {
+            es_buf_free(&plain);
+            PQclear(r);
+            if (err) *err = inner;
+            return rc;
+        } else if (es_buf_append(&plain, "", 1) != 0) {
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+        } else {
+            rec.reason = (const char *)plain.data;
+        }
+    }
+    *out = rc == 0 ? es__command_record_dup(&rec) : NULL;
     PQclear(r);
+    if (plain.data) sodium_memzero(plain.data, plain.cap);
+    es_buf_free(&plain);
+    if (rc != 0) return rc;
     if (*out == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     return 0;
 }
@@ -2638,11 +2711,13 @@ static void batch_keys_free(batch_keys *k)
  * took about 42% of PostgreSQL's CPU time (perf, bench_pg).  Their
  * parameter types are fixed here, as they are built below. */
 enum { BATCH_EVENTS, BATCH_COMMANDS, BATCH_SIDE_EFFECTS, BATCH_STMTS };
+#define BATCH_PARAMS COMMAND_COLS /* the most a batch statement has */
+_Static_assert(BATCH_PARAMS <= MAX_PARAMS, "binary_formats is too short");
 static const struct {
     const char *name;
     int sql;
     int n;
-    Oid types[8];
+    Oid types[BATCH_PARAMS];
 } batch_stmts[BATCH_STMTS] = {
     [BATCH_EVENTS] = {"es_batch_events", SQL_BATCH_EVENTS, 7,
                       {OID_TEXT_ARRAY, OID_UUID_ARRAY, OID_INT8_ARRAY,
@@ -2652,7 +2727,7 @@ static const struct {
                         COMMAND_COLS,
                         {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_INT4_ARRAY,
                          OID_BYTEA_ARRAY, OID_INT8_ARRAY, OID_INT8_ARRAY,
-                         OID_INT8_ARRAY, OID_BYTEA_ARRAY}},
+                         OID_INT8_ARRAY, OID_BYTEA_ARRAY, OID_TEXT_ARRAY}},
     [BATCH_SIDE_EFFECTS] = {"es_batch_side_effects", SQL_BATCH_SIDE_EFFECTS,
                             8,
                             {OID_UUID_ARRAY, OID_UUID_ARRAY, OID_UUID_ARRAY,
@@ -2679,8 +2754,8 @@ static int batch_evproc(PGEventId id, void *info, void *pass)
 typedef struct pstmt {
     const char *what, *name; /* name: prepared (batch_stmts) */
     int n;
-    Oid types[8];
-    es_buf buf[8]; /* up to 8 arrays, or 7 and a plain 8th parameter */
+    Oid types[BATCH_PARAMS];
+    es_buf buf[BATCH_PARAMS]; /* arrays; the side effects' 8th is plain */
     rowref *refs; /* sorted by (id, version) once built */
     size_t rows;
     bool sent;
@@ -2688,7 +2763,7 @@ typedef struct pstmt {
 
 static void pstmt_free(pstmt *p)
 {
-    for (int i = 0; i < 8; i++) es_buf_free(&p->buf[i]);
+    for (int i = 0; i < BATCH_PARAMS; i++) es_buf_free(&p->buf[i]);
     es__free(p->refs);
     memset(p, 0, sizeof *p);
 }
@@ -2711,8 +2786,8 @@ static int pstmt_init(pstmt *p, const char *what, int stmt,
 
 static int pstmt_send(PGconn *c, pstmt *p, es_error *err)
 {
-    const char *values[8];
-    int lens[8];
+    const char *values[BATCH_PARAMS];
+    int lens[BATCH_PARAMS];
     for (int i = 0; i < p->n; i++) {
         if (p->buf[i].len > INT32_MAX)
             return es__error_set(err, ES_EINVAL, "%s: a batch of %zu bytes "
@@ -2842,8 +2917,10 @@ static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
     return rc;
 }
 
-/* The command-id records of the pending items. */
-static int build_commands(es__commit_item **items, size_t n, pstmt *p,
+/* The command-id records of the pending items (a rejection's reason
+ * sealed with its aggregate's data key when the store encrypts). */
+static int build_commands(pg_store *s, const batch_keys *keys,
+                          es__commit_item **items, size_t n, pstmt *p,
                           es_error *err)
 {
     size_t rows = 0;
@@ -2860,7 +2937,11 @@ static int build_commands(es__commit_item **items, size_t n, pstmt *p,
         if (items[i]->status != ES__COMMIT_PENDING) continue;
         const es__command_record *c = &items[i]->record;
         p->refs[r++] = (rowref){c->command_id, 0, i};
-        rc = command_row(p->buf, c);
+        const dek_entry *d = NULL;
+        if (s->encrypt && c->rejected &&
+            (d = batch_key(keys, &items[i]->aggregate_id)) == NULL)
+            return es__error_set(err, ES_EINVAL, "batch: no data key");
+        rc = command_row(p->buf, c, d);
     }
     if (rc != 0) return es__error_set(err, ES_ENOMEM, "out of memory");
     qsort(p->refs, rows, sizeof *p->refs, rowref_cmp);
@@ -3622,7 +3703,9 @@ static void txn_write(pg_lane *l)
     for (int i = 0; i < 3; i++) pstmt_free(&l->st[i]);
     int rc = build_events(l->s, &l->keys, l->items, l->n, &l->st[0],
                           &l->err);
-    if (rc == 0) rc = build_commands(l->items, l->n, &l->st[1], &l->err);
+    if (rc == 0)
+        rc = build_commands(l->s, &l->keys, l->items, l->n, &l->st[1],
+                            &l->err);
     if (rc == 0)
         rc = build_side_effects(l->s, &l->keys, l->items, l->n, &l->st[2],
                                 &l->err);
@@ -3667,13 +3750,21 @@ static void txn_write(pg_lane *l)
 
 /* ---- the data keys (encryption at rest) ---- */
 
+/* An item needs its aggregate's data key for its events, or for the
+ * reason of its rejection (sealed like them). */
+static bool item_needs_key(const es__commit_item *it)
+{
+    return it->n_events > 0 || it->record.rejected;
+}
+
 /* Fail the groups of the pending items that need agg's key. */
 static void keys_fail(pg_lane *l, const es_uuid *agg, int status)
 {
     for (size_t i = 0; i < l->n; i++) {
         es__commit_item *it = l->items[i];
         if (it->status != ES__COMMIT_PENDING) continue;
-        bool uses = it->n_events > 0 && es_uuid_equal(&it->aggregate_id, agg);
+        bool uses = item_needs_key(it) &&
+                    es_uuid_equal(&it->aggregate_id, agg);
         for (size_t j = 0; !uses && j < it->n_side_effects; j++)
             uses = es_uuid_equal(&it->side_effects[j].aggregate_id, agg);
         if (uses) batch_fail_group(l->items, l->n, i, status);
@@ -3847,13 +3938,14 @@ static void keys_ask(pg_lane *l)
     lane_rt_go(l, sent, keys_read);
 }
 
-/* The data keys of every aggregate the pending items write to. */
+/* The data keys of every aggregate the pending items write to (events,
+ * side effects, a rejection's reason). */
 static void keys_load(pg_lane *l)
 {
     size_t cap = 0;
     for (size_t i = 0; i < l->n; i++)
         if (l->items[i]->status == ES__COMMIT_PENDING)
-            cap += (l->items[i]->n_events > 0) +
+            cap += item_needs_key(l->items[i]) +
                    l->items[i]->n_side_effects;
     l->n_need = 0;
     if (cap > 0 && (l->need = es__calloc(cap, sizeof *l->need)) == NULL) {
@@ -3864,7 +3956,7 @@ static void keys_load(pg_lane *l)
     for (size_t i = 0; i < l->n; i++) {
         es__commit_item *it = l->items[i];
         if (it->status != ES__COMMIT_PENDING) continue;
-        if (it->n_events > 0) l->need[l->n_need++] = it->aggregate_id;
+        if (item_needs_key(it)) l->need[l->n_need++] = it->aggregate_id;
         for (size_t j = 0; j < it->n_side_effects; j++)
             l->need[l->n_need++] = it->side_effects[j].aggregate_id;
     }
@@ -4049,13 +4141,15 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
     qualify(cm, sizeof cm, cfg->schema, cfg->tables[ES_PG_TABLE_COMMANDS]);
     s->sql[SQL_INSERT_COMMANDS] = sqlf(
         "INSERT INTO %s (command_id, aggregate_id, kind, digest, "
-        "first_version, event_count, version, rejection) SELECT * FROM "
-        "unnest($1::uuid[], $2::uuid[], $3::integer[], $4::bytea[], "
-        "$5::bigint[], $6::bigint[], $7::bigint[], $8::bytea[]) "
+        "first_version, event_count, version, rejection, rejection_key) "
+        "SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::integer[], "
+        "$4::bytea[], $5::bigint[], $6::bigint[], $7::bigint[], "
+        "$8::bytea[], $9::text[]) "
         "ON CONFLICT (command_id) DO NOTHING RETURNING command_id", cm);
     s->sql[SQL_GET_COMMAND] = sqlf(
         "SELECT aggregate_id, kind, digest, first_version, event_count, "
-        "version, rejection FROM %s WHERE command_id = $1", cm);
+        "version, rejection, rejection_key FROM %s WHERE command_id = $1",
+        cm);
     qualify(k, sizeof k, cfg->schema, cfg->tables[ES_PG_TABLE_KEYS]);
     qualify(m, sizeof m, cfg->schema, cfg->tables[ES_PG_TABLE_MIGRATIONS]);
     qualify(e, sizeof e, cfg->schema, cfg->tables[ES_PG_TABLE_EVENTS]);
@@ -4163,6 +4257,14 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "VALUES ($1, '', NULL, now()) ON CONFLICT (aggregate_id) DO UPDATE "
         "SET wrapped = NULL, destroyed_at = coalesce(k.destroyed_at, now())",
         k);
+    /* Reasons of the aggregate's rejections kept in clear (recorded
+     * before migration 9, or by a store without keys): emptied, and
+     * marked sealed, so that they read as forgotten like the sealed
+     * ones. */
+    s->sql[SQL_FORGET_REASONS] = sqlf(
+        "UPDATE %s SET rejection = '\\x'::bytea, rejection_key = '' WHERE "
+        "aggregate_id = $1 AND rejection IS NOT NULL AND rejection_key IS "
+        "NULL", cm);
     s->sql[SQL_FORGET_SIDE_EFFECTS] = sqlf(
         "UPDATE %s SET status = 'dead', last_error = 'aggregate forgotten "
         "(crypto-shredding)' WHERE aggregate_id = $1 AND status = "
@@ -4354,6 +4456,10 @@ int es_pg_forget_aggregate(es_txn *txn, const es_uuid *aggregate_id,
         rc = run(t->conn, "forget: side effects",
                  s->sql[SQL_FORGET_SIDE_EFFECTS], 1, types, values, lens,
                  NULL, err);
+    if (rc == 0)
+        rc = run(t->conn, "forget: rejection reasons in clear",
+                 s->sql[SQL_FORGET_REASONS], 1, types, values, lens, NULL,
+                 err);
     return rc;
 }
 

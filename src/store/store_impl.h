@@ -38,6 +38,8 @@ typedef struct es__command_record {
     bool hashed;      /* payload holds a digest of the content (below) */
     bool rejected;    /* the outcome was a rejection (no events) */
     const char *reason; /* rejected: the reason text (NUL-terminated) */
+    bool forgotten; /* read back: rejected, but the reason was sealed with
+                     * a data key since destroyed (reason NULL) */
 } es__command_record;
 
 /* Size of a content digest: BLAKE2b over the kind and the payload.  A

@@ -2,8 +2,9 @@
  * libFuzzer target: the PostgreSQL store's row decoding, with no database
  * (see pg_fake.h): event rows (stream pages, the cursor's fetches, one
  * event by id), snapshot rows, side-effect rows, outbox rows, command-id
- * rows and data-key rows, plain or sealed (the encrypted envelope: the
- * wrapped data key and the payloads that it opens).
+ * rows (a rejection's reason, plain or sealed) and data-key rows, plain
+ * or sealed (the encrypted envelope: the wrapped data key and the
+ * payloads that it opens).
  *
  * Input: byte 0 picks the reader, byte 1 the options (bit 0: the store
  * has a master key; bit 1: data-key rows are valid wrappings of a fixed
@@ -32,6 +33,7 @@ static const uint8_t DEK[crypto_aead_xchacha20poly1305_ietf_KEYBYTES] = {
 static bool seal;  /* option bit 1 */
 static es_uuid agg; /* the aggregate the reader asked for */
 static uint64_t snapshot_version;
+static es_uuid command_id; /* the command id the reader asked for */
 static char names[SQL_COUNT][8];
 
 /* Payload cell pcol of each row with a key id (kcol) sealed under DEK with
@@ -49,6 +51,10 @@ static void seal_rows(PGresult *r, int what, int pcol, int kcol)
             es_uuid who = agg;
             if (what == 1 && !col_uuid(r, row, 0, &who)) continue;
             ad_event(&ad, &who, v);
+        } else if (what == 5) { /* command id: a rejection's reason */
+            es_uuid who;
+            if (!col_uuid(r, row, 0, &who)) continue;
+            ad_rejection(&ad, &command_id, &who);
         } else if (what == 2) { /* snapshot */
             if (!col_u64(r, row, 0, &v)) continue;
             ad_snapshot(&ad, &agg, snapshot_version, v);
@@ -114,7 +120,8 @@ PGresult *fake_exec_params(PGconn *conn, const char *command, int nParams,
         r = fz_result(6, 1);
         if (r && seal) seal_rows(r, 3, 4, 5);
     } else if (command == S.sql[SQL_GET_COMMAND]) {
-        r = fz_result(6, 1);
+        r = fz_result(8, 1);
+        if (r && seal) seal_rows(r, 5, 6, 7);
     } else if (command == S.sql[SQL_GET_KEY] ||
                command == S.sql[SQL_LOCK_KEY]) {
         r = key_row(paramValues);
@@ -178,11 +185,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     }
     case 1: {
-        es_uuid id, owner;
+        es_uuid id;
         memset(id.bytes, 0x5a, 16);
         es_event *ev = NULL;
-        rc = pg_get_event(&t.base, (opts & 16) ? &agg : NULL, &id, &ev,
-                          &owner, &err);
+        rc = pg_get_event(&t.base, &agg, &id, &ev, &err);
         if (rc == 0 && (ev == NULL || (ev->len && ev->data == NULL)))
             abort();
         es__free(ev);
@@ -221,10 +227,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     }
     case 5: {
-        es_uuid id;
-        memset(id.bytes, 0x3c, 16);
+        memset(command_id.bytes, 0x3c, 16);
         es__command_record *rec = NULL;
-        rc = pg_get_command(&t.base, &id, &rec, &err);
+        rc = pg_get_command(&t.base, &command_id, &rec, &err);
+        if (rc == 0 && rec == NULL) abort();
+        /* a reason only for a rejection, and never one that is forgotten */
+        if (rc == 0 && (rec->reason != NULL) !=
+                           (rec->rejected && !rec->forgotten))
+            abort();
+        if (rc == 0 && rec->forgotten && !rec->rejected) abort();
         es__free(rec);
         break;
     }
