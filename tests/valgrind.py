@@ -10,10 +10,16 @@ Part of ninja check-faults, not of ninja check: it takes minutes.
 It prints one summary line and fails when a test fails or valgrind reports
 any error (--error-exitcode); the whole report is kept in
 build/valgrind-<tool>-test_host.log and its first error is printed.
-Besides valgrind's defaults, tests/valgrind.supp hides reports that
-are not about our code (glibc's timed wait, p11-kit at exit, and one
-data race inside libevent on its own debug flag); the summary line says
-how often each matched.
+Besides valgrind's defaults, tests/valgrind.supp hides two reports that
+are not about our code (glibc's timed wait, p11-kit at exit; no data
+race); the summary line says how often each matched.  One data race is
+accepted, by its address, not by a stack: a write to a global in
+libevent_core's BSS (libevent 2.1 sets its event_debug_mode_too_late in
+every event_add, event_del, event_assign and event_free without a lock,
+libevent issue #777, fixed upstream after 2.1.12).  The host runs two
+event_bases (its commit loop and its timer loop, or the embedder's), so
+their threads write that int under different base locks.  Every other
+report still fails the run.
 """
 
 import argparse
@@ -41,6 +47,42 @@ def first_error(text):
         if on:
             out.append(l)
     return "\n".join(out[:60])
+
+
+def error_blocks(text):
+    """The error blocks of a valgrind log (no thread announcements), each
+    without the pid prefix."""
+    lines = [re.sub(r"^==\d+== ?", "", l) for l in text.splitlines()]
+    blocks, cur = [], None
+    for l in lines:
+        if l.startswith("---"):
+            if cur:
+                blocks.append("\n".join(cur))
+            cur = [] if "Thread-Announcement" not in l else None
+            continue
+        if cur is not None:
+            if l.startswith("ERROR SUMMARY") or l.startswith("HEAP SUMMARY"):
+                blocks.append("\n".join(cur))
+                cur = None
+                continue
+            cur.append(l)
+    if cur:
+        blocks.append("\n".join(cur))
+    return [b for b in blocks if b.strip()]
+
+
+def libevent_flag_race(block):
+    """A race on a global of libevent_core itself (its debug flag)."""
+    m = re.search(r"Possible data race during (?:read|write) of size \d+ "
+                  r"at (0x[0-9A-Fa-f]+)", block)
+    if not m:
+        return False
+    addr = int(m.group(1), 16)
+    for a in re.finditer(r"Address (0x[0-9A-Fa-f]+) is in the BSS segment "
+                         r"of \S*/libevent_core-[0-9.]+\.so\S*", block):
+        if int(a.group(1), 16) == addr:
+            return True
+    return False
 
 
 def used_suppressions(text):
@@ -87,15 +129,24 @@ def main():
     tests = "%s tests passed" % passed[-1] if passed else "tests: no summary"
     if failed:
         tests += ", %s FAILED" % failed[-1]
-    ok = proc.returncode == 0 and errors == 0 and not failed
+    blocks = error_blocks(log) if errors != 0 else []
+    known = [b for b in blocks if libevent_flag_race(b)]
+    others = [b for b in blocks if not libevent_flag_race(b)]
+    only_known = errors > 0 and blocks and not others
+    ok = (not failed and (proc.returncode == 0 and errors == 0 or
+          proc.returncode == ERROR_EXIT and only_known))
     used = used_suppressions(log)
     print("%s valgrind %s %s: %s, %d errors from %d contexts, exit %d, "
-          "%.0f s; not ours, suppressed: %s"
+          "%.0f s; not ours, suppressed: %s; accepted: libevent's debug "
+          "flag race %d of %d reports"
           % ("ok  " if ok else "FAIL", a.tool, name, tests, errors, contexts,
              proc.returncode, dt, ", ".join(
-                 "%s %d" % kv for kv in sorted(used.items())) or "none"))
+                 "%s %d" % kv for kv in sorted(used.items())) or "none",
+             len(known), len(blocks)))
     if not ok:
-        if errors != 0:
+        if others:
+            print(others[0][:6000])
+        elif errors != 0:
             print(first_error(log))
         if proc.returncode not in (0, ERROR_EXIT) or failed:
             print(proc.stdout[-4000:])
