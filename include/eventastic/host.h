@@ -37,10 +37,12 @@
  * (es_pg_forget_aggregate) a replay is answered ES_EFORGOTTEN, without
  * the reason.
  *
- * Threads: the host runs `workers` worker threads, one thread per commit
- * lane (es_host_config_set_lanes), one snapshot writer, and an I/O
- * thread running a libevent event_base: its own, or the embedder's loop
- * thread when es_host_config_set_event_base handed it one.  The loop
+ * Threads: the host runs `workers` worker threads; the commit loop, one
+ * thread running an event_base of the host's own for every commit lane
+ * (es_host_config_set_lanes; on PostgreSQL, non-blocking connections);
+ * one snapshot writer; and an I/O thread running a libevent event_base
+ * for the timers: its own, or the embedder's loop thread when
+ * es_host_config_set_event_base handed it one.  The timer loop
  * carries the host's timers (idle passivation, the snapshot flush) and
  * passivates aggregates; other threads wake it with events, never by
  * polling.  Decide handlers and completion callbacks run on worker
@@ -279,7 +281,10 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_batch_rows(
  * callback of theirs running on the loop to return) and never run, break
  * or free the base; they may be called on the loop's thread.  NULL (the
  * default): the host makes its own base, calling evthread_use_pthreads()
- * once, and runs it on a thread of its own.  Returns 0 or ES_EINVAL.
+ * once, and runs it on a thread of its own.  The commit lanes never run
+ * on this base: they have the host's commit loop (a base and thread of
+ * its own), so that a shutdown called on the embedder's loop thread can
+ * wait for their last commits.  Returns 0 or ES_EINVAL.
  * Thread: the config's owner.
  */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_event_base(
