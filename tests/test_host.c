@@ -709,12 +709,18 @@ static void test_host_idempotent_replay_passivation_restart(void **state)
     assert_int_equal(es_memory_store_event_count(store), 4);
     uint64_t version = 0;
     assert_int_equal(stored_value(store, key, &version), 28);
-    /* A snapshot was written on the way (every 3 events, passivation). */
+    assert_int_equal(version, 3);
+    /* Snapshots on the way (every 3 events, on passivation) depend on
+     * timing: an idle passivation (5 ms) may come between any two calls,
+     * and a duplicate found by the store drops the state.  What holds:
+     * the shutdown passivates with a snapshot of the final version (the
+     * second host snapshots on passivation), even though its last
+     * command, a duplicate, left the aggregate without a state. */
     es_txn *txn = NULL;
     es_snapshot *snap = NULL;
     assert_int_equal(es_store_begin(store, &txn, NULL), 0);
     assert_int_equal(es_txn_get_snapshot(txn, key, 1, &snap, NULL), 0);
-    assert_true(snap->version >= 2);
+    assert_int_equal(snap->version, version);
     counter snapped;
     assert_int_equal(c_state_decode(snap->data, snap->len, &snapped, NULL),
                      0);

@@ -225,8 +225,12 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,
 
 /** Snapshot policy: a snapshot after every `every_events` events of an
  *  aggregate (0: never by count), and one on passivation when events came
- *  since the last.  Snapshots are written off the command path by the
- *  snapshot writer, a thread with a database connection of its own (on
+ *  since the last.  An aggregate whose state a failed commit dropped (a
+ *  conflict, a duplicate found by the store) and no command loaded since
+ *  is loaded again for that snapshot at shutdown; an idle passivation
+ *  skips it (the I/O loop never reads the store).  Snapshots are
+ *  written off the command path by the snapshot writer, a thread with a
+ *  database connection of its own (on
  *  PostgreSQL outside the pool, so never a commit lane's; its commits do
  *  not wait for the WAL flush, as a snapshot is a cache), woken by the
  *  I/O loop's flush timer 100 ms after the first snapshot was queued; of

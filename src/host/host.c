@@ -145,6 +145,11 @@ struct actor {
      * backoff of its next load (0: its last load reached the database).
      * In the padding before broken_epoch: the actor does not grow. */
     bool parked;
+    /* the worker running the actor (host_end once the workers are
+     * gone): a failed commit dropped the state (rebuild), no load since;
+     * the passivation snapshot may be owed (see load_owed).  Also in
+     * the padding. */
+    bool snap_owed;
     uint16_t park_ms;
     /* written by the committer, read by the worker */
     atomic_uint_least64_t broken_epoch;
@@ -1001,6 +1006,7 @@ static int load_actor(es_host *host, actor *a, es_error *err)
     if (rc != 0) return rc;
     a->ctx = ctx;
     a->loaded = true;
+    a->snap_owed = false;
     a->folded_at_snapshot = ctx ? es_context_version(ctx) + 1 : 0;
     /* A slow load replayed many events: snapshot the (committed) state. */
     uint64_t slow = host->cfg.snap_slow_load_us;
@@ -1405,6 +1411,10 @@ static void process_results(es_host *host, actor *a, hcmd *list)
  * the next command) and decide the returned commands again first. */
 static void rebuild(es_host *host, actor *a)
 {
+    /* Committed events may not be in a snapshot yet (a failed item may
+     * even have taken the every-N turn): passivation at shutdown loads
+     * the state again to write one, unless a command loads it first. */
+    if (actor_version(a) != ES_HOST_NO_VERSION) a->snap_owed = true;
     actor_drop_state(a);
     a->loaded = false;
     a->broken = false;
@@ -2250,6 +2260,21 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     return 0;
 }
 
+/* Shutdown, before passivating a: an actor whose state a failed commit
+ * dropped and that no command loaded since has none to snapshot, though
+ * the policy may want one (events came since the last).  Load it here,
+ * on the closing thread (the workers are gone; the I/O loop never reads
+ * the store, so an idle passivation skips such an actor).  The load
+ * claims its state as snapshotted: undo that, so passivate writes one. */
+static void load_owed(es_host *host, actor *a)
+{
+    if (!a->snap_owed || a->loaded || !host->cfg.snap_on_passivation)
+        return;
+    es_error err = {0};
+    /* a cache: a failed load costs only the snapshot */
+    if (load_actor(host, a, &err) == 0) a->folded_at_snapshot = 0;
+}
+
 static int host_end(es_host *host, bool now, es_error *err)
 {
     if (host == NULL) return 0;
@@ -2290,6 +2315,7 @@ static int host_end(es_host *host, bool now, es_error *err)
     }
     while (host->evicted) {
         actor *next = host->evicted->next;
+        if (!now) load_owed(host, host->evicted);
         passivate(host, host->evicted, !now, &jobs);
         host->evicted = next;
     }
@@ -2300,6 +2326,7 @@ static int host_end(es_host *host, bool now, es_error *err)
             while (a) {
                 actor *next = a->hnext;
                 uncount(&host->resident, 1);
+                if (!now) load_owed(host, a);
                 passivate(host, a, !now, &jobs);
                 a = next;
             }
