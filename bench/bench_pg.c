@@ -30,7 +30,7 @@
  *
  * Usage: bench_pg OUT.json [--quick] [--lanes N,...] [--only commands|load]
  */
-#include <dirent.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -84,57 +84,75 @@ static double self_cpu_s(void)
            (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
-/* utime + stime of a process and its parent's pid, from /proc */
-static bool proc_stat(int pid, int *ppid, double *cpu)
+/* CPU seconds of a process from /proc/PID/stat: utime + stime, plus, when
+ * reaped is set, cutime + cstime (its children that exited and that it
+ * waited for).  On success *ppid is its parent; false when it is gone. */
+static bool proc_cpu(int pid, bool reaped, int *ppid, double *cpu)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL) return false;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return false;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return false;
     buf[n] = '\0';
     char *p = strrchr(buf, ')');
     if (p == NULL) return false;
     unsigned long ut = 0, st = 0;
+    long cut = 0, cst = 0;
     int pp = 0;
     /* fields after comm: state ppid pgrp session tty tpgid flags minflt
-     * cminflt majflt cmajflt utime stime */
-    if (sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
-               &pp, &ut, &st) != 3)
+     * cminflt majflt cmajflt utime stime cutime cstime */
+    if (sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu "
+               "%ld %ld", &pp, &ut, &st, &cut, &cst) != 5)
         return false;
     *ppid = pp;
-    *cpu = (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+    double ticks = (double)(ut + st) + (reaped ? (double)(cut + cst) : 0);
+    *cpu = ticks / (double)sysconf(_SC_CLK_TCK);
     return true;
 }
 
 static int g_postmaster;
 
-/* CPU seconds of the PostgreSQL server: the postmaster and its children
- * alive now (the connections of a point live through the point). */
+/* The CPU seconds the PostgreSQL server has used since its start: the
+ * postmaster's own, its live children's (backends, checkpointer,
+ * walwriter, autovacuum and parallel workers...) and its reaped
+ * children's (cutime + cstime).  The difference of two readings is then
+ * the server's CPU between them and nothing else: a child alive at both
+ * counts its part between them, one started between them all of its
+ * life, one that exited between them the rest of its life (through
+ * cutime once reaped; as a zombie it is still a live child); a pid
+ * reused between them changes nothing.  The postmaster is read last, so
+ * a child that exits after the listing and is reaped before the
+ * postmaster is read still counts once; one reaped between its own read
+ * and the postmaster's counts twice (one backend's CPU, in a reading that
+ * lasts about a millisecond).  Returns 0 when the postmaster is unknown. */
 static double pg_cpu_s(void)
 {
     if (g_postmaster <= 0) return 0;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/task/%d/children", g_postmaster,
+             g_postmaster);
     double sum = 0;
-    DIR *d = opendir("/proc");
-    if (d == NULL) return 0;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        int pid = atoi(e->d_name);
-        int pp = 0;
-        double cpu = 0;
-        if (pid > 0 && proc_stat(pid, &pp, &cpu) &&
-            (pid == g_postmaster || pp == g_postmaster))
-            sum += cpu;
+    FILE *f = fopen(path, "r");
+    if (f != NULL) {
+        int pid, pp;
+        double cpu;
+        while (fscanf(f, "%d", &pid) == 1)
+            if (proc_cpu(pid, false, &pp, &cpu) && pp == g_postmaster)
+                sum += cpu;
+        fclose(f);
     }
-    closedir(d);
+    int pp;
+    double cpu;
+    if (proc_cpu(g_postmaster, true, &pp, &cpu)) sum += cpu;
     return sum;
 }
 
-static void find_postmaster(es_store *store)
+static void find_postmaster(void)
 {
     /* the checkpointer's parent is the postmaster, and it lives as long */
-    (void)store;
     const char *url = getenv("DATABASE_URL");
     char cmd[1200];
     snprintf(cmd, sizeof cmd, "psql -XAtq -d '%s' -c \"SELECT pid FROM "
@@ -147,7 +165,59 @@ static void find_postmaster(es_store *store)
     pclose(p);
     int pp = 0;
     double cpu = 0;
-    if (backend > 0 && proc_stat(backend, &pp, &cpu)) g_postmaster = pp;
+    if (backend > 0 && proc_cpu(backend, false, &pp, &cpu)) g_postmaster = pp;
+}
+
+/* One reading of the CPU used so far by this process and by the server,
+ * and when it was taken.  A reading of the server is a read of ~260
+ * files, about a millisecond of CPU, but on a loaded machine the reader
+ * is preempted in the middle: at 256 clients readings were seen to
+ * spread over up to 2.4 s, and the processes read late were counted
+ * over a longer time than the point's clock (which started after the
+ * first reading and stopped before the second): how per_command_pg
+ * came to report more than the machine's two cores.  So a reading is
+ * repeated, for up to SAMPLE_BUDGET_S, until one takes at most
+ * SAMPLE_SPAN_S, the shortest is kept, and rates are taken between the
+ * middles of two readings. */
+#define SAMPLE_SPAN_S 0.002
+#define SAMPLE_BUDGET_S 1.0
+
+typedef struct cpu_sample {
+    double t;    /* the middle of the reading, bench_now_s() */
+    double span; /* how long the reading took */
+    double host; /* CPU seconds of this process */
+    double pg;   /* pg_cpu_s() */
+} cpu_sample;
+
+static cpu_sample cpu_sample_take(void)
+{
+    cpu_sample best = {0, 1e9, 0, 0};
+    double start = bench_now_s();
+    while (best.span > SAMPLE_SPAN_S &&
+           bench_now_s() - start < SAMPLE_BUDGET_S) {
+        double t0 = bench_now_s();
+        cpu_sample s = {0, 0, self_cpu_s(), pg_cpu_s()};
+        double t1 = bench_now_s();
+        s.t = (t0 + t1) / 2;
+        s.span = t1 - t0;
+        if (s.span < best.span) best = s;
+    }
+    return best;
+}
+
+/* The CPU of this process and of the server between two readings, in %
+ * of one core.  Says so on stderr when the readings took long enough to
+ * move the figures by more than 2%. */
+static void cpu_pct(const cpu_sample *a, const cpu_sample *b, double *host,
+                    double *pg)
+{
+    double dt = b->t - a->t;
+    *host = dt > 0 ? 100 * (b->host - a->host) / dt : 0;
+    *pg = dt > 0 ? 100 * (b->pg - a->pg) / dt : 0;
+    if ((a->span + b->span) / 2 > 0.02 * dt)
+        fprintf(stderr, "  (cpu readings took %.0f and %.0f ms of %.1f s: "
+                "cpu figures uncertain by up to %.0f%%)\n", a->span * 1e3,
+                b->span * 1e3, dt, 100 * (a->span + b->span) / 2 / dt);
 }
 
 typedef struct record {
@@ -290,12 +360,13 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
         send_next(&cs[i]);
     }
     sleep_s(warm); /* the accounts are loaded */
-    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = bench_now_s();
+    cpu_sample s0 = cpu_sample_take();
+    double t0 = bench_now_s();
     atomic_store(&r.measuring, true);
     sleep_s(seconds);
     atomic_store(&r.measuring, false);
     double dt = bench_now_s() - t0;
-    double c1 = self_cpu_s(), g1 = pg_cpu_s();
+    cpu_sample s1 = cpu_sample_take();
     uint64_t done = atomic_load(&r.done);
     atomic_store(&r.stop, true);
     struct timespec tick = {0, 5000000};
@@ -304,8 +375,8 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
     es_host_metrics_get(host, &m);
     free(cs);
     record rec = {"host_pg", 2, lanes, clients, keys, (double)done / dt, 0,
-                  0, 100 * (c1 - c0) / dt, 100 * (g1 - g0) / dt,
-                  atomic_load(&r.errors), 0, 0};
+                  0, 0, 0, atomic_load(&r.errors), 0, 0};
+    cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
     lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  host_pg lanes %u clients %u: %.0f/s, p50 %.0f us, "
             "p99 %.0f us, %.1f commands/batch since open, cpu host %.0f%% "
@@ -321,6 +392,7 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
 
 typedef struct pc_run {
     es_store *store;
+    pthread_barrier_t opened; /* every client holds a connection */
     uint64_t keys, base;
     atomic_bool stop, measuring;
     atomic_uint_least64_t done, errors, conflicts;
@@ -336,6 +408,14 @@ static void *pc_main(void *arg)
 {
     pc_client *c = arg;
     pc_run *r = c->r;
+    /* The pool opens connections on demand: hold one in a transaction
+     * until every client holds one, so that all are open before the
+     * warm-up, not started (a backend's start is milliseconds of server
+     * CPU) inside the measured time. */
+    es_txn *first = NULL;
+    if (es_store_begin(r->store, &first, NULL) != 0) first = NULL;
+    pthread_barrier_wait(&r->opened);
+    if (first) es_txn_rollback(first);
     while (!atomic_load_explicit(&r->stop, memory_order_relaxed)) {
         es_uuid key = bench_key_of(r->base + bench_rnd(&c->seed) % r->keys);
         double t0 = bench_now_s();
@@ -385,26 +465,30 @@ static record per_command_point(unsigned clients, uint64_t keys,
     r.base = 1000000; /* accounts of their own */
     pc_client *cs = calloc(clients, sizeof *cs);
     atomic_store(&g_n_lat, 0);
+    pthread_barrier_init(&r.opened, NULL, clients + 1);
     for (unsigned i = 0; i < clients; i++) {
         cs[i].r = &r;
         cs[i].seed = 0x9e3779b97f4a7c15u * (i + 7);
         if (pthread_create(&cs[i].th, NULL, pc_main, &cs[i]) != 0) abort();
     }
+    pthread_barrier_wait(&r.opened);
     sleep_s(warm);
-    double c0 = self_cpu_s(), g0 = pg_cpu_s(), t0 = bench_now_s();
+    cpu_sample s0 = cpu_sample_take();
+    double t0 = bench_now_s();
     atomic_store(&r.measuring, true);
     sleep_s(seconds);
     atomic_store(&r.measuring, false);
     double dt = bench_now_s() - t0;
-    double c1 = self_cpu_s(), g1 = pg_cpu_s();
+    cpu_sample s1 = cpu_sample_take();
     atomic_store(&r.stop, true);
     for (unsigned i = 0; i < clients; i++) pthread_join(cs[i].th, NULL);
+    pthread_barrier_destroy(&r.opened);
     free(cs);
     es_store_close(store);
     record rec = {"per_command_pg", 0, 0, clients, keys,
-                  (double)atomic_load(&r.done) / dt, 0, 0,
-                  100 * (c1 - c0) / dt, 100 * (g1 - g0) / dt,
+                  (double)atomic_load(&r.done) / dt, 0, 0, 0, 0,
                   atomic_load(&r.errors), 0, 0};
+    cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
     lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  per_command_pg clients %u: %.0f/s, p50 %.0f us, "
             "p99 %.0f us, cpu host %.0f%% pg %.0f%%, %llu conflicts, %llu "
@@ -469,14 +553,14 @@ static record load_point(es_store *store, const char *name,
     atomic_store(&g_n_lat, 0);
     uint64_t loads = 0;
     bool measuring = false;
-    double start = bench_now_s(), c0 = 0, g0 = 0, t0 = 0;
+    double start = bench_now_s(), t0 = 0;
+    cpu_sample s0 = {0, 0, 0, 0};
     for (;;) {
         double t = bench_now_s();
         if (!measuring && t - start >= warm) {
             measuring = true;
-            c0 = self_cpu_s();
-            g0 = pg_cpu_s();
-            t0 = t;
+            s0 = cpu_sample_take();
+            t = t0 = bench_now_s();
             atomic_store(&g_n_lat, 0);
         }
         if (measuring && t - t0 >= seconds) break;
@@ -497,9 +581,10 @@ static record load_point(es_store *store, const char *name,
         }
     }
     double dt = bench_now_s() - t0;
-    record rec = {name, 0, 0, 1, 1, (double)loads / dt, 0, 0,
-                  100 * (self_cpu_s() - c0) / dt, 100 * (pg_cpu_s() - g0) / dt,
-                  0, LOAD_EVENTS, replayed};
+    cpu_sample s1 = cpu_sample_take();
+    record rec = {name, 0, 0, 1, 1, (double)loads / dt, 0, 0, 0, 0, 0,
+                  LOAD_EVENTS, replayed};
+    cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
     lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  %s: %.0f loads/s (%.0f events/s), p50 %.0f us, p99 "
             "%.0f us, cpu host %.0f%% pg %.0f%%\n", name, rec.ops_per_s,
@@ -612,7 +697,7 @@ int main(int argc, char **argv)
     const uint64_t keys = 10000;
     const unsigned clientset[4] = {1, 8, 64, 256};
     es_store *store = open_store(16);
-    find_postmaster(store);
+    find_postmaster();
     record recs[64];
     size_t n = 0;
     if (strcmp(only, "load") == 0) n_lanes = 0;
