@@ -208,15 +208,22 @@ static void *killer(void *arg)
     return NULL;
 }
 
-static es_store *open_victim_store(void)
+/* DATABASE_URL (a URI or key=value conninfo) with application_name=app,
+ * so that the test finds its store's backends in pg_stat_activity. */
+static void app_conninfo(char *ci, size_t cap, const char *app)
 {
     const char *url = getenv("DATABASE_URL");
-    char ci[1024];
     if (strncmp(url, "postgres", 8) == 0)
-        snprintf(ci, sizeof ci, "%s%capplication_name=%s", url,
-                 strchr(url, '?') ? '&' : '?', APP_NAME);
+        snprintf(ci, cap, "%s%capplication_name=%s", url,
+                 strchr(url, '?') ? '&' : '?', app);
     else
-        snprintf(ci, sizeof ci, "%s application_name=%s", url, APP_NAME);
+        snprintf(ci, cap, "%s application_name=%s", url, app);
+}
+
+static es_store *open_victim_store(void)
+{
+    char ci[1024];
+    app_conninfo(ci, sizeof ci, APP_NAME);
     es_pg_config *cfg = NULL;
     es_store *store = NULL;
     if (es_pg_config_new(&cfg, NULL) != 0 ||
@@ -724,13 +731,8 @@ static bool freeze(pid_t pid, char *why, size_t cap)
 
 static es_store *open_half_store(const char *schema, const char *app)
 {
-    const char *url = getenv("DATABASE_URL");
     char ci[1024];
-    if (strncmp(url, "postgres", 8) == 0)
-        snprintf(ci, sizeof ci, "%s%capplication_name=%s", url,
-                 strchr(url, '?') ? '&' : '?', app);
-    else
-        snprintf(ci, sizeof ci, "%s application_name=%s", url, app);
+    app_conninfo(ci, sizeof ci, app);
     es_pg_config *cfg = NULL;
     es_store *store = NULL;
     if (es_pg_config_new(&cfg, NULL) != 0 ||
