@@ -410,6 +410,19 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
+/* A store on the test's schema whose pool has one connection. */
+static es_store *open_pool_of_one(void)
+{
+    es_pg_config *pcfg = NULL;
+    es_store *store = NULL;
+    assert_int_equal(es_pg_config_new(&pcfg, NULL), 0);
+    assert_int_equal(es_pg_config_set_schema(pcfg, g_schema, NULL), 0);
+    assert_int_equal(es_pg_config_set_pool_size(pcfg, 1, NULL), 0);
+    assert_int_equal(es_pg_store_open(pcfg, &store, NULL), 0);
+    es_pg_config_free(pcfg);
+    return store;
+}
+
 /* A pool of one connection: were the snapshot writer to take it, the
  * lane could not commit while the writer waits.  The snapshots table is
  * locked against writes from another session; a command makes the writer
@@ -419,13 +432,7 @@ static void sleep_ms(long ms)
 static void test_pg_lanes_snapshot_writer(void **state)
 {
     (void)state;
-    es_pg_config *pcfg = NULL;
-    es_store *store = NULL;
-    assert_int_equal(es_pg_config_new(&pcfg, NULL), 0);
-    assert_int_equal(es_pg_config_set_schema(pcfg, g_schema, NULL), 0);
-    assert_int_equal(es_pg_config_set_pool_size(pcfg, 1, NULL), 0);
-    assert_int_equal(es_pg_store_open(pcfg, &store, NULL), 0);
-    es_pg_config_free(pcfg);
+    es_store *store = open_pool_of_one();
     es_host_config *cfg = NULL;
     static snap_sender s;
     memset(&s, 0, sizeof s);
@@ -517,13 +524,7 @@ static void test_pg_lanes_snapshot_writer(void **state)
 static void test_pg_lanes_own_connections(void **state)
 {
     (void)state;
-    es_pg_config *pcfg = NULL;
-    es_store *store = NULL;
-    assert_int_equal(es_pg_config_new(&pcfg, NULL), 0);
-    assert_int_equal(es_pg_config_set_schema(pcfg, g_schema, NULL), 0);
-    assert_int_equal(es_pg_config_set_pool_size(pcfg, 1, NULL), 0);
-    assert_int_equal(es_pg_store_open(pcfg, &store, NULL), 0);
-    es_pg_config_free(pcfg);
+    es_store *store = open_pool_of_one();
     es_host *host = open_host(store, 1);
     assert_non_null(host);
     es_uuid key;
