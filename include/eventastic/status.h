@@ -36,7 +36,8 @@ extern "C" {
     X(EDB, -14, "database error")                                             \
     X(EIO, -15, "input/output error")                                         \
     X(EREJECTED, -16, "command rejected")                                     \
-    X(EUNKNOWN, -17, "outcome unknown")
+    X(EUNKNOWN, -17, "outcome unknown")                                       \
+    X(EWRONGTYPE, -18, "aggregate id belongs to another aggregate type")
 
 /** Status codes: 0 is success, failures are negative. */
 typedef enum es_status {
