@@ -113,6 +113,7 @@ enum {
     SQL_OB_STATS,
     SQL_INSERT_COMMANDS,
     SQL_GET_COMMAND,
+    SQL_PURGE_COMMANDS,
     SQL_STATUS_VERSION,
     SQL_STATUS_COUNTS,
     SQL_BATCH_EVENTS,
@@ -153,10 +154,11 @@ static const struct {
     [SQL_OB_GET] = {"outbox: get", false},
     [SQL_OB_REQUEUE_ID] = {"outbox: requeue one", false},
     [SQL_OB_REQUEUE_TYPE] = {"outbox: requeue a type", true},
-    [SQL_OB_PURGE] = {"outbox: purge", true},
+    [SQL_OB_PURGE] = {"outbox: purge", false},
     [SQL_OB_STATS] = {"outbox: stats", true},
     [SQL_INSERT_COMMANDS] = {"insert commands", false},
     [SQL_GET_COMMAND] = {"get command", false},
+    [SQL_PURGE_COMMANDS] = {"purge commands", false},
     [SQL_STATUS_VERSION] = {"status: version", true},
     [SQL_STATUS_COUNTS] = {"status: counts", true},
     [SQL_BATCH_EVENTS] = {"batch: insert events", false},
@@ -2503,20 +2505,23 @@ static int pg_outbox_requeue(es_store *store, const es_uuid *id,
     return 0;
 }
 
-static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
-                           es_error *err)
+/* One bounded DELETE of retention (SQL_OB_PURGE, SQL_PURGE_COMMANDS):
+ * $1 a time in Unix ms, $2 the limit; *count the rows it deleted. */
+static int purge_batch(pg_store *s, int which, int64_t before_ms,
+                       size_t limit, size_t *count, es_error *err)
 {
-    pg_store *s = (pg_store *)store;
+    if (count) *count = 0;
     pg_txn t;
     int rc = ob_begin(s, &t, err);
     if (rc != 0) return rc;
-    uint8_t before_b[8];
+    uint8_t before_b[8], limit_b[8];
     be64_ms(before_b, before_ms);
-    const Oid types[1] = {OID_INT8};
-    const char *values[1] = {(const char *)before_b};
-    const int lens[1] = {8};
+    be64(limit_b, limit > INT64_MAX ? INT64_MAX : (uint64_t)limit);
+    const Oid types[2] = {OID_INT8, OID_INT8};
+    const char *values[2] = {(const char *)before_b, (const char *)limit_b};
+    const int lens[2] = {8, 8};
     PGresult *r = NULL;
-    rc = run(t.conn, "outbox: purge", s->sql[SQL_OB_PURGE], 1, types, values,
+    rc = run(t.conn, sql_info[which].name, s->sql[which], 2, types, values,
              lens, &r, err);
     if (rc == 0) {
         if (count) *count = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
@@ -2524,6 +2529,20 @@ static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
     }
     ob_end(s, &t);
     return rc;
+}
+
+static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t limit,
+                           size_t *count, es_error *err)
+{
+    return purge_batch((pg_store *)store, SQL_OB_PURGE, before_ms, limit,
+                       count, err);
+}
+
+static int pg_purge_commands(es_store *store, int64_t before_ms,
+                             size_t limit, size_t *count, es_error *err)
+{
+    return purge_batch((pg_store *)store, SQL_PURGE_COMMANDS, before_ms,
+                       limit, count, err);
 }
 
 static int pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
@@ -4235,6 +4254,7 @@ static const es_store_ops postgres_ops = {
     .outbox_unwatch = pg_outbox_unwatch,
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
+    .purge_commands = pg_purge_commands,
     .write_batch = pg_write_batch,
     .lane_open = pg_lane_open,
     .lane_write = pg_lane_write,
@@ -4258,6 +4278,12 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "$4::bytea[], $5::bigint[], $6::bigint[], $7::bigint[], "
         "$8::bytea[], $9::text[]) "
         "ON CONFLICT (command_id) DO NOTHING RETURNING command_id", cm);
+    /* Retention of command ids: a bounded batch through the BRIN index
+     * on created_at (rows go in in time order; migration 11). */
+    s->sql[SQL_PURGE_COMMANDS] = sqlf(
+        "DELETE FROM %s WHERE command_id IN (SELECT command_id FROM %s "
+        "WHERE created_at < to_timestamp($1::bigint / 1000.0) LIMIT $2)",
+        cm, cm);
     s->sql[SQL_GET_COMMAND] = sqlf(
         "SELECT aggregate_id, kind, digest, first_version, event_count, "
         "version, rejection, rejection_key FROM %s WHERE command_id = $1",
@@ -4482,8 +4508,13 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         MS(2) ", claimed_by = NULL, claimed_until = NULL WHERE status = "
         "'dead' AND aggregate_type = $1 AND ($3 = -2147483648 OR kind = $3)",
         o);
+    /* Retention: a bounded batch, oldest first, through the index on
+     * done messages' finish time; the dispatcher runs it while commands
+     * are served. */
     s->sql[SQL_OB_PURGE] = sqlf(
-        "DELETE FROM %s WHERE status = 'done' AND finished_at < " MS(1), o);
+        "DELETE FROM %s WHERE id IN (SELECT id FROM %s WHERE status = "
+        "'done' AND finished_at < " MS(1) " ORDER BY finished_at LIMIT $2)",
+        o, o);
     s->sql[SQL_OB_STATS] = sqlf(
         "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER "
         "(WHERE status = 'dead'), count(*) FILTER (WHERE status = 'done'), "
