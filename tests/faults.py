@@ -28,10 +28,15 @@ that nothing was done) or unknown (the connection died, a timeout, 5xx).
 Afterwards, with every fault healed and the outbox drained, it checks by
 API and SQL that every acknowledged command is stored exactly once, no
 command is applied twice, versions are gap-free, money is conserved, no
-balance is negative, every transfer settled, the outbox is empty and each
-snapshot equals the replay of its stream.  It prints one report block and
-a JSON copy (build/faults.json) and exits 1 if a loss or duplicate figure
-is not 0.
+balance is negative, every transfer settled, the outbox is empty, no dead
+letter holds money and each snapshot's whole state equals the replay of
+its stream.  It prints one report block and a JSON copy
+(build/faults.json) and exits 1 if a loss or duplicate figure is not 0,
+and also when a bank-server exited by itself or not with 0 on SIGTERM,
+fewer commands than a floor were acknowledged, a fault did not take
+effect or was not recovered from, an enabled kind of fault was never
+injected (the load lasts until each was), or a query of the checks
+failed.
 
   faults.py                 the long form (ninja check-faults)
   faults.py --short         the short form run by ninja check

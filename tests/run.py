@@ -543,7 +543,8 @@ def script(name, *args):
     last = [l for l in proc.stdout.splitlines()
             if l.startswith(("DATA LOST", "RESULT"))]
     print("ok   %-40s %.1fs %s" % (label, time.time() - t0,
-                                   last[-1] if last else ""))
+                                   " ".join(last[-1].split()) if last
+                                   else ""))
     return LEDGER.record(label, True)
 
 
