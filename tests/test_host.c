@@ -1664,8 +1664,18 @@ static void test_host_load_waits_out_outage(void **state)
     atomic_store(&load_lost, true);
     static load_wait closed;
     memset(&closed, 0, sizeof closed);
+    assert_int_equal(es_host_metrics_get(w.host, &m0), 0);
     send_parked(&w, &w.keys[3], &closed);
-    sleep_ms(30);
+    /* parked: its load failed and was tried again from the timer, and
+     * its commands are still waiting */
+    for (int i = 0; i < 500; i++) {
+        assert_int_equal(es_host_metrics_get(w.host, &m1), 0);
+        if (m1.loads - m0.loads >= 2) break;
+        sleep_ms(10);
+    }
+    assert_true(m1.loads - m0.loads >= 2);
+    assert_int_equal(atomic_load(&closed.n), 0);
+    assert_int_equal(m1.mailbox_depth, PARKED_CMDS);
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
     assert_int_equal(atomic_load(&closed.n), PARKED_CMDS);
     assert_int_equal(atomic_load(&closed.closed), PARKED_CMDS);
