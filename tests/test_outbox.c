@@ -167,6 +167,8 @@ typedef struct recorder {
     char text[MAX_SEEN][32];
     es_uuid agg[MAX_SEEN];
     uint32_t attempts[MAX_SEEN];
+    es_uuid fx[MAX_SEEN]; /* side-effect ids */
+    int who[MAX_SEEN];    /* which dispatcher (record_fx_tagged), or 0 */
     int in_flight, max_in_flight_same_agg;
     es_uuid busy[64];
     size_t n_busy;
@@ -184,10 +186,10 @@ static void recorder_init(recorder *r)
     r->verdict_override = -1;
 }
 
-static es_outbox_verdict record_fx(void *ud, const es_outbox_entry *e,
+static es_outbox_verdict record_as(recorder *r, int who,
+                                   const es_outbox_entry *e,
                                    const void *value, es_error *reason)
 {
-    recorder *r = ud;
     const job_effect *fx = value;
     pthread_mutex_lock(&r->lock);
     for (size_t i = 0; i < r->n_busy; i++)
@@ -198,6 +200,8 @@ static es_outbox_verdict record_fx(void *ud, const es_outbox_entry *e,
         memcpy(r->text[r->n], fx->text, 32);
         r->agg[r->n] = e->side_effect.aggregate_id;
         r->attempts[r->n] = e->attempts;
+        r->fx[r->n] = e->side_effect.id;
+        r->who[r->n] = who;
         r->n++;
     }
     r->deliver_ms = es_clock_now_ms();
@@ -226,6 +230,26 @@ static es_outbox_verdict record_fx(void *ud, const es_outbox_entry *e,
         return ES_OUTBOX_VERDICT_RETRY;
     }
     return ES_OUTBOX_VERDICT_DONE;
+}
+
+static es_outbox_verdict record_fx(void *ud, const es_outbox_entry *e,
+                                   const void *value, es_error *reason)
+{
+    return record_as(ud, 0, e, value, reason);
+}
+
+/* A recorder shared by several dispatchers, with each one's number. */
+typedef struct tagged {
+    recorder *r;
+    int who;
+} tagged;
+
+static es_outbox_verdict record_fx_tagged(void *ud, const es_outbox_entry *e,
+                                          const void *value,
+                                          es_error *reason)
+{
+    tagged *t = ud;
+    return record_as(t->r, t->who, e, value, reason);
 }
 
 /* An injectable clock. */
@@ -565,15 +589,20 @@ static void test_outbox_expired_claim_is_taken_over(void **st)
     es_store_close(store);
 }
 
-static es_outbox *started_outbox(es_store *store, recorder *r, size_t workers,
-                                 int64_t poll_ms, int64_t base_ms)
+/* batch 0: the default batch size */
+static es_outbox *started_outbox_with(es_store *store, es_outbox_handler fn,
+                                      void *ud, size_t workers, size_t batch,
+                                      int64_t poll_ms, int64_t base_ms)
 {
     es_outbox_config *cfg = NULL;
     assert_int_equal(es_outbox_config_new(store, &cfg, NULL), 0);
     assert_int_equal(es_outbox_config_add_handler(cfg, &job_type,
                                                   ES_OUTBOX_ANY_KIND,
-                                                  record_fx, r, NULL), 0);
+                                                  fn, ud, NULL), 0);
     assert_int_equal(es_outbox_config_set_concurrency(cfg, workers, NULL), 0);
+    if (batch > 0)
+        assert_int_equal(es_outbox_config_set_batch_size(cfg, batch, NULL),
+                         0);
     assert_int_equal(es_outbox_config_set_poll_ms(cfg, poll_ms, NULL), 0);
     assert_int_equal(es_outbox_config_set_retry(cfg, 10, base_ms, base_ms * 4,
                                                 NULL), 0);
@@ -581,6 +610,13 @@ static es_outbox *started_outbox(es_store *store, recorder *r, size_t workers,
     assert_int_equal(es_outbox_open(cfg, true, &ob, NULL), 0);
     es_outbox_config_free(cfg);
     return ob;
+}
+
+static es_outbox *started_outbox(es_store *store, recorder *r, size_t workers,
+                                 int64_t poll_ms, int64_t base_ms)
+{
+    return started_outbox_with(store, record_fx, r, workers, 0, poll_ms,
+                               base_ms);
 }
 
 static size_t seen_count(recorder *r)
@@ -610,8 +646,14 @@ static void test_outbox_two_dispatchers_share_work_in_order(void **st)
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
     recorder r;
     recorder_init(&r);
-    es_outbox *one = started_outbox(store, &r, 3, 20, 10);
-    es_outbox *two = started_outbox(store, &r, 3, 20, 10);
+    /* Small batches: one dispatcher cannot claim every aggregate's next
+     * message in one round and leave the other nothing (as it did on the
+     * memory store with the default batch). */
+    tagged t1 = {&r, 1}, t2 = {&r, 2};
+    es_outbox *one = started_outbox_with(store, record_fx_tagged, &t1, 3, 4,
+                                         20, 10);
+    es_outbox *two = started_outbox_with(store, record_fx_tagged, &t2, 3, 4,
+                                         20, 10);
     es_uuid ids[AGGS];
     char texts[STEPS][32];
     const char *ptrs[STEPS];
@@ -628,6 +670,20 @@ static void test_outbox_two_dispatchers_share_work_in_order(void **st)
     es_outbox_close(two);
     assert_true(all);
     assert_int_equal(r.n, AGGS * STEPS); /* each exactly once */
+    /* both worked, and no message went to both (nor twice to one) */
+    size_t by[3] = {0, 0, 0};
+    for (size_t k = 0; k < r.n; k++) {
+        assert_true(r.who[k] == 1 || r.who[k] == 2);
+        by[r.who[k]]++;
+        for (size_t j = 0; j < k; j++)
+            if (es_uuid_equal(&r.fx[j], &r.fx[k]))
+                fail_msg("side effect %zu delivered by dispatcher %d and "
+                         "again by %d", k, r.who[j], r.who[k]);
+    }
+    print_message("delivered by the first: %zu, by the second: %zu\n",
+                  by[1], by[2]);
+    assert_true(by[1] > 0);
+    assert_true(by[2] > 0);
     assert_int_equal(r.max_in_flight_same_agg, 0);
     for (int i = 0; i < AGGS; i++) { /* in stored order per aggregate */
         int next = 0;
