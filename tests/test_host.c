@@ -2337,9 +2337,100 @@ static void tune_resident_64(es_host_config *cfg)
     es_host_config_set_snapshots(cfg, 0, true);
 }
 
+/* The host's shard of a key: a copy of key_hash and shard_of in
+ * src/host/host.c, so that the test can pick keys of one shard.  If they
+ * change, the order check fails and says so. */
+static unsigned host_shard(const es_uuid *id)
+{
+    uint64_t a, b;
+    memcpy(&a, id->bytes, 8);
+    memcpy(&b, id->bytes + 8, 8);
+    uint64_t h = (a ^ (b * 0x9e3779b97f4a7c15u)) * 0xff51afd7ed558ccdu;
+    h ^= h >> 29;
+    return (unsigned)((h >> 40) % 64);
+}
+
+static void tune_resident_3_per_shard(es_host_config *cfg)
+{
+    es_host_config_set_resident_bound(cfg, 3 * 64);
+    es_host_config_set_idle_ms(cfg, 0);
+    es_host_config_set_snapshots(cfg, 0, true);
+}
+
+/* Keys of one shard (3 resident at most) touched in an order where least
+ * recently used, first in first out and most recently used evict
+ * differently; each touch must load exactly when an LRU of 3 says the key
+ * is not resident, and passivate one when the shard was full.  One
+ * worker: a turn ends before the next command's begins, so the order in
+ * which actors go back to the LRU is the order of the touches.  Loads are
+ * counted in the command's turn; an evicted actor is passivated on the
+ * loop, so its count is waited for. */
+static void evicts_in_lru_order(void)
+{
+    enum { N = 5, CAP = 3 };
+    static const int seq[] = {0, 1, 2, 0, 3, 2, 0, 4, 1, 0, 2, 3, 0, 4, 2, 1};
+    enum { STEPS = sizeof seq / sizeof seq[0] };
+    world w;
+    world_init(&w);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    open_host(&w, store, 1, tune_resident_3_per_shard);
+    es_uuid keys[N];
+    es_uuid_v7(&keys[0]);
+    for (int i = 1; i < N; i++)
+        do
+            es_uuid_v7(&keys[i]);
+        while (host_shard(&keys[i]) != host_shard(&keys[0]));
+    int lru[CAP], n_lru = 0; /* the model: least recently used first */
+    int mismatches = 0;
+    uint64_t passivated = 0; /* as the model says */
+    payload one = make_payload(1, 0, 0, NULL);
+    for (int step = 0; step < STEPS; step++) {
+        int k = seq[step], at = -1;
+        for (int i = 0; i < n_lru; i++)
+            if (lru[i] == k) at = i;
+        bool load = at < 0, evict = load && n_lru == CAP;
+        if (at < 0 && evict) at = 0; /* the victim's place */
+        if (at >= 0) { /* take it (or the victim) out, append k */
+            memmove(&lru[at], &lru[at + 1],
+                    (size_t)(n_lru - at - 1) * sizeof lru[0]);
+            n_lru--;
+        }
+        lru[n_lru++] = k;
+        passivated += evict;
+        es_host_metrics m0, m1;
+        assert_int_equal(es_host_metrics_get(w.host, &m0), 0);
+        es_command c = command(CMD_ADD, &one);
+        int rc;
+        while ((rc = call(&w, &keys[k], &c, NULL)) == ES_EBUSY)
+            sched_yield();
+        assert_int_equal(rc, 0);
+        wait_passivations(w.host, passivated, &m1);
+        if (m1.loads - m0.loads != (load ? 1u : 0u) ||
+            m1.passivations != passivated) {
+            print_message("step %d, key %d: %llu loads, %llu passivations "
+                          "in all; an LRU of %d says %d and %llu\n",
+                          step, k,
+                          (unsigned long long)(m1.loads - m0.loads),
+                          (unsigned long long)m1.passivations, CAP, load,
+                          (unsigned long long)passivated);
+            mismatches++;
+        }
+    }
+    assert_int_equal(es_host_shutdown(w.host, NULL), 0);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w);
+    if (mismatches > 0)
+        fail_msg("%d touches of %d disagree with least-recently-used "
+                 "eviction (or the host's shard function is not the one "
+                 "copied in host_shard)",
+                 mismatches, (int)STEPS);
+}
+
 static void test_host_resident_bound_evicts_lru(void **state)
 {
     (void)state;
+    evicts_in_lru_order();
     world w;
     world_init(&w);
     es_store *store = NULL;
