@@ -1143,6 +1143,10 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
     es_txn_rollback(txn);
     if (rc == 0)
         complete(host, h, 0, rec->version, c.ev, c.n, "", dup);
+    else if (rc == ES_EFORGOTTEN) /* committed; its data key destroyed */
+        complete_error(host, h, ES_EFORGOTTEN, actor_version(a),
+                       "aggregate was forgotten: the command was accepted, "
+                       "its events are destroyed");
     else /* the record says it committed: never answer a failure */
         complete_error(host, h, ES_EUNKNOWN, actor_version(a),
                        "committed, but its events could not be read back");
