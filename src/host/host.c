@@ -114,7 +114,6 @@ struct hcmd {
     size_t snap_len;
     uint64_t snap_at;
     int attempts;
-    bool taken;     /* a commit found its command id taken */
     bool maybe_own; /* a commit of it had an unknown outcome */
     es_uuid id;
     int32_t kind;
@@ -1108,10 +1107,12 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
                        "for another aggregate");
         return true;
     }
-    /* A command decided before (attempts > 0) whose commit came back
-     * unknown finds its own outcome here: not a duplicate.  One whose
-     * commit found the id taken (lazy_ids) is one. */
-    bool dup = h->attempts == 0 || (h->taken && !h->maybe_own);
+    /* A command whose own commit came back unknown finds its own outcome
+     * here: not a duplicate.  Any other finds what an earlier send of the
+     * id wrote: one decided again because its commit found the id taken
+     * (lazy_ids), or because another item of its batch failed (its own
+     * writes rolled back with it), is a duplicate too. */
+    bool dup = !h->maybe_own;
     if (rec->rejected && rec->forgotten) {
         /* Its reason was sealed with the aggregate's data key, since
          * destroyed (crypto-shredding): the aggregate is gone, and so is
@@ -1395,7 +1396,6 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         }
         a->broken = true;
         if (st == ES_ECONFLICT) count(&host->conflicts, 1);
-        if (st == ES_EIDEMPOTENCY) h->taken = true;
         if (st == ES_EUNKNOWN) h->maybe_own = true;
         if (retryable(st) && ++h->attempts < MAX_ATTEMPTS &&
             !atomic_load(&host->closing_now)) {
