@@ -38,6 +38,7 @@
 
 #include "core/internal.h"
 #include "eventastic/postgres.h"
+#include "store/pg_conninfo.h"
 #include "store/pg_migrations.h"
 #include "store/store_impl.h"
 
@@ -4409,7 +4410,8 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
         s->provider = cfg->provider;
         s->encrypt = true;
     }
-    s->conninfo = es__strdup(ci);
+    if (es__pg_conninfo_with_defaults(ci, &s->conninfo) != 0)
+        s->conninfo = NULL;
     s->idle = es__calloc(s->max, sizeof *s->idle);
     if (s->conninfo == NULL || s->idle == NULL ||
         (cfg->n_keys > 0 && s->keys == NULL) || build_sql(s, cfg) != 0) {
@@ -4738,7 +4740,12 @@ int es_pg_migrate(const es_pg_config *cfg, int *schema_version, es_error *err)
                                                "string could not be parsed")
                                : rc;
     PGconn *c = NULL;
-    rc = pg_connect(ci, password, &c, err);
+    char *full = NULL;
+    if (es__pg_conninfo_with_defaults(ci, &full) != 0)
+        rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    else
+        rc = pg_connect(full, password, &c, err);
+    es__free(full);
     if (password) {
         memset(password, 0, strlen(password));
         es__free(password);
