@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -488,14 +489,123 @@ static int db_error(PGconn *c, const PGresult *r, es_error *err,
     return code;
 }
 
+/* ---- round trips that must not wait for ever ----
+ *
+ * A transaction of begin_bounded (the host's fallback writer, which runs
+ * on its commit loop) marks its pooled connection: each statement on it
+ * is sent without blocking and waited for with poll, up to the store's
+ * silence limit (silence_ms, as the commit lanes).  Past it the
+ * connection is dropped (its socket shut down), so the statement fails as
+ * a lost connection (COMMIT: an unknown outcome, which the caller reads
+ * back).  No TCP option notices a server that stopped answering on a live
+ * socket (a stopped process, a stuck backend); this does. */
+
+static int64_t mono_ms(void);
+static int64_t silence_ms(const pg_store *s);
+
+/* The mark: instance data of this proc, the store whose limit applies. */
+static int bound_evproc(PGEventId id, void *info, void *pass)
+{
+    (void)id;
+    (void)info;
+    (void)pass;
+    return 1;
+}
+
+/* c's silence limit in ms; 0: none (c blocks as libpq does). */
+static int64_t bound_of(PGconn *c)
+{
+    const pg_store *s = PQinstanceData(c, bound_evproc);
+    return s != NULL ? silence_ms(s) : 0;
+}
+
+static bool bound_mark(PGconn *c, const pg_store *s)
+{
+    if (PQsetInstanceData(c, bound_evproc, (void *)s)) return true;
+    return PQregisterEventProc(c, bound_evproc, "eventastic bound", NULL) &&
+           PQsetInstanceData(c, bound_evproc, (void *)s);
+}
+
+/* sql on c (n < 0: simple protocol, else binary parameters and results)
+ * within ms of silence.  Returns what PQexec or PQexecParams would (the
+ * last result); NULL when the connection was lost, with *silent set when
+ * it was dropped for its silence. */
+static PGresult *exec_bounded(PGconn *c, int64_t ms, const char *sql, int n,
+                              const Oid *types, const char *const *values,
+                              const int *lens, bool *silent)
+{
+    *silent = false;
+    if (PQsetnonblocking(c, 1) != 0) return NULL;
+    int sent = n < 0 ? PQsendQuery(c, sql)
+                     : PQsendQueryParams(c, sql, n, types, values, lens,
+                                         n > 0 ? binary_formats : NULL, 1);
+    PGresult *res = NULL;
+    bool ok = sent == 1;
+    int64_t end = mono_ms() + ms;
+    while (ok) {
+        int flush = PQflush(c);
+        if (flush < 0) {
+            ok = false;
+            break;
+        }
+        if (flush == 0 && !PQisBusy(c)) {
+            PGresult *r = PQgetResult(c);
+            if (r == NULL) break;
+            PQclear(res);
+            res = r;
+            continue;
+        }
+        int64_t left = end - mono_ms();
+        if (left <= 0) {
+            *silent = true;
+            ok = false;
+            shutdown(PQsocket(c), SHUT_RDWR);
+            PQconsumeInput(c); /* libpq sees it closed */
+            break;
+        }
+        struct pollfd p = {PQsocket(c), POLLIN, 0};
+        if (flush == 1) p.events |= POLLOUT;
+        int k = poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left);
+        if (k < 0 && errno != EINTR) ok = false;
+        if (k > 0 && !PQconsumeInput(c)) ok = false;
+    }
+    if (PQstatus(c) == CONNECTION_OK) PQsetnonblocking(c, 0);
+    if (!ok) {
+        PQclear(res);
+        res = NULL;
+    }
+    return res;
+}
+
+static int silence_error(es_error *err, const char *what, int64_t ms)
+{
+    es__error_set(err, ES_EDB, "%s: no answer from the database within "
+                  "%lld ms; connection dropped", what, (long long)ms);
+    if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+    return ES_EDB;
+}
+
+/* PQexec, bounded on a marked connection. */
+static PGresult *exec_text(PGconn *c, const char *sql)
+{
+    int64_t ms = bound_of(c);
+    bool silent = false;
+    return ms > 0 ? exec_bounded(c, ms, sql, -1, NULL, NULL, NULL, &silent)
+                  : PQexec(c, sql);
+}
+
 /* Run a statement with binary parameters and binary results.  On success
  * *out (if given) is the result (PQclear), else it is cleared. */
 static int run(PGconn *c, const char *what, const char *sql, int n,
                const Oid *types, const char *const *values, const int *lens,
                PGresult **out, es_error *err)
 {
-    PGresult *r = PQexecParams(c, sql, n, types, values, lens,
-                               n > 0 ? binary_formats : NULL, 1);
+    int64_t ms = bound_of(c);
+    bool silent = false;
+    PGresult *r = ms > 0 ? exec_bounded(c, ms, sql, n, types, values, lens,
+                                        &silent)
+                         : PQexecParams(c, sql, n, types, values, lens,
+                                        n > 0 ? binary_formats : NULL, 1);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
         if (out)
@@ -504,7 +614,7 @@ static int run(PGconn *c, const char *what, const char *sql, int n,
             PQclear(r);
         return 0;
     }
-    int rc = db_error(c, r, err, what);
+    int rc = silent ? silence_error(err, what, ms) : db_error(c, r, err, what);
     PQclear(r);
     return rc;
 }
@@ -514,13 +624,17 @@ static int run(PGconn *c, const char *what, const char *sql, int n,
 static int run_simple(PGconn *c, const char *what, const char *sql,
                       es_error *err)
 {
-    PGresult *r = PQexec(c, sql);
+    int64_t ms = bound_of(c);
+    bool silent = false;
+    PGresult *r = ms > 0 ? exec_bounded(c, ms, sql, -1, NULL, NULL, NULL,
+                                        &silent)
+                         : PQexec(c, sql);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
         PQclear(r);
         return 0;
     }
-    int rc = db_error(c, r, err, what);
+    int rc = silent ? silence_error(err, what, ms) : db_error(c, r, err, what);
     PQclear(r);
     return rc;
 }
@@ -674,8 +788,21 @@ static int store_connect(pg_store *s, PGconn **out, es_error *err)
     return rc;
 }
 
-static int pool_get(pg_store *s, PGconn **out, es_error *err)
+/* A connection of the pool; bounded: waiting for one to come free ends
+ * after the silence limit (ES_EDB, SQLSTATE 08000). */
+static int pool_get(pg_store *s, PGconn **out, bool bounded, es_error *err)
 {
+    struct timespec until = {0, 0};
+    if (bounded) {
+        int64_t ms = silence_ms(s);
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)(ms / 1000);
+        until.tv_nsec += (long)(ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+    }
     pthread_mutex_lock(&s->lock);
     for (;;) {
         if (s->n_idle > 0) {
@@ -695,7 +822,16 @@ static int pool_get(pg_store *s, PGconn **out, es_error *err)
             }
             return rc;
         }
-        pthread_cond_wait(&s->cond, &s->lock);
+        if (!bounded) {
+            pthread_cond_wait(&s->cond, &s->lock);
+        } else if (pthread_cond_timedwait(&s->cond, &s->lock, &until) ==
+                   ETIMEDOUT) {
+            pthread_mutex_unlock(&s->lock);
+            es__error_set(err, ES_EDB, "no connection of the pool came free "
+                          "within %lld ms", (long long)silence_ms(s));
+            if (err) memcpy(err->sqlstate, "08000", 6);
+            return ES_EDB;
+        }
     }
 }
 
@@ -704,6 +840,7 @@ static int pool_get(pg_store *s, PGconn **out, es_error *err)
  * instead. */
 static void pool_put(pg_store *s, PGconn *c)
 {
+    PQsetInstanceData(c, bound_evproc, NULL); /* unbounded again */
     bool healthy = PQstatus(c) == CONNECTION_OK &&
                    PQtransactionStatus(c) == PQTRANS_IDLE &&
                    PQpipelineStatus(c) == PQ_PIPELINE_OFF;
@@ -741,7 +878,9 @@ static void txn_end(pg_txn *t)
     es__store_txn_ended(&s->base);
 }
 
-static int pg_begin(es_store *store, es_txn **out, es_error *err)
+/* bounded: for begin_bounded (see above). */
+static int begin_pooled(es_store *store, bool bounded, es_txn **out,
+                        es_error *err)
 {
     pg_store *s = (pg_store *)store;
     pg_txn *t = es__calloc(1, sizeof *t);
@@ -752,7 +891,12 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
      * BEGIN finds out, and nothing was done yet, so try the next one
      * (each dead one is closed), until a fresh one. */
     for (size_t attempt = 0; attempt <= s->max; attempt++) {
-        if ((rc = pool_get(s, &t->conn, err)) != 0) break;
+        if ((rc = pool_get(s, &t->conn, bounded, err)) != 0) break;
+        if (bounded && !bound_mark(t->conn, s)) {
+            pool_put(s, t->conn);
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+            break;
+        }
         es_error e = {0};
         rc = run_simple(t->conn, "begin",
                         "BEGIN ISOLATION LEVEL READ COMMITTED", &e);
@@ -772,6 +916,16 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
     es__store_txn_started(store);
     *out = &t->base;
     return 0;
+}
+
+static int pg_begin(es_store *store, es_txn **out, es_error *err)
+{
+    return begin_pooled(store, false, out, err);
+}
+
+static int pg_begin_bounded(es_store *store, es_txn **out, es_error *err)
+{
+    return begin_pooled(store, true, out, err);
 }
 
 /* COMMIT answered by the server ending the session (shutdown, crash of
@@ -849,7 +1003,7 @@ static int pg_commit(es_txn *txn, es_error *err)
         txn_end(t);
         return rc;
     }
-    PGresult *r = PQexec(t->conn, "COMMIT");
+    PGresult *r = exec_text(t->conn, "COMMIT");
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     int rc = 0;
     if (st == PGRES_COMMAND_OK) {
@@ -878,7 +1032,7 @@ static int pg_commit(es_txn *txn, es_error *err)
 static void pg_rollback(es_txn *txn)
 {
     pg_txn *t = (pg_txn *)txn;
-    PQclear(PQexec(t->conn, "ROLLBACK"));
+    PQclear(exec_text(t->conn, "ROLLBACK"));
     txn_end(t);
 }
 
@@ -1993,7 +2147,7 @@ static int ob_begin(pg_store *s, pg_txn *t, es_error *err)
 {
     memset(t, 0, sizeof *t);
     t->base.store = &s->base;
-    return pool_get(s, &t->conn, err);
+    return pool_get(s, &t->conn, false, err);
 }
 
 static void ob_end(pg_store *s, pg_txn *t)
@@ -3175,11 +3329,16 @@ static void lane_rt_end(pg_lane *l, bool ok)
 }
 
 /* How long a round trip may wait for its socket. */
+static int64_t silence_ms(const pg_store *s)
+{
+    return s->statement_timeout_ms > 0
+               ? s->statement_timeout_ms + LANE_SILENCE_MARGIN_MS
+               : (int64_t)LANE_SILENCE_S * 1000;
+}
+
 static struct timeval lane_silence(const pg_lane *l)
 {
-    int64_t ms = l->s->statement_timeout_ms > 0
-                     ? l->s->statement_timeout_ms + LANE_SILENCE_MARGIN_MS
-                     : (int64_t)LANE_SILENCE_S * 1000;
+    int64_t ms = silence_ms(l->s);
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000 * 1000)};
     return tv;
 }
@@ -4099,6 +4258,7 @@ static size_t pg_write_batch(es_store *store, void **slot,
 static const es_store_ops postgres_ops = {
     .name = "postgres",
     .begin = pg_begin,
+    .begin_bounded = pg_begin_bounded,
     .commit = pg_commit,
     .rollback = pg_rollback,
     .savepoint = pg_savepoint,
