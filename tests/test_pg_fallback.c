@@ -6,8 +6,12 @@
  * with SIGSTOP: to the client, a server or network gone without a word)
  * must not freeze the loop: the round trip gives up after the store's
  * silence limit (statement timeout + 5 s), the command gets a definite
- * answer, and the host shuts down while the backend is still stopped.
- * Every process stopped here is continued by the teardown and at exit.
+ * answer, and the host shuts down while the backend is still stopped;
+ * with the postmaster stopped too, connecting gives up after
+ * connect_timeout and a shutdown still ends.  A COMMIT given up that way
+ * may still commit once the backend runs again: the command is answered
+ * only once that backend has ended, with the truth.  Every process
+ * stopped here is continued by the teardown and at exit.
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -125,7 +129,11 @@ typedef struct fallback_case {
     waiter w;
 } fallback_case;
 
-static void case_open(fallback_case *fc, const char *options)
+#define HOLD_LOCK 4343 /* the advisory lock a held COMMIT waits on */
+
+/* hold: the refused command's COMMIT is refused once (the lane's), then
+ * waits on HOLD_LOCK (past the statement timeout) until it is free. */
+static void case_open(fallback_case *fc, const char *options, bool hold)
 {
     char ci[1024], sql[1024];
     memset(fc, 0, sizeof *fc);
@@ -155,14 +163,25 @@ static void case_open(fallback_case *fc, const char *options)
     fc->refused = command(fc->v2, 2);
     char rid[ES_UUID_STRLEN + 1];
     es_uuid_format(&fc->refused.id, rid);
+    char then[256];
+    if (hold)
+        snprintf(then, sizeof then,
+                 "IF nextval('\"%s\".tries') = 1 THEN RAISE EXCEPTION "
+                 "'refused by the test'; END IF; LOOP BEGIN PERFORM "
+                 "pg_advisory_xact_lock(%d); EXIT; EXCEPTION WHEN "
+                 "query_canceled THEN NULL; END; END LOOP;",
+                 fc->schema, HOLD_LOCK);
+    else
+        snprintf(then, sizeof then,
+                 "RAISE EXCEPTION 'refused by the test';");
     snprintf(sql, sizeof sql,
-             "CREATE FUNCTION \"%s\".refuse() RETURNS trigger LANGUAGE "
-             "plpgsql AS $$ BEGIN IF NEW.command_id = '%s' THEN RAISE "
-             "EXCEPTION 'refused by the test'; END IF; RETURN NULL; END $$; "
+             "CREATE SEQUENCE \"%s\".tries; CREATE FUNCTION "
+             "\"%s\".refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+             "IF NEW.command_id = '%s' THEN %s END IF; RETURN NULL; END $$; "
              "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON "
              "\"%s\".commands DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
              "EXECUTE FUNCTION \"%s\".refuse()",
-             fc->schema, rid, fc->schema, fc->schema);
+             fc->schema, fc->schema, rid, then, fc->schema, fc->schema);
     exec_ok(fc->admin, sql);
 
     es_host_config *hc = NULL;
@@ -252,7 +271,7 @@ static void test_pg_fallback_stopped_backend(void **state)
 {
     (void)state;
     static fallback_case fc;
-    case_open(&fc, NULL);
+    case_open(&fc, NULL, false);
     stop_or_skip(&fc, pool_backend(&fc));
     long long t0 = fixture_now_ms();
     assert_int_equal(es_host_send(fc.host, &counter_type, &fc.key,
@@ -290,7 +309,7 @@ static void test_pg_fallback_stopped_server(void **state)
 {
     (void)state;
     static fallback_case fc;
-    case_open(&fc, "connect_timeout=2");
+    case_open(&fc, "connect_timeout=2", false);
     pid_t backend = pool_backend(&fc);
     pid_t postmaster = backend ? fixture_pg_parent_of(backend) : 0;
     stop_or_skip(&fc, postmaster);
@@ -320,6 +339,59 @@ static void test_pg_fallback_stopped_server(void **state)
     assert_int_equal(stored, 0);
 }
 
+/* The fallback writer's backend stopped inside its COMMIT (held there
+ * by the trigger, on a lock the test holds), holding the command's rows:
+ * the COMMIT may still go through once the backend runs again.  The
+ * fallback writer gives it up after the silence limit (an unknown
+ * outcome), and the lane's read back must not take "not found" for the
+ * truth while that backend lives: the command stays unanswered (rather
+ * than failing while it may commit), and once the backend runs again and
+ * the lock is free it ends with the truth, stored once. */
+static void test_pg_fallback_stopped_in_commit(void **state)
+{
+    (void)state;
+    static fallback_case fc;
+    case_open(&fc, NULL, true);
+    PGconn *lock = fixture_pg_connect();
+    assert_non_null(lock);
+    char sql[128];
+    snprintf(sql, sizeof sql, "SELECT pg_advisory_lock(%d)", HOLD_LOCK);
+    PGresult *r = PQexec(lock, sql);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    PQclear(r);
+    assert_int_equal(es_host_send(fc.host, &counter_type, &fc.key,
+                                  &fc.refused, on_done, &fc.w, NULL),
+                     0);
+    pid_t pid = fixture_pg_backend_of(fc.admin, fc.app,
+                                      "state = 'active' AND query = 'COMMIT' "
+                                      "AND wait_event = 'advisory'",
+                                      10000);
+    if (pid == 0) PQfinish(lock);
+    stop_or_skip(&fc, pid);
+    long long t0 = fixture_now_ms();
+    bool answered_stopped = wait_flag(&fc.w.done, SILENCE_MS + 4000);
+    long long took = fixture_now_ms() - t0;
+    int status_stopped = atomic_load(&fc.w.status);
+    fixture_pg_continue_all();
+    PQfinish(lock); /* free: a living COMMIT goes on */
+    bool answered = wait_flag(&fc.w.done, 30000);
+    printf("fallback, its backend stopped in COMMIT: %s while stopped "
+           "(%lld ms, status %s), then status %s\n",
+           answered_stopped ? "answered" : "not answered", took,
+           es_status_name(status_stopped),
+           es_status_name(atomic_load(&fc.w.status)));
+    long long shut_took = 0;
+    int rc = 0;
+    bool shut = shut_down_stopped(&fc, 30000, &shut_took, &rc);
+    long long stored = case_close(&fc);
+    assert_false(answered_stopped);
+    assert_true(answered);
+    assert_int_equal(atomic_load(&fc.w.status), 0);
+    assert_true(shut);
+    assert_int_equal(rc, 0);
+    assert_int_equal(stored, 1);
+}
+
 int main(void)
 {
     if (getenv("DATABASE_URL") == NULL) {
@@ -332,6 +404,8 @@ int main(void)
         cmocka_unit_test_teardown(test_pg_fallback_stopped_backend,
                                   continue_teardown),
         cmocka_unit_test_teardown(test_pg_fallback_stopped_server,
+                                  continue_teardown),
+        cmocka_unit_test_teardown(test_pg_fallback_stopped_in_commit,
                                   continue_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

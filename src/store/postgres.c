@@ -141,6 +141,14 @@ typedef struct pg_store {
      * qualified name (any name fits in 63 bytes, and holds no quote). */
     char channel[32];
     atomic_size_t claim_turn; /* which type an outbox claim starts with */
+    /* Backends of bounded transactions dropped in their COMMIT (the
+     * fallback writer's): one that lives may still commit, so every
+     * lane's read back asks them to end and waits until they have (see
+     * lane_resolve_ask).  pid 0: a free slot.  Under lock. */
+    struct {
+        int pid;
+        char start[64];
+    } cut_commits[8];
 } pg_store;
 
 /* Data keys a transaction has opened, so that each is read once.  Cleared
@@ -164,6 +172,8 @@ typedef struct pg_txn {
     unsigned cursors; /* stream cursors made, for unique names */
     bool wrote_side_effects; /* wake dispatchers after commit */
     PGconn **own; /* begin_background: the caller's slot, not the pool */
+    int pid;        /* begin_bounded: its backend, */
+    char start[64]; /* and that backend's backend_start */
 } pg_txn;
 
 /* Every parameter is binary; as many entries as the most parameters of a
@@ -496,9 +506,10 @@ static int db_error(PGconn *c, const PGresult *r, es_error *err,
  * is sent without blocking and waited for with poll, up to the store's
  * silence limit (silence_ms, as the commit lanes).  Past it the
  * connection is dropped (its socket shut down), so the statement fails as
- * a lost connection (COMMIT: an unknown outcome, which the caller reads
- * back).  No TCP option notices a server that stopped answering on a live
- * socket (a stopped process, a stuck backend); this does. */
+ * a lost connection (COMMIT: an unknown outcome, read back by a lane once
+ * the backend that had it has ended: pg_store.cut_commits).  No TCP
+ * option notices a server that stopped answering on a live socket (a
+ * stopped process, a stuck backend); this does. */
 
 static int64_t mono_ms(void);
 static int64_t silence_ms(const pg_store *s);
@@ -878,6 +889,23 @@ static void txn_end(pg_txn *t)
     es__store_txn_ended(&s->base);
 }
 
+/* The backend of a bounded transaction, told from a later one with its
+ * pid: should its COMMIT be cut off, a read back waits for it to end. */
+static int backend_start_of(pg_txn *t, es_error *err)
+{
+    PGresult *r = NULL;
+    int rc = run(t->conn, "begin: backend", "SELECT backend_start::text "
+                 "FROM pg_stat_activity WHERE pid = pg_backend_pid()", 0,
+                 NULL, NULL, NULL, &r, err);
+    t->pid = PQbackendPID(t->conn);
+    t->start[0] = '\0';
+    if (rc == 0 && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) &&
+        strlen(PQgetvalue(r, 0, 0)) < sizeof t->start)
+        strcpy(t->start, PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return rc;
+}
+
 /* bounded: for begin_bounded (see above). */
 static int begin_pooled(es_store *store, bool bounded, es_txn **out,
                         es_error *err)
@@ -900,6 +928,7 @@ static int begin_pooled(es_store *store, bool bounded, es_txn **out,
         es_error e = {0};
         rc = run_simple(t->conn, "begin",
                         "BEGIN ISOLATION LEVEL READ COMMITTED", &e);
+        if (rc == 0 && bounded) rc = backend_start_of(t, &e);
         if (rc == 0) break;
         if (err) *err = e;
         /* the socket's close may not have turned the status bad yet */
@@ -991,6 +1020,16 @@ static void pg_background_close(es_store *store, void *conn)
     PQfinish(conn);
 }
 
+static void cut_commit_add(pg_store *s, const pg_txn *t)
+{
+    pthread_mutex_lock(&s->lock);
+    size_t n = sizeof s->cut_commits / sizeof *s->cut_commits, i = 0;
+    while (i + 1 < n && s->cut_commits[i].pid != 0) i++;
+    s->cut_commits[i].pid = t->pid; /* full: the last slot is reused */
+    memcpy(s->cut_commits[i].start, t->start, sizeof t->start);
+    pthread_mutex_unlock(&s->lock);
+}
+
 static int pg_commit(es_txn *txn, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
@@ -1018,6 +1057,8 @@ static int pg_commit(es_txn *txn, es_error *err)
                            "during COMMIT; the transaction may or may not "
                            "have committed");
         if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+        if (t->pid != 0 && t->start[0])
+            cut_commit_add((pg_store *)t->base.store, t);
     } else {
         rc = db_error(t->conn, r, err, "commit");
     }
@@ -3262,6 +3303,10 @@ struct pg_lane {
     int orphan_pid;
     char orphan_start[64];
     bool asked_orphan;
+    /* A COMMIT of the fallback writer cut off (cut_commits) that this
+     * read back asked about: it counts as an orphan. */
+    int cut_pid;
+    char cut_start[64];
     es_error err;
 };
 
@@ -3577,16 +3622,50 @@ static void lane_ensure(pg_lane *l, lane_step then)
  * end (this role may end its own backends), and a row says it was still
  * there; no row, it is gone.  The pid alone could name a later
  * backend: backend_start tells them apart. */
-static bool lane_orphan_send(pg_lane *l)
+static bool lane_end_send(pg_lane *l, int backend, const char *start)
 {
     static const Oid types[2] = {OID_INT4, OID_TEXT};
     char pid[16];
-    snprintf(pid, sizeof pid, "%d", l->orphan_pid);
-    const char *values[2] = {pid, l->orphan_start};
+    snprintf(pid, sizeof pid, "%d", backend);
+    const char *values[2] = {pid, start};
     return PQsendQueryParams(l->conn, "SELECT pg_terminate_backend(pid) "
                              "FROM pg_stat_activity WHERE pid = $1 AND "
                              "backend_start::text = $2", 2, types, values,
                              NULL, NULL, 0) == 1;
+}
+
+static bool lane_orphan_send(pg_lane *l)
+{
+    return lane_end_send(l, l->orphan_pid, l->orphan_start);
+}
+
+/* The first COMMIT cut off on the fallback writer's connection that is
+ * not known to be over (0: none), into pid and start. */
+static int cut_commit_first(pg_store *s, char start[64])
+{
+    pthread_mutex_lock(&s->lock);
+    int pid = 0;
+    for (size_t i = 0; pid == 0 && i < sizeof s->cut_commits /
+                                               sizeof *s->cut_commits;
+         i++)
+        if (s->cut_commits[i].pid != 0) {
+            pid = s->cut_commits[i].pid;
+            memcpy(start, s->cut_commits[i].start, 64);
+        }
+    pthread_mutex_unlock(&s->lock);
+    return pid;
+}
+
+/* Its backend is gone: its transaction is over. */
+static void cut_commit_over(pg_store *s, int pid, const char *start)
+{
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < sizeof s->cut_commits / sizeof *s->cut_commits;
+         i++)
+        if (s->cut_commits[i].pid == pid &&
+            strcmp(s->cut_commits[i].start, start) == 0)
+            s->cut_commits[i].pid = 0;
+    pthread_mutex_unlock(&s->lock);
 }
 
 /* ---- reading a COMMIT back ---- */
@@ -3604,6 +3683,16 @@ static void lane_resolved(pg_lane *l, bool ok)
                 return;
             }
             l->orphan_pid = 0; /* gone: its transaction is over */
+        }
+    }
+    if (l->cut_pid != 0) {
+        const PGresult *o = lane_res(l, k++);
+        if (ok && o != NULL && PQresultStatus(o) == PGRES_TUPLES_OK) {
+            if (PQntuples(o) > 0) { /* the same for the fallback's */
+                l->after_resolve(l, -1);
+                return;
+            }
+            cut_commit_over(l->s, l->cut_pid, l->cut_start);
         }
     }
     const PGresult *r = lane_res(l, k);
@@ -3641,6 +3730,9 @@ static void lane_resolve_ask(pg_lane *l, bool ok)
     bool sent = lane_rt_begin(l);
     l->asked_orphan = l->orphan_pid != 0;
     if (sent && l->asked_orphan) sent = lane_orphan_send(l);
+    l->cut_pid = cut_commit_first(l->s, l->cut_start);
+    if (sent && l->cut_pid != 0)
+        sent = lane_end_send(l, l->cut_pid, l->cut_start);
     if (sent)
         sent = PQsendQueryParams(l->conn, l->s->sql[SQL_GET_COMMAND], 1,
                                  types, values, lens, binary_formats,
