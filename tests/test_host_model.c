@@ -249,6 +249,7 @@ typedef struct run {
     es_store *store;
     es_host *host; /* the round's */
     int round;
+    uint64_t passivations, loads, conflicts; /* over the rounds */
 } run;
 
 static send_rec *rec_at(run *w, int round, int thread, int step)
@@ -399,6 +400,11 @@ static void run_round(run *w, uint64_t *rng)
         es_host_stop(w->host);
     }
     for (int t = 0; t < THREADS; t++) pthread_join(th[t], NULL);
+    es_host_metrics m;
+    assert_int_equal(es_host_metrics_get(w->host, &m), 0);
+    w->passivations += m.passivations;
+    w->loads += m.loads;
+    w->conflicts += m.conflicts;
     if (pick(rng, 3) == 0) {
         assert_int_equal(es_host_close(w->host), 0);
     } else {
@@ -852,9 +858,11 @@ static int check(run *w)
     }
     print_message("host model: seed %" PRIu64 ", %d rounds: %zu commands, "
                   "%zu sends, %zu decisions, %zu duplicate answers, %zu "
-                  "failures, %zu settled at the end\n",
+                  "failures, %zu settled at the end; %" PRIu64
+                  " passivations, %" PRIu64 " loads, %" PRIu64
+                  " conflicts\n",
                   w->seed, w->rounds, ids, c.n, decisions, dups, failures,
-                  w->n_settle);
+                  w->n_settle, w->passivations, w->loads, w->conflicts);
     free(c.all);
     return c.failures;
 }
