@@ -1792,7 +1792,12 @@ static void test_host_store_without_command_ids(void **state)
     es_command c2 = command(CMD_ADD, &one);
     int not_held = send_held_pair(w.host, &w.keys[0], &c2, &orig, &copy);
     /* after its completion there is no record to find: decided again
-     * (so the pair above met only in flight) */
+     * (so the pair above met only in flight).  Both completions first:
+     * the gate is open, but the pair may still be committing. */
+    for (int i = 0; i < 1000 && (atomic_load(&orig.n) < 1 ||
+                                 atomic_load(&copy.n) < 1);
+         i++)
+        sleep_ms(10);
     es_host_reply *r2 = NULL;
     assert_int_equal(call(&w, &w.keys[0], &c2, &r2), 0);
     bool late_dup = r2->duplicate;
