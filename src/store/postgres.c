@@ -836,7 +836,7 @@ static int store_connect(pg_store *s, PGconn **out, es_error *err)
 {
     int rc = pg_connect(s->conninfo, s->password, out, err);
     if (rc != 0) return rc;
-    char sql[128];
+    char sql[256];
     snprintf(sql, sizeof sql, "%s; SET statement_timeout = %lld",
              ES__PG_SESSION, (long long)s->statement_timeout_ms);
     if (s->statement_timeout_ms == 0) /* the server's setting */
