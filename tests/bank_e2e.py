@@ -34,15 +34,15 @@ def free_port():
 
 
 class Server:
-    def __init__(self, db_url, port=None):
+    def __init__(self, db_url, port=None, bin_dir=BIN, log="bank_e2e.log"):
         self.port = port or free_port()
-        cmd = [os.path.join(BIN, "bank-server"), "--listen",
+        cmd = [os.path.join(bin_dir, "bank-server"), "--listen",
                "127.0.0.1:%d" % self.port, "--workers", "2"]
         if db_url:
             cmd += ["--db", db_url, "--migrate"]
         env = dict(os.environ)
         env.pop("DATABASE_URL", None)
-        self.log = open(os.path.join(TOP, "build", "bank_e2e.log"), "a")
+        self.log = open(os.path.join(TOP, "build", log), "a")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log,
                                      stderr=self.log)
         end = time.time() + 30
