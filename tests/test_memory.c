@@ -1344,7 +1344,8 @@ static void test_memory_unknown_event_kind_in_store_is_decode_error(
     es_txn_rollback(txn);
 }
 
-/* A type of another name cannot write to an existing aggregate. */
+/* A type of another name can neither read nor write an existing
+ * aggregate: ES_EWRONGTYPE (test_pg_types covers every read). */
 static void test_memory_other_type_on_same_aggregate_is_refused(void **state)
 {
     es_store *store = *state;
@@ -1357,13 +1358,17 @@ static void test_memory_other_type_on_same_aggregate_is_refused(void **state)
     other.name = "not_a_counter";
     es_txn *txn = begin(store);
     es_context *o = NULL;
-    CHECK(es_context_load(txn, &other, &id, &o, NULL));
+    es_error err = {0};
+    assert_int_equal(es_context_load(txn, &other, &id, &o, &err),
+                     ES_EWRONGTYPE);
+    assert_null(o);
+    counter_event reset = counter_reset(&id);
+    CHECK(es_context_record_new(&other, &id, &reset, &o, NULL));
     counter_event add = counter_add(1);
     CHECK(es_context_record(o, &add, NULL));
-    es_error err = {0};
-    assert_int_equal(es_context_save(txn, o, &err), ES_EINVAL);
+    assert_int_equal(es_context_save(txn, o, &err), ES_EWRONGTYPE);
     assert_non_null(strstr(err.message, "counter"));
-    assert_int_equal(es_context_uncommitted_count(o), 1);
+    assert_int_equal(es_context_uncommitted_count(o), 2);
     es_txn_rollback(txn);
     es_context_free(o);
     assert_int_equal(es_memory_store_event_count(store), 1);
@@ -1373,10 +1378,11 @@ static void test_memory_other_type_on_same_aggregate_is_refused(void **state)
     CHECK(counter_start(&c, &fresh_id, NULL));
     txn = begin(store);
     CHECK(counter_save(txn, c, NULL));
-    CHECK(es_context_load(txn, &other, &fresh_id, &o, NULL));
-    counter_event more = counter_add(2);
-    CHECK(es_context_record(o, &more, NULL));
-    assert_int_equal(es_context_save(txn, o, &err), ES_EINVAL);
+    assert_int_equal(es_context_load(txn, &other, &fresh_id, &o, &err),
+                     ES_EWRONGTYPE);
+    counter_event again = counter_reset(&fresh_id);
+    CHECK(es_context_record_new(&other, &fresh_id, &again, &o, NULL));
+    assert_int_equal(es_context_save(txn, o, &err), ES_EWRONGTYPE);
     assert_non_null(strstr(err.message, "counter"));
     CHECK(es_txn_commit(txn, NULL));
     es_context_free(o);

@@ -961,7 +961,7 @@ static void test_pg_store_failed_save_leaves_txn_usable(void **state)
     order_event created = order_created(&ba.account_id, &customer, 1);
     assert_int_equal(order_record_new(&ba.account_id, &created, &ord, &err),
                      0);
-    assert_int_equal(order_save(txn, ord, &err), ES_EINVAL);
+    assert_int_equal(order_save(txn, ord, &err), ES_EWRONGTYPE);
     assert_non_null(strstr(err.message, "account"));
     /* The transaction goes on as if the failed saves never happened. */
     account_event b1 = account_add(5);

@@ -71,7 +71,9 @@ ES_EXPORT ES_OWNER_THREAD int es_context_record(es_context *ctx,
  *   them unique across aggregates, or the outbox skips the second side
  *   effect as a duplicate of the first;
  * - a version already taken gives ES_ECONFLICT with the aggregate id and
- *   the version in err.
+ *   the version in err;
+ * - an aggregate stored under another type gives ES_EWRONGTYPE: a key
+ *   belongs to the type of its creation event for ever.
  * On success the uncommitted lists are empty.  On failure the transaction
  * is as it was before this call and the context keeps its uncommitted
  * events and side effects, so the caller may retry in another transaction
@@ -85,10 +87,13 @@ ES_EXPORT ES_OWNER_THREAD int es_context_save(es_txn *txn, es_context *ctx,
  * Load an aggregate: the snapshot of the type's snapshot version, then the
  * events after it; without a usable snapshot (missing, other snapshot
  * version, undecodable, or at a version the stream does not have) the
- * stream is replayed from version 0.  A load never writes.  *out is the caller's (es_context_free).
- * Errors: ES_ENOTFOUND (no events), ES_EAPPLY (with the event id),
- * ES_EDECODE (an event could not be decoded: unknown kind, bad bytes),
- * ES_EINVAL, ES_ENOMEM, store errors.
+ * stream is replayed from version 0.  A load never writes.  *out is the
+ * caller's (es_context_free).
+ * Errors: ES_ENOTFOUND (no events), ES_EWRONGTYPE (the aggregate is
+ * stored under another type; none of its bytes is decoded; aggregate id
+ * in err), ES_EAPPLY (with the event id), ES_EDECODE (an event could not
+ * be decoded: unknown kind, bad bytes), ES_EINVAL (NULL argument, nil id,
+ * invalid type), ES_ENOMEM, store errors.
  * Thread: the transaction's thread.
  */
 ES_EXPORT ES_OWNER_THREAD int es_context_load(es_txn *txn,
@@ -112,7 +117,8 @@ ES_EXPORT ES_ANY_THREAD int es_store_load(es_store *store,
  * then call side_effects for it.  Nothing is written.  *out is the
  * caller's (es_side_effect_list_free); it is NULL when the aggregate or the
  * event is unknown or the event had no side effects (return value 0).
- * Errors: ES_EINVAL, ES_ENOMEM, ES_EAPPLY, ES_EDECODE, store errors.
+ * Errors: ES_EINVAL (NULL argument, nil id), ES_EWRONGTYPE (aggregate of
+ * another type), ES_ENOMEM, ES_EAPPLY, ES_EDECODE, store errors.
  * Thread: the transaction's thread.
  */
 ES_EXPORT ES_OWNER_THREAD int es_context_regenerate_side_effects(

@@ -143,7 +143,9 @@ typedef struct es_host_result {
      *  before the command ran, or closed while the database could not be
      *  reached: not committed), ES_EUNKNOWN (host closed before a COMMIT
      *  whose answer was lost could be read back: it may have committed),
-     *  or a store error (ES_EDB, ES_ENOMEM, ES_EDECODE while loading;
+     *  ES_EWRONGTYPE (the key is stored under another aggregate type;
+     *  nothing of it was decoded), or a store error (ES_EDB, ES_ENOMEM,
+     *  ES_EDECODE while loading;
      *  ES_EFORGOTTEN, ES_EDECRYPT with encryption at rest, also for a
      *  replayed rejection whose reason is sealed).
      *  While the host runs, commits wait for a database that cannot be
@@ -358,8 +360,11 @@ ES_EXPORT ES_ANY_THREAD int es_host_close(es_host *host);
  * On success (0) the command was accepted and `done` will be called exactly
  * once with its outcome.  On failure done is never called: ES_EBUSY (the
  * mailbox, the host or the resident bound is full: try later), ES_ECLOSED
- * (host shutting down), ES_EINVAL (NULL argument, nil id, type not
- * registered, key resident with another type), ES_ENOMEM.  The command is
+ * (host shutting down), ES_EINVAL (NULL argument, nil aggregate or
+ * command id, type not registered), ES_ENOMEM.  A key stored under
+ * another type is accepted and completed with ES_EWRONGTYPE (its load
+ * finds the other type); the actor of a failed load is not kept, so it
+ * never stands in the way of commands of the key's real type.  The command is
  * copied.  Never blocks on a full queue.  Thread: any, also from decide
  * and from completion callbacks.
  */

@@ -81,11 +81,14 @@ ES_EXPORT ES_OWNER_THREAD void es_txn_rollback(es_txn *txn);
 
 /**
  * Call fn for each event of an aggregate with version >= from_version, in
- * version order, as the transaction sees them.  The event is borrowed until
+ * version order, as the transaction sees them, whatever the aggregate's
+ * type: for tools that print rows.  Code that decodes the events uses
+ * es_txn_stream_of, which checks the type.  The event is borrowed until
  * fn returns.  fn returns 0 to go on; any other value stops the stream and
  * is returned as is.  Memory use is bounded by the backend's chunk size,
- * not by the stream.  Errors: ES_EINVAL, ES_EDB, ES_EDECRYPT, ES_EFORGOTTEN.
- * An aggregate without events is not an error (fn is never called).
+ * not by the stream.  Errors: ES_EINVAL (NULL argument, nil id), ES_EDB,
+ * ES_EDECRYPT, ES_EFORGOTTEN.  An aggregate without events is not an
+ * error (fn is never called).
  * Thread: the transaction's thread; fn runs on it.
  */
 ES_EXPORT ES_OWNER_THREAD int es_txn_stream(
@@ -93,10 +96,24 @@ ES_EXPORT ES_OWNER_THREAD int es_txn_stream(
     int (*fn)(void *ud, const es_event *event), void *ud, es_error *err);
 
 /**
+ * es_txn_stream for an aggregate of a known type.  An aggregate stored
+ * under another type (its creation event names another type name)
+ * answers ES_EWRONGTYPE, with the aggregate id in err, before fn sees any
+ * of its events: one type's bytes are never handed over as another's.
+ * Otherwise as es_txn_stream; ES_EINVAL also for a type that fails
+ * es_aggregate_type_check.  Thread: the transaction's thread; fn runs on
+ * it.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_stream_of(
+    es_txn *txn, const es_aggregate_type *type, const es_uuid *aggregate_id,
+    uint64_t from_version, int (*fn)(void *ud, const es_event *event),
+    void *ud, es_error *err);
+
+/**
  * Read one event of an aggregate by its id.  On success *out is one
  * allocation holding the event and its payload; free it with es_free.
- * Errors: ES_ENOTFOUND, ES_EINVAL, ES_ENOMEM, ES_EDB.
- * Thread: the transaction's thread.
+ * Errors: ES_ENOTFOUND, ES_EINVAL (NULL argument, nil id), ES_ENOMEM,
+ * ES_EDB.  Thread: the transaction's thread.
  */
 ES_EXPORT ES_OWNER_THREAD int es_txn_get_event(es_txn *txn,
                                                const es_uuid *aggregate_id,
@@ -105,12 +122,27 @@ ES_EXPORT ES_OWNER_THREAD int es_txn_get_event(es_txn *txn,
                                                es_error *err);
 
 /**
- * Read the snapshot of an aggregate for one snapshot version.  *out is one
- * allocation (free with es_free).  Errors: ES_ENOTFOUND, ES_EINVAL,
- * ES_ENOMEM, ES_EDB.  Thread: the transaction's thread.
+ * Read the snapshot of an aggregate for one snapshot version, whatever the
+ * aggregate's type (for tools; code that decodes it uses
+ * es_txn_get_snapshot_of).  *out is one allocation (free with es_free).
+ * Errors: ES_ENOTFOUND, ES_EINVAL (NULL argument, nil id), ES_ENOMEM,
+ * ES_EDB.  Thread: the transaction's thread.
  */
 ES_EXPORT ES_OWNER_THREAD int es_txn_get_snapshot(
     es_txn *txn, const es_uuid *aggregate_id, uint64_t snapshot_version,
+    es_snapshot **out, es_error *err);
+
+/**
+ * Read the snapshot of an aggregate of a known type, for the type's
+ * snapshot_version.  An aggregate stored under another type answers
+ * ES_EWRONGTYPE (aggregate id in err) and returns no bytes.  A snapshot
+ * of an aggregate without events is returned as stored.  *out is one
+ * allocation (free with es_free), NULL on failure.  Errors: as
+ * es_txn_get_snapshot, and ES_EINVAL for a type that fails
+ * es_aggregate_type_check.  Thread: the transaction's thread.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_txn_get_snapshot_of(
+    es_txn *txn, const es_aggregate_type *type, const es_uuid *aggregate_id,
     es_snapshot **out, es_error *err);
 
 /**
@@ -125,7 +157,8 @@ ES_EXPORT ES_OWNER_THREAD int es_txn_store_snapshot(es_txn *txn,
 
 /**
  * Delete every snapshot of an aggregate (all snapshot versions).  Missing
- * snapshots are not an error.  Thread: the transaction's thread.
+ * snapshots are not an error.  ES_EINVAL for a NULL argument or a nil
+ * id.  Thread: the transaction's thread.
  */
 ES_EXPORT ES_OWNER_THREAD int es_txn_delete_snapshots(
     es_txn *txn, const es_uuid *aggregate_id, es_error *err);
@@ -133,8 +166,8 @@ ES_EXPORT ES_OWNER_THREAD int es_txn_delete_snapshots(
 /**
  * List the side effects stored and not yet delivered, oldest first, as the
  * transaction sees them (aggregate_id NULL: of every aggregate).  *out is
- * the caller's (es_side_effect_list_free).  Errors: ES_EINVAL, ES_ENOMEM,
- * ES_EDB.  Thread: the transaction's thread.
+ * the caller's (es_side_effect_list_free).  Errors: ES_EINVAL (NULL
+ * txn or out, nil aggregate id), ES_ENOMEM, ES_EDB.  Thread: the transaction's thread.
  */
 ES_EXPORT ES_OWNER_THREAD int es_txn_list_side_effects(
     es_txn *txn, const es_uuid *aggregate_id, es_side_effect_list **out,

@@ -582,11 +582,15 @@ static int load_snapshot(es_txn *txn, es_context *ctx, es_error *err)
     const es_aggregate_type *t = ctx->type;
     es_snapshot *snap = NULL;
     es_error ignored = {0};
-    int rc = txn->store->ops->get_snapshot(txn, &ctx->id, t->snapshot_version,
-                                           &snap, &ignored);
+    int rc = es__txn_get_snapshot(txn, t->name, &ctx->id,
+                                  t->snapshot_version, &snap, &ignored);
     if (rc == ES_ENOTFOUND) return 0;
     if (rc == ES_EDECODE || rc == ES_EDECRYPT || rc == ES_EFORGOTTEN)
         return 0; /* a cache: replay instead */
+    if (rc == ES_EWRONGTYPE) { /* the stored type, not the cache's */
+        if (err) *err = ignored;
+        return rc;
+    }
     if (rc != 0) return es__error_wrap(err, rc, &ignored, "snapshot read");
     void *state = es__calloc(1, t->state_size);
     if (state == NULL) {
@@ -615,9 +619,9 @@ static int load_into(es_txn *txn, es_context *ctx, bool use_snapshot,
     if (f.value == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     bool from_snapshot = ctx->state != NULL;
     f.check_snapshot = from_snapshot;
-    rc = txn->store->ops->stream(txn, &ctx->id, from_snapshot ? ctx->version
-                                                              : 0,
-                                 fold_event, &f, err);
+    rc = es__txn_stream(txn, ctx->type->name, &ctx->id,
+                        from_snapshot ? ctx->version : 0, fold_event, &f,
+                        err);
     if (from_snapshot &&
         (rc == FOLD_STALE_SNAPSHOT || (rc == 0 && !f.snapshot_seen))) {
         /* The snapshot claims a version the stream does not have: it is
@@ -626,7 +630,8 @@ static int load_into(es_txn *txn, es_context *ctx, bool use_snapshot,
         ctx->state = NULL;
         ctx->version = 0;
         f.check_snapshot = false;
-        rc = txn->store->ops->stream(txn, &ctx->id, 0, fold_event, &f, err);
+        rc = es__txn_stream(txn, ctx->type->name, &ctx->id, 0, fold_event,
+                            &f, err);
     }
     es__free(f.value);
     if (rc == FOLD_STOP) rc = 0;
@@ -650,6 +655,8 @@ int es_context_load(es_txn *txn, const es_aggregate_type *type,
                              "required");
     int rc = es_aggregate_type_check(type, err);
     if (rc != 0) return rc;
+    if (es_uuid_is_nil(aggregate_id))
+        return es__error_set(err, ES_EINVAL, "aggregate id is nil");
     es_context *ctx = context_new(type, aggregate_id);
     if (ctx == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     if ((rc = load_into(txn, ctx, true, err)) != 0) {
@@ -684,6 +691,9 @@ int es_context_regenerate_side_effects(es_txn *txn,
     *out = NULL;
     int rc = es_aggregate_type_check(type, err);
     if (rc != 0) return rc;
+    if (es_uuid_is_nil(aggregate_id) || es_uuid_is_nil(event_id))
+        return es__error_set(err, ES_EINVAL, "aggregate id and event id "
+                                             "must not be nil");
     es_event *target = NULL;
     rc = es_txn_get_event(txn, aggregate_id, event_id, &target, err);
     if (rc == ES_ENOTFOUND) {
@@ -698,8 +708,8 @@ int es_context_regenerate_side_effects(es_txn *txn,
     f.value = ctx ? es__calloc(1, type->event_size) : NULL;
     if (f.value == NULL) rc = es__error_set(err, ES_ENOMEM, "out of memory");
     else
-        rc = txn->store->ops->stream(txn, aggregate_id, 0, fold_event, &f,
-                                     err);
+        rc = es__txn_stream(txn, type->name, aggregate_id, 0, fold_event,
+                            &f, err);
     if (rc == FOLD_STOP) rc = 0;
     es__free(f.value);
     es__free(target);

@@ -457,12 +457,15 @@ static shard *shard_of(es_host *host, const es_uuid *id)
     return &host->shards[(key_hash(id) >> 40) % N_SHARDS];
 }
 
-/* Shard lock held. */
-static actor *shard_find(shard *sh, const es_uuid *id)
+/* Shard lock held.  An actor is found by key and type: a command of
+ * another type never joins the mailbox of a resident actor (nor is it
+ * refused because of one); its own actor's load answers ES_EWRONGTYPE
+ * when the store holds the key under the first type. */
+static actor *shard_find(shard *sh, const es_uuid *id, const htype *ht)
 {
     if (sh->n_buckets == 0) return NULL;
     actor *a = sh->buckets[key_hash(id) & (sh->n_buckets - 1)];
-    while (a && !es_uuid_equal(&a->id, id)) a = a->hnext;
+    while (a && (a->ht != ht || !es_uuid_equal(&a->id, id))) a = a->hnext;
     return a;
 }
 
@@ -1135,14 +1138,17 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
         c.ev = es__calloc(c.want, sizeof *c.ev);
         rc = c.ev == NULL
                  ? ES_ENOMEM
-                 : es_txn_stream(txn, &a->id, rec->first_version,
-                                 collect_event, &c, &err);
+                 : es__txn_stream(txn, a->ht->type->name, &a->id,
+                                  rec->first_version, collect_event, &c,
+                                  &err);
         if (rc == 1) rc = 0;
         if (rc == 0 && c.n != c.want) rc = ES_EDECODE;
     }
     es_txn_rollback(txn);
     if (rc == 0)
         complete(host, h, 0, rec->version, c.ev, c.n, "", dup);
+    else if (rc == ES_EWRONGTYPE) /* the same command, to another type */
+        complete_error(host, h, rc, ES_HOST_NO_VERSION, err.message);
     else /* the record says it committed: never answer a failure */
         complete_error(host, h, ES_EUNKNOWN, actor_version(a),
                        "committed, but its events could not be read back");
@@ -1601,16 +1607,29 @@ static void run_actor(es_host *host, actor *a)
             continue;
         }
         bool requeue = !a->broken && a->mb_head != NULL;
+        bool drop = false;
         if (!requeue) {
             a->scheduled = false;
             if (!a->broken && a->inflight == 0 && a->mb_head == NULL) {
-                a->last_used = es__now_ns();
-                lru_append(sh, a);
+                /* An actor that holds no state (its load failed, e.g.
+                 * ES_EWRONGTYPE, or its commands were answered from the
+                 * store) is not kept: the next command loads anyway. */
+                drop = !a->loaded && !a->snap_owed;
+                if (drop) {
+                    unlink_actor(host, sh, a);
+                } else {
+                    a->last_used = es__now_ns();
+                    lru_append(sh, a);
+                }
             }
         }
         pthread_mutex_unlock(&sh->lock);
         /* From here on another worker may run a: do not touch it. */
         if (requeue) runq_push(host, a);
+        if (drop) {
+            actor_drop_state(a);
+            es__free(a);
+        }
         break;
     }
     tls_depth--;
@@ -2399,7 +2418,7 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
     bool push = false;
     int rc = 0;
     pthread_mutex_lock(&sh->lock);
-    actor *a = shard_find(sh, aggregate_id);
+    actor *a = shard_find(sh, aggregate_id, ht);
     if (a == NULL) {
         if (sh->resident >= host->shard_bound) {
             if (sh->lru_head) {
@@ -2425,8 +2444,6 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
             sh->resident++;
             count(&host->resident, 1);
         }
-    } else if (a->ht != ht) {
-        rc = ES_EINVAL;
     }
     if (rc == 0 && a->mb_n >= host->cfg.mailbox_bound) rc = ES_EBUSY;
     if (rc == 0) {
@@ -2457,9 +2474,6 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
             return es__error_set(err, rc, "mailbox or resident bound is "
                                           "full");
         }
-        if (rc == ES_EINVAL)
-            return es__error_set(err, rc, "aggregate is resident with "
-                                          "another type");
         return es__error_set(err, rc, "out of memory");
     }
     if (push) runq_push(host, a);

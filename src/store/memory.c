@@ -663,6 +663,26 @@ static int mem_commit(es_txn *txn, es_error *err)
 
 /* ---- reads ---- */
 
+/* The type of an aggregate that only this transaction has written. */
+static const char *pend_stream_type(const mem_txn *t, const es_uuid *agg)
+{
+    const pend_event *pe = es__ptrmap_find(&t->ev_aggs, es__uuid_hash(agg),
+                                           match_pend_agg, agg);
+    return pe ? pe->type : NULL;
+}
+
+/* ES_EWRONGTYPE when type_name is given and the aggregate (stored, or
+ * written by this transaction) is of another type.  Store lock held. */
+static int check_type(const mem_txn *t, const mem_stream *st,
+                      const es_uuid *agg, const char *type_name,
+                      es_error *err)
+{
+    if (type_name == NULL) return 0;
+    const char *owner = st ? st->type : pend_stream_type(t, agg);
+    if (owner == NULL || strcmp(owner, type_name) == 0) return 0;
+    return es__wrong_type(err, agg, owner, type_name);
+}
+
 typedef struct chunk {
     es_event ev[STREAM_CHUNK];
     size_t n;
@@ -674,12 +694,17 @@ static int cmp_pend_by_version(const void *a, const void *b)
     return (x->ev.version > y->ev.version) - (x->ev.version < y->ev.version);
 }
 
-static int mem_stream_fn(es_txn *txn, const es_uuid *agg, uint64_t from,
+static int mem_stream_fn(es_txn *txn, const char *type_name,
+                         const es_uuid *agg, uint64_t from,
                          int (*fn)(void *ud, const es_event *event), void *ud,
                          es_error *err)
 {
     mem_txn *t = (mem_txn *)txn;
     mem_store *s = (mem_store *)txn->store;
+    pthread_mutex_lock(&s->lock);
+    int wrong = check_type(t, find_stream(s, agg), agg, type_name, err);
+    pthread_mutex_unlock(&s->lock);
+    if (wrong != 0) return wrong;
 
     /* The transaction's own events of this aggregate, by version. */
     pend_event **mine = NULL;
@@ -776,14 +801,6 @@ static int mem_get_event(es_txn *txn, const es_uuid *agg,
     return 0;
 }
 
-/* The type of an aggregate that only this transaction has written. */
-static const char *pend_stream_type(const mem_txn *t, const es_uuid *agg)
-{
-    const pend_event *pe = es__ptrmap_find(&t->ev_aggs, es__uuid_hash(agg),
-                                           match_pend_agg, agg);
-    return pe ? pe->type : NULL;
-}
-
 static int mem_insert_events(es_txn *txn, const char *type_name,
                              const es_uuid *agg, const es_event *events,
                              size_t n, bool *inserted, es_error *err)
@@ -801,10 +818,7 @@ static int mem_insert_events(es_txn *txn, const char *type_name,
     pthread_mutex_lock(&s->lock);
     mem_stream *st = find_stream(s, agg);
     const char *owner_type = st ? st->type : pend_stream_type(t, agg);
-    if (owner_type != NULL && strcmp(owner_type, type_name) != 0)
-        rc = es__error_set(err, ES_EINVAL,
-                           "aggregate is of type '%s', not '%s'", owner_type,
-                           type_name);
+    rc = check_type(t, st, agg, type_name, err);
     bool first = owner_type == NULL; /* the aggregate's first pending */
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const es_event *e = &events[i];
@@ -936,11 +950,16 @@ static int mem_get_command(es_txn *txn, const es_uuid *command_id,
     return 0;
 }
 
-static int mem_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
+static int mem_get_snapshot(es_txn *txn, const char *type_name,
+                            const es_uuid *agg, uint64_t sv,
                             es_snapshot **out, es_error *err)
 {
     mem_txn *t = (mem_txn *)txn;
     mem_store *s = (mem_store *)txn->store;
+    pthread_mutex_lock(&s->lock);
+    int wrong = check_type(t, find_stream(s, agg), agg, type_name, err);
+    pthread_mutex_unlock(&s->lock);
+    if (wrong != 0) return wrong;
     /* Newest pending write for this aggregate wins. */
     for (size_t i = t->n_snap; i-- > 0;) {
         const pend_snap *ps = &t->snap[i];
@@ -1431,7 +1450,7 @@ static void item_alloc(const es__commit_item *it, bool cmds, int64_t now,
 /* Lock held.  Check one item against what is stored, take the room it
  * needs, then link its copies: all or nothing.  Returns 0, ES_ECONFLICT
  * (a version or event id taken), ES_EIDEMPOTENCY (command id taken),
- * ES_EINVAL (other type, name too long) or ES_ENOMEM.  What was linked
+ * ES_EWRONGTYPE (other type), ES_EINVAL (name too long) or ES_ENOMEM.  What was linked
  * belongs to the store; p keeps what was not (freed by the caller). */
 static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
                       item_plan *p)
@@ -1439,7 +1458,8 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
     const es_uuid *agg = &it->aggregate_id;
     if (strlen(it->type_name) >= TYPE_NAME_MAX) return ES_EINVAL;
     mem_stream *st = find_stream(s, agg);
-    if (st != NULL && strcmp(st->type, it->type_name) != 0) return ES_EINVAL;
+    if (st != NULL && strcmp(st->type, it->type_name) != 0)
+        return ES_EWRONGTYPE;
     for (size_t i = 0; i < it->n_events; i++) {
         const es_event *e = &it->events[i];
         if (find_version(st, e->version) || find_id(s, agg, &e->id))

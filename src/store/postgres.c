@@ -85,6 +85,7 @@ enum {
     SQL_INSERT_EVENTS,
     SQL_STREAM,
     SQL_STREAM_REST,
+    SQL_TYPE_OF,
     SQL_GET_EVENT,
     SQL_INSERT_SIDE_EFFECTS,
     SQL_LIST_SIDE_EFFECTS,
@@ -1262,16 +1263,29 @@ static int open_row(pg_txn *t, const es_uuid *agg, const PGresult *r,
 
 /* ---- reads ---- */
 
-/* Hand the rows of one page to fn (opened when sealed); *next is one past
- * the last version handed over. */
-static int stream_rows(pg_txn *t, const es_uuid *agg, const PGresult *r,
-                       uint64_t *next, es_buf *plain,
+/* ES_EWRONGTYPE when type_name is given and the aggregate's type (a row's
+ * aggregate_type, column col) is another. */
+static int row_type(const PGresult *r, int row, int col, const es_uuid *agg,
+                    const char *type_name, es_error *err)
+{
+    if (type_name == NULL || PQgetisnull(r, row, col)) return 0;
+    const char *stored = PQgetvalue(r, row, col);
+    if (strcmp(stored, type_name) == 0) return 0;
+    return es__wrong_type(err, agg, stored, type_name);
+}
+
+/* Hand the rows of one page to fn (opened when sealed, after their type
+ * is checked); *next is one past the last version handed over. */
+static int stream_rows(pg_txn *t, const char *type_name, const es_uuid *agg,
+                       const PGresult *r, uint64_t *next, es_buf *plain,
                        int (*fn)(void *ud, const es_event *event), void *ud,
                        es_error *err)
 {
     int n = PQntuples(r);
     if (n > 0 && PQfformat(r, 0) != 1) return bad_row(err, "stream");
     for (int i = 0; i < n; i++) {
+        int wrong = row_type(r, i, 5, agg, type_name, err);
+        if (wrong != 0) return wrong;
         es_event ev;
         if (!col_u64(r, i, 0, &ev.version) || !col_uuid(r, i, 1, &ev.id) ||
             !col_i32(r, i, 2, &ev.kind) ||
@@ -1292,13 +1306,34 @@ static int stream_rows(pg_txn *t, const es_uuid *agg, const PGresult *r,
     return 0;
 }
 
-static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
+/* For a typed read that found no row to check: ES_EWRONGTYPE when the
+ * aggregate's creation event has another type; 0 when it has this one or
+ * there is none.  One primary-key probe. */
+static int type_of(pg_txn *t, const char *type_name, const es_uuid *agg,
+                   es_error *err)
+{
+    pg_store *s = (pg_store *)t->base.store;
+    const Oid types[1] = {OID_UUID};
+    const char *values[1] = {(const char *)agg->bytes};
+    const int lens[1] = {16};
+    PGresult *r = NULL;
+    int rc = run(t->conn, "type of", s->sql[SQL_TYPE_OF], 1, types, values,
+                 lens, &r, err);
+    if (rc != 0) return rc;
+    if (PQntuples(r) == 1) rc = row_type(r, 0, 0, agg, type_name, err);
+    PQclear(r);
+    return rc;
+}
+
+static int pg_stream(es_txn *txn, const char *type_name, const es_uuid *agg,
+                     uint64_t from,
                      int (*fn)(void *ud, const es_event *event), void *ud,
                      es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
     pg_store *s = (pg_store *)txn->store;
-    if (from > INT64_MAX) return 0; /* no version is that high */
+    if (from > INT64_MAX) /* no version is that high */
+        return type_name ? type_of(t, type_name, agg, err) : 0;
     uint8_t next_b[8], limit_b[8];
     be64(next_b, from);
     be64(limit_b, (uint64_t)s->chunk);
@@ -1315,8 +1350,10 @@ static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
     uint64_t next = from;
     size_t n = (size_t)PQntuples(r);
     es_buf plain = {0};
-    rc = stream_rows(t, agg, r, &next, &plain, fn, ud, err);
+    rc = stream_rows(t, type_name, agg, r, &next, &plain, fn, ud, err);
     PQclear(r);
+    if (rc == 0 && n == 0 && from > 0 && type_name != NULL)
+        rc = type_of(t, type_name, agg, err);
     if (rc != 0 || n < s->chunk) {
         es_buf_free(&plain);
         return rc;
@@ -1346,7 +1383,7 @@ static int pg_stream(es_txn *txn, const es_uuid *agg, uint64_t from,
         rc = run(t->conn, "stream: fetch", sql, 0, NULL, NULL, NULL, &r, err);
         if (rc != 0) break;
         n = (size_t)PQntuples(r);
-        rc = stream_rows(t, agg, r, &next, &plain, fn, ud, err);
+        rc = stream_rows(t, type_name, agg, r, &next, &plain, fn, ud, err);
         PQclear(r);
         if (rc != 0 || n < s->chunk) break;
     }
@@ -1592,12 +1629,16 @@ static int pg_get_command(es_txn *txn, const es_uuid *command_id,
     return 0;
 }
 
-static int pg_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
+static int pg_get_snapshot(es_txn *txn, const char *type_name,
+                           const es_uuid *agg, uint64_t sv,
                            es_snapshot **out, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
     pg_store *s = (pg_store *)txn->store;
-    if (sv > INT64_MAX) return es__error_set(err, ES_ENOTFOUND, "no snapshot");
+    if (sv > INT64_MAX) {
+        int rc = type_name ? type_of(t, type_name, agg, err) : 0;
+        return rc ? rc : es__error_set(err, ES_ENOTFOUND, "no snapshot");
+    }
     uint8_t svb[8];
     be64(svb, sv);
     const Oid types[2] = {OID_UUID, OID_INT8};
@@ -1607,20 +1648,30 @@ static int pg_get_snapshot(es_txn *txn, const es_uuid *agg, uint64_t sv,
     int rc = run(t->conn, "get snapshot", s->sql[SQL_GET_SNAPSHOT], 2, types,
                  values, lens, &r, err);
     if (rc != 0) return rc;
-    if (PQntuples(r) == 0) {
+    /* One row: the creation event's type, then the snapshot's columns
+     * (NULL when there is none). */
+    if (PQntuples(r) != 1) {
+        PQclear(r);
+        return bad_row(err, "get snapshot");
+    }
+    if ((rc = row_type(r, 0, 0, agg, type_name, err)) != 0) {
+        PQclear(r);
+        return rc;
+    }
+    if (PQgetisnull(r, 0, 1)) {
         PQclear(r);
         return es__error_set(err, ES_ENOTFOUND, "no snapshot");
     }
     es_snapshot snap = {*agg, 0, sv, NULL, 0};
-    if (!col_u64(r, 0, 0, &snap.version) ||
-        !col_bytes(r, 0, 1, &snap.data, &snap.len)) {
+    if (!col_u64(r, 0, 1, &snap.version) ||
+        !col_bytes(r, 0, 2, &snap.data, &snap.len)) {
         PQclear(r);
         return bad_row(err, "get snapshot");
     }
     ad_buf ad;
     ad_snapshot(&ad, agg, sv, snap.version);
     es_buf plain = {0};
-    rc = open_row(t, agg, r, 0, 2, &ad, &plain, &snap.data, &snap.len, err);
+    rc = open_row(t, agg, r, 0, 3, &ad, &plain, &snap.data, &snap.len, err);
     if (rc != 0) {
         PQclear(r);
         es_buf_free(&plain);
@@ -1759,9 +1810,7 @@ static int pg_insert_events(es_txn *txn, const char *type_name,
     int rows = PQntuples(r);
     for (int i = 0; rc == 0 && i < rows; i++) {
         if (!PQgetisnull(r, i, 2)) {
-            rc = es__error_set(err, ES_EINVAL,
-                               "aggregate is of type '%.63s', not '%.63s'",
-                               PQgetvalue(r, i, 2), type_name);
+            rc = es__wrong_type(err, agg, PQgetvalue(r, i, 2), type_name);
             break;
         }
         uint64_t v;
@@ -2629,7 +2678,7 @@ static void pg_outbox_unwatch(es__outbox_watch *w)
  * missing from RETURNING), all command ids in one, all side effects in
  * one, then COMMIT.  Items whose rows were skipped are marked (version
  * taken: ES_ECONFLICT; command id taken: ES_EIDEMPOTENCY; aggregate of
- * another type: ES_EINVAL) with their group's later items, the writes are
+ * another type: ES_EWRONGTYPE) with their group's later items, the writes are
  * rolled back to a savepoint taken before them, and written again without
  * those items, so the innocent ones commit.  A connection lost before
  * COMMIT leaves the items ES__COMMIT_RETRY; one lost during COMMIT is
@@ -2882,7 +2931,7 @@ static void fail_unreturned(es__commit_item **items, size_t n,
 }
 
 /* Items whose events did not all go in fail: a version was taken
- * (ES_ECONFLICT) or the aggregate is of another type (ES_EINVAL). */
+ * (ES_ECONFLICT) or the aggregate is of another type (ES_EWRONGTYPE). */
 static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
                         const PGresult *res, bool *failed, es_error *err)
 {
@@ -2900,7 +2949,7 @@ static int apply_events(es__commit_item **items, size_t n, const pstmt *p,
             for (size_t j = 0; j < n; j++)
                 if (items[j]->status == ES__COMMIT_PENDING &&
                     es_uuid_equal(&items[j]->aggregate_id, &agg)) {
-                    batch_fail_group(items, n, j, ES_EINVAL);
+                    batch_fail_group(items, n, j, ES_EWRONGTYPE);
                     *failed = true;
                 }
             continue;
@@ -4206,12 +4255,19 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "$7::text[]) ON CONFLICT (id) DO NOTHING RETURNING 1) SELECT %s FROM "
         "(SELECT 1 FROM ins LIMIT 1) AS one", o,
         s->notify ? "pg_notify($8, '')" : "$8::text");
+    /* Every row carries its type, checked before its payload is opened
+     * or handed over (a few bytes a row; the row is read anyway). */
     s->sql[SQL_STREAM] = sqlf(
-        "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
-        "aggregate_id = $1 AND version >= $2 ORDER BY version LIMIT $3", e);
+        "SELECT version, event_id, kind, payload, key_id, aggregate_type "
+        "FROM %s WHERE aggregate_id = $1 AND version >= $2 ORDER BY version "
+        "LIMIT $3", e);
     s->sql[SQL_STREAM_REST] = sqlf(
-        "SELECT version, event_id, kind, payload, key_id FROM %s WHERE "
-        "aggregate_id = $1 AND version >= $2 ORDER BY version", e);
+        "SELECT version, event_id, kind, payload, key_id, aggregate_type "
+        "FROM %s WHERE aggregate_id = $1 AND version >= $2 ORDER BY version",
+        e);
+    s->sql[SQL_TYPE_OF] = sqlf(
+        "SELECT aggregate_type FROM %s WHERE aggregate_id = $1 AND "
+        "version = 0", e);
     s->sql[SQL_GET_EVENT] = sqlf(
         "SELECT aggregate_id, version, kind, payload, key_id FROM %s WHERE "
         "aggregate_id = $2 AND event_id = $1", e);
@@ -4232,9 +4288,13 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "SELECT id, aggregate_id, event_id, kind, payload, key_id FROM %s "
         "WHERE status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = "
         "$1) ORDER BY seq", o);
+    /* A snapshot's type is its aggregate's: the creation event's.  Two
+     * primary-key probes, one row whether or not either exists. */
     s->sql[SQL_GET_SNAPSHOT] = sqlf(
-        "SELECT version, payload, key_id FROM %s WHERE aggregate_id = $1 "
-        "AND snapshot_version = $2", sn);
+        "SELECT (SELECT aggregate_type FROM %s WHERE aggregate_id = $1 AND "
+        "version = 0), s.version, s.payload, s.key_id FROM (SELECT 1) AS one "
+        "LEFT JOIN %s s ON s.aggregate_id = $1 AND s.snapshot_version = $2",
+        e, sn);
     s->sql[SQL_STORE_SNAPSHOT] = sqlf(
         "INSERT INTO %s AS stored (aggregate_id, snapshot_version, version, "
         "payload, key_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT "

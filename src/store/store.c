@@ -63,16 +63,56 @@ int es_store_close(es_store *store)
     return 0;
 }
 
+/* A nil aggregate id names no aggregate: every entry refuses it. */
+static int check_id(const es_uuid *aggregate_id, es_error *err)
+{
+    if (es_uuid_is_nil(aggregate_id))
+        return es__error_set(err, ES_EINVAL, "aggregate id is nil");
+    return 0;
+}
+
+int es__wrong_type(es_error *err, const es_uuid *aggregate_id,
+                   const char *stored, const char *wanted)
+{
+    char id[ES_UUID_STRLEN + 1];
+    es__error_set(err, ES_EWRONGTYPE,
+                  "aggregate %s is of type '%.63s', not '%.63s'",
+                  es_uuid_format(aggregate_id, id), stored, wanted);
+    if (err) err->aggregate_id = *aggregate_id;
+    return ES_EWRONGTYPE;
+}
+
+int es__txn_stream(es_txn *txn, const char *type_name,
+                   const es_uuid *aggregate_id, uint64_t from_version,
+                   int (*fn)(void *ud, const es_event *event), void *ud,
+                   es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL || fn == NULL)
+        return es__error_set(err, ES_EINVAL,
+                             "transaction, aggregate id and fn are required");
+    int rc = check_id(aggregate_id, err);
+    if (rc != 0) return rc;
+    return txn->store->ops->stream(txn, type_name, aggregate_id, from_version,
+                                   fn, ud, err);
+}
+
 int es_txn_stream(es_txn *txn, const es_uuid *aggregate_id,
                   uint64_t from_version,
                   int (*fn)(void *ud, const es_event *event), void *ud,
                   es_error *err)
 {
-    if (txn == NULL || aggregate_id == NULL || fn == NULL)
-        return es__error_set(err, ES_EINVAL,
-                             "transaction, aggregate id and fn are required");
-    return txn->store->ops->stream(txn, aggregate_id, from_version, fn, ud,
-                                   err);
+    return es__txn_stream(txn, NULL, aggregate_id, from_version, fn, ud, err);
+}
+
+int es_txn_stream_of(es_txn *txn, const es_aggregate_type *type,
+                     const es_uuid *aggregate_id, uint64_t from_version,
+                     int (*fn)(void *ud, const es_event *event), void *ud,
+                     es_error *err)
+{
+    int rc = es_aggregate_type_check(type, err);
+    if (rc != 0) return rc;
+    return es__txn_stream(txn, type->name, aggregate_id, from_version, fn, ud,
+                          err);
 }
 
 int es_txn_get_event(es_txn *txn, const es_uuid *aggregate_id,
@@ -81,18 +121,44 @@ int es_txn_get_event(es_txn *txn, const es_uuid *aggregate_id,
     if (txn == NULL || aggregate_id == NULL || event_id == NULL || out == NULL)
         return es__error_set(err, ES_EINVAL, "all arguments are required");
     *out = NULL;
+    int rc = check_id(aggregate_id, err);
+    if (rc != 0) return rc;
+    if (es_uuid_is_nil(event_id))
+        return es__error_set(err, ES_EINVAL, "event id is nil");
     return txn->store->ops->get_event(txn, aggregate_id, event_id, out, err);
+}
+
+int es__txn_get_snapshot(es_txn *txn, const char *type_name,
+                         const es_uuid *aggregate_id,
+                         uint64_t snapshot_version, es_snapshot **out,
+                         es_error *err)
+{
+    if (txn == NULL || aggregate_id == NULL || out == NULL)
+        return es__error_set(err, ES_EINVAL, "all arguments are required");
+    *out = NULL;
+    int rc = check_id(aggregate_id, err);
+    if (rc != 0) return rc;
+    return txn->store->ops->get_snapshot(txn, type_name, aggregate_id,
+                                         snapshot_version, out, err);
 }
 
 int es_txn_get_snapshot(es_txn *txn, const es_uuid *aggregate_id,
                         uint64_t snapshot_version, es_snapshot **out,
                         es_error *err)
 {
-    if (txn == NULL || aggregate_id == NULL || out == NULL)
-        return es__error_set(err, ES_EINVAL, "all arguments are required");
-    *out = NULL;
-    return txn->store->ops->get_snapshot(txn, aggregate_id, snapshot_version,
-                                         out, err);
+    return es__txn_get_snapshot(txn, NULL, aggregate_id, snapshot_version,
+                                out, err);
+}
+
+int es_txn_get_snapshot_of(es_txn *txn, const es_aggregate_type *type,
+                           const es_uuid *aggregate_id, es_snapshot **out,
+                           es_error *err)
+{
+    if (out != NULL) *out = NULL;
+    int rc = es_aggregate_type_check(type, err);
+    if (rc != 0) return rc;
+    return es__txn_get_snapshot(txn, type->name, aggregate_id,
+                                type->snapshot_version, out, err);
 }
 
 int es_txn_store_snapshot(es_txn *txn, const es_snapshot *snap, es_error *err)
@@ -111,6 +177,8 @@ int es_txn_delete_snapshots(es_txn *txn, const es_uuid *aggregate_id,
 {
     if (txn == NULL || aggregate_id == NULL)
         return es__error_set(err, ES_EINVAL, "all arguments are required");
+    int rc = check_id(aggregate_id, err);
+    if (rc != 0) return rc;
     return txn->store->ops->delete_snapshots(txn, aggregate_id, err);
 }
 
@@ -121,6 +189,10 @@ int es_txn_list_side_effects(es_txn *txn, const es_uuid *aggregate_id,
         return es__error_set(err, ES_EINVAL, "transaction and out are "
                                              "required");
     *out = NULL;
+    if (aggregate_id != NULL) {
+        int rc = check_id(aggregate_id, err);
+        if (rc != 0) return rc;
+    }
     return txn->store->ops->list_side_effects(txn, aggregate_id, out, err);
 }
 

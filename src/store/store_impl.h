@@ -131,8 +131,13 @@ typedef struct es_store_ops {
     int (*savepoint)(es_txn *txn, es_error *err);
     int (*rollback_to)(es_txn *txn, es_error *err);
     int (*release)(es_txn *txn, es_error *err);
-    int (*stream)(es_txn *txn, const es_uuid *aggregate_id,
-                  uint64_t from_version,
+    /* Reads of one aggregate name the type the caller will decode its
+     * rows as (type_name; NULL: any type, for tools that only print
+     * them).  An aggregate stored under another type answers
+     * ES_EWRONGTYPE before fn sees any of its rows: one type's bytes are
+     * never handed over as another's. */
+    int (*stream)(es_txn *txn, const char *type_name,
+                  const es_uuid *aggregate_id, uint64_t from_version,
                   int (*fn)(void *ud, const es_event *event), void *ud,
                   es_error *err);
     /* An event id is unique per aggregate (so that a store's tables can
@@ -150,7 +155,11 @@ typedef struct es_store_ops {
     int (*insert_side_effects)(es_txn *txn, const char *type_name,
                                const es_side_effect *items, size_t n,
                                es_error *err);
-    int (*get_snapshot)(es_txn *txn, const es_uuid *aggregate_id,
+    /* The type of a snapshot is its aggregate's: the type of its
+     * creation event (version 0).  A snapshot of an aggregate without
+     * events is returned as is (a load then finds no stream under it). */
+    int (*get_snapshot)(es_txn *txn, const char *type_name,
+                        const es_uuid *aggregate_id,
                         uint64_t snapshot_version, es_snapshot **out,
                         es_error *err);
     int (*store_snapshot)(es_txn *txn, const es_snapshot *snap,
@@ -314,6 +323,21 @@ int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
 int es__store_begin_background(es_store *store, void **slot, es_txn **out,
                                es_error *err);
 void es__store_background_close(es_store *store, void **slot);
+
+/* Typed reads for the core and the host (store.h's es_txn_stream_of and
+ * es_txn_get_snapshot_of, by type name). */
+int es__txn_stream(es_txn *txn, const char *type_name,
+                   const es_uuid *aggregate_id, uint64_t from_version,
+                   int (*fn)(void *ud, const es_event *event), void *ud,
+                   es_error *err);
+int es__txn_get_snapshot(es_txn *txn, const char *type_name,
+                         const es_uuid *aggregate_id,
+                         uint64_t snapshot_version, es_snapshot **out,
+                         es_error *err);
+/* The answer to a read or write of an aggregate stored under another
+ * type (ES_EWRONGTYPE), with the aggregate in err. */
+int es__wrong_type(es_error *err, const es_uuid *aggregate_id,
+                   const char *stored, const char *wanted);
 
 /* Command-id records; ES_EINVAL when the backend has none (see
  * es__store_has_commands). */

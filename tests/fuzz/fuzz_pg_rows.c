@@ -55,8 +55,8 @@ static void seal_rows(PGresult *r, int what, int pcol, int kcol)
             es_uuid who;
             if (!col_uuid(r, row, 0, &who)) continue;
             ad_rejection(&ad, &command_id, &who);
-        } else if (what == 2) { /* snapshot */
-            if (!col_u64(r, row, 0, &v)) continue;
+        } else if (what == 2) { /* snapshot: the type, then its columns */
+            if (!col_u64(r, row, 1, &v)) continue;
             ad_snapshot(&ad, &agg, snapshot_version, v);
         } else { /* side effect, outbox */
             if (!col_uuid(r, row, 0, &se.id) ||
@@ -106,7 +106,7 @@ PGresult *fake_exec_params(PGconn *conn, const char *command, int nParams,
         (void)paramFormats, (void)resultFormat;
     PGresult *r = NULL;
     if (command == S.sql[SQL_STREAM] || strncmp(command, "FETCH", 5) == 0) {
-        r = fz_result(5, 1);
+        r = fz_result(6, 1);
         if (r && seal) seal_rows(r, 0, 3, 4);
     } else if (strncmp(command, "DECLARE", 7) == 0) {
         r = fz_byte() < 0 ? NULL : fz_status(PGRES_COMMAND_OK);
@@ -114,8 +114,8 @@ PGresult *fake_exec_params(PGconn *conn, const char *command, int nParams,
         r = fz_result(5, 1);
         if (r && seal) seal_rows(r, 1, 3, 4);
     } else if (command == S.sql[SQL_GET_SNAPSHOT]) {
-        r = fz_result(3, 1);
-        if (r && seal) seal_rows(r, 2, 1, 2);
+        r = fz_result(4, 1);
+        if (r && seal) seal_rows(r, 2, 2, 3);
     } else if (command == S.sql[SQL_LIST_SIDE_EFFECTS]) {
         r = fz_result(6, 1);
         if (r && seal) seal_rows(r, 3, 4, 5);
@@ -181,7 +181,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     switch (what) {
     case 0: {
         size_t n = 0;
-        rc = pg_stream(&t.base, &agg, 0, count_event, &n, &err);
+        rc = pg_stream(&t.base, (opts & 32) ? "fuzz" : NULL, &agg, 0,
+                       count_event, &n, &err);
         break;
     }
     case 1: {
@@ -196,7 +197,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     case 2: {
         es_snapshot *snap = NULL;
-        rc = pg_get_snapshot(&t.base, &agg, snapshot_version, &snap, &err);
+        rc = pg_get_snapshot(&t.base, (opts & 32) ? "fuzz" : NULL, &agg,
+                             snapshot_version, &snap, &err);
         es__free(snap);
         break;
     }
