@@ -317,17 +317,6 @@ static void account_done(void *ud, const es_host_result *r)
     finish(p, r);
 }
 
-/* The transfer_id cannot name a transfer: it is stored as an account.
- * The library says ES_EWRONGTYPE; before it checked types, a host met
- * such an id with ES_EINVAL (resident as the other type) or ES_EDECODE
- * (the other type's rows); the id is never nil here (parsing refuses
- * it), so each of them means the same. */
-static bool transfer_id_taken(int status)
-{
-    return status == ES_EWRONGTYPE || status == ES_EINVAL ||
-           status == ES_EDECODE;
-}
-
 static const char transfer_id_is_account[] =
     "transfer_id names an account, not a transfer; the debit is refunded";
 
@@ -339,12 +328,9 @@ static const char transfer_id_is_account[] =
 static void initiate_done(void *ud, const es_host_result *r)
 {
     pending *p = ud;
-    es_host_result out = *r;
-    if (transfer_id_taken(r->status)) {
-        out.status = ES_EWRONGTYPE;
+    if (r->status == ES_EWRONGTYPE) /* the transfer_id names an account */
         p->wrong_type = transfer_id_is_account;
-    }
-    finish(p, &out);
+    finish(p, r);
 }
 
 /* Host worker: the debit of a transfer finished; record the transfer. */
@@ -372,10 +358,7 @@ static void debit_done(void *ud, const es_host_result *r)
         es_host_result failed = *r;
         failed.status = rc;
         failed.reason = err.message;
-        if (transfer_id_taken(rc)) {
-            failed.status = ES_EWRONGTYPE;
-            p->wrong_type = transfer_id_is_account;
-        }
+        if (rc == ES_EWRONGTYPE) p->wrong_type = transfer_id_is_account;
         finish(p, &failed);
     }
 }
@@ -632,8 +615,7 @@ static void job_error(job *j, int code, const char *error,
 
 static bool store_reachable(int rc)
 {
-    return rc == 0 || rc == ES_ENOTFOUND || rc == ES_EWRONGTYPE ||
-           rc == ES_EDECODE;
+    return rc == 0 || rc == ES_ENOTFOUND || rc == ES_EWRONGTYPE;
 }
 
 static void run_load(job *j)
