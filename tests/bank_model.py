@@ -121,7 +121,8 @@ class BankModel(RuleBasedStateMachine):
     def post(self, path, body, valid, other_type=False):
         """A command: checks replays and reused ids, records.  valid: the
         request passes parsing (no nil id, ...); other_type: its aggregate
-        is of the other type (a 404 may come before the id is checked).
+        is of the other type (its answer, 404 or 409 already_exists for
+        an open, may come before the id is checked).
         Returns (status, answer, whether it was sent before)."""
         key = ("transfer", body["transfer_id"]) if path == "/transfers" \
             else ("command", body["command_id"])
@@ -136,6 +137,7 @@ class BankModel(RuleBasedStateMachine):
         if first is not None and valid:
             assert (status, answer.get("error")) in (
                 (409, "idempotency_conflict"),
+                (409, "already_exists") if other_type else None,
                 (404, "not_found") if other_type else None), (
                     "%s id %s of %s %s reused by %s %s: got %d %s"
                     % (key + first + (path, body, status, answer)))
@@ -362,7 +364,7 @@ def main():
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--examples", type=int, default=None)
     a = ap.parse_args()
-    examples, steps = (300, 60) if a.long else (30, 30)
+    examples, steps = (500, 50) if a.long else (120, 30)
     examples = a.examples or examples
     seed = a.seed if a.seed is not None else int(time.time()) % 1000000
     stores = [None, "pg"]
