@@ -110,7 +110,7 @@ typedef struct pending {
     int64_t amount;
     int status;          /* of the last step */
     /* The answer's detail when a step meets an id stored as the other
-     * aggregate type (ES_EWRONGTYPE): which id of the request it was. */
+     * aggregate type (ES_EWRONGTYPE), or NULL. */
     const char *wrong_type;
     bool duplicate;
     uint64_t version;
@@ -196,7 +196,7 @@ static json_t *uuid_json(const es_uuid *id)
 }
 
 /* The HTTP answer for a failed command of route r; wrong is the detail
- * for ES_EWRONGTYPE. */
+ * for ES_EWRONGTYPE (NULL: none). */
 static void reply_failure(server *srv, struct evhttp_request *req, route r,
                           int status, const char *reason, const char *wrong)
 {
@@ -552,10 +552,11 @@ static void handle_post(server *srv, struct evhttp_request *req, route r,
     pending *p = pending_new(srv, req, r);
     if (p == NULL) return overloaded(srv, req);
     p->key = key;
-    p->wrong_type = r == R_OPEN ? "account_id names a transfer"
-                    : r == R_TRANSFER
-                        ? "from names a transfer, not an account"
-                        : "the id names a transfer, not an account";
+    /* A command to an account that is a transfer is answered as one to
+     * an account that does not exist: the same command may have been
+     * answered so before the id became a transfer, and a resent command
+     * answers what it answered the first time. */
+    p->wrong_type = r == R_OPEN ? "account_id names a transfer" : NULL;
     if (r != R_TRANSFER)
         return submit(srv, p, &bank_account_type, &key, &cid, &c,
                       account_done);
