@@ -44,182 +44,10 @@
 
 #include "common/account.h"
 #include "common/bench.h"
+#include "common/measure.h"
 
 
 /* xorshift: the key sequence of one client */
-/* ---- measuring ---- */
-
-#define MAX_SAMPLES (1u << 22)
-static uint32_t *g_lat; /* client-side latencies of one point, in us */
-static atomic_uint g_n_lat;
-
-static void lat_record(double t0)
-{
-    unsigned i = atomic_fetch_add_explicit(&g_n_lat, 1, memory_order_relaxed);
-    if (i < MAX_SAMPLES) g_lat[i] = (uint32_t)((bench_now_s() - t0) * 1e6);
-}
-
-static int u32_cmp(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static void lat_percentiles(double *p50, double *p99)
-{
-    unsigned n = atomic_load(&g_n_lat);
-    if (n > MAX_SAMPLES) n = MAX_SAMPLES;
-    *p50 = *p99 = 0;
-    if (n == 0) return;
-    qsort(g_lat, n, sizeof *g_lat, u32_cmp);
-    *p50 = g_lat[n / 2];
-    *p99 = g_lat[(size_t)n * 99 / 100];
-}
-
-static double self_cpu_s(void)
-{
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
-           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
-}
-
-/* CPU seconds of a process from /proc/PID/stat: utime + stime, plus, when
- * reaped is set, cutime + cstime (its children that exited and that it
- * waited for).  On success *ppid is its parent; false when it is gone. */
-static bool proc_cpu(int pid, bool reaped, int *ppid, double *cpu)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return false;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return false;
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')');
-    if (p == NULL) return false;
-    unsigned long ut = 0, st = 0;
-    long cut = 0, cst = 0;
-    int pp = 0;
-    /* fields after comm: state ppid pgrp session tty tpgid flags minflt
-     * cminflt majflt cmajflt utime stime cutime cstime */
-    if (sscanf(p + 2, "%*c %d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu "
-               "%ld %ld", &pp, &ut, &st, &cut, &cst) != 5)
-        return false;
-    *ppid = pp;
-    double ticks = (double)(ut + st) + (reaped ? (double)(cut + cst) : 0);
-    *cpu = ticks / (double)sysconf(_SC_CLK_TCK);
-    return true;
-}
-
-static int g_postmaster;
-
-/* The CPU seconds the PostgreSQL server has used since its start: the
- * postmaster's own, its live children's (backends, checkpointer,
- * walwriter, autovacuum and parallel workers...) and its reaped
- * children's (cutime + cstime).  The difference of two readings is then
- * the server's CPU between them and nothing else: a child alive at both
- * counts its part between them, one started between them all of its
- * life, one that exited between them the rest of its life (through
- * cutime once reaped; as a zombie it is still a live child); a pid
- * reused between them changes nothing.  The postmaster is read last, so
- * a child that exits after the listing and is reaped before the
- * postmaster is read still counts once; one reaped between its own read
- * and the postmaster's counts twice (one backend's CPU, in a reading that
- * lasts about a millisecond).  Returns 0 when the postmaster is unknown. */
-static double pg_cpu_s(void)
-{
-    if (g_postmaster <= 0) return 0;
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/task/%d/children", g_postmaster,
-             g_postmaster);
-    double sum = 0;
-    FILE *f = fopen(path, "r");
-    if (f != NULL) {
-        int pid, pp;
-        double cpu;
-        while (fscanf(f, "%d", &pid) == 1)
-            if (proc_cpu(pid, false, &pp, &cpu) && pp == g_postmaster)
-                sum += cpu;
-        fclose(f);
-    }
-    int pp;
-    double cpu;
-    if (proc_cpu(g_postmaster, true, &pp, &cpu)) sum += cpu;
-    return sum;
-}
-
-static void find_postmaster(void)
-{
-    /* the checkpointer's parent is the postmaster, and it lives as long */
-    const char *url = getenv("DATABASE_URL");
-    char cmd[1200];
-    snprintf(cmd, sizeof cmd, "psql -XAtq -d '%s' -c \"SELECT pid FROM "
-             "pg_stat_activity WHERE backend_type = 'checkpointer'\" "
-             "2>/dev/null", url ? url : "");
-    FILE *p = popen(cmd, "r");
-    if (p == NULL) return;
-    int backend = 0;
-    if (fscanf(p, "%d", &backend) != 1) backend = 0;
-    pclose(p);
-    int pp = 0;
-    double cpu = 0;
-    if (backend > 0 && proc_cpu(backend, false, &pp, &cpu)) g_postmaster = pp;
-}
-
-/* One reading of the CPU used so far by this process and by the server,
- * and when it was taken.  A reading of the server is a read of ~260
- * files, about a millisecond of CPU, but on a loaded machine the reader
- * is preempted in the middle: at 256 clients readings were seen to
- * spread over up to 2.4 s, and the processes read late were counted
- * over a longer time than the point's clock (which started after the
- * first reading and stopped before the second): how per_command_pg
- * came to report more than the machine's two cores.  So a reading is
- * repeated, for up to SAMPLE_BUDGET_S, until one takes at most
- * SAMPLE_SPAN_S, the shortest is kept, and rates are taken between the
- * middles of two readings. */
-#define SAMPLE_SPAN_S 0.002
-#define SAMPLE_BUDGET_S 1.0
-
-typedef struct cpu_sample {
-    double t;    /* the middle of the reading, bench_now_s() */
-    double span; /* how long the reading took */
-    double host; /* CPU seconds of this process */
-    double pg;   /* pg_cpu_s() */
-} cpu_sample;
-
-static cpu_sample cpu_sample_take(void)
-{
-    cpu_sample best = {0, 1e9, 0, 0};
-    double start = bench_now_s();
-    while (best.span > SAMPLE_SPAN_S &&
-           bench_now_s() - start < SAMPLE_BUDGET_S) {
-        double t0 = bench_now_s();
-        cpu_sample s = {0, 0, self_cpu_s(), pg_cpu_s()};
-        double t1 = bench_now_s();
-        s.t = (t0 + t1) / 2;
-        s.span = t1 - t0;
-        if (s.span < best.span) best = s;
-    }
-    return best;
-}
-
-/* The CPU of this process and of the server between two readings, in %
- * of one core.  Says so on stderr when the readings took long enough to
- * move the figures by more than 2%. */
-static void cpu_pct(const cpu_sample *a, const cpu_sample *b, double *host,
-                    double *pg)
-{
-    double dt = b->t - a->t;
-    *host = dt > 0 ? 100 * (b->host - a->host) / dt : 0;
-    *pg = dt > 0 ? 100 * (b->pg - a->pg) / dt : 0;
-    if ((a->span + b->span) / 2 > 0.02 * dt)
-        fprintf(stderr, "  (cpu readings took %.0f and %.0f ms of %.1f s: "
-                "cpu figures uncertain by up to %.0f%%)\n", a->span * 1e3,
-                b->span * 1e3, dt, 100 * (a->span + b->span) / 2 / dt);
-}
-
 typedef struct record {
     const char *name;
     unsigned workers, lanes, clients;
@@ -273,7 +101,7 @@ static void client_done(void *ud, const es_host_result *res)
     if (atomic_load_explicit(&c->r->measuring, memory_order_relaxed)) {
         if (res->status == 0) {
             atomic_fetch_add_explicit(&c->r->done, 1, memory_order_relaxed);
-            lat_record(c->t0);
+            bench_lat_record(c->t0);
         }
     }
     if (res->status != 0) atomic_fetch_add(&c->r->errors, 1);
@@ -352,7 +180,7 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
     r.keys = keys;
     client *cs = calloc(clients, sizeof *cs);
     atomic_store(&r.live, (int)clients);
-    atomic_store(&g_n_lat, 0);
+    bench_lat_reset();
     for (unsigned i = 0; i < clients; i++) {
         cs[i].r = &r;
         cs[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
@@ -360,13 +188,13 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
         send_next(&cs[i]);
     }
     sleep_s(warm); /* the accounts are loaded */
-    cpu_sample s0 = cpu_sample_take();
+    cpu_sample s0 = bench_cpu_sample();
     double t0 = bench_now_s();
     atomic_store(&r.measuring, true);
     sleep_s(seconds);
     atomic_store(&r.measuring, false);
     double dt = bench_now_s() - t0;
-    cpu_sample s1 = cpu_sample_take();
+    cpu_sample s1 = bench_cpu_sample();
     uint64_t done = atomic_load(&r.done);
     atomic_store(&r.stop, true);
     struct timespec tick = {0, 5000000};
@@ -376,8 +204,8 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
     free(cs);
     record rec = {"host_pg", 2, lanes, clients, keys, (double)done / dt, 0,
                   0, 0, 0, atomic_load(&r.errors), 0, 0};
-    cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
-    lat_percentiles(&rec.p50_us, &rec.p99_us);
+    bench_cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
+    bench_lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  host_pg lanes %u clients %u: %.0f/s, p50 %.0f us, "
             "p99 %.0f us, %.1f commands/batch since open, cpu host %.0f%% "
             "pg %.0f%%, %llu errors\n", lanes, clients, rec.ops_per_s,
@@ -448,7 +276,7 @@ static void *pc_main(void *arg)
         }
         if (atomic_load_explicit(&r->measuring, memory_order_relaxed)) {
             atomic_fetch_add_explicit(&r->done, 1, memory_order_relaxed);
-            lat_record(t0);
+            bench_lat_record(t0);
         }
     }
     return NULL;
@@ -464,7 +292,7 @@ static record per_command_point(unsigned clients, uint64_t keys,
     r.keys = keys;
     r.base = 1000000; /* accounts of their own */
     pc_client *cs = calloc(clients, sizeof *cs);
-    atomic_store(&g_n_lat, 0);
+    bench_lat_reset();
     pthread_barrier_init(&r.opened, NULL, clients + 1);
     for (unsigned i = 0; i < clients; i++) {
         cs[i].r = &r;
@@ -473,13 +301,13 @@ static record per_command_point(unsigned clients, uint64_t keys,
     }
     pthread_barrier_wait(&r.opened);
     sleep_s(warm);
-    cpu_sample s0 = cpu_sample_take();
+    cpu_sample s0 = bench_cpu_sample();
     double t0 = bench_now_s();
     atomic_store(&r.measuring, true);
     sleep_s(seconds);
     atomic_store(&r.measuring, false);
     double dt = bench_now_s() - t0;
-    cpu_sample s1 = cpu_sample_take();
+    cpu_sample s1 = bench_cpu_sample();
     atomic_store(&r.stop, true);
     for (unsigned i = 0; i < clients; i++) pthread_join(cs[i].th, NULL);
     pthread_barrier_destroy(&r.opened);
@@ -488,8 +316,8 @@ static record per_command_point(unsigned clients, uint64_t keys,
     record rec = {"per_command_pg", 0, 0, clients, keys,
                   (double)atomic_load(&r.done) / dt, 0, 0, 0, 0,
                   atomic_load(&r.errors), 0, 0};
-    cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
-    lat_percentiles(&rec.p50_us, &rec.p99_us);
+    bench_cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
+    bench_lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  per_command_pg clients %u: %.0f/s, p50 %.0f us, "
             "p99 %.0f us, cpu host %.0f%% pg %.0f%%, %llu conflicts, %llu "
             "errors\n", clients, rec.ops_per_s, rec.p50_us, rec.p99_us,
@@ -550,7 +378,7 @@ static record load_point(es_store *store, const char *name,
                          const es_uuid *key, uint64_t replayed,
                          double warm, double seconds)
 {
-    atomic_store(&g_n_lat, 0);
+    bench_lat_reset();
     uint64_t loads = 0;
     bool measuring = false;
     double start = bench_now_s(), t0 = 0;
@@ -559,9 +387,9 @@ static record load_point(es_store *store, const char *name,
         double t = bench_now_s();
         if (!measuring && t - start >= warm) {
             measuring = true;
-            s0 = cpu_sample_take();
+            s0 = bench_cpu_sample();
             t = t0 = bench_now_s();
-            atomic_store(&g_n_lat, 0);
+            bench_lat_reset();
         }
         if (measuring && t - t0 >= seconds) break;
         es_context *ctx = NULL;
@@ -577,15 +405,15 @@ static record load_point(es_store *store, const char *name,
         es_context_free(ctx);
         if (measuring) {
             loads++;
-            lat_record(t);
+            bench_lat_record(t);
         }
     }
     double dt = bench_now_s() - t0;
-    cpu_sample s1 = cpu_sample_take();
+    cpu_sample s1 = bench_cpu_sample();
     record rec = {name, 0, 0, 1, 1, (double)loads / dt, 0, 0, 0, 0, 0,
                   LOAD_EVENTS, replayed};
-    cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
-    lat_percentiles(&rec.p50_us, &rec.p99_us);
+    bench_cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
+    bench_lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  %s: %.0f loads/s (%.0f events/s), p50 %.0f us, p99 "
             "%.0f us, cpu host %.0f%% pg %.0f%%\n", name, rec.ops_per_s,
             rec.ops_per_s * (double)replayed, rec.p50_us, rec.p99_us,
@@ -688,7 +516,7 @@ int main(int argc, char **argv)
         }
         return 0;
     }
-    g_lat = calloc(MAX_SAMPLES, sizeof *g_lat);
+    bench_lat_init();
     struct timespec rt;
     clock_gettime(CLOCK_REALTIME, &rt);
     bench_id_prefix = ((uint64_t)rt.tv_sec << 30 ^ (uint64_t)rt.tv_nsec) * 31 +
@@ -697,7 +525,7 @@ int main(int argc, char **argv)
     const uint64_t keys = 10000;
     const unsigned clientset[4] = {1, 8, 64, 256};
     es_store *store = open_store(16);
-    find_postmaster();
+    bench_find_postmaster();
     record recs[64];
     size_t n = 0;
     if (strcmp(only, "load") == 0) n_lanes = 0;
@@ -716,6 +544,5 @@ int main(int argc, char **argv)
     }
     es_store_close(store);
     write_json(argv[1], recs, n);
-    free(g_lat);
     return 0;
 }

@@ -91,6 +91,8 @@ class Bench:
         self.n = 0
 
     def fingerprint(self):
+        """The store's counts and newest position, or None when the query
+        failed (a case then fails: None == None is no evidence)."""
         rows = self.pg.psql(
             "SELECT (SELECT count(*) FROM events), "
             "(SELECT coalesce(max(position), 0) FROM events), "
@@ -138,10 +140,15 @@ class Bench:
             why.append("server does not answer others afterwards")
         if not writes:
             after = self.fingerprint()
-            if recorded and before:
-                before = before[:2] + (str(int(before[2]) + 1),) + before[3:]
-            if after != before:
-                why.append("store changed: %s -> %s" % (before, after))
+            if before is None or after is None:
+                why.append("the store could not be read (psql failed): "
+                           "%s -> %s" % (before, after))
+            else:
+                if recorded:
+                    before = before[:2] + (str(int(before[2]) + 1),) + \
+                        before[3:]
+                if after != before:
+                    why.append("store changed: %s -> %s" % (before, after))
         if writes:
             self.settle()
         tag = OK if not why else "XFAIL" if known_bug and not STRICT \
@@ -166,7 +173,7 @@ class Bench:
             rows = self.pg.psql("SELECT count(*) FROM outbox "
                                 "WHERE status = 'pending'")
             fp = self.fingerprint()
-            if rows and rows[0][0] == "0" and fp == last:
+            if rows and rows[0][0] == "0" and fp is not None and fp == last:
                 return
             last = fp
             time.sleep(0.2)

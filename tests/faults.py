@@ -28,10 +28,15 @@ that nothing was done) or unknown (the connection died, a timeout, 5xx).
 Afterwards, with every fault healed and the outbox drained, it checks by
 API and SQL that every acknowledged command is stored exactly once, no
 command is applied twice, versions are gap-free, money is conserved, no
-balance is negative, every transfer settled, the outbox is empty and each
-snapshot equals the replay of its stream.  It prints one report block and
-a JSON copy (build/faults.json) and exits 1 if a loss or duplicate figure
-is not 0.
+balance is negative, every transfer settled, the outbox is empty, no dead
+letter holds money and each snapshot's whole state equals the replay of
+its stream.  It prints one report block and a JSON copy
+(build/faults.json) and exits 1 if a loss or duplicate figure is not 0,
+and also when a bank-server exited by itself or not with 0 on SIGTERM,
+fewer commands than a floor were acknowledged, a fault did not take
+effect or was not recovered from, an enabled kind of fault was never
+injected (the load lasts until each was), or a query of the checks
+failed.
 
   faults.py                 the long form (ninja check-faults)
   faults.py --short         the short form run by ninja check
@@ -62,6 +67,14 @@ ALL_FAULTS = ["kill9", "pgstop", "pgkill9", "cut", "pause", "second",
 SHORT_FAULTS = ALL_FAULTS
 INITIAL = 100000
 CLIENT_TIMEOUT = 4.0
+# A run in which (nearly) every request got a definite 503 or 4xx loses
+# nothing: at least this many commands, and this share of them, must be
+# acknowledged (a quiet machine acknowledges over 90%, 150 a second).
+ACKED_FLOOR = 500
+ACKED_SHARE = 0.5
+# How much longer than asked the load may last so that every kind of fault
+# is injected once.
+EXTRA_SECONDS = 180
 
 
 def log(msg):
@@ -85,6 +98,38 @@ def derive_id(base, label):
     b[6] = (b[6] & 0x0F) | 0x80
     b[8] = (b[8] & 0x3F) | 0x80
     return uuid.UUID(bytes=bytes(b))
+
+
+def proc_state(pid):
+    """The state letter of a process (R, S, T, Z, ...), None when gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def wait_state(pid, state, seconds=2.0):
+    """True once the process is in `state` (T: stopped by a signal)."""
+    end = time.time() + seconds
+    while time.time() < end:
+        now = proc_state(pid)
+        if now == state:
+            return True
+        if now in (None, "Z"):
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def wait_gone(pid, seconds=10.0):
+    """True once the process has exited (gone, or a zombie)."""
+    end = time.time() + seconds
+    while time.time() < end:
+        if proc_state(pid) in (None, "Z"):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 # ---- the database ----
@@ -182,6 +227,7 @@ class Proxy:
         self.closed = False
         self.accepted = 0
         self.dropped = 0
+        self.held = 0  # connections and sends that met a hung network
         threading.Thread(target=self.accept_loop, daemon=True).start()
 
     def url(self):
@@ -201,7 +247,7 @@ class Proxy:
                              daemon=True).start()
 
     def open_pair(self, c):
-        self.flowing.wait()  # a hung network does not connect either
+        self.wait_flowing()  # a hung network does not connect either
         u = socket.socket(socket.AF_UNIX)
         try:
             u.connect(self.upstream())
@@ -227,7 +273,7 @@ class Proxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                self.flowing.wait()
+                self.wait_flowing()
                 dst.sendall(data)
         except OSError:
             pass
@@ -257,6 +303,12 @@ class Proxy:
             self.close_pair(pair, reset)
         self.dropped += len(pairs)
         return len(pairs)
+
+    def wait_flowing(self):
+        if not self.flowing.is_set():
+            with self.lock:
+                self.held += 1
+            self.flowing.wait()
 
     def hang(self):
         self.flowing.clear()
@@ -472,6 +524,94 @@ class Client(threading.Thread):
             self.attempt(op)
 
 
+# ---- the bank's states and events, as bank.c encodes them ----
+
+class Reader:
+    """bank.c's codec: little-endian int64, 16-byte ids, strings with a
+    one-byte length.  A short read raises ValueError."""
+
+    def __init__(self, data):
+        self.data = data
+        self.o = 0
+
+    def take(self, n):
+        if self.o + n > len(self.data):
+            raise ValueError("%d bytes short" % (self.o + n - len(self.data)))
+        out = self.data[self.o:self.o + n]
+        self.o += n
+        return out
+
+    def u8(self):
+        return self.take(1)[0]
+
+    def i64(self):
+        return struct.unpack("<q", self.take(8))[0]
+
+    def id(self):
+        return uuid.UUID(bytes=self.take(16))
+
+    def text(self):
+        return self.take(self.u8())
+
+    def end(self):
+        if self.o != len(self.data):
+            raise ValueError("%d bytes left over" % (len(self.data) - self.o))
+
+
+def decode_state(typ, payload):
+    """A snapshot's state, as a tuple comparable with replay_state()."""
+    r = Reader(payload)
+    if typ == "bank_account":
+        out = (typ, r.text(), r.text(), r.i64())
+    elif typ == "bank_transfer":
+        out = (typ, r.id(), r.id(), r.i64(), r.u8())
+    else:
+        raise ValueError("unknown aggregate type %s" % typ)
+    r.end()
+    return out
+
+
+def replay_state(evs):
+    """The state after the events (aggregate type, version, kind, payload),
+    as decode_state gives it: every field, not only the balance."""
+    state = None
+    for typ, _, kind, payload in evs:
+        r = Reader(payload)
+        r.id()  # the event id
+        if typ == "bank_account":
+            amount, _after = r.i64(), r.i64()
+            if kind == 1:
+                owner, email = r.text(), r.text()
+                state = (typ, owner, email, amount)
+                r.end()
+                continue
+            if state is None or kind not in (2, 3, 4, 5, 6):
+                raise ValueError("account event kind %d at %s" % (
+                    kind, "the start" if state is None else "a later"))
+            if kind in (4, 5, 6):
+                r.id()  # the transfer
+                r.id()  # the other account
+            sign = 1 if kind in (2, 5, 6) else -1
+            state = state[:3] + (state[3] + sign * amount,)
+        elif typ == "bank_transfer":
+            frm, to, amount = r.id(), r.id(), r.i64()
+            if kind == 1 and state is None:
+                state = (typ, frm, to, amount, 0)
+            elif kind in (2, 3) and state is not None:
+                state = state[:4] + (kind - 1,)
+            else:
+                raise ValueError("transfer event kind %d" % kind)
+        else:
+            raise ValueError("unknown aggregate type %s" % typ)
+        r.end()
+    return state
+
+
+# The outbox messages that are not a step of the transfer saga: only the
+# welcome e-mail of a new account.  Every other message moves money.
+NOT_MONEY = {("bank_account", 1)}
+
+
 # ---- the run ----
 
 class Run:
@@ -486,13 +626,17 @@ class Run:
         self.b = None
         self.accounts = []
         self.stop_load = threading.Event()
+        self.stop_faults = threading.Event()
+        self.injected = set()
         self.lock = threading.Lock()
         self.lock_servers = threading.Lock()
         self.counts = {}
         self.http = {}
-        self.faults = []      # (name, t, survived, seconds to recover)
+        self.faults = []      # a dict per fault: kind, effect, recovered
         self.notes = []
         self.server_exits = 0
+        self.term_failures = []   # a server that did not exit 0 on SIGTERM
+        self.query_failures = []  # a check's query that failed
 
     def count(self, out, status):
         with self.lock:
@@ -577,39 +721,71 @@ class Run:
     # -- faults --
 
     def fault(self, name):
+        """Injects one fault and records it with its effect: a fault that
+        did not take effect (nothing killed, stopped, cut or dropped, a
+        second server that did not start) is not survived, it failed."""
         t = time.time() - self.t0
         log("%6.1fs fault %s" % (t, name))
+        self.injected.add(name)
         hold = self.rng.uniform(0.5, 2.0)
+        effect, detail = False, ""
         if name == "kill9":
-            self.a.busy = True
-            self.a.kill9()
+            a = self.a
+            pid = a.proc.pid if a.alive() else None
+            a.busy = True
+            a.kill9()
+            killed = pid is not None and a.proc.returncode == -signal.SIGKILL
             time.sleep(hold)
-            self.a.start()
-            self.a.busy = False
+            started = a.start()
+            a.busy = False
+            effect = killed and started
+            detail = "bank-server pid %s killed: %s, restarted: %s" % (
+                pid, killed, started)
         elif name == "pgstop":
-            self.pg.pg_ctl("-m", "immediate", "stop")
+            pid = self.pg.postmaster_pid()
+            rc = self.pg.pg_ctl("-m", "immediate", "stop")
+            gone = pid is not None and wait_gone(pid)
             time.sleep(hold)
-            self.pg.start()
+            started = self.pg.start()
+            new = self.pg.postmaster_pid()
+            effect = rc == 0 and gone and started and new not in (None, pid)
+            detail = "postmaster %s stopped (pg_ctl rc %d, gone: %s), " \
+                "started again: %s as %s" % (pid, rc, gone, started, new)
         elif name == "pgkill9":
             pid = self.pg.postmaster_pid()
-            if pid:
+            killed = False
+            if pid is not None:
                 try:
                     os.kill(pid, signal.SIGKILL)
+                    killed = wait_gone(pid)
                 except ProcessLookupError:
                     pass
             time.sleep(hold)
-            self.pg.start()
+            started = self.pg.start()
+            new = self.pg.postmaster_pid()
+            effect = killed and started and new not in (None, pid)
+            detail = "postmaster %s killed: %s, started again: %s as %s" % (
+                pid, killed, started, new)
         elif name == "cut":
-            self.pg.psql("SELECT pg_terminate_backend(pid) FROM "
-                         "pg_stat_activity WHERE backend_type = "
-                         "'client backend' AND pid <> pg_backend_pid()")
+            rows = self.pg.psql("SELECT pg_terminate_backend(pid) FROM "
+                                "pg_stat_activity WHERE backend_type = "
+                                "'client backend' AND pid <> "
+                                "pg_backend_pid()")
+            cut = sum(1 for r in rows if r == ["t"]) if rows else 0
+            effect = cut > 0
+            detail = "%s connections terminated" % (
+                cut if rows is not None else "query failed, no")
         elif name == "pause":
             s = self.a
+            pid = s.proc.pid if s.alive() else None
             s.busy = s.paused = True
             s.proc.send_signal(signal.SIGSTOP)
+            stopped = pid is not None and wait_state(pid, "T")
             time.sleep(CLIENT_TIMEOUT + self.rng.uniform(0.5, 2.0))
             s.proc.send_signal(signal.SIGCONT)
             s.busy = s.paused = False
+            effect = stopped
+            detail = "bank-server pid %s stopped: %s" % (pid, stopped)
         elif name == "pgpause":
             pids = self.pg.processes()
             for pid in pids:
@@ -617,50 +793,72 @@ class Run:
                     os.kill(pid, signal.SIGSTOP)
                 except ProcessLookupError:
                     pass
+            stopped = [p for p in pids if wait_state(p, "T")]
             time.sleep(CLIENT_TIMEOUT + self.rng.uniform(0.5, 2.0))
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
+            # The postmaster and at least one backend or helper.
+            effect = bool(pids) and pids[0] in stopped and len(stopped) > 1
+            detail = "%d of %d PostgreSQL processes stopped" % (
+                len(stopped), len(pids))
         elif name == "netdrop":
             n = self.proxy.drop(reset=self.rng.random() < 0.5)
             log("       %d connections dropped" % n)
+            effect = n > 0
+            detail = "%d connections dropped" % n
         elif name == "nethang":
+            held = self.proxy.held
             self.proxy.hang()
             time.sleep(CLIENT_TIMEOUT + self.rng.uniform(0.5, 2.0))
+            held = self.proxy.held - held
             if self.rng.random() < 0.5:
                 n = self.proxy.drop(reset=self.rng.random() < 0.5)
                 log("       %d connections dropped after the hang" % n)
             self.proxy.resume()
+            effect = held > 0
+            detail = "%d connections or sends held by the hang" % held
         elif name == "second":
             if self.b is not None and self.b.alive():
                 # The second one goes away, the hard way or gently.
                 b, self.b = self.b, None
                 if self.rng.random() < 0.5:
                     b.kill9()
+                    effect = b.proc.returncode == -signal.SIGKILL
+                    detail = "second bank-server killed: %s" % effect
                 else:
                     rc = b.term()
                     if rc != 0:
-                        self.notes.append("b exited %s on SIGTERM" % rc)
+                        self.term_failures.append(
+                            "b exited %s on SIGTERM at %.1fs" % (rc, t))
+                    effect = rc == 0
+                    detail = "second bank-server stopped, rc %s" % rc
             else:
                 b = Server("b", self.pg, self.proxy.url())
                 b.busy = True
                 if b.start():
                     self.b = b
+                    effect = True
                 b.busy = False
+                detail = "second bank-server started: %s" % effect
         ok = self.wait_healthy(60)
         dt = time.time() - self.t0 - t
-        self.faults.append((name, round(t, 1), ok, round(dt, 1)))
+        self.faults.append({"kind": name, "t": round(t, 1),
+                            "recovered": ok, "effect": effect,
+                            "detail": detail, "recovery_s": round(dt, 1)})
+        if not effect:
+            log("       no effect: %s" % detail)
         if not ok:
             log("       not recovered after %s" % name)
 
     def nemesis(self, kinds, interval):
-        # Each kind once, in a seeded order, before any repeats: a short
-        # run then sees every kind it has time for.
+        # Each kind once, in a seeded order, before any repeats: the run
+        # lasts until every kind has been injected (see run).
         bag = []
-        while not self.stop_load.is_set():
-            if self.stop_load.wait(self.rng.uniform(*interval)):
+        while not self.stop_faults.is_set():
+            if self.stop_faults.wait(self.rng.uniform(*interval)):
                 break
             if not bag:
                 bag = list(kinds)
@@ -674,8 +872,9 @@ class Run:
         kinds = a.faults.split(",") if a.faults else (
             SHORT_FAULTS if a.short else ALL_FAULTS)
         seconds = a.seconds or (40 if a.short else 240)
-        log("seed %d, %ds of load, %d clients, faults %s" % (
-            self.seed, seconds, a.clients, ",".join(kinds)))
+        log("seed %d, %ds of load at least (until every kind of fault was "
+            "injected), %d clients, faults %s" % (
+                self.seed, seconds, a.clients, ",".join(kinds)))
         subprocess.call([sys.executable, os.path.join(HERE, "pgcluster.py"),
                          "stop", self.pg.dir], stdout=subprocess.DEVNULL)
         import shutil
@@ -703,12 +902,20 @@ class Run:
             nem = threading.Thread(target=self.nemesis, daemon=True,
                                    args=(kinds, (a.min_gap, a.max_gap)))
             nem.start()
+            # The load lasts `seconds`, and longer until every kind of
+            # fault was injected once (a short run needs about twice its
+            # 40 s for the nine kinds), up to a limit.
             deadline = self.t0 + seconds
-            while time.time() < deadline:
+            limit = deadline + EXTRA_SECONDS
+            while time.time() < deadline or (
+                    not self.injected >= set(kinds) and time.time() < limit):
                 time.sleep(0.5)
                 self.ensure_servers()
-            self.stop_load.set()
+            # The faults stop first, so that the last one meets the load
+            # too; then the load.
+            self.stop_faults.set()
             nem.join()
+            self.stop_load.set()
             for c in clients:
                 c.join(CLIENT_TIMEOUT * 3)
             load_s = time.time() - self.t0
@@ -718,48 +925,122 @@ class Run:
                 b, self.b = self.b, None
                 rc = b.term()
                 if rc != 0:
-                    self.notes.append("b exited %s on SIGTERM" % rc)
-            self.wait_healthy(60)
+                    self.term_failures.append("b exited %s on SIGTERM after "
+                                              "the load" % rc)
+            healthy = self.wait_healthy(60)
             ops = [op for c in clients for op in c.ops]
-            return self.check(ops, opened, load_s, kinds)
+            r, acked_missing, failed_applied, answered_503 = self.check(
+                ops, opened, load_s, kinds)
+            r["healthy_after_load"] = healthy
+            # The server must drain and exit 0 on SIGTERM.
+            a_, self.a = self.a, None
+            rc = a_.term()
+            if rc != 0:
+                self.term_failures.append(
+                    "a %s on SIGTERM at the end" % (
+                        "was not running" if rc is None else
+                        "exited %s" % rc))
+            r["term_failures"] = self.term_failures
+            r["server_exits"] = self.server_exits
+            r["notes"] = self.notes[:20]
+            r["failures"] = self.verdict(r, kinds)
+            self.report(r, acked_missing, failed_applied)
+            for i, st in answered_503[:5]:
+                print("answered 503 but applied: %s %s" % (i, st))
+            return 1 if r["failures"] else 0
         finally:
             for s in (self.a, self.b):
                 if s is not None:
                     rc = s.term()
                     if rc not in (0, None):
-                        self.notes.append("%s exited %s on SIGTERM at the end"
-                                          % (s.name, rc))
+                        log("%s exited %s on SIGTERM at the end" % (s.name,
+                                                                    rc))
             self.proxy.close()
             self.pg.stop()
+
+    def verdict(self, r, kinds):
+        """Why the run failed, [] when it passed: data lost, a server that
+        exited by itself or not with 0 on SIGTERM, too few acknowledged
+        commands, a fault without effect or not recovered from, a kind of
+        fault never injected, a check's query that failed."""
+        why = []
+        if r["data_lost"]:
+            why.append("DATA LOST %d" % r["data_lost"])
+        if r["server_exits"]:
+            why.append("%d bank-server exits not caused by the test" %
+                       r["server_exits"])
+        if r["term_failures"]:
+            why.append("SIGTERM: %s" % "; ".join(r["term_failures"]))
+        floor = max(ACKED_FLOOR, int(ACKED_SHARE * r["commands"]))
+        if r["ok"] < floor:
+            why.append("%d commands acknowledged, fewer than %d (the "
+                       "larger of %d and %d%% of %d)" % (
+                           r["ok"], floor, ACKED_FLOOR, ACKED_SHARE * 100,
+                           r["commands"]))
+        for f in self.faults:
+            if not f["effect"]:
+                why.append("fault %s at %.1fs had no effect: %s" % (
+                    f["kind"], f["t"], f["detail"]))
+            if not f["recovered"]:
+                why.append("not recovered from %s at %.1fs" % (f["kind"],
+                                                               f["t"]))
+        missing = [k for k in kinds if k not in self.injected]
+        if missing:
+            why.append("faults never injected: %s" % ", ".join(missing))
+        if self.query_failures:
+            why.append("%d queries of the checks failed: %s" % (
+                len(self.query_failures), "; ".join(
+                    self.query_failures[:3])))
+        if not r["healthy_after_load"]:
+            why.append("the servers did not answer after the load")
+        return why
+
+    def q(self, sql, tries=3):
+        """Rows of a check's query; a query that fails (after `tries`) is
+        recorded, fails the run, and gives None."""
+        for attempt in range(tries):
+            rows = self.pg.psql(sql)
+            if rows is not None:
+                return rows
+            time.sleep(1 + attempt)
+        self.query_failures.append(" ".join(sql.split())[:80])
+        return None
+
+    def q_int(self, sql):
+        rows = self.q(sql)
+        return int(rows[0][0]) if rows else None
 
     def drain(self, stall=30, seconds=600):
         """Until the outbox has no pending work; gives up when it makes no
         progress for `stall` seconds (or after `seconds`).  Returns the
-        pending count left."""
+        pending count left, None when it cannot be read."""
         end = time.time() + seconds
         last, last_change = None, time.time()
+        sql = "SELECT count(*) FROM outbox WHERE status = 'pending'"
         while time.time() < end and time.time() - last_change < stall:
-            rows = self.pg.psql("SELECT count(*) FROM outbox "
-                                "WHERE status = 'pending'")
-            n = int(rows[0][0]) if rows else -1
+            rows = self.pg.psql(sql)
+            n = int(rows[0][0]) if rows else None
             if n == 0:
                 return 0
             if n != last:
                 last, last_change = n, time.time()
             self.ensure_servers()
             time.sleep(0.5)
-        rows = self.pg.psql("SELECT count(*) FROM outbox "
-                            "WHERE status = 'pending'")
-        return int(rows[0][0]) if rows else -1
+        return self.q_int(sql)
 
     def check(self, ops, opened, load_s, kinds):
-        rows = self.pg.psql("SELECT count(*) FROM outbox "
-                            "WHERE status = 'pending'")
-        backlog = int(rows[0][0]) if rows else -1
+        """The figures of the report, from the rows and the clients'
+        records.  A query that fails is a failed check (self.q), never
+        a zero."""
+        backlog = self.q_int("SELECT count(*) FROM outbox "
+                             "WHERE status = 'pending'")
         t_drain = time.time()
         pending = self.drain()
         t_drain = time.time() - t_drain
-        q = self.pg.psql
+
+        def q(sql):
+            rows = self.q(sql)
+            return [] if rows is None else rows
         stored = {}
         rejected = set()  # a rejection is recorded too, but applies nothing
         for cid, agg, first, n, rej in q(
@@ -823,7 +1104,7 @@ class Run:
                      "GROUP BY aggregate_id, version HAVING count(*) > 1) x)"
                      " + (SELECT count(*) FROM (SELECT 1 FROM events GROUP "
                      "BY event_id HAVING count(*) > 1) y)")
-        duplicates += int(dup_rows[0][0])
+        duplicates += int(dup_rows[0][0]) if dup_rows else 0
         # The same deposit applied twice under two commands would show as
         # two events with one id in its payload's first 16 bytes: checked
         # through the command ranges above.  Balances: by API and replay.
@@ -865,34 +1146,49 @@ class Run:
             if st != 200 or json.loads(text)["status"] not in (
                     "completed", "refunded"):
                 unsettled += 1
-        # Snapshots equal to the replay of their stream, up to their
-        # version.
-        snap_bad = 0
-        snaps = q("SELECT aggregate_id, version, encode(payload, 'hex') "
-                  "FROM snapshots") or []
-        for agg, ver, payload in snaps:
+        # Snapshots equal to the replay of their stream up to their
+        # version: the whole decoded state, every field.
+        snap_bad = []
+        snaps = self.q("SELECT aggregate_id, snapshot_version, version, "
+                       "encode(payload, 'hex'), key_id FROM snapshots")
+        for agg, sver, ver, payload, key_id in snaps or []:
             agg = uuid.UUID(agg)
             ver = int(ver)
-            p = bytes.fromhex(payload)
             evs = events.get(agg, [])
-            if ver >= len(evs):
-                snap_bad += 1
+            try:
+                if ver >= len(evs):
+                    raise ValueError("no event at its version")
+                if sver != "1" or key_id:
+                    raise ValueError("snapshot version %s, key %s: not "
+                                     "decoded here" % (sver, key_id))
+                got = decode_state(evs[0][0], bytes.fromhex(payload))
+                want = replay_state(evs[:ver + 1])
+                if got != want:
+                    raise ValueError("%s, replay %s" % (got, want))
+            except ValueError as e:
+                snap_bad.append("snapshot of %s at version %d: %s" % (
+                    agg, ver, e))
+        # Dead letters: a dead message of the transfer saga is money in
+        # limbo (debited, neither credited nor refunded).
+        dead_rows = self.q("SELECT aggregate_type, kind, "
+                           "encode(payload, 'hex'), key_id "
+                           "FROM outbox WHERE status = 'dead'")
+        dead = None if dead_rows is None else len(dead_rows)
+        dead_money, dead_cents = 0, 0
+        for typ, kind, payload, key_id in dead_rows or []:
+            if (typ, int(kind)) in NOT_MONEY:
                 continue
-            if evs[0][0] != "bank_account":
-                continue
-            o = 0
-            for _ in range(2):
-                o += 1 + p[o]
-            bal, = struct.unpack_from("<q", p, o)
-            amount, after = struct.unpack_from("<qq", evs[ver][3], 16)
-            if bal != after:
-                snap_bad += 1
-        dead = q("SELECT count(*) FROM outbox WHERE status = 'dead'")
-        dead = int(dead[0][0]) if dead else -1
-        survived = sum(1 for f in self.faults if f[2])
+            dead_money += 1
+            if (typ, kind, key_id) == ("bank_account", "2", ""):
+                # credit the destination: effect id, transfer, to, amount
+                p = bytes.fromhex(payload)
+                if len(p) == 56:
+                    dead_cents += struct.unpack_from("<q", p, 48)[0]
+        survived = sum(1 for f in self.faults
+                       if f["effect"] and f["recovered"])
         kinds_seen = {}
         for f in self.faults:
-            kinds_seen[f[0]] = kinds_seen.get(f[0], 0) + 1
+            kinds_seen[f["kind"]] = kinds_seen.get(f["kind"], 0) + 1
         r = {
             "seed": self.seed,
             "faults_enabled": kinds,
@@ -927,14 +1223,19 @@ class Run:
             "replay_errors": replay_bad,
             "unsettled_transfers": unsettled,
             "transfers_committed": len(transfers),
-            "undelivered": max(pending, 0) + max(dead, 0),
+            # None: the query failed (and fails the run), never a 0
+            "undelivered": (pending or 0) + (dead or 0),
             "outbox_pending": pending,
             "outbox_backlog_after_load": backlog,
             "drain_seconds": round(t_drain, 1),
             "outbox_dead": dead,
-            "snapshots": len(snaps),
-            "snapshot_mismatches": snap_bad,
-            "notes": self.notes[:20],
+            "dead_holding_money": dead_money,
+            "dead_money_cents": dead_cents,
+            "snapshots": len(snaps or []),
+            "snapshot_mismatches": len(snap_bad),
+            "snapshot_examples": snap_bad[:3],
+            "faults": self.faults,
+            "query_failures": self.query_failures,
         }
         lost = (r["acked_missing"] + r["failed_but_applied"] +
                 r["duplicates"] + r["events_without_command"] +
@@ -942,12 +1243,10 @@ class Run:
                 abs(r["money_diff"]) + r["negative_balances"] +
                 r["unreadable_accounts"] + r["api_vs_replay"] +
                 r["replay_errors"] + r["unsettled_transfers"] +
-                r["undelivered"] + r["snapshot_mismatches"])
+                r["undelivered"] + r["snapshot_mismatches"] +
+                r["dead_holding_money"])
         r["data_lost"] = lost
-        self.report(r, acked_missing, failed_applied)
-        for i, st in answered_503_applied[:5]:
-            print("answered 503 but applied: %s %s" % (i, st))
-        return 0 if lost == 0 and survived == len(self.faults) else 1
+        return r, acked_missing, failed_applied, answered_503_applied
 
     def report(self, r, acked_missing, failed_applied):
         fk = ", ".join("%s %d" % kv for kv in sorted(
@@ -961,9 +1260,12 @@ class Run:
             "applied, %d of those answered 503 each time)" % (
                 r["ok"], r["failed"], r["unknown"], r["unknown_applied"],
                 r["answered_503_but_applied"]),
-            "faults          %d injected, %d survived (%s)" % (
-                r["faults_injected"], r["faults_survived"], fk or "none"),
-            "server exits    %d (not counting our kills)" % r["server_exits"],
+            "faults          %d injected, %d survived (took effect, "
+            "recovered) (%s)" % (r["faults_injected"], r["faults_survived"],
+                                 fk or "none"),
+            "server exits    %d by themselves (not counting our kills), %d "
+            "not 0 on SIGTERM" % (r["server_exits"],
+                                  len(r["term_failures"])),
             "network         %d database connections through the proxy, "
             "%d dropped by faults" % (r["proxy_connections"],
                                       r["proxy_dropped"]),
@@ -980,20 +1282,36 @@ class Run:
                 r["api_vs_replay"] + r["replay_errors"]),
             "transfers       %d committed, %d unsettled" % (
                 r["transfers_committed"], r["unsettled_transfers"]),
-            "undelivered     %d (pending %d, dead %d; backlog %d after the "
+            "undelivered     %d (pending %s, dead %s; backlog %s after the "
             "load, drained in %.0f s)" % (
                 r["undelivered"], r["outbox_pending"], r["outbox_dead"],
                 r["outbox_backlog_after_load"], r["drain_seconds"]),
-            "snapshots       %d, %d mismatches" % (r["snapshots"],
-                                                   r["snapshot_mismatches"]),
+            "snapshots       %d, %d mismatches (whole states)" % (
+                r["snapshots"], r["snapshot_mismatches"]),
+            "dead letters    %d holding money (%d cents in limbo)" % (
+                r["dead_holding_money"], r["dead_money_cents"]),
             "DATA LOST       %d" % r["data_lost"],
         ]
+        for f in r["faults"]:
+            lines.append("fault %-9s at %5.1fs: %s%s, recovered in %.1fs%s" %
+                         (f["kind"], f["t"], "" if f["effect"] else
+                          "NO EFFECT: ", f["detail"], f["recovery_s"],
+                          "" if f["recovered"] else " NOT RECOVERED"))
+        for e in r["snapshot_examples"]:
+            lines.append("mismatch        %s" % e)
         for n in r["notes"]:
             lines.append("note            %s" % n)
         for i in acked_missing[:5]:
             lines.append("acked but missing: %s" % i)
         for i, st in failed_applied[:5]:
             lines.append("failed but applied: %s %s" % (i, st))
+        for w in r["failures"]:
+            lines.append("FAILED          %s" % w)
+        lines.append("RESULT          %s: DATA LOST %d, %d commands "
+                     "acknowledged, %d faults of %d kinds survived" % (
+                         "FAILED" if r["failures"] else "ok",
+                         r["data_lost"], r["ok"], r["faults_survived"],
+                         len(r["faults_by_kind"])))
         lines.append("=" * 42)
         print("\n".join(lines))
         out = os.path.join(TOP, "build", "faults.json")

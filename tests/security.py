@@ -10,9 +10,13 @@ On a throwaway cluster (build/pg-security) with log_statement = all:
   runs as an application role with only SELECT, INSERT, UPDATE, DELETE on
   them.  It serves, delivers its outbox, and may check the migrations;
   the role cannot CREATE, DROP, ALTER or TRUNCATE (SQLSTATE 42501).
-- Secrets: a canary password in the connection string never appears in
-  the output of bank-server (also when the connection fails), nor in the
-  PostgreSQL log.
+- Secrets: the cluster trusts every other role, but the application
+  role must give its password (scram-sha-256, by pg_hba.conf), so it is
+  really checked: without it or with a wrong one the connection fails
+  with an authentication error.  Neither the canary password in the
+  connection string nor a wrong one ever appears in the output of
+  bank-server (also when the connection fails), nor in the PostgreSQL
+  log.
 
 Prints one line per check and a RESULT line; exits 1 when a check fails.
 """
@@ -54,6 +58,43 @@ def psql_state(url, sql):
     return proc.returncode, m.group(1) if m else None
 
 
+def psql_env():
+    """psql's environment without a password of the caller's (PGPASSWORD,
+    a ~/.pgpass): only the connection string may bring one."""
+    env = dict(os.environ, PGPASSFILE=os.path.join(TOP, "build",
+                                                   "no-such.pgpass"))
+    env.pop("PGPASSWORD", None)
+    return env
+
+
+def connect_error(url):
+    """(returncode, stderr) of psql connecting with url."""
+    proc = subprocess.run(["psql", url, "-X", "-q", "-c", "SELECT 1"],
+                          capture_output=True, text=True, env=psql_env())
+    return proc.returncode, proc.stderr.strip()
+
+
+def require_scram(pg, role):
+    """pg_hba.conf: the role authenticates with scram-sha-256 (the rules
+    initdb wrote, trust for everyone, stay for the others).  pg_hba.conf
+    takes the first matching line, so these go first."""
+    hba = os.path.join(pg.data, "pg_hba.conf")
+    with open(hba) as f:
+        rules = f.read()
+    with open(hba, "w") as f:  # rewritten in place: its owner stays
+        f.write("# security.py: the application role gives its password\n"
+                "local all %s scram-sha-256\n"
+                "host all %s 127.0.0.1/32 scram-sha-256\n" % (role, role) +
+                rules)
+    rows = pg.psql("SELECT pg_reload_conf()")
+    bad = pg.psql("SELECT count(*) FROM pg_hba_file_rules "
+                  "WHERE error IS NOT NULL")
+    used = pg.psql("SELECT auth_method FROM pg_hba_file_rules "
+                   "WHERE '%s' = ANY(user_name) ORDER BY line_number" % role)
+    return rows is not None and bad == [["0"]] and \
+        used == [["scram-sha-256"], ["scram-sha-256"]]
+
+
 def main():
     pg = Postgres(os.path.join(TOP, "build", "pg-security"))
     subprocess.call([sys.executable, os.path.join(HERE, "pgcluster.py"),
@@ -64,18 +105,42 @@ def main():
         return 2
     pglog = os.path.join(pg.dir, "server.log")
     password = "canary-pw-" + secrets.token_hex(8)
+    wrong = "canary-wrong-pw-" + secrets.token_hex(8)
     srv = None
     try:
-        pg.psql("CREATE ROLE bank_owner LOGIN; "
-                "CREATE ROLE bank_app LOGIN PASSWORD '%s'; "
-                "ALTER SCHEMA public OWNER TO bank_owner; "
-                "REVOKE CREATE ON SCHEMA public FROM PUBLIC" % password)
-        pg.psql("ALTER SYSTEM SET log_statement = 'all'")
-        pg.psql("ALTER SYSTEM SET log_parameter_max_length = -1")
-        pg.psql("SELECT pg_reload_conf()")
+        check("set up the roles", pg.psql(
+            "SET password_encryption = 'scram-sha-256'; "
+            "CREATE ROLE bank_owner LOGIN; "
+            "CREATE ROLE bank_app LOGIN PASSWORD '%s'; "
+            "ALTER SCHEMA public OWNER TO bank_owner; "
+            "REVOKE CREATE ON SCHEMA public FROM PUBLIC" % password)
+            is not None)
+        check("the application role's password is stored as a SCRAM "
+              "verifier", pg.psql(
+                  "SELECT rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid "
+                  "WHERE rolname = 'bank_app'") == [["t"]])
+        check("pg_hba.conf: the application role authenticates with "
+              "scram-sha-256", require_scram(pg, "bank_app"))
+        check("log every statement", all(pg.psql(sql) is not None for sql in (
+            "ALTER SYSTEM SET log_statement = 'all'",
+            "ALTER SYSTEM SET log_parameter_max_length = -1",
+            "SELECT pg_reload_conf()")))
         owner_url = pg.url.replace("user=postgres", "user=bank_owner")
         app_url = pg.url.replace("user=postgres", "user=bank_app") + \
             " password=" + password
+        # The password is checked: none, or a wrong one, is refused.
+        rc, err = connect_error(pg.url.replace("user=postgres",
+                                               "user=bank_app"))
+        check("the application role without a password is refused",
+              rc != 0 and "no password supplied" in err, "rc %d: %s" % (
+                  rc, err))
+        rc, err = connect_error(app_url.replace(password, wrong))
+        check("the application role with a wrong password is refused",
+              rc != 0 and 'password authentication failed for user '
+              '"bank_app"' in err, "rc %d: %s" % (rc, err))
+        rc, err = connect_error(app_url)
+        check("the application role with its password connects", rc == 0,
+              "rc %d: %s" % (rc, err))
         # The owner migrates (bank-server --migrate, then stops).
         mig = Postgres(pg.dir)
         mig.url = owner_url
@@ -157,13 +222,28 @@ def main():
         out2 = open(s2.logf.name).read()
         check("bank-server refuses a database that does not exist",
               not started and "nosuchdb" in out2, out2[-300:])
+        # A wrong password: refused, and neither password is shown.
+        s3 = Server("security-wrong-pw", Postgres(pg.dir),
+                    app_url.replace(password, wrong))
+        open(s3.logf.name, "w").close()
+        started = s3.start(tries=1)
+        s3.term()
+        out3 = open(s3.logf.name).read()
+        check("bank-server with a wrong password is refused",
+              not started and "authentication failed" in out3, out3[-300:])
         time.sleep(0.5)
         out = open(os.path.join(TOP, "build", "faults-security.log")).read()
         log = open(pglog, errors="replace").read()
+        check("the PostgreSQL log shows the wrong password was refused",
+              'password authentication failed for user "bank_app"' in log)
         check("the password is not in bank-server's output",
-              password not in out + out2)
+              password not in out + out2 + out3)
+        check("the wrong password is not in bank-server's output",
+              wrong not in out + out2 + out3)
         check("the password is not in the PostgreSQL log",
               password not in log)
+        check("the wrong password is not in the PostgreSQL log",
+              wrong not in log)
         # Parameters, never splicing.
         spliced = []
         seen_param = 0

@@ -66,6 +66,13 @@ static void check_counter(es_store *store, const es_uuid *key,
     counter_context_free(ctx);
 }
 
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 /* ---- a conflicting aggregate among many ---- */
 
 #define MANY 48
@@ -155,13 +162,23 @@ static void test_pg_lanes_conflict_among_many(void **state)
 #define KEYS 8
 #define PRODUCERS 4
 #define SENDS 80
+/* The producers go on past SENDS until the killer has terminated this
+ * many of the host's backends, of which this many were busy (in a
+ * statement or inside a transaction), or until KILL_DEADLINE_MS. */
+#define KILLS_MIN 40
+#define BUSY_KILLS_MIN 10
+#define KILL_DEADLINE_MS 60000
 
 typedef struct shared {
     es_host *host;
     es_uuid keys[KEYS];
-    atomic_int ok[KEYS], failed;
+    atomic_int sent, ok[KEYS], failed;
     atomic_bool done;
-    atomic_int kills;
+    atomic_int kills, busy_kills;
+    long long deadline;
+    /* set by the killer when it could not do its work; the test fails */
+    atomic_bool killer_failed;
+    char killer_why[256];
 } shared;
 
 typedef struct producer {
@@ -169,13 +186,21 @@ typedef struct producer {
     int id;
 } producer;
 
+static bool enough_kills(shared *s)
+{
+    return atomic_load(&s->killer_failed) || now_ms() > s->deadline ||
+           (atomic_load(&s->kills) >= KILLS_MIN &&
+            atomic_load(&s->busy_kills) >= BUSY_KILLS_MIN);
+}
+
 static void *produce(void *arg)
 {
     producer *p = arg;
-    for (int i = 0; i < SENDS; i++) {
+    for (int i = 0; i < SENDS || !enough_kills(p->s); i++) {
         int k = (i + p->id) % KEYS;
         uint8_t value[4];
         es_command c = command(value, 1);
+        atomic_fetch_add(&p->s->sent, 1);
         int rc = es_host_call(p->s->host, &counter_type, &p->s->keys[k], &c,
                               NULL, NULL);
         if (rc == 0)
@@ -186,19 +211,36 @@ static void *produce(void *arg)
     return NULL;
 }
 
-/* Terminates the host's connections (by application name) now and then. */
+/* Terminates the host's connections (by application name) now and then,
+ * counting them and those of them that were busy.  When it cannot connect
+ * or its query fails it says why in killer_why and sets killer_failed:
+ * without kills the test would be a plain load test. */
 static void *killer(void *arg)
 {
     shared *s = arg;
     PGconn *c = fixture_pg_connect();
-    if (c == NULL) return NULL;
+    if (c == NULL) {
+        snprintf(s->killer_why, sizeof s->killer_why, "cannot connect");
+        atomic_store(&s->killer_failed, true);
+        return NULL;
+    }
     unsigned seed = 7;
     while (!atomic_load(&s->done)) {
-        PGresult *r = PQexec(c, "SELECT count(pg_terminate_backend(pid)) "
-                                "FROM pg_stat_activity WHERE "
-                                "application_name = '" APP_NAME "'");
-        if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1)
-            atomic_fetch_add(&s->kills, atoi(PQgetvalue(r, 0, 0)));
+        PGresult *r = PQexec(
+            c, "SELECT count(*) FILTER (WHERE t), "
+               "count(*) FILTER (WHERE t AND state <> 'idle') FROM ("
+               "SELECT pg_terminate_backend(pid) AS t, state "
+               "FROM pg_stat_activity WHERE "
+               "application_name = '" APP_NAME "') AS k");
+        if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+            snprintf(s->killer_why, sizeof s->killer_why, "query: %s",
+                     PQerrorMessage(c));
+            atomic_store(&s->killer_failed, true);
+            PQclear(r);
+            break;
+        }
+        atomic_fetch_add(&s->kills, atoi(PQgetvalue(r, 0, 0)));
+        atomic_fetch_add(&s->busy_kills, atoi(PQgetvalue(r, 0, 1)));
         PQclear(r);
         seed = seed * 1103515245u + 12345u;
         struct timespec ts = {0, (long)(20 + (seed >> 16) % 80) * 1000000L};
@@ -240,6 +282,7 @@ static void test_pg_lanes_killed_connections(void **state)
     (void)state;
     static shared s;
     memset(&s, 0, sizeof s);
+    s.deadline = now_ms() + KILL_DEADLINE_MS;
     for (int k = 0; k < KEYS; k++) es_uuid_v7(&s.keys[k]);
     es_store *victim = open_victim_store();
     assert_non_null(victim);
@@ -266,10 +309,18 @@ static void test_pg_lanes_killed_connections(void **state)
         ok += n;
         if (n > 0) check_counter(g_store, &s.keys[k], n, (uint64_t)n);
     }
-    assert_int_equal(ok + atomic_load(&s.failed), PRODUCERS * SENDS);
+    int kills = atomic_load(&s.kills), busy = atomic_load(&s.busy_kills);
+    int failed = atomic_load(&s.failed);
+    printf("killed connections: %d kills (%d busy), %d ok, %d failed\n",
+           kills, busy, ok, failed);
+    if (atomic_load(&s.killer_failed))
+        fail_msg("the killer failed: %s", s.killer_why);
+    assert_int_equal(ok + failed, atomic_load(&s.sent));
+    assert_true(atomic_load(&s.sent) >= PRODUCERS * SENDS);
     assert_true(ok > 0);
-    printf("killed connections: %d kills, %d ok, %d failed\n",
-           atomic_load(&s.kills), ok, atomic_load(&s.failed));
+    /* the connections really were killed, and some while at work */
+    assert_true(kills >= KILLS_MIN);
+    assert_true(busy >= BUSY_KILLS_MIN);
 }
 
 /* ---- command ids across a restart ---- */
@@ -674,13 +725,6 @@ static int thaw_teardown(void **state)
     (void)state;
     thaw_all();
     return 0;
-}
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* Whether pid is a PostgreSQL process of this machine, and its state

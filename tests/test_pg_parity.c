@@ -20,10 +20,12 @@
 
 #define MAX_OBS 64
 
+/* What the script saw, in order; observations beyond MAX_OBS are counted
+ * in dropped and fail the test (raise MAX_OBS when the script grows). */
 typedef struct observations {
     long long v[MAX_OBS];
     const char *what[MAX_OBS];
-    size_t n;
+    size_t n, dropped;
 } observations;
 
 static void see(observations *o, const char *what, long long v)
@@ -31,6 +33,8 @@ static void see(observations *o, const char *what, long long v)
     if (o->n < MAX_OBS) {
         o->what[o->n] = what;
         o->v[o->n++] = v;
+    } else {
+        o->dropped++;
     }
 }
 
@@ -201,9 +205,15 @@ static void test_pg_parity_memory_and_postgres_agree(void **state)
     es_store *mem = NULL, *pg = NULL;
     assert_int_equal(es_memory_store_open(&mem, &err), 0);
     assert_int_equal(fixture_pg_open(NULL, &pg), 0);
-    observations om = {{0}, {0}, 0}, op = {{0}, {0}, 0};
+    observations om = {{0}, {0}, 0, 0}, op = {{0}, {0}, 0, 0};
     script(mem, &om);
     script(pg, &op);
+    assert_int_equal(es_store_close(mem), 0);
+    assert_int_equal(es_store_close(pg), 0);
+    if (om.dropped > 0 || op.dropped > 0)
+        fail_msg("%zu and %zu observations beyond the %d kept: raise "
+                 "MAX_OBS",
+                 om.dropped, op.dropped, MAX_OBS);
     assert_int_equal(om.n, op.n);
     int differ = 0;
     for (size_t i = 0; i < om.n; i++) {
@@ -216,8 +226,6 @@ static void test_pg_parity_memory_and_postgres_agree(void **state)
     printf("# %zu observations agree\n", om.n);
     for (size_t i = 0; getenv("PARITY_SHOW") && i < om.n; i++)
         printf("#   %-26s %lld\n", om.what[i], om.v[i]);
-    assert_int_equal(es_store_close(mem), 0);
-    assert_int_equal(es_store_close(pg), 0);
 }
 
 int main(void)

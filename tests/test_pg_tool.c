@@ -54,6 +54,10 @@ static void test_pg_tool_migrate_status_stream(void **state)
     snprintf(want, sizeof want, "schema version %d", es_pg_schema_version());
     assert_non_null(strstr(out, want));
     assert_int_equal(tool(args, out, sizeof out), 0); /* again: a no-op */
+    snprintf(args, sizeof args, "--schema %s commands purge --older-than 1h",
+             g_schema);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "purged 0 command ids"));
 
     /* An account with two events in that schema. */
     es_pg_config *cfg = NULL;
@@ -229,7 +233,9 @@ static void test_pg_tool_outbox(void **state)
         "outbox", "outbox list sideways", "outbox list --limit 0",
         "outbox show", "outbox show not-a-uuid", "outbox requeue",
         "outbox requeue --kind 3", "outbox purge", "outbox purge 7d",
-        "outbox purge --older-than 5x", "outbox frob"};
+        "outbox purge --older-than 5x", "outbox frob", "commands",
+        "commands purge", "commands purge --older-than", "commands frob",
+        "commands purge --older-than 5x"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         snprintf(args, sizeof args, "--schema %s %s", sc, bad[i]);
         assert_int_equal(tool(args, out, sizeof out), 2);

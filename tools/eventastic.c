@@ -7,6 +7,8 @@
  *   eventastic [--db CONNINFO] [--schema NAME] outbox list [STATUS]
  *              [--limit N] | show ID | requeue ID | requeue --type NAME
  *              [--kind N] | purge --older-than AGE
+ *   eventastic [--db CONNINFO] [--schema NAME] commands purge
+ *              --older-than AGE
  *
  * docs/eventastic.1 is the manual page.
  * The connection string comes from --db or DATABASE_URL; it is never
@@ -44,6 +46,10 @@ static const char usage[] =
     "  outbox purge --older-than AGE\n"
     "                       delete done messages finished more than AGE ago\n"
     "                       (AGE: a number with ms, s, m, h or d; e.g. 7d)\n"
+    "  commands purge --older-than AGE\n"
+    "                       delete the host's command-id records written\n"
+    "                       more than AGE ago: a command sent again after\n"
+    "                       that is decided again, not answered as a replay\n"
     "\n"
     "The connection string is --db or DATABASE_URL (libpq key=value or a\n"
     "postgresql:// URI).  Exit status: 0 done, 1 failed, 2 usage.\n";
@@ -268,6 +274,17 @@ static bool outbox_parse(int argc, char **argv, outbox_args *a)
     return false;
 }
 
+static int cmd_commands_purge(es_store *store, int64_t age_ms)
+{
+    es_error err = {0};
+    size_t n = 0;
+    int rc = es_store_purge_commands(store, es_clock_now_ms() - age_ms, &n,
+                                     &err);
+    if (rc != 0) return fail("commands purge", rc, &err);
+    printf("purged %zu command id%s\n", n, n == 1 ? "" : "s");
+    return 0;
+}
+
 static const char *status_word(es_outbox_status st)
 {
     switch (st) {
@@ -406,9 +423,18 @@ int main(int argc, char **argv)
     const char *cmd = argv[i++];
     bool is_stream = strcmp(cmd, "stream") == 0;
     bool is_outbox = strcmp(cmd, "outbox") == 0;
+    bool is_commands = strcmp(cmd, "commands") == 0;
     outbox_args ob;
+    int64_t commands_age = -1;
     if (is_outbox) {
         if (!outbox_parse(argc - i, argv + i, &ob)) {
+            fputs(usage, stderr);
+            return 2;
+        }
+    } else if (is_commands) {
+        if (argc - i != 3 || strcmp(argv[i], "purge") != 0 ||
+            strcmp(argv[i + 1], "--older-than") != 0 ||
+            !parse_age(argv[i + 2], &commands_age)) {
             fputs(usage, stderr);
             return 2;
         }
@@ -454,6 +480,8 @@ int main(int argc, char **argv)
             status = cmd_stream(store, argv[i]);
         else if (is_outbox)
             status = cmd_outbox(store, &ob);
+        else if (is_commands)
+            status = cmd_commands_purge(store, commands_age);
         else
             status = cmd_status(store);
         es_store_close(store);

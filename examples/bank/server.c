@@ -668,13 +668,14 @@ static void run_load(job *j)
     job_json(j, 200, o);
 }
 
-/* Reachable when a read of an aggregate answers.  The probe id is fixed
- * and not nil (the library refuses the nil id); should a client use it,
- * the read still answers. */
+/* Reachable when a read of an aggregate answers from the store.  The
+ * probe id is fixed, not nil (the library refuses a nil id before any
+ * store is asked); a client may have used it, for an account or for a
+ * transfer: any definite answer shows the store reachable. */
 static void run_health(job *j)
 {
-    static const es_uuid probe = {{0xba, 0x4c, 0x00, 0x00, 0x00, 0x00, 0x80,
-                                   0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    static const es_uuid probe = {{0xe5, 0x7a, 0x57, 0x1c, 0x4e, 0x41, 0x4c,
+                                   0x7f, 0x8b, 0x00, 0x5e, 0xa1, 0x74, 0x68,
                                    0x00, 0x01}};
     es_context *ctx = NULL;
     es_error err = {0};

@@ -220,6 +220,18 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_resident_bound(
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_resident_bytes(
     es_host_config *cfg, uint64_t bytes);
 
+/** Retention of command ids: the host deletes the records of commands
+ *  older than @p ms (its snapshot writer, one batch of at most 1,000 a
+ *  second, each in a short transaction of its own).  0 (the default)
+ *  keeps them for ever.  What a shorter age gives up: a command sent
+ *  again after its record is gone is not recognised as a replay; it is
+ *  decided again as a new command (and may be applied twice).  Keep them
+ *  longer than any client retries.  Also es_store_purge_commands and
+ *  `eventastic commands purge`.  Returns 0 or ES_EINVAL (NULL, negative).
+ *  Thread: the config's owner. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_command_retention(
+    es_host_config *cfg, int64_t ms);
+
 /** Passivate aggregates idle for this many milliseconds (0: never).
  *  Returns 0. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_idle_ms(es_host_config *cfg,

@@ -164,6 +164,18 @@ ES_EXPORT ES_OWNER_THREAD int es_outbox_config_set_retry(
     es_outbox_config *cfg, uint32_t max_attempts, int64_t base_ms,
     int64_t max_ms, es_error *err);
 
+/**
+ * Retention of delivered messages: the dispatcher deletes done messages
+ * finished more than @p done_ms ago, a batch of at most 1,000 a second
+ * (more while batches come back full), each batch in a short transaction
+ * of its own, between claim rounds.  0 (the default) keeps them until
+ * es_outbox_purge_done or `eventastic outbox purge`.  Dead letters are
+ * never deleted.  Errors: ES_EINVAL (NULL, negative).  Thread: the
+ * config's owner.
+ */
+ES_EXPORT ES_OWNER_THREAD int es_outbox_config_set_retention(
+    es_outbox_config *cfg, int64_t done_ms, es_error *err);
+
 /** Owner name stored with claims (1 to 63 characters; default: made
  *  unique).  Errors: ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_outbox_config_set_owner(
@@ -268,8 +280,11 @@ ES_EXPORT ES_ANY_THREAD int es_outbox_requeue(es_store *store,
                                               int32_t kind, size_t *count,
                                               es_error *err);
 
-/** Delete done messages stored before @p before_ms (Unix ms).  *count (may
- *  be NULL) is how many.  Errors: ES_EINVAL, store errors.  Thread: any. */
+/** Delete done messages finished before @p before_ms (Unix ms), in
+ *  batches of 1,000, each in a short transaction of its own (dispatchers
+ *  and commands go on meanwhile).  *count (may be NULL) is how many.
+ *  Errors: ES_EINVAL, store errors (*count then says how many went
+ *  before).  Thread: any. */
 ES_EXPORT ES_ANY_THREAD int es_outbox_purge_done(es_store *store,
                                                  int64_t before_ms,
                                                  size_t *count,

@@ -174,6 +174,22 @@ ES_EXPORT ES_OWNER_THREAD int es_txn_list_side_effects(
     es_error *err);
 
 /**
+ * Retention of the host's command-id records: delete those written before
+ * @p before_ms (Unix ms).  A command whose record is gone is no longer
+ * recognised when it is sent again: a replay after that is decided again
+ * as a new command (it may be applied twice).  So keep records at least as
+ * long as any client may retry.  Deletes in batches of 1,000 records, each
+ * in a short transaction of its own, so commands are never held up for
+ * long.  *count (may be NULL) is how many went.  A store that keeps no
+ * records does nothing.  Errors: ES_EINVAL (NULL store), ES_ECLOSED,
+ * store errors (*count then says how many went before).  Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_store_purge_commands(es_store *store,
+                                                    int64_t before_ms,
+                                                    size_t *count,
+                                                    es_error *err);
+
+/**
  * Close the store and free it.  Every transaction must have ended; a store
  * with open transactions is not closed and ES_EMISUSE is returned.  NULL is
  * a no-op returning 0.  Thread: any, once no other thread uses the store.

@@ -88,6 +88,7 @@ struct es_host_config {
     size_t mailbox_bound, host_bound, resident_bound, batch_rows;
     unsigned lanes; /* 0: chosen by the store */
     uint64_t idle_ms, snap_every, resident_bytes, snap_slow_load_us;
+    int64_t command_retention_ms; /* 0: command ids kept for ever */
     bool snap_on_passivation;
     struct event_base *base; /* the embedder's, or NULL: our own */
     size_t n_types;
@@ -370,6 +371,13 @@ int es_host_config_set_idle_ms(es_host_config *cfg, uint64_t ms)
 {
     if (cfg == NULL) return ES_EINVAL;
     cfg->idle_ms = ms;
+    return 0;
+}
+
+int es_host_config_set_command_retention(es_host_config *cfg, int64_t ms)
+{
+    if (cfg == NULL || ms < 0 || ms > INT64_MAX / 2) return ES_EINVAL;
+    cfg->command_retention_ms = ms;
     return 0;
 }
 
@@ -1893,14 +1901,42 @@ static void free_jobs(snap_job *jobs)
  * coalesce), what was queued, coalesced, in one transaction on its own
  * connection.  It waits on a condition, never polls.  At the stop it
  * writes what is left (nothing when closing now). */
+/* Retention of command ids, on the snapshot writer (off the loop and the
+ * workers): one batch a second, more while batches come back full. */
+static void purge_commands_due(es_host *host, int64_t *next_ms)
+{
+    int64_t keep = host->cfg.command_retention_ms;
+    if (keep == 0) return;
+    int64_t now = es_clock_now_ms();
+    if (now < *next_ms) return;
+    size_t n = 0;
+    es_error err = {0};
+    int rc = es__store_purge_commands(host->store, now - keep,
+                                      ES__PURGE_BATCH, &n, &err);
+    if (rc != 0)
+        es__log(ES_LOG_WARN, "host: purge of command ids failed: %s: %s",
+                es_status_name(rc), err.message);
+    *next_ms = rc == 0 && n == ES__PURGE_BATCH ? now : now + 1000;
+}
+
 static void *snap_writer_main(void *arg)
 {
     es_host *host = arg;
     tls_host = host;
+    int64_t next_purge = 0;
     for (;;) {
         pthread_mutex_lock(&host->sw_lock);
-        while (!host->sw_flush && !host->sw_stop)
-            pthread_cond_wait(&host->sw_cond, &host->sw_lock);
+        while (!host->sw_flush && !host->sw_stop) {
+            if (host->cfg.command_retention_ms == 0) {
+                pthread_cond_wait(&host->sw_cond, &host->sw_lock);
+                continue;
+            }
+            struct timespec until;
+            deadline_in(&until, 1000000000u); /* the next purge */
+            if (pthread_cond_timedwait(&host->sw_cond, &host->sw_lock,
+                                       &until) == ETIMEDOUT)
+                break;
+        }
         snap_job *jobs = host->sj_head;
         host->sj_head = host->sj_tail = NULL;
         host->sj_n = 0;
@@ -1914,6 +1950,7 @@ static void *snap_writer_main(void *arg)
             write_snapshots(host, jobs, &err); /* a cache: errors only cost */
         }
         if (stop) break;
+        purge_commands_due(host, &next_purge);
     }
     return NULL;
 }

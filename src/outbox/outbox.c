@@ -40,6 +40,7 @@ struct es_outbox_config {
     size_t n_handlers, cap_handlers;
     size_t workers, batch;
     int64_t lease_ms, poll_ms, base_ms, max_ms;
+    int64_t retention_ms; /* done messages kept this long; 0: for ever */
     uint32_t max_attempts;
     char owner[64];
     es_clock_fn clock;
@@ -191,6 +192,14 @@ int es_outbox_config_set_poll_ms(es_outbox_config *cfg, int64_t poll_ms,
 {
     CHECK_RANGE(poll_ms, 1, 3600000, "poll interval");
     cfg->poll_ms = poll_ms;
+    return 0;
+}
+
+int es_outbox_config_set_retention(es_outbox_config *cfg, int64_t done_ms,
+                                   es_error *err)
+{
+    CHECK_RANGE(done_ms, 0, INT64_MAX / 2, "retention");
+    cfg->retention_ms = done_ms;
     return 0;
 }
 
@@ -479,13 +488,32 @@ static void run_round(es_outbox *ob, es_outbox_entry_list *list,
     ob->verdicts = NULL;
 }
 
+/* Retention: at most one batch of done messages a second (more while
+ * batches come back full), between rounds. */
+static void purge_due(es_outbox *ob, int64_t *next_ms)
+{
+    if (ob->cfg.retention_ms == 0) return;
+    int64_t now = ob->cfg.clock(ob->cfg.clock_ud);
+    if (now < *next_ms) return;
+    size_t n = 0;
+    es_error err = {0};
+    int rc = ob->cfg.store->ops->outbox_purge(
+        ob->cfg.store, now - ob->cfg.retention_ms, ES__PURGE_BATCH, &n, &err);
+    if (rc != 0)
+        es__log(ES_LOG_WARN, "outbox: purge failed: %s: %s",
+                es_status_name(rc), err.message);
+    *next_ms = rc == 0 && n == ES__PURGE_BATCH ? now : now + 1000;
+}
+
 static void *claimer_main(void *arg)
 {
     es_outbox *ob = arg;
+    int64_t next_purge = 0;
     pthread_mutex_lock(&ob->lock);
     while (!ob->stopping) {
         ob->woken = false;
         pthread_mutex_unlock(&ob->lock);
+        purge_due(ob, &next_purge);
         es_outbox_entry_list *list = NULL;
         es_error err = {0};
         int rc = claim(ob, &list, &err);
@@ -708,7 +736,14 @@ int es_outbox_requeue(es_store *store, const es_uuid *id,
 int es_outbox_purge_done(es_store *store, int64_t before_ms, size_t *count,
                          es_error *err)
 {
+    if (count) *count = 0;
     int rc = need_outbox(store, err);
     if (rc != 0) return rc;
-    return store->ops->outbox_purge(store, before_ms, count, err);
+    for (;;) { /* short transactions: dispatchers go on meanwhile */
+        size_t n = 0;
+        rc = store->ops->outbox_purge(store, before_ms, ES__PURGE_BATCH, &n,
+                                      err);
+        if (count) *count += n;
+        if (rc != 0 || n < ES__PURGE_BATCH) return rc;
+    }
 }

@@ -87,6 +87,13 @@ typedef struct mem_store {
     es__ptrmap snaps;   /* mem_snapset*, by agg */
     es__ptrmap se_ids;  /* mem_se*, by side-effect id */
     es__ptrmap cmds;    /* mem_cmd*, by command id */
+    /* the same records in commit order, oldest first, with their commit
+     * time (retention): cmd_log[log_head .. log_head + log_n) */
+    struct cmd_entry {
+        mem_cmd *cmd;
+        int64_t at_ms;
+    } *cmd_log;
+    size_t log_head, log_n, log_cap;
     mem_se **se;     /* committed side effects, oldest first */
     size_t n_se, cap_se;
     size_t event_count;
@@ -266,6 +273,28 @@ static bool committed_se_exists(mem_store *s, const es_uuid *id)
 static mem_cmd *find_cmd(const es__ptrmap *map, const es_uuid *id)
 {
     return es__ptrmap_find(map, es__uuid_hash(id), match_cmd, id);
+}
+
+/* Lock held.  Room for extra more records in the commit-order log. */
+static int cmd_log_reserve(mem_store *s, size_t extra)
+{
+    if (s->log_head + s->log_n + extra <= s->log_cap) return 0;
+    if (s->log_head > 0) { /* purged ones left room at the front */
+        memmove(s->cmd_log, s->cmd_log + s->log_head,
+                s->log_n * sizeof *s->cmd_log);
+        s->log_head = 0;
+    }
+    void *items = s->cmd_log;
+    if (es__grow(&items, &s->log_cap, s->log_n + extra, sizeof *s->cmd_log))
+        return ES_ENOMEM;
+    s->cmd_log = items;
+    return 0;
+}
+
+/* Lock held, room reserved: a record committed now. */
+static void cmd_log_push(mem_store *s, mem_cmd *c, int64_t now)
+{
+    s->cmd_log[s->log_head + s->log_n++] = (struct cmd_entry){c, now};
 }
 
 /* ---- pending lookups (transaction's thread) ---- */
@@ -573,10 +602,14 @@ static int commit_link(mem_store *s, mem_txn *t, commit_plan *p)
             goto undo;
     }
     /* Command-id records: the transaction's records go into the store's
-     * index as they are (validate_commit found none of their ids). */
+     * index as they are (validate_commit found none of their ids), and
+     * into the commit-order log. */
+    if (cmd_log_reserve(s, t->n_cmd) != 0) goto undo;
     for (; cmds < t->n_cmd; cmds++)
         if (es__ptrmap_insert(&s->cmds, t->cmd[cmds], hash_cmd) != 0)
             goto undo;
+    int64_t now = es_clock_now_ms();
+    for (size_t i = 0; i < t->n_cmd; i++) cmd_log_push(s, t->cmd[i], now);
     return 0;
 undo:
     while (ids-- > 0) es__ptrmap_remove(&s->ids, p->id[ids], hash_id);
@@ -950,6 +983,27 @@ static int mem_get_command(es_txn *txn, const es_uuid *command_id,
     return 0;
 }
 
+static int mem_purge_commands(es_store *store, int64_t before_ms,
+                              size_t limit, size_t *count, es_error *err)
+{
+    (void)err;
+    mem_store *s = (mem_store *)store;
+    size_t n = 0;
+    pthread_mutex_lock(&s->lock);
+    while (n < limit && s->log_n > 0 &&
+           s->cmd_log[s->log_head].at_ms < before_ms) {
+        mem_cmd *c = s->cmd_log[s->log_head++].cmd;
+        s->log_n--;
+        es__ptrmap_remove(&s->cmds, c, hash_cmd);
+        es__free(c);
+        n++;
+    }
+    if (s->log_n == 0) s->log_head = 0;
+    pthread_mutex_unlock(&s->lock);
+    if (count) *count = n;
+    return 0;
+}
+
 static int mem_get_snapshot(es_txn *txn, const char *type_name,
                             const es_uuid *agg, uint64_t sv,
                             es_snapshot **out, es_error *err)
@@ -1076,6 +1130,7 @@ static void mem_close(es_store *store)
     es__ptrmap_clear(&s->snaps, free_snapset);
     es__ptrmap_clear(&s->se_ids, free_se);
     es__ptrmap_clear(&s->cmds, es__free);
+    es__free(s->cmd_log);
     es__free(s->se);
     pthread_mutex_destroy(&s->lock);
     es__store_destroy(&s->base);
@@ -1300,8 +1355,8 @@ static int mem_outbox_requeue(es_store *store, const es_uuid *id,
     return 0;
 }
 
-static int mem_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
-                            es_error *err)
+static int mem_outbox_purge(es_store *store, int64_t before_ms, size_t limit,
+                            size_t *count, es_error *err)
 {
     (void)err;
     mem_store *s = (mem_store *)store;
@@ -1309,7 +1364,8 @@ static int mem_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
     pthread_mutex_lock(&s->lock);
     for (size_t i = 0; i < s->n_se; i++) {
         mem_se *m = s->se[i];
-        if (m->status == ES_OUTBOX_DONE && m->finished_ms < before_ms) {
+        if (n < limit && m->status == ES_OUTBOX_DONE &&
+            m->finished_ms < before_ms) {
             es__ptrmap_remove(&s->se_ids, m, hash_se);
             free_se(m);
             n++;
@@ -1504,7 +1560,8 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
     ok = ok && es__ptrmap_reserve(&s->streams, 1, hash_stream) == 0 &&
          es__ptrmap_reserve(&s->ids, ne, hash_id) == 0 &&
          es__ptrmap_reserve(&s->se_ids, fresh, hash_se) == 0 &&
-         es__ptrmap_reserve(&s->cmds, 1, hash_cmd) == 0;
+         es__ptrmap_reserve(&s->cmds, 1, hash_cmd) == 0 &&
+         cmd_log_reserve(s, 1) == 0;
     if (!ok) {
         if (created) {
             es__free(created->ev);
@@ -1536,7 +1593,10 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
         s->se[s->n_se++] = p->se[i];
         p->se[i] = NULL;
     }
-    if (p->cmd) es__ptrmap_insert(&s->cmds, p->cmd, hash_cmd);
+    if (p->cmd) {
+        es__ptrmap_insert(&s->cmds, p->cmd, hash_cmd);
+        cmd_log_push(s, p->cmd, es_clock_now_ms());
+    }
     p->cmd = NULL;
     return 0;
 }
@@ -1608,6 +1668,7 @@ static const es_store_ops memory_ops = {
     .outbox_get = mem_outbox_get,
     .outbox_requeue = mem_outbox_requeue,
     .outbox_purge = mem_outbox_purge,
+    .purge_commands = mem_purge_commands,
     .outbox_stats = mem_outbox_stats,
     .close = mem_close,
 };

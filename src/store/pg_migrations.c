@@ -143,6 +143,18 @@ const es__pg_migration es__pg_migrations[] = {
      * written before this migration). */
     {9, "command ids: rejection reasons sealed (their master key id)",
      "ALTER TABLE @commands@ ADD COLUMN rejection_key text;\n"},
+    /* Forgetting an aggregate empties the reasons of its rejections kept
+     * in clear: found by aggregate, not by command id, so without this
+     * every forget read the whole commands table.  Partial: only the
+     * rejected commands, a small part of the table. */
+    {10, "command ids: rejections by aggregate (forget)",
+     "CREATE INDEX ON @commands@ (aggregate_id) WHERE rejection IS NOT "
+     "NULL;\n"},
+    /* Retention deletes old command ids in small batches by created_at.
+     * Rows go in in time order, so a BRIN index finds them: a few pages
+     * for the whole table, and almost nothing to maintain per command. */
+    {11, "command ids: by age (retention)",
+     "CREATE INDEX ON @commands@ USING brin (created_at);\n"},
 };
 
 const size_t es__pg_migration_count =

@@ -39,6 +39,7 @@
 #include "core/internal.h"
 #include "eventastic/postgres.h"
 #include "store/pg_migrations.h"
+#include "store/pg_statements.h"
 #include "store/store_impl.h"
 
 /* Type oids of the built-in types we send (pg_type.h is server-side). */
@@ -112,11 +113,56 @@ enum {
     SQL_OB_STATS,
     SQL_INSERT_COMMANDS,
     SQL_GET_COMMAND,
+    SQL_PURGE_COMMANDS,
     SQL_STATUS_VERSION,
     SQL_STATUS_COUNTS,
     SQL_BATCH_EVENTS,
     SQL_BATCH_SIDE_EFFECTS,
     SQL_COUNT
+};
+
+/* Names for messages and the plan test; admin: run only by an operator's
+ * tool (es_pg_status_get, outbox listings and purges), so a scan there
+ * costs no command anything. */
+static const struct {
+    const char *name;
+    bool admin;
+} sql_info[SQL_COUNT] = {
+    [SQL_INSERT_EVENTS] = {"insert events", false},
+    [SQL_STREAM] = {"stream", false},
+    [SQL_STREAM_REST] = {"stream: the rest", false},
+    [SQL_TYPE_OF] = {"type of", false},
+    [SQL_GET_EVENT] = {"get event", false},
+    [SQL_INSERT_SIDE_EFFECTS] = {"insert side effects", false},
+    [SQL_LIST_SIDE_EFFECTS] = {"list side effects", true},
+    [SQL_GET_SNAPSHOT] = {"get snapshot", false},
+    [SQL_STORE_SNAPSHOT] = {"store snapshot", false},
+    [SQL_DELETE_SNAPSHOTS] = {"delete snapshots", false},
+    [SQL_GET_KEY] = {"get key", false},
+    [SQL_LOCK_KEY] = {"lock key", false},
+    [SQL_PUT_KEY] = {"put key", false},
+    [SQL_FORGET_KEY] = {"forget key", false},
+    [SQL_FORGET_SIDE_EFFECTS] = {"forget side effects", false},
+    [SQL_FORGET_REASONS] = {"forget reasons", false},
+    [SQL_OB_EXPIRE] = {"outbox: expire", false},
+    [SQL_OB_CLAIM] = {"outbox: claim", false},
+    [SQL_OB_DEAD] = {"outbox: dead", false},
+    [SQL_OB_FINISH] = {"outbox: finish", false},
+    [SQL_OB_FINISH_MANY] = {"outbox: finish many", false},
+    [SQL_OB_EXISTS] = {"outbox: exists", false},
+    [SQL_OB_LIST] = {"outbox: list", true},
+    [SQL_OB_GET] = {"outbox: get", false},
+    [SQL_OB_REQUEUE_ID] = {"outbox: requeue one", false},
+    [SQL_OB_REQUEUE_TYPE] = {"outbox: requeue a type", true},
+    [SQL_OB_PURGE] = {"outbox: purge", false},
+    [SQL_OB_STATS] = {"outbox: stats", true},
+    [SQL_INSERT_COMMANDS] = {"insert commands", false},
+    [SQL_GET_COMMAND] = {"get command", false},
+    [SQL_PURGE_COMMANDS] = {"purge commands", false},
+    [SQL_STATUS_VERSION] = {"status: version", true},
+    [SQL_STATUS_COUNTS] = {"status: counts", true},
+    [SQL_BATCH_EVENTS] = {"batch: insert events", false},
+    [SQL_BATCH_SIDE_EFFECTS] = {"batch: insert side effects", false},
 };
 
 typedef struct pg_store {
@@ -663,11 +709,13 @@ static int pg_connect(const char *conninfo, const char *password,
 static int store_connect(pg_store *s, PGconn **out, es_error *err)
 {
     int rc = pg_connect(s->conninfo, s->password, out, err);
-    if (rc != 0 || s->statement_timeout_ms == 0) return rc;
-    char sql[64];
-    snprintf(sql, sizeof sql, "SET statement_timeout = %lld",
-             (long long)s->statement_timeout_ms);
-    if ((rc = run_simple(*out, "connect: statement timeout", sql, err))) {
+    if (rc != 0) return rc;
+    char sql[128];
+    snprintf(sql, sizeof sql, "%s; SET statement_timeout = %lld",
+             ES__PG_SESSION, (long long)s->statement_timeout_ms);
+    if (s->statement_timeout_ms == 0) /* the server's setting */
+        snprintf(sql, sizeof sql, "%s", ES__PG_SESSION);
+    if ((rc = run_simple(*out, "connect: session settings", sql, err))) {
         PQfinish(*out);
         *out = NULL;
     }
@@ -2457,20 +2505,23 @@ static int pg_outbox_requeue(es_store *store, const es_uuid *id,
     return 0;
 }
 
-static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
-                           es_error *err)
+/* One bounded DELETE of retention (SQL_OB_PURGE, SQL_PURGE_COMMANDS):
+ * $1 a time in Unix ms, $2 the limit; *count the rows it deleted. */
+static int purge_batch(pg_store *s, int which, int64_t before_ms,
+                       size_t limit, size_t *count, es_error *err)
 {
-    pg_store *s = (pg_store *)store;
+    if (count) *count = 0;
     pg_txn t;
     int rc = ob_begin(s, &t, err);
     if (rc != 0) return rc;
-    uint8_t before_b[8];
+    uint8_t before_b[8], limit_b[8];
     be64_ms(before_b, before_ms);
-    const Oid types[1] = {OID_INT8};
-    const char *values[1] = {(const char *)before_b};
-    const int lens[1] = {8};
+    be64(limit_b, limit > INT64_MAX ? INT64_MAX : (uint64_t)limit);
+    const Oid types[2] = {OID_INT8, OID_INT8};
+    const char *values[2] = {(const char *)before_b, (const char *)limit_b};
+    const int lens[2] = {8, 8};
     PGresult *r = NULL;
-    rc = run(t.conn, "outbox: purge", s->sql[SQL_OB_PURGE], 1, types, values,
+    rc = run(t.conn, sql_info[which].name, s->sql[which], 2, types, values,
              lens, &r, err);
     if (rc == 0) {
         if (count) *count = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
@@ -2478,6 +2529,20 @@ static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t *count,
     }
     ob_end(s, &t);
     return rc;
+}
+
+static int pg_outbox_purge(es_store *store, int64_t before_ms, size_t limit,
+                           size_t *count, es_error *err)
+{
+    return purge_batch((pg_store *)store, SQL_OB_PURGE, before_ms, limit,
+                       count, err);
+}
+
+static int pg_purge_commands(es_store *store, int64_t before_ms,
+                             size_t limit, size_t *count, es_error *err)
+{
+    return purge_batch((pg_store *)store, SQL_PURGE_COMMANDS, before_ms,
+                       limit, count, err);
 }
 
 static int pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
@@ -3322,7 +3387,9 @@ static const PGresult *lane_res(const pg_lane *l, size_t i)
 static void lane_prepared(pg_lane *l, bool ok)
 {
     bool good = ok;
-    int n = 1 + BATCH_STMTS + (l->setup ? 1 : 0);
+    /* the session settings, the statement timeout (setup), DEALLOCATE
+     * ALL, the statements; then the backend's start */
+    int n = 2 + BATCH_STMTS + (l->setup ? 1 : 0);
     for (int i = 0; good && i < n; i++) {
         const PGresult *r = lane_res(l, (size_t)i);
         if (r == NULL || !res_ok(r)) {
@@ -3357,6 +3424,9 @@ static void lane_prepare(pg_lane *l)
         return;
     }
     bool sent = lane_rt_begin(l);
+    if (sent)
+        sent = PQsendQueryParams(l->conn, ES__PG_SESSION, 0, NULL, NULL,
+                                 NULL, NULL, 0) == 1;
     if (sent && l->setup) {
         char sql[64];
         snprintf(sql, sizeof sql, "SET statement_timeout = %lld",
@@ -4144,6 +4214,18 @@ static size_t pg_write_batch(es_store *store, void **slot,
     return b.committed;
 }
 
+static const es_store_ops postgres_ops;
+
+const char *es__pg_statement(const es_store *store, size_t i,
+                             const char **name, bool *admin)
+{
+    if (store == NULL || store->ops != &postgres_ops || i >= SQL_COUNT)
+        return NULL;
+    *name = sql_info[i].name;
+    *admin = sql_info[i].admin;
+    return ((const pg_store *)store)->sql[i];
+}
+
 static const es_store_ops postgres_ops = {
     .name = "postgres",
     .begin = pg_begin,
@@ -4172,6 +4254,7 @@ static const es_store_ops postgres_ops = {
     .outbox_unwatch = pg_outbox_unwatch,
     .insert_commands = pg_insert_commands,
     .get_command = pg_get_command,
+    .purge_commands = pg_purge_commands,
     .write_batch = pg_write_batch,
     .lane_open = pg_lane_open,
     .lane_write = pg_lane_write,
@@ -4195,6 +4278,12 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         "$4::bytea[], $5::bigint[], $6::bigint[], $7::bigint[], "
         "$8::bytea[], $9::text[]) "
         "ON CONFLICT (command_id) DO NOTHING RETURNING command_id", cm);
+    /* Retention of command ids: a bounded batch through the BRIN index
+     * on created_at (rows go in in time order; migration 11). */
+    s->sql[SQL_PURGE_COMMANDS] = sqlf(
+        "DELETE FROM %s WHERE command_id IN (SELECT command_id FROM %s "
+        "WHERE created_at < to_timestamp($1::bigint / 1000.0) LIMIT $2)",
+        cm, cm);
     s->sql[SQL_GET_COMMAND] = sqlf(
         "SELECT aggregate_id, kind, digest, first_version, event_count, "
         "version, rejection, rejection_key FROM %s WHERE command_id = $1",
@@ -4233,12 +4322,18 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
      * one statement; RETURNING names the rows that went in, and an
      * aggregate whose creation event has another type comes back with a
      * NULL version (none of its rows is inserted). */
+    /* The type check is one primary-key probe per row (LATERAL with
+     * LIMIT: never flattened into a join), so its plan cannot turn into a
+     * hash join over the whole events table, whatever the estimates of
+     * the unnest or the table's statistics say (a generic plan chosen
+     * while the table was small did that: 4.5 ms a batch, growing). */
     s->sql[SQL_BATCH_EVENTS] = sqlf(
         "WITH u AS (SELECT * FROM unnest($1::text[], $2::uuid[], "
         "$3::bigint[], $4::uuid[], $5::integer[], $6::bytea[], $7::text[]) "
         "AS u(t, a, v, id, k, p, kk)), "
-        "other AS (SELECT DISTINCT e.aggregate_id FROM %s e JOIN u ON "
-        "e.aggregate_id = u.a AND e.version = 0 AND e.aggregate_type <> u.t), "
+        "other AS (SELECT DISTINCT u.a AS aggregate_id FROM u CROSS JOIN "
+        "LATERAL (SELECT e.aggregate_type FROM %s e WHERE e.aggregate_id = "
+        "u.a AND e.version = 0 LIMIT 1) AS c WHERE c.aggregate_type <> u.t), "
         "ins AS (INSERT INTO %s (aggregate_type, aggregate_id, version, "
         "event_id, kind, payload, key_id) SELECT u.t, u.a, u.v, u.id, u.k, "
         "u.p, u.kk FROM u WHERE NOT EXISTS (SELECT 1 FROM other o WHERE "
@@ -4413,8 +4508,13 @@ static int build_sql(pg_store *s, const es_pg_config *cfg)
         MS(2) ", claimed_by = NULL, claimed_until = NULL WHERE status = "
         "'dead' AND aggregate_type = $1 AND ($3 = -2147483648 OR kind = $3)",
         o);
+    /* Retention: a bounded batch, oldest first, through the index on
+     * done messages' finish time; the dispatcher runs it while commands
+     * are served. */
     s->sql[SQL_OB_PURGE] = sqlf(
-        "DELETE FROM %s WHERE status = 'done' AND finished_at < " MS(1), o);
+        "DELETE FROM %s WHERE id IN (SELECT id FROM %s WHERE status = "
+        "'done' AND finished_at < " MS(1) " ORDER BY finished_at LIMIT $2)",
+        o, o);
     s->sql[SQL_OB_STATS] = sqlf(
         "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER "
         "(WHERE status = 'dead'), count(*) FILTER (WHERE status = 'done'), "

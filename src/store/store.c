@@ -401,3 +401,28 @@ bool es__command_matches(const es__command_record *rec, int32_t kind,
     return rec->len == len && (len == 0 || memcmp(rec->payload, payload,
                                                   len) == 0);
 }
+
+int es__store_purge_commands(es_store *store, int64_t before_ms,
+                             size_t limit, size_t *count, es_error *err)
+{
+    if (count) *count = 0;
+    if (store->ops->purge_commands == NULL) return 0; /* none kept */
+    return store->ops->purge_commands(store, before_ms, limit, count, err);
+}
+
+int es_store_purge_commands(es_store *store, int64_t before_ms,
+                            size_t *count, es_error *err)
+{
+    if (count) *count = 0;
+    if (store == NULL)
+        return es__error_set(err, ES_EINVAL, "store is NULL");
+    if (atomic_load(&store->closing))
+        return es__error_set(err, ES_ECLOSED, "store is closing");
+    for (;;) {
+        size_t n = 0;
+        int rc = es__store_purge_commands(store, before_ms, ES__PURGE_BATCH,
+                                          &n, err);
+        if (count) *count += n;
+        if (rc != 0 || n < ES__PURGE_BATCH) return rc;
+    }
+}

@@ -181,6 +181,11 @@ typedef struct es_store_ops {
                            size_t n, bool *inserted, es_error *err);
     int (*get_command)(es_txn *txn, const es_uuid *command_id,
                        es__command_record **out, es_error *err);
+    /* Optional, with the two above: delete at most limit command-id
+     * records written before before_ms (Unix ms), in one short
+     * transaction; *count says how many. */
+    int (*purge_commands)(es_store *store, int64_t before_ms, size_t limit,
+                          size_t *count, es_error *err);
     /* Optional: write many aggregates' items in as few transactions as
      * it can, with a constant number of statements each; the contract of
      * es__commit_batch (host/committer.h).  Items it could not place on
@@ -254,8 +259,10 @@ typedef struct es_store_ops {
     int (*outbox_requeue)(es_store *store, const es_uuid *id,
                           const char *type_name, int32_t kind, int64_t now_ms,
                           size_t *count, es_error *err);
-    int (*outbox_purge)(es_store *store, int64_t before_ms, size_t *count,
-                        es_error *err);
+    /* Delete at most limit done messages finished before before_ms, the
+     * oldest first, in one short transaction; *count says how many. */
+    int (*outbox_purge)(es_store *store, int64_t before_ms, size_t limit,
+                        size_t *count, es_error *err);
     int (*outbox_stats)(es_store *store, int64_t now_ms,
                         es_outbox_stats *out, es_error *err);
     /* Optional (NULL: commits of this process only, through the commit
@@ -338,6 +345,14 @@ int es__txn_get_snapshot(es_txn *txn, const char *type_name,
  * type (ES_EWRONGTYPE), with the aggregate in err. */
 int es__wrong_type(es_error *err, const es_uuid *aggregate_id,
                    const char *stored, const char *wanted);
+
+/* Retention deletes in batches of this many rows, each in a transaction
+ * of its own: no lock is held long enough to stall a command. */
+#define ES__PURGE_BATCH 1000
+
+/* One batch of es_store_purge_commands (the host's retention). */
+int es__store_purge_commands(es_store *store, int64_t before_ms,
+                             size_t limit, size_t *count, es_error *err);
 
 /* Command-id records; ES_EINVAL when the backend has none (see
  * es__store_has_commands). */

@@ -1,0 +1,32 @@
+/*
+ * The PostgreSQL store's statements, as text, for the test that reads
+ * their plans (tests/test_pg_plans.c): every statement on a command's path
+ * must be an index probe whatever the table size, its statistics or the
+ * plan cache mode (promise 10).  Never installed.
+ */
+#ifndef ES_PG_STATEMENTS_H
+#define ES_PG_STATEMENTS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "eventastic/store.h"
+
+/* Run on every connection of the store that serves commands (the pool,
+ * the lanes, the background writers).  Each statement it runs there has
+ * an index to probe, and with sequential scans off the planner takes it
+ * even for a table that was tiny when a generic plan was made: such a
+ * plan (a scan is cheapest on a page or two) stays cached while the table
+ * grows, until autovacuum's ANALYZE; scans of an operator's counts still
+ * run, as the only plan they have. */
+#define ES__PG_SESSION "SET enable_seqscan = off"
+
+/* Statement i of a PostgreSQL store (0, 1, ... until NULL): its text,
+ * with its name in *name and in *admin whether only an operator's tool
+ * runs it (counts, listings, purges: they may scan).  NULL past the end
+ * or for a store of another backend.  Thread: any; the text lives as long
+ * as the store. */
+const char *es__pg_statement(const es_store *store, size_t i,
+                             const char **name, bool *admin);
+
+#endif
