@@ -38,6 +38,7 @@
 
 #include "common/account.h"
 #include "common/bench.h"
+#include "common/load.h"
 #include "common/measure.h"
 
 #define CLIENTS 64
@@ -52,72 +53,16 @@ typedef struct record {
     double events_table_mb;
 } record;
 
-typedef struct run {
-    es_host *host;
-    atomic_bool stop, measuring;
-    atomic_uint_least64_t done, committed, errors;
-    atomic_int live;
-} run;
-
-typedef struct client {
-    run *r;
-    uint64_t seed;
-    double t0;
-    uint8_t amount[8];
-} client;
-
 static void die(const char *what, const char *why)
 {
     fprintf(stderr, "bench_growth: %s: %s\n", what, why);
     exit(1);
 }
 
-static void send_next(client *c);
-
 static void quiet(void *arg, const char *message)
 {
     (void)arg;
     (void)message;
-}
-
-static void client_done(void *ud, const es_host_result *res)
-{
-    client *c = ud;
-    if (res->status == 0) {
-        atomic_fetch_add_explicit(&c->r->committed, 1, memory_order_relaxed);
-        if (atomic_load_explicit(&c->r->measuring, memory_order_relaxed)) {
-            atomic_fetch_add_explicit(&c->r->done, 1, memory_order_relaxed);
-            bench_lat_record(c->t0);
-        }
-    } else {
-        atomic_fetch_add(&c->r->errors, 1);
-    }
-    send_next(c);
-}
-
-static void send_next(client *c)
-{
-    if (atomic_load_explicit(&c->r->stop, memory_order_relaxed)) {
-        atomic_fetch_sub(&c->r->live, 1);
-        return;
-    }
-    es_uuid key = bench_key_of(bench_rnd(&c->seed) % KEYS);
-    es_command cmd = {bench_make_id(), 1, c->amount, 8};
-    c->t0 = bench_now_s();
-    int rc;
-    while ((rc = es_host_send(c->r->host, &account_type, &key, &cmd,
-                              client_done, c, NULL)) == ES_EBUSY) {
-    }
-    if (rc != 0) {
-        atomic_fetch_add(&c->r->errors, 1);
-        atomic_fetch_sub(&c->r->live, 1);
-    }
-}
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    nanosleep(&ts, NULL);
 }
 
 static PGresult *sql(PGconn *c, const char *text)
@@ -200,26 +145,15 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
     if (prefilled > 0) prefill(c, schema, prefilled);
     es_host *host = host_open(store);
 
-    run r;
-    memset(&r, 0, sizeof r);
-    r.host = host;
-    client *cs = calloc(CLIENTS, sizeof *cs);
-    if (cs == NULL) die("clients", "out of memory");
-    atomic_store(&r.live, CLIENTS);
+    bench_load r;
     bench_lat_reset();
-    atomic_store(&r.measuring, true);
     double start = bench_now_s();
     cpu_sample s0 = bench_cpu_sample();
-    for (unsigned i = 0; i < CLIENTS; i++) {
-        cs[i].r = &r;
-        cs[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
-        put64(cs[i].amount, 1);
-        send_next(&cs[i]);
-    }
+    bench_load_start(&r, host, KEYS, 0, CLIENTS, true);
     size_t n = 0;
     for (int w = 0; w < windows; w++) {
         double t0 = bench_now_s();
-        sleep_s(window_s);
+        bench_sleep_s(window_s);
         atomic_store(&r.measuring, false);
         double dt = bench_now_s() - t0;
         uint64_t done = atomic_exchange(&r.done, 0);
@@ -244,9 +178,7 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
         bench_lat_reset();
         atomic_store(&r.measuring, true);
     }
-    atomic_store(&r.stop, true);
-    struct timespec tick = {0, 5000000};
-    while (atomic_load(&r.live) > 0) nanosleep(&tick, NULL);
+    bench_load_stop(&r);
     if (atomic_load(&r.errors) > 0)
         fprintf(stderr, "  %s: %llu commands failed\n", name,
                 (unsigned long long)atomic_load(&r.errors));
@@ -256,7 +188,6 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
     snprintf(q, sizeof q, "DROP SCHEMA \"%s\" CASCADE", schema);
     PQclear(sql(c, q));
     PQfinish(c);
-    free(cs);
     return n;
 }
 

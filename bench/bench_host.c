@@ -28,6 +28,7 @@
 
 #include "common/account.h"
 #include "common/bench.h"
+#include "common/load.h"
 
 static long peak_rss_kb(void)
 {
@@ -36,50 +37,7 @@ static long peak_rss_kb(void)
     return ru.ru_maxrss;
 }
 
-/* xorshift: the key sequence of one client */
-/* ---- host_memory: closed-loop clients ---- */
-
-typedef struct run {
-    es_host *host;
-    uint64_t keys;
-    atomic_bool stop;
-    atomic_uint_least64_t done, errors;
-    atomic_int live; /* clients still sending */
-} run;
-
-typedef struct client {
-    run *r;
-    uint64_t seed;
-    uint8_t amount[8];
-} client;
-
-static void send_next(client *c);
-
-static void client_done(void *ud, const es_host_result *res)
-{
-    client *c = ud;
-    atomic_fetch_add_explicit(&c->r->done, 1, memory_order_relaxed);
-    if (res->status != 0) atomic_fetch_add(&c->r->errors, 1);
-    send_next(c);
-}
-
-static void send_next(client *c)
-{
-    if (atomic_load_explicit(&c->r->stop, memory_order_relaxed)) {
-        atomic_fetch_sub(&c->r->live, 1);
-        return;
-    }
-    es_uuid key = bench_key_of(bench_rnd(&c->seed) % c->r->keys);
-    es_command cmd = {bench_make_id(), 1, c->amount, 8};
-    int rc;
-    while ((rc = es_host_send(c->r->host, &account_type, &key, &cmd,
-                              client_done, c, NULL)) == ES_EBUSY) {
-    }
-    if (rc != 0) {
-        atomic_fetch_add(&c->r->errors, 1);
-        atomic_fetch_sub(&c->r->live, 1);
-    }
-}
+/* ---- host_memory: closed-loop clients (common/load.c) ---- */
 
 typedef struct record {
     const char *name;
@@ -106,30 +64,18 @@ static record host_point(unsigned workers, unsigned clients, uint64_t keys,
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
 
-    run r;
-    memset(&r, 0, sizeof r);
-    r.host = host;
-    r.keys = keys;
-    client *cs = calloc(clients, sizeof *cs);
-    atomic_store(&r.live, (int)clients);
+    bench_load r;
     double t0 = bench_now_s();
-    for (unsigned i = 0; i < clients; i++) {
-        cs[i].r = &r;
-        cs[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
-        put64(cs[i].amount, 1);
-        send_next(&cs[i]);
-    }
+    bench_load_start(&r, host, keys, 0, clients, false);
     struct timespec tick = {0, 10000000};
     while (bench_now_s() - t0 < seconds) nanosleep(&tick, NULL);
     uint64_t done = atomic_load(&r.done);
     double dt = bench_now_s() - t0;
-    atomic_store(&r.stop, true);
-    while (atomic_load(&r.live) > 0) nanosleep(&tick, NULL);
+    bench_load_stop(&r);
     es_host_metrics m;
     es_host_metrics_get(host, &m);
     es_host_shutdown(host, NULL);
     es_store_close(store);
-    free(cs);
     if (atomic_load(&r.errors) != 0)
         fprintf(stderr, "host_memory: %llu errors\n",
                 (unsigned long long)atomic_load(&r.errors));

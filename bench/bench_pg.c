@@ -44,10 +44,9 @@
 
 #include "common/account.h"
 #include "common/bench.h"
+#include "common/load.h"
 #include "common/measure.h"
 
-
-/* xorshift: the key sequence of one client */
 typedef struct record {
     const char *name;
     unsigned workers, lanes, clients;
@@ -76,62 +75,8 @@ static es_store *open_store(size_t pool)
     return store;
 }
 
-/* ---- host_pg: closed-loop clients ---- */
+/* ---- host_pg: closed-loop clients (common/load.c) ---- */
 
-typedef struct run {
-    es_host *host;
-    uint64_t keys, base;
-    atomic_bool stop, measuring;
-    atomic_uint_least64_t done, errors;
-    atomic_int live;
-} run;
-
-typedef struct client {
-    run *r;
-    uint64_t seed;
-    double t0;
-    uint8_t amount[8];
-} client;
-
-static void send_next(client *c);
-
-static void client_done(void *ud, const es_host_result *res)
-{
-    client *c = ud;
-    if (atomic_load_explicit(&c->r->measuring, memory_order_relaxed)) {
-        if (res->status == 0) {
-            atomic_fetch_add_explicit(&c->r->done, 1, memory_order_relaxed);
-            bench_lat_record(c->t0);
-        }
-    }
-    if (res->status != 0) atomic_fetch_add(&c->r->errors, 1);
-    send_next(c);
-}
-
-static void send_next(client *c)
-{
-    if (atomic_load_explicit(&c->r->stop, memory_order_relaxed)) {
-        atomic_fetch_sub(&c->r->live, 1);
-        return;
-    }
-    es_uuid key = bench_key_of(c->r->base + bench_rnd(&c->seed) % c->r->keys);
-    es_command cmd = {bench_make_id(), 1, c->amount, 8};
-    c->t0 = bench_now_s();
-    int rc;
-    while ((rc = es_host_send(c->r->host, &account_type, &key, &cmd,
-                              client_done, c, NULL)) == ES_EBUSY) {
-    }
-    if (rc != 0) {
-        atomic_fetch_add(&c->r->errors, 1);
-        atomic_fetch_sub(&c->r->live, 1);
-    }
-}
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    nanosleep(&ts, NULL);
-}
 
 static void count_done(void *ud, const es_host_result *res)
 {
@@ -174,34 +119,21 @@ static es_host *open_warm_host(es_store *store, unsigned lanes,
 static record host_point(es_host *host, unsigned lanes, unsigned clients,
                          uint64_t keys, double warm, double seconds)
 {
-    run r;
-    memset(&r, 0, sizeof r);
-    r.host = host;
-    r.keys = keys;
-    client *cs = calloc(clients, sizeof *cs);
-    atomic_store(&r.live, (int)clients);
-    bench_lat_reset();
-    for (unsigned i = 0; i < clients; i++) {
-        cs[i].r = &r;
-        cs[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
-        put64(cs[i].amount, 1);
-        send_next(&cs[i]);
-    }
-    sleep_s(warm); /* the accounts are loaded */
+    bench_load r;
+    bench_load_start(&r, host, keys, 0, clients, true);
+    bench_sleep_s(warm); /* the accounts are loaded */
     cpu_sample s0 = bench_cpu_sample();
     double t0 = bench_now_s();
-    atomic_store(&r.measuring, true);
-    sleep_s(seconds);
+    atomic_store(&r.done, 0);
+    bench_lat_reset();
+    bench_sleep_s(seconds);
     atomic_store(&r.measuring, false);
     double dt = bench_now_s() - t0;
     cpu_sample s1 = bench_cpu_sample();
     uint64_t done = atomic_load(&r.done);
-    atomic_store(&r.stop, true);
-    struct timespec tick = {0, 5000000};
-    while (atomic_load(&r.live) > 0) nanosleep(&tick, NULL);
+    bench_load_stop(&r);
     es_host_metrics m;
     es_host_metrics_get(host, &m);
-    free(cs);
     record rec = {"host_pg", 2, lanes, clients, keys, (double)done / dt, 0,
                   0, 0, 0, atomic_load(&r.errors), 0, 0};
     bench_cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
@@ -300,11 +232,11 @@ static record per_command_point(unsigned clients, uint64_t keys,
         if (pthread_create(&cs[i].th, NULL, pc_main, &cs[i]) != 0) abort();
     }
     pthread_barrier_wait(&r.opened);
-    sleep_s(warm);
+    bench_sleep_s(warm);
     cpu_sample s0 = bench_cpu_sample();
     double t0 = bench_now_s();
     atomic_store(&r.measuring, true);
-    sleep_s(seconds);
+    bench_sleep_s(seconds);
     atomic_store(&r.measuring, false);
     double dt = bench_now_s() - t0;
     cpu_sample s1 = bench_cpu_sample();

@@ -1,6 +1,6 @@
 /*
- * The README's example: define an aggregate type, give it a typed facade,
- * record events, save them in a transaction, load the aggregate back.
+ * The example of docs/guide.md: define an aggregate type, give it a typed
+ * facade, record events, save them in a transaction, load the aggregate back.
  */
 #include <stdio.h>
 #include <string.h>

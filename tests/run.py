@@ -400,7 +400,8 @@ def run_benchmarks(quick, only=None):
         f.write("\n")
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
             "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
-            "cpu_pg_pct", "events_per_s", "cpu_load_pct"]
+            "cpu_pg_pct", "events_per_s", "cpu_load_pct", "phase", "window",
+            "events_in_store"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
@@ -587,7 +588,7 @@ def main():
                     help="with --bench: short runs, smaller sets")
     ap.add_argument("--bench-only", default="",
                     help="with --bench: only these benchmarks "
-                    "(comma-separated: bench_host, bench_pg, "
+                    "(comma-separated: bench_host, bench_pg, bench_growth, "
                     "bank_http)")
     a = ap.parse_args()
 

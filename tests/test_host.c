@@ -20,6 +20,7 @@
 #include "eventastic.h"
 #include "eventastic/host.h"
 #include "store/store_impl.h"
+#include "fixtures/faults.h"
 
 /* ---- a counter aggregate ---- */
 
@@ -1511,83 +1512,34 @@ static void test_host_side_effects_and_two_types(void **state)
     world_destroy(&w);
 }
 
-/* ---- stores with faults or without command ids ---- */
-
-static const es_store_ops *memory_ops;
-static es_store_ops wrapped_ops;
-static atomic_int failing_commits; /* commits to fail with ES_EDB */
-static atomic_int unknown_commits; /* commits that say ES_EUNKNOWN */
-
-static atomic_bool chaos;          /* some commits fail, some unknown */
-static atomic_long commit_no;
-
-static int flaky_commit(es_txn *txn, es_error *err)
-{
-    if (atomic_load(&chaos)) {
-        long n = atomic_fetch_add(&commit_no, 1);
-        if (n % 13 >= 5 && n % 13 <= 7) { /* retries fail too */
-            memory_ops->rollback(txn);
-            return es__error_set(err, ES_EDB, "injected commit failure");
-        }
-        if (n % 13 == 9) {
-            int rc = memory_ops->commit(txn, err);
-            if (rc != 0) return rc;
-            return es__error_set(err, ES_EUNKNOWN, "injected: unknown");
-        }
-    }
-    if (atomic_load(&unknown_commits) > 0) {
-        atomic_fetch_sub(&unknown_commits, 1);
-        int rc = memory_ops->commit(txn, err);
-        if (rc != 0) return rc;
-        return es__error_set(err, ES_EUNKNOWN, "injected: connection lost "
-                             "during COMMIT (it committed)");
-    }
-    if (atomic_load(&failing_commits) > 0) {
-        atomic_fetch_sub(&failing_commits, 1);
-        memory_ops->rollback(txn);
-        return es__error_set(err, ES_EDB, "injected commit failure");
-    }
-    return memory_ops->commit(txn, err);
-}
-
-static void wrap_store(es_store *store, bool command_ids, bool flaky)
-{
-    memory_ops = store->ops;
-    wrapped_ops = *store->ops;
-    if (!command_ids) {
-        wrapped_ops.insert_commands = NULL;
-        wrapped_ops.get_command = NULL;
-    }
-    if (flaky) { /* commits go through commit, not the batch writer */
-        wrapped_ops.commit = flaky_commit;
-        wrapped_ops.write_batch = NULL;
-    }
-    store->ops = &wrapped_ops;
-}
-
-static void unwrap_store(es_store *store) { store->ops = memory_ops; }
+/* ---- stores with faults or without command ids ----
+ *
+ * fixture_faults_wrap (fixtures/faults.h): commits that fail on purpose,
+ * or a store without command ids. */
 
 static size_t gated_write_batch(es_store *store, void **slot,
                                 es__commit_item **items, size_t n)
 {
     commit_gate_pass();
-    return memory_ops->write_batch(store, slot, items, n);
+    return fixture_fault_inner->write_batch(store, slot, items, n);
 }
 
 static int gated_commit(es_txn *txn, es_error *err)
 {
     commit_gate_pass();
-    return memory_ops->commit(txn, err);
+    return fixture_fault_inner->commit(txn, err);
 }
 
 static void gate_commits(es_store *store, bool command_ids)
 {
-    wrap_store(store, command_ids, false);
-    if (wrapped_ops.write_batch != NULL)
-        wrapped_ops.write_batch = gated_write_batch;
+    fixture_faults_wrap(store, command_ids, false);
+    if (fixture_fault_ops.write_batch != NULL)
+        fixture_fault_ops.write_batch = gated_write_batch;
     else
-        wrapped_ops.commit = gated_commit;
+        fixture_fault_ops.commit = gated_commit;
 }
+
+static void unwrap_store(es_store *store) { fixture_faults_unwrap(store); }
 
 /* A store whose snapshot writes wait on a gate. */
 static pthread_mutex_t snap_gate_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -1604,7 +1556,7 @@ static int gated_store_snapshot(es_txn *txn, const es_snapshot *snap,
     while (!snap_gate_open)
         pthread_cond_wait(&snap_gate_cond, &snap_gate_lock);
     pthread_mutex_unlock(&snap_gate_lock);
-    return memory_ops->store_snapshot(txn, snap, err);
+    return fixture_fault_inner->store_snapshot(txn, snap, err);
 }
 
 /* Snapshot writing never delays an acknowledgement: with every snapshot
@@ -1621,8 +1573,8 @@ static void test_host_snapshots_never_delay_acknowledgements(void **state)
     world_init(&w);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    wrap_store(store, true, false);
-    wrapped_ops.store_snapshot = gated_store_snapshot;
+    fixture_faults_wrap(store, true, false);
+    fixture_fault_ops.store_snapshot = gated_store_snapshot;
     snap_gate_open = false;
     snap_waiting = 0;
     open_host(&w, store, 2, tune_snapshot_every_event);
@@ -1643,7 +1595,7 @@ static void test_host_snapshots_never_delay_acknowledgements(void **state)
     pthread_cond_broadcast(&snap_gate_cond);
     pthread_mutex_unlock(&snap_gate_lock);
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
-    unwrap_store(store);
+    fixture_faults_unwrap(store);
     uint64_t version = 0;
     assert_int_equal(snapshot_version(store, &w.keys[0], &version), 0);
     assert_int_equal(version, 9);
@@ -1680,8 +1632,8 @@ static int faulty_get_snapshot(es_txn *txn, const char *type_name,
 {
     int rc = load_fault_status(aggregate_id, err);
     if (rc != 0) return rc;
-    return memory_ops->get_snapshot(txn, type_name, aggregate_id,
-                                    snapshot_version, out, err);
+    return fixture_fault_inner->get_snapshot(txn, type_name, aggregate_id,
+                                             snapshot_version, out, err);
 }
 
 static int faulty_stream(es_txn *txn, const char *type_name,
@@ -1691,8 +1643,8 @@ static int faulty_stream(es_txn *txn, const char *type_name,
 {
     int rc = load_fault_status(aggregate_id, err);
     if (rc != 0) return rc;
-    return memory_ops->stream(txn, type_name, aggregate_id, from_version, fn,
-                              ud, err);
+    return fixture_fault_inner->stream(txn, type_name, aggregate_id,
+                                       from_version, fn, ud, err);
 }
 
 #define PARKED_CMDS 20
@@ -1744,9 +1696,9 @@ static void test_host_load_waits_out_outage(void **state)
     world_init(&w);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    wrap_store(store, true, false);
-    wrapped_ops.get_snapshot = faulty_get_snapshot;
-    wrapped_ops.stream = faulty_stream;
+    fixture_faults_wrap(store, true, false);
+    fixture_fault_ops.get_snapshot = faulty_get_snapshot;
+    fixture_fault_ops.stream = faulty_stream;
     atomic_store(&load_lost, false);
     bad_row_key = w.keys[2];
     open_host(&w, store, 1, NULL);
@@ -1805,7 +1757,7 @@ static void test_host_load_waits_out_outage(void **state)
     assert_int_equal(atomic_load(&closed.n), PARKED_CMDS);
     assert_int_equal(atomic_load(&closed.closed), PARKED_CMDS);
     atomic_store(&load_lost, false);
-    unwrap_store(store);
+    fixture_faults_unwrap(store);
     uint64_t version = 0;
     assert_int_equal(stored_value(store, &w.keys[0], &version), 11);
     assert_int_equal(stored_value(store, &w.keys[1], &version),
@@ -1840,7 +1792,12 @@ static void test_host_store_without_command_ids(void **state)
     es_command c2 = command(CMD_ADD, &one);
     int not_held = send_held_pair(w.host, &w.keys[0], &c2, &orig, &copy);
     /* after its completion there is no record to find: decided again
-     * (so the pair above met only in flight) */
+     * (so the pair above met only in flight).  Both completions first:
+     * the gate is open, but the pair may still be committing. */
+    for (int i = 0; i < 1000 && (atomic_load(&orig.n) < 1 ||
+                                 atomic_load(&copy.n) < 1);
+         i++)
+        sleep_ms(10);
     es_host_reply *r2 = NULL;
     assert_int_equal(call(&w, &w.keys[0], &c2, &r2), 0);
     bool late_dup = r2->duplicate;
@@ -1882,14 +1839,14 @@ static void test_host_failing_commits_never_succeed(void **state)
     world_init(&w);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    wrap_store(store, true, true);
+    fixture_faults_wrap(store, true, true);
     open_host(&w, store, 2, NULL);
     payload one = make_payload(1, 0, 0, NULL);
     es_command c = command(CMD_ADD, &one);
     assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0); /* version 0 */
 
     /* Every commit fails: pipelined commands to two keys all fail. */
-    atomic_store(&failing_commits, 1 << 30);
+    atomic_store(&fixture_fault_failing_commits, 1 << 30);
     outcome_tally t;
     memset(&t, 0, sizeof t);
     for (int i = 0; i < 20; i++) {
@@ -1902,7 +1859,7 @@ static void test_host_failing_commits_never_succeed(void **state)
     assert_int_equal(atomic_load(&t.ok), 0);
 
     /* One failure, then the store works: isolation retries absorb it. */
-    atomic_store(&failing_commits, 1);
+    atomic_store(&fixture_fault_failing_commits, 1);
     es_host_reply *r = NULL;
     c = command(CMD_ADD, &one);
     assert_int_equal(call(&w, &w.keys[0], &c, &r), 0);
@@ -1913,7 +1870,7 @@ static void test_host_failing_commits_never_succeed(void **state)
     assert_int_equal(r->version, 0);
     es_host_reply_free(r);
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
-    unwrap_store(store);
+    fixture_faults_unwrap(store);
     assert_int_equal(es_memory_store_event_count(store), 3);
     assert_int_equal(stored_value(store, &w.keys[0], NULL), 2);
     assert_int_equal(es_store_close(store), 0);
@@ -2011,10 +1968,10 @@ static void test_host_chaos_store_matches_outcomes(void **state)
     memset(chaos_slots, 0, sizeof chaos_slots);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    wrap_store(store, true, true);
+    fixture_faults_wrap(store, true, true);
     open_host(&w, store, 2, tune_chaos);
-    atomic_store(&commit_no, 0);
-    atomic_store(&chaos, true);
+    atomic_store(&fixture_fault_commit_no, 0);
+    atomic_store(&fixture_fault_chaos, true);
     pthread_t th[CHAOS_PRODUCERS];
     chaos_producer cp[CHAOS_PRODUCERS];
     for (int i = 0; i < CHAOS_PRODUCERS; i++) {
@@ -2029,8 +1986,8 @@ static void test_host_chaos_store_matches_outcomes(void **state)
      * harmless (a cache) */
     int rc = es_host_shutdown(w.host, NULL);
     assert_true(rc == 0 || rc == ES_EDB || rc == ES_EUNKNOWN);
-    atomic_store(&chaos, false);
-    unwrap_store(store);
+    atomic_store(&fixture_fault_chaos, false);
+    fixture_faults_unwrap(store);
 
     int64_t ok_per_key[CHAOS_KEYS] = {0};
     int failed = 0;
@@ -2078,13 +2035,13 @@ static void test_host_chaos_store_matches_outcomes(void **state)
         assert_int_equal(version, (uint64_t)ok_per_key[k] - 1);
     }
     assert_int_equal(es_memory_store_event_count(store), total);
-    assert_true(atomic_load(&commit_no) > 13);
+    assert_true(atomic_load(&fixture_fault_commit_no) > 13);
     if (getenv("HOST_DEBUG"))
         print_message("chaos: %d failed, %llu conflicts, %llu passivations, "
                       "%ld commits\n", failed,
                       (unsigned long long)m.conflicts,
                       (unsigned long long)m.passivations,
-                      atomic_load(&commit_no));
+                      atomic_load(&fixture_fault_commit_no));
     assert_int_equal(es_store_close(store), 0);
     world_destroy(&w);
 }
@@ -2098,12 +2055,12 @@ static void test_host_unknown_commit_outcome_is_read_back(void **state)
     world_init(&w);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    wrap_store(store, true, true);
+    fixture_faults_wrap(store, true, true);
     open_host(&w, store, 2, NULL);
     payload one = make_payload(1, 0, 0, NULL);
     es_command c = command(CMD_ADD, &one);
     assert_int_equal(call(&w, &w.keys[0], &c, NULL), 0);
-    atomic_store(&unknown_commits, 1);
+    atomic_store(&fixture_fault_unknown_commits, 1);
     es_host_reply *r = NULL;
     c = command(CMD_TWO, &one);
     assert_int_equal(call(&w, &w.keys[0], &c, &r), 0);
@@ -2116,7 +2073,7 @@ static void test_host_unknown_commit_outcome_is_read_back(void **state)
     assert_int_equal(r->version, 3);
     es_host_reply_free(r);
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
-    unwrap_store(store);
+    fixture_faults_unwrap(store);
     assert_int_equal(es_memory_store_event_count(store), 4);
     assert_int_equal(es_store_close(store), 0);
     world_destroy(&w);
@@ -2272,7 +2229,7 @@ static void test_host_rejection_record_failures(void **state)
     world_init(&w);
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    wrap_store(store, true, true);
+    fixture_faults_wrap(store, true, true);
     open_host(&w, store, 2, NULL);
     const es_uuid *key = &w.keys[0];
     payload one = make_payload(1, 0, 0, NULL);
@@ -2280,26 +2237,26 @@ static void test_host_rejection_record_failures(void **state)
     es_command c = command(CMD_ADD, &one);
     assert_int_equal(call(&w, key, &c, NULL), 0); /* value 1 */
 
-    atomic_store(&failing_commits, 1 << 30);
+    atomic_store(&fixture_fault_failing_commits, 1 << 30);
     es_command take = command(CMD_TAKE, &five);
     es_host_reply *r = NULL;
     int rc = call(&w, key, &take, &r);
     es_host_reply_free(r);
     assert_int_equal(rc, ES_EDB);
-    atomic_store(&failing_commits, 0);
+    atomic_store(&fixture_fault_failing_commits, 0);
     /* nothing recorded: decided again, on today's state */
     expect_rejection(&w, key, &take, "short: 1 < 5", false);
     expect_rejection(&w, key, &take, "short: 1 < 5", true);
 
     /* The record committed but the commit said unknown: read back. */
-    atomic_store(&unknown_commits, 1);
+    atomic_store(&fixture_fault_unknown_commits, 1);
     es_command take2 = command(CMD_TAKE, &five);
     expect_rejection(&w, key, &take2, "short: 1 < 5", false);
     es_command big = command(CMD_ADD, &five);
     assert_int_equal(call(&w, key, &big, NULL), 0);
     expect_rejection(&w, key, &take2, "short: 1 < 5", true);
     assert_int_equal(es_host_shutdown(w.host, NULL), 0);
-    unwrap_store(store);
+    fixture_faults_unwrap(store);
     assert_int_equal(stored_value(store, key, NULL), 6);
     assert_int_equal(es_store_close(store), 0);
     world_destroy(&w);

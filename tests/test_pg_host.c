@@ -394,6 +394,48 @@ static void test_pg_host_rejection_sealed(void **state)
     assert_int_equal(es_host_shutdown(host, NULL), 0);
 }
 
+/* An accepted command replayed once its aggregate is forgotten: its
+ * record says it committed, but its events cannot be read back (their data
+ * key is destroyed).  The answer is ES_EFORGOTTEN, never ES_EUNKNOWN (which
+ * would say it may not have committed): resident, where the replay is
+ * decided on today's state, rejected, and the record answers; and after a
+ * restart, where the load meets the forgotten aggregate first. */
+static void test_pg_host_accepted_replay_forgotten(void **state)
+{
+    (void)state;
+    es_host *host = open_host_on(g_sealed);
+    assert_non_null(host);
+    es_uuid key;
+    es_uuid_v7(&key);
+    uint8_t v10[4], v10b[4];
+    es_command add = command(v10, 10);
+    es_command take = command(v10b, 10);
+    take.kind = CMD_TAKE;
+    assert_int_equal(es_host_call(host, &counter_type, &key, &add, NULL,
+                                  NULL), 0);
+    assert_int_equal(es_host_call(host, &counter_type, &key, &take, NULL,
+                                  NULL), 0);
+    /* resident, before: the record answers with the events */
+    es_host_reply *r = NULL;
+    assert_int_equal(es_host_call(host, &counter_type, &key, &take, &r,
+                                  NULL), 0);
+    assert_true(r->duplicate);
+    assert_int_equal(r->n_events, 1);
+    es_host_reply_free(r);
+    forget(&key);
+    /* today's state has 0: deciding again rejects, the record answers */
+    expect_status(host, &key, &take, ES_EFORGOTTEN, "short");
+    /* the snapshot on passivation cannot be sealed either: reported */
+    int rc = es_host_shutdown(host, NULL);
+    assert_true(rc == 0 || rc == ES_EFORGOTTEN);
+
+    host = open_host_on(g_sealed);
+    assert_non_null(host);
+    expect_status(host, &key, &take, ES_EFORGOTTEN, "short");
+    expect_status(host, &key, &add, ES_EFORGOTTEN, "short");
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -433,6 +475,7 @@ int main(void)
         cmocka_unit_test(test_pg_host_conflict_decided_again),
         cmocka_unit_test(test_pg_host_rejection_replayed),
         cmocka_unit_test(test_pg_host_rejection_sealed),
+        cmocka_unit_test(test_pg_host_accepted_replay_forgotten),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -27,6 +27,7 @@
 #include "fixtures/counter.h"
 #include "store/store_impl.h"
 #include "fixtures/pg.h"
+#include "fixtures/pg_stop.h"
 
 #define APP_NAME "es_lanes_victim"
 
@@ -64,13 +65,6 @@ static void check_counter(es_store *store, const es_uuid *key,
     assert_int_equal(counter_state(ctx)->result, result);
     assert_int_equal(counter_version(ctx), version);
     counter_context_free(ctx);
-}
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* ---- a conflicting aggregate among many ---- */
@@ -188,7 +182,7 @@ typedef struct producer {
 
 static bool enough_kills(shared *s)
 {
-    return atomic_load(&s->killer_failed) || now_ms() > s->deadline ||
+    return atomic_load(&s->killer_failed) || fixture_now_ms() > s->deadline ||
            (atomic_load(&s->kills) >= KILLS_MIN &&
             atomic_load(&s->busy_kills) >= BUSY_KILLS_MIN);
 }
@@ -250,22 +244,10 @@ static void *killer(void *arg)
     return NULL;
 }
 
-/* DATABASE_URL (a URI or key=value conninfo) with application_name=app,
- * so that the test finds its store's backends in pg_stat_activity. */
-static void app_conninfo(char *ci, size_t cap, const char *app)
-{
-    const char *url = getenv("DATABASE_URL");
-    if (strncmp(url, "postgres", 8) == 0)
-        snprintf(ci, cap, "%s%capplication_name=%s", url,
-                 strchr(url, '?') ? '&' : '?', app);
-    else
-        snprintf(ci, cap, "%s application_name=%s", url, app);
-}
-
 static es_store *open_victim_store(void)
 {
     char ci[1024];
-    app_conninfo(ci, sizeof ci, APP_NAME);
+    fixture_pg_app_conninfo(ci, sizeof ci, APP_NAME);
     es_pg_config *cfg = NULL;
     es_store *store = NULL;
     if (es_pg_config_new(&cfg, NULL) != 0 ||
@@ -282,7 +264,7 @@ static void test_pg_lanes_killed_connections(void **state)
     (void)state;
     static shared s;
     memset(&s, 0, sizeof s);
-    s.deadline = now_ms() + KILL_DEADLINE_MS;
+    s.deadline = fixture_now_ms() + KILL_DEADLINE_MS;
     for (int k = 0; k < KEYS; k++) es_uuid_v7(&s.keys[k]);
     es_store *victim = open_victim_store();
     assert_non_null(victim);
@@ -711,73 +693,17 @@ static void test_pg_lanes_prepared_after_reconnect(void **state)
 #define HALF_SILENCE_MS (HALF_TIMEOUT_MS + 5000)
 #define HALF_LOCK 4242 /* the advisory lock case (b)'s COMMIT waits on */
 
-static pid_t g_frozen[4];
-static int g_n_frozen;
-
-static void thaw_all(void)
-{
-    for (int i = 0; i < g_n_frozen; i++) kill(g_frozen[i], SIGCONT);
-    g_n_frozen = 0;
-}
-
 static int thaw_teardown(void **state)
 {
     (void)state;
-    thaw_all();
+    fixture_pg_continue_all();
     return 0;
-}
-
-/* Whether pid is a PostgreSQL process of this machine, and its state
- * letter in /proc (0 when it cannot be read). */
-static char proc_state(pid_t pid, bool *postgres)
-{
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL) return 0;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *open = strchr(buf, '('), *close = strrchr(buf, ')');
-    if (open == NULL || close == NULL || close[1] == 0) return 0;
-    *postgres = strncmp(open + 1, "postgres", 8) == 0;
-    return close[2];
-}
-
-/* SIGSTOP pid (a backend of the cluster on this machine) and wait until
- * it is stopped.  False, with the reason in why, when it cannot be done
- * here (the server on another machine, or not ours to signal). */
-static bool freeze(pid_t pid, char *why, size_t cap)
-{
-    bool postgres = false;
-    if (proc_state(pid, &postgres) == 0 || !postgres) {
-        snprintf(why, cap, "backend %d is not a postgres process of this "
-                 "machine", (int)pid);
-        return false;
-    }
-    if (g_n_frozen == (int)(sizeof g_frozen / sizeof *g_frozen)) {
-        snprintf(why, cap, "too many backends stopped");
-        return false;
-    }
-    g_frozen[g_n_frozen++] = pid; /* before: the teardown continues it */
-    if (kill(pid, SIGSTOP) != 0) {
-        g_n_frozen--;
-        snprintf(why, cap, "kill(%d, SIGSTOP): %s", (int)pid,
-                 strerror(errno));
-        return false;
-    }
-    for (int i = 0; i < 1000 && proc_state(pid, &postgres) != 'T'; i++)
-        sleep_ms(1);
-    if (proc_state(pid, &postgres) == 'T') return true;
-    thaw_all();
-    snprintf(why, cap, "backend %d did not stop", (int)pid);
-    return false;
 }
 
 static es_store *open_half_store(const char *schema, const char *app)
 {
     char ci[1024];
-    app_conninfo(ci, sizeof ci, app);
+    fixture_pg_app_conninfo(ci, sizeof ci, app);
     es_pg_config *cfg = NULL;
     es_store *store = NULL;
     if (es_pg_config_new(&cfg, NULL) != 0 ||
@@ -790,29 +716,6 @@ static es_store *open_half_store(const char *schema, const char *app)
         store = NULL;
     es_pg_config_free(cfg);
     return store;
-}
-
-/* The pid of the one backend of app that matches cond (SQL on
- * pg_stat_activity), waiting for it up to ms; 0 if none. */
-static pid_t backend_of(PGconn *admin, const char *app, const char *cond,
-                        long ms)
-{
-    char sql[512];
-    snprintf(sql, sizeof sql,
-             "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
-             "AND %s",
-             cond);
-    const char *values[1] = {app};
-    for (long waited = 0;; waited += 2) {
-        PGresult *r = PQexecParams(admin, sql, 1, NULL, values, NULL, NULL,
-                                   0);
-        pid_t pid = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1
-                        ? (pid_t)atoi(PQgetvalue(r, 0, 0))
-                        : 0;
-        PQclear(r);
-        if (pid != 0 || waited >= ms) return pid;
-        sleep_ms(2);
-    }
 }
 
 /* How many rows of the key are in the schema's events and commands, and
@@ -843,9 +746,9 @@ static void stored_rows(PGconn *admin, const char *schema, const es_uuid *key,
  * completed. */
 static bool wait_done(waiter *w, long ms)
 {
-    long long end = now_ms() + ms;
+    long long end = fixture_now_ms() + ms;
     pthread_mutex_lock(&w->lock);
-    while (w->left > 0 && (ms < 0 || now_ms() < end)) {
+    while (w->left > 0 && (ms < 0 || fixture_now_ms() < end)) {
         pthread_mutex_unlock(&w->lock);
         sleep_ms(5);
         pthread_mutex_lock(&w->lock);
@@ -917,7 +820,8 @@ static void half_close(half_case *hc, pid_t old)
     for (int i = 0; i < 500; i++) {
         char cond[64];
         snprintf(cond, sizeof cond, "pid = %d", (int)old);
-        if ((still = backend_of(hc->admin, hc->app, cond, 0)) == 0) break;
+        still = fixture_pg_backend_of(hc->admin, hc->app, cond, 0);
+        if (still == 0) break;
         sleep_ms(10);
     }
     assert_int_equal(es_host_shutdown(hc->host, NULL), 0);
@@ -968,19 +872,21 @@ static void test_pg_lanes_half_open_before_writes(void **state)
     (void)state;
     static half_case hc;
     half_open_case(&hc, "half_a_", NULL);
-    pid_t pid = backend_of(hc.admin, hc.app, "query = 'COMMIT'", 1000);
+    pid_t pid =
+        fixture_pg_backend_of(hc.admin, hc.app, "query = 'COMMIT'", 1000);
     assert_int_not_equal(pid, 0);
     char why[160];
-    if (!freeze(pid, why, sizeof why)) half_skip(&hc, false, NULL, why);
-    long long t0 = now_ms();
+    if (!fixture_pg_stop(pid, why, sizeof why))
+        half_skip(&hc, false, NULL, why);
+    long long t0 = fixture_now_ms();
     half_send(&hc);
     bool done_frozen = wait_done(&hc.w, HALF_SILENCE_MS + 10000);
-    long long took = now_ms() - t0;
+    long long took = fixture_now_ms() - t0;
     /* the lane writes on a connection of its own, not the frozen one */
     char cond[64];
     snprintf(cond, sizeof cond, "pid <> %d AND query = 'COMMIT'", (int)pid);
-    pid_t fresh = backend_of(hc.admin, hc.app, cond, 0);
-    thaw_all();
+    pid_t fresh = fixture_pg_backend_of(hc.admin, hc.app, cond, 0);
+    fixture_pg_continue_all();
     printf("half-open before the writes: status %d after %lld ms "
            "(silence limit %d ms), backend %d frozen, then %d\n",
            hc.w.status[0], took, HALF_SILENCE_MS, (int)pid, (int)fresh);
@@ -1024,18 +930,19 @@ static void test_pg_lanes_half_open_in_commit(void **state)
     assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
     PQclear(r);
     half_send(&hc);
-    pid_t pid = backend_of(hc.admin, hc.app,
+    pid_t pid = fixture_pg_backend_of(hc.admin, hc.app,
                            "query = 'COMMIT' AND wait_event = 'advisory'",
                            10000);
     assert_int_not_equal(pid, 0);
     char why[160];
-    if (!freeze(pid, why, sizeof why)) half_skip(&hc, true, lock, why);
-    long long t0 = now_ms();
+    if (!fixture_pg_stop(pid, why, sizeof why))
+        half_skip(&hc, true, lock, why);
+    long long t0 = fixture_now_ms();
     /* the lane gives up on the silent COMMIT, then asks */
     bool done_frozen = wait_done(&hc.w, HALF_SILENCE_MS + 1000);
-    long long took = now_ms() - t0;
+    long long took = fixture_now_ms() - t0;
     int status_frozen = hc.w.status[0];
-    thaw_all();
+    fixture_pg_continue_all();
     PQfinish(lock); /* the lock is free: a living COMMIT goes on */
     assert_true(wait_done(&hc.w, 30000));
     printf("half-open in COMMIT: %s while frozen (%lld ms, status %d), "
@@ -1082,13 +989,13 @@ static void test_pg_lanes_half_open_stuck_in_writes(void **state)
     r = PQexec(lock, sql);
     assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
     PQclear(r);
-    long long t0 = now_ms();
+    long long t0 = fixture_now_ms();
     half_send(&hc);
-    pid_t pid = backend_of(hc.admin, hc.app,
+    pid_t pid = fixture_pg_backend_of(hc.admin, hc.app,
                            "state = 'active' AND wait_event = 'advisory'",
                            10000);
     bool done_stuck = wait_done(&hc.w, HALF_SILENCE_MS + 5000);
-    long long took = now_ms() - t0;
+    long long took = fixture_now_ms() - t0;
     PQfinish(lock);
     assert_true(wait_done(&hc.w, 30000));
     printf("half-open, stuck in the writes: %s while stuck (%lld ms, "
@@ -1123,7 +1030,7 @@ int main(void)
                "(tests/run.py sets it)\n");
         return 0;
     }
-    atexit(thaw_all); /* no backend left stopped, whatever happens */
+    atexit(fixture_pg_continue_all); /* no backend left stopped */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_lanes_conflict_among_many),
         cmocka_unit_test(test_pg_lanes_killed_connections),

@@ -35,7 +35,8 @@
  * once.  On a PostgreSQL store with keys a rejection's reason is sealed
  * with its aggregate's data key; once the aggregate is forgotten
  * (es_pg_forget_aggregate) a replay is answered ES_EFORGOTTEN, without
- * the reason.
+ * the reason, and so is a replay of an accepted command (its events are
+ * gone with the key).
  *
  * Threads: the host runs `workers` worker threads; the commit loop, one
  * thread running an event_base of the host's own for every commit lane

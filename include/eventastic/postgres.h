@@ -127,7 +127,12 @@ ES_EXPORT ES_OWNER_THREAD void es_pg_config_free(es_pg_config *cfg);
 /**
  * Set the libpq connection string ("host=... dbname=..." or a
  * postgresql:// URI); NULL goes back to DATABASE_URL.  The string is copied
- * and checked for syntax only (the server is not contacted).  Errors:
+ * and checked for syntax only (the server is not contacted).  Every
+ * connection the store and es_pg_migrate open gets, unless the string sets
+ * them: keepalives=1 keepalives_idle=30 keepalives_interval=10
+ * keepalives_count=3 tcp_user_timeout=60000 connect_timeout=10, so a TCP
+ * connection to a server or network gone without a word fails within
+ * about a minute, and a connection attempt within 10 s.  Errors:
  * ES_EINVAL (cfg NULL, a string libpq cannot parse; the message does not
  * repeat the string), ES_ENOMEM.  On error nothing changes.
  * Thread: the config's owner.
@@ -179,7 +184,10 @@ ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_chunk_size(es_pg_config *cfg,
  * Set the longest a statement of the store may run (PostgreSQL's
  * statement_timeout, set on each connection), in ms; 0 keeps the server's
  * setting (the default).  A statement stopped by it gives ES_ETIMEDOUT
- * (SQLSTATE 57014); after a failed save the transaction goes on.
+ * (SQLSTATE 57014); after a failed save the transaction goes on.  The
+ * host's commit lanes and its fallback writer give up on a round trip
+ * that hears nothing for this long plus 5 s (60 s when 0): the
+ * connection is dropped as lost.
  * Errors: ES_EINVAL (cfg NULL, ms outside 0 to 2147483647).
  * Thread: the config's owner.
  */

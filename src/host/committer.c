@@ -87,7 +87,8 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
 {
     *commit_rc = 0;
     es_txn *txn = NULL;
-    int rc = es_store_begin(store, &txn, err);
+    /* on the commit loop: no round trip may wait for ever */
+    int rc = es__store_begin_bounded(store, &txn, err);
     if (rc != 0) {
         mark(items, n, ES__COMMIT_PENDING,
              unreachable(err) ? ES__COMMIT_RETRY : rc);

@@ -115,7 +115,6 @@ struct hcmd {
     size_t snap_len;
     uint64_t snap_at;
     int attempts;
-    bool taken;     /* a commit found its command id taken */
     bool maybe_own; /* a commit of it had an unknown outcome */
     es_uuid id;
     int32_t kind;
@@ -1119,10 +1118,12 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
                        "for another aggregate");
         return true;
     }
-    /* A command decided before (attempts > 0) whose commit came back
-     * unknown finds its own outcome here: not a duplicate.  One whose
-     * commit found the id taken (lazy_ids) is one. */
-    bool dup = h->attempts == 0 || (h->taken && !h->maybe_own);
+    /* A command whose own commit came back unknown finds its own outcome
+     * here: not a duplicate.  Any other finds what an earlier send of the
+     * id wrote: one decided again because its commit found the id taken
+     * (lazy_ids), or because another item of its batch failed (its own
+     * writes rolled back with it), is a duplicate too. */
+    bool dup = !h->maybe_own;
     if (rec->rejected && rec->forgotten) {
         /* Its reason was sealed with the aggregate's data key, since
          * destroyed (crypto-shredding): the aggregate is gone, and so is
@@ -1157,6 +1158,10 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
         complete(host, h, 0, rec->version, c.ev, c.n, "", dup);
     else if (rc == ES_EWRONGTYPE) /* the same command, to another type */
         complete_error(host, h, rc, ES_HOST_NO_VERSION, err.message);
+    else if (rc == ES_EFORGOTTEN) /* committed; its data key destroyed */
+        complete_error(host, h, ES_EFORGOTTEN, actor_version(a),
+                       "aggregate was forgotten: the command was accepted, "
+                       "its events are destroyed");
     else /* the record says it committed: never answer a failure */
         complete_error(host, h, ES_EUNKNOWN, actor_version(a),
                        "committed, but its events could not be read back");
@@ -1405,7 +1410,6 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         }
         a->broken = true;
         if (st == ES_ECONFLICT) count(&host->conflicts, 1);
-        if (st == ES_EIDEMPOTENCY) h->taken = true;
         if (st == ES_EUNKNOWN) h->maybe_own = true;
         if (retryable(st) && ++h->attempts < MAX_ATTEMPTS &&
             !atomic_load(&host->closing_now)) {

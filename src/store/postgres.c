@@ -33,11 +33,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "core/internal.h"
 #include "eventastic/postgres.h"
+#include "store/pg_conninfo.h"
 #include "store/pg_migrations.h"
 #include "store/pg_statements.h"
 #include "store/store_impl.h"
@@ -186,6 +188,14 @@ typedef struct pg_store {
      * qualified name (any name fits in 63 bytes, and holds no quote). */
     char channel[32];
     atomic_size_t claim_turn; /* which type an outbox claim starts with */
+    /* Backends of bounded transactions dropped in their COMMIT (the
+     * fallback writer's): one that lives may still commit, so every
+     * lane's read back asks them to end and waits until they have (see
+     * lane_resolve_ask).  pid 0: a free slot.  Under lock. */
+    struct {
+        int pid;
+        char start[64];
+    } cut_commits[8];
 } pg_store;
 
 /* Data keys a transaction has opened, so that each is read once.  Cleared
@@ -209,6 +219,8 @@ typedef struct pg_txn {
     unsigned cursors; /* stream cursors made, for unique names */
     bool wrote_side_effects; /* wake dispatchers after commit */
     PGconn **own; /* begin_background: the caller's slot, not the pool */
+    int pid;        /* begin_bounded: its backend, */
+    char start[64]; /* and that backend's backend_start */
 } pg_txn;
 
 /* Every parameter is binary; as many entries as the most parameters of a
@@ -534,14 +546,124 @@ static int db_error(PGconn *c, const PGresult *r, es_error *err,
     return code;
 }
 
+/* ---- round trips that must not wait for ever ----
+ *
+ * A transaction of begin_bounded (the host's fallback writer, which runs
+ * on its commit loop) marks its pooled connection: each statement on it
+ * is sent without blocking and waited for with poll, up to the store's
+ * silence limit (silence_ms, as the commit lanes).  Past it the
+ * connection is dropped (its socket shut down), so the statement fails as
+ * a lost connection (COMMIT: an unknown outcome, read back by a lane once
+ * the backend that had it has ended: pg_store.cut_commits).  No TCP
+ * option notices a server that stopped answering on a live socket (a
+ * stopped process, a stuck backend); this does. */
+
+static int64_t mono_ms(void);
+static int64_t silence_ms(const pg_store *s);
+
+/* The mark: instance data of this proc, the store whose limit applies. */
+static int bound_evproc(PGEventId id, void *info, void *pass)
+{
+    (void)id;
+    (void)info;
+    (void)pass;
+    return 1;
+}
+
+/* c's silence limit in ms; 0: none (c blocks as libpq does). */
+static int64_t bound_of(PGconn *c)
+{
+    const pg_store *s = PQinstanceData(c, bound_evproc);
+    return s != NULL ? silence_ms(s) : 0;
+}
+
+static bool bound_mark(PGconn *c, const pg_store *s)
+{
+    if (PQsetInstanceData(c, bound_evproc, (void *)s)) return true;
+    return PQregisterEventProc(c, bound_evproc, "eventastic bound", NULL) &&
+           PQsetInstanceData(c, bound_evproc, (void *)s);
+}
+
+/* sql on c (n < 0: simple protocol, else binary parameters and results)
+ * within ms of silence.  Returns what PQexec or PQexecParams would (the
+ * last result); NULL when the connection was lost, with *silent set when
+ * it was dropped for its silence. */
+static PGresult *exec_bounded(PGconn *c, int64_t ms, const char *sql, int n,
+                              const Oid *types, const char *const *values,
+                              const int *lens, bool *silent)
+{
+    *silent = false;
+    if (PQsetnonblocking(c, 1) != 0) return NULL;
+    int sent = n < 0 ? PQsendQuery(c, sql)
+                     : PQsendQueryParams(c, sql, n, types, values, lens,
+                                         n > 0 ? binary_formats : NULL, 1);
+    PGresult *res = NULL;
+    bool ok = sent == 1;
+    int64_t end = mono_ms() + ms;
+    while (ok) {
+        int flush = PQflush(c);
+        if (flush < 0) {
+            ok = false;
+            break;
+        }
+        if (flush == 0 && !PQisBusy(c)) {
+            PGresult *r = PQgetResult(c);
+            if (r == NULL) break;
+            PQclear(res);
+            res = r;
+            continue;
+        }
+        int64_t left = end - mono_ms();
+        if (left <= 0) {
+            *silent = true;
+            ok = false;
+            shutdown(PQsocket(c), SHUT_RDWR);
+            PQconsumeInput(c); /* libpq sees it closed */
+            break;
+        }
+        struct pollfd p = {PQsocket(c), POLLIN, 0};
+        if (flush == 1) p.events |= POLLOUT;
+        int k = poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left);
+        if (k < 0 && errno != EINTR) ok = false;
+        if (k > 0 && !PQconsumeInput(c)) ok = false;
+    }
+    if (PQstatus(c) == CONNECTION_OK) PQsetnonblocking(c, 0);
+    if (!ok) {
+        PQclear(res);
+        res = NULL;
+    }
+    return res;
+}
+
+static int silence_error(es_error *err, const char *what, int64_t ms)
+{
+    es__error_set(err, ES_EDB, "%s: no answer from the database within "
+                  "%lld ms; connection dropped", what, (long long)ms);
+    if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+    return ES_EDB;
+}
+
+/* PQexec, bounded on a marked connection. */
+static PGresult *exec_text(PGconn *c, const char *sql)
+{
+    int64_t ms = bound_of(c);
+    bool silent = false;
+    return ms > 0 ? exec_bounded(c, ms, sql, -1, NULL, NULL, NULL, &silent)
+                  : PQexec(c, sql);
+}
+
 /* Run a statement with binary parameters and binary results.  On success
  * *out (if given) is the result (PQclear), else it is cleared. */
 static int run(PGconn *c, const char *what, const char *sql, int n,
                const Oid *types, const char *const *values, const int *lens,
                PGresult **out, es_error *err)
 {
-    PGresult *r = PQexecParams(c, sql, n, types, values, lens,
-                               n > 0 ? binary_formats : NULL, 1);
+    int64_t ms = bound_of(c);
+    bool silent = false;
+    PGresult *r = ms > 0 ? exec_bounded(c, ms, sql, n, types, values, lens,
+                                        &silent)
+                         : PQexecParams(c, sql, n, types, values, lens,
+                                        n > 0 ? binary_formats : NULL, 1);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
         if (out)
@@ -550,7 +672,7 @@ static int run(PGconn *c, const char *what, const char *sql, int n,
             PQclear(r);
         return 0;
     }
-    int rc = db_error(c, r, err, what);
+    int rc = silent ? silence_error(err, what, ms) : db_error(c, r, err, what);
     PQclear(r);
     return rc;
 }
@@ -560,13 +682,17 @@ static int run(PGconn *c, const char *what, const char *sql, int n,
 static int run_simple(PGconn *c, const char *what, const char *sql,
                       es_error *err)
 {
-    PGresult *r = PQexec(c, sql);
+    int64_t ms = bound_of(c);
+    bool silent = false;
+    PGresult *r = ms > 0 ? exec_bounded(c, ms, sql, -1, NULL, NULL, NULL,
+                                        &silent)
+                         : PQexec(c, sql);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
         PQclear(r);
         return 0;
     }
-    int rc = db_error(c, r, err, what);
+    int rc = silent ? silence_error(err, what, ms) : db_error(c, r, err, what);
     PQclear(r);
     return rc;
 }
@@ -722,8 +848,21 @@ static int store_connect(pg_store *s, PGconn **out, es_error *err)
     return rc;
 }
 
-static int pool_get(pg_store *s, PGconn **out, es_error *err)
+/* A connection of the pool; bounded: waiting for one to come free ends
+ * after the silence limit (ES_EDB, SQLSTATE 08000). */
+static int pool_get(pg_store *s, PGconn **out, bool bounded, es_error *err)
 {
+    struct timespec until = {0, 0};
+    if (bounded) {
+        int64_t ms = silence_ms(s);
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)(ms / 1000);
+        until.tv_nsec += (long)(ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+    }
     pthread_mutex_lock(&s->lock);
     for (;;) {
         if (s->n_idle > 0) {
@@ -743,7 +882,16 @@ static int pool_get(pg_store *s, PGconn **out, es_error *err)
             }
             return rc;
         }
-        pthread_cond_wait(&s->cond, &s->lock);
+        if (!bounded) {
+            pthread_cond_wait(&s->cond, &s->lock);
+        } else if (pthread_cond_timedwait(&s->cond, &s->lock, &until) ==
+                   ETIMEDOUT) {
+            pthread_mutex_unlock(&s->lock);
+            es__error_set(err, ES_EDB, "no connection of the pool came free "
+                          "within %lld ms", (long long)silence_ms(s));
+            if (err) memcpy(err->sqlstate, "08000", 6);
+            return ES_EDB;
+        }
     }
 }
 
@@ -752,6 +900,7 @@ static int pool_get(pg_store *s, PGconn **out, es_error *err)
  * instead. */
 static void pool_put(pg_store *s, PGconn *c)
 {
+    PQsetInstanceData(c, bound_evproc, NULL); /* unbounded again */
     bool healthy = PQstatus(c) == CONNECTION_OK &&
                    PQtransactionStatus(c) == PQTRANS_IDLE &&
                    PQpipelineStatus(c) == PQ_PIPELINE_OFF;
@@ -789,7 +938,26 @@ static void txn_end(pg_txn *t)
     es__store_txn_ended(&s->base);
 }
 
-static int pg_begin(es_store *store, es_txn **out, es_error *err)
+/* The backend of a bounded transaction, told from a later one with its
+ * pid: should its COMMIT be cut off, a read back waits for it to end. */
+static int backend_start_of(pg_txn *t, es_error *err)
+{
+    PGresult *r = NULL;
+    int rc = run(t->conn, "begin: backend", "SELECT backend_start::text "
+                 "FROM pg_stat_activity WHERE pid = pg_backend_pid()", 0,
+                 NULL, NULL, NULL, &r, err);
+    t->pid = PQbackendPID(t->conn);
+    t->start[0] = '\0';
+    if (rc == 0 && PQntuples(r) == 1 && !PQgetisnull(r, 0, 0) &&
+        strlen(PQgetvalue(r, 0, 0)) < sizeof t->start)
+        strcpy(t->start, PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return rc;
+}
+
+/* bounded: for begin_bounded (see above). */
+static int begin_pooled(es_store *store, bool bounded, es_txn **out,
+                        es_error *err)
 {
     pg_store *s = (pg_store *)store;
     pg_txn *t = es__calloc(1, sizeof *t);
@@ -800,10 +968,16 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
      * BEGIN finds out, and nothing was done yet, so try the next one
      * (each dead one is closed), until a fresh one. */
     for (size_t attempt = 0; attempt <= s->max; attempt++) {
-        if ((rc = pool_get(s, &t->conn, err)) != 0) break;
+        if ((rc = pool_get(s, &t->conn, bounded, err)) != 0) break;
+        if (bounded && !bound_mark(t->conn, s)) {
+            pool_put(s, t->conn);
+            rc = es__error_set(err, ES_ENOMEM, "out of memory");
+            break;
+        }
         es_error e = {0};
         rc = run_simple(t->conn, "begin",
                         "BEGIN ISOLATION LEVEL READ COMMITTED", &e);
+        if (rc == 0 && bounded) rc = backend_start_of(t, &e);
         if (rc == 0) break;
         if (err) *err = e;
         /* the socket's close may not have turned the status bad yet */
@@ -820,6 +994,16 @@ static int pg_begin(es_store *store, es_txn **out, es_error *err)
     es__store_txn_started(store);
     *out = &t->base;
     return 0;
+}
+
+static int pg_begin(es_store *store, es_txn **out, es_error *err)
+{
+    return begin_pooled(store, false, out, err);
+}
+
+static int pg_begin_bounded(es_store *store, es_txn **out, es_error *err)
+{
+    return begin_pooled(store, true, out, err);
 }
 
 /* COMMIT answered by the server ending the session (shutdown, crash of
@@ -885,6 +1069,16 @@ static void pg_background_close(es_store *store, void *conn)
     PQfinish(conn);
 }
 
+static void cut_commit_add(pg_store *s, const pg_txn *t)
+{
+    pthread_mutex_lock(&s->lock);
+    size_t n = sizeof s->cut_commits / sizeof *s->cut_commits, i = 0;
+    while (i + 1 < n && s->cut_commits[i].pid != 0) i++;
+    s->cut_commits[i].pid = t->pid; /* full: the last slot is reused */
+    memcpy(s->cut_commits[i].start, t->start, sizeof t->start);
+    pthread_mutex_unlock(&s->lock);
+}
+
 static int pg_commit(es_txn *txn, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
@@ -897,7 +1091,7 @@ static int pg_commit(es_txn *txn, es_error *err)
         txn_end(t);
         return rc;
     }
-    PGresult *r = PQexec(t->conn, "COMMIT");
+    PGresult *r = exec_text(t->conn, "COMMIT");
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     int rc = 0;
     if (st == PGRES_COMMAND_OK) {
@@ -912,6 +1106,8 @@ static int pg_commit(es_txn *txn, es_error *err)
                            "during COMMIT; the transaction may or may not "
                            "have committed");
         if (err) memcpy(err->sqlstate, LOST_SQLSTATE, 6);
+        if (t->pid != 0 && t->start[0])
+            cut_commit_add((pg_store *)t->base.store, t);
     } else {
         rc = db_error(t->conn, r, err, "commit");
     }
@@ -926,7 +1122,7 @@ static int pg_commit(es_txn *txn, es_error *err)
 static void pg_rollback(es_txn *txn)
 {
     pg_txn *t = (pg_txn *)txn;
-    PQclear(PQexec(t->conn, "ROLLBACK"));
+    PQclear(exec_text(t->conn, "ROLLBACK"));
     txn_end(t);
 }
 
@@ -2089,7 +2285,7 @@ static int ob_begin(pg_store *s, pg_txn *t, es_error *err)
 {
     memset(t, 0, sizeof *t);
     t->base.store = &s->base;
-    return pool_get(s, &t->conn, err);
+    return pool_get(s, &t->conn, false, err);
 }
 
 static void ob_end(pg_store *s, pg_txn *t)
@@ -3221,6 +3417,10 @@ struct pg_lane {
     int orphan_pid;
     char orphan_start[64];
     bool asked_orphan;
+    /* A COMMIT of the fallback writer cut off (cut_commits) that this
+     * read back asked about: it counts as an orphan. */
+    int cut_pid;
+    char cut_start[64];
     es_error err;
 };
 
@@ -3288,11 +3488,16 @@ static void lane_rt_end(pg_lane *l, bool ok)
 }
 
 /* How long a round trip may wait for its socket. */
+static int64_t silence_ms(const pg_store *s)
+{
+    return s->statement_timeout_ms > 0
+               ? s->statement_timeout_ms + LANE_SILENCE_MARGIN_MS
+               : (int64_t)LANE_SILENCE_S * 1000;
+}
+
 static struct timeval lane_silence(const pg_lane *l)
 {
-    int64_t ms = l->s->statement_timeout_ms > 0
-                     ? l->s->statement_timeout_ms + LANE_SILENCE_MARGIN_MS
-                     : (int64_t)LANE_SILENCE_S * 1000;
+    int64_t ms = silence_ms(l->s);
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000 * 1000)};
     return tv;
 }
@@ -3536,16 +3741,50 @@ static void lane_ensure(pg_lane *l, lane_step then)
  * end (this role may end its own backends), and a row says it was still
  * there; no row, it is gone.  The pid alone could name a later
  * backend: backend_start tells them apart. */
-static bool lane_orphan_send(pg_lane *l)
+static bool lane_end_send(pg_lane *l, int backend, const char *start)
 {
     static const Oid types[2] = {OID_INT4, OID_TEXT};
     char pid[16];
-    snprintf(pid, sizeof pid, "%d", l->orphan_pid);
-    const char *values[2] = {pid, l->orphan_start};
+    snprintf(pid, sizeof pid, "%d", backend);
+    const char *values[2] = {pid, start};
     return PQsendQueryParams(l->conn, "SELECT pg_terminate_backend(pid) "
                              "FROM pg_stat_activity WHERE pid = $1 AND "
                              "backend_start::text = $2", 2, types, values,
                              NULL, NULL, 0) == 1;
+}
+
+static bool lane_orphan_send(pg_lane *l)
+{
+    return lane_end_send(l, l->orphan_pid, l->orphan_start);
+}
+
+/* The first COMMIT cut off on the fallback writer's connection that is
+ * not known to be over (0: none), into pid and start. */
+static int cut_commit_first(pg_store *s, char start[64])
+{
+    pthread_mutex_lock(&s->lock);
+    int pid = 0;
+    for (size_t i = 0; pid == 0 && i < sizeof s->cut_commits /
+                                               sizeof *s->cut_commits;
+         i++)
+        if (s->cut_commits[i].pid != 0) {
+            pid = s->cut_commits[i].pid;
+            memcpy(start, s->cut_commits[i].start, 64);
+        }
+    pthread_mutex_unlock(&s->lock);
+    return pid;
+}
+
+/* Its backend is gone: its transaction is over. */
+static void cut_commit_over(pg_store *s, int pid, const char *start)
+{
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < sizeof s->cut_commits / sizeof *s->cut_commits;
+         i++)
+        if (s->cut_commits[i].pid == pid &&
+            strcmp(s->cut_commits[i].start, start) == 0)
+            s->cut_commits[i].pid = 0;
+    pthread_mutex_unlock(&s->lock);
 }
 
 /* ---- reading a COMMIT back ---- */
@@ -3563,6 +3802,16 @@ static void lane_resolved(pg_lane *l, bool ok)
                 return;
             }
             l->orphan_pid = 0; /* gone: its transaction is over */
+        }
+    }
+    if (l->cut_pid != 0) {
+        const PGresult *o = lane_res(l, k++);
+        if (ok && o != NULL && PQresultStatus(o) == PGRES_TUPLES_OK) {
+            if (PQntuples(o) > 0) { /* the same for the fallback's */
+                l->after_resolve(l, -1);
+                return;
+            }
+            cut_commit_over(l->s, l->cut_pid, l->cut_start);
         }
     }
     const PGresult *r = lane_res(l, k);
@@ -3600,6 +3849,9 @@ static void lane_resolve_ask(pg_lane *l, bool ok)
     bool sent = lane_rt_begin(l);
     l->asked_orphan = l->orphan_pid != 0;
     if (sent && l->asked_orphan) sent = lane_orphan_send(l);
+    l->cut_pid = cut_commit_first(l->s, l->cut_start);
+    if (sent && l->cut_pid != 0)
+        sent = lane_end_send(l, l->cut_pid, l->cut_start);
     if (sent)
         sent = PQsendQueryParams(l->conn, l->s->sql[SQL_GET_COMMAND], 1,
                                  types, values, lens, binary_formats,
@@ -4229,6 +4481,7 @@ const char *es__pg_statement(const es_store *store, size_t i,
 static const es_store_ops postgres_ops = {
     .name = "postgres",
     .begin = pg_begin,
+    .begin_bounded = pg_begin_bounded,
     .commit = pg_commit,
     .rollback = pg_rollback,
     .savepoint = pg_savepoint,
@@ -4569,7 +4822,8 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
         s->provider = cfg->provider;
         s->encrypt = true;
     }
-    s->conninfo = es__strdup(ci);
+    if (es__pg_conninfo_with_defaults(ci, &s->conninfo) != 0)
+        s->conninfo = NULL;
     s->idle = es__calloc(s->max, sizeof *s->idle);
     if (s->conninfo == NULL || s->idle == NULL ||
         (cfg->n_keys > 0 && s->keys == NULL) || build_sql(s, cfg) != 0) {
@@ -4898,7 +5152,12 @@ int es_pg_migrate(const es_pg_config *cfg, int *schema_version, es_error *err)
                                                "string could not be parsed")
                                : rc;
     PGconn *c = NULL;
-    rc = pg_connect(ci, password, &c, err);
+    char *full = NULL;
+    if (es__pg_conninfo_with_defaults(ci, &full) != 0)
+        rc = es__error_set(err, ES_ENOMEM, "out of memory");
+    else
+        rc = pg_connect(full, password, &c, err);
+    es__free(full);
     if (password) {
         memset(password, 0, strlen(password));
         es__free(password);

@@ -25,6 +25,15 @@ int es_store_begin(es_store *store, es_txn **out, es_error *err)
     return store->ops->begin(store, out, err);
 }
 
+int es__store_begin_bounded(es_store *store, es_txn **out, es_error *err)
+{
+    if (store->ops->begin_bounded == NULL)
+        return es_store_begin(store, out, err);
+    if (atomic_load(&store->closing))
+        return es__error_set(err, ES_ECLOSED, "store is closing");
+    return store->ops->begin_bounded(store, out, err);
+}
+
 int es__store_begin_background(es_store *store, void **slot, es_txn **out,
                                es_error *err)
 {

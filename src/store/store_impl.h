@@ -124,6 +124,13 @@ typedef void (*es__watch_fn)(void *ud, bool notified);
 typedef struct es_store_ops {
     const char *name;
     int (*begin)(es_store *store, es_txn **out, es_error *err);
+    /* Optional: begin for a writer that must never wait for ever (the
+     * host's fallback writer, on its commit loop): waiting for a pooled
+     * connection and each round trip of the transaction end after the
+     * backend's silence limit, as a lost connection (ES_EDB with a
+     * SQLSTATE of class 08; in COMMIT, ES_EUNKNOWN), the connection
+     * dropped.  NULL: begin. */
+    int (*begin_bounded)(es_store *store, es_txn **out, es_error *err);
     int (*commit)(es_txn *txn, es_error *err);
     void (*rollback)(es_txn *txn);
     /* A stack of savepoints: push, roll back to the newest (and pop it),
@@ -327,6 +334,8 @@ int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
 /* A transaction for a background writer on a connection of its own (the
  * begin_background op), or es_store_begin when the backend has none.
  * *slot starts NULL; es__store_background_close(store, slot) ends it. */
+/* es_store_begin with the backend's begin_bounded, when it has one. */
+int es__store_begin_bounded(es_store *store, es_txn **out, es_error *err);
 int es__store_begin_background(es_store *store, void **slot, es_txn **out,
                                es_error *err);
 void es__store_background_close(es_store *store, void **slot);
