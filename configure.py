@@ -40,7 +40,9 @@ PROGRAMS = {
     "valgrind": "valgrind",  # helgrind run of ninja check-faults
 }
 # Always wanted for the test suite, checked by dpkg.
-EXTRA_PACKAGES = []
+EXTRA_PACKAGES = [
+    "python3-hypothesis",  # tests/bank_model.py
+]
 
 
 class Writer:
@@ -161,6 +163,18 @@ def ensure_dependencies(no_install):
     print("configure.py: installed %s" % " ".join(missing), flush=True)
 
 
+def hypothesis_python():
+    """A python that imports hypothesis: the one running configure.py, or
+    the system's (Debian's python3-hypothesis is for /usr/bin/python3).
+    None when neither can."""
+    for py in (sys.executable, "/usr/bin/python3"):
+        if os.path.exists(py) and subprocess.call(
+                [py, "-c", "import hypothesis"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL) == 0:
+            return py
+    return None
+
+
 def pkg(flag, *mods):
     out = subprocess.check_output(["pkg-config", flag] + list(mods), text=True)
     return out.split()
@@ -271,6 +285,12 @@ def main():
         n.line()
         n.variable("cc", args.cc)
         n.variable("python", sys.executable)
+        hypython = hypothesis_python()
+        if hypython is None:
+            # tests/bank_model.py then fails and says what to install.
+            print("configure.py: no python imports hypothesis: ninja check "
+                  "will fail; install python3-hypothesis")
+        n.variable("hypothesis_python", hypython or sys.executable)
         n.variable("configure_args",
                    " ".join(shlex.quote(a) for a in sys.argv[1:]))
         n.variable("common_cflags", ["-std=c11", "-D_GNU_SOURCE", "-pthread",
@@ -396,10 +416,14 @@ def main():
         n.build("test", "run", all_targets["release"],
                 variables={"cmd": "$python tests/run.py --variants release "
                            "--unit-only", "desc": "TEST unit (release)"})
+        # The bank's model-based test runs after the rest, under a python
+        # that has Hypothesis; both run, and either failing fails the step.
         n.build("check", "run", everything, variables={
             "cmd": "$python tests/run.py --variants release,asan,tsan "
                    "--compile-fail --install-test --docs --bank --badinput "
-                   "--security --faults",
+                   "--security --faults; r=$$?; "
+                   "$hypothesis_python tests/bank_model.py --short "
+                   "&& exit $$r",
             "desc": "CHECK"})
         # The host tests under helgrind (minutes), then the long fault
         # run; both run, and either failing fails the step.  HOST_TEST
@@ -407,10 +431,12 @@ def main():
         # (tests/run.py clears it itself).
         n.build("check-faults", "run", all_targets["release"] +
                 ["build/debug/tests/test_host"], implicit=[
-                    "tests/valgrind.py", "tests/faults.py"], variables={
+                    "tests/valgrind.py", "tests/faults.py",
+                    "tests/bank_model.py"], variables={
             "cmd": "env -u HOST_TEST -u CMOCKA_MESSAGE_OUTPUT "
                    "$python tests/valgrind.py; v=$$?; "
-                   "$python tests/faults.py && exit $$v",
+                   "$hypothesis_python tests/bank_model.py --long; m=$$?; "
+                   "$python tests/faults.py && exit $$((v || m))",
             "desc": "CHECK-FAULTS"})
         n.build("demo", "run", all_targets["release"], variables={
             "cmd": "$python tests/demo.py",

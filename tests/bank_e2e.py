@@ -34,15 +34,15 @@ def free_port():
 
 
 class Server:
-    def __init__(self, db_url, port=None):
+    def __init__(self, db_url, port=None, bin_dir=BIN, log="bank_e2e.log"):
         self.port = port or free_port()
-        cmd = [os.path.join(BIN, "bank-server"), "--listen",
+        cmd = [os.path.join(bin_dir, "bank-server"), "--listen",
                "127.0.0.1:%d" % self.port, "--workers", "2"]
         if db_url:
             cmd += ["--db", db_url, "--migrate"]
         env = dict(os.environ)
         env.pop("DATABASE_URL", None)
-        self.log = open(os.path.join(TOP, "build", "bank_e2e.log"), "a")
+        self.log = open(os.path.join(TOP, "build", log), "a")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log,
                                      stderr=self.log)
         end = time.time() + 30
@@ -402,6 +402,141 @@ def rejection_replays(ck, port):
     return replays
 
 
+NIL = "00000000-0000-0000-0000-000000000000"
+
+
+def hostile_ids(ck, port):
+    """Ids a client may send that cannot work (issue 14): the nil id is
+    400 on every route; an id of the other aggregate type is 404 (409 for
+    an open; a detail on reads); a transfer to an id that is no account is
+    refunded; a transfer_id that names an account is 404 and its debit
+    refunded; one command id on two accounts is 409.  Returns the reads to repeat after
+    a restart, as (what, path, want)."""
+    p = port
+    a, b, c = uid(), uid(), uid()
+    for x in (a, b, c):
+        open_account(p, 1000, x)
+    t = uid()
+    ck.eq("transfer for the hostile ids",
+          request(p, "POST", "/transfers", {"transfer_id": t, "from": a,
+                                            "to": b, "amount": 100})[0],
+          202)
+    ck.eq("it completes", wait_transfer(p, t)[1].get("status"), "completed")
+
+    nil_path = (400, {"error": "bad_request",
+                      "detail": "the id in the path must not be the nil "
+                                "UUID"})
+    for method, path in (("GET", "/accounts/" + NIL),
+                         ("GET", "/transfers/" + NIL),
+                         ("POST", "/accounts/%s/deposits" % NIL),
+                         ("POST", "/accounts/%s/withdrawals" % NIL)):
+        ck.eq("nil id: %s %s" % (method, path),
+              request(p, method, path, {"command_id": uid(),
+                                        "amount": 1})[::2], nil_path)
+    opening = {"command_id": uid(), "owner": "Ada", "email": "a@b",
+               "initial_balance": 1}
+    transfer = {"transfer_id": uid(), "from": a, "to": b, "amount": 1}
+    for what, path, body, field in (
+            ("open", "/accounts", dict(opening, command_id=NIL),
+             "command_id"),
+            ("open", "/accounts", dict(opening, account_id=NIL),
+             "account_id"),
+            ("deposit", "/accounts/%s/deposits" % a,
+             {"command_id": NIL, "amount": 1}, "command_id"),
+            ("withdrawal", "/accounts/%s/withdrawals" % a,
+             {"command_id": NIL, "amount": 1}, "command_id"),
+            ("transfer", "/transfers", dict(transfer, transfer_id=NIL),
+             "transfer_id"),
+            ("transfer", "/transfers", dict(transfer, **{"from": NIL}),
+             "from"),
+            ("transfer", "/transfers", dict(transfer, to=NIL), "to")):
+        ck.eq("nil %s of a %s" % (field, what),
+              request(p, "POST", path, body)[::2],
+              (400, {"error": "bad_request",
+                     "detail": "%s must not be the nil UUID" % field}))
+    for what, body in (("transfer_id equal to from",
+                        dict(transfer, transfer_id=a)),
+                       ("transfer_id equal to to",
+                        dict(transfer, transfer_id=b))):
+        ck.eq(what, request(p, "POST", "/transfers", body)[::2],
+              (400, {"error": "bad_request",
+                     "detail": "transfer_id must differ from from and to"}))
+
+    reads = [("account id read as a transfer", "/transfers/" + a,
+              (404, {"error": "not_found",
+                     "detail": "the id names an account, not a transfer"})),
+             ("transfer id read as an account", "/accounts/" + t,
+              (404, {"error": "not_found",
+                     "detail": "the id names a transfer, not an account"}))]
+    for what, path, want in reads:
+        ck.eq(what, request(p, "GET", path)[::2], want)
+    # Commands answer as for an unknown account: the same command may
+    # have been answered so before the id became a transfer.
+    not_account = (404, {"error": "not_found"})
+    for sub in ("deposits", "withdrawals"):
+        ck.eq("%s with a transfer id" % sub,
+              request(p, "POST", "/accounts/%s/%s" % (t, sub),
+                      {"command_id": uid(), "amount": 1})[::2], not_account)
+    ck.eq("open with a transfer id",
+          request(p, "POST", "/accounts", dict(opening, account_id=t))[::2],
+          (409, {"error": "already_exists",
+                 "detail": "account_id names a transfer"}))
+    ck.eq("transfer from a transfer id",
+          request(p, "POST", "/transfers", dict(transfer, **{
+              "from": t}))[::2],
+          not_account)
+    ghost = uid()
+    from_ghost = dict(transfer, transfer_id=uid(), **{"from": ghost})
+    ck.eq("transfer from an unknown account",
+          request(p, "POST", "/transfers", from_ghost)[::2], not_account)
+    ck.eq("the unknown account's id becomes a transfer",
+          request(p, "POST", "/transfers", dict(
+              transfer, transfer_id=ghost, amount=1))[0], 202)
+    ck.eq("transfer from an unknown account, resent",
+          request(p, "POST", "/transfers", from_ghost)[::2], not_account)
+    ck.eq("the transfer under that id completes",
+          wait_transfer(p, ghost)[1].get("status"), "completed")
+    taken = dict(transfer, transfer_id=c, amount=7)
+    want = (404, {"error": "not_found",
+                  "detail": "transfer_id names an account, not a "
+                            "transfer; the debit is refunded"})
+    ck.eq("transfer_id that names an account",
+          request(p, "POST", "/transfers", taken)[::2], want)
+    ck.eq("transfer_id that names an account, resent",
+          request(p, "POST", "/transfers", taken)[::2], want)
+    to_t = uid()
+    ck.eq("transfer to a transfer id",
+          request(p, "POST", "/transfers", dict(
+              transfer, transfer_id=to_t, to=t, amount=11))[::2],
+          (202, {"transfer_id": to_t, "status": "pending"}))
+    ck.eq("transfer to a transfer id refunded",
+          wait_transfer(p, to_t)[1].get("status"), "refunded")
+    end = time.time() + 30
+    while request(p, "GET", "/accounts/" + a)[2].get("balance") != 899 \
+            and time.time() < end:
+        time.sleep(0.05)
+    ck.eq("every debit of a refused transfer refunded",
+          [request(p, "GET", "/accounts/" + x)[2].get("balance")
+           for x in (a, b, c)], [899, 1101, 1000])
+
+    cid = uid()
+    ck.eq("a command id on one account",
+          request(p, "POST", "/accounts/%s/deposits" % a,
+                  {"command_id": cid, "amount": 5})[0], 200)
+    ck.eq("the same command id on another account",
+          request(p, "POST", "/accounts/%s/deposits" % b,
+                  {"command_id": cid, "amount": 5})[::2],
+          (409, {"error": "idempotency_conflict"}))
+    return reads
+
+
+def dead_letters(port):
+    """The store's dead letters (other tests may share the database)."""
+    _, _, text = request(port, "GET", "/metrics")
+    return [float(l.split()[1]) for l in text.splitlines()
+            if l.startswith("eventastic_outbox_dead ")]
+
+
 def garbage(ck, port):
     """Raw bytes no HTTP parser should choke on; the server must live."""
     blobs = [b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
@@ -488,6 +623,9 @@ def run(db_url):
     try:
         routes_and_errors(ck, srv.port)
         replays = rejection_replays(ck, srv.port)
+        dead = dead_letters(srv.port)
+        reads = hostile_ids(ck, srv.port)
+        ck.eq("no new dead letter", dead_letters(srv.port), dead)
         garbage(ck, srv.port)
         if db_url:
             accounts, acked, unknown, stop, threads = sigterm_under_load(
@@ -502,6 +640,10 @@ def run(db_url):
             for what, m, path, body, want in replays:
                 ck.eq(what + " after a restart",
                       request(srv.port, m, path, body)[::2], want)
+            # Nothing resident: the reads meet the stored rows.
+            for what, path, want in reads:
+                ck.eq(what + " after a restart",
+                      request(srv.port, "GET", path)[::2], want)
             total = 0
             for a in accounts:
                 st, _, b = request(srv.port, "GET", "/accounts/" + a)

@@ -624,7 +624,11 @@ int bank_call(es_host *host, const es_aggregate_type *type,
 
 /* ---- the saga ---- */
 
-/* Is this outcome final (retrying cannot change it)? */
+/* Can retrying change this outcome?  Everything else is final: a
+ * rejection, and the permanent failures (ES_EINVAL for an id the library
+ * refuses, ES_EWRONGTYPE or ES_EDECODE for an id stored as the other
+ * aggregate type, ES_ENOTFOUND, ES_EIDEMPOTENCY for a command id taken by
+ * another command, ...). */
 static bool transient(int status)
 {
     return status == ES_EBUSY || status == ES_ECONFLICT || status == ES_EDB ||
@@ -632,10 +636,13 @@ static bool transient(int status)
            status == ES_EUNKNOWN || status == ES_ENOMEM || status == ES_EIO;
 }
 
-static es_outbox_verdict step(es_host *host, const es_aggregate_type *type,
-                              const es_uuid *key, const es_uuid *tid,
-                              const char *label, const bank_command *cmd,
-                              int *status, es_error *reason)
+/* One saga step: a command with an id derived from the transfer id, so a
+ * second delivery is answered as a duplicate.  Returns false when the
+ * outcome may change on a retry (the delivery is retried); true when it
+ * is final, with *status 0 or the failure, whose text is in reason. */
+static bool step(es_host *host, const es_aggregate_type *type,
+                 const es_uuid *key, const es_uuid *tid, const char *label,
+                 const bank_command *cmd, int *status, es_error *reason)
 {
     es_uuid cid = bank_derive_id(tid, label);
     es_host_reply *reply = NULL;
@@ -650,10 +657,16 @@ static es_outbox_verdict step(es_host *host, const es_aggregate_type *type,
                  label, es_status_name(rc),
                  reply ? reply->reason : err.message);
     es_host_reply_free(reply);
-    if (rc == 0 || rc == ES_EREJECTED) return ES_OUTBOX_VERDICT_DONE;
-    return transient(rc) ? ES_OUTBOX_VERDICT_RETRY : ES_OUTBOX_VERDICT_GIVE_UP;
+    return !transient(rc);
 }
 
+/* The credit side effect: record the transfer, credit the destination,
+ * complete; or, when a step fails for good (the transfer id names an
+ * account, the destination is unknown, of the other type or refuses),
+ * refund the source and mark the transfer refunded.  The debit committed
+ * before this runs, so only a failure of the refund itself gives up: the
+ * message becomes a dead letter, listed in /metrics and by the outbox
+ * tool, and its money is held by nobody until it is requeued. */
 es_outbox_verdict bank_effect_handler(void *ud, const es_outbox_entry *entry,
                                       const void *side_effect,
                                       es_error *reason)
@@ -678,40 +691,48 @@ es_outbox_verdict bank_effect_handler(void *ud, const es_outbox_entry *entry,
     c.other = *from;
     c.transfer_id = fx->to;
     c.amount = fx->amount;
-    es_outbox_verdict v = step(host, &bank_transfer_type, tid, tid,
-                               "initiate", &c, &st, reason);
-    if (v != ES_OUTBOX_VERDICT_DONE) return v;
-    if (st != 0) return ES_OUTBOX_VERDICT_GIVE_UP;
-
-    memset(&c, 0, sizeof c);
-    c.kind = BANK_CMD_CREDIT;
-    c.amount = fx->amount;
-    c.transfer_id = *tid;
-    c.other = *from;
-    v = step(host, &bank_account_type, &fx->to, tid, "credit", &c, &st,
-             reason);
-    if (v != ES_OUTBOX_VERDICT_DONE) return v;
-    bool credited = st == 0;
-    if (!credited) { /* the destination refused: money goes back */
+    if (!step(host, &bank_transfer_type, tid, tid, "initiate", &c, &st,
+              reason))
+        return ES_OUTBOX_VERDICT_RETRY;
+    /* Not recorded (the transfer id names an account): nothing to mark,
+     * but the money still goes back. */
+    bool recorded = st == 0;
+    bool credited = false;
+    if (recorded) {
+        memset(&c, 0, sizeof c);
+        c.kind = BANK_CMD_CREDIT;
+        c.amount = fx->amount;
+        c.transfer_id = *tid;
+        c.other = *from;
+        if (!step(host, &bank_account_type, &fx->to, tid, "credit", &c, &st,
+                  reason))
+            return ES_OUTBOX_VERDICT_RETRY;
+        credited = st == 0;
+    }
+    if (!credited) { /* the money goes back */
         memset(&c, 0, sizeof c);
         c.kind = BANK_CMD_REFUND;
         c.amount = fx->amount;
         c.transfer_id = *tid;
         c.other = fx->to;
-        v = step(host, &bank_account_type, from, tid, "refund", &c, &st,
-                 reason);
-        if (v != ES_OUTBOX_VERDICT_DONE) return v;
-        if (st != 0) {
-            snprintf(reason->message, sizeof reason->message,
-                     "refund of transfer %s rejected", es_uuid_format(tid,
-                                                                      text));
+        if (!step(host, &bank_account_type, from, tid, "refund", &c, &st,
+                  reason))
             return ES_OUTBOX_VERDICT_RETRY;
+        if (st != 0) {
+            size_t n = strlen(reason->message);
+            snprintf(reason->message + n, sizeof reason->message - n,
+                     " (refund of transfer %s)", es_uuid_format(tid, text));
+            /* A rejected refund (the source's balance would overflow)
+             * may pass later; other failures are for good. */
+            return st == ES_EREJECTED ? ES_OUTBOX_VERDICT_RETRY
+                                      : ES_OUTBOX_VERDICT_GIVE_UP;
         }
     }
+    if (!recorded) return ES_OUTBOX_VERDICT_DONE;
     memset(&c, 0, sizeof c);
     c.kind = credited ? BANK_CMD_COMPLETE : BANK_CMD_MARK_REFUNDED;
-    v = step(host, &bank_transfer_type, tid, tid,
-             credited ? "complete" : "mark-refunded", &c, &st, reason);
-    if (v != ES_OUTBOX_VERDICT_DONE) return v;
+    if (!step(host, &bank_transfer_type, tid, tid,
+              credited ? "complete" : "mark-refunded", &c, &st, reason))
+        return ES_OUTBOX_VERDICT_RETRY;
     return st == 0 ? ES_OUTBOX_VERDICT_DONE : ES_OUTBOX_VERDICT_RETRY;
 }

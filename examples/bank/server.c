@@ -109,6 +109,9 @@ typedef struct pending {
     es_uuid from;
     int64_t amount;
     int status;          /* of the last step */
+    /* The answer's detail when a step meets an id stored as the other
+     * aggregate type (ES_EWRONGTYPE), or NULL. */
+    const char *wrong_type;
     bool duplicate;
     uint64_t version;
     int64_t balance;
@@ -171,6 +174,16 @@ static void not_found(server *srv, struct evhttp_request *req)
     reply_error(srv, req, 404, "not_found", NULL);
 }
 
+/* An id that names an aggregate of the other type: the account (or the
+ * transfer) does not exist as such.  Permanent, so never a 503. */
+static void wrong_type(server *srv, struct evhttp_request *req, route r,
+                       const char *detail)
+{
+    if (r == R_OPEN) /* the id is taken, by a transfer */
+        return reply_error(srv, req, 409, "already_exists", detail);
+    reply_error(srv, req, 404, "not_found", detail);
+}
+
 static void overloaded(server *srv, struct evhttp_request *req)
 {
     reply_error(srv, req, 503, "overloaded", NULL);
@@ -182,9 +195,10 @@ static json_t *uuid_json(const es_uuid *id)
     return json_string(es_uuid_format(id, text));
 }
 
-/* The HTTP answer for a failed command. */
-static void reply_failure(server *srv, struct evhttp_request *req,
-                          int status, const char *reason)
+/* The HTTP answer for a failed command of route r; wrong is the detail
+ * for ES_EWRONGTYPE (NULL: none). */
+static void reply_failure(server *srv, struct evhttp_request *req, route r,
+                          int status, const char *reason, const char *wrong)
 {
     if (status == ES_EREJECTED) {
         if (strcmp(reason, BANK_REJECT_NOT_FOUND) == 0)
@@ -203,6 +217,10 @@ static void reply_failure(server *srv, struct evhttp_request *req,
         return reply_error(srv, req, 409, "idempotency_conflict", NULL);
     case ES_EINVAL:
         return bad_request(srv, req, reason);
+    case ES_EWRONGTYPE:
+        return wrong_type(srv, req, r, wrong);
+    case ES_ENOTFOUND:
+        return not_found(srv, req);
     case ES_EBUSY:
     case ES_ECLOSED:
     case ES_ECONFLICT:
@@ -235,7 +253,8 @@ static void on_done(evutil_socket_t fd, short what, void *arg)
     pending *p = arg;
     server *srv = p->srv;
     if (p->status != 0) {
-        reply_failure(srv, p->req, p->status, p->reason);
+        reply_failure(srv, p->req, p->route, p->status, p->reason,
+                      p->wrong_type);
         pending_free(p);
         return;
     }
@@ -298,14 +317,20 @@ static void account_done(void *ud, const es_host_result *r)
     finish(p, r);
 }
 
+static const char transfer_id_is_account[] =
+    "transfer_id names an account, not a transfer; the debit is refunded";
+
+/* Host worker: recording the transfer finished.  The debit committed
+ * before, and its side effect settles the transfer whatever is answered
+ * here: it records the transfer (again), credits, or refunds.  So a
+ * client told 404 gets its money back, and one told 503 may resend the
+ * same request and gets the answer of the recorded transfer. */
 static void initiate_done(void *ud, const es_host_result *r)
 {
-    /* The debit committed: the transfer is pending even if recording its
-     * status failed (the outbox handler records it again). */
     pending *p = ud;
-    es_host_result ok = *r;
-    ok.status = 0;
-    finish(p, &ok);
+    if (r->status == ES_EWRONGTYPE) /* the transfer_id names an account */
+        p->wrong_type = transfer_id_is_account;
+    finish(p, r);
 }
 
 /* Host worker: the debit of a transfer finished; record the transfer. */
@@ -324,10 +349,17 @@ static void debit_done(void *ud, const es_host_result *r)
     c.amount = p->amount;
     es_uuid cid = bank_derive_id(&p->key, "initiate");
     es_error err = {0};
-    if (send_cmd(p->srv, &bank_transfer_type, &p->key, &cid, &c,
-                 initiate_done, p, &err) != 0) {
-        es_host_result ok = *r;
-        finish(p, &ok); /* debit committed: 202 all the same */
+    int rc = send_cmd(p->srv, &bank_transfer_type, &p->key, &cid, &c,
+                      initiate_done, p, &err);
+    if (rc != 0) {
+        /* Not recorded, so not 202: the transfer could not be read.  The
+         * debit's side effect settles it all the same (see
+         * initiate_done). */
+        es_host_result failed = *r;
+        failed.status = rc;
+        failed.reason = err.message;
+        if (rc == ES_EWRONGTYPE) p->wrong_type = transfer_id_is_account;
+        finish(p, &failed);
     }
 }
 
@@ -374,6 +406,12 @@ static bool get_uuid_field(json_t *o, const char *name, es_uuid *out,
     }
     if (!json_is_string(v) || es_uuid_parse(json_string_value(v), out) != 0) {
         snprintf(detail, cap, "%s must be a UUID string", name);
+        return false;
+    }
+    /* The nil id names no aggregate and no command: the library refuses
+     * it, and a saga step keyed by it could never run. */
+    if (es_uuid_is_nil(out)) {
+        snprintf(detail, cap, "%s must not be the nil UUID", name);
         return false;
     }
     return true;
@@ -450,7 +488,7 @@ static void submit(server *srv, pending *p, const es_aggregate_type *type,
     es_error err = {0};
     int rc = send_cmd(srv, type, key, cid, c, done, p, &err);
     if (rc != 0) {
-        reply_failure(srv, p->req, rc, err.message);
+        reply_failure(srv, p->req, p->route, rc, err.message, p->wrong_type);
         pending_free(p);
     }
 }
@@ -501,6 +539,12 @@ static void handle_post(server *srv, struct evhttp_request *req, route r,
             snprintf(detail, sizeof detail, "from and to must differ");
             ok = false;
         }
+        /* One id cannot name an account and the transfer at once. */
+        if (ok && (es_uuid_equal(&key, &from) || es_uuid_equal(&key, &to))) {
+            snprintf(detail, sizeof detail,
+                     "transfer_id must differ from from and to");
+            ok = false;
+        }
         break;
     }
     json_decref(body);
@@ -508,6 +552,11 @@ static void handle_post(server *srv, struct evhttp_request *req, route r,
     pending *p = pending_new(srv, req, r);
     if (p == NULL) return overloaded(srv, req);
     p->key = key;
+    /* A command to an account that is a transfer is answered as one to
+     * an account that does not exist: the same command may have been
+     * answered so before the id became a transfer, and a resent command
+     * answers what it answered the first time. */
+    p->wrong_type = r == R_OPEN ? "account_id names a transfer" : NULL;
     if (r != R_TRANSFER)
         return submit(srv, p, &bank_account_type, &key, &cid, &c,
                       account_done);
@@ -556,14 +605,18 @@ static void job_json(job *j, int code, json_t *o)
     json_decref(o);
 }
 
-static void job_error(job *j, int code, const char *error)
+static void job_error(job *j, int code, const char *error,
+                      const char *detail)
 {
-    job_json(j, code, json_pack("{s:s}", "error", error));
+    json_t *o = json_pack("{s:s}", "error", error);
+    if (o != NULL && detail != NULL)
+        json_object_set_new(o, "detail", json_string(detail));
+    job_json(j, code, o);
 }
 
 static bool store_reachable(int rc)
 {
-    return rc == 0 || rc == ES_ENOTFOUND;
+    return rc == 0 || rc == ES_ENOTFOUND || rc == ES_EWRONGTYPE;
 }
 
 static void run_load(job *j)
@@ -574,8 +627,29 @@ static void run_load(job *j)
     int rc = es_store_load(j->srv->store,
                            account ? &bank_account_type : &bank_transfer_type,
                            &j->id, &ctx, &err);
-    if (rc == ES_ENOTFOUND) return job_error(j, 404, "not_found");
-    if (rc != 0) return job_error(j, 503, "overloaded");
+    switch (rc) {
+    case 0:
+        break;
+    case ES_ENOTFOUND:
+        return job_error(j, 404, "not_found", NULL);
+    case ES_EWRONGTYPE: /* the account (transfer) does not exist as such */
+        return job_error(j, 404, "not_found",
+                         account ? "the id names a transfer, not an account"
+                                 : "the id names an account, not a transfer");
+    case ES_EINVAL:
+        return job_error(j, 400, "bad_request", err.message);
+    case ES_EBUSY:
+    case ES_ECLOSED:
+    case ES_ECONFLICT:
+    case ES_ETIMEDOUT:
+    case ES_EUNKNOWN:
+    case ES_EDB:
+    case ES_EIO:
+    case ES_ENOMEM:
+        return job_error(j, 503, "overloaded", NULL);
+    default: /* stored data the server cannot read: retrying won't help */
+        return job_error(j, 500, "internal", es_status_name(rc));
+    }
     json_t *o;
     if (account) {
         const bank_account *a = es_context_state(ctx);
@@ -609,7 +683,7 @@ static void run_health(job *j)
                            &err);
     es_context_free(ctx);
     const char *store = j->srv->postgres ? "postgresql" : "memory";
-    if (store_reachable(rc) || rc == ES_EWRONGTYPE)
+    if (store_reachable(rc))
         return job_json(j, 200, json_pack("{s:s,s:s}", "status", "ok",
                                           "store", store));
     job_json(j, 503, json_pack("{s:s,s:s,s:s}", "status", "unavailable",
@@ -828,7 +902,12 @@ static bool path_id(server *srv, struct evhttp_request *req,
     if (len != ES_UUID_STRLEN) goto bad;
     memcpy(buf, text, len);
     buf[len] = '\0';
-    if (es_uuid_parse(buf, out) == 0) return true;
+    if (es_uuid_parse(buf, out) != 0) goto bad;
+    if (es_uuid_is_nil(out)) {
+        bad_request(srv, req, "the id in the path must not be the nil UUID");
+        return false;
+    }
+    return true;
 bad:
     bad_request(srv, req, "the id in the path must be a UUID");
     return false;
