@@ -1,4 +1,5 @@
 /* Closed-loop clients of the host for the benchmarks (see load.h). */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -32,6 +33,7 @@ static void client_done(void *ud, const es_host_result *res)
         }
     } else {
         atomic_fetch_add(&l->errors, 1);
+        atomic_fetch_add(&l->by_status[(unsigned)-res->status & 31], 1);
     }
     send_next(c);
 }
@@ -84,6 +86,16 @@ void bench_load_stop(bench_load *l)
     while (atomic_load(&l->live) > 0) nanosleep(&tick, NULL);
     free(l->clients);
     l->clients = NULL;
+}
+
+void bench_load_report(const bench_load *l, const char *what)
+{
+    for (int i = 0; i < 32; i++) {
+        uint64_t n = atomic_load(&l->by_status[i]);
+        if (n > 0)
+            fprintf(stderr, "  %s: %llu commands failed with %s\n", what,
+                    (unsigned long long)n, es_status_name(-i));
+    }
 }
 
 void bench_sleep_s(double s)

@@ -23,6 +23,7 @@ typedef struct bench_load {
     atomic_uint_least64_t done;      /* committed while measuring */
     atomic_uint_least64_t committed; /* committed since the start (timed) */
     atomic_uint_least64_t errors;    /* failed commands or sends */
+    atomic_uint_least64_t by_status[32]; /* failed commands, by -status */
     atomic_int live;
     bench_client *clients;
     unsigned n_clients;
@@ -34,6 +35,8 @@ void bench_load_start(bench_load *l, es_host *host, uint64_t keys,
                       uint64_t base, unsigned n, bool timed);
 /* Stop sending and wait until every client's last command completed. */
 void bench_load_stop(bench_load *l);
+/* Print the failed commands by status to stderr, after what (if any). */
+void bench_load_report(const bench_load *l, const char *what);
 
 /* Sleep for s seconds. */
 void bench_sleep_s(double s);
