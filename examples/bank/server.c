@@ -197,6 +197,25 @@ static json_t *uuid_json(const es_uuid *id)
 
 /* The HTTP answer for a failed command of route r; wrong is the detail
  * for ES_EWRONGTYPE (NULL: none). */
+/* A failure that may pass (busy, closing, the database away, the outcome
+ * unknown): 503, and the client sends the same request again. */
+static bool transient(int status)
+{
+    switch (status) {
+    case ES_EBUSY:
+    case ES_ECLOSED:
+    case ES_ECONFLICT:
+    case ES_ETIMEDOUT:
+    case ES_EUNKNOWN:
+    case ES_EDB:
+    case ES_EIO:
+    case ES_ENOMEM:
+        return true;
+    default:
+        return false;
+    }
+}
+
 static void reply_failure(server *srv, struct evhttp_request *req, route r,
                           int status, const char *reason, const char *wrong)
 {
@@ -221,16 +240,8 @@ static void reply_failure(server *srv, struct evhttp_request *req, route r,
         return wrong_type(srv, req, r, wrong);
     case ES_ENOTFOUND:
         return not_found(srv, req);
-    case ES_EBUSY:
-    case ES_ECLOSED:
-    case ES_ECONFLICT:
-    case ES_ETIMEDOUT:
-    case ES_EUNKNOWN:
-    case ES_EDB:
-    case ES_EIO:
-    case ES_ENOMEM:
-        return overloaded(srv, req);
     default:
+        if (transient(status)) return overloaded(srv, req);
         /* Not the client's mistake: the server's. */
         return reply_error(srv, req, 500, "internal", es_status_name(status));
     }
@@ -638,16 +649,9 @@ static void run_load(job *j)
                                  : "the id names an account, not a transfer");
     case ES_EINVAL:
         return job_error(j, 400, "bad_request", err.message);
-    case ES_EBUSY:
-    case ES_ECLOSED:
-    case ES_ECONFLICT:
-    case ES_ETIMEDOUT:
-    case ES_EUNKNOWN:
-    case ES_EDB:
-    case ES_EIO:
-    case ES_ENOMEM:
-        return job_error(j, 503, "overloaded", NULL);
-    default: /* stored data the server cannot read: retrying won't help */
+    default:
+        if (transient(rc)) return job_error(j, 503, "overloaded", NULL);
+        /* stored data the server cannot read: retrying won't help */
         return job_error(j, 500, "internal", es_status_name(rc));
     }
     json_t *o;
