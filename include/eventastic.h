@@ -15,6 +15,7 @@
 #include "eventastic/postgres.h"
 #include "eventastic/status.h"
 #include "eventastic/store.h"
+#include "eventastic/subscription.h"
 #include "eventastic/typed.h"
 #include "eventastic/uuid.h"
 

@@ -244,6 +244,8 @@ void es__store_init(es_store *store, const es_store_ops *ops)
     atomic_init(&store->closing, false);
     pthread_mutex_init(&store->listeners_lock, NULL);
     memset(store->listeners, 0, sizeof store->listeners);
+    atomic_init(&store->n_event_listeners, 0);
+    memset(store->event_listeners, 0, sizeof store->event_listeners);
 }
 
 void es__store_destroy(es_store *store)

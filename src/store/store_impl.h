@@ -283,6 +283,9 @@ typedef struct es_store_ops {
                         es__watch_fn fn, void *ud, es__outbox_watch **out,
                         es_error *err);
     void (*outbox_unwatch)(es__outbox_watch *watch);
+    /* Optional: the read side (store/read_ops.h); NULL: the backend has
+     * no global order, and es_store_read_all answers ES_EINVAL. */
+    const struct es__read_ops *read;
     /* Free the backend; called when no transaction is open. */
     void (*close)(es_store *store);
 } es_store_ops;
@@ -301,6 +304,13 @@ struct es_store {
         es__commit_listener fn;
         void *ud;
     } listeners[ES__MAX_LISTENERS];
+    /* Event listeners (store/read_ops.h), under listeners_lock too;
+     * n_event_listeners lets a commit skip the lock when there are none. */
+    atomic_int n_event_listeners;
+    struct {
+        void (*fn)(void *ud);
+        void *ud;
+    } event_listeners[ES__MAX_LISTENERS];
 };
 
 /* Set up / tear down the shared part of a store (backends call these). */
