@@ -147,6 +147,15 @@ typedef int (*es_projection_apply_fn)(void *ud, es_txn *txn,
  */
 typedef int (*es_projection_reset_fn)(void *ud, es_txn *txn, es_error *err);
 
+/**
+ * Optional: called once at the end of each batch, after its last apply
+ * and before the checkpoint is saved, with the same txn (exactly-once):
+ * write in bulk what apply gathered.  An error fails the batch as an
+ * apply error does (gathered state is the handler's to drop: the batch
+ * is handed over again).
+ */
+typedef int (*es_projection_flush_fn)(void *ud, es_txn *txn, es_error *err);
+
 /** What a projection is doing (es_projection_stats.state). */
 typedef enum es_projection_state {
     ES_PROJECTION_STARTING = 0, /**< reading its checkpoint */
@@ -201,6 +210,9 @@ ES_EXPORT ES_OWNER_THREAD int es_projection_config_set_name(
 ES_EXPORT ES_OWNER_THREAD int es_projection_config_set_handler(
     es_projection_config *cfg, es_projection_apply_fn apply,
     es_projection_reset_fn reset, void *ud, es_error *err);
+/** The batch-end hook (NULL: none).  Errors: ES_EINVAL (cfg NULL). */
+ES_EXPORT ES_OWNER_THREAD int es_projection_config_set_flush(
+    es_projection_config *cfg, es_projection_flush_fn flush, es_error *err);
 /** The mode (see es_projection_mode).  Errors: ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_projection_config_set_mode(
     es_projection_config *cfg, es_projection_mode mode, es_error *err);
