@@ -389,15 +389,18 @@ def main():
                         variables=dict(vars_, libs="$lib_libs"))
                 outs.append(exe)
             # The bank: its domain is shared by the server and its tests.
+            # bank-server is examples/bank/server.c and its server_*.c.
             bank = [obj("examples/bank/bank.c")]
-            for name, main_src, libs in (
-                    ("bank-server", "examples/bank/server.c",
+            server_srcs = (["examples/bank/server.c"] +
+                           sources("examples/bank/server_*.c"))
+            for name, srcs, libs in (
+                    ("bank-server", server_srcs,
                      "$jansson_libs $lib_libs"),
-                    ("bank-load", "examples/bank/load.c",
+                    ("bank-load", ["examples/bank/load.c"],
                      "$jansson_libs $lib_libs")):
                 exe = "%s/bin/%s" % (bdir, name)
-                deps = [obj(main_src)] + (bank if name == "bank-server"
-                                          else [])
+                deps = [obj(s) for s in srcs] + (bank if name == "bank-server"
+                                                 else [])
                 n.build(exe, "link", deps + [lib],
                         variables=dict(vars_, libs=libs))
                 outs.append(exe)

@@ -2,13 +2,10 @@
  * libFuzzer target: the bank's request parsing, as bank-server does it:
  * the JSON body (jansson with duplicate keys rejected, 64 KiB at most),
  * the fields it takes (ids, amounts, names), the route's path, the
- * command codec the fields end in.  server.c's own static functions are
- * used (its main is renamed), so the target tests that code, not a copy.
+ * command codec the fields end in.  bank-server's own field readers
+ * (server_request.c) are used, so the target tests that code, not a copy.
  */
-#define main bank_server_main
-int bank_server_main(int argc, char **argv);
-#include "../../examples/bank/server.c"
-#undef main
+#include "../../examples/bank/server_request.c"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -43,13 +40,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         char d[6][200];
         memset(d, 0, sizeof d);
         bool r[6] = {
-            get_uuid_field(o, "command_id", &cid, d[0], sizeof d[0]),
-            get_uuid_field(o, "account_id", &key, d[1], sizeof d[1]),
-            get_amount(o, "amount", &c.amount, false, d[2], sizeof d[2]),
-            get_amount(o, "initial_balance", &c.amount, true, d[3],
+            srv_get_uuid_field(o, "command_id", &cid, d[0], sizeof d[0]),
+            srv_get_uuid_field(o, "account_id", &key, d[1], sizeof d[1]),
+            srv_get_amount(o, "amount", &c.amount, false, d[2], sizeof d[2]),
+            srv_get_amount(o, "initial_balance", &c.amount, true, d[3],
                        sizeof d[3]),
-            get_text(o, "owner", c.owner, d[4], sizeof d[4]),
-            get_text(o, "email", c.email, d[5], sizeof d[5]),
+            srv_get_text(o, "owner", c.owner, d[4], sizeof d[4]),
+            srv_get_text(o, "email", c.email, d[5], sizeof d[5]),
         };
         bool ok = true;
         for (int i = 0; i < 6; i++) {
