@@ -9,6 +9,7 @@
  */
 #include <string.h>
 
+#include "core/backoff.h"
 #include "core/internal.h"
 #include "host/committer.h"
 
@@ -64,15 +65,6 @@ static int write_item(es_txn *txn, es__commit_item *it, es_error *err)
     return rc;
 }
 
-/* The connection broke or could not be made (SQLSTATE class 08, or the
- * server ending the session: 57P0x): nothing is wrong with the items, the
- * lane waits and hands them in again. */
-static bool unreachable(const es_error *err)
-{
-    return strncmp(err->sqlstate, "08", 2) == 0 ||
-           strncmp(err->sqlstate, "57P0", 4) == 0;
-}
-
 static void mark(es__commit_item **items, size_t n, int from, int to)
 {
     for (size_t i = 0; i < n; i++)
@@ -91,7 +83,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     int rc = es__store_begin_bounded(store, &txn, err);
     if (rc != 0) {
         mark(items, n, ES__COMMIT_PENDING,
-             unreachable(err) ? ES__COMMIT_RETRY : rc);
+             es__unreachable(err) ? ES__COMMIT_RETRY : rc);
         return 0;
     }
     size_t n_written = 0;
@@ -100,7 +92,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
         if (items[i]->status != ES__COMMIT_PENDING) continue;
         es_error item_err = {0};
         rc = write_item(txn, items[i], &item_err);
-        if (rc != 0 && unreachable(&item_err)) {
+        if (rc != 0 && es__unreachable(&item_err)) {
             es_txn_rollback(txn);
             mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
             return 0;
@@ -127,7 +119,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
         mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
         return 0;
     }
-    if (rc != ES_EUNKNOWN && unreachable(err)) {
+    if (rc != ES_EUNKNOWN && es__unreachable(err)) {
         mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
         return 0;
     }

@@ -50,6 +50,7 @@
 #include <event2/event.h>
 #include <event2/thread.h>
 
+#include "core/backoff.h"
 #include "core/context_internal.h"
 #include "core/internal.h"
 #include "eventastic/host.h"
@@ -190,7 +191,7 @@ typedef struct lane {
     es__commit_item **live; /* its items to write */
     size_t k, cap;
     unsigned delay; /* the next backoff, ms */
-    uint32_t seed;  /* the lane's: jitter of its backoff */
+    uint64_t seed;  /* the lane's: jitter of its backoff */
     struct event *kick_ev, *retry_ev;
     es__batch_lane *bl; /* the store's asynchronous writer, or NULL */
     void *conn;     /* the synchronous writer's connection */
@@ -988,14 +989,6 @@ static void passivate(es_host *host, actor *a, bool snapshot,
 
 /* ---- the worker side of an actor ---- */
 
-/* The connection broke or the server ended the session (SQLSTATE class
- * 08, 57P0x: a restart, a terminated backend). */
-static bool connection_lost(const es_error *err)
-{
-    return strncmp(err->sqlstate, "08", 2) == 0 ||
-           strncmp(err->sqlstate, "57P0", 4) == 0;
-}
-
 static int load_actor(es_host *host, actor *a, es_error *err)
 {
     uint64_t t0 = es__now_ns();
@@ -1006,13 +999,13 @@ static int load_actor(es_host *host, actor *a, es_error *err)
     for (int attempt = 0; attempt < 3; attempt++) {
         memset(err, 0, sizeof *err);
         rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
-        if (rc != ES_EDB || !connection_lost(err)) break;
+        if (rc != ES_EDB || !es__unreachable(err)) break;
     }
     uint64_t took = es__now_ns() - t0;
     count(&host->loads, 1);
     es__hist_record(&host->h_load, took);
     if (rc == ES_ENOTFOUND) rc = 0;
-    if (rc != ES_EDB || !connection_lost(err)) a->park_ms = 0;
+    if (rc != ES_EDB || !es__unreachable(err)) a->park_ms = 0;
     if (rc != 0) return rc;
     a->ctx = ctx;
     a->loaded = true;
@@ -1058,9 +1051,8 @@ static int truth(const hcmd *h, int rc)
  * after the backoff).  A host ending completes h instead: ES_ECLOSED. */
 static void park_command(es_host *host, actor *a, hcmd *h)
 {
-    unsigned ms = a->park_ms == 0 ? LOAD_BACKOFF_MIN_MS : 2u * a->park_ms;
-    if (ms > LOAD_BACKOFF_MAX_MS) ms = LOAD_BACKOFF_MAX_MS;
-    a->park_ms = (uint16_t)ms;
+    a->park_ms = (uint16_t)es__backoff_grow(a->park_ms, LOAD_BACKOFF_MIN_MS,
+                                            LOAD_BACKOFF_MAX_MS);
     if (atomic_load(&host->ending)) {
         complete_error(host, h, truth(h, ES_ECLOSED), ES_HOST_NO_VERSION,
                        "host ended while the database could not be "
@@ -1087,7 +1079,7 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
     es_txn *txn = NULL;
     int rc = es_store_begin(host->store, &txn, &err);
     if (rc != 0) {
-        if (may_park && rc == ES_EDB && connection_lost(&err)) {
+        if (may_park && rc == ES_EDB && es__unreachable(&err)) {
             park_command(host, a, h);
             return true;
         }
@@ -1102,7 +1094,7 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
     }
     if (rc != 0) {
         es_txn_rollback(txn);
-        if (may_park && rc == ES_EDB && connection_lost(&err)) {
+        if (may_park && rc == ES_EDB && es__unreachable(&err)) {
             park_command(host, a, h);
             return true;
         }
@@ -1223,7 +1215,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     bool loaded_now = !a->loaded;
     if (!a->loaded) {
         int rc = load_actor(host, a, &err);
-        if (rc == ES_EDB && connection_lost(&err)) {
+        if (rc == ES_EDB && es__unreachable(&err)) {
             park_command(host, a, h);
             return;
         }
@@ -1453,12 +1445,8 @@ static void rebuild(es_host *host, actor *a)
 /* Jitter of the load backoff: between half and all of ms, in ns. */
 static uint64_t jittered_ns(const actor *a, unsigned ms)
 {
-    uint64_t x = es__now_ns() ^ key_hash(&a->id);
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdu;
-    x ^= x >> 33;
-    unsigned half = ms / 2;
-    return (uint64_t)(half + x % (ms - half + 1)) * 1000000u;
+    uint64_t seed = (es__now_ns() ^ key_hash(&a->id)) | 1u;
+    return (uint64_t)es__backoff_jitter(&seed, ms) * 1000000u;
 }
 
 /* Arm the retry timer for due (hk_lock held) unless it is armed already
@@ -1749,13 +1737,11 @@ static void lane_done(void *ud, size_t committed)
         return;
     }
     if (!atomic_load(&host->ending)) {
-        l->seed = l->seed * 1103515245u + 12345u;
-        unsigned half = l->delay / 2;
-        unsigned ms = half + (l->seed >> 8) % (l->delay - half + 1);
+        unsigned ms = es__backoff_jitter(&l->seed, l->delay);
         struct timeval tv = {(time_t)(ms / 1000),
                              (suseconds_t)(ms % 1000 * 1000)};
-        l->delay = l->delay * 2 < LANE_BACKOFF_MAX_MS ? l->delay * 2
-                                                      : LANE_BACKOFF_MAX_MS;
+        l->delay = es__backoff_grow(l->delay, LANE_BACKOFF_MIN_MS,
+                                    LANE_BACKOFF_MAX_MS);
         l->waiting = true;
         if (event_add(l->retry_ev, &tv) == 0) return;
         l->waiting = false;

@@ -23,6 +23,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/backoff.h"
 #include "core/internal.h"
 #include "eventastic/outbox.h"
 #include "store/store_impl.h"
@@ -258,11 +259,7 @@ static int64_t backoff_ms(es_outbox *ob, uint32_t attempts)
     for (uint32_t i = 1; i < attempts && cap < ob->cfg.max_ms; i++) cap *= 2;
     if (cap > ob->cfg.max_ms) cap = ob->cfg.max_ms;
     pthread_mutex_lock(&ob->lock);
-    uint64_t x = ob->rng; /* xorshift64 */
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    ob->rng = x;
+    uint64_t x = es__random_next(&ob->rng);
     pthread_mutex_unlock(&ob->lock);
     return (int64_t)(x % (uint64_t)(cap + 1));
 }
