@@ -745,7 +745,7 @@ static int write_batch(es_txn *txn, es_context *ctx, es_error *err)
     }
     es_snapshot snap = {ctx->id, ctx->version, t->snapshot_version,
                         state.data, state.len};
-    rc = txn->store->ops->store_snapshot(txn, &snap, err);
+    rc = es__txn_store_snapshot(txn, &snap, err);
     es_buf_free(&state);
     if (rc != 0) return rc;
     return es__txn_insert_side_effects(txn, t->name, ctx->side_effects.items,

@@ -112,7 +112,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     for (size_t i = 0; i < n; i++)
         if (written[i] && rc == 0) items[i]->status = 0;
     if (rc == 0) return 1;
-    if (rc == ES_EUNKNOWN && store->ops->write_batch != NULL) {
+    if (rc == ES_EUNKNOWN && es__store_has_batch_writer(store)) {
         /* the batch writer reads them back when handed in again */
         for (size_t i = 0; i < n; i++)
             if (written[i]) items[i]->status = ES__COMMIT_UNKNOWN;
@@ -139,11 +139,11 @@ size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
 {
     if (n == 0) return 0;
     size_t batched = 0;
-    if (store->ops->write_batch != NULL) {
+    if (es__store_has_batch_writer(store)) {
         /* The backend's batch writer; what it leaves pending (a failure it
          * could not pin on an item) is written the generic way below, on
          * a pooled connection (rare: only such failures). */
-        batched = store->ops->write_batch(store, slot, items, n);
+        batched = es__store_write_batch(store, slot, items, n);
         if (!any_pending(items, n)) return batched;
     }
     return batched + es__commit_rest(store, items, n);

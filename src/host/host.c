@@ -73,11 +73,11 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     /* Lanes pay where commits wait for the database: a store with a
      * batch writer gets LANES_DEFAULT (measured: bench/bench_pg.c) unless
      * it says otherwise (the memory store: 1), the others one. */
-    host->commit.n_lanes = cfg->lanes > 0                    ? cfg->lanes
-                           : store->ops->write_batch == NULL ? 1
-                           : store->ops->batch_lanes > 0
-                               ? store->ops->batch_lanes
-                               : LANES_DEFAULT;
+    unsigned store_lanes = es__store_batch_lanes(store);
+    host->commit.n_lanes = cfg->lanes > 0                         ? cfg->lanes
+                           : !es__store_has_batch_writer(store) ? 1
+                           : store_lanes > 0                    ? store_lanes
+                                                                : LANES_DEFAULT;
     host->commit.lanes =
         es__calloc(host->commit.n_lanes, sizeof *host->commit.lanes);
     if (host->workers == NULL || host->commit.lanes == NULL) {
@@ -89,7 +89,7 @@ int es_host_open(const es_host_config *cfg, es_store *store, es_host **out,
     host->store = store;
     host->cfg = *cfg;
     host->has_commands = es__store_has_commands(store);
-    host->lazy_ids = host->has_commands && store->ops->write_batch != NULL;
+    host->lazy_ids = host->has_commands && es__store_has_batch_writer(store);
     size_t bound = cfg->resident_bound;
     if (cfg->resident_bytes > 0) {
         /* malloc chunks: the actor, its state, a hash bucket (load 1) */

@@ -170,7 +170,7 @@ static void lane_write(lane *l)
 {
     es_host *host = l->host;
     if (l->bl != NULL) {
-        host->store->ops->lane_write(l->bl, l->live, l->k, lane_done, l);
+        es__store_lane_write(host->store, l->bl, l->live, l->k, lane_done, l);
         return;
     }
     lane_done(l, es__commit_batch(host->store, &l->conn, l->live, l->k));
@@ -293,11 +293,9 @@ int es__host_commit_setup(es_host *host, es_error *err)
         l->retry_ev = event_new(host->commit.base, -1, 0, on_lane_retry, l);
         if (l->kick_ev == NULL || l->retry_ev == NULL)
             return es__error_set(err, ES_ENOMEM, "out of memory");
-        if (host->store->ops->lane_open != NULL) {
-            int rc = host->store->ops->lane_open(host->store, host->commit.base,
-                                                 &l->bl, err);
-            if (rc != 0) return rc;
-        }
+        int rc = es__store_lane_open(host->store, host->commit.base, &l->bl,
+                                     err);
+        if (rc != 0) return rc;
     }
     return 0;
 }
@@ -319,7 +317,7 @@ void es__host_commit_teardown(es_host *host)
                 event_free(*evs[j]);
                 *evs[j] = NULL;
             }
-        if (l->bl) host->store->ops->lane_close(l->bl);
+        if (l->bl) es__store_lane_close(host->store, l->bl);
         l->bl = NULL;
         es__store_background_close(host->store, &l->conn);
         es__free(l->live);

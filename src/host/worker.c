@@ -91,7 +91,8 @@ static int truth(const hcmd *h, int rc)
  * deciding it: wait the outage out without holding this worker.  h goes
  * back to the head of the mailbox (per-key order) and the actor is
  * parked (es__host_run_actor ends its turn; the loop's retry timer runs
- * it again after the backoff).  A host ending completes h instead: ES_ECLOSED. */
+ * it again after the backoff).  A host ending completes h instead:
+ * ES_ECLOSED. */
 static void park_command(es_host *host, actor *a, hcmd *h)
 {
     a->park_ms = (uint16_t)es__backoff_grow(a->park_ms, LOAD_BACKOFF_MIN_MS,

@@ -97,9 +97,9 @@ int es_outbox_config_new(es_store *store, es_outbox_config **out,
 {
     if (store == NULL || out == NULL)
         return es__error_set(err, ES_EINVAL, "store and out are required");
-    if (store->ops->outbox_claim == NULL)
+    if (!es__store_has_outbox(store))
         return es__error_set(err, ES_EINVAL, "the %s store has no outbox",
-                             store->ops->name);
+                             es__store_name(store));
     es_outbox_config *cfg = es__calloc(1, sizeof *cfg);
     if (cfg == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     cfg->store = store;
@@ -292,11 +292,11 @@ static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
     if (n == 0) return;
     es_store *store = ob->cfg.store;
     int64_t now = ob->cfg.clock(ob->cfg.clock_ud);
-    if (store->ops->outbox_finish_many != NULL) {
+    if (es__store_has_outbox_finish_many(store)) {
         es_error err = {0};
         size_t lost = 0;
-        int rc = store->ops->outbox_finish_many(store, ob->cfg.owner, now, v,
-                                                n, &lost, &err);
+        int rc = es__store_outbox_finish_many(store, ob->cfg.owner, now, v, n,
+                                              &lost, &err);
         if (rc != 0)
             es__log(ES_LOG_WARN, "outbox: %zu verdicts not recorded (their "
                     "messages will be delivered again): %s: %s", n,
@@ -308,7 +308,7 @@ static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
     }
     for (size_t i = 0; i < n; i++) {
         es_error err = {0};
-        int rc = store->ops->outbox_finish(
+        int rc = es__store_outbox_finish(
             store, &v[i].id, ob->cfg.owner, v[i].status, now,
             v[i].next_attempt_ms, v[i].error[0] ? v[i].error : NULL, &err);
         if (rc != 0) {
@@ -383,7 +383,7 @@ static int claim(es_outbox *ob, es_outbox_entry_list **out, es_error *err)
 {
     atomic_fetch_add(&ob->rounds, 1);
     int64_t now = ob->cfg.clock(ob->cfg.clock_ud);
-    return ob->cfg.store->ops->outbox_claim(
+    return es__store_outbox_claim(
         ob->cfg.store, ob->cfg.owner, now, ob->cfg.lease_ms,
         ob->cfg.max_attempts, ob->filters, ob->cfg.n_handlers, ob->cfg.batch,
         out, err);
@@ -494,7 +494,7 @@ static void purge_due(es_outbox *ob, int64_t *next_ms)
     if (now < *next_ms) return;
     size_t n = 0;
     es_error err = {0};
-    int rc = ob->cfg.store->ops->outbox_purge(
+    int rc = es__store_outbox_purge(
         ob->cfg.store, now - ob->cfg.retention_ms, ES__PURGE_BATCH, &n, &err);
     if (rc != 0)
         es__log(ES_LOG_WARN, "outbox: purge failed: %s: %s",
@@ -587,7 +587,7 @@ void es_outbox_close(es_outbox *ob)
 {
     if (ob == NULL) return;
     if (ob->listening) es__store_unlisten(ob->cfg.store, on_commit, ob);
-    if (ob->watch) ob->cfg.store->ops->outbox_unwatch(ob->watch);
+    if (ob->watch) es__store_outbox_unwatch(ob->cfg.store, ob->watch);
     stop_threads(ob);
     pthread_cond_destroy(&ob->wake_cv);
     pthread_cond_destroy(&ob->work_cv);
@@ -651,9 +651,9 @@ int es_outbox_open(const es_outbox_config *cfg, bool start, es_outbox **out,
         else
             es__log(ES_LOG_WARN, "outbox: too many listeners; polling only");
         es_error werr = {0};
-        if (cfg->store->ops->outbox_watch != NULL &&
-            cfg->store->ops->outbox_watch(cfg->store, cfg->poll_ms, on_watch,
-                                          ob, &ob->watch, &werr) != 0)
+        if (es__store_has_outbox_watch(cfg->store) &&
+            es__store_outbox_watch(cfg->store, cfg->poll_ms, on_watch, ob,
+                                   &ob->watch, &werr) != 0)
             es__log(ES_LOG_WARN, "outbox: %s; polling only", werr.message);
     }
     *out = ob;
@@ -676,9 +676,9 @@ void es_outbox_metrics_get(es_outbox *ob, es_outbox_metrics *out)
 static int need_outbox(es_store *store, es_error *err)
 {
     if (store == NULL) return es__error_set(err, ES_EINVAL, "store is NULL");
-    if (store->ops->outbox_claim == NULL)
+    if (!es__store_has_outbox(store))
         return es__error_set(err, ES_EINVAL, "the %s store has no outbox",
-                             store->ops->name);
+                             es__store_name(store));
     return 0;
 }
 
@@ -688,8 +688,8 @@ int es_outbox_stats_get(es_store *store, int64_t now_ms, es_outbox_stats *out,
     int rc = need_outbox(store, err);
     if (rc != 0) return rc;
     if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
-    return store->ops->outbox_stats(store, now_ms ? now_ms : es_clock_now_ms(),
-                                    out, err);
+    return es__store_outbox_stats(store, now_ms ? now_ms : es_clock_now_ms(),
+                                  out, err);
 }
 
 int es_outbox_list(es_store *store, es_outbox_status status, size_t limit,
@@ -703,8 +703,8 @@ int es_outbox_list(es_store *store, es_outbox_status status, size_t limit,
         return es__error_set(err, ES_EINVAL, "unknown status %d",
                              (int)status);
     *out = NULL;
-    return store->ops->outbox_list(store, status, limit ? limit : 1000, out,
-                                   err);
+    return es__store_outbox_list(store, status, limit ? limit : 1000, out,
+                                 err);
 }
 
 int es_outbox_show(es_store *store, const es_uuid *id, es_outbox_entry **out,
@@ -715,7 +715,7 @@ int es_outbox_show(es_store *store, const es_uuid *id, es_outbox_entry **out,
     if (id == NULL || out == NULL)
         return es__error_set(err, ES_EINVAL, "id and out are required");
     *out = NULL;
-    return store->ops->outbox_get(store, id, out, err);
+    return es__store_outbox_get(store, id, out, err);
 }
 
 int es_outbox_requeue(es_store *store, const es_uuid *id,
@@ -726,8 +726,8 @@ int es_outbox_requeue(es_store *store, const es_uuid *id,
     if (rc != 0) return rc;
     if ((id == NULL) == (type_name == NULL))
         return es__error_set(err, ES_EINVAL, "give an id or a type name");
-    return store->ops->outbox_requeue(store, id, type_name, kind,
-                                      es_clock_now_ms(), count, err);
+    return es__store_outbox_requeue(store, id, type_name, kind,
+                                    es_clock_now_ms(), count, err);
 }
 
 int es_outbox_purge_done(es_store *store, int64_t before_ms, size_t *count,
@@ -738,8 +738,8 @@ int es_outbox_purge_done(es_store *store, int64_t before_ms, size_t *count,
     if (rc != 0) return rc;
     for (;;) { /* short transactions: dispatchers go on meanwhile */
         size_t n = 0;
-        rc = store->ops->outbox_purge(store, before_ms, ES__PURGE_BATCH, &n,
-                                      err);
+        rc = es__store_outbox_purge(store, before_ms, ES__PURGE_BATCH, &n,
+                                    err);
         if (count) *count += n;
         if (rc != 0 || n < ES__PURGE_BATCH) return rc;
     }
