@@ -18,9 +18,8 @@ size_t es__commit_item_rows(const es__commit_item *item)
     return item->n_events + 1;
 }
 
-/* items[from] failed with status: so do the later items of its group. */
-static void fail_group(es__commit_item **items, size_t n, size_t from,
-                       int status)
+void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
+                           int status)
 {
     const void *group = items[from]->group;
     items[from]->status = status;
@@ -98,7 +97,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
             return 0;
         }
         if (rc != 0)
-            fail_group(items, n, i, rc);
+            es__commit_fail_group(items, n, i, rc);
         else {
             written[i] = true;
             n_written++;
@@ -127,7 +126,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     return 0;
 }
 
-static bool any_pending(es__commit_item **items, size_t n)
+bool es__commit_any_pending(es__commit_item **items, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (items[i]->status == ES__COMMIT_PENDING) return true;
@@ -144,14 +143,14 @@ size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
          * could not pin on an item) is written the generic way below, on
          * a pooled connection (rare: only such failures). */
         batched = es__store_write_batch(store, slot, items, n);
-        if (!any_pending(items, n)) return batched;
+        if (!es__commit_any_pending(items, n)) return batched;
     }
     return batched + es__commit_rest(store, items, n);
 }
 
 size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n)
 {
-    if (!any_pending(items, n)) return 0;
+    if (!es__commit_any_pending(items, n)) return 0;
     bool *written = es__calloc(n, sizeof(bool));
     es__commit_item **sub = es__calloc(n, sizeof *sub);
     if (written == NULL || sub == NULL) {
@@ -163,7 +162,7 @@ size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n)
         return 0;
     }
     size_t committed = 0;
-    while (any_pending(items, n)) {
+    while (es__commit_any_pending(items, n)) {
         int crc = 0;
         es_error err = {0};
         committed += attempt(store, items, n, written, &crc, &err);
@@ -185,7 +184,7 @@ size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n)
                 if (items[i]->status == ES__COMMIT_PENDING &&
                     es_uuid_equal(&items[i]->aggregate_id,
                                   &err.aggregate_id)) {
-                    fail_group(items, n, i, ES_ECONFLICT);
+                    es__commit_fail_group(items, n, i, ES_ECONFLICT);
                     pinned = true;
                 }
         }

@@ -59,7 +59,7 @@ struct es_outbox {
     es__outbox_watch *watch; /* NULL: the store hears no other process */
     es_outbox_entry_list *batch;
     size_t next_item, outstanding;
-    es__outbox_verdict *verdicts; /* of the batch, n_verdicts written */
+    es__outbox_outcome *verdicts; /* of the batch, n_verdicts written */
     size_t n_verdicts;
     pthread_t claimer;
     pthread_t *workers;
@@ -268,7 +268,7 @@ static int64_t backoff_ms(es_outbox *ob, uint32_t attempts)
  * others of its round (record_verdicts). */
 static void finish(es_outbox *ob, const es_outbox_entry *e,
                    es_outbox_status status, int64_t next_ms,
-                   const char *error, es__outbox_verdict *v)
+                   const char *error, es__outbox_outcome *v)
 {
     (void)ob;
     memset(v, 0, sizeof *v);
@@ -286,7 +286,7 @@ static void finish(es_outbox *ob, const es_outbox_entry *e,
  * a round of deliveries costs one commit, not one per message.  A verdict
  * that is not written is not lost work: its claim expires and the message
  * is delivered again (at least once). */
-static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
+static void record_verdicts(es_outbox *ob, const es__outbox_outcome *v,
                             size_t n)
 {
     if (n == 0) return;
@@ -321,7 +321,7 @@ static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
 }
 
 static void deliver(es_outbox *ob, const es_outbox_entry *e,
-                    es__outbox_verdict *v)
+                    es__outbox_outcome *v)
 {
     const handler_reg *h = find_handler(ob, e);
     if (h == NULL) { /* the filter let it through: release at once */
@@ -396,7 +396,7 @@ int es_outbox_run_once(es_outbox *ob, size_t *delivered, es_error *err)
     es_outbox_entry_list *list = NULL;
     int rc = claim(ob, &list, err);
     if (rc != 0) return rc;
-    es__outbox_verdict *v =
+    es__outbox_outcome *v =
         list->count ? es__calloc(list->count, sizeof *v) : NULL;
     if (list->count > 0 && v == NULL) {
         es_outbox_entry_list_free(list); /* the claims expire */
@@ -416,7 +416,7 @@ int es_outbox_run_once(es_outbox *ob, size_t *delivered, es_error *err)
 static void *worker_main(void *arg)
 {
     es_outbox *ob = arg;
-    es__outbox_verdict v;
+    es__outbox_outcome v;
     pthread_mutex_lock(&ob->lock);
     for (;;) {
         while (!ob->stopping &&
@@ -451,7 +451,7 @@ static void deadline_after(struct timespec *ts, int64_t ms)
  * does not hold back the verdicts of the others for long.  Called and
  * returns with ob->lock held. */
 static void run_round(es_outbox *ob, es_outbox_entry_list *list,
-                      es__outbox_verdict *v)
+                      es__outbox_outcome *v)
 {
     int64_t flush_ms = ob->cfg.lease_ms / 4;
     if (flush_ms > 20) flush_ms = 20;
@@ -519,7 +519,7 @@ static void *claimer_main(void *arg)
                     es_status_name(rc), err.message);
         pthread_mutex_lock(&ob->lock);
         if (rc == 0 && list->count > 0) {
-            es__outbox_verdict *v = es__calloc(list->count, sizeof *v);
+            es__outbox_outcome *v = es__calloc(list->count, sizeof *v);
             if (v == NULL) { /* the claims expire; try again later */
                 pthread_mutex_unlock(&ob->lock);
                 es_outbox_entry_list_free(list);

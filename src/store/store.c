@@ -516,7 +516,7 @@ bool es__store_has_outbox_finish_many(const es_store *store)
 }
 
 int es__store_outbox_finish_many(es_store *store, const char *owner,
-                                 int64_t now_ms, const es__outbox_verdict *v,
+                                 int64_t now_ms, const es__outbox_outcome *v,
                                  size_t n, size_t *lost, es_error *err)
 {
     return store->ops->outbox_finish_many(store, owner, now_ms, v, n, lost,

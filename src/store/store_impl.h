@@ -92,12 +92,16 @@ typedef struct es__commit_item {
 } es__commit_item;
 
 /* A dispatcher's verdict on one claimed message (outbox_finish_many). */
-typedef struct es__outbox_verdict {
+typedef struct es__outbox_outcome {
     es_uuid id;
     es_outbox_status status; /* done, dead, or pending again */
     int64_t next_attempt_ms; /* when pending */
     char error[256];         /* "" when there is none */
-} es__outbox_verdict;
+} es__outbox_outcome;
+/* The old name, kept only for src/store/postgres.c until its split lands
+ * (then it uses es__outbox_outcome and this goes): the public
+ * es_outbox_verdict is a handler's return value, not this record. */
+typedef es__outbox_outcome es__outbox_verdict;
 
 /* Which messages a dispatcher handles: a type and a kind
  * (ES_OUTBOX_ANY_KIND for all its kinds). */
@@ -257,7 +261,7 @@ typedef struct es_store_ops {
     /* Optional (NULL: outbox_finish one by one): n verdicts in one write,
      * each only while owner holds its claim; *lost counts the others. */
     int (*outbox_finish_many)(es_store *store, const char *owner,
-                              int64_t now_ms, const es__outbox_verdict *v,
+                              int64_t now_ms, const es__outbox_outcome *v,
                               size_t n, size_t *lost, es_error *err);
     int (*outbox_list)(es_store *store, es_outbox_status status, size_t limit,
                        es_outbox_entry_list **out, es_error *err);
@@ -421,7 +425,7 @@ int es__store_outbox_finish(es_store *store, const es_uuid *id,
 /* True when the backend records many verdicts in one write. */
 bool es__store_has_outbox_finish_many(const es_store *store);
 int es__store_outbox_finish_many(es_store *store, const char *owner,
-                                 int64_t now_ms, const es__outbox_verdict *v,
+                                 int64_t now_ms, const es__outbox_outcome *v,
                                  size_t n, size_t *lost, es_error *err);
 int es__store_outbox_list(es_store *store, es_outbox_status status,
                           size_t limit, es_outbox_entry_list **out,
