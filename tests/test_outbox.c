@@ -552,7 +552,7 @@ static void test_outbox_expired_claim_is_taken_over(void **st)
                                                NULL), ES_ECONFLICT);
     if (store->ops->outbox_finish_many != NULL) {
         /* Also when written with others: counted lost, nothing changed. */
-        es__outbox_verdict v = {.id = done->items[0].side_effect.id,
+        es__outbox_outcome v = {.id = done->items[0].side_effect.id,
                                 .status = ES_OUTBOX_PENDING,
                                 .next_attempt_ms = c.now,
                                 .error = "late"};

@@ -731,7 +731,8 @@ int es_context_regenerate_side_effects(es_txn *txn,
 
 /* ---- saving ---- */
 
-static int write_batch(es_txn *txn, es_context *ctx, es_error *err)
+static int write_snapshot_and_effects(es_txn *txn, es_context *ctx,
+                                      es_error *err)
 {
     const es_aggregate_type *t = ctx->type;
     es_buf state = {0};
@@ -745,7 +746,7 @@ static int write_batch(es_txn *txn, es_context *ctx, es_error *err)
     }
     es_snapshot snap = {ctx->id, ctx->version, t->snapshot_version,
                         state.data, state.len};
-    rc = txn->store->ops->store_snapshot(txn, &snap, err);
+    rc = es__txn_store_snapshot(txn, &snap, err);
     es_buf_free(&state);
     if (rc != 0) return rc;
     return es__txn_insert_side_effects(txn, t->name, ctx->side_effects.items,
@@ -875,7 +876,7 @@ static int save_once(es_txn *txn, es_context *ctx, int depth, es_error *err)
     bool all = true;
     for (size_t i = 0; rc == 0 && i < n; i++) all = all && inserted[i];
     if (rc == 0 && all) {
-        rc = write_batch(txn, ctx, err);
+        rc = write_snapshot_and_effects(txn, ctx, err);
         if (rc == 0) rc = es__txn_release(txn, err);
         if (rc == 0) {
             ev_vec_clear(&ctx->uncommitted);

@@ -9,6 +9,7 @@
  */
 #include <string.h>
 
+#include "core/backoff.h"
 #include "core/internal.h"
 #include "host/committer.h"
 
@@ -17,9 +18,8 @@ size_t es__commit_item_rows(const es__commit_item *item)
     return item->n_events + 1;
 }
 
-/* items[from] failed with status: so do the later items of its group. */
-static void fail_group(es__commit_item **items, size_t n, size_t from,
-                       int status)
+void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
+                           int status)
 {
     const void *group = items[from]->group;
     items[from]->status = status;
@@ -64,15 +64,6 @@ static int write_item(es_txn *txn, es__commit_item *it, es_error *err)
     return rc;
 }
 
-/* The connection broke or could not be made (SQLSTATE class 08, or the
- * server ending the session: 57P0x): nothing is wrong with the items, the
- * lane waits and hands them in again. */
-static bool unreachable(const es_error *err)
-{
-    return strncmp(err->sqlstate, "08", 2) == 0 ||
-           strncmp(err->sqlstate, "57P0", 4) == 0;
-}
-
 static void mark(es__commit_item **items, size_t n, int from, int to)
 {
     for (size_t i = 0; i < n; i++)
@@ -91,7 +82,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     int rc = es__store_begin_bounded(store, &txn, err);
     if (rc != 0) {
         mark(items, n, ES__COMMIT_PENDING,
-             unreachable(err) ? ES__COMMIT_RETRY : rc);
+             es__unreachable(err) ? ES__COMMIT_RETRY : rc);
         return 0;
     }
     size_t n_written = 0;
@@ -100,13 +91,13 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
         if (items[i]->status != ES__COMMIT_PENDING) continue;
         es_error item_err = {0};
         rc = write_item(txn, items[i], &item_err);
-        if (rc != 0 && unreachable(&item_err)) {
+        if (rc != 0 && es__unreachable(&item_err)) {
             es_txn_rollback(txn);
             mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
             return 0;
         }
         if (rc != 0)
-            fail_group(items, n, i, rc);
+            es__commit_fail_group(items, n, i, rc);
         else {
             written[i] = true;
             n_written++;
@@ -120,14 +111,14 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     for (size_t i = 0; i < n; i++)
         if (written[i] && rc == 0) items[i]->status = 0;
     if (rc == 0) return 1;
-    if (rc == ES_EUNKNOWN && store->ops->write_batch != NULL) {
+    if (rc == ES_EUNKNOWN && es__store_has_batch_writer(store)) {
         /* the batch writer reads them back when handed in again */
         for (size_t i = 0; i < n; i++)
             if (written[i]) items[i]->status = ES__COMMIT_UNKNOWN;
         mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
         return 0;
     }
-    if (rc != ES_EUNKNOWN && unreachable(err)) {
+    if (rc != ES_EUNKNOWN && es__unreachable(err)) {
         mark(items, n, ES__COMMIT_PENDING, ES__COMMIT_RETRY);
         return 0;
     }
@@ -135,7 +126,7 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     return 0;
 }
 
-static bool any_pending(es__commit_item **items, size_t n)
+bool es__commit_any_pending(es__commit_item **items, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         if (items[i]->status == ES__COMMIT_PENDING) return true;
@@ -147,19 +138,19 @@ size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
 {
     if (n == 0) return 0;
     size_t batched = 0;
-    if (store->ops->write_batch != NULL) {
+    if (es__store_has_batch_writer(store)) {
         /* The backend's batch writer; what it leaves pending (a failure it
          * could not pin on an item) is written the generic way below, on
          * a pooled connection (rare: only such failures). */
-        batched = store->ops->write_batch(store, slot, items, n);
-        if (!any_pending(items, n)) return batched;
+        batched = es__store_write_batch(store, slot, items, n);
+        if (!es__commit_any_pending(items, n)) return batched;
     }
     return batched + es__commit_rest(store, items, n);
 }
 
 size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n)
 {
-    if (!any_pending(items, n)) return 0;
+    if (!es__commit_any_pending(items, n)) return 0;
     bool *written = es__calloc(n, sizeof(bool));
     es__commit_item **sub = es__calloc(n, sizeof *sub);
     if (written == NULL || sub == NULL) {
@@ -171,7 +162,7 @@ size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n)
         return 0;
     }
     size_t committed = 0;
-    while (any_pending(items, n)) {
+    while (es__commit_any_pending(items, n)) {
         int crc = 0;
         es_error err = {0};
         committed += attempt(store, items, n, written, &crc, &err);
@@ -193,7 +184,7 @@ size_t es__commit_rest(es_store *store, es__commit_item **items, size_t n)
                 if (items[i]->status == ES__COMMIT_PENDING &&
                     es_uuid_equal(&items[i]->aggregate_id,
                                   &err.aggregate_id)) {
-                    fail_group(items, n, i, ES_ECONFLICT);
+                    es__commit_fail_group(items, n, i, ES_ECONFLICT);
                     pinned = true;
                 }
         }

@@ -23,6 +23,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/backoff.h"
 #include "core/internal.h"
 #include "eventastic/outbox.h"
 #include "store/store_impl.h"
@@ -58,7 +59,7 @@ struct es_outbox {
     es__outbox_watch *watch; /* NULL: the store hears no other process */
     es_outbox_entry_list *batch;
     size_t next_item, outstanding;
-    es__outbox_verdict *verdicts; /* of the batch, n_verdicts written */
+    es__outbox_outcome *verdicts; /* of the batch, n_verdicts written */
     size_t n_verdicts;
     pthread_t claimer;
     pthread_t *workers;
@@ -96,9 +97,9 @@ int es_outbox_config_new(es_store *store, es_outbox_config **out,
 {
     if (store == NULL || out == NULL)
         return es__error_set(err, ES_EINVAL, "store and out are required");
-    if (store->ops->outbox_claim == NULL)
+    if (!es__store_has_outbox(store))
         return es__error_set(err, ES_EINVAL, "the %s store has no outbox",
-                             store->ops->name);
+                             es__store_name(store));
     es_outbox_config *cfg = es__calloc(1, sizeof *cfg);
     if (cfg == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     cfg->store = store;
@@ -258,11 +259,7 @@ static int64_t backoff_ms(es_outbox *ob, uint32_t attempts)
     for (uint32_t i = 1; i < attempts && cap < ob->cfg.max_ms; i++) cap *= 2;
     if (cap > ob->cfg.max_ms) cap = ob->cfg.max_ms;
     pthread_mutex_lock(&ob->lock);
-    uint64_t x = ob->rng; /* xorshift64 */
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    ob->rng = x;
+    uint64_t x = es__random_next(&ob->rng);
     pthread_mutex_unlock(&ob->lock);
     return (int64_t)(x % (uint64_t)(cap + 1));
 }
@@ -271,7 +268,7 @@ static int64_t backoff_ms(es_outbox *ob, uint32_t attempts)
  * others of its round (record_verdicts). */
 static void finish(es_outbox *ob, const es_outbox_entry *e,
                    es_outbox_status status, int64_t next_ms,
-                   const char *error, es__outbox_verdict *v)
+                   const char *error, es__outbox_outcome *v)
 {
     (void)ob;
     memset(v, 0, sizeof *v);
@@ -289,17 +286,17 @@ static void finish(es_outbox *ob, const es_outbox_entry *e,
  * a round of deliveries costs one commit, not one per message.  A verdict
  * that is not written is not lost work: its claim expires and the message
  * is delivered again (at least once). */
-static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
+static void record_verdicts(es_outbox *ob, const es__outbox_outcome *v,
                             size_t n)
 {
     if (n == 0) return;
     es_store *store = ob->cfg.store;
     int64_t now = ob->cfg.clock(ob->cfg.clock_ud);
-    if (store->ops->outbox_finish_many != NULL) {
+    if (es__store_has_outbox_finish_many(store)) {
         es_error err = {0};
         size_t lost = 0;
-        int rc = store->ops->outbox_finish_many(store, ob->cfg.owner, now, v,
-                                                n, &lost, &err);
+        int rc = es__store_outbox_finish_many(store, ob->cfg.owner, now, v, n,
+                                              &lost, &err);
         if (rc != 0)
             es__log(ES_LOG_WARN, "outbox: %zu verdicts not recorded (their "
                     "messages will be delivered again): %s: %s", n,
@@ -311,7 +308,7 @@ static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
     }
     for (size_t i = 0; i < n; i++) {
         es_error err = {0};
-        int rc = store->ops->outbox_finish(
+        int rc = es__store_outbox_finish(
             store, &v[i].id, ob->cfg.owner, v[i].status, now,
             v[i].next_attempt_ms, v[i].error[0] ? v[i].error : NULL, &err);
         if (rc != 0) {
@@ -324,7 +321,7 @@ static void record_verdicts(es_outbox *ob, const es__outbox_verdict *v,
 }
 
 static void deliver(es_outbox *ob, const es_outbox_entry *e,
-                    es__outbox_verdict *v)
+                    es__outbox_outcome *v)
 {
     const handler_reg *h = find_handler(ob, e);
     if (h == NULL) { /* the filter let it through: release at once */
@@ -386,7 +383,7 @@ static int claim(es_outbox *ob, es_outbox_entry_list **out, es_error *err)
 {
     atomic_fetch_add(&ob->rounds, 1);
     int64_t now = ob->cfg.clock(ob->cfg.clock_ud);
-    return ob->cfg.store->ops->outbox_claim(
+    return es__store_outbox_claim(
         ob->cfg.store, ob->cfg.owner, now, ob->cfg.lease_ms,
         ob->cfg.max_attempts, ob->filters, ob->cfg.n_handlers, ob->cfg.batch,
         out, err);
@@ -399,7 +396,7 @@ int es_outbox_run_once(es_outbox *ob, size_t *delivered, es_error *err)
     es_outbox_entry_list *list = NULL;
     int rc = claim(ob, &list, err);
     if (rc != 0) return rc;
-    es__outbox_verdict *v =
+    es__outbox_outcome *v =
         list->count ? es__calloc(list->count, sizeof *v) : NULL;
     if (list->count > 0 && v == NULL) {
         es_outbox_entry_list_free(list); /* the claims expire */
@@ -419,7 +416,7 @@ int es_outbox_run_once(es_outbox *ob, size_t *delivered, es_error *err)
 static void *worker_main(void *arg)
 {
     es_outbox *ob = arg;
-    es__outbox_verdict v;
+    es__outbox_outcome v;
     pthread_mutex_lock(&ob->lock);
     for (;;) {
         while (!ob->stopping &&
@@ -454,7 +451,7 @@ static void deadline_after(struct timespec *ts, int64_t ms)
  * does not hold back the verdicts of the others for long.  Called and
  * returns with ob->lock held. */
 static void run_round(es_outbox *ob, es_outbox_entry_list *list,
-                      es__outbox_verdict *v)
+                      es__outbox_outcome *v)
 {
     int64_t flush_ms = ob->cfg.lease_ms / 4;
     if (flush_ms > 20) flush_ms = 20;
@@ -497,7 +494,7 @@ static void purge_due(es_outbox *ob, int64_t *next_ms)
     if (now < *next_ms) return;
     size_t n = 0;
     es_error err = {0};
-    int rc = ob->cfg.store->ops->outbox_purge(
+    int rc = es__store_outbox_purge(
         ob->cfg.store, now - ob->cfg.retention_ms, ES__PURGE_BATCH, &n, &err);
     if (rc != 0)
         es__log(ES_LOG_WARN, "outbox: purge failed: %s: %s",
@@ -522,7 +519,7 @@ static void *claimer_main(void *arg)
                     es_status_name(rc), err.message);
         pthread_mutex_lock(&ob->lock);
         if (rc == 0 && list->count > 0) {
-            es__outbox_verdict *v = es__calloc(list->count, sizeof *v);
+            es__outbox_outcome *v = es__calloc(list->count, sizeof *v);
             if (v == NULL) { /* the claims expire; try again later */
                 pthread_mutex_unlock(&ob->lock);
                 es_outbox_entry_list_free(list);
@@ -590,7 +587,7 @@ void es_outbox_close(es_outbox *ob)
 {
     if (ob == NULL) return;
     if (ob->listening) es__store_unlisten(ob->cfg.store, on_commit, ob);
-    if (ob->watch) ob->cfg.store->ops->outbox_unwatch(ob->watch);
+    if (ob->watch) es__store_outbox_unwatch(ob->cfg.store, ob->watch);
     stop_threads(ob);
     pthread_cond_destroy(&ob->wake_cv);
     pthread_cond_destroy(&ob->work_cv);
@@ -654,9 +651,9 @@ int es_outbox_open(const es_outbox_config *cfg, bool start, es_outbox **out,
         else
             es__log(ES_LOG_WARN, "outbox: too many listeners; polling only");
         es_error werr = {0};
-        if (cfg->store->ops->outbox_watch != NULL &&
-            cfg->store->ops->outbox_watch(cfg->store, cfg->poll_ms, on_watch,
-                                          ob, &ob->watch, &werr) != 0)
+        if (es__store_has_outbox_watch(cfg->store) &&
+            es__store_outbox_watch(cfg->store, cfg->poll_ms, on_watch, ob,
+                                   &ob->watch, &werr) != 0)
             es__log(ES_LOG_WARN, "outbox: %s; polling only", werr.message);
     }
     *out = ob;
@@ -679,9 +676,9 @@ void es_outbox_metrics_get(es_outbox *ob, es_outbox_metrics *out)
 static int need_outbox(es_store *store, es_error *err)
 {
     if (store == NULL) return es__error_set(err, ES_EINVAL, "store is NULL");
-    if (store->ops->outbox_claim == NULL)
+    if (!es__store_has_outbox(store))
         return es__error_set(err, ES_EINVAL, "the %s store has no outbox",
-                             store->ops->name);
+                             es__store_name(store));
     return 0;
 }
 
@@ -691,8 +688,8 @@ int es_outbox_stats_get(es_store *store, int64_t now_ms, es_outbox_stats *out,
     int rc = need_outbox(store, err);
     if (rc != 0) return rc;
     if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
-    return store->ops->outbox_stats(store, now_ms ? now_ms : es_clock_now_ms(),
-                                    out, err);
+    return es__store_outbox_stats(store, now_ms ? now_ms : es_clock_now_ms(),
+                                  out, err);
 }
 
 int es_outbox_list(es_store *store, es_outbox_status status, size_t limit,
@@ -706,8 +703,8 @@ int es_outbox_list(es_store *store, es_outbox_status status, size_t limit,
         return es__error_set(err, ES_EINVAL, "unknown status %d",
                              (int)status);
     *out = NULL;
-    return store->ops->outbox_list(store, status, limit ? limit : 1000, out,
-                                   err);
+    return es__store_outbox_list(store, status, limit ? limit : 1000, out,
+                                 err);
 }
 
 int es_outbox_show(es_store *store, const es_uuid *id, es_outbox_entry **out,
@@ -718,7 +715,7 @@ int es_outbox_show(es_store *store, const es_uuid *id, es_outbox_entry **out,
     if (id == NULL || out == NULL)
         return es__error_set(err, ES_EINVAL, "id and out are required");
     *out = NULL;
-    return store->ops->outbox_get(store, id, out, err);
+    return es__store_outbox_get(store, id, out, err);
 }
 
 int es_outbox_requeue(es_store *store, const es_uuid *id,
@@ -729,8 +726,8 @@ int es_outbox_requeue(es_store *store, const es_uuid *id,
     if (rc != 0) return rc;
     if ((id == NULL) == (type_name == NULL))
         return es__error_set(err, ES_EINVAL, "give an id or a type name");
-    return store->ops->outbox_requeue(store, id, type_name, kind,
-                                      es_clock_now_ms(), count, err);
+    return es__store_outbox_requeue(store, id, type_name, kind,
+                                    es_clock_now_ms(), count, err);
 }
 
 int es_outbox_purge_done(es_store *store, int64_t before_ms, size_t *count,
@@ -741,8 +738,8 @@ int es_outbox_purge_done(es_store *store, int64_t before_ms, size_t *count,
     if (rc != 0) return rc;
     for (;;) { /* short transactions: dispatchers go on meanwhile */
         size_t n = 0;
-        rc = store->ops->outbox_purge(store, before_ms, ES__PURGE_BATCH, &n,
-                                      err);
+        rc = es__store_outbox_purge(store, before_ms, ES__PURGE_BATCH, &n,
+                                    err);
         if (count) *count += n;
         if (rc != 0 || n < ES__PURGE_BATCH) return rc;
     }

@@ -2,7 +2,7 @@
  * The PostgreSQL store's statements, as text, for the test that reads
  * their plans (tests/test_pg_plans.c): every statement on a command's path
  * must be an index probe whatever the table size, its statistics or the
- * plan cache mode (promise 10).  Never installed.
+ * plan cache mode (guarantee 10).  Never installed.
  */
 #ifndef ES_PG_STATEMENTS_H
 #define ES_PG_STATEMENTS_H

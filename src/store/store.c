@@ -437,3 +437,140 @@ int es_store_purge_commands(es_store *store, int64_t before_ms,
         if (rc != 0 || n < ES__PURGE_BATCH) return rc;
     }
 }
+
+/* ---- the function table, for the rest of the library ---- */
+
+const char *es__store_name(const es_store *store) { return store->ops->name; }
+
+int es__txn_store_snapshot(es_txn *txn, const es_snapshot *snap,
+                           es_error *err)
+{
+    return txn->store->ops->store_snapshot(txn, snap, err);
+}
+
+bool es__store_has_batch_writer(const es_store *store)
+{
+    return store->ops->write_batch != NULL;
+}
+
+size_t es__store_write_batch(es_store *store, void **slot,
+                             es__commit_item **items, size_t n)
+{
+    return store->ops->write_batch(store, slot, items, n);
+}
+
+unsigned es__store_batch_lanes(const es_store *store)
+{
+    return store->ops->batch_lanes;
+}
+
+int es__store_lane_open(es_store *store, struct event_base *base,
+                        es__batch_lane **out, es_error *err)
+{
+    if (store->ops->lane_open == NULL) {
+        *out = NULL;
+        return 0;
+    }
+    return store->ops->lane_open(store, base, out, err);
+}
+
+void es__store_lane_write(es_store *store, es__batch_lane *lane,
+                          es__commit_item **items, size_t n,
+                          es__batch_done done, void *ud)
+{
+    store->ops->lane_write(lane, items, n, done, ud);
+}
+
+void es__store_lane_close(es_store *store, es__batch_lane *lane)
+{
+    store->ops->lane_close(lane);
+}
+
+bool es__store_has_outbox(const es_store *store)
+{
+    return store->ops->outbox_claim != NULL;
+}
+
+int es__store_outbox_claim(es_store *store, const char *owner,
+                           int64_t now_ms, int64_t lease_ms,
+                           uint32_t max_attempts,
+                           const es__outbox_filter *filters,
+                           size_t n_filters, size_t max,
+                           es_outbox_entry_list **out, es_error *err)
+{
+    return store->ops->outbox_claim(store, owner, now_ms, lease_ms,
+                                    max_attempts, filters, n_filters, max,
+                                    out, err);
+}
+
+int es__store_outbox_finish(es_store *store, const es_uuid *id,
+                            const char *owner, es_outbox_status status,
+                            int64_t now_ms, int64_t next_attempt_ms,
+                            const char *error, es_error *err)
+{
+    return store->ops->outbox_finish(store, id, owner, status, now_ms,
+                                     next_attempt_ms, error, err);
+}
+
+bool es__store_has_outbox_finish_many(const es_store *store)
+{
+    return store->ops->outbox_finish_many != NULL;
+}
+
+int es__store_outbox_finish_many(es_store *store, const char *owner,
+                                 int64_t now_ms, const es__outbox_outcome *v,
+                                 size_t n, size_t *lost, es_error *err)
+{
+    return store->ops->outbox_finish_many(store, owner, now_ms, v, n, lost,
+                                          err);
+}
+
+int es__store_outbox_list(es_store *store, es_outbox_status status,
+                          size_t limit, es_outbox_entry_list **out,
+                          es_error *err)
+{
+    return store->ops->outbox_list(store, status, limit, out, err);
+}
+
+int es__store_outbox_get(es_store *store, const es_uuid *id,
+                         es_outbox_entry **out, es_error *err)
+{
+    return store->ops->outbox_get(store, id, out, err);
+}
+
+int es__store_outbox_requeue(es_store *store, const es_uuid *id,
+                             const char *type_name, int32_t kind,
+                             int64_t now_ms, size_t *count, es_error *err)
+{
+    return store->ops->outbox_requeue(store, id, type_name, kind, now_ms,
+                                      count, err);
+}
+
+int es__store_outbox_purge(es_store *store, int64_t before_ms, size_t limit,
+                           size_t *count, es_error *err)
+{
+    return store->ops->outbox_purge(store, before_ms, limit, count, err);
+}
+
+int es__store_outbox_stats(es_store *store, int64_t now_ms,
+                           es_outbox_stats *out, es_error *err)
+{
+    return store->ops->outbox_stats(store, now_ms, out, err);
+}
+
+bool es__store_has_outbox_watch(const es_store *store)
+{
+    return store->ops->outbox_watch != NULL;
+}
+
+int es__store_outbox_watch(es_store *store, int64_t retry_max_ms,
+                           es__watch_fn fn, void *ud, es__outbox_watch **out,
+                           es_error *err)
+{
+    return store->ops->outbox_watch(store, retry_max_ms, fn, ud, out, err);
+}
+
+void es__store_outbox_unwatch(es_store *store, es__outbox_watch *watch)
+{
+    if (watch != NULL) store->ops->outbox_unwatch(watch);
+}

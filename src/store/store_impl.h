@@ -92,12 +92,16 @@ typedef struct es__commit_item {
 } es__commit_item;
 
 /* A dispatcher's verdict on one claimed message (outbox_finish_many). */
-typedef struct es__outbox_verdict {
+typedef struct es__outbox_outcome {
     es_uuid id;
     es_outbox_status status; /* done, dead, or pending again */
     int64_t next_attempt_ms; /* when pending */
     char error[256];         /* "" when there is none */
-} es__outbox_verdict;
+} es__outbox_outcome;
+/* The old name, kept only for src/store/postgres.c until its split lands
+ * (then it uses es__outbox_outcome and this goes): the public
+ * es_outbox_verdict is a handler's return value, not this record. */
+typedef es__outbox_outcome es__outbox_verdict;
 
 /* Which messages a dispatcher handles: a type and a kind
  * (ES_OUTBOX_ANY_KIND for all its kinds). */
@@ -257,7 +261,7 @@ typedef struct es_store_ops {
     /* Optional (NULL: outbox_finish one by one): n verdicts in one write,
      * each only while owner holds its claim; *lost counts the others. */
     int (*outbox_finish_many)(es_store *store, const char *owner,
-                              int64_t now_ms, const es__outbox_verdict *v,
+                              int64_t now_ms, const es__outbox_outcome *v,
                               size_t n, size_t *lost, es_error *err);
     int (*outbox_list)(es_store *store, es_outbox_status status, size_t limit,
                        es_outbox_entry_list **out, es_error *err);
@@ -390,5 +394,69 @@ es_snapshot *es__snapshot_dup(const es_snapshot *snap);
 /* Append a copy of a side effect to a list (payload copied). */
 int es__side_effect_list_push(es_side_effect_list *list, size_t *cap,
                               const es_side_effect *se);
+
+/* ---- the backend's function table, for the rest of the library ----
+ * Only store.c calls through ops; the host, the committer, the outbox and
+ * the context use these.  No argument checks beyond the backend's: the
+ * callers are internal. */
+
+/* The backend's name ("memory", "postgres"). */
+const char *es__store_name(const es_store *store);
+/* ops->store_snapshot, without es_txn_store_snapshot's checks. */
+int es__txn_store_snapshot(es_txn *txn, const es_snapshot *snap,
+                           es_error *err);
+/* True when the backend has a batch writer (write_batch). */
+bool es__store_has_batch_writer(const es_store *store);
+/* write_batch (see es_store_ops); only when es__store_has_batch_writer. */
+size_t es__store_write_batch(es_store *store, void **slot,
+                             es__commit_item **items, size_t n);
+/* The backend's default number of commit lanes (0: the host's). */
+unsigned es__store_batch_lanes(const es_store *store);
+/* lane_open; *out = NULL and 0 on a backend without asynchronous lanes. */
+int es__store_lane_open(es_store *store, struct event_base *base,
+                        es__batch_lane **out, es_error *err);
+/* lane_write and lane_close of a lane es__store_lane_open made. */
+void es__store_lane_write(es_store *store, es__batch_lane *lane,
+                          es__commit_item **items, size_t n,
+                          es__batch_done done, void *ud);
+void es__store_lane_close(es_store *store, es__batch_lane *lane);
+/* True when the backend has an outbox (outbox_claim and the others). */
+bool es__store_has_outbox(const es_store *store);
+int es__store_outbox_claim(es_store *store, const char *owner,
+                           int64_t now_ms, int64_t lease_ms,
+                           uint32_t max_attempts,
+                           const es__outbox_filter *filters,
+                           size_t n_filters, size_t max,
+                           es_outbox_entry_list **out, es_error *err);
+int es__store_outbox_finish(es_store *store, const es_uuid *id,
+                            const char *owner, es_outbox_status status,
+                            int64_t now_ms, int64_t next_attempt_ms,
+                            const char *error, es_error *err);
+/* True when the backend records many verdicts in one write. */
+bool es__store_has_outbox_finish_many(const es_store *store);
+int es__store_outbox_finish_many(es_store *store, const char *owner,
+                                 int64_t now_ms, const es__outbox_outcome *v,
+                                 size_t n, size_t *lost, es_error *err);
+int es__store_outbox_list(es_store *store, es_outbox_status status,
+                          size_t limit, es_outbox_entry_list **out,
+                          es_error *err);
+int es__store_outbox_get(es_store *store, const es_uuid *id,
+                         es_outbox_entry **out, es_error *err);
+int es__store_outbox_requeue(es_store *store, const es_uuid *id,
+                             const char *type_name, int32_t kind,
+                             int64_t now_ms, size_t *count, es_error *err);
+int es__store_outbox_purge(es_store *store, int64_t before_ms, size_t limit,
+                           size_t *count, es_error *err);
+int es__store_outbox_stats(es_store *store, int64_t now_ms,
+                           es_outbox_stats *out, es_error *err);
+/* True when the backend can watch for other processes' commits (else
+ * commits of this process only, through the commit listeners). */
+bool es__store_has_outbox_watch(const es_store *store);
+/* outbox_watch; only when es__store_has_outbox_watch. */
+int es__store_outbox_watch(es_store *store, int64_t retry_max_ms,
+                           es__watch_fn fn, void *ud, es__outbox_watch **out,
+                           es_error *err);
+/* outbox_unwatch; NULL is a no-op. */
+void es__store_outbox_unwatch(es_store *store, es__outbox_watch *watch);
 
 #endif
