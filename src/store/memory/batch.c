@@ -108,9 +108,10 @@ static void item_alloc(const es__commit_item *it, bool cmds, int64_t now,
  * (a version or event id taken), ES_EIDEMPOTENCY (command id taken),
  * ES_EWRONGTYPE (other type), ES_EINVAL (name too long) or ES_ENOMEM.
  * What was linked belongs to the store; p keeps what was not (freed by
- * the caller). */
+ * the caller).  Stored events join the global order as one commit, at
+ * time now. */
 static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
-                      item_plan *p)
+                      item_plan *p, int64_t now)
 {
     const es_uuid *agg = &it->aggregate_id;
     if (strlen(it->type_name) >= ES__MEM_TYPE_NAME_MAX) return ES_EINVAL;
@@ -163,7 +164,8 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
          es__ptrmap_reserve(&s->ids, ne, es__mem_hash_id) == 0 &&
          es__ptrmap_reserve(&s->se_ids, fresh, es__mem_hash_se) == 0 &&
          es__ptrmap_reserve(&s->cmds, 1, es__mem_hash_cmd) == 0 &&
-         es__mem_cmd_log_reserve(s, 1) == 0;
+         es__mem_cmd_log_reserve(s, 1) == 0 &&
+         es__mem_order_reserve(s, ne) == 0;
     if (!ok) {
         if (created) {
             es__free(created->ev);
@@ -174,6 +176,7 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
 
     /* Link: nothing below allocates (room was reserved above). */
     if (created) es__ptrmap_insert(&s->streams, created, es__mem_hash_stream);
+    uint64_t commit = ne > 0 ? es__mem_order_commit(s) : 0;
     for (size_t i = 0; i < ne; i++) {
         const es_event *e = &it->events[i];
         size_t pos = es__mem_lower_bound(st, e->version);
@@ -188,6 +191,7 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
         p->data[i] = NULL;
         p->id[i] = NULL;
         s->event_count++;
+        es__mem_order_push(s, st, e->version, commit, now);
     }
     for (size_t i = 0; i < nse; i++) {
         if (p->se[i] == NULL) continue;
@@ -206,7 +210,9 @@ static int batch_item(mem_store *s, es__commit_item *it, bool cmds,
 /* The host's batch writer: every item under one hold of the lock, without
  * a transaction's pending copies.  An item that fails is left out with
  * the later items of its group (ES_ECONFLICT); the others are stored.
- * Readers take the same lock, so they see all of the batch or none. */
+ * Readers take the same lock, so they see all of the batch or none.
+ * Each item that stores events is a commit of its own in the global
+ * order. */
 size_t es__mem_write_batch(es_store *store, void **slot,
                            es__commit_item **items, size_t n)
 {
@@ -215,21 +221,23 @@ size_t es__mem_write_batch(es_store *store, void **slot,
     bool cmds = es__store_has_commands(store);
     int64_t now = es_clock_now_ms();
     size_t stored = 0;
-    bool side_effects = false;
+    bool side_effects = false, events = false;
     item_plan *plans = es__calloc(n, sizeof *plans);
     if (plans == NULL) return 0; /* left pending: the generic way */
     for (size_t i = 0; i < n; i++)
         if (items[i]->status == ES__COMMIT_PENDING)
             item_alloc(items[i], cmds, now, &plans[i]);
     pthread_mutex_lock(&s->lock);
+    int64_t at = es_clock_now_ms(); /* under the lock: in commit order */
     for (size_t i = 0; i < n; i++) {
         es__commit_item *it = items[i];
         if (it->status != ES__COMMIT_PENDING) continue;
-        int rc = batch_item(s, it, cmds, &plans[i]);
+        int rc = batch_item(s, it, cmds, &plans[i], at);
         it->status = rc;
         if (rc == 0) {
             stored++;
             side_effects = side_effects || it->n_side_effects > 0;
+            events = events || it->n_events > 0;
             continue;
         }
         for (size_t j = i + 1; j < n; j++)
@@ -241,5 +249,6 @@ size_t es__mem_write_batch(es_store *store, void **slot,
     for (size_t i = 0; i < n; i++) item_plan_free(items[i], &plans[i]);
     es__free(plans);
     if (side_effects) es__store_notify(store);
+    if (events) es__store_notify_events(store);
     return stored > 0 ? 1 : 0;
 }

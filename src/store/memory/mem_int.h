@@ -23,6 +23,8 @@
  *             command-id records
  *   outbox.c  the outbox: claim, finish, list, requeue, purge, stats
  *   batch.c   the host's batch writer (write_batch)
+ *   log.c     the global order of events and the checkpoints (the read
+ *             side, store/read_ops.h)
  *   store.c   open, close, retention of command ids, the ops table
  */
 #ifndef ES_STORE_MEMORY_MEM_INT_H
@@ -34,6 +36,7 @@
 #include <string.h>
 
 #include "store/ptrmap.h"
+#include "store/read_ops.h"
 #include "store/store_impl.h"
 
 #define ES__MEM_TYPE_NAME_MAX 64
@@ -92,6 +95,22 @@ typedef struct mem_cmd {
     es__command_record rec;
 } mem_cmd;
 
+/* One event in the global order (log.c): 32 bytes, no payload (the
+ * event is found in its stream by version).  Its position is
+ * {commit, index + 1}. */
+typedef struct mem_order {
+    mem_stream *st;
+    uint64_t version;
+    uint64_t commit;    /* the commit number of its transaction */
+    int64_t created_ms; /* when it committed */
+} mem_order;
+
+/* A pending checkpoint write of a transaction (log.c). */
+typedef struct mem_ckpt_op {
+    es_checkpoint c; /* name and position; updated_ms set at commit */
+    bool del;
+} mem_ckpt_op;
+
 typedef struct mem_store {
     struct es_store base;
     pthread_mutex_t lock;
@@ -110,6 +129,14 @@ typedef struct mem_store {
     mem_se **se;     /* committed side effects, oldest first */
     size_t n_se, cap_se;
     size_t event_count;
+    /* The global order (log.c): every committed event, in commit order;
+     * appended under the lock by each commit that stores events. */
+    mem_order *order;
+    size_t n_order, cap_order;
+    uint64_t last_commit; /* commit number of the newest such commit */
+    /* The projections' checkpoints, sorted by name. */
+    es_checkpoint *ckpt;
+    size_t n_ckpt, cap_ckpt;
 } mem_store;
 
 /* Pending writes of a transaction. */
@@ -128,7 +155,7 @@ typedef struct pend_snap {
 } pend_snap;
 
 typedef struct mem_mark {
-    size_t n_ev, n_snap, n_se, n_cmd;
+    size_t n_ev, n_snap, n_se, n_cmd, n_ckpt;
 } mem_mark;
 
 typedef struct mem_txn {
@@ -146,6 +173,8 @@ typedef struct mem_txn {
     size_t n_cmd, cap_cmd;
     es__ptrmap cmd_ids; /* mem_cmd*, by command id */
     es__ptrmap se_ids;  /* es_uuid* (own allocation), the ids in se */
+    mem_ckpt_op *ckpt; /* checkpoint writes, in the order made */
+    size_t n_ckpt, cap_ckpt;
     mem_mark *marks;
     size_t n_marks, cap_marks;
 } mem_txn;
@@ -309,5 +338,28 @@ int es__mem_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
 /* batch.c */
 size_t es__mem_write_batch(es_store *store, void **slot,
                            es__commit_item **items, size_t n);
+
+/* log.c: the global order and the checkpoints (store/read_ops.h). */
+extern const struct es__read_ops es__mem_read_ops;
+/* Lock held.  Room for extra more events in the global order, and for
+ * the checkpoints a transaction's pending writes may add.  Returns 0 or
+ * ES_ENOMEM (nothing changed that anyone sees). */
+int es__mem_order_reserve(mem_store *s, size_t extra);
+int es__mem_ckpt_reserve(mem_store *s, const mem_txn *t);
+/* Lock held, room reserved: the next commit number, for a commit that
+ * stores events; then each of its events, in order. */
+static inline uint64_t es__mem_order_commit(mem_store *s)
+{
+    return ++s->last_commit;
+}
+static inline void es__mem_order_push(mem_store *s, mem_stream *st,
+                                      uint64_t version, uint64_t commit,
+                                      int64_t now)
+{
+    s->order[s->n_order++] = (mem_order){st, version, commit, now};
+}
+/* Lock held, room reserved: apply a transaction's checkpoint writes
+ * (cannot fail). */
+void es__mem_ckpt_apply(mem_store *s, const mem_txn *t, int64_t now);
 
 #endif

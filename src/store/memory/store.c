@@ -35,6 +35,8 @@ static void mem_close(es_store *store)
     es__ptrmap_clear(&s->cmds, es__free);
     es__free(s->cmd_log);
     es__free(s->se);
+    es__free(s->order);
+    es__free(s->ckpt);
     pthread_mutex_destroy(&s->lock);
     es__store_destroy(&s->base);
     es__free(s);
@@ -89,6 +91,7 @@ static const es_store_ops memory_ops = {
     .outbox_purge = es__mem_outbox_purge,
     .purge_commands = mem_purge_commands,
     .outbox_stats = es__mem_outbox_stats,
+    .read = &es__mem_read_ops,
     .close = mem_close,
 };
 

@@ -46,11 +46,12 @@ static void truncate_pending(mem_txn *t, const mem_mark *m)
         es__ptrmap_remove(&t->cmd_ids, c, es__mem_hash_cmd);
         es__free(c);
     }
+    if (t->n_ckpt > m->n_ckpt) t->n_ckpt = m->n_ckpt; /* nothing owned */
 }
 
 static void txn_free(mem_txn *t)
 {
-    mem_mark zero = {0, 0, 0, 0};
+    mem_mark zero = {0, 0, 0, 0, 0};
     truncate_pending(t, &zero);
     es__ptrmap_clear(&t->ev_ids, NULL);
     es__ptrmap_clear(&t->ev_versions, NULL);
@@ -61,6 +62,7 @@ static void txn_free(mem_txn *t)
     es__free(t->ev);
     es__free(t->snap);
     es__free(t->se);
+    es__free(t->ckpt);
     es__free(t->marks);
     es_store *store = t->base.store;
     es__free(t);
@@ -76,7 +78,8 @@ int es__mem_savepoint(es_txn *txn, es_error *err)
     if (es__grow(&items, &t->cap_marks, t->n_marks + 1, sizeof(mem_mark)) != 0)
         return es__error_set(err, ES_ENOMEM, "out of memory");
     t->marks = items;
-    t->marks[t->n_marks++] = (mem_mark){t->n_ev, t->n_snap, t->n_se, t->n_cmd};
+    t->marks[t->n_marks++] =
+        (mem_mark){t->n_ev, t->n_snap, t->n_se, t->n_cmd, t->n_ckpt};
     return 0;
 }
 
@@ -271,7 +274,10 @@ static int commit_prepare(mem_store *s, mem_txn *t, commit_plan *p)
     if (es__grow(&items, &s->cap_se, s->n_se + fresh, sizeof(mem_se *)) != 0)
         return ES_ENOMEM;
     s->se = items;
-    return 0;
+
+    /* The global order and the checkpoints (log.c). */
+    if (es__mem_order_reserve(s, t->n_ev) != 0) return ES_ENOMEM;
+    return es__mem_ckpt_reserve(s, t);
 }
 
 static int commit_link(mem_store *s, mem_txn *t, commit_plan *p)
@@ -329,8 +335,10 @@ static void apply_snap(mem_snapset *set, pend_snap *ps)
     ps->snap.data = NULL;
 }
 
-static void commit_apply(mem_store *s, mem_txn *t, commit_plan *p)
+static void commit_apply(mem_store *s, mem_txn *t, commit_plan *p,
+                         int64_t now)
 {
+    uint64_t commit = t->n_ev > 0 ? es__mem_order_commit(s) : 0;
     for (size_t i = 0; i < t->n_ev; i++) {
         mem_stream *st = p->stream[i];
         pend_event *pe = t->ev[i];
@@ -343,6 +351,7 @@ static void commit_apply(mem_store *s, mem_txn *t, commit_plan *p)
         pe->ev.data = NULL; /* moved */
         p->id[i] = NULL;    /* owned by the tree now */
         s->event_count++;
+        es__mem_order_push(s, st, pe->ev.version, commit, now);
     }
     for (size_t i = 0; i < t->n_snap; i++) apply_snap(p->set[i], &t->snap[i]);
     for (size_t i = 0; i < t->n_se; i++) {
@@ -355,6 +364,7 @@ static void commit_apply(mem_store *s, mem_txn *t, commit_plan *p)
         es__ptrmap_remove(&t->cmd_ids, t->cmd[i], es__mem_hash_cmd);
         t->cmd[i] = NULL;
     }
+    es__mem_ckpt_apply(s, t, now);
     p->n_created = 0; /* they hold events now */
 }
 
@@ -372,7 +382,7 @@ int es__mem_commit(es_txn *txn, es_error *err)
         rc = commit_prepare(s, t, &plan);
         if (rc == 0) rc = commit_link(s, t, &plan);
         if (rc == 0)
-            commit_apply(s, t, &plan);
+            commit_apply(s, t, &plan, now);
         else
             rc = es__error_set(err, ES_ENOMEM, "out of memory in commit; "
                                "nothing was committed");
@@ -380,7 +390,9 @@ int es__mem_commit(es_txn *txn, es_error *err)
     plan_free(s, &plan, t);
     pthread_mutex_unlock(&s->lock);
     bool notify = rc == 0 && t->n_se > 0;
+    bool events = rc == 0 && t->n_ev > 0;
     txn_free(t);
     if (notify) es__store_notify(&s->base);
+    if (events) es__store_notify_events(&s->base);
     return rc;
 }
