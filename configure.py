@@ -188,7 +188,8 @@ def pkg(flag, *mods):
 #   bench/*.c             one benchmark binary each (ninja bench runs them)
 def sources(pattern):
     return sorted(os.path.relpath(p, HERE)
-                  for p in glob.glob(os.path.join(HERE, pattern)))
+                  for p in glob.glob(os.path.join(HERE, pattern),
+                                    recursive=True))
 
 
 VARIANTS = {
@@ -234,7 +235,7 @@ def write_fuzz(n):
                pkg("--cflags", "jansson", "libpq", "libevent_core",
                    "libsodium"))
     objs = []
-    for src in (sources("src/*/*.c") + ["examples/bank/bank.c"] +
+    for src in (sources("src/**/*.c") + ["examples/bank/bank.c"] +
                 sources("tests/fixtures/*.c")):
         o = "build/fuzz/obj/%s.o" % src[:-2]
         n.build(o, "fuzzcc", src)
@@ -342,7 +343,7 @@ def main():
                 return o
 
             lib = "%s/lib/libeventastic.a" % bdir
-            lib_objs = [obj(s) for s in sources("src/*/*.c")]
+            lib_objs = [obj(s) for s in sources("src/**/*.c")]
             n.build(lib, "ar", lib_objs)
             outs.append(lib)
             if variant == "release":
