@@ -181,14 +181,15 @@ def pkg(flag, *mods):
 
 
 # Sources are found by name, so adding a file needs only a re-run:
-#   src/<part>/*.c        the library
+#   src/**/*.c            the library (src/<part>/, src/store/pg/, ...)
 #   tests/fixtures/*.c    linked into every test
 #   tests/test_*.c        one test binary each (test_pg_* need PostgreSQL)
 #   examples/*.c          one example binary each
 #   bench/*.c             one benchmark binary each (ninja bench runs them)
 def sources(pattern):
     return sorted(os.path.relpath(p, HERE)
-                  for p in glob.glob(os.path.join(HERE, pattern)))
+                  for p in glob.glob(os.path.join(HERE, pattern),
+                                     recursive=True))
 
 
 VARIANTS = {
@@ -226,7 +227,8 @@ def write_fuzz(n):
            "-fsanitize=fuzzer-no-link -c $in -o $out",
            description="CC $out", depfile="$out.d")
     n.rule("fuzzlink", "clang -pthread -fsanitize=fuzzer $fuzz_cflags "
-           "-o $out $in $lib_libs $jansson_libs", description="LINK $out")
+           "$wrap -o $out $in $lib_libs $jansson_libs",
+           description="LINK $out")
     # The warnings minus -Werror: clang's set differs from gcc's.
     n.variable("fuzz_cflags", ["-std=c11", "-D_GNU_SOURCE", "-pthread",
                                "-Iinclude", "-Isrc", "-Itests"] +
@@ -234,7 +236,7 @@ def write_fuzz(n):
                pkg("--cflags", "jansson", "libpq", "libevent_core",
                    "libsodium"))
     objs = []
-    for src in (sources("src/*/*.c") + ["examples/bank/bank.c"] +
+    for src in (sources("src/**/*.c") + ["examples/bank/bank.c"] +
                 sources("tests/fixtures/*.c")):
         o = "build/fuzz/obj/%s.o" % src[:-2]
         n.build(o, "fuzzcc", src)
@@ -246,12 +248,12 @@ def write_fuzz(n):
         n.build(o, "fuzzcc", src, variables={
             "extra": "-Wno-missing-prototypes"})
         exe = "build/fuzz/%s" % name
-        objs_for = objs
+        wrap = ""
         if name.startswith("fuzz_pg_"):
-            # It includes src/store/postgres.c itself (tests/fuzz/pg_fake.h).
-            objs_for = [o for o in objs
-                        if o != "build/fuzz/obj/src/store/postgres.o"]
-        n.build(exe, "fuzzlink", [o] + objs_for)
+            # The store's calls of PQexecParams and PQexec go to the
+            # target's fakes, __wrap_PQexec* (tests/fuzz/pg_fake.h).
+            wrap = "-Wl,--wrap=PQexecParams -Wl,--wrap=PQexec"
+        n.build(exe, "fuzzlink", [o] + objs, variables={"wrap": wrap})
         outs.append(exe)
     return outs
 
@@ -342,7 +344,7 @@ def main():
                 return o
 
             lib = "%s/lib/libeventastic.a" % bdir
-            lib_objs = [obj(s) for s in sources("src/*/*.c")]
+            lib_objs = [obj(s) for s in sources("src/**/*.c")]
             n.build(lib, "ar", lib_objs)
             outs.append(lib)
             if variant == "release":
