@@ -1,14 +1,130 @@
 /*
- * The commit lanes of the batch writer (the host's group commit): a
- * lane's steps from connecting to COMMIT, reading a lost COMMIT back,
- * and pg_write_batch, the same steps on a loop of its own.  The overview
- * of the steps is in lane_rt.c.
+ * The commit lanes of the batch writer (the host's group commit).
+ *
+ * A lane writes a batch in a few round trips on a connection of its own,
+ * each a libpq pipeline ended by a sync, sent and read without blocking
+ * (PQsetnonblocking): the loop's event on the socket drives it, so one
+ * loop thread serves every lane (the round trips: lane_rt.c).  The steps:
+ *   - connect (PQconnectStart and PQconnectPoll) and prepare the batch
+ *     statements, once per connection;
+ *   - items ES__COMMIT_UNKNOWN on entry: read back by the command id of
+ *     one of them, before anything is written;
+ *   - with encryption: BEGIN and the data keys of the batch, read FOR
+ *     SHARE in one round trip (the missing ones are made and stored in a
+ *     second; lane_keys.c);
+ *   - the writes: [BEGIN,] SAVEPOINT, the events, the command ids and the
+ *     side effects; when rows did not go in, their groups fail and the
+ *     rest is written again after ROLLBACK TO SAVEPOINT;
+ *   - COMMIT; an answer that was lost is read back.
+ * es__pg_write_batch runs the same steps on a loop of its own, to the end.
+ *
+ * The lane's state (lane_state, pg_int.h) is what it waits for: the
+ * connection (CONNECTING) or the results of one round trip.  When they
+ * are in, es__pg_lane_step switches over the state to its step, and the
+ * step starts the next round trip or ends the batch (IDLE).  lane_ensure
+ * leads to PREPARING, or straight to what it was asked for (l->then) on a
+ * connection that is prepared already; a read back's outcome goes to
+ * whoever asked (l->resolve_for).
+ *
+ *   lane_write --(an item ES__COMMIT_UNKNOWN)--> ensure(RESOLVE)
+ *       |                                                 |
+ *       | (none)                                          v
+ *       |                     IDLE --> CONNECTING --> PREPARING --> then
+ *       v                                |fails            |fails
+ *   txn_next --> ensure(WRITE)           +--> then (not ok) <+
+ *
+ *   then RESOLVE:  RESOLVING --(kept connection lost)--> ensure(RESOLVE)
+ *                  RESOLVING --> for ENTRY: txn_next, or IDLE (unknown)
+ *                            --> for COMMIT: IDLE, or txn_failed (not
+ *                                committed)
+ *   then WRITE:    [KEYS_READING [--> KEYS_STORING --> KEYS_READING]]
+ *                  --> WRITING
+ *   WRITING    --(rows did not go in)--> WRITING (from the savepoint)
+ *              --(written)--> COMMITTING
+ *              --(an error, nothing left)--> ROLLING_BACK
+ *   COMMITTING --(committed)--> IDLE
+ *              --(refused)--> txn_failed
+ *              --(answer lost)--> ensure(RESOLVE) for COMMIT
+ *   ROLLING_BACK --> txn_failed, or IDLE
+ *   txn_failed --(connection lost, first time)--> txn_next; else IDLE
+ *   KEYS_*, WRITING --(connection lost)--> txn_failed
+ *                   --(an error)--> ROLLING_BACK
+ *
+ * IDLE at the end of a batch means lane_finish: done() is called.
  */
 #include "store/pg/pg_int.h"
 
 /* A connection attempt that makes no progress for this long fails (libpq
  * leaves connect_timeout to the caller of PQconnectPoll). */
 #define LANE_CONNECT_TIMEOUT_S 10
+
+static void lane_prepared(pg_lane *l, bool ok);
+static void lane_resolved(pg_lane *l, bool ok);
+static void lane_resolve_ask(pg_lane *l, bool ok);
+static void txn_connected(pg_lane *l, bool ok);
+static void txn_written(pg_lane *l, bool ok);
+static void txn_committed(pg_lane *l, bool ok);
+static void txn_rolled_back(pg_lane *l, bool ok);
+static void txn_commit_resolved(pg_lane *l, int outcome);
+static void lane_entry_resolved(pg_lane *l, int outcome);
+
+/* The step of the state a round trip ended in (lane_rt.c). */
+void es__pg_lane_step(pg_lane *l, lane_state state, bool ok)
+{
+    switch (state) {
+    case LANE_PREPARING:
+        lane_prepared(l, ok);
+        return;
+    case LANE_RESOLVING:
+        lane_resolved(l, ok);
+        return;
+    case LANE_KEYS_READING:
+        es__pg_keys_read(l, ok);
+        return;
+    case LANE_KEYS_STORING:
+        es__pg_keys_stored(l, ok);
+        return;
+    case LANE_WRITING:
+        txn_written(l, ok);
+        return;
+    case LANE_COMMITTING:
+        txn_committed(l, ok);
+        return;
+    case LANE_ROLLING_BACK:
+        txn_rolled_back(l, ok);
+        return;
+    case LANE_IDLE:
+    case LANE_CONNECTING: /* no round trip ends there */
+        return;
+    }
+}
+
+/* The connection is ready and prepared (ok), or could not be had (l->err
+ * says why): on to what lane_ensure was asked for. */
+static void connected(pg_lane *l, bool ok)
+{
+    switch (l->then) {
+    case LANE_THEN_RESOLVE:
+        lane_resolve_ask(l, ok);
+        return;
+    case LANE_THEN_WRITE:
+        txn_connected(l, ok);
+        return;
+    }
+}
+
+/* A read back's outcome, to whoever asked for it (lane_resolve). */
+static void resolved(pg_lane *l, int outcome)
+{
+    switch (l->resolve_for) {
+    case LANE_FOR_ENTRY:
+        lane_entry_resolved(l, outcome);
+        return;
+    case LANE_FOR_COMMIT:
+        txn_commit_resolved(l, outcome);
+        return;
+    }
+}
 
 /* ---- connecting ---- */
 
@@ -27,7 +143,7 @@ static void lane_prepared(pg_lane *l, bool ok)
     }
     if (!good) {
         es__pg_lane_lost(l, "batch: prepare");
-        l->on_conn(l, false);
+        connected(l, false);
         return;
     }
     const PGresult *r = es__pg_lane_res(l, (size_t)n);
@@ -40,7 +156,7 @@ static void lane_prepared(pg_lane *l, bool ok)
         PQregisterEventProc(l->conn, es__pg_batch_evproc, "eventastic batch",
                             NULL))
         PQsetInstanceData(l->conn, es__pg_batch_evproc, l->s);
-    l->on_conn(l, true);
+    connected(l, true);
 }
 
 /* The batch statements, prepared once per connection in one round trip
@@ -49,7 +165,7 @@ static void lane_prepared(pg_lane *l, bool ok)
 static void lane_prepare(pg_lane *l)
 {
     if (PQinstanceData(l->conn, es__pg_batch_evproc) == l->s) {
-        l->on_conn(l, true);
+        connected(l, true);
         return;
     }
     bool sent = es__pg_lane_rt_begin(l);
@@ -77,7 +193,7 @@ static void lane_prepare(pg_lane *l)
                                  "pg_stat_activity WHERE pid = "
                                  "pg_backend_pid()", 0, NULL, NULL, NULL,
                                  NULL, 0) == 1;
-    es__pg_lane_rt_go(l, sent, lane_prepared);
+    es__pg_lane_rt_go(l, sent, LANE_PREPARING);
 }
 
 static void lane_connect_failed(pg_lane *l)
@@ -90,7 +206,7 @@ static void lane_connect_failed(pg_lane *l)
                   msg);
     memcpy(l->err.sqlstate, "08001", 6);
     es__pg_lane_drop(l);
-    l->on_conn(l, false);
+    connected(l, false);
 }
 
 void es__pg_lane_connect_poll(pg_lane *l, short what)
@@ -101,7 +217,7 @@ void es__pg_lane_connect_poll(pg_lane *l, short what)
                       "no answer within %d s", LANE_CONNECT_TIMEOUT_S);
         memcpy(l->err.sqlstate, "08001", 6);
         es__pg_lane_drop(l);
-        l->on_conn(l, false);
+        connected(l, false);
         return;
     }
     switch (PQconnectPoll(l->conn)) {
@@ -112,7 +228,7 @@ void es__pg_lane_connect_poll(pg_lane *l, short what)
         if (!es__pg_lane_wait(l, EV_WRITE, &tv)) lane_connect_failed(l);
         return;
     case PGRES_POLLING_OK:
-        l->connecting = false;
+        l->state = LANE_IDLE;
         event_del(l->ev);
         PQsetNoticeProcessor(l->conn, es__pg_quiet_notices, NULL);
         if (PQsetnonblocking(l->conn, 1) != 0) {
@@ -131,9 +247,9 @@ void es__pg_lane_connect_poll(pg_lane *l, short what)
 
 /* A connection ready for the batch statements, then then(l, ok); not ok:
  * l->err says why. */
-static void lane_ensure(pg_lane *l, lane_step then)
+static void lane_ensure(pg_lane *l, lane_then then)
 {
-    l->on_conn = then;
+    l->then = then;
     l->setup = l->new_conn = false;
     if (l->conn && PQstatus(l->conn) == CONNECTION_OK &&
         PQtransactionStatus(l->conn) == PQTRANS_IDLE) {
@@ -149,7 +265,8 @@ static void lane_ensure(pg_lane *l, lane_step then)
         lane_connect_failed(l);
         return;
     }
-    l->connecting = l->new_conn = true;
+    l->new_conn = true;
+    l->state = LANE_CONNECTING;
     es__pg_lane_connect_poll(l, 0);
 }
 
@@ -207,8 +324,6 @@ static void cut_commit_over(pg_store *s, int pid, const char *start)
 
 /* ---- reading a COMMIT back ---- */
 
-static void lane_resolve_ask(pg_lane *l, bool ok);
-
 static void lane_resolved(pg_lane *l, bool ok)
 {
     size_t k = 0;
@@ -216,7 +331,7 @@ static void lane_resolved(pg_lane *l, bool ok)
         const PGresult *o = es__pg_lane_res(l, k++);
         if (ok && o != NULL && PQresultStatus(o) == PGRES_TUPLES_OK) {
             if (PQntuples(o) > 0) { /* asked to end; it may still commit */
-                l->after_resolve(l, -1);
+                resolved(l, -1);
                 return;
             }
             l->orphan_pid = 0; /* gone: its transaction is over */
@@ -226,7 +341,7 @@ static void lane_resolved(pg_lane *l, bool ok)
         const PGresult *o = es__pg_lane_res(l, k++);
         if (ok && o != NULL && PQresultStatus(o) == PGRES_TUPLES_OK) {
             if (PQntuples(o) > 0) { /* the same for the fallback's */
-                l->after_resolve(l, -1);
+                resolved(l, -1);
                 return;
             }
             cut_commit_over(l->s, l->cut_pid, l->cut_start);
@@ -237,14 +352,14 @@ static void lane_resolved(pg_lane *l, bool ok)
         if (!ok) es__pg_lane_lost(l, "read back");
         else es__pg_lane_drop(l);
         if (!l->new_conn) { /* a kept connection: once more on a new one */
-            lane_ensure(l, lane_resolve_ask);
+            lane_ensure(l, LANE_THEN_RESOLVE);
             return;
         }
-        l->after_resolve(l, -1);
+        resolved(l, -1);
         return;
     }
     if (PQntuples(r) == 0) {
-        l->after_resolve(l, 0);
+        resolved(l, 0);
         return;
     }
     es_uuid agg;
@@ -253,13 +368,13 @@ static void lane_resolved(pg_lane *l, bool ok)
                 es__pg_col_i64(r, 0, 5, &version) &&
                 es_uuid_equal(&agg, &l->probe->aggregate_id) &&
                 (uint64_t)version == l->probe->version;
-    l->after_resolve(l, ours ? 1 : -1);
+    resolved(l, ours ? 1 : -1);
 }
 
 static void lane_resolve_ask(pg_lane *l, bool ok)
 {
     if (!ok) {
-        l->after_resolve(l, -1);
+        resolved(l, -1);
         return;
     }
     static const Oid types[1] = {OID_UUID};
@@ -274,7 +389,7 @@ static void lane_resolve_ask(pg_lane *l, bool ok)
     if (sent)
         sent = PQsendQueryParams(l->conn, l->s->sql[SQL_GET_COMMAND], 1, types,
                                  values, lens, es__pg_binary_formats, 1) == 1;
-    es__pg_lane_rt_go(l, sent, lane_resolved);
+    es__pg_lane_rt_go(l, sent, LANE_RESOLVING);
 }
 
 /* After a COMMIT whose answer was lost: did it commit?  The command id of
@@ -284,11 +399,11 @@ static void lane_resolve_ask(pg_lane *l, bool ok)
  * (the caller waits and asks again).  On the kept connection if there is
  * one, then once on a new one. */
 static void lane_resolve(pg_lane *l, const es__command_record *probe,
-                         void (*after)(pg_lane *l, int outcome))
+                         lane_resolve_for resolve_for)
 {
     l->probe = probe;
-    l->after_resolve = after;
-    lane_ensure(l, lane_resolve_ask);
+    l->resolve_for = resolve_for;
+    lane_ensure(l, LANE_THEN_RESOLVE);
 }
 
 /* ---- a batch ---- */
@@ -376,7 +491,7 @@ void es__pg_txn_rollback(pg_lane *l)
     bool sent = es__pg_lane_rt_begin(l) &&
                 PQsendQueryParams(l->conn, "ROLLBACK", 0, NULL, NULL, NULL,
                                   NULL, 0) == 1;
-    es__pg_lane_rt_go(l, sent, txn_rolled_back);
+    es__pg_lane_rt_go(l, sent, LANE_ROLLING_BACK);
 }
 
 static void txn_commit_resolved(pg_lane *l, int outcome)
@@ -428,7 +543,7 @@ static void txn_committed(pg_lane *l, bool ok)
     for (size_t i = 0; i < l->n && probe == NULL; i++)
         if (l->items[i]->status == ES__COMMIT_PENDING)
             probe = &l->items[i]->record;
-    lane_resolve(l, probe, txn_commit_resolved);
+    lane_resolve(l, probe, LANE_FOR_COMMIT);
 }
 
 static void txn_commit(pg_lane *l)
@@ -436,7 +551,7 @@ static void txn_commit(pg_lane *l)
     bool sent =
         es__pg_lane_rt_begin(l) &&
         PQsendQueryParams(l->conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) == 1;
-    es__pg_lane_rt_go(l, sent, txn_committed);
+    es__pg_lane_rt_go(l, sent, LANE_COMMITTING);
 }
 
 static void txn_written(pg_lane *l, bool ok)
@@ -535,7 +650,7 @@ void es__pg_txn_write(pg_lane *l)
         es__pg_txn_rollback(l);
         return;
     }
-    es__pg_lane_rt_go(l, sent, txn_written);
+    es__pg_lane_rt_go(l, sent, LANE_WRITING);
 }
 
 /* ---- the batch, transaction by transaction ---- */
@@ -562,7 +677,7 @@ static void txn_next(pg_lane *l)
     l->begun = l->side_effects = false;
     l->first = true;
     l->key_attempt = 0;
-    lane_ensure(l, txn_connected);
+    lane_ensure(l, LANE_THEN_WRITE);
 }
 
 static void lane_entry_resolved(pg_lane *l, int outcome)
@@ -592,7 +707,7 @@ void es__pg_lane_write(es__batch_lane *lane, es__commit_item **items, size_t n,
     /* A batch whose COMMIT answer was lost: the truth first. */
     for (size_t i = 0; i < n; i++)
         if (items[i]->status == ES__COMMIT_UNKNOWN) {
-            lane_resolve(l, &items[i]->record, lane_entry_resolved);
+            lane_resolve(l, &items[i]->record, LANE_FOR_ENTRY);
             return;
         }
     lane_entry_resolved(l, 0);

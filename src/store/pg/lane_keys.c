@@ -62,7 +62,7 @@ static void keys_done(pg_lane *l)
     es__pg_txn_write(l);
 }
 
-static void keys_stored(pg_lane *l, bool ok)
+void es__pg_keys_stored(pg_lane *l, bool ok)
 {
     if (!ok) {
         es__pg_lane_lost(l, "store data key");
@@ -126,10 +126,10 @@ static void keys_make(pg_lane *l)
                                  values, lens, es__pg_binary_formats, 1) == 1;
         sodium_memzero(wrapped, sizeof wrapped);
     }
-    es__pg_lane_rt_go(l, sent, keys_stored);
+    es__pg_lane_rt_go(l, sent, LANE_KEYS_STORING);
 }
 
-static void keys_read(pg_lane *l, bool ok)
+void es__pg_keys_read(pg_lane *l, bool ok)
 {
     if (!ok) {
         es__pg_lane_lost(l, "read data key");
@@ -193,7 +193,7 @@ static void keys_ask(pg_lane *l)
         sent = PQsendQueryParams(l->conn, l->s->sql[SQL_LOCK_KEY], 1, types,
                                  values, lens, es__pg_binary_formats, 1) == 1;
     }
-    es__pg_lane_rt_go(l, sent, keys_read);
+    es__pg_lane_rt_go(l, sent, LANE_KEYS_READING);
 }
 
 /* The data keys of every aggregate the pending items write to (events,

@@ -6,25 +6,6 @@
  */
 #include "store/pg/pg_int.h"
 
-/* ---- the batch writer: commit lanes on a libevent loop ----
- *
- * A lane writes a batch in a few round trips on a connection of its own,
- * each a libpq pipeline ended by a sync, sent and read without blocking
- * (PQsetnonblocking): the loop's event on the socket drives it, so one
- * loop thread serves every lane.  The steps:
- *   - connect (PQconnectStart and PQconnectPoll) and prepare the batch
- *     statements, once per connection;
- *   - items ES__COMMIT_UNKNOWN on entry: read back by the command id of
- *     one of them, before anything is written;
- *   - with encryption: BEGIN and the data keys of the batch, read FOR
- *     SHARE in one round trip (the missing ones are made and stored in a
- *     second);
- *   - the writes: [BEGIN,] SAVEPOINT, the events, the command ids and the
- *     side effects; when rows did not go in, their groups fail and the
- *     rest is written again after ROLLBACK TO SAVEPOINT;
- *   - COMMIT; an answer that was lost is read back.
- * es__pg_write_batch runs the same steps on a loop of its own, to the end. */
-
 /* A round trip whose socket stays silent for this long (a half-open
  * connection: the server or the network gone without a word) counts as
  * a lost connection: the statement timeout, when set, plus this margin;
@@ -53,7 +34,7 @@ void es__pg_lane_drop(pg_lane *l)
     }
     if (l->conn) PQfinish(l->conn);
     l->conn = NULL;
-    l->connecting = false;
+    if (l->state == LANE_CONNECTING) l->state = LANE_IDLE;
 }
 
 /* Wait on the socket for what (and at most tv). */
@@ -80,17 +61,17 @@ void es__pg_lane_lost(pg_lane *l, const char *what)
     es__pg_lane_drop(l);
 }
 
-/* The end of a round trip: its step runs with its results. */
+/* The end of a round trip: the step of its state runs with its results. */
 static void lane_rt_end(pg_lane *l, bool ok)
 {
     event_del(l->ev);
-    lane_step step = l->on_rt;
-    l->on_rt = NULL;
+    lane_state state = l->state;
+    l->state = LANE_IDLE;
     if (ok && l->res_oom) {
         es__error_set(&l->err, ES_ENOMEM, "out of memory");
         ok = false;
     }
-    step(l, ok);
+    es__pg_lane_step(l, state, ok);
 }
 
 /* How long a round trip may wait for its socket. */
@@ -169,11 +150,12 @@ bool es__pg_lane_rt_begin(pg_lane *l)
     return PQenterPipelineMode(l->conn) == 1;
 }
 
-/* Send what was queued with a sync; step runs when its results are in.
+/* Send what was queued with a sync; the lane is in state until its
+ * results are in, then state's step runs (es__pg_lane_step).
  * sent false: queueing failed (the connection, unless l->err says). */
-void es__pg_lane_rt_go(pg_lane *l, bool sent, lane_step step)
+void es__pg_lane_rt_go(pg_lane *l, bool sent, lane_state state)
 {
-    l->on_rt = step;
+    l->state = state;
     int f = -1;
     if (sent && PQpipelineSync(l->conn) == 1) f = PQflush(l->conn);
     struct timeval tv = lane_silence(l);
@@ -197,6 +179,20 @@ void es__pg_lane_io(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     pg_lane *l = arg;
-    if (l->connecting) es__pg_lane_connect_poll(l, what);
-    else if (l->on_rt) lane_rt_io(l, what);
+    switch (l->state) {
+    case LANE_IDLE:
+        return;
+    case LANE_CONNECTING:
+        es__pg_lane_connect_poll(l, what);
+        return;
+    case LANE_PREPARING:
+    case LANE_RESOLVING:
+    case LANE_KEYS_READING:
+    case LANE_KEYS_STORING:
+    case LANE_WRITING:
+    case LANE_COMMITTING:
+    case LANE_ROLLING_BACK:
+        lane_rt_io(l, what);
+        return;
+    }
 }

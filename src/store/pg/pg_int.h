@@ -256,16 +256,40 @@ typedef struct pstmt {
 } pstmt;
 
 typedef struct pg_lane pg_lane;
-typedef void (*lane_step)(pg_lane *l, bool ok);
+
+/* Where a commit lane is (the diagram is in lane.c): connecting, or the
+ * round trip under way, whose results the state's step reads. */
+typedef enum lane_state {
+    LANE_IDLE,         /* nothing under way */
+    LANE_CONNECTING,   /* PQconnectPoll until the connection is made */
+    LANE_PREPARING,    /* the session settings and the batch statements */
+    LANE_RESOLVING,    /* reading a COMMIT back by a command id */
+    LANE_KEYS_READING, /* BEGIN and the batch's data keys, FOR SHARE */
+    LANE_KEYS_STORING, /* the data keys that were missing, made */
+    LANE_WRITING,      /* [BEGIN,] SAVEPOINT, events, commands, effects */
+    LANE_COMMITTING,   /* COMMIT */
+    LANE_ROLLING_BACK  /* ROLLBACK */
+} lane_state;
+
+/* What a lane does once its connection is ready (or could not be had). */
+typedef enum lane_then {
+    LANE_THEN_RESOLVE, /* read a COMMIT back */
+    LANE_THEN_WRITE    /* the next transaction of the batch */
+} lane_then;
+
+/* Who asked for a COMMIT to be read back, and so gets its outcome. */
+typedef enum lane_resolve_for {
+    LANE_FOR_ENTRY, /* a batch that came with items ES__COMMIT_UNKNOWN */
+    LANE_FOR_COMMIT /* this lane's own COMMIT, whose answer was lost */
+} lane_resolve_for;
 
 struct pg_lane {
     pg_store *s;
     struct event_base *base;
     struct event *ev; /* the connection's socket */
     PGconn *conn;
-    bool connecting;
-    lane_step on_rt;  /* the round trip under way ends here */
-    lane_step on_conn; /* connected and prepared, or not */
+    lane_state state; /* what it waits for (lane.c) */
+    lane_then then; /* once connected and prepared, or not */
     PGresult **res;   /* the round trip's results, in order, no sync */
     size_t n_res, cap_res;
     bool res_oom;
@@ -288,7 +312,7 @@ struct pg_lane {
     dek_entry *made; /* keys made for need[], stored by the round trip */
     pstmt st[3];
     const es__command_record *probe;
-    void (*after_resolve)(pg_lane *l, int outcome);
+    lane_resolve_for resolve_for;
     /* The connection's backend as pg_stat_activity names it (pid and
      * backend_start, which tells it from a later backend with the same
      * pid); "" when it could not be read.  The orphan: the backend of a
@@ -507,12 +531,13 @@ bool es__pg_lane_wait(pg_lane *l, short what, const struct timeval *tv);
 void es__pg_lane_lost(pg_lane *l, const char *what);
 int64_t es__pg_silence_ms(const pg_store *s);
 bool es__pg_lane_rt_begin(pg_lane *l);
-void es__pg_lane_rt_go(pg_lane *l, bool sent, lane_step step);
+void es__pg_lane_rt_go(pg_lane *l, bool sent, lane_state state);
 bool es__pg_res_ok(const PGresult *r);
 const PGresult *es__pg_lane_res(const pg_lane *l, size_t i);
 void es__pg_lane_io(evutil_socket_t fd, short what, void *arg);
 
 /* lane.c */
+void es__pg_lane_step(pg_lane *l, lane_state state, bool ok);
 void es__pg_lane_connect_poll(pg_lane *l, short what);
 void es__pg_txn_failed(pg_lane *l);
 void es__pg_txn_rollback(pg_lane *l);
@@ -526,6 +551,8 @@ size_t es__pg_write_batch(es_store *store, void **slot, es__commit_item **items,
                           size_t n);
 
 /* lane_keys.c */
+void es__pg_keys_stored(pg_lane *l, bool ok);
+void es__pg_keys_read(pg_lane *l, bool ok);
 void es__pg_keys_load(pg_lane *l);
 
 /* store.c */
