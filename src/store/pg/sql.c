@@ -135,7 +135,11 @@ int es__pg_build_sql(pg_store *s, const es_pg_config *cfg)
     /* The host's batches (es__pg_write_batch): many aggregates' events in
      * one statement; RETURNING names the rows that went in, and an
      * aggregate whose creation event has another type comes back with a
-     * NULL version (none of its rows is inserted). */
+     * NULL version (none of its rows is inserted).  Not one text with
+     * SQL_INSERT_EVENTS: that one writes one aggregate (its type, id and
+     * key id as scalars), returns (version, event id, other type) for
+     * es__pg_insert_events, and its plan is checked on its own; this one
+     * takes them per row and returns (aggregate, version). */
     /* The type check is one primary-key probe per row (LATERAL with
      * LIMIT: never flattened into a join), so its plan cannot turn into a
      * hash join over the whole events table, whatever the estimates of
