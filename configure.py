@@ -183,6 +183,8 @@ def pkg(flag, *mods):
 # Sources are found by name, so adding a file needs only a re-run:
 #   src/**/*.c            the library (src/<part>/, src/store/pg/, ...)
 #   tests/fixtures/*.c    linked into every test
+#   tests/suites/*.c      test bodies run on more than one store, linked
+#                         into every test (not the fuzz targets)
 #   tests/test_*.c        one test binary each (test_pg_* need PostgreSQL)
 #   examples/*.c          one example binary each
 #   bench/*.c             one benchmark binary each (ninja bench runs them)
@@ -367,7 +369,8 @@ def main():
                 n.build(exe, "cxxlink", [o, lib], variables=dict(
                     vars_, libs="$lib_libs"))
                 outs.append(exe)
-            fixtures = [obj(s) for s in sources("tests/fixtures/*.c")]
+            fixtures = [obj(s) for s in sources("tests/fixtures/*.c") +
+                        sources("tests/suites/*.c")]
             tests = []
             for src in sources("tests/test_*.c"):
                 name = os.path.basename(src)[:-2]

@@ -1,6 +1,10 @@
-/* The outbox dispatcher on the in-memory store: delivery, retries with
- * backoff, dead letters, requeue, poison messages, order per aggregate,
- * several dispatchers, expired claims, wake-up and polling. */
+/*
+ * The outbox dispatcher's tests, on any store (outbox.h): delivery,
+ * retries with backoff, dead letters, requeue, poison messages, order per
+ * aggregate, several dispatchers, expired claims, wake-up and polling.
+ * test_outbox.c runs them on the in-memory store, test_pg_outbox.c on
+ * PostgreSQL, so the same semantics are checked on both stores.
+ */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -13,21 +17,13 @@
 #include <cmocka.h>
 
 #include "eventastic.h"
+#include "suites/outbox.h"
 #include "store/store_impl.h"
 
-/* A "job" aggregate: each event carries a text; each event makes one side
- * effect with that text.  The side-effect decoder refuses "poison". */
-typedef struct job { int count; } job;
-typedef enum job_kind { JOB_CREATED = 1, JOB_STEP = 2 } job_kind;
-typedef struct job_event {
-    job_kind kind;
-    es_uuid id;
-    char text[32];
-} job_event;
-typedef struct job_effect {
-    es_uuid id;
-    char text[32];
-} job_effect;
+/* The stores the tests run on (outbox_suite_run). */
+static int (*suite_open)(es_store **out);
+static int (*suite_close)(es_store *store);
+
 
 static es_uuid ev_id(const void *e) { return ((const job_event *)e)->id; }
 static int32_t ev_kind(const void *e) { return ((const job_event *)e)->kind; }
@@ -105,7 +101,7 @@ static int fx_dec(int32_t k, const uint8_t *p, size_t n, void *f,
     return 0;
 }
 
-static const es_aggregate_type job_type = {
+const es_aggregate_type job_type = {
     .name = "job", .snapshot_version = 1,
     .state_size = sizeof(job), .event_size = sizeof(job_event),
     .side_effect_size = sizeof(job_effect),
@@ -131,7 +127,7 @@ static const es_aggregate_type other_type = {
 };
 
 /* Store an aggregate with n events (texts given), committed or not. */
-static void store_job(es_store *store, const es_aggregate_type *type,
+void store_job(es_store *store, const es_aggregate_type *type,
                       const es_uuid *id, const char *const *texts, size_t n,
                       bool commit)
 {
@@ -158,28 +154,8 @@ static void store_job(es_store *store, const es_aggregate_type *type,
     es_context_free(ctx);
 }
 
-/* What handlers saw.  Filled under a mutex from worker threads; asserted
- * only after the dispatchers stopped. */
-#define MAX_SEEN 1024
-typedef struct recorder {
-    pthread_mutex_t lock;
-    size_t n;
-    char text[MAX_SEEN][32];
-    es_uuid agg[MAX_SEEN];
-    uint32_t attempts[MAX_SEEN];
-    es_uuid fx[MAX_SEEN]; /* side-effect ids */
-    int who[MAX_SEEN];    /* which dispatcher (record_fx_tagged), or 0 */
-    int in_flight, max_in_flight_same_agg;
-    es_uuid busy[64];
-    size_t n_busy;
-    int retry_first; /* answer RETRY to this many first attempts */
-    int verdict_override;
-    int64_t deliver_ms;
-    es_outbox *ob;          /* when set: the dispatcher, for... */
-    uint64_t deliver_round; /* ...its round count at the last delivery */
-} recorder;
 
-static void recorder_init(recorder *r)
+void recorder_init(recorder *r)
 {
     memset(r, 0, sizeof *r);
     pthread_mutex_init(&r->lock, NULL);
@@ -277,7 +253,7 @@ static void test_outbox_delivers_after_commit_not_after_rollback(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     fake_clock c = {es_clock_now_ms()};
@@ -306,14 +282,14 @@ static void test_outbox_delivers_after_commit_not_after_rollback(void **st)
     assert_int_equal(m.deliveries, 1);
     assert_int_equal(m.done, 1);
     es_outbox_close(ob);
-    es_store_close(store);
+    suite_close(store);
 }
 
 static void test_outbox_retry_backoff_then_dead_letter_then_requeue(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     r.retry_first = 100; /* always retry */
@@ -390,14 +366,14 @@ static void test_outbox_retry_backoff_then_dead_letter_then_requeue(void **st)
     assert_int_equal(count, 1);
     assert_int_equal(es_outbox_show(store, &fx, &e, NULL), ES_ENOTFOUND);
     es_outbox_close(ob);
-    es_store_close(store);
+    suite_close(store);
 }
 
 static void test_outbox_poison_message_never_blocks_others(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     fake_clock c = {es_clock_now_ms()};
@@ -426,14 +402,14 @@ static void test_outbox_poison_message_never_blocks_others(void **st)
         after = after || strcmp(r.text[i], "after poison") == 0;
     assert_true(after);
     es_outbox_close(ob);
-    es_store_close(store);
+    suite_close(store);
 }
 
 static void test_outbox_leaves_unhandled_types_alone(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     fake_clock c = {es_clock_now_ms()};
@@ -450,7 +426,7 @@ static void test_outbox_leaves_unhandled_types_alone(void **st)
     assert_int_equal(stats.pending, 1); /* not failed, not dead */
     assert_int_equal(stats.dead, 0);
     es_outbox_close(ob);
-    es_store_close(store);
+    suite_close(store);
 }
 
 /* A dispatcher for two aggregate types (one named by two filters): each
@@ -460,7 +436,7 @@ static void test_outbox_claims_every_handled_type_in_order(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     fake_clock c = {es_clock_now_ms()};
@@ -506,14 +482,14 @@ static void test_outbox_claims_every_handled_type_in_order(void **st)
     assert_int_equal(es_outbox_stats_get(store, 0, &stats, NULL), 0);
     assert_int_equal(stats.pending, 0);
     es_outbox_close(ob);
-    es_store_close(store);
+    suite_close(store);
 }
 
 static void test_outbox_expired_claim_is_taken_over(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     fake_clock c = {5000000};
@@ -586,7 +562,7 @@ static void test_outbox_expired_claim_is_taken_over(void **st)
     assert_non_null(strstr(dead->items[0].last_error, "abandoned"));
     es_outbox_entry_list_free(dead);
     es_outbox_close(ob);
-    es_store_close(store);
+    suite_close(store);
 }
 
 /* batch 0: the default batch size */
@@ -612,14 +588,14 @@ static es_outbox *started_outbox_with(es_store *store, es_outbox_handler fn,
     return ob;
 }
 
-static es_outbox *started_outbox(es_store *store, recorder *r, size_t workers,
+es_outbox *started_outbox(es_store *store, recorder *r, size_t workers,
                                  int64_t poll_ms, int64_t base_ms)
 {
     return started_outbox_with(store, record_fx, r, workers, 0, poll_ms,
                                base_ms);
 }
 
-static size_t seen_count(recorder *r)
+size_t seen_count(recorder *r)
 {
     pthread_mutex_lock(&r->lock);
     size_t n = r->n;
@@ -627,7 +603,7 @@ static size_t seen_count(recorder *r)
     return n;
 }
 
-static bool wait_for(recorder *r, size_t n, int seconds)
+bool wait_for(recorder *r, size_t n, int seconds)
 {
     for (int i = 0; i < seconds * 1000; i++) {
         if (seen_count(r) >= n) return true;
@@ -643,7 +619,7 @@ static void test_outbox_two_dispatchers_share_work_in_order(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     /* Small batches: one dispatcher cannot claim every aggregate's next
@@ -698,14 +674,14 @@ static void test_outbox_two_dispatchers_share_work_in_order(void **st)
     assert_int_equal(es_outbox_stats_get(store, 0, &stats, NULL), 0);
     assert_int_equal(stats.pending, 0);
     assert_int_equal(stats.done, AGGS * STEPS);
-    es_store_close(store);
+    suite_close(store);
 }
 
 static void test_outbox_wakes_on_commit_and_polls_for_retries(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     recorder r;
     recorder_init(&r);
     /* Poll once a minute: only a wake-up can deliver in the time this
@@ -778,14 +754,14 @@ static void test_outbox_wakes_on_commit_and_polls_for_retries(void **st)
     assert_true(again);
     assert_int_equal(r2.attempts[0], 1);
     assert_int_equal(r2.attempts[1], 2);
-    es_store_close(store);
+    suite_close(store);
 }
 
 static void test_outbox_bad_input(void **st)
 {
     (void)st;
     es_store *store = NULL;
-    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    assert_int_equal(suite_open(&store), 0);
     es_outbox_config *cfg = NULL;
     es_error err = {0};
     assert_int_equal(es_outbox_config_new(NULL, &cfg, &err), ES_EINVAL);
@@ -823,11 +799,14 @@ static void test_outbox_bad_input(void **st)
     assert_int_equal(es_outbox_show(store, &nobody, &e, &err), ES_ENOTFOUND);
     es_outbox_close(NULL);
     es_outbox_config_free(cfg);
-    es_store_close(store);
+    suite_close(store);
 }
 
-int main(void)
+int outbox_suite_run(int (*open)(es_store **out),
+                     int (*close)(es_store *store))
 {
+    suite_open = open;
+    suite_close = close;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_outbox_delivers_after_commit_not_after_rollback),
         cmocka_unit_test(
