@@ -4,7 +4,23 @@
  */
 #include "store/pg/pg_int.h"
 
-/* ---- the outbox watch: LISTEN on a connection of its own ---- */
+/*
+ * A thread in poll() on two descriptors: the connection's socket (a
+ * notification arrived, or the connection broke) and a pipe whose byte
+ * says stop.  It never runs a statement but LISTEN, so it holds no lock
+ * of the store and needs none: the store's pool never sees the
+ * connection.  While disconnected it retries after 100 ms, doubling up to
+ * retry_max_ms; the dispatcher keeps polling meanwhile, and is woken after
+ * each (re)connection in case a notification was missed.
+ */
+struct es__outbox_watch {
+    pg_store *s; /* borrowed: outlives the watch */
+    es__watch_fn fn;
+    void *ud;
+    int64_t retry_max_ms;
+    int stop[2]; /* a pipe: readable when the thread must end */
+    pthread_t thread;
+};
 
 int64_t es__pg_mono_ms(void)
 {
