@@ -1,5 +1,5 @@
 /*
- * The migrations of the PostgreSQL store (see pg_migrations.h).
+ * The migrations of the PostgreSQL store (see migrations.h).
  *
  * events: (aggregate id, version) is the primary key, so a version is
  * taken once; event_id was unique across aggregates until migration 8,
@@ -9,7 +9,7 @@
  * of any valid length work.  keys holds each aggregate's data key, wrapped
  * by the master key key_id; NULL once destroyed (crypto-shredding).
  */
-#include "store/pg_migrations.h"
+#include "store/pg/migrations.h"
 
 const es__pg_migration es__pg_migrations[] = {
     {1, "events, snapshots and outbox",
