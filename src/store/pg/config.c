@@ -8,7 +8,7 @@
 
 static const char *const default_tables[N_TABLES] = {
     "events", "snapshots", "outbox", "es_migrations", "data_keys",
-    "commands"};
+    "commands", "projections"};
 
 /* ---- names ---- */
 

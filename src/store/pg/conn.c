@@ -472,8 +472,10 @@ int es__pg_commit(es_txn *txn, es_error *err)
     PQclear(r);
     es_store *store = t->base.store;
     bool notify = rc == 0 && t->wrote_side_effects;
+    bool events = rc == 0 && t->wrote_events;
     txn_end(t);
     if (notify) es__store_notify(store);
+    if (events) es__store_notify_events(store);
     return rc;
 }
 

@@ -500,6 +500,7 @@ static void txn_commit_resolved(pg_lane *l, int outcome)
         batch_mark(l->items, l->n, ES__COMMIT_PENDING, 0, NULL);
         l->committed++;
         if (l->side_effects) es__store_notify(&l->s->base);
+        es__store_notify_events(&l->s->base);
         lane_finish(l);
     } else if (outcome < 0) {
         batch_mark(l->items, l->n, ES__COMMIT_PENDING, ES__COMMIT_UNKNOWN,
@@ -688,7 +689,10 @@ static void lane_entry_resolved(pg_lane *l, int outcome)
     }
     batch_mark(l->items, l->n, ES__COMMIT_UNKNOWN,
                outcome == 1 ? 0 : ES__COMMIT_PENDING, NULL);
-    if (outcome == 1) l->committed++;
+    if (outcome == 1) {
+        l->committed++;
+        es__store_notify_events(&l->s->base);
+    }
     batch_mark(l->items, l->n, ES__COMMIT_RETRY, ES__COMMIT_PENDING, NULL);
     l->lost = 0;
     txn_next(l);

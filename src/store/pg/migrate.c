@@ -27,7 +27,7 @@ static void checksum_of(const es__pg_migration *m, char out[32])
 /* The migration's SQL with the quoted names put in. */
 static char *expand(const char *tmpl, const es_pg_config *cfg)
 {
-    char names[6][2 * NAME_BUF + 8];
+    char names[7][2 * NAME_BUF + 8];
     snprintf(names[0], sizeof names[0], "\"%s\"", cfg->schema);
     es__pg_qualify(names[1], sizeof names[1], cfg->schema,
                    cfg->tables[ES_PG_TABLE_EVENTS]);
@@ -39,13 +39,16 @@ static char *expand(const char *tmpl, const es_pg_config *cfg)
                    cfg->tables[ES_PG_TABLE_KEYS]);
     es__pg_qualify(names[5], sizeof names[5], cfg->schema,
                    cfg->tables[ES_PG_TABLE_COMMANDS]);
-    static const char *const keys[6] = {"@schema@",   "@events@", "@snapshots@",
-                                        "@outbox@",   "@keys@",   "@commands@"};
+    es__pg_qualify(names[6], sizeof names[6], cfg->schema,
+                   cfg->tables[ES_PG_TABLE_PROJECTIONS]);
+    static const char *const keys[7] = {
+        "@schema@", "@events@", "@snapshots@",  "@outbox@",
+        "@keys@",   "@commands@", "@projections@"};
     es_buf b = {0};
     int rc = 0;
     for (const char *p = tmpl; rc == 0 && *p != '\0';) {
         int hit = -1;
-        for (int k = 0; k < 6 && *p == '@'; k++)
+        for (int k = 0; k < 7 && *p == '@'; k++)
             if (strncmp(p, keys[k], strlen(keys[k])) == 0) hit = k;
         if (hit >= 0) {
             rc = es_buf_append_str(&b, names[hit]);

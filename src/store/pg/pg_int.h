@@ -58,6 +58,7 @@
 #include "store/pg/conninfo.h"
 #include "store/pg/migrations.h"
 #include "store/pg/statements.h"
+#include "store/read_ops.h"
 #include "store/store_impl.h"
 
 /* Type oids of the built-in types we send (pg_type.h is server-side). */
@@ -72,7 +73,7 @@
 #define OID_TEXT_ARRAY 1009
 #define OID_BYTEA 17
 
-#define N_TABLES 6
+#define N_TABLES 7
 #define NAME_BUF (ES_PG_NAME_MAX + 1)
 #define MAX_PAYLOAD 0x3fffffffu /* PostgreSQL's field limit, 1 GiB - 1 */
 #define LOST_SQLSTATE "08006"
@@ -132,6 +133,13 @@ enum {
     SQL_STATUS_COUNTS,
     SQL_BATCH_EVENTS,
     SQL_BATCH_SIDE_EFFECTS,
+    SQL_READ_ALL,
+    SQL_HEAD,
+    SQL_LAG,
+    SQL_CP_GET,
+    SQL_CP_PUT,
+    SQL_CP_DELETE,
+    SQL_CP_LIST,
     SQL_COUNT
 };
 
@@ -186,6 +194,7 @@ typedef struct pg_txn {
     unsigned depth;   /* savepoints open */
     unsigned cursors; /* stream cursors made, for unique names */
     bool wrote_side_effects; /* wake dispatchers after commit */
+    bool wrote_events;       /* wake readers after commit */
     PGconn **own; /* begin_background: the caller's slot, not the pool */
     int pid;        /* begin_bounded: its backend, */
     char start[64]; /* and that backend's backend_start */
@@ -325,6 +334,9 @@ typedef struct sql_entry {
 extern const sql_entry es__pg_sql_info[SQL_COUNT];
 __attribute__((format(printf, 1, 2))) char *es__pg_sqlf(const char *fmt, ...);
 int es__pg_build_sql(pg_store *s, const es_pg_config *cfg);
+/* The read side's statements (subscribe.c); e: the quoted events table. */
+void es__pg_build_read_sql(pg_store *s, const es_pg_config *cfg,
+                           const char *e);
 
 /* wire.c */
 extern const int es__pg_binary_formats[MAX_PARAMS];
@@ -544,5 +556,8 @@ extern const es_store_ops es__pg_ops;
 uint64_t es__pg_fnv1a(const char *s);
 int es__pg_migrate_in(PGconn *c, const es_pg_config *cfg, int *newest,
                       es_error *err);
+
+/* ---- subscribe.c: the read side (store/read_ops.h) ---- */
+extern const es__read_ops es__pg_read_ops;
 
 #endif

@@ -49,6 +49,13 @@ const sql_entry es__pg_sql_info[SQL_COUNT] = {
     [SQL_STATUS_COUNTS] = {"status: counts", true},
     [SQL_BATCH_EVENTS] = {"batch: insert events", false},
     [SQL_BATCH_SIDE_EFFECTS] = {"batch: insert side effects", false},
+    [SQL_READ_ALL] = {"read all", false},
+    [SQL_HEAD] = {"head", false},
+    [SQL_LAG] = {"lag", false},
+    [SQL_CP_GET] = {"checkpoint: get", false},
+    [SQL_CP_PUT] = {"checkpoint: put", false},
+    [SQL_CP_DELETE] = {"checkpoint: delete", false},
+    [SQL_CP_LIST] = {"checkpoint: list", true},
 };
 
 __attribute__((format(printf, 1, 2))) char *es__pg_sqlf(const char *fmt, ...)
@@ -118,6 +125,7 @@ int es__pg_build_sql(pg_store *s, const es_pg_config *cfg)
         "FROM %s), (SELECT count(*) FROM %s WHERE wrapped IS NULL)",
         e, e, sn, k, k);
     snprintf(s->migrations, sizeof s->migrations, "%s", m);
+    es__pg_build_read_sql(s, cfg, e);
     /* The creation event (version 0) holds the aggregate's type: a save
      * under another type is refused instead of mixing two streams. */
     s->sql[SQL_INSERT_EVENTS] = es__pg_sqlf(

@@ -62,6 +62,7 @@ const es_store_ops es__pg_ops = {
     .lane_close = es__pg_lane_close,
     .begin_background = es__pg_begin_background,
     .background_close = es__pg_background_close,
+    .read = &es__pg_read_ops,
     .close = pg_close,
 };
 

@@ -87,6 +87,7 @@ int es__pg_insert_events(es_txn *txn, const char *type_name, const es_uuid *agg,
     es_buf_free(&data);
     if (rc != 0) return rc;
     int rows = PQntuples(r);
+    if (rows > 0) t->wrote_events = true;
     for (int i = 0; rc == 0 && i < rows; i++) {
         if (!PQgetisnull(r, i, 2)) {
             rc = es__wrong_type(err, agg, PQgetvalue(r, i, 2), type_name);
