@@ -447,7 +447,9 @@ typedef struct es_query_result {
     /** The query function's return (0 when it returned 0), or:
      *  ES_ENOTFOUND (the key has no event), ES_EWRONGTYPE (the key is
      *  stored under another aggregate type), ES_EFORGOTTEN (the aggregate
-     *  was forgotten, es_pg_forget_aggregate), ES_ECLOSED (the host was
+     *  was forgotten, es_pg_forget_aggregate, and the query loaded it: an
+     *  aggregate resident when it was forgotten is answered from memory
+     *  until it is loaded again), ES_ECLOSED (the host was
      *  closed before the query ran, or ended while the database could not
      *  be reached), or a store error loading it (ES_EDB, ES_ENOMEM,
      *  ES_EDECODE, ES_EDECRYPT).  The query function ran only when
