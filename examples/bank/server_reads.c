@@ -1,4 +1,6 @@
-/* bank-server: the reader pool, blocking store reads off the loop thread. */
+/* bank-server: reads.  GET of an account or a transfer is a query to the
+ * host; the reader pool runs the blocking ones (health, metrics) off the
+ * loop thread. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,62 +37,133 @@ static void job_json(job *j, int code, json_t *o)
     json_decref(o);
 }
 
-static void job_error(job *j, int code, const char *error,
-                      const char *detail)
-{
-    json_t *o = json_pack("{s:s}", "error", error);
-    if (o != NULL && detail != NULL)
-        json_object_set_new(o, "detail", json_string(detail));
-    job_json(j, code, o);
-}
-
 static bool store_reachable(int rc)
 {
     return rc == 0 || rc == ES_ENOTFOUND || rc == ES_EWRONGTYPE;
 }
 
-static void run_load(job *j)
+/* GET of an account or a transfer: a query at the aggregate's mailbox
+ * (es_host_query), so a read after a command's answer sees its effect
+ * and a resident aggregate is answered without the store.  The query
+ * copies the state on a host worker; its completion hands the answer
+ * back to the loop thread with an event, as commands' completions do
+ * (server_commands.c). */
+typedef struct aggregate_read {
+    server *srv;
+    struct evhttp_request *req;
+    struct event *done_ev;
+    bool account;
+    es_uuid id;
+    int status;      /* the query's, set by its completion */
+    uint64_t version;
+    union {
+        bank_account account;
+        bank_transfer transfer;
+    } state;         /* copied by the query function */
+    char reason[256];
+} aggregate_read;
+
+/* Host worker: copy what the answer needs; state is borrowed. */
+static int copy_state(void *ud, const void *state, uint64_t version)
 {
-    es_context *ctx = NULL;
-    es_error err = {0};
-    bool account = j->kind == J_ACCOUNT;
-    int rc = es_store_load(j->srv->store,
-                           account ? &bank_account_type : &bank_transfer_type,
-                           &j->id, &ctx, &err);
-    switch (rc) {
-    case 0:
-        break;
+    aggregate_read *r = ud;
+    if (r->account) r->state.account = *(const bank_account *)state;
+    else r->state.transfer = *(const bank_transfer *)state;
+    r->version = version;
+    return 0;
+}
+
+/* Loop thread: the answer of a read, as it was from es_store_load: 404
+ * for an unknown id or one of the other type, 400 for a bad one, 503
+ * (Retry-After) for a transient failure, else 500. */
+static void reply_read(server *srv, struct evhttp_request *req, bool account,
+                       int status, const char *reason)
+{
+    switch (status) {
     case ES_ENOTFOUND:
-        return job_error(j, 404, "not_found", NULL);
+        return srv_reply_error(srv, req, 404, "not_found", NULL);
     case ES_EWRONGTYPE: /* the account (transfer) does not exist as such */
-        return job_error(j, 404, "not_found",
-                         account ? "the id names a transfer, not an account"
-                                 : "the id names an account, not a transfer");
+        return srv_reply_error(
+            srv, req, 404, "not_found",
+            account ? "the id names a transfer, not an account"
+                    : "the id names an account, not a transfer");
     case ES_EINVAL:
-        return job_error(j, 400, "bad_request", err.message);
+        return srv_reply_error(srv, req, 400, "bad_request", reason);
     default:
-        if (srv_transient(rc)) return job_error(j, 503, "overloaded", NULL);
+        if (srv_transient(status))
+            return srv_reply_error(srv, req, 503, "overloaded", NULL);
         /* stored data the server cannot read: retrying won't help */
-        return job_error(j, 500, "internal", es_status_name(rc));
+        return srv_reply_error(srv, req, 500, "internal",
+                               es_status_name(status));
+    }
+}
+
+static void read_free(aggregate_read *r)
+{
+    if (r == NULL) return;
+    if (r->done_ev) event_free(r->done_ev);
+    free(r);
+}
+
+/* Loop thread: the query completed. */
+static void on_read_done(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    aggregate_read *r = arg;
+    if (r->status != 0) {
+        reply_read(r->srv, r->req, r->account, r->status, r->reason);
+        return read_free(r);
     }
     json_t *o;
-    if (account) {
-        const bank_account *a = es_context_state(ctx);
-        o = json_pack("{s:o,s:I,s:I}", "account_id",
-                      srv_uuid_json(&j->id), "balance",
-                      (json_int_t)a->balance, "version",
-                      (json_int_t)es_context_version(ctx));
+    if (r->account) {
+        o = json_pack("{s:o,s:I,s:I}", "account_id", srv_uuid_json(&r->id),
+                      "balance", (json_int_t)r->state.account.balance,
+                      "version", (json_int_t)r->version);
     } else {
-        const bank_transfer *t = es_context_state(ctx);
+        const bank_transfer *t = &r->state.transfer;
         static const char *names[] = {"pending", "completed", "refunded"};
         o = json_pack("{s:o,s:o,s:o,s:I,s:s}", "transfer_id",
-                      srv_uuid_json(&j->id), "from",
-                      srv_uuid_json(&t->from), "to", srv_uuid_json(&t->to),
-                      "amount", (json_int_t)t->amount, "status",
-                      names[t->status]);
+                      srv_uuid_json(&r->id), "from", srv_uuid_json(&t->from),
+                      "to", srv_uuid_json(&t->to), "amount",
+                      (json_int_t)t->amount, "status", names[t->status]);
     }
-    es_context_free(ctx);
-    job_json(j, 200, o);
+    srv_reply_json(r->srv, r->req, 200, o);
+    read_free(r);
+}
+
+/* Host worker (or the thread ending the host, ES_ECLOSED): to the loop. */
+static void read_done(void *ud, const es_query_result *res)
+{
+    aggregate_read *r = ud;
+    r->status = res->status;
+    snprintf(r->reason, sizeof r->reason, "%s", res->reason);
+    event_active(r->done_ev, 0, 0);
+}
+
+/* Loop thread. */
+static void query_submit(server *srv, struct evhttp_request *req,
+                         bool account, const es_uuid *id)
+{
+    aggregate_read *r = calloc(1, sizeof *r);
+    if (r == NULL) return srv_overloaded(srv, req);
+    r->srv = srv;
+    r->req = req;
+    r->account = account;
+    r->id = *id;
+    r->done_ev = event_new(srv->base, -1, 0, on_read_done, r);
+    if (r->done_ev == NULL) {
+        read_free(r);
+        return srv_overloaded(srv, req);
+    }
+    es_error err = {0};
+    int rc = es_host_query(srv->host,
+                           account ? &bank_account_type : &bank_transfer_type,
+                           id, copy_state, r, read_done, r, &err);
+    if (rc != 0) { /* never completed: answer here */
+        reply_read(srv, req, account, rc, err.message);
+        read_free(r);
+    }
 }
 
 /* Reachable when a read of an aggregate answers from the store.  The
@@ -134,8 +207,7 @@ static void *reader_main(void *arg)
         pthread_mutex_unlock(&rd->lock);
         switch (j->kind) {
         case J_ACCOUNT:
-        case J_TRANSFER:
-            run_load(j);
+        case J_TRANSFER: /* queries: never queued (srv_read_submit) */
             break;
         case J_HEALTH:
             run_health(j);
@@ -175,6 +247,8 @@ void srv_readers_stop(readers *rd)
 void srv_read_submit(server *srv, struct evhttp_request *req,
                         job_kind kind, const es_uuid *id)
 {
+    if (kind == J_ACCOUNT || kind == J_TRANSFER)
+        return query_submit(srv, req, kind == J_ACCOUNT, id);
     job *j = calloc(1, sizeof *j);
     if (j == NULL) return srv_overloaded(srv, req);
     j->srv = srv;
