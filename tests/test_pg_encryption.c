@@ -827,7 +827,7 @@ static void test_pg_encryption_migration_9(void **state)
     int version = 0;
     assert_int_equal(es_pg_migrate(cfg, &version, &err), 0);
     assert_int_equal(version, es_pg_schema_version());
-    assert_int_equal(version, 11);
+    assert_int_equal(version, 12);
     assert_int_equal(sql_int(q, 1, sv), 1);
     assert_int_equal(es_pg_store_open(cfg, &st, &err), 0);
     es_pg_config_free(cfg);
