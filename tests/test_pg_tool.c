@@ -2,8 +2,8 @@
  * The eventastic command line tool (build/<variant>/bin/eventastic, next
  * to this test's directory) against PostgreSQL (DATABASE_URL): migrate,
  * status and stream on a fresh schema, the outbox operations (list, show,
- * requeue one or all of a type, purge), usage errors, and a connection
- * string whose password never shows.
+ * requeue one or all of a type, purge), usage errors, options after the
+ * command, and a connection string whose password never shows.
  */
 #include <limits.h>
 #include <setjmp.h>
@@ -24,6 +24,7 @@
 static char g_tool[PATH_MAX + 32];
 static char g_schema[40];
 static char g_ob_schema[40];
+static char g_after_schema[40];
 
 /* Run the tool with args (a shell word list); its output (stdout and
  * stderr) into out.  Returns its exit status. */
@@ -116,6 +117,45 @@ static void test_pg_tool_usage_and_secrets(void **state)
                           sizeof out),
                      2);
     assert_null(strstr(out, "hunter2secret"));
+}
+
+/* --db, --schema and --help work after the command as before it; an
+ * unknown option there is named, and is wrong usage. */
+static void test_pg_tool_options_after_command(void **state)
+{
+    (void)state;
+    char out[8192], args[256];
+    const char *sc = g_after_schema;
+    snprintf(args, sizeof args, "migrate --db \"$DATABASE_URL\" --schema %s",
+             sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    char want[64];
+    snprintf(want, sizeof want, "schema version %d", es_pg_schema_version());
+    assert_non_null(strstr(out, want));
+    snprintf(args, sizeof args, "--db \"$DATABASE_URL\" status --schema %s",
+             sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    snprintf(want, sizeof want, "schema version  %d", es_pg_schema_version());
+    assert_non_null(strstr(out, want));
+    snprintf(args, sizeof args, "outbox list --schema %s --limit 1", sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "0 pending messages"));
+    snprintf(args, sizeof args, "commands purge --older-than 1h --schema %s",
+             sc);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "purged 0 command ids"));
+
+    assert_int_equal(tool("status --help", out, sizeof out), 0);
+    assert_non_null(strstr(out, "usage:"));
+    snprintf(args, sizeof args, "migrate --schema %s --frob", sc);
+    assert_int_equal(tool(args, out, sizeof out), 2);
+    assert_non_null(strstr(out, "unknown option '--frob'"));
+    assert_non_null(strstr(out, "usage:"));
+    snprintf(args, sizeof args, "outbox list --schema %s --frob 3", sc);
+    assert_int_equal(tool(args, out, sizeof out), 2);
+    assert_non_null(strstr(out, "unknown option '--frob'"));
+    assert_int_equal(tool("status --schema", out, sizeof out), 2);
+    assert_non_null(strstr(out, "--schema needs a value"));
 }
 
 /* A handler that gives up (ud NULL) or succeeds (ud not NULL). */
@@ -264,6 +304,8 @@ static int group_setup(void **state)
     }
     fixture_pg_random_name(g_schema, sizeof g_schema, "es_tool_");
     fixture_pg_random_name(g_ob_schema, sizeof g_ob_schema, "es_tool_ob_");
+    fixture_pg_random_name(g_after_schema, sizeof g_after_schema,
+                           "es_tool_after_");
     return 0;
 }
 
@@ -272,6 +314,7 @@ static int group_teardown(void **state)
     (void)state;
     fixture_pg_drop_schema(g_schema);
     fixture_pg_drop_schema(g_ob_schema);
+    fixture_pg_drop_schema(g_after_schema);
     return 0;
 }
 
@@ -286,6 +329,7 @@ int main(void)
         cmocka_unit_test(test_pg_tool_migrate_status_stream),
         cmocka_unit_test(test_pg_tool_usage_and_secrets),
         cmocka_unit_test(test_pg_tool_outbox),
+        cmocka_unit_test(test_pg_tool_options_after_command),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
