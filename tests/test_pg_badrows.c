@@ -240,28 +240,8 @@ static void test_pg_badrows_snapshot_beyond_the_stream(void **state)
     assert_intact(&id);
 }
 
-static int group_setup(void **state)
-{
-    (void)state;
-    if (fixture_pg_open(NULL, &g_store) != 0) return -1;
-    g_sql = fixture_pg_connect();
-    return g_sql ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    es_store_close(g_store);
-    PQfinish(g_sql);
-    return 0;
-}
-
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_badrows: DATABASE_URL not set, skipped\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_badrows_unknown_event_kind),
         cmocka_unit_test(test_pg_badrows_negative_event_kind),
@@ -271,5 +251,6 @@ int main(void)
         cmocka_unit_test(test_pg_badrows_future_snapshot_version),
         cmocka_unit_test(test_pg_badrows_snapshot_beyond_the_stream),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    static const fixture_pg_group group = {.store = &g_store, .sql = &g_sql};
+    return FIXTURE_PG_RUN("test_pg_badrows", tests, &group);
 }

@@ -884,11 +884,6 @@ static int group_teardown(void **state)
 
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_encryption: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_encryption_aggregate_saved_and_loaded),
         cmocka_unit_test(test_pg_encryption_event_loaded_by_id),
@@ -906,5 +901,6 @@ int main(void)
         cmocka_unit_test(test_pg_encryption_rejection_reason),
         cmocka_unit_test(test_pg_encryption_migration_9),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return FIXTURE_PG_RUN_GROUP("test_pg_encryption", tests, group_setup,
+                                group_teardown);
 }

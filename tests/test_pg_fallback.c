@@ -394,11 +394,6 @@ static void test_pg_fallback_stopped_in_commit(void **state)
 
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_fallback: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     atexit(fixture_pg_continue_all); /* nothing left stopped */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_pg_fallback_stopped_backend,
@@ -408,5 +403,5 @@ int main(void)
         cmocka_unit_test_teardown(test_pg_fallback_stopped_in_commit,
                                   continue_teardown),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return FIXTURE_PG_RUN_GROUP("test_pg_fallback", tests, NULL, NULL);
 }

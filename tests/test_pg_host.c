@@ -465,11 +465,6 @@ static int group_teardown(void **state)
 
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_host: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_host_concurrent_producers),
         cmocka_unit_test(test_pg_host_conflict_decided_again),
@@ -477,5 +472,6 @@ int main(void)
         cmocka_unit_test(test_pg_host_rejection_sealed),
         cmocka_unit_test(test_pg_host_accepted_replay_forgotten),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return FIXTURE_PG_RUN_GROUP("test_pg_host", tests, group_setup,
+                                group_teardown);
 }

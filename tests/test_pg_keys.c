@@ -401,27 +401,8 @@ static void test_pg_keys_batch_ids(void **state)
     fixture_pg_drop_schema(schema);
 }
 
-static int group_setup(void **state)
-{
-    (void)state;
-    g_sql = fixture_pg_connect();
-    return g_sql ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    PQfinish(g_sql);
-    return 0;
-}
-
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_keys: skipped, DATABASE_URL is not set (tests/run.py "
-               "sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_keys_unique_indexes_include_dist_column),
         cmocka_unit_test(test_pg_keys_upgrade_from_7),
@@ -429,5 +410,6 @@ int main(void)
         cmocka_unit_test(test_pg_keys_command_id_across_aggregates),
         cmocka_unit_test(test_pg_keys_batch_ids),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    static const fixture_pg_group group = {.sql = &g_sql};
+    return FIXTURE_PG_RUN("test_pg_keys", tests, &group);
 }

@@ -1008,28 +1008,8 @@ static void test_pg_lanes_half_open_stuck_in_writes(void **state)
     assert_int_equal(hc.w.status[0], 0);
 }
 
-static int group_setup(void **state)
-{
-    (void)state;
-    fixture_pg_random_name(g_schema, sizeof g_schema, "lanes_");
-    return fixture_pg_open(g_schema, &g_store) == 0 ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    es_store_close(g_store);
-    fixture_pg_drop_schema(g_schema);
-    return 0;
-}
-
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_lanes: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     atexit(fixture_pg_continue_all); /* no backend left stopped */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_lanes_conflict_among_many),
@@ -1045,5 +1025,8 @@ int main(void)
                                   thaw_teardown),
         cmocka_unit_test(test_pg_lanes_half_open_stuck_in_writes),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    static const fixture_pg_group group = {
+        .store = &g_store, .prefix = "lanes_", .schema = g_schema,
+        .cap = sizeof g_schema};
+    return FIXTURE_PG_RUN("test_pg_lanes", tests, &group);
 }

@@ -54,10 +54,6 @@ int test_outbox_main(void);
 
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_outbox: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
+    if (fixture_pg_skipped("test_pg_outbox")) return 0;
     return test_outbox_main();
 }

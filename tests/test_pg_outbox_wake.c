@@ -252,16 +252,12 @@ static int group_teardown(void **state)
 
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_outbox_wake: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_outbox_wake_from_another_store),
         cmocka_unit_test(test_pg_outbox_wake_survives_a_lost_listen),
         cmocka_unit_test(test_pg_outbox_wake_polls_without_notifications),
         cmocka_unit_test(test_pg_outbox_wake_notify_off_polls),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return FIXTURE_PG_RUN_GROUP("test_pg_outbox_wake", tests, group_setup,
+                                group_teardown);
 }

@@ -230,13 +230,8 @@ static void test_pg_parity_memory_and_postgres_agree(void **state)
 
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_parity: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_parity_memory_and_postgres_agree),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return FIXTURE_PG_RUN_GROUP("test_pg_parity", tests, NULL, NULL);
 }

@@ -210,24 +210,6 @@ static void test_pg_plans_a_scan_is_seen(void **state)
     free(plan);
 }
 
-static int setup(void **state)
-{
-    (void)state;
-    fixture_pg_random_name(schema, sizeof schema, "plans_");
-    if (fixture_pg_open(schema, &store) != 0) return -1;
-    conn = fixture_pg_connect();
-    return conn ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    PQfinish(conn);
-    es_store_close(store);
-    fixture_pg_drop_schema(schema);
-    return 0;
-}
-
 int main(void)
 {
     if (getenv("DATABASE_URL") == NULL) {
@@ -239,5 +221,8 @@ int main(void)
         cmocka_unit_test(test_pg_plans_a_scan_is_seen),
         cmocka_unit_test(test_pg_plans_command_path_never_scans),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    static const fixture_pg_group group = {
+        .store = &store, .sql = &conn, .prefix = "plans_", .schema = schema,
+        .cap = sizeof schema};
+    return FIXTURE_PG_RUN("test_pg_plans", tests, &group);
 }

@@ -451,32 +451,15 @@ static void test_pg_restart_long_outage(void **state)
     restart_under_load("9", true);
 }
 
-static int group_setup(void **state)
-{
-    (void)state;
-    fixture_pg_random_name(g_schema, sizeof g_schema, "restart_");
-    return fixture_pg_open(g_schema, &g_store) == 0 ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    es_store_close(g_store);
-    fixture_pg_drop_schema(g_schema);
-    return 0;
-}
-
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_restart: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_restart_under_load),
         cmocka_unit_test(test_pg_restart_long_outage),
         cmocka_unit_test(test_pg_restart_outage_bounds),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    static const fixture_pg_group group = {
+        .store = &g_store, .prefix = "restart_", .schema = g_schema,
+        .cap = sizeof g_schema};
+    return FIXTURE_PG_RUN("test_pg_restart", tests, &group);
 }

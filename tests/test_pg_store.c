@@ -1461,29 +1461,8 @@ static void test_pg_store_close_with_open_txn_refused(void **state)
 
 /* ---- setup ---- */
 
-static int group_setup(void **state)
-{
-    (void)state;
-    if (fixture_pg_open(NULL, &g_store) != 0) return -1;
-    g_sql = fixture_pg_connect();
-    return g_sql ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    es_store_close(g_store);
-    PQfinish(g_sql);
-    return 0;
-}
-
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_store: skipped, DATABASE_URL is not set (tests/run.py "
-               "sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_store_saved_and_loaded),
         cmocka_unit_test(test_pg_store_not_saved_without_events),
@@ -1529,5 +1508,6 @@ int main(void)
         cmocka_unit_test(test_pg_store_least_privilege),
         cmocka_unit_test(test_pg_store_close_with_open_txn_refused),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    static const fixture_pg_group group = {.store = &g_store, .sql = &g_sql};
+    return FIXTURE_PG_RUN("test_pg_store", tests, &group);
 }

@@ -291,34 +291,14 @@ static void test_pg_stream_150k_saved_in_one_statement(void **state)
     fixture_pg_drop_schema(schema);
 }
 
-static int group_setup(void **state)
-{
-    (void)state;
-    if (fixture_pg_open(NULL, &g_store) != 0) return -1;
-    g_sql = fixture_pg_connect();
-    return g_sql ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    es_store_close(g_store);
-    PQfinish(g_sql);
-    return 0;
-}
-
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_stream: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_stream_150k_in_order_bounded_memory),
         cmocka_unit_test(test_pg_stream_from_version_and_early_stop),
         cmocka_unit_test(test_pg_stream_chunk_boundaries),
         cmocka_unit_test(test_pg_stream_150k_saved_in_one_statement),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    static const fixture_pg_group group = {.store = &g_store, .sql = &g_sql};
+    return FIXTURE_PG_RUN("test_pg_stream", tests, &group);
 }

@@ -320,16 +320,12 @@ static int group_teardown(void **state)
 
 int main(void)
 {
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_tool: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_tool_migrate_status_stream),
         cmocka_unit_test(test_pg_tool_usage_and_secrets),
         cmocka_unit_test(test_pg_tool_outbox),
         cmocka_unit_test(test_pg_tool_options_after_command),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return FIXTURE_PG_RUN_GROUP("test_pg_tool", tests, group_setup,
+                                group_teardown);
 }

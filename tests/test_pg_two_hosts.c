@@ -310,31 +310,14 @@ static void test_pg_two_hosts_same_keys(void **state)
     assert_true(snaps > 0);
 }
 
-static int group_setup(void **state)
-{
-    (void)state;
-    fixture_pg_random_name(g_schema, sizeof g_schema, "two_hosts_");
-    return fixture_pg_open(g_schema, &g_store) == 0 ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    es_store_close(g_store);
-    fixture_pg_drop_schema(g_schema);
-    return 0;
-}
-
 int main(int argc, char **argv)
 {
     if (argc == 6 && strcmp(argv[1], "child") == 0) return child_main(argv);
-    if (getenv("DATABASE_URL") == NULL) {
-        printf("test_pg_two_hosts: skipped, DATABASE_URL is not set "
-               "(tests/run.py sets it)\n");
-        return 0;
-    }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pg_two_hosts_same_keys),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    static const fixture_pg_group group = {
+        .store = &g_store, .prefix = "two_hosts_", .schema = g_schema,
+        .cap = sizeof g_schema};
+    return FIXTURE_PG_RUN("test_pg_two_hosts", tests, &group);
 }
