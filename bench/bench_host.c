@@ -28,6 +28,7 @@
 
 #include "common/account.h"
 #include "common/bench.h"
+#include "common/report.h"
 #include "common/load.h"
 
 static long peak_rss_kb(void)
@@ -191,27 +192,26 @@ static record resident_point(uint64_t n)
 
 static void write_json(const char *path, const record *r, size_t n)
 {
-    FILE *f = fopen(path, "w");
-    if (f == NULL) {
+    bench_json j;
+    if (bench_json_open(&j, path) != 0) {
         perror(path);
         exit(1);
     }
-    fprintf(f, "[\n");
     for (size_t i = 0; i < n; i++) {
-        fprintf(f, "  {\"name\": \"%s\", \"store\": \"memory\", "
-                "\"workers\": %u, \"clients\": %u, \"keys\": %llu, "
-                "\"ops_per_s\": %.0f, \"p50_us\": %.1f, \"p99_us\": %.1f, "
-                "\"peak_rss_kb\": %ld",
-                r[i].name, r[i].workers, r[i].clients,
-                (unsigned long long)r[i].keys, r[i].ops_per_s, r[i].p50_us,
-                r[i].p99_us, r[i].peak_rss_kb);
+        bench_json_begin(&j, r[i].name, "memory");
+        bench_json_field(&j, "workers", "%u", r[i].workers);
+        bench_json_field(&j, "clients", "%u", r[i].clients);
+        bench_json_field(&j, "keys", "%llu", (unsigned long long)r[i].keys);
+        bench_json_field(&j, "ops_per_s", "%.0f", r[i].ops_per_s);
+        bench_json_field(&j, "p50_us", "%.1f", r[i].p50_us);
+        bench_json_field(&j, "p99_us", "%.1f", r[i].p99_us);
+        bench_json_field(&j, "peak_rss_kb", "%ld", r[i].peak_rss_kb);
         if (r[i].bytes_per_aggregate >= 0)
-            fprintf(f, ", \"bytes_per_aggregate\": %.0f",
-                    r[i].bytes_per_aggregate);
-        fprintf(f, "}%s\n", i + 1 < n ? "," : "");
+            bench_json_field(&j, "bytes_per_aggregate", "%.0f",
+                             r[i].bytes_per_aggregate);
+        bench_json_end(&j);
     }
-    fprintf(f, "]\n");
-    fclose(f);
+    bench_json_close(&j);
 }
 
 int main(int argc, char **argv)

@@ -44,6 +44,7 @@
 
 #include "common/account.h"
 #include "common/bench.h"
+#include "common/report.h"
 #include "common/load.h"
 #include "common/measure.h"
 
@@ -388,32 +389,35 @@ static void rehydration(es_store *store, double warm, double seconds,
 
 static void write_json(const char *path, const record *r, size_t n)
 {
-    FILE *f = fopen(path, "w");
-    if (f == NULL) {
+    bench_json j;
+    if (bench_json_open(&j, path) != 0) {
         perror(path);
         exit(1);
     }
-    fprintf(f, "[\n");
     for (size_t i = 0; i < n; i++) {
-        fprintf(f, "  {\"name\": \"%s\", \"store\": \"postgres\", "
-                "\"workers\": %u, \"lanes\": %u, \"clients\": %u, "
-                "\"keys\": %llu, \"ops_per_s\": %.0f, \"p50_us\": %.0f, "
-                "\"p99_us\": %.0f, \"cpu_host_pct\": %.0f, "
-                "\"cpu_pg_pct\": %.0f, \"errors\": %llu",
-                r[i].name, r[i].workers, r[i].lanes, r[i].clients,
-                (unsigned long long)r[i].keys, r[i].ops_per_s, r[i].p50_us,
-                r[i].p99_us, r[i].cpu_host_pct, r[i].cpu_pg_pct,
-                (unsigned long long)r[i].errors);
-        if (r[i].events > 0)
-            fprintf(f, ", \"events\": %llu, \"replayed\": %llu, "
-                    "\"events_per_s\": %.0f",
-                    (unsigned long long)r[i].events,
-                    (unsigned long long)r[i].replayed,
-                    r[i].ops_per_s * (double)r[i].replayed);
-        fprintf(f, "}%s\n", i + 1 < n ? "," : "");
+        bench_json_begin(&j, r[i].name, "postgres");
+        bench_json_field(&j, "workers", "%u", r[i].workers);
+        bench_json_field(&j, "lanes", "%u", r[i].lanes);
+        bench_json_field(&j, "clients", "%u", r[i].clients);
+        bench_json_field(&j, "keys", "%llu", (unsigned long long)r[i].keys);
+        bench_json_field(&j, "ops_per_s", "%.0f", r[i].ops_per_s);
+        bench_json_field(&j, "p50_us", "%.0f", r[i].p50_us);
+        bench_json_field(&j, "p99_us", "%.0f", r[i].p99_us);
+        bench_json_field(&j, "cpu_host_pct", "%.0f", r[i].cpu_host_pct);
+        bench_json_field(&j, "cpu_pg_pct", "%.0f", r[i].cpu_pg_pct);
+        bench_json_field(&j, "errors", "%llu",
+                         (unsigned long long)r[i].errors);
+        if (r[i].events > 0) {
+            bench_json_field(&j, "events", "%llu",
+                             (unsigned long long)r[i].events);
+            bench_json_field(&j, "replayed", "%llu",
+                             (unsigned long long)r[i].replayed);
+            bench_json_field(&j, "events_per_s", "%.0f",
+                             r[i].ops_per_s * (double)r[i].replayed);
+        }
+        bench_json_end(&j);
     }
-    fprintf(f, "]\n");
-    fclose(f);
+    bench_json_close(&j);
 }
 
 int main(int argc, char **argv)
