@@ -377,7 +377,9 @@ def main():
                     vars_, libs="$cmocka_libs $lib_libs"))
                 tests.append(exe)
             outs += tests
-            bench_common = [obj(s) for s in sources("bench/common/*.c")]
+            # The benches' aggregate is a test fixture's.
+            bench_common = ([obj(s) for s in sources("bench/common/*.c")] +
+                            [obj("tests/fixtures/deposit.c")])
             for src in sources("bench/*.c"):
                 exe = "%s/bench/%s" % (bdir, os.path.basename(src)[:-2])
                 n.build(exe, "link", [obj(src)] + bench_common + [lib],

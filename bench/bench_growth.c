@@ -36,7 +36,7 @@
 
 #include "eventastic.h"
 
-#include "common/account.h"
+#include "fixtures/deposit.h"
 #include "common/bench.h"
 #include "common/report.h"
 #include "common/load.h"
@@ -129,7 +129,7 @@ static es_host *host_open(es_store *store)
     es_host *host = NULL;
     es_host_config_new(&cfg, NULL);
     es_host_config_set_workers(cfg, 2);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) die("host", "open");
     es_host_config_free(cfg);

@@ -26,7 +26,7 @@
 
 #include "eventastic.h"
 
-#include "common/account.h"
+#include "fixtures/deposit.h"
 #include "common/bench.h"
 #include "common/report.h"
 #include "common/load.h"
@@ -60,7 +60,7 @@ static record host_point(unsigned workers, unsigned clients, uint64_t keys,
     es_host_config_set_workers(cfg, workers);
     es_host_config_set_resident_bound(cfg, 2000000);
     es_host_config_set_snapshots(cfg, 0, false);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
@@ -99,7 +99,7 @@ static record direct_point(uint64_t keys, double seconds)
     uint64_t *dirty = calloc(1024, sizeof *dirty);
     uint64_t seed = 0x9e3779b97f4a7c15u, done = 0;
     uint8_t amount[8];
-    put64(amount, 1);
+    fixture_put64(amount, 1);
     double t0 = bench_now_s(), dt = 0;
     for (;;) {
         size_t n_dirty = 0;
@@ -107,9 +107,9 @@ static record direct_point(uint64_t keys, double seconds)
             uint64_t k = bench_rnd(&seed) % keys;
             es_uuid key = bench_key_of(k);
             /* what the decide emits, applied through the context */
-            deposit d = {bench_make_id(), (int64_t)get64(amount)};
+            deposit d = {bench_make_id(), (int64_t)fixture_get64(amount)};
             if (ctx[k] == NULL) {
-                if (es_context_record_new(&account_type, &key, &d, &ctx[k],
+                if (es_context_record_new(&deposit_type, &key, &d, &ctx[k],
                                           NULL) != 0)
                     abort();
             } else if (es_context_record(ctx[k], &d, NULL) != 0) {
@@ -156,19 +156,19 @@ static record resident_point(uint64_t n)
     es_host_config_set_resident_bound(cfg, n * 2);
     es_host_config_set_idle_ms(cfg, 0);
     es_host_config_set_snapshots(cfg, 0, false);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
     atomic_uint_least64_t done = 0;
     uint8_t amount[8];
-    put64(amount, 1);
+    fixture_put64(amount, 1);
     malloc_trim(0);
     size_t before = mallinfo2().uordblks;
     for (uint64_t i = 0; i < n; i++) {
         es_uuid key = bench_key_of(i);
         es_command cmd = {bench_make_id(), 1, amount, 8};
-        while (es_host_send(host, &account_type, &key, &cmd, count_done,
+        while (es_host_send(host, &deposit_type, &key, &cmd, count_done,
                             &done, NULL) == ES_EBUSY) {
         }
     }

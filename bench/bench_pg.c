@@ -42,7 +42,7 @@
 
 #include "eventastic.h"
 
-#include "common/account.h"
+#include "fixtures/deposit.h"
 #include "common/bench.h"
 #include "common/report.h"
 #include "common/load.h"
@@ -95,18 +95,18 @@ static es_host *open_warm_host(es_store *store, unsigned lanes,
     es_host_config_new(&cfg, NULL);
     es_host_config_set_workers(cfg, 2);
     if (lanes > 0) es_host_config_set_lanes(cfg, lanes);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
     atomic_uint_least64_t done = 0;
     uint8_t amount[8];
-    put64(amount, 1);
+    fixture_put64(amount, 1);
     double t0 = bench_now_s();
     for (uint64_t i = 0; i < keys; i++) {
         es_uuid key = bench_key_of(i);
         es_command cmd = {bench_make_id(), 1, amount, 8};
-        while (es_host_send(host, &account_type, &key, &cmd, count_done,
+        while (es_host_send(host, &deposit_type, &key, &cmd, count_done,
                             &done, NULL) == ES_EBUSY) {
         }
     }
@@ -188,9 +188,9 @@ static void *pc_main(void *arg)
             rc = es_store_begin(r->store, &txn, &err);
             if (rc != 0) break;
             deposit d = {bench_make_id(), 1};
-            rc = es_context_load(txn, &account_type, &key, &ctx, &err);
+            rc = es_context_load(txn, &deposit_type, &key, &ctx, &err);
             if (rc == ES_ENOTFOUND)
-                rc = es_context_record_new(&account_type, &key, &d, &ctx,
+                rc = es_context_record_new(&deposit_type, &key, &d, &ctx,
                                            &err);
             else if (rc == 0)
                 rc = es_context_record(ctx, &d, &err);
@@ -282,7 +282,7 @@ static void append(es_store *store, const es_uuid *key, es_context **ctx,
     for (size_t i = 0; rc == 0 && i < n; i++) {
         deposit d = {bench_make_id(), 1};
         rc = *ctx == NULL
-                 ? es_context_record_new(&account_type, key, &d, ctx, &err)
+                 ? es_context_record_new(&deposit_type, key, &d, ctx, &err)
                  : es_context_record(*ctx, &d, &err);
     }
     es_txn *txn = NULL;
@@ -327,10 +327,10 @@ static record load_point(es_store *store, const char *name,
         if (measuring && t - t0 >= seconds) break;
         es_context *ctx = NULL;
         es_error err = {0};
-        int rc = es_store_load(store, &account_type, key, &ctx, &err);
+        int rc = es_store_load(store, &deposit_type, key, &ctx, &err);
         if (rc != 0) die("rehydration: load", rc, &err);
         if (es_context_version(ctx) != LOAD_EVENTS - 1 ||
-            ((const account *)es_context_state(ctx))->balance !=
+            ((const deposit_account *)es_context_state(ctx))->balance !=
                 LOAD_EVENTS) {
             fprintf(stderr, "bench_pg: %s loaded a wrong state\n", name);
             exit(1);
@@ -372,7 +372,7 @@ static void rehydration(es_store *store, double warm, double seconds,
     es_snapshot *early = NULL;
     int rc = es_store_begin(store, &txn, &err);
     if (rc == 0)
-        rc = es_txn_get_snapshot(txn, &snap_key, account_type.snapshot_version,
+        rc = es_txn_get_snapshot(txn, &snap_key, deposit_type.snapshot_version,
                                  &early, &err);
     if (txn) es_txn_rollback(txn);
     if (rc != 0) die("rehydration: read snapshot", rc, &err);

@@ -15,6 +15,7 @@
 #include "core/internal.h"
 #include "eventastic.h"
 #include "store/store_impl.h"
+#include "fixtures/deposit.h"
 
 /* ---- an allocator that fails every n-th call when armed ---- */
 
@@ -38,74 +39,7 @@ static void *flaky_realloc(void *p, size_t n)
     return should_fail() ? NULL : realloc(p, n);
 }
 
-/* ---- a small counter ---- */
-
-typedef struct counter {
-    int64_t value;
-} counter;
-
-typedef struct added {
-    es_uuid id;
-    int64_t amount;
-} added;
-
-static es_uuid ev_id(const void *e) { return ((const added *)e)->id; }
-static int32_t ev_kind(const void *e)
-{
-    (void)e;
-    return 1;
-}
-
-static int apply(void *s, const void *e, es_error *err)
-{
-    (void)err;
-    ((counter *)s)->value += ((const added *)e)->amount;
-    return 0;
-}
-
-static int state_encode(const void *s, es_buf *out, es_error *err)
-{
-    (void)err;
-    return es_buf_append(out, s, sizeof(counter));
-}
-
-static int state_decode(const uint8_t *p, size_t len, void *s, es_error *err)
-{
-    (void)err;
-    if (len != sizeof(counter)) return ES_EDECODE;
-    memcpy(s, p, len);
-    return 0;
-}
-
-static int event_encode(const void *e, es_buf *out, es_error *err)
-{
-    (void)err;
-    return es_buf_append(out, e, sizeof(added));
-}
-
-static int event_decode(int32_t kind, const uint8_t *p, size_t len, void *e,
-                        es_error *err)
-{
-    (void)err;
-    if (kind != 1 || len != sizeof(added)) return ES_EDECODE;
-    memcpy(e, p, len);
-    return 0;
-}
-
-static const es_aggregate_type counter_type = {
-    .name = "counter",
-    .snapshot_version = 1,
-    .state_size = sizeof(counter),
-    .event_size = sizeof(added),
-    .event_id = ev_id,
-    .event_kind = ev_kind,
-    .apply_new = apply,
-    .apply = apply,
-    .state_encode = state_encode,
-    .state_decode = state_decode,
-    .event_encode = event_encode,
-    .event_decode = event_decode,
-};
+/* ---- the aggregate: fixtures/deposit.h ---- */
 
 static int decide(void *user, const void *state, const es_command *cmd,
                   es_emitter *em)
@@ -113,9 +47,9 @@ static int decide(void *user, const void *state, const es_command *cmd,
     (void)user;
     (void)state;
     (void)cmd;
-    added a = {{{0}}, 1};
-    int rc = es_uuid_v7(&a.id);
-    return rc ? rc : es_emit(em, &a);
+    deposit d = {{{0}}, 1};
+    int rc = es_uuid_v7(&d.id);
+    return rc ? rc : es_emit(em, &d);
 }
 
 /* ---- senders ---- */
@@ -169,7 +103,7 @@ static void *send_loop(void *arg)
         t->command_id = c.id;
         t->accepted = false;
         atomic_store(&t->status, 1); /* no outcome yet */
-        int rc = es_host_send(s->host, &counter_type,
+        int rc = es_host_send(s->host, &deposit_type,
                               &s->keys[(i + me->id) % KEYS], &c, done, t,
                               NULL);
         t->accepted = rc == 0;
@@ -190,7 +124,7 @@ static void test_host_oom_exactly_once_completions(void **state)
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
     assert_int_equal(es_host_config_new(&cfg, NULL), 0);
     assert_int_equal(es_host_config_set_snapshots(cfg, 5, true), 0);
-    assert_int_equal(es_host_config_add_type(cfg, &counter_type, decide,
+    assert_int_equal(es_host_config_add_type(cfg, &deposit_type, decide,
                                              NULL, NULL), 0);
     assert_int_equal(es_host_open(cfg, store, &s.host, NULL), 0);
     es_host_config_free(cfg);
@@ -214,7 +148,7 @@ static void test_host_oom_exactly_once_completions(void **state)
     for (int k = 0; k < KEYS; k++) {
         es_command c = {{{0}}, 1, NULL, 0};
         es_uuid_v7(&c.id);
-        assert_int_equal(es_host_call(s.host, &counter_type, &s.keys[k], &c,
+        assert_int_equal(es_host_call(s.host, &deposit_type, &s.keys[k], &c,
                                       NULL, NULL), 0);
     }
     assert_int_equal(es_host_shutdown(s.host, NULL), 0);
@@ -227,7 +161,7 @@ static void test_host_oom_exactly_once_completions(void **state)
     long events = 0;
     for (int k = 0; k < KEYS; k++) {
         es_context *ctx = NULL;
-        if (es_store_load(store, &counter_type, &s.keys[k], &ctx, NULL) != 0)
+        if (es_store_load(store, &deposit_type, &s.keys[k], &ctx, NULL) != 0)
             continue;
         events += (long)es_context_version(ctx) + 1;
         es_context_free(ctx);
