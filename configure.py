@@ -183,7 +183,8 @@ def pkg(flag, *mods):
 # Sources are found by name, so adding a file needs only a re-run:
 #   src/<part>/*.c        the library
 #   tests/fixtures/*.c    linked into every test
-#   tests/test_*.c        one test binary each (test_pg_* need PostgreSQL)
+#   tests/unit/test_*.c   one test binary each
+#   tests/pg/test_pg_*.c  one test binary each, needing PostgreSQL
 #   examples/*.c          one example binary each
 #   bench/*.c             one benchmark binary each (ninja bench runs them)
 def sources(pattern):
@@ -367,7 +368,8 @@ def main():
                 outs.append(exe)
             fixtures = [obj(s) for s in sources("tests/fixtures/*.c")]
             tests = []
-            for src in sources("tests/test_*.c"):
+            for src in (sources("tests/unit/test_*.c") +
+                        sources("tests/pg/test_*.c")):
                 name = os.path.basename(src)[:-2]
                 objs = [obj(src)] + fixtures
                 if name.startswith("test_bank"):

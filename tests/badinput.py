@@ -272,8 +272,9 @@ class Bench:
         big = '{"command_id":"%s","amount":9223372036854775807}' % (
             uuid.uuid4())
         # Amounts above the server's cap (10^15 cents) are bad requests;
-        # an overflowing sum is rejected by the domain (tests/test_bank.c
-        # takes a balance to INT64_MAX, which the cap keeps HTTP from).
+        # an overflowing sum is rejected by the domain
+        # (tests/unit/test_bank.c takes a balance to INT64_MAX, which the
+        # cap keeps HTTP from).
         c("deposit of INT64_MAX", post(dep, big), (400,))
         c("withdrawal of INT64_MAX", post(wd, big), (400,))
         t = {"transfer_id": str(uuid.uuid4()), "from": str(a), "to": str(b),

@@ -241,7 +241,7 @@ def routes_and_errors(ck, port):
           (404, {"error": "not_found"}))
 
     # the largest amount: 10^15 cents (sums beyond int64 are rejected by
-    # the domain: tests/test_bank.c)
+    # the domain: tests/unit/test_bank.c)
     ck.eq("largest initial balance", open_account(p, 10 ** 15)[0], 201)
     ck.eq("initial balance too large", open_account(p, 10 ** 15 + 1)[::2],
           (400, {"error": "bad_request",

@@ -153,7 +153,7 @@ def cmocka_report(out):
 
 
 def run_binary(path, variant, env_extra=None, cmocka=True):
-    """One program; it must exit 0.  cmocka=True (a tests/test_*.c): it
+    """One program; it must exit 0.  cmocka=True (a tests/*/test_*.c): it
     must also report at least one test in every group it runs, and each
     skipped test is listed and counted (cmocka exits 0 on a skip)."""
     name = "%s/%s" % (variant, os.path.basename(path))
@@ -214,16 +214,16 @@ def run_binary(path, variant, env_extra=None, cmocka=True):
 
 def expected_programs(variant):
     """The programs configure.py builds from the sources, as (path, is a
-    cmocka test, needs PostgreSQL): tests/test_*.c, tests/cxx/*.cpp (as
-    test_cxx_*) and examples/*.c.  Taken from the sources, not from
-    build/: a program that was not built fails the run, it does not drop
-    out of it."""
+    cmocka test, needs PostgreSQL): tests/unit/test_*.c, tests/pg/test_*.c
+    (all need it), tests/cxx/*.cpp (as test_cxx_*) and examples/*.c.
+    Taken from the sources, not from build/: a program that was not built
+    fails the run, it does not drop out of it."""
     b = os.path.join(BUILD, variant)
     out = []
-    for src in sorted(glob.glob(os.path.join(HERE, "test_*.c"))):
-        name = os.path.basename(src)[:-2]
-        out.append((os.path.join(b, "tests", name), True,
-                    name.startswith("test_pg_")))
+    for group, pg in (("unit", False), ("pg", True)):
+        for src in sorted(glob.glob(os.path.join(HERE, group, "test_*.c"))):
+            name = os.path.basename(src)[:-2]
+            out.append((os.path.join(b, "tests", name), True, pg))
     for src in sorted(glob.glob(os.path.join(HERE, "cxx", "*.cpp"))):
         name = "test_cxx_" + os.path.basename(src)[:-4]
         out.append((os.path.join(b, "tests", name), False, False))

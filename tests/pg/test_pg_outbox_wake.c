@@ -13,7 +13,7 @@
 
 #define main test_outbox_main
 int test_outbox_main(void);
-#include "test_outbox.c"
+#include "../unit/test_outbox.c"
 #undef main
 
 static char g_schema[40];

@@ -49,7 +49,7 @@ static int pg_outbox_store_close(es_store *store)
 #define es_store_close(store) pg_outbox_store_close(store)
 #define main test_outbox_main
 int test_outbox_main(void);
-#include "test_outbox.c"
+#include "../unit/test_outbox.c"
 #undef main
 
 int main(void)

@@ -14,7 +14,7 @@
 
 #include <cmocka.h>
 
-#include "../examples/bank/bank.h"
+#include "../../examples/bank/bank.h"
 
 typedef struct fixture {
     es_store *store;
