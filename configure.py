@@ -41,7 +41,7 @@ PROGRAMS = {
 }
 # Always wanted for the test suite, checked by dpkg.
 EXTRA_PACKAGES = [
-    "python3-hypothesis",  # tests/bank_model.py
+    "python3-hypothesis",  # tests/system/bank_model.py
 ]
 
 
@@ -288,7 +288,7 @@ def main():
         n.variable("python", sys.executable)
         hypython = hypothesis_python()
         if hypython is None:
-            # tests/bank_model.py then fails and says what to install.
+            # tests/system/bank_model.py then fails and says what to install.
             print("configure.py: no python imports hypothesis: ninja check "
                   "will fail; install python3-hypothesis")
         n.variable("hypothesis_python", hypython or sys.executable)
@@ -429,7 +429,7 @@ def main():
             "cmd": "$python tests/run.py --variants release,asan,tsan "
                    "--compile-fail --install-test --docs --bank --badinput "
                    "--security --faults; r=$$?; "
-                   "$hypothesis_python tests/bank_model.py --short "
+                   "$hypothesis_python tests/system/bank_model.py --short "
                    "&& exit $$r",
             "desc": "CHECK"})
         # The host tests under helgrind (minutes), then the long fault
@@ -438,15 +438,16 @@ def main():
         # (tests/run.py clears it itself).
         n.build("check-faults", "run", all_targets["release"] +
                 ["build/debug/tests/test_host"], implicit=[
-                    "tests/valgrind.py", "tests/faults.py",
-                    "tests/bank_model.py"], variables={
+                    "tests/system/valgrind.py", "tests/system/faults.py",
+                    "tests/system/bank_model.py"], variables={
             "cmd": "env -u HOST_TEST -u CMOCKA_MESSAGE_OUTPUT "
-                   "$python tests/valgrind.py; v=$$?; "
-                   "$hypothesis_python tests/bank_model.py --long; m=$$?; "
-                   "$python tests/faults.py && exit $$((v || m))",
+                   "$python tests/system/valgrind.py; v=$$?; "
+                   "$hypothesis_python tests/system/bank_model.py --long; "
+                   "m=$$?; "
+                   "$python tests/system/faults.py && exit $$((v || m))",
             "desc": "CHECK-FAULTS"})
         n.build("demo", "run", all_targets["release"], variables={
-            "cmd": "$python tests/demo.py",
+            "cmd": "$python tests/system/demo.py",
             "desc": "DEMO"})
         n.build("bench", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --bench",

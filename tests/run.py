@@ -16,6 +16,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
+SYSTEM = os.path.join(HERE, "system")  # the python system tests
+sys.path.insert(1, SYSTEM)  # demo, bank_e2e: imported by the bank checks
 BUILD = os.path.join(TOP, "build")
 
 SAN_ENV = {
@@ -513,7 +515,7 @@ def bank_check(db_url):
 
 
 def bank_e2e(db_url):
-    """The bank's HTTP API end to end (tests/bank_e2e.py)."""
+    """The bank's HTTP API end to end (tests/system/bank_e2e.py)."""
     import bank_e2e as e2e
     t0 = time.time()
     ck = e2e.run(db_url)
@@ -530,10 +532,10 @@ def bank_e2e(db_url):
 
 
 def script(name, *args):
-    """A test script of tests/ (faults.py, badinput.py, ...): its output is
-    shown when it fails, its last report line when it passes."""
+    """A test script of tests/system/ (faults.py, badinput.py, ...): its
+    output is shown when it fails, its last report line when it passes."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(HERE, name)] +
+    proc = subprocess.run([sys.executable, os.path.join(SYSTEM, name)] +
                           list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     label = " ".join((name,) + args)
@@ -577,12 +579,14 @@ def main():
     ap.add_argument("--bank", action="store_true")
     ap.add_argument("--demo", action="store_true")
     ap.add_argument("--faults", action="store_true",
-                    help="the short fault test (tests/faults.py --short)")
+                    help="the short fault test (tests/system/faults.py "
+                    "--short)")
     ap.add_argument("--badinput", action="store_true",
-                    help="the bad-input catalogue (tests/badinput.py)")
+                    help="the bad-input catalogue "
+                    "(tests/system/badinput.py)")
     ap.add_argument("--security", action="store_true",
                     help="log_statement, least privilege, secrets "
-                    "(tests/security.py)")
+                    "(tests/system/security.py)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="with --bench: short runs, smaller sets")

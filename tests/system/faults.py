@@ -59,7 +59,8 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
+TESTS = os.path.dirname(HERE)
+TOP = os.path.dirname(TESTS)
 BIN = os.path.join(TOP, "build", "release", "bin")
 ALL_FAULTS = ["kill9", "pgstop", "pgkill9", "cut", "pause", "second",
               "pgpause", "netdrop", "nethang"]
@@ -144,7 +145,7 @@ class Postgres:
     def start(self, tries=20):
         for attempt in range(tries):
             proc = subprocess.run(
-                [sys.executable, os.path.join(HERE, "pgcluster.py"), "start",
+                [sys.executable, os.path.join(TESTS, "pgcluster.py"), "start",
                  self.dir, "--port", str(self.port)],
                 capture_output=True, text=True)
             if proc.returncode == 0:
@@ -155,7 +156,7 @@ class Postgres:
         return False
 
     def stop(self):
-        subprocess.call([sys.executable, os.path.join(HERE, "pgcluster.py"),
+        subprocess.call([sys.executable, os.path.join(TESTS, "pgcluster.py"),
                          "stop", self.dir], stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
 
@@ -875,7 +876,7 @@ class Run:
         log("seed %d, %ds of load at least (until every kind of fault was "
             "injected), %d clients, faults %s" % (
                 self.seed, seconds, a.clients, ",".join(kinds)))
-        subprocess.call([sys.executable, os.path.join(HERE, "pgcluster.py"),
+        subprocess.call([sys.executable, os.path.join(TESTS, "pgcluster.py"),
                          "stop", self.pg.dir], stdout=subprocess.DEVNULL)
         import shutil
         shutil.rmtree(self.pg.dir, ignore_errors=True)

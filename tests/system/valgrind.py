@@ -10,7 +10,7 @@ Part of ninja check-faults, not of ninja check: it takes minutes.
 It prints one summary line and fails when a test fails or valgrind reports
 any error (--error-exitcode); the whole report is kept in
 build/valgrind-<tool>-test_host.log and its first error is printed.
-Besides valgrind's defaults, tests/valgrind.supp hides two reports that
+Besides valgrind's defaults, tests/system/valgrind.supp hides two reports that
 are not about our code (glibc's timed wait, p11-kit at exit; no data
 race); the summary line says how often each matched.  One data race is
 accepted, by its address, not by a stack: a write to a global in
@@ -30,7 +30,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
+TESTS = os.path.dirname(HERE)
+TOP = os.path.dirname(TESTS)
 ERROR_EXIT = 99
 
 

@@ -31,7 +31,8 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
+TESTS = os.path.dirname(HERE)
+TOP = os.path.dirname(TESTS)
 BIN = os.path.join(TOP, "build", "release", "bin")
 sys.path.insert(0, HERE)
 from faults import Postgres, Server  # noqa: E402
@@ -97,7 +98,7 @@ def require_scram(pg, role):
 
 def main():
     pg = Postgres(os.path.join(TOP, "build", "pg-security"))
-    subprocess.call([sys.executable, os.path.join(HERE, "pgcluster.py"),
+    subprocess.call([sys.executable, os.path.join(TESTS, "pgcluster.py"),
                      "stop", pg.dir], stdout=subprocess.DEVNULL)
     import shutil
     shutil.rmtree(pg.dir, ignore_errors=True)

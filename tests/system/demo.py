@@ -18,9 +18,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
+TESTS = os.path.dirname(HERE)
+TOP = os.path.dirname(TESTS)
 BIN = os.path.join(TOP, "build", "release", "bin")
-sys.path.insert(0, HERE)
+sys.path.insert(0, TESTS)
 from run import Cluster  # noqa: E402
 
 

@@ -19,7 +19,7 @@ One bank-server serves a whole run; each example salts its ids, so
 examples do not see each other's aggregates.  A failure prints the shrunk
 sequence of steps, each with the requests it made and their answers.
 
-    tests/bank_model.py [--short | --long] [--memory | --postgresql]
+    tests/system/bank_model.py [--short | --long] [--memory | --postgresql]
                         [--bin DIR] [--seed N] [--examples N]
 
 Runs on both stores unless one is named (PostgreSQL: DATABASE_URL or a
@@ -35,7 +35,9 @@ import traceback
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, TESTS)  # run.py
 
 try:
     import hypothesis

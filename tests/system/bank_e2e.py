@@ -6,7 +6,7 @@ an unknown account refunded, and SIGTERM during load losing no
 acknowledged deposit (the server is restarted on the same database and
 every account read back).  run(db_url) returns a list of failures; with
 db_url None the server runs on the in-memory store and the restart check
-is skipped.  Standalone: tests/bank_e2e.py [--memory].
+is skipped.  Standalone: tests/system/bank_e2e.py [--memory].
 """
 
 import http.client
@@ -21,7 +21,8 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
+TESTS = os.path.dirname(HERE)
+TOP = os.path.dirname(TESTS)
 BIN = os.path.join(TOP, "build", "release", "bin")
 
 
@@ -664,7 +665,7 @@ def run(db_url):
 
 
 def main():
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, TESTS)
     if "--memory" in sys.argv:
         ck = run(None)
     else:

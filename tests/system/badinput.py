@@ -22,7 +22,8 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TOP = os.path.dirname(HERE)
+TESTS = os.path.dirname(HERE)
+TOP = os.path.dirname(TESTS)
 sys.path.insert(0, HERE)
 from faults import Postgres, Server, log  # noqa: E402
 
@@ -198,7 +199,7 @@ class Bench:
         return json.loads(body) if status == 200 else status
 
     def run(self):
-        subprocess.call([sys.executable, os.path.join(HERE, "pgcluster.py"),
+        subprocess.call([sys.executable, os.path.join(TESTS, "pgcluster.py"),
                          "stop", self.pg.dir], stdout=subprocess.DEVNULL)
         if not self.pg.start():
             return 2
