@@ -129,27 +129,8 @@ static void assert_intact(const es_uuid *id)
 static void put_snapshot(const es_uuid *id, uint64_t sv, uint64_t version,
                          int64_t balance)
 {
-    account state = {*id, (char *)ACCOUNT_DEFAULT_EMAIL, balance};
-    es_buf buf = {0};
-    es_error err = {0};
-    assert_int_equal(account_type.state_encode(&state, &buf, &err), 0);
-    char a[ES_UUID_STRLEN + 1], svs[24], vs[24];
-    snprintf(svs, sizeof svs, "%llu", (unsigned long long)sv);
-    snprintf(vs, sizeof vs, "%llu", (unsigned long long)version);
-    const char *vals[4] = {es_uuid_format(id, a), svs, vs,
-                           (const char *)buf.data};
-    const int lens[4] = {0, 0, 0, (int)buf.len};
-    const int fmts[4] = {0, 0, 0, 1};
-    PGresult *r = PQexecParams(
-        g_sql,
-        "INSERT INTO snapshots (aggregate_id, snapshot_version, version, "
-        "payload) VALUES ($1, $2, $3, $4) ON CONFLICT (aggregate_id, "
-        "snapshot_version) DO UPDATE SET version = excluded.version, "
-        "payload = excluded.payload",
-        4, NULL, vals, lens, fmts, 0);
-    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
-    PQclear(r);
-    es_buf_free(&buf);
+    assert_int_equal(
+        fixture_pg_put_account_snapshot(g_sql, id, sv, version, balance), 0);
 }
 
 static void corrupt_and_check(const char *update)

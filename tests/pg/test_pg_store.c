@@ -136,27 +136,8 @@ static long long snapshot_count(const es_uuid *id)
 static void insert_snapshot(const es_uuid *id, uint64_t sv, uint64_t version,
                             int64_t balance)
 {
-    account state = {*id, (char *)ACCOUNT_DEFAULT_EMAIL, balance};
-    es_buf buf = {0};
-    es_error err = {0};
-    assert_int_equal(account_type.state_encode(&state, &buf, &err), 0);
-    idtext a = txt(id);
-    char svs[24], vs[24];
-    snprintf(svs, sizeof svs, "%llu", (unsigned long long)sv);
-    snprintf(vs, sizeof vs, "%llu", (unsigned long long)version);
-    const char *vals[4] = {a.s, svs, vs, (const char *)buf.data};
-    const int lens[4] = {0, 0, 0, (int)buf.len};
-    const int fmts[4] = {0, 0, 0, 1};
-    PGresult *r = PQexecParams(
-        g_sql,
-        "INSERT INTO snapshots (aggregate_id, snapshot_version, version, "
-        "payload) VALUES ($1, $2, $3, $4) ON CONFLICT (aggregate_id, "
-        "snapshot_version) DO UPDATE SET version = excluded.version, "
-        "payload = excluded.payload",
-        4, NULL, vals, lens, fmts, 0);
-    assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
-    PQclear(r);
-    es_buf_free(&buf);
+    assert_int_equal(
+        fixture_pg_put_account_snapshot(g_sql, id, sv, version, balance), 0);
 }
 
 /* ==== postgres.rs ==== */

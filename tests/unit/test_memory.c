@@ -18,33 +18,7 @@
 #include "fixtures/account.h"
 #include "fixtures/counter.h"
 #include "fixtures/helpers.h"
-
-static int setup(void **state)
-{
-    es_store *store = NULL;
-    if (es_memory_store_open(&store, NULL) != 0) return -1;
-    *state = store;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    return es_store_close(*state) == 0 ? 0 : -1;
-}
-
-#define CHECK(call)                                                          \
-    do {                                                                      \
-        int rc_ = (call);                                                     \
-        if (rc_ != 0)                                                         \
-            fail_msg("%s: %s", #call, es_status_name(rc_));                   \
-    } while (0)
-
-static es_txn *begin(es_store *store)
-{
-    es_txn *txn = NULL;
-    CHECK(es_store_begin(store, &txn, NULL));
-    return txn;
-}
+#include "fixtures/memory.h"
 
 static void commit(es_txn *txn)
 {
@@ -113,7 +87,7 @@ static account_context *saved_account(es_store *store, int64_t add1,
 static int get_account_snapshot(es_store *store, const es_uuid *id,
                                 uint64_t sv, account *out, uint64_t *version)
 {
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_snapshot *snap = NULL;
     int rc = es_txn_get_snapshot(txn, id, sv, &snap, NULL);
     es_txn_rollback(txn);
@@ -134,7 +108,7 @@ static void put_account_snapshot(es_store *store, const es_uuid *id,
     es_buf buf = {0};
     CHECK(account_type.state_encode(&s, &buf, NULL));
     es_snapshot snap = {*id, version, sv, buf.data, buf.len};
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(es_txn_store_snapshot(txn, &snap, NULL));
     commit(txn);
     es_buf_free(&buf);
@@ -142,7 +116,7 @@ static void put_account_snapshot(es_store *store, const es_uuid *id,
 
 static void delete_snapshots(es_store *store, const es_uuid *id)
 {
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(es_txn_delete_snapshots(txn, id, NULL));
     commit(txn);
 }
@@ -175,7 +149,7 @@ static void test_memory_repository_aggregate_not_found(void **state)
     assert_int_equal(counter_store_load(store, &id, &c, &err), ES_ENOTFOUND);
     assert_null(c);
     assert_true(es_uuid_equal(&err.aggregate_id, &id));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     assert_int_equal(counter_load(txn, &id, &c, &err), ES_ENOTFOUND);
     es_event *ev = NULL;
     assert_int_equal(es_txn_get_event(txn, &id, &id, &ev, &err),
@@ -197,7 +171,7 @@ static void test_memory_repository_transaction_operations(void **state)
     es_uuid id;
     CHECK(counter_start(&c, &id, NULL));
     crecord(c, counter_add(20));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(counter_save(txn, c, NULL));
     counter_context *inside = NULL;
     CHECK(counter_load(txn, &id, &inside, NULL)); /* sees its own writes */
@@ -269,7 +243,7 @@ static void test_memory_snapshot_version_checking(void **state)
     crecord(c, counter_add(100));
     save_ok(store, craw(c));
     counter_context_free(c);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_snapshot *snap = NULL;
     CHECK(es_txn_get_snapshot(txn, &id, 1, &snap, NULL));
     assert_int_equal(snap->snapshot_version, 1);
@@ -315,7 +289,7 @@ static void test_memory_in_memory_repository_basic_operations(void **state)
     counter_context_free(c);
     assert_int_equal(es_memory_store_event_count(store), 4);
 
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     stream_probe p = {0, 0, 0};
     CHECK(es_txn_stream(txn, &id, 2, probe_event, &p, NULL));
     assert_int_equal(p.n, 2);
@@ -409,7 +383,7 @@ static void test_memory_context_load_with_snapshot(void **state)
     es_buf buf = {0};
     CHECK(counter_type.state_encode(&fake, &buf, NULL));
     es_snapshot snap = {id, 1, 1, buf.data, buf.len};
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(es_txn_store_snapshot(txn, &snap, NULL));
     commit(txn);
     es_buf_free(&buf);
@@ -423,7 +397,7 @@ static void test_memory_context_load_with_snapshot(void **state)
      * events through a type that writes its snapshot elsewhere */
     es_aggregate_type other_sv = counter_type;
     other_sv.snapshot_version = 9;
-    txn = begin(store);
+    txn = fixture_begin(store);
     counter_event e5;
     CHECK(counter_event_decode(es_context_uncommitted(craw(c), 0), &e5,
                                NULL));
@@ -452,7 +426,7 @@ static void test_memory_regenerate_side_effects_specific_event(void **state)
     save_ok(store, craw(c));
     const es_side_effect *original = NULL;
     es_side_effect_list *stored = NULL;
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(es_txn_list_side_effects(txn, &id, &stored, NULL));
     for (size_t i = 0; i < stored->count; i++)
         if (es_uuid_equal(&stored->items[i].event_id, &add.event_id))
@@ -489,7 +463,7 @@ static void test_memory_regenerate_side_effects_event_not_found(void **state)
     crecord(c, mul);
     save_ok(store, craw(c));
     counter_context_free(c);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_side_effect_list *list = NULL;
     es_uuid unknown = fixture_new_id();
     CHECK(es_context_regenerate_side_effects(txn, &counter_type, &id,
@@ -636,7 +610,7 @@ static void test_memory_corrupt_snapshot_is_ignored(void **state)
     for (size_t i = 0; i < 2; i++) {
         es_snapshot snap = {id, 2, ACCOUNT_SNAPSHOT_VERSION, junk[i],
                             i == 0 ? 0 : sizeof junk[i]};
-        es_txn *txn = begin(store);
+        es_txn *txn = fixture_begin(store);
         CHECK(es_txn_store_snapshot(txn, &snap, NULL));
         commit(txn);
         account_context *l = aload(store, &id);
@@ -653,7 +627,7 @@ static void test_memory_corrupt_snapshot_is_ignored(void **state)
     save_ok(store, craw(c));
     counter_context_free(c);
     es_snapshot snap = {cid, 1, 1, junk[1], 3};
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(es_txn_store_snapshot(txn, &snap, NULL));
     commit(txn);
     c = cload(store, &cid);
@@ -829,7 +803,7 @@ static void test_memory_side_effect_is_correctly_stored(void **state)
     account_context *a = NULL;
     CHECK(account_record_new(&id, &open, &a, NULL));
     save_ok(store, araw(a));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_side_effect_list *list = NULL;
     CHECK(es_txn_list_side_effects(txn, &id, &list, NULL));
     assert_int_equal(list->count, 1);
@@ -865,7 +839,7 @@ static void test_memory_multiple_side_effects_are_stored_correctly(
     account_event add = account_add(50);
     CHECK(account_record(a, &add, NULL));
     save_ok(store, araw(a));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_side_effect_list *list = NULL;
     CHECK(es_txn_list_side_effects(txn, &id, &list, NULL));
     assert_int_equal(list->count, 2);
@@ -899,7 +873,7 @@ static void test_memory_side_effect_regeneration_works_correctly(void **state)
     save_ok(store, araw(a));
     account_context_free(a);
 
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_side_effect_list *list = NULL;
     account_side_effect se;
     char text[ES_UUID_STRLEN + 1];
@@ -951,7 +925,7 @@ static void multi_aggregate(es_store *store, bool do_commit,
     order_event created = order_created(order_id, account_id, 500);
     order_context *o = NULL;
     CHECK(order_record_new(order_id, &created, &o, NULL));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(account_save(txn, a, NULL));
     CHECK(order_save(txn, o, NULL));
     if (do_commit)
@@ -1010,7 +984,7 @@ static void test_memory_multi_aggregate_transaction_with_mixed_side_effects(
     CHECK(order_record_new(&order_id, &created, &o, NULL));
     order_event confirmed = order_event_of(ORDER_CONFIRMED_EVENT);
     CHECK(order_record(o, &confirmed, NULL));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(account_save(txn, a, NULL));
     CHECK(order_save(txn, o, NULL));
     commit(txn);
@@ -1025,7 +999,7 @@ static void test_memory_multi_aggregate_transaction_with_mixed_side_effects(
     order_context_free(o);
     assert_int_equal(fixture_side_effect_count(store, &account_id), 2);
     assert_int_equal(fixture_side_effect_count(store, &order_id), 2);
-    es_txn *r = begin(store);
+    es_txn *r = fixture_begin(store);
     es_side_effect_list *list = NULL;
     CHECK(es_txn_list_side_effects(r, &order_id, &list, NULL));
     order_side_effect se;
@@ -1129,7 +1103,7 @@ static void test_memory_transaction_rollback_discards_changes(void **state)
     account_builder_with_add(&b, 10);
     account_context *a = NULL;
     CHECK(account_builder_build(&b, &a, NULL));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(account_save(txn, a, NULL));
     es_txn_rollback(txn);
     account_context *l = NULL;
@@ -1147,7 +1121,7 @@ static void test_memory_transaction_isolates_changes_until_commit(
     account_builder_with_add(&b, 50);
     account_context *a = NULL;
     CHECK(account_builder_build(&b, &a, NULL));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(account_save(txn, a, NULL));
     account_context *l = NULL;
     assert_int_equal(account_store_load(store, &b.account_id, &l, NULL),
@@ -1186,7 +1160,7 @@ static void test_memory_transaction_handles_multiple_operations_correctly(
     es_store *store = *state;
     account_context *a = saved_account(store, 100, 0);
     es_uuid id = *es_context_aggregate_id(araw(a));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     arecord(a, account_add(50));
     CHECK(account_save(txn, a, NULL));
     arecord(a, account_remove(25));
@@ -1205,7 +1179,7 @@ static void test_memory_transaction_handles_multiple_aggregates_correctly(
     es_store *store = *state;
     account_context *a = saved_account(store, 10, 0);
     account_context *b = saved_account(store, 20, 0);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     arecord(a, account_add(1));
     arecord(b, account_add(2));
     CHECK(account_save(txn, a, NULL));
@@ -1230,7 +1204,7 @@ static void test_memory_repository_error_handling_and_recovery(void **state)
     /* a change rolled back */
     a = aload(store, &id);
     arecord(a, account_add(1000));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     CHECK(account_save(txn, a, NULL));
     es_txn_rollback(txn);
     account_context_free(a);
@@ -1255,7 +1229,7 @@ static void test_memory_repository_load_works_without_transaction(
     account_builder_with_remove(account_builder_with_add(&b, 100), 20);
     CHECK(account_builder_save(&b, store, NULL, NULL));
     account_context *x = aload(store, &b.account_id);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     account_context *y = NULL;
     CHECK(account_load(txn, &b.account_id, &y, NULL));
     es_txn_rollback(txn);
@@ -1286,7 +1260,7 @@ static void test_memory_streaming_returns_events_in_version_order(
     for (int i = 1; i < LONG_STREAM; i++) crecord(c, counter_add(1));
     save_ok(store, craw(c));
     counter_context_free(c);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     uint64_t next = 0;
     CHECK(es_txn_stream(txn, &id, 0, check_order, &next, NULL));
     assert_int_equal(next, LONG_STREAM);
@@ -1330,7 +1304,7 @@ static void test_memory_unknown_event_kind_in_store_is_decode_error(
     assert_null(l);
     assert_true(es_uuid_equal(&err.event_id, &sub.event_id));
     assert_true(es_uuid_equal(&err.aggregate_id, &id));
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_side_effect_list *list = NULL;
     assert_int_equal(es_context_regenerate_side_effects(
                          txn, &counter_type, &id, &sub.event_id, &list, &err),
@@ -1356,7 +1330,7 @@ static void test_memory_other_type_on_same_aggregate_is_refused(void **state)
     counter_context_free(c);
     es_aggregate_type other = counter_type;
     other.name = "not_a_counter";
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_context *o = NULL;
     es_error err = {0};
     assert_int_equal(es_context_load(txn, &other, &id, &o, &err),
@@ -1376,7 +1350,7 @@ static void test_memory_other_type_on_same_aggregate_is_refused(void **state)
     /* also when the aggregate exists only in this transaction */
     es_uuid fresh_id;
     CHECK(counter_start(&c, &fresh_id, NULL));
-    txn = begin(store);
+    txn = fixture_begin(store);
     CHECK(counter_save(txn, c, NULL));
     assert_int_equal(es_context_load(txn, &other, &fresh_id, &o, &err),
                      ES_EWRONGTYPE);
@@ -1474,7 +1448,7 @@ static void test_memory_empty_payloads(void **state)
     save_ok(store, c);
     assert_int_equal(es_context_version(c), 2);
     es_context_free(c);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     es_event *ev = NULL;
     CHECK(es_txn_get_event(txn, &id, &e[2].id, &ev, NULL));
     assert_int_equal(ev->len, 0);
@@ -1497,7 +1471,7 @@ static void test_memory_bad_input_store_functions(void **state)
     assert_int_equal(es_store_begin(store, NULL, &err), ES_EINVAL);
     assert_int_equal(es_txn_commit(NULL, &err), ES_EINVAL);
     es_txn_rollback(NULL);
-    txn = begin(store);
+    txn = fixture_begin(store);
     stream_probe p = {0, 0, 0};
     assert_int_equal(es_txn_stream(NULL, &id, 0, probe_event, &p, &err),
                      ES_EINVAL);
@@ -1568,7 +1542,9 @@ static void test_memory_bad_input_uuid_parse(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-#define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+#define T(name)                                                              \
+    cmocka_unit_test_setup_teardown(name, fixture_memory_setup,               \
+                                    fixture_memory_teardown)
         T(test_memory_repository_load_and_save),
         T(test_memory_repository_aggregate_not_found),
         T(test_memory_repository_transaction_operations),

@@ -19,33 +19,7 @@
 #include "fixtures/account.h"
 #include "fixtures/counter.h"
 #include "fixtures/helpers.h"
-
-static int setup(void **state)
-{
-    es_store *store = NULL;
-    if (es_memory_store_open(&store, NULL) != 0) return -1;
-    *state = store;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    return es_store_close(*state) == 0 ? 0 : -1;
-}
-
-#define CHECK(call)                                                          \
-    do {                                                                      \
-        int rc_ = (call);                                                     \
-        if (rc_ != 0)                                                         \
-            fail_msg("%s: %s", #call, es_status_name(rc_));                   \
-    } while (0)
-
-static es_txn *begin(es_store *store)
-{
-    es_txn *txn = NULL;
-    CHECK(es_store_begin(store, &txn, NULL));
-    return txn;
-}
+#include "fixtures/memory.h"
 
 static es_context *craw(counter_context *c) { return counter_context_raw(c); }
 
@@ -86,7 +60,7 @@ static void test_memory_txn_uncommitted_writes_are_invisible(void **state)
 {
     es_store *store = *state;
     es_uuid id = saved_counter(store, 1);
-    es_txn *writer = begin(store), *reader = begin(store);
+    es_txn *writer = fixture_begin(store), *reader = fixture_begin(store);
 
     counter_context *c = NULL;
     CHECK(counter_load(writer, &id, &c, NULL));
@@ -107,7 +81,7 @@ static void test_memory_txn_uncommitted_writes_are_invisible(void **state)
     es_free(snap);
 
     /* the reader, another transaction, and a fresh one do not */
-    es_txn *later = begin(store);
+    es_txn *later = fixture_begin(store);
     es_txn *txns[] = {reader, later};
     for (size_t i = 0; i < 2; i++) {
         es_txn *t = txns[i];
@@ -145,7 +119,7 @@ static void test_memory_txn_rollback_undoes_everything(void **state)
     es_store *store = *state;
     es_uuid id = saved_counter(store, 2);
     size_t events = es_memory_store_event_count(store);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     counter_context *c = NULL;
     CHECK(counter_load(txn, &id, &c, NULL));
     counter_event add = counter_add(5);
@@ -161,7 +135,7 @@ static void test_memory_txn_rollback_undoes_everything(void **state)
     assert_int_equal(es_memory_store_event_count(store), events);
     assert_int_equal(fixture_side_effect_count(store, &id), 4);
     assert_int_equal(fixture_side_effect_count(store, &other_id), 0);
-    es_txn *r = begin(store);
+    es_txn *r = fixture_begin(store);
     es_snapshot *snap = NULL;
     CHECK(es_txn_get_snapshot(r, &id, 1, &snap, NULL)); /* not deleted */
     assert_int_equal(snap->version, 2);
@@ -195,7 +169,7 @@ static void test_memory_txn_commit_is_atomic(void **state)
     es_store *store = *state;
     es_uuid ids[4];
     counter_context *cs[4];
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     for (int i = 0; i < 4; i++) {
         CHECK(counter_start(&cs[i], &ids[i], NULL));
         counter_event e = counter_add(i + 1);
@@ -220,7 +194,7 @@ static void test_memory_txn_same_version_second_commit_conflicts(void **state)
 {
     es_store *store = *state;
     es_uuid id = saved_counter(store, 1);
-    es_txn *t1 = begin(store), *t2 = begin(store);
+    es_txn *t1 = fixture_begin(store), *t2 = fixture_begin(store);
     counter_context *a = NULL, *b = NULL;
     CHECK(counter_load(t1, &id, &a, NULL));
     CHECK(counter_load(t2, &id, &b, NULL));
@@ -251,7 +225,7 @@ static void test_memory_txn_same_version_second_commit_conflicts(void **state)
                      ES_ENOTFOUND);
     assert_int_equal(fixture_side_effect_count(store, &id), 4);
     assert_int_equal(fixture_side_effect_count(store, &extra_id), 0);
-    es_txn *r = begin(store);
+    es_txn *r = fixture_begin(store);
     es_snapshot *snap = NULL;
     CHECK(es_txn_get_snapshot(r, &id, 1, &snap, NULL));
     assert_int_equal(snap->version, 2);
@@ -281,7 +255,7 @@ static void test_memory_txn_same_event_id_two_aggregates_both_commit(
 {
     es_store *store = *state;
     es_uuid x = saved_counter(store, 0), y = saved_counter(store, 0);
-    es_txn *t1 = begin(store), *t2 = begin(store);
+    es_txn *t1 = fixture_begin(store), *t2 = fixture_begin(store);
     counter_context *a = NULL, *b = NULL;
     CHECK(counter_load(t1, &x, &a, NULL));
     CHECK(counter_load(t2, &y, &b, NULL));
@@ -306,7 +280,7 @@ static void test_memory_txn_stale_context_in_same_txn_conflicts(void **state)
 {
     es_store *store = *state;
     es_uuid id = saved_counter(store, 0);
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     counter_context *a = NULL, *b = NULL;
     CHECK(counter_load(txn, &id, &a, NULL));
     CHECK(counter_load(txn, &id, &b, NULL));
@@ -480,14 +454,14 @@ static void test_memory_txn_concurrent_appends_from_threads(void **state)
     assert_int_equal(counter_version(c), shared_total);
     counter_context_free(c);
     /* the snapshot is of the last version: it never moved backwards */
-    es_txn *st = begin(store);
+    es_txn *st = fixture_begin(store);
     es_snapshot *snap = NULL;
     CHECK(es_txn_get_snapshot(st, &shared, 1, &snap, NULL));
     assert_int_equal(snap->version, shared_total);
     es_free(snap);
     es_txn_rollback(st);
 
-    es_txn *txn = begin(store);
+    es_txn *txn = fixture_begin(store);
     for (int i = 0; i < THREADS; i++) {
         CHECK(fixture_stream_read(txn, &w[i].mine, &s, NULL));
         assert_int_equal(s.count, 1 + APPENDS / 2);
@@ -618,7 +592,9 @@ static void test_memory_txn_concurrent_same_creation(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-#define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+#define T(name)                                                              \
+    cmocka_unit_test_setup_teardown(name, fixture_memory_setup,               \
+                                    fixture_memory_teardown)
         T(test_memory_txn_uncommitted_writes_are_invisible),
         T(test_memory_txn_rollback_undoes_everything),
         T(test_memory_txn_commit_is_atomic),
