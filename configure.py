@@ -41,7 +41,7 @@ PROGRAMS = {
 }
 # Always wanted for the test suite, checked by dpkg.
 EXTRA_PACKAGES = [
-    "python3-hypothesis",  # tests/bank_model.py
+    "python3-hypothesis",  # tests/system/bank_model.py
 ]
 
 
@@ -185,7 +185,8 @@ def pkg(flag, *mods):
 #   tests/fixtures/*.c    linked into every test
 #   tests/suites/*.c      test bodies run on more than one store, linked
 #                         into every test (not the fuzz targets)
-#   tests/test_*.c        one test binary each (test_pg_* need PostgreSQL)
+#   tests/unit/test_*.c   one test binary each
+#   tests/pg/test_pg_*.c  one test binary each, needing PostgreSQL
 #   examples/*.c          one example binary each
 #   bench/*.c             one benchmark binary each (ninja bench runs them)
 def sources(pattern):
@@ -291,7 +292,7 @@ def main():
         n.variable("python", sys.executable)
         hypython = hypothesis_python()
         if hypython is None:
-            # tests/bank_model.py then fails and says what to install.
+            # tests/system/bank_model.py then fails and says what to install.
             print("configure.py: no python imports hypothesis: ninja check "
                   "will fail; install python3-hypothesis")
         n.variable("hypothesis_python", hypython or sys.executable)
@@ -372,7 +373,8 @@ def main():
             fixtures = [obj(s) for s in sources("tests/fixtures/*.c") +
                         sources("tests/suites/*.c")]
             tests = []
-            for src in sources("tests/test_*.c"):
+            for src in (sources("tests/unit/test_*.c") +
+                        sources("tests/pg/test_*.c")):
                 name = os.path.basename(src)[:-2]
                 objs = [obj(src)] + fixtures
                 if name.startswith("test_bank"):
@@ -382,7 +384,9 @@ def main():
                     vars_, libs="$cmocka_libs $lib_libs"))
                 tests.append(exe)
             outs += tests
-            bench_common = [obj(s) for s in sources("bench/common/*.c")]
+            # The benches' aggregate is a test fixture's.
+            bench_common = ([obj(s) for s in sources("bench/common/*.c")] +
+                            [obj("tests/fixtures/deposit.c")])
             for src in sources("bench/*.c"):
                 exe = "%s/bench/%s" % (bdir, os.path.basename(src)[:-2])
                 n.build(exe, "link", [obj(src)] + bench_common + [lib],
@@ -430,7 +434,7 @@ def main():
             "cmd": "$python tests/run.py --variants release,asan,tsan "
                    "--compile-fail --install-test --docs --bank --badinput "
                    "--security --faults; r=$$?; "
-                   "$hypothesis_python tests/bank_model.py --short "
+                   "$hypothesis_python tests/system/bank_model.py --short "
                    "&& exit $$r",
             "desc": "CHECK"})
         # The host tests under helgrind (minutes), then the long fault
@@ -439,15 +443,16 @@ def main():
         # (tests/run.py clears it itself).
         n.build("check-faults", "run", all_targets["release"] +
                 ["build/debug/tests/test_host"], implicit=[
-                    "tests/valgrind.py", "tests/faults.py",
-                    "tests/bank_model.py"], variables={
+                    "tests/system/valgrind.py", "tests/system/faults.py",
+                    "tests/system/bank_model.py"], variables={
             "cmd": "env -u HOST_TEST -u CMOCKA_MESSAGE_OUTPUT "
-                   "$python tests/valgrind.py; v=$$?; "
-                   "$hypothesis_python tests/bank_model.py --long; m=$$?; "
-                   "$python tests/faults.py && exit $$((v || m))",
+                   "$python tests/system/valgrind.py; v=$$?; "
+                   "$hypothesis_python tests/system/bank_model.py --long; "
+                   "m=$$?; "
+                   "$python tests/system/faults.py && exit $$((v || m))",
             "desc": "CHECK-FAULTS"})
         n.build("demo", "run", all_targets["release"], variables={
-            "cmd": "$python tests/demo.py",
+            "cmd": "$python tests/system/demo.py",
             "desc": "DEMO"})
         n.build("bench", "run", all_targets["release"], variables={
             "cmd": "$python tests/run.py --bench",

@@ -26,8 +26,8 @@ CLIENTS = 64
 ACCOUNTS = 1000
 TICK = os.sysconf("SC_CLK_TCK")
 
-# The demo's server helpers (tests/demo.py).
-sys.path.insert(0, os.path.join(TOP, "tests"))
+# The demo's server helpers (tests/system/demo.py).
+sys.path.insert(0, os.path.join(TOP, "tests", "system"))
 from demo import free_port, wait_listening  # noqa: E402
 
 

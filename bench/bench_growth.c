@@ -36,8 +36,9 @@
 
 #include "eventastic.h"
 
-#include "common/account.h"
+#include "fixtures/deposit.h"
 #include "common/bench.h"
+#include "common/report.h"
 #include "common/load.h"
 #include "common/measure.h"
 
@@ -128,7 +129,7 @@ static es_host *host_open(es_store *store)
     es_host *host = NULL;
     es_host_config_new(&cfg, NULL);
     es_host_config_set_workers(cfg, 2);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) die("host", "open");
     es_host_config_free(cfg);
@@ -193,23 +194,26 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
 
 static void write_json(const char *path, const record *r, size_t n)
 {
-    FILE *f = fopen(path, "w");
-    if (f == NULL) die(path, "cannot write");
-    fprintf(f, "[\n");
-    for (size_t i = 0; i < n; i++)
-        fprintf(f, "  {\"name\": \"store_growth\", \"store\": \"postgres\", "
-                "\"phase\": \"%s\", \"window\": %d, \"seconds\": %.1f, "
-                "\"clients\": %d, \"keys\": %d, \"events_in_store\": %llu, "
-                "\"events_table_mb\": %.1f, \"ops_per_s\": %.0f, "
-                "\"p50_us\": %.0f, \"p99_us\": %.0f, \"cpu_host_pct\": %.0f, "
-                "\"cpu_pg_pct\": %.0f}%s\n",
-                r[i].phase, r[i].window, r[i].seconds, CLIENTS, KEYS,
-                (unsigned long long)r[i].events_in_store,
-                r[i].events_table_mb, r[i].ops_per_s, r[i].p50_us,
-                r[i].p99_us, r[i].cpu_host_pct, r[i].cpu_pg_pct,
-                i + 1 < n ? "," : "");
-    fprintf(f, "]\n");
-    fclose(f);
+    bench_json j;
+    if (bench_json_open(&j, path) != 0) die(path, "cannot write");
+    for (size_t i = 0; i < n; i++) {
+        bench_json_begin(&j, "store_growth", "postgres");
+        bench_json_field(&j, "phase", "\"%s\"", r[i].phase);
+        bench_json_field(&j, "window", "%d", r[i].window);
+        bench_json_field(&j, "seconds", "%.1f", r[i].seconds);
+        bench_json_field(&j, "clients", "%d", CLIENTS);
+        bench_json_field(&j, "keys", "%d", KEYS);
+        bench_json_field(&j, "events_in_store", "%llu",
+                         (unsigned long long)r[i].events_in_store);
+        bench_json_field(&j, "events_table_mb", "%.1f", r[i].events_table_mb);
+        bench_json_field(&j, "ops_per_s", "%.0f", r[i].ops_per_s);
+        bench_json_field(&j, "p50_us", "%.0f", r[i].p50_us);
+        bench_json_field(&j, "p99_us", "%.0f", r[i].p99_us);
+        bench_json_field(&j, "cpu_host_pct", "%.0f", r[i].cpu_host_pct);
+        bench_json_field(&j, "cpu_pg_pct", "%.0f", r[i].cpu_pg_pct);
+        bench_json_end(&j);
+    }
+    bench_json_close(&j);
 }
 
 int main(int argc, char **argv)

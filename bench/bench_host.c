@@ -26,8 +26,9 @@
 
 #include "eventastic.h"
 
-#include "common/account.h"
+#include "fixtures/deposit.h"
 #include "common/bench.h"
+#include "common/report.h"
 #include "common/load.h"
 
 static long peak_rss_kb(void)
@@ -59,7 +60,7 @@ static record host_point(unsigned workers, unsigned clients, uint64_t keys,
     es_host_config_set_workers(cfg, workers);
     es_host_config_set_resident_bound(cfg, 2000000);
     es_host_config_set_snapshots(cfg, 0, false);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
@@ -98,7 +99,7 @@ static record direct_point(uint64_t keys, double seconds)
     uint64_t *dirty = calloc(1024, sizeof *dirty);
     uint64_t seed = 0x9e3779b97f4a7c15u, done = 0;
     uint8_t amount[8];
-    put64(amount, 1);
+    fixture_put64(amount, 1);
     double t0 = bench_now_s(), dt = 0;
     for (;;) {
         size_t n_dirty = 0;
@@ -106,9 +107,9 @@ static record direct_point(uint64_t keys, double seconds)
             uint64_t k = bench_rnd(&seed) % keys;
             es_uuid key = bench_key_of(k);
             /* what the decide emits, applied through the context */
-            deposit d = {bench_make_id(), (int64_t)get64(amount)};
+            deposit d = {bench_make_id(), (int64_t)fixture_get64(amount)};
             if (ctx[k] == NULL) {
-                if (es_context_record_new(&account_type, &key, &d, &ctx[k],
+                if (es_context_record_new(&deposit_type, &key, &d, &ctx[k],
                                           NULL) != 0)
                     abort();
             } else if (es_context_record(ctx[k], &d, NULL) != 0) {
@@ -155,19 +156,19 @@ static record resident_point(uint64_t n)
     es_host_config_set_resident_bound(cfg, n * 2);
     es_host_config_set_idle_ms(cfg, 0);
     es_host_config_set_snapshots(cfg, 0, false);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
     atomic_uint_least64_t done = 0;
     uint8_t amount[8];
-    put64(amount, 1);
+    fixture_put64(amount, 1);
     malloc_trim(0);
     size_t before = mallinfo2().uordblks;
     for (uint64_t i = 0; i < n; i++) {
         es_uuid key = bench_key_of(i);
         es_command cmd = {bench_make_id(), 1, amount, 8};
-        while (es_host_send(host, &account_type, &key, &cmd, count_done,
+        while (es_host_send(host, &deposit_type, &key, &cmd, count_done,
                             &done, NULL) == ES_EBUSY) {
         }
     }
@@ -191,27 +192,26 @@ static record resident_point(uint64_t n)
 
 static void write_json(const char *path, const record *r, size_t n)
 {
-    FILE *f = fopen(path, "w");
-    if (f == NULL) {
+    bench_json j;
+    if (bench_json_open(&j, path) != 0) {
         perror(path);
         exit(1);
     }
-    fprintf(f, "[\n");
     for (size_t i = 0; i < n; i++) {
-        fprintf(f, "  {\"name\": \"%s\", \"store\": \"memory\", "
-                "\"workers\": %u, \"clients\": %u, \"keys\": %llu, "
-                "\"ops_per_s\": %.0f, \"p50_us\": %.1f, \"p99_us\": %.1f, "
-                "\"peak_rss_kb\": %ld",
-                r[i].name, r[i].workers, r[i].clients,
-                (unsigned long long)r[i].keys, r[i].ops_per_s, r[i].p50_us,
-                r[i].p99_us, r[i].peak_rss_kb);
+        bench_json_begin(&j, r[i].name, "memory");
+        bench_json_field(&j, "workers", "%u", r[i].workers);
+        bench_json_field(&j, "clients", "%u", r[i].clients);
+        bench_json_field(&j, "keys", "%llu", (unsigned long long)r[i].keys);
+        bench_json_field(&j, "ops_per_s", "%.0f", r[i].ops_per_s);
+        bench_json_field(&j, "p50_us", "%.1f", r[i].p50_us);
+        bench_json_field(&j, "p99_us", "%.1f", r[i].p99_us);
+        bench_json_field(&j, "peak_rss_kb", "%ld", r[i].peak_rss_kb);
         if (r[i].bytes_per_aggregate >= 0)
-            fprintf(f, ", \"bytes_per_aggregate\": %.0f",
-                    r[i].bytes_per_aggregate);
-        fprintf(f, "}%s\n", i + 1 < n ? "," : "");
+            bench_json_field(&j, "bytes_per_aggregate", "%.0f",
+                             r[i].bytes_per_aggregate);
+        bench_json_end(&j);
     }
-    fprintf(f, "]\n");
-    fclose(f);
+    bench_json_close(&j);
 }
 
 int main(int argc, char **argv)

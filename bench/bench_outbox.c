@@ -26,6 +26,7 @@
 #include "eventastic.h"
 
 #include "common/bench.h"
+#include "common/report.h"
 
 typedef struct job {
     int64_t count;
@@ -281,15 +282,14 @@ int main(int argc, char **argv)
         return 2;
     }
     bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
-    FILE *f = fopen(argv[1], "w");
-    if (f == NULL) {
+    bench_json j;
+    if (bench_json_open(&j, argv[1]) != 0) {
         perror(argv[1]);
         return 1;
     }
     if (getenv("DATABASE_URL") == NULL) {
         fprintf(stderr, "bench_outbox: skipped, DATABASE_URL is not set\n");
-        fprintf(f, "[]\n");
-        fclose(f);
+        bench_json_close(&j); /* no records */
         return 0;
     }
     noise_type = job_type;
@@ -302,14 +302,16 @@ int main(int argc, char **argv)
         measure(backlogs[i], rounds < 20 ? rounds : 20, &recs[2 * i],
                 &recs[2 * i + 1]);
     }
-    fprintf(f, "[\n");
-    for (size_t i = 0; i < 4; i++)
-        fprintf(f, "  {\"name\": \"%s\", \"store\": \"postgres\", "
-                "\"workers\": 8, \"clients\": 1, \"keys\": %zu, "
-                "\"ops_per_s\": %.0f, \"p50_us\": %.0f, \"p99_us\": %.0f}%s\n",
-                recs[i].name, recs[i].backlog, recs[i].ops_per_s,
-                recs[i].p50_us, recs[i].p99_us, i < 3 ? "," : "");
-    fprintf(f, "]\n");
-    fclose(f);
+    for (size_t i = 0; i < 4; i++) {
+        bench_json_begin(&j, recs[i].name, "postgres");
+        bench_json_field(&j, "workers", "%d", 8);
+        bench_json_field(&j, "clients", "%d", 1);
+        bench_json_field(&j, "keys", "%zu", recs[i].backlog);
+        bench_json_field(&j, "ops_per_s", "%.0f", recs[i].ops_per_s);
+        bench_json_field(&j, "p50_us", "%.0f", recs[i].p50_us);
+        bench_json_field(&j, "p99_us", "%.0f", recs[i].p99_us);
+        bench_json_end(&j);
+    }
+    bench_json_close(&j);
     return 0;
 }

@@ -42,8 +42,9 @@
 
 #include "eventastic.h"
 
-#include "common/account.h"
+#include "fixtures/deposit.h"
 #include "common/bench.h"
+#include "common/report.h"
 #include "common/load.h"
 #include "common/measure.h"
 
@@ -94,18 +95,18 @@ static es_host *open_warm_host(es_store *store, unsigned lanes,
     es_host_config_new(&cfg, NULL);
     es_host_config_set_workers(cfg, 2);
     if (lanes > 0) es_host_config_set_lanes(cfg, lanes);
-    es_host_config_add_type(cfg, &account_type, bench_deposit_decide, NULL,
+    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
                             NULL);
     if (es_host_open(cfg, store, &host, NULL) != 0) abort();
     es_host_config_free(cfg);
     atomic_uint_least64_t done = 0;
     uint8_t amount[8];
-    put64(amount, 1);
+    fixture_put64(amount, 1);
     double t0 = bench_now_s();
     for (uint64_t i = 0; i < keys; i++) {
         es_uuid key = bench_key_of(i);
         es_command cmd = {bench_make_id(), 1, amount, 8};
-        while (es_host_send(host, &account_type, &key, &cmd, count_done,
+        while (es_host_send(host, &deposit_type, &key, &cmd, count_done,
                             &done, NULL) == ES_EBUSY) {
         }
     }
@@ -187,9 +188,9 @@ static void *pc_main(void *arg)
             rc = es_store_begin(r->store, &txn, &err);
             if (rc != 0) break;
             deposit d = {bench_make_id(), 1};
-            rc = es_context_load(txn, &account_type, &key, &ctx, &err);
+            rc = es_context_load(txn, &deposit_type, &key, &ctx, &err);
             if (rc == ES_ENOTFOUND)
-                rc = es_context_record_new(&account_type, &key, &d, &ctx,
+                rc = es_context_record_new(&deposit_type, &key, &d, &ctx,
                                            &err);
             else if (rc == 0)
                 rc = es_context_record(ctx, &d, &err);
@@ -281,7 +282,7 @@ static void append(es_store *store, const es_uuid *key, es_context **ctx,
     for (size_t i = 0; rc == 0 && i < n; i++) {
         deposit d = {bench_make_id(), 1};
         rc = *ctx == NULL
-                 ? es_context_record_new(&account_type, key, &d, ctx, &err)
+                 ? es_context_record_new(&deposit_type, key, &d, ctx, &err)
                  : es_context_record(*ctx, &d, &err);
     }
     es_txn *txn = NULL;
@@ -326,10 +327,10 @@ static record load_point(es_store *store, const char *name,
         if (measuring && t - t0 >= seconds) break;
         es_context *ctx = NULL;
         es_error err = {0};
-        int rc = es_store_load(store, &account_type, key, &ctx, &err);
+        int rc = es_store_load(store, &deposit_type, key, &ctx, &err);
         if (rc != 0) die("rehydration: load", rc, &err);
         if (es_context_version(ctx) != LOAD_EVENTS - 1 ||
-            ((const account *)es_context_state(ctx))->balance !=
+            ((const deposit_account *)es_context_state(ctx))->balance !=
                 LOAD_EVENTS) {
             fprintf(stderr, "bench_pg: %s loaded a wrong state\n", name);
             exit(1);
@@ -371,7 +372,7 @@ static void rehydration(es_store *store, double warm, double seconds,
     es_snapshot *early = NULL;
     int rc = es_store_begin(store, &txn, &err);
     if (rc == 0)
-        rc = es_txn_get_snapshot(txn, &snap_key, account_type.snapshot_version,
+        rc = es_txn_get_snapshot(txn, &snap_key, deposit_type.snapshot_version,
                                  &early, &err);
     if (txn) es_txn_rollback(txn);
     if (rc != 0) die("rehydration: read snapshot", rc, &err);
@@ -388,32 +389,35 @@ static void rehydration(es_store *store, double warm, double seconds,
 
 static void write_json(const char *path, const record *r, size_t n)
 {
-    FILE *f = fopen(path, "w");
-    if (f == NULL) {
+    bench_json j;
+    if (bench_json_open(&j, path) != 0) {
         perror(path);
         exit(1);
     }
-    fprintf(f, "[\n");
     for (size_t i = 0; i < n; i++) {
-        fprintf(f, "  {\"name\": \"%s\", \"store\": \"postgres\", "
-                "\"workers\": %u, \"lanes\": %u, \"clients\": %u, "
-                "\"keys\": %llu, \"ops_per_s\": %.0f, \"p50_us\": %.0f, "
-                "\"p99_us\": %.0f, \"cpu_host_pct\": %.0f, "
-                "\"cpu_pg_pct\": %.0f, \"errors\": %llu",
-                r[i].name, r[i].workers, r[i].lanes, r[i].clients,
-                (unsigned long long)r[i].keys, r[i].ops_per_s, r[i].p50_us,
-                r[i].p99_us, r[i].cpu_host_pct, r[i].cpu_pg_pct,
-                (unsigned long long)r[i].errors);
-        if (r[i].events > 0)
-            fprintf(f, ", \"events\": %llu, \"replayed\": %llu, "
-                    "\"events_per_s\": %.0f",
-                    (unsigned long long)r[i].events,
-                    (unsigned long long)r[i].replayed,
-                    r[i].ops_per_s * (double)r[i].replayed);
-        fprintf(f, "}%s\n", i + 1 < n ? "," : "");
+        bench_json_begin(&j, r[i].name, "postgres");
+        bench_json_field(&j, "workers", "%u", r[i].workers);
+        bench_json_field(&j, "lanes", "%u", r[i].lanes);
+        bench_json_field(&j, "clients", "%u", r[i].clients);
+        bench_json_field(&j, "keys", "%llu", (unsigned long long)r[i].keys);
+        bench_json_field(&j, "ops_per_s", "%.0f", r[i].ops_per_s);
+        bench_json_field(&j, "p50_us", "%.0f", r[i].p50_us);
+        bench_json_field(&j, "p99_us", "%.0f", r[i].p99_us);
+        bench_json_field(&j, "cpu_host_pct", "%.0f", r[i].cpu_host_pct);
+        bench_json_field(&j, "cpu_pg_pct", "%.0f", r[i].cpu_pg_pct);
+        bench_json_field(&j, "errors", "%llu",
+                         (unsigned long long)r[i].errors);
+        if (r[i].events > 0) {
+            bench_json_field(&j, "events", "%llu",
+                             (unsigned long long)r[i].events);
+            bench_json_field(&j, "replayed", "%llu",
+                             (unsigned long long)r[i].replayed);
+            bench_json_field(&j, "events_per_s", "%.0f",
+                             r[i].ops_per_s * (double)r[i].replayed);
+        }
+        bench_json_end(&j);
     }
-    fprintf(f, "]\n");
-    fclose(f);
+    bench_json_close(&j);
 }
 
 int main(int argc, char **argv)

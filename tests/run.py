@@ -16,6 +16,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
+SYSTEM = os.path.join(HERE, "system")  # the python system tests
+sys.path.insert(1, SYSTEM)  # demo, bank_e2e: imported by the bank checks
 BUILD = os.path.join(TOP, "build")
 
 SAN_ENV = {
@@ -153,7 +155,7 @@ def cmocka_report(out):
 
 
 def run_binary(path, variant, env_extra=None, cmocka=True):
-    """One program; it must exit 0.  cmocka=True (a tests/test_*.c): it
+    """One program; it must exit 0.  cmocka=True (a tests/*/test_*.c): it
     must also report at least one test in every group it runs, and each
     skipped test is listed and counted (cmocka exits 0 on a skip)."""
     name = "%s/%s" % (variant, os.path.basename(path))
@@ -214,16 +216,16 @@ def run_binary(path, variant, env_extra=None, cmocka=True):
 
 def expected_programs(variant):
     """The programs configure.py builds from the sources, as (path, is a
-    cmocka test, needs PostgreSQL): tests/test_*.c, tests/cxx/*.cpp (as
-    test_cxx_*) and examples/*.c.  Taken from the sources, not from
-    build/: a program that was not built fails the run, it does not drop
-    out of it."""
+    cmocka test, needs PostgreSQL): tests/unit/test_*.c, tests/pg/test_*.c
+    (all need it), tests/cxx/*.cpp (as test_cxx_*) and examples/*.c.
+    Taken from the sources, not from build/: a program that was not built
+    fails the run, it does not drop out of it."""
     b = os.path.join(BUILD, variant)
     out = []
-    for src in sorted(glob.glob(os.path.join(HERE, "test_*.c"))):
-        name = os.path.basename(src)[:-2]
-        out.append((os.path.join(b, "tests", name), True,
-                    name.startswith("test_pg_")))
+    for group, pg in (("unit", False), ("pg", True)):
+        for src in sorted(glob.glob(os.path.join(HERE, group, "test_*.c"))):
+            name = os.path.basename(src)[:-2]
+            out.append((os.path.join(b, "tests", name), True, pg))
     for src in sorted(glob.glob(os.path.join(HERE, "cxx", "*.cpp"))):
         name = "test_cxx_" + os.path.basename(src)[:-4]
         out.append((os.path.join(b, "tests", name), False, False))
@@ -513,7 +515,7 @@ def bank_check(db_url):
 
 
 def bank_e2e(db_url):
-    """The bank's HTTP API end to end (tests/bank_e2e.py)."""
+    """The bank's HTTP API end to end (tests/system/bank_e2e.py)."""
     import bank_e2e as e2e
     t0 = time.time()
     ck = e2e.run(db_url)
@@ -530,10 +532,10 @@ def bank_e2e(db_url):
 
 
 def script(name, *args):
-    """A test script of tests/ (faults.py, badinput.py, ...): its output is
-    shown when it fails, its last report line when it passes."""
+    """A test script of tests/system/ (faults.py, badinput.py, ...): its
+    output is shown when it fails, its last report line when it passes."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.join(HERE, name)] +
+    proc = subprocess.run([sys.executable, os.path.join(SYSTEM, name)] +
                           list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     label = " ".join((name,) + args)
@@ -577,12 +579,14 @@ def main():
     ap.add_argument("--bank", action="store_true")
     ap.add_argument("--demo", action="store_true")
     ap.add_argument("--faults", action="store_true",
-                    help="the short fault test (tests/faults.py --short)")
+                    help="the short fault test (tests/system/faults.py "
+                    "--short)")
     ap.add_argument("--badinput", action="store_true",
-                    help="the bad-input catalogue (tests/badinput.py)")
+                    help="the bad-input catalogue "
+                    "(tests/system/badinput.py)")
     ap.add_argument("--security", action="store_true",
                     help="log_statement, least privilege, secrets "
-                    "(tests/security.py)")
+                    "(tests/system/security.py)")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="with --bench: short runs, smaller sets")

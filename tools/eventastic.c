@@ -10,6 +10,8 @@
  *   eventastic [--db CONNINFO] [--schema NAME] commands purge
  *              --older-than AGE
  *
+ * --db, --schema and --help may also follow the command
+ * ("eventastic migrate --db URL").
  * docs/eventastic.1 is the manual page.
  * The connection string comes from --db or DATABASE_URL; it is never
  * printed (the library's messages hold no password either).  Exit status:
@@ -27,6 +29,11 @@
 
 static const char usage[] =
     "usage: eventastic [--db CONNINFO] [--schema NAME] COMMAND\n"
+    "\n"
+    "options (before or after the command):\n"
+    "  --db CONNINFO        the database (default: DATABASE_URL)\n"
+    "  --schema NAME        the schema of the tables\n"
+    "  --help               print this and exit\n"
     "\n"
     "commands:\n"
     "  migrate              create or upgrade the tables (safe to run "
@@ -399,23 +406,71 @@ static int cmd_outbox(es_store *store, const outbox_args *a)
     return 2;
 }
 
-int main(int argc, char **argv)
+/* The options of the commands themselves; any other word starting with
+ * "--" after the command is an unknown option. */
+static bool command_option(const char *arg)
 {
-    const char *db = NULL, *schema = NULL;
-    int i = 1;
-    for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
-        if (strcmp(argv[i], "--help") == 0) {
-            fputs(usage, stdout);
-            return 0;
-        } else if (strcmp(argv[i], "--db") == 0 && i + 1 < argc) {
-            db = argv[++i];
-        } else if (strcmp(argv[i], "--schema") == 0 && i + 1 < argc) {
-            schema = argv[++i];
+    static const char *const names[] = {"--limit", "--type", "--kind",
+                                        "--older-than"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(arg, names[i]) == 0) return true;
+    return false;
+}
+
+typedef struct global_args {
+    const char *db, *schema;
+    bool help;
+} global_args;
+
+/* Take --db, --schema and --help out of argv[1..argc), wherever they
+ * stand, keeping the rest (the command and its arguments) in order in
+ * argv[1..): returns their count + 1, the new argc.  -1: wrong usage,
+ * said on stderr.  Before the command only these options are known;
+ * after it, also the command's own (command_option), whose values are
+ * kept with them. */
+static int take_global_options(int argc, char **argv, global_args *g)
+{
+    int kept = 1;
+    bool before_command = true;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0) { /* the rest is not looked at */
+            g->help = true;
+            return kept;
+        } else if (strcmp(a, "--db") == 0 || strcmp(a, "--schema") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "eventastic: %s needs a value\n", a);
+                return -1;
+            }
+            *(a[2] == 'd' ? &g->db : &g->schema) = argv[++i];
+        } else if (strncmp(a, "--", 2) == 0 &&
+                   (before_command || !command_option(a))) {
+            fprintf(stderr, "eventastic: unknown option '%s'\n", a);
+            return -1;
         } else {
-            fputs(usage, stderr);
-            return 2;
+            before_command = false;
+            argv[kept++] = argv[i];
+            /* A command option's value is kept as it is. */
+            if (command_option(a) && i + 1 < argc) argv[kept++] = argv[++i];
         }
     }
+    return kept;
+}
+
+int main(int argc, char **argv)
+{
+    global_args g = {0};
+    argc = take_global_options(argc, argv, &g);
+    if (argc < 0) {
+        fputs(usage, stderr);
+        return 2;
+    }
+    if (g.help) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    const char *db = g.db, *schema = g.schema;
+    int i = 1;
     if (i >= argc) {
         fputs(usage, stderr);
         return 2;

@@ -5,7 +5,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "account.h"
+#include "fixtures/deposit.h"
 
 uint64_t bench_id_prefix = 0x42;
 
@@ -15,8 +15,8 @@ es_uuid bench_make_id(void)
 {
     uint64_t n = atomic_fetch_add_explicit(&next_id, 1, memory_order_relaxed);
     es_uuid id;
-    put64(id.bytes, bench_id_prefix);
-    put64(id.bytes + 8, n);
+    fixture_put64(id.bytes, bench_id_prefix);
+    fixture_put64(id.bytes + 8, n);
     return id;
 }
 
@@ -25,7 +25,7 @@ int bench_deposit_decide(void *user, const void *state, const es_command *cmd,
 {
     (void)user;
     (void)state;
-    deposit d = {bench_make_id(), (int64_t)get64(cmd->payload)};
+    deposit d = {bench_make_id(), (int64_t)fixture_get64(cmd->payload)};
     return es_emit(em, &d);
 }
 
@@ -33,7 +33,7 @@ es_uuid bench_key_of(uint64_t i)
 {
     es_uuid id;
     memset(&id, 0, sizeof id);
-    put64(id.bytes, i + 1);
+    fixture_put64(id.bytes, i + 1);
     id.bytes[15] = 0x7e;
     return id;
 }

@@ -1,6 +1,7 @@
 /*
- * What every bench binary needs besides the account aggregate: ids,
- * keys, the deposit command handler, a clock and a random generator.
+ * What every bench binary needs besides its aggregate (the deposit
+ * account of tests/fixtures/deposit.h): ids, keys, the deposit command
+ * handler, a clock and a random generator.
  */
 #ifndef BENCH_BENCH_H
 #define BENCH_BENCH_H
@@ -18,7 +19,7 @@ extern uint64_t bench_id_prefix;
  * UUIDv7, and enough for a benchmark).  Any thread. */
 es_uuid bench_make_id(void);
 
-/* The host's decide for account_type: the command's payload is an
+/* The host's decide for deposit_type: the command's payload is an
  * 8-byte amount, deposited. */
 int bench_deposit_decide(void *user, const void *state, const es_command *cmd,
                          es_emitter *em);

@@ -4,8 +4,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "account.h"
 #include "bench.h"
+#include "fixtures/deposit.h"
 #include "load.h"
 #include "measure.h"
 
@@ -49,7 +49,7 @@ static void send_next(bench_client *c)
     es_command cmd = {bench_make_id(), 1, c->amount, 8};
     if (l->timed) c->t0 = bench_now_s();
     int rc;
-    while ((rc = es_host_send(l->host, &account_type, &key, &cmd,
+    while ((rc = es_host_send(l->host, &deposit_type, &key, &cmd,
                               client_done, c, NULL)) == ES_EBUSY) {
     }
     if (rc != 0) {
@@ -74,7 +74,7 @@ void bench_load_start(bench_load *l, es_host *host, uint64_t keys,
     for (unsigned i = 0; i < n; i++) {
         l->clients[i].l = l;
         l->clients[i].seed = 0x9e3779b97f4a7c15u * (i + 1);
-        put64(l->clients[i].amount, 1);
+        fixture_put64(l->clients[i].amount, 1);
         send_next(&l->clients[i]);
     }
 }
