@@ -53,6 +53,13 @@ static const char usage[] =
     "  outbox purge --older-than AGE\n"
     "                       delete done messages finished more than AGE ago\n"
     "                       (AGE: a number with ms, s, m, h or d; e.g. 7d)\n"
+    "  projections          list the projections' checkpoints: position,\n"
+    "                       when saved, and how far behind the store's\n"
+    "                       newest event each is\n"
+    "  projections reset NAME\n"
+    "                       delete one checkpoint: that projection starts\n"
+    "                       from the first event when it starts again\n"
+    "                       (stop it first; empty its read model)\n"
     "  commands purge --older-than AGE\n"
     "                       delete the host's command-id records written\n"
     "                       more than AGE ago: a command sent again after\n"
@@ -331,6 +338,53 @@ static void print_quoted(const char *text)
     putchar('"');
 }
 
+/* Events after a checkpoint are counted up to this many. */
+#define LAG_CAP 1000000
+
+static int cmd_projections(es_store *store, const char *reset)
+{
+    es_error err = {0};
+    if (reset != NULL) {
+        int rc = es_checkpoint_reset(store, reset, &err);
+        if (rc != 0) {
+            fail("projections reset", rc, &err);
+            return rc == ES_EINVAL ? 2 : 1;
+        }
+        printf("reset %s: it starts from the first event next time\n",
+               reset);
+        return 0;
+    }
+    es_checkpoint *cps = NULL;
+    size_t n = 0;
+    int rc = es_checkpoint_list(store, &cps, &n, &err);
+    if (rc != 0) return fail("projections", rc, &err);
+    int64_t now = es_clock_now_ms();
+    if (n > 0)
+        printf("%-24s %-24s %-24s %10s %10s\n", "NAME", "POSITION",
+               "SAVED", "LAG", "LAG_S");
+    for (size_t i = 0; i < n; i++) {
+        uint64_t behind = 0;
+        int64_t oldest = 0;
+        rc = es_store_lag(store, &cps[i].position, LAG_CAP, &behind,
+                          &oldest, &err);
+        if (rc != 0) {
+            es_free(cps);
+            return fail("projections: lag", rc, &err);
+        }
+        char pos[48], saved[40];
+        snprintf(pos, sizeof pos, "%" PRIu64 "/%" PRIu64,
+                 cps[i].position.commit, cps[i].position.seq);
+        printf("%-24s %-24s %-24s %9" PRIu64 "%s %10.1f\n", cps[i].name,
+               pos, iso_time(cps[i].updated_ms, saved, sizeof saved), behind,
+               behind >= LAG_CAP ? "+" : " ",
+               oldest > 0 && now > oldest ? (double)(now - oldest) / 1000.0
+                                          : 0.0);
+    }
+    if (n == 0) printf("no projection has a checkpoint\n");
+    es_free(cps);
+    return 0;
+}
+
 static int cmd_outbox(es_store *store, const outbox_args *a)
 {
     es_error err = {0};
@@ -479,6 +533,8 @@ int main(int argc, char **argv)
     bool is_stream = strcmp(cmd, "stream") == 0;
     bool is_outbox = strcmp(cmd, "outbox") == 0;
     bool is_commands = strcmp(cmd, "commands") == 0;
+    bool is_projections = strcmp(cmd, "projections") == 0;
+    const char *reset = NULL;
     outbox_args ob;
     int64_t commands_age = -1;
     if (is_outbox) {
@@ -490,6 +546,15 @@ int main(int argc, char **argv)
         if (argc - i != 3 || strcmp(argv[i], "purge") != 0 ||
             strcmp(argv[i + 1], "--older-than") != 0 ||
             !parse_age(argv[i + 2], &commands_age)) {
+            fputs(usage, stderr);
+            return 2;
+        }
+    } else if (is_projections) {
+        bool list = argc - i == 0 ||
+                    (argc - i == 1 && strcmp(argv[i], "list") == 0);
+        if (argc - i == 2 && strcmp(argv[i], "reset") == 0)
+            reset = argv[i + 1];
+        else if (!list) {
             fputs(usage, stderr);
             return 2;
         }
@@ -537,6 +602,8 @@ int main(int argc, char **argv)
             status = cmd_outbox(store, &ob);
         else if (is_commands)
             status = cmd_commands_purge(store, commands_age);
+        else if (is_projections)
+            status = cmd_projections(store, reset);
         else
             status = cmd_status(store);
         es_store_close(store);

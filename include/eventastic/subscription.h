@@ -108,6 +108,18 @@ ES_EXPORT ES_ANY_THREAD int es_store_read_all(es_store *store,
 ES_EXPORT ES_ANY_THREAD int es_store_head(es_store *store, es_position *out,
                                           es_error *err);
 
+/**
+ * How far a reader at *after is behind: *events counts the readable
+ * events after it, up to cap (exact below cap); *oldest_ms (optional) is
+ * when the first of them was stored (0 when there is none).  Reads only
+ * positions and times, at most cap index entries.  Errors: ES_EINVAL,
+ * ES_EDB, ES_ECLOSED.  Thread: any.
+ */
+ES_EXPORT ES_ANY_THREAD int es_store_lag(es_store *store,
+                                         const es_position *after,
+                                         uint64_t cap, uint64_t *events,
+                                         int64_t *oldest_ms, es_error *err);
+
 /* ---- projections ---- */
 
 /** A projection: a handler kept up to date with the global order. */

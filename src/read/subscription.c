@@ -94,6 +94,23 @@ int es_store_head(es_store *store, es_position *out, es_error *err)
     return ops->head(store, out, err);
 }
 
+int es_store_lag(es_store *store, const es_position *after, uint64_t cap,
+                 uint64_t *events, int64_t *oldest_ms, es_error *err)
+{
+    static const es_position zero = {0, 0};
+    int64_t oldest = 0;
+    if (events == NULL)
+        return es__error_set(err, ES_EINVAL, "events is NULL");
+    *events = 0;
+    if (oldest_ms) *oldest_ms = 0;
+    const es__read_ops *ops = read_ops(store, err);
+    if (ops == NULL) return err ? err->code : ES_EINVAL;
+    int rc = ops->lag(store, after ? after : &zero, cap, events, &oldest,
+                      err);
+    if (rc == 0 && oldest_ms) *oldest_ms = oldest;
+    return rc;
+}
+
 int es_checkpoint_list(es_store *store, es_checkpoint **out, size_t *n,
                        es_error *err)
 {

@@ -25,6 +25,7 @@ static char g_tool[PATH_MAX + 32];
 static char g_schema[40];
 static char g_ob_schema[40];
 static char g_after_schema[40];
+static char g_proj_schema[40];
 
 /* Run the tool with args (a shell word list); its output (stdout and
  * stderr) into out.  Returns its exit status. */
@@ -286,6 +287,80 @@ static void test_pg_tool_outbox(void **state)
     assert_int_equal(es_store_close(store), 0);
 }
 
+static int ignore_event(void *ud, es_txn *txn, const es_recorded_event *ev,
+                        es_error *err)
+{
+    (void)txn;
+    (void)ev;
+    (void)err;
+    (*(int *)ud)++;
+    return 0;
+}
+
+/* A checkpoint at the head, two events after it: the list shows it two
+ * behind; reset deletes it (then ES_ENOTFOUND); a bad name is a usage
+ * error. */
+static void test_pg_tool_projections(void **state)
+{
+    (void)state;
+    char out[8192], args[256];
+    snprintf(args, sizeof args, "--schema %s migrate", g_proj_schema);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    snprintf(args, sizeof args, "projections --schema %s", g_proj_schema);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_non_null(strstr(out, "no projection has a checkpoint"));
+
+    es_pg_config *cfg = NULL;
+    es_error err = {0};
+    es_store *store = NULL;
+    assert_int_equal(es_pg_config_new(&cfg, &err), 0);
+    assert_int_equal(es_pg_config_set_schema(cfg, g_proj_schema, &err), 0);
+    assert_int_equal(es_pg_store_open(cfg, &store, &err), 0);
+    es_pg_config_free(cfg);
+    account_builder b;
+    account_builder_init(&b);
+    assert_int_equal(account_builder_save(&b, store, NULL, &err), 0);
+    es_projection_config *pc = NULL;
+    es_projection *p = NULL;
+    int seen = 0;
+    assert_int_equal(es_projection_config_new(&pc, &err), 0);
+    assert_int_equal(es_projection_config_set_name(pc, "tool.views", &err),
+                     0);
+    assert_int_equal(es_projection_config_set_handler(pc, ignore_event, NULL,
+                                                      &seen, &err), 0);
+    assert_int_equal(es_projection_start(store, pc, &p, &err), 0);
+    es_projection_config_free(pc);
+    es_position head;
+    assert_int_equal(es_store_head(store, &head, &err), 0);
+    assert_int_equal(es_projection_wait(p, &head, 10000), 0);
+    es_projection_stop(p);
+    assert_int_equal(seen, 1);
+    account_builder_init(&b);
+    account_builder_with_add(&b, 5);
+    assert_int_equal(account_builder_save(&b, store, NULL, &err), 0);
+    assert_int_equal(es_store_close(store), 0);
+
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    const char *line = strstr(out, "tool.views");
+    assert_non_null(line);
+    char name[64], pos[64], saved[64];
+    unsigned long long lag = 99;
+    assert_int_equal(sscanf(line, "%63s %63s %63s %llu", name, pos, saved,
+                            &lag), 4);
+    assert_int_equal(lag, 2); /* two events behind */
+    snprintf(args, sizeof args, "--schema %s projections reset tool.views",
+             g_proj_schema);
+    assert_int_equal(tool(args, out, sizeof out), 0);
+    assert_int_equal(tool(args, out, sizeof out), 1);
+    assert_non_null(strstr(out, "ES_ENOTFOUND"));
+    snprintf(args, sizeof args, "--schema %s projections reset 'a b'",
+             g_proj_schema);
+    assert_int_equal(tool(args, out, sizeof out), 2);
+    snprintf(args, sizeof args, "--schema %s projections frob",
+             g_proj_schema);
+    assert_int_equal(tool(args, out, sizeof out), 2);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -306,6 +381,8 @@ static int group_setup(void **state)
     fixture_pg_random_name(g_ob_schema, sizeof g_ob_schema, "es_tool_ob_");
     fixture_pg_random_name(g_after_schema, sizeof g_after_schema,
                            "es_tool_after_");
+    fixture_pg_random_name(g_proj_schema, sizeof g_proj_schema,
+                           "es_tool_proj_");
     return 0;
 }
 
@@ -315,6 +392,7 @@ static int group_teardown(void **state)
     fixture_pg_drop_schema(g_schema);
     fixture_pg_drop_schema(g_ob_schema);
     fixture_pg_drop_schema(g_after_schema);
+    fixture_pg_drop_schema(g_proj_schema);
     return 0;
 }
 
@@ -325,6 +403,7 @@ int main(void)
         cmocka_unit_test(test_pg_tool_usage_and_secrets),
         cmocka_unit_test(test_pg_tool_outbox),
         cmocka_unit_test(test_pg_tool_options_after_command),
+        cmocka_unit_test(test_pg_tool_projections),
     };
     return FIXTURE_PG_RUN_GROUP("test_pg_tool", tests, group_setup,
                                 group_teardown);
