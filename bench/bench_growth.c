@@ -41,6 +41,7 @@
 #include "common/report.h"
 #include "common/load.h"
 #include "common/measure.h"
+#include "common/pg.h"
 
 #define CLIENTS 64
 #define KEYS 10000
@@ -54,86 +55,15 @@ typedef struct record {
     double events_table_mb;
 } record;
 
-static void die(const char *what, const char *why)
-{
-    fprintf(stderr, "bench_growth: %s: %s\n", what, why);
-    exit(1);
-}
-
-static void quiet(void *arg, const char *message)
-{
-    (void)arg;
-    (void)message;
-}
-
-static PGresult *sql(PGconn *c, const char *text)
-{
-    PGresult *r = PQexec(c, text);
-    ExecStatusType st = PQresultStatus(r);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
-        die(text, PQerrorMessage(c));
-    return r;
-}
-
 static double table_mb(PGconn *c, const char *schema)
 {
     char q[256];
     snprintf(q, sizeof q, "SELECT pg_total_relation_size('\"%s\".events')",
              schema);
-    PGresult *r = sql(c, q);
+    PGresult *r = bench_pg_sql(c, q);
     double mb = strtod(PQgetvalue(r, 0, 0), NULL) / 1048576.0;
     PQclear(r);
     return mb;
-}
-
-static es_store *open_store(const char *schema)
-{
-    es_pg_config *cfg = NULL;
-    es_store *store = NULL;
-    es_error err = {0};
-    int rc = es_pg_config_new(&cfg, &err);
-    if (rc == 0) rc = es_pg_config_set_schema(cfg, schema, &err);
-    if (rc == 0) rc = es_pg_config_set_pool_size(cfg, 8, &err);
-    if (rc == 0) rc = es_pg_migrate(cfg, NULL, &err);
-    if (rc == 0) rc = es_pg_store_open(cfg, &store, &err);
-    es_pg_config_free(cfg);
-    if (rc != 0) die(es_status_name(rc), err.message);
-    return store;
-}
-
-/* events of other aggregates (ten each), in id order so the indexes grow
- * at their end; then VACUUM ANALYZE, as a settled store has had.  Their
- * ids end in 01, the benchmark's accounts' in 7e (bench_key_of): no
- * account of the load is one of them. */
-static void prefill(PGconn *c, const char *schema, uint64_t events)
-{
-    double t0 = bench_now_s();
-    char q[1024];
-    snprintf(q, sizeof q,
-             "INSERT INTO \"%s\".events (aggregate_type, aggregate_id, "
-             "version, event_id, kind, payload) SELECT 'account', ('ff' || "
-             "lpad(to_hex(i / 10), 28, '0') || '01')::uuid, i %% 10, ('fe' || "
-             "lpad(to_hex(i), 30, '0'))::uuid, 2, '\\x0000000000000001' "
-             "FROM generate_series(0, %llu) AS i",
-             schema, (unsigned long long)events - 1);
-    PQclear(sql(c, q));
-    snprintf(q, sizeof q, "VACUUM ANALYZE \"%s\".events", schema);
-    PQclear(sql(c, q));
-    fprintf(stderr, "  prefilled %llu events in %.0f s\n",
-            (unsigned long long)events, bench_now_s() - t0);
-}
-
-static es_host *host_open(es_store *store)
-{
-    es_host_config *cfg = NULL;
-    es_host *host = NULL;
-    es_host_config_new(&cfg, NULL);
-    es_host_config_set_workers(cfg, 2);
-    es_host_config_add_type(cfg, &deposit_type, bench_deposit_decide, NULL,
-                            NULL);
-    if (es_host_open(cfg, store, &host, NULL) != 0) die("host", "open");
-    es_host_config_free(cfg);
-    return host;
 }
 
 static size_t phase(const char *name, uint64_t prefilled, int windows,
@@ -141,12 +71,10 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
 {
     char schema[64];
     snprintf(schema, sizeof schema, "growth_%s_%d", name, (int)getpid());
-    es_store *store = open_store(schema);
-    PGconn *c = PQconnectdb(getenv("DATABASE_URL"));
-    if (PQstatus(c) != CONNECTION_OK) die("connect", PQerrorMessage(c));
-    PQsetNoticeProcessor(c, quiet, NULL); /* DROP ... CASCADE */
-    if (prefilled > 0) prefill(c, schema, prefilled);
-    es_host *host = host_open(store);
+    es_store *store = bench_pg_open_store(schema);
+    PGconn *c = bench_pg_connect();
+    if (prefilled > 0) bench_pg_prefill(c, schema, prefilled);
+    es_host *host = bench_pg_host(store);
 
     bench_load r;
     bench_lat_reset();
@@ -185,9 +113,7 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
     bench_load_report(&r, name);
     es_host_shutdown(host, NULL);
     es_store_close(store);
-    char q[128];
-    snprintf(q, sizeof q, "DROP SCHEMA \"%s\" CASCADE", schema);
-    PQclear(sql(c, q));
+    bench_pg_drop(c, schema);
     PQfinish(c);
     return n;
 }
@@ -195,7 +121,7 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
 static void write_json(const char *path, const record *r, size_t n)
 {
     bench_json j;
-    if (bench_json_open(&j, path) != 0) die(path, "cannot write");
+    if (bench_json_open(&j, path) != 0) bench_die(path, "cannot write");
     for (size_t i = 0; i < n; i++) {
         bench_json_begin(&j, "store_growth", "postgres");
         bench_json_field(&j, "phase", "\"%s\"", r[i].phase);
@@ -218,22 +144,10 @@ static void write_json(const char *path, const record *r, size_t n)
 
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s OUT.json [--quick]\n", argv[0]);
-        return 2;
-    }
-    bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
-    if (getenv("DATABASE_URL") == NULL) {
-        fprintf(stderr, "bench_growth: DATABASE_URL is not set "
-                        "(tests/run.py --bench sets it)\n");
-        return 1;
-    }
+    bool quick = false;
+    int st = bench_pg_begin(argc, argv, &quick);
+    if (st != 0) return st;
     bench_lat_init();
-    struct timespec rt;
-    clock_gettime(CLOCK_REALTIME, &rt);
-    bench_id_prefix = ((uint64_t)rt.tv_sec << 30 ^ (uint64_t)rt.tv_nsec) * 31 +
-                      (uint64_t)getpid();
-    bench_find_postmaster();
     int windows = quick ? 3 : 6;
     double window_s = quick ? 2.0 : 10.0;
     uint64_t big = quick ? 100000 : 10000000;

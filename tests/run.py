@@ -403,7 +403,7 @@ def run_benchmarks(quick, only=None):
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
             "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
             "cpu_pg_pct", "events_per_s", "cpu_load_pct", "phase", "window",
-            "events_in_store"]
+            "events_in_store", "lag_p99_ms"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
@@ -592,7 +592,7 @@ def main():
                     help="with --bench: short runs, smaller sets")
     ap.add_argument("--bench-only", default="",
                     help="with --bench: only these benchmarks "
-                    "(comma-separated: bench_host, bench_pg, bench_growth, "
+                    "(comma-separated: bench_host, bench_pg, bench_growth, bench_read, "
                     "bank_http)")
     a = ap.parse_args()
 
