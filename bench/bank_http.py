@@ -2,12 +2,14 @@
 """bank_http: deposits through bank-server over HTTP on PostgreSQL.
 
 bank-server (2 workers) on the given database, bank-load with 64
-keep-alive connections sending only deposits (unique command ids, no
-re-sends) for 30 s (5 s with --quick), over 1,000 accounts.  One record:
-name bank_http, store postgres, clients = connections, ops_per_s, p50_us,
-p99_us (bank-load's, client side), peak_rss_kb (bank-server's VmHWM), and
-the CPU share of bank-server, of bank-load and of the cluster's
-PostgreSQL processes during the load phase (100 = one core).
+keep-alive connections over 1,000 accounts for 30 s (5 s with --quick),
+twice on the same server: first only deposits (unique command ids, no
+re-sends), then only reads (GET /accounts/{id}, host queries).  Two
+records, bank_http and bank_query: store postgres, clients = connections,
+ops_per_s, p50_us, p99_us (bank-load's, client side), peak_rss_kb
+(bank-server's VmHWM), and the CPU share of bank-server, of bank-load and
+of the cluster's PostgreSQL processes during the load phase (100 = one
+core).
 tests/run.py --bench runs it; standalone:
   bench/bank_http.py OUT.json DATABASE_URL [--quick] [--pg-dir DIR]
 """
@@ -89,6 +91,55 @@ def peak_rss_kb(pid):
     return 0
 
 
+def one_load(name, mix, port, seconds, server, pm, json_out):
+    """One bank-load run against the server: its record, or None."""
+    load = subprocess.Popen(
+        [os.path.join(BIN, "bank-load"), "--url",
+         "http://127.0.0.1:%d" % port, "--clients", str(CLIENTS),
+         "--accounts", str(ACCOUNTS), "--duration", str(seconds),
+         "--mix", mix, "--retry-ratio", "0", "--seed", "1",
+         "--json", json_out], stdout=subprocess.PIPE, text=True)
+    t0 = s0 = l0 = p0 = None
+    pids = {}
+    end_line = None
+    for line in load.stdout:
+        sys.stdout.write("  " + line)
+        # the load phase starts after the accounts are opened
+        if t0 is None and "accounts opened" in line:
+            t0 = time.time()
+            s0, l0 = cpu_ticks(server.pid), cpu_ticks(load.pid)
+            p0 = pg_ticks(pm, pids) if pm else None
+        # the summary follows the load phase
+        if t0 is not None and end_line is None and \
+                line.startswith("requests "):
+            end_line = time.time()
+            s1, l1 = cpu_ticks(server.pid), cpu_ticks(load.pid)
+            p1 = pg_ticks(pm, pids) if pm else None
+    rc = load.wait()
+    rss = peak_rss_kb(server.pid)
+    if rc != 0 or t0 is None or end_line is None:
+        print("%s: bank-load failed (exit %d)" % (name, rc))
+        return None
+    with open(json_out) as f:
+        res = json.load(f)
+    os.unlink(json_out)
+    wall = (end_line - t0) * TICK / 100.0
+    rec = {
+        "name": name, "store": "postgres", "workers": 2,
+        "clients": CLIENTS, "keys": ACCOUNTS,
+        "ops_per_s": round(res["throughput"]),
+        "p50_us": round(res["p50_ms"] * 1000),
+        "p99_us": round(res["p99_ms"] * 1000),
+        "peak_rss_kb": rss,
+        "cpu_host_pct": round((s1 - s0) / wall),
+        "cpu_load_pct": round((l1 - l0) / wall),
+        "errors": res["requests"] - res["ok"],
+    }
+    if pm:
+        rec["cpu_pg_pct"] = round((p1 - p0) / wall)
+    return rec
+
+
 def run(out_path, db_url, quick=False, pg_dir=None):
     """Returns 0 and writes [record] to out_path, or 1."""
     seconds = 5 if quick else 30
@@ -106,53 +157,16 @@ def run(out_path, db_url, quick=False, pg_dir=None):
             print("bank_http: bank-server did not start (build/bench/"
                   "bank_http.log)")
             return 1
-        json_out = out_path + ".load"
-        load = subprocess.Popen(
-            [os.path.join(BIN, "bank-load"), "--url",
-             "http://127.0.0.1:%d" % port, "--clients", str(CLIENTS),
-             "--accounts", str(ACCOUNTS), "--duration", str(seconds),
-             "--mix", "deposit=100", "--retry-ratio", "0", "--seed", "1",
-             "--json", json_out], stdout=subprocess.PIPE, text=True)
-        t0 = s0 = l0 = p0 = None
-        pids = {}
-        end_line = None
-        for line in load.stdout:
-            sys.stdout.write("  " + line)
-            # the load phase starts after the accounts are opened
-            if t0 is None and "accounts opened" in line:
-                t0 = time.time()
-                s0, l0 = cpu_ticks(server.pid), cpu_ticks(load.pid)
-                p0 = pg_ticks(pm, pids) if pm else None
-            # the summary follows the load phase
-            if t0 is not None and end_line is None and \
-                    line.startswith("requests "):
-                end_line = time.time()
-                s1, l1 = cpu_ticks(server.pid), cpu_ticks(load.pid)
-                p1 = pg_ticks(pm, pids) if pm else None
-        rc = load.wait()
-        rss = peak_rss_kb(server.pid)
-        if rc != 0 or t0 is None or end_line is None:
-            print("bank_http: bank-load failed (exit %d)" % rc)
-            return 1
-        with open(json_out) as f:
-            res = json.load(f)
-        os.unlink(json_out)
-        wall = (end_line - t0) * TICK / 100.0
-        rec = {
-            "name": "bank_http", "store": "postgres", "workers": 2,
-            "clients": CLIENTS, "keys": ACCOUNTS,
-            "ops_per_s": round(res["throughput"]),
-            "p50_us": round(res["p50_ms"] * 1000),
-            "p99_us": round(res["p99_ms"] * 1000),
-            "peak_rss_kb": rss,
-            "cpu_host_pct": round((s1 - s0) / wall),
-            "cpu_load_pct": round((l1 - l0) / wall),
-            "errors": res["requests"] - res["ok"],
-        }
-        if pm:
-            rec["cpu_pg_pct"] = round((p1 - p0) / wall)
+        recs = []
+        for name, mix in (("bank_http", "deposit=100"),
+                          ("bank_query", "read=100")):
+            rec = one_load(name, mix, port, seconds, server, pm,
+                           out_path + ".load")
+            if rec is None:
+                return 1
+            recs.append(rec)
         with open(out_path, "w") as f:
-            json.dump([rec], f, indent=2)
+            json.dump(recs, f, indent=2)
             f.write("\n")
         return 0
     finally:

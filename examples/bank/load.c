@@ -4,7 +4,8 @@
  * Opens accounts, then runs --clients keep-alive connections on libevent's
  * HTTP client, all on one event_base: each connection has one request in
  * flight and sends the next as soon as the answer arrives, for --duration
- * seconds, with deposits, withdrawals and transfers in the --mix shares,
+ * seconds, with deposits, withdrawals, transfers and reads (GET of an
+ * account) in the --mix shares,
  * re-sending a --retry-ratio share of them with the same ids (one transfer
  * in 50 goes to an unknown account, to be refunded).  A progress
  * line each second; at the end a summary table and a JSON summary.  Then
@@ -46,13 +47,13 @@ typedef struct options {
     int clients;
     double seconds;
     int accounts;
-    int mix_deposit, mix_withdraw, mix_transfer;
+    int mix_deposit, mix_withdraw, mix_transfer, mix_read;
     double retry;
     unsigned seed;
     const char *json_out;
 } options;
 
-static options opt = {"127.0.0.1", 8080, 32, 10.0, 1000, 60, 20, 20, 0.1, 1,
+static options opt = {"127.0.0.1", 8080, 32, 10.0, 1000, 60, 20, 20, 0, 0.1, 1,
                       NULL};
 
 static double now_s(void)
@@ -189,7 +190,7 @@ fail:
 
 static char (*account_ids)[ES_UUID_STRLEN + 1];
 
-typedef enum op { OP_DEPOSIT, OP_WITHDRAW, OP_TRANSFER } op;
+typedef enum op { OP_DEPOSIT, OP_WITHDRAW, OP_TRANSFER, OP_READ } op;
 
 /* What the clients saw. */
 typedef struct totals {
@@ -291,15 +292,16 @@ static void on_answer(struct evhttp_request *req, void *arg)
         json_decref(answer);
     } else {
         bool transfer = cl->op == OP_TRANSFER;
+        bool moves = cl->op == OP_DEPOSIT || cl->op == OP_WITHDRAW;
         if (status >= 200 && status < 300) {
             t->ok++;
             if (transfer) remember_transfer(cl->id);
             else if (cl->op == OP_DEPOSIT) t->deposited += cl->amount;
-            else t->withdrawn += cl->amount;
+            else if (cl->op == OP_WITHDRAW) t->withdrawn += cl->amount;
         } else if (status == 0 || status >= 500) {
             if (status == 0) t->unknown++;
             else t->failed++;
-            if (!transfer) t->unknown_money += cl->amount;
+            if (moves) t->unknown_money += cl->amount;
         } else {
             t->rejected++;
         }
@@ -316,24 +318,31 @@ static void on_answer(struct evhttp_request *req, void *arg)
 
 static void send_next(client *cl)
 {
-    cl->resend = cl->prev_body[0] != '\0' &&
+    cl->resend = cl->prev_op != OP_READ && cl->prev_body[0] != '\0' &&
                  (double)rand_r(&cl->seed) / RAND_MAX < opt.retry;
     if (cl->resend) {
         cl->op = cl->prev_op;
         snprintf(cl->path, sizeof cl->path, "%s", cl->prev_path);
         snprintf(cl->body, sizeof cl->body, "%s", cl->prev_body);
     } else {
-        int total = opt.mix_deposit + opt.mix_withdraw + opt.mix_transfer;
+        int total = opt.mix_deposit + opt.mix_withdraw + opt.mix_transfer +
+                    opt.mix_read;
         int r = rand_r(&cl->seed) % total;
-        cl->op = r < opt.mix_deposit                      ? OP_DEPOSIT
-                 : r < opt.mix_deposit + opt.mix_withdraw ? OP_WITHDRAW
-                                                          : OP_TRANSFER;
+        int dw = opt.mix_deposit + opt.mix_withdraw;
+        cl->op = r < opt.mix_deposit                 ? OP_DEPOSIT
+                 : r < dw                            ? OP_WITHDRAW
+                 : r < dw + opt.mix_transfer         ? OP_TRANSFER
+                                                     : OP_READ;
         int a = rand_r(&cl->seed) % opt.accounts;
         int b = (a + 1 + rand_r(&cl->seed) % (opt.accounts - 1)) %
                 opt.accounts;
         cl->amount = 1 + rand_r(&cl->seed) % 1000;
         new_id(cl->id);
-        if (cl->op == OP_TRANSFER) {
+        if (cl->op == OP_READ) {
+            snprintf(cl->path, sizeof cl->path, "/accounts/%s",
+                     account_ids[a]);
+            cl->body[0] = '\0';
+        } else if (cl->op == OP_TRANSFER) {
             /* One transfer in 50 goes to an account that does not exist:
              * the saga must refund it. */
             char ghost[ES_UUID_STRLEN + 1];
@@ -360,18 +369,22 @@ static void send_next(client *cl)
     }
     struct evkeyvalq *h = evhttp_request_get_output_headers(req);
     evhttp_add_header(h, "Host", opt.host);
-    evhttp_add_header(h, "Content-Type", "application/json");
-    evbuffer_add(evhttp_request_get_output_buffer(req), cl->body,
-                 strlen(cl->body));
+    bool read = cl->op == OP_READ;
+    if (!read) {
+        evhttp_add_header(h, "Content-Type", "application/json");
+        evbuffer_add(evhttp_request_get_output_buffer(req), cl->body,
+                     strlen(cl->body));
+    }
     cl->t0 = now_s();
     L.in_flight++;
-    if (evhttp_make_request(cl->evcon, req, EVHTTP_REQ_POST, cl->path) !=
-        0) {
+    if (evhttp_make_request(cl->evcon, req,
+                            read ? EVHTTP_REQ_GET : EVHTTP_REQ_POST,
+                            cl->path) != 0) {
         /* libevent freed the request; count it as a failed one. */
         L.in_flight--;
         L.t.by_status[0]++;
         L.t.unknown++;
-        if (cl->op != OP_TRANSFER && !cl->resend)
+        if ((cl->op == OP_DEPOSIT || cl->op == OP_WITHDRAW) && !cl->resend)
             L.t.unknown_money += cl->amount;
     }
 }
@@ -446,7 +459,7 @@ static void usage(void)
             "usage: bank-load [--url http://HOST:PORT] [--accounts N] "
             "[--clients N]\n"
             "                 [--duration S] "
-            "[--mix deposit=60,withdraw=20,transfer=20]\n"
+            "[--mix deposit=60,withdraw=20,transfer=20,read=0]\n"
             "                 [--retry-ratio R] [--seed N] [--json FILE]\n");
 }
 
@@ -467,7 +480,7 @@ static bool parse_url(const char *url)
 
 static bool parse_mix(const char *s)
 {
-    int d = 0, w = 0, t = 0;
+    int d = 0, w = 0, t = 0, rd = 0;
     char buf[256];
     snprintf(buf, sizeof buf, "%s", s);
     for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
@@ -479,12 +492,14 @@ static bool parse_mix(const char *s)
         if (strcmp(tok, "deposit") == 0) d = v;
         else if (strcmp(tok, "withdraw") == 0) w = v;
         else if (strcmp(tok, "transfer") == 0) t = v;
+        else if (strcmp(tok, "read") == 0) rd = v;
         else return false;
     }
-    if (d + w + t <= 0) return false;
+    if (d + w + t + rd <= 0) return false;
     opt.mix_deposit = d;
     opt.mix_withdraw = w;
     opt.mix_transfer = t;
+    opt.mix_read = rd;
     return true;
 }
 
@@ -517,10 +532,10 @@ int main(int argc, char **argv)
     }
     signal(SIGPIPE, SIG_IGN);
     printf("bank-load: http://%s:%d, seed %u, %d clients, %d accounts, "
-           "%.1f s, mix deposit=%d,withdraw=%d,transfer=%d, retry-ratio "
-           "%.2f\n", opt.host, opt.port, opt.seed, opt.clients, opt.accounts,
-           opt.seconds, opt.mix_deposit, opt.mix_withdraw, opt.mix_transfer,
-           opt.retry);
+           "%.1f s, mix deposit=%d,withdraw=%d,transfer=%d,read=%d, "
+           "retry-ratio %.2f\n", opt.host, opt.port, opt.seed, opt.clients,
+           opt.accounts, opt.seconds, opt.mix_deposit, opt.mix_withdraw,
+           opt.mix_transfer, opt.mix_read, opt.retry);
     fflush(stdout);
 
     /* Open the accounts. */
