@@ -48,14 +48,6 @@ void es__pg_batch_fail_group(es__commit_item **items, size_t n, size_t from,
             items[j]->status = ES_ECONFLICT;
 }
 
-/* The connection broke, or the server is ending it (shutdown, a
- * terminated backend): worth a try on a new connection. */
-bool es__pg_lost_state(const es_error *err)
-{
-    return strncmp(err->sqlstate, "08", 2) == 0 ||
-           strncmp(err->sqlstate, "57P0", 4) == 0;
-}
-
 int es__pg_dek_cmp(const void *a, const void *b)
 {
     return memcmp(((const dek_entry *)a)->agg.bytes,

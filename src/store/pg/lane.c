@@ -52,6 +52,7 @@
  *
  * IDLE at the end of a batch means lane_finish: done() is called.
  */
+#include "core/backoff.h"
 #include "store/pg/pg_int.h"
 
 /* A connection attempt that makes no progress for this long fails (libpq
@@ -457,7 +458,7 @@ static void txn_next(pg_lane *l);
  * left to the generic writer, which can pin it on one item. */
 void es__pg_txn_failed(pg_lane *l)
 {
-    if (!es__pg_lost_state(&l->err)) {
+    if (!es__unreachable(&l->err)) {
         lane_finish(l);
         return;
     }
@@ -643,7 +644,7 @@ void es__pg_txn_write(pg_lane *l)
         if (l->st[i].rows > 0 &&
             es__pg_pstmt_send(l->conn, &l->st[i], &l->err) != 0)
             sent = false;
-    if (!sent && l->err.code != 0 && !es__pg_lost_state(&l->err) &&
+    if (!sent && l->err.code != 0 && !es__unreachable(&l->err) &&
         PQstatus(l->conn) == CONNECTION_OK) {
         /* a batch too large for one statement: nothing was sent yet */
         PQexitPipelineMode(l->conn);
