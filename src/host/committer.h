@@ -25,8 +25,9 @@
 
 #include "store/store_impl.h"
 
-/* es__commit_item and ES__COMMIT_PENDING live in store/store_impl.h: a
- * backend with a batch writer (write_batch) takes the same items. */
+/* es__commit_item, ES__COMMIT_PENDING, es__commit_fail_group and
+ * es__commit_any_pending live in store/store_impl.h: a backend with a
+ * batch writer (write_batch) takes the same items. */
 
 /* Rows an item adds to a batch (events and the command-id record). */
 size_t es__commit_item_rows(const es__commit_item *item);
@@ -51,15 +52,6 @@ size_t es__commit_item_rows(const es__commit_item *item);
  */
 size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
                         size_t n);
-
-/* items[from] failed with status: so do the later items of its group,
- * still ES__COMMIT_PENDING (ES_ECONFLICT: they were decided on its
- * events).  The one copy for every batch writer.  Thread: any. */
-void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
-                           int status);
-
-/* True while some item is still ES__COMMIT_PENDING.  Thread: any. */
-bool es__commit_any_pending(es__commit_item **items, size_t n);
 
 /* The part of es__commit_batch after the backend's batch writer: the
  * items still ES__COMMIT_PENDING, written the generic way (savepoint per

@@ -438,6 +438,24 @@ int es_store_purge_commands(es_store *store, int64_t before_ms,
     }
 }
 
+void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
+                           int status)
+{
+    const void *group = items[from]->group;
+    items[from]->status = status;
+    for (size_t j = from + 1; j < n; j++)
+        if (items[j]->group == group &&
+            items[j]->status == ES__COMMIT_PENDING)
+            items[j]->status = ES_ECONFLICT;
+}
+
+bool es__commit_any_pending(es__commit_item **items, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING) return true;
+    return false;
+}
+
 /* ---- the function table, for the rest of the library ---- */
 
 const char *es__store_name(const es_store *store) { return store->ops->name; }

@@ -91,6 +91,15 @@ typedef struct es__commit_item {
                       * (the status name says it all) */
 } es__commit_item;
 
+/* items[from] failed with status: so do the later items of its group,
+ * still ES__COMMIT_PENDING (ES_ECONFLICT: they were decided on its
+ * events).  The one copy for every batch writer.  Thread: any. */
+void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
+                           int status);
+
+/* True while some item is still ES__COMMIT_PENDING.  Thread: any. */
+bool es__commit_any_pending(es__commit_item **items, size_t n);
+
 /* A dispatcher's verdict on one claimed message (outbox_finish_many). */
 typedef struct es__outbox_outcome {
     es_uuid id;
