@@ -284,7 +284,8 @@ typedef struct es_store_ops {
     /* Optional (NULL: commits of this process only, through the commit
      * listeners).  outbox_watch starts a watch that calls fn for commits
      * of side effects by any process, reconnecting after a loss (first
-     * after 100 ms, doubling up to retry_max_ms); it succeeds even while
+     * after 100 ms, doubling up to retry_max_ms, each wait jittered); it
+     * succeeds even while
      * the database is unreachable.  outbox_unwatch stops it: fn is not
      * running and is never called again when it returns.  NULL is a
      * no-op. */
