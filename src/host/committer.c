@@ -1,6 +1,6 @@
 /*
  * es__commit_batch: many aggregates' writes in one transaction, with the
- * failing part isolated.  A backend with a batch writer (write_batch: the
+ * failing part isolated.  A backend with a batch writer (batch->write: the
  * PostgreSQL store) does it with a constant number of statements; what it
  * leaves pending comes here.  Each item is written under a savepoint, so an
  * item whose versions, event ids or command id are taken is rolled back

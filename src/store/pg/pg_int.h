@@ -58,6 +58,7 @@
 #include "store/pg/conninfo.h"
 #include "store/pg/migrations.h"
 #include "store/pg/statements.h"
+#include "store/batch_ops.h"
 #include "store/read_ops.h"
 #include "store/store_impl.h"
 
