@@ -1,6 +1,6 @@
 /*
  * es__commit_batch: many aggregates' writes in one transaction, with the
- * failing part isolated.  A backend with a batch writer (write_batch: the
+ * failing part isolated.  A backend with a batch writer (batch->write: the
  * PostgreSQL store) does it with a constant number of statements; what it
  * leaves pending comes here.  Each item is written under a savepoint, so an
  * item whose versions, event ids or command id are taken is rolled back
@@ -16,17 +16,6 @@
 size_t es__commit_item_rows(const es__commit_item *item)
 {
     return item->n_events + 1;
-}
-
-void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
-                           int status)
-{
-    const void *group = items[from]->group;
-    items[from]->status = status;
-    for (size_t j = from + 1; j < n; j++)
-        if (items[j]->group == group &&
-            items[j]->status == ES__COMMIT_PENDING)
-            items[j]->status = ES_ECONFLICT;
 }
 
 static int write_item(es_txn *txn, es__commit_item *it, es_error *err)
@@ -124,13 +113,6 @@ static size_t attempt(es_store *store, es__commit_item **items, size_t n,
     }
     *commit_rc = rc;
     return 0;
-}
-
-bool es__commit_any_pending(es__commit_item **items, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (items[i]->status == ES__COMMIT_PENDING) return true;
-    return false;
 }
 
 size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,

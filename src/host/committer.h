@@ -3,7 +3,7 @@
  * aggregates to the store as one batch.  The host queues items on its
  * commit lanes, which run batches on the host's commit loop;
  * es__commit_batch is the part that talks to the store.  A store with an
- * asynchronous batch writer (lane_write in store/store_impl.h:
+ * asynchronous batch writer (lane_write in store/batch_ops.h:
  * PostgreSQL) writes the same items with the same per-item statuses on
  * the host's commit loop, and es__commit_rest writes what it leaves
  * pending.  Never installed.
@@ -23,10 +23,12 @@
 
 #include <stdbool.h>
 
+#include "store/batch_ops.h"
 #include "store/store_impl.h"
 
-/* es__commit_item and ES__COMMIT_PENDING live in store/store_impl.h: a
- * backend with a batch writer (write_batch) takes the same items. */
+/* es__commit_item, ES__COMMIT_PENDING, es__commit_fail_group and
+ * es__commit_any_pending live in store/batch_ops.h: a backend with a
+ * batch writer (es__batch_ops.write) takes the same items. */
 
 /* Rows an item adds to a batch (events and the command-id record). */
 size_t es__commit_item_rows(const es__commit_item *item);
@@ -42,24 +44,15 @@ size_t es__commit_item_rows(const es__commit_item *item);
  * transactions that committed.  One try: items the database could not
  * take because it could not be reached come back ES__COMMIT_RETRY, and
  * items whose COMMIT answer was lost and not read back come back
- * ES__COMMIT_UNKNOWN (store/store_impl.h); the caller waits and hands
+ * ES__COMMIT_UNKNOWN (store/batch_ops.h); the caller waits and hands
  * the same items in again (they are read back before anything is
  * written).  *slot: the lane's own connection for the batch writer
- * (see write_batch in store/store_impl.h; NULL at first, closed with
+ * (see write in store/batch_ops.h; NULL at first, closed with
  * es__store_background_close).  Thread: the commit loop's (blocking: only
  * a store without an asynchronous batch writer, e.g. memory).
  */
 size_t es__commit_batch(es_store *store, void **slot, es__commit_item **items,
                         size_t n);
-
-/* items[from] failed with status: so do the later items of its group,
- * still ES__COMMIT_PENDING (ES_ECONFLICT: they were decided on its
- * events).  The one copy for every batch writer.  Thread: any. */
-void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
-                           int status);
-
-/* True while some item is still ES__COMMIT_PENDING.  Thread: any. */
-bool es__commit_any_pending(es__commit_item **items, size_t n);
 
 /* The part of es__commit_batch after the backend's batch writer: the
  * items still ES__COMMIT_PENDING, written the generic way (savepoint per

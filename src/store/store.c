@@ -4,6 +4,7 @@
 #include <sodium.h>
 
 #include "core/internal.h"
+#include "store/batch_ops.h"
 #include "store/store_impl.h"
 
 void es__store_txn_started(es_store *store)
@@ -22,32 +23,32 @@ int es_store_begin(es_store *store, es_txn **out, es_error *err)
         return es__error_set(err, ES_EINVAL, "store and out are required");
     if (atomic_load(&store->closing))
         return es__error_set(err, ES_ECLOSED, "store is closing");
-    return store->ops->begin(store, out, err);
+    return store->ops->txn->begin(store, out, err);
 }
 
 int es__store_begin_bounded(es_store *store, es_txn **out, es_error *err)
 {
-    if (store->ops->begin_bounded == NULL)
+    if (store->ops->txn->begin_bounded == NULL)
         return es_store_begin(store, out, err);
     if (atomic_load(&store->closing))
         return es__error_set(err, ES_ECLOSED, "store is closing");
-    return store->ops->begin_bounded(store, out, err);
+    return store->ops->txn->begin_bounded(store, out, err);
 }
 
 int es__store_begin_background(es_store *store, void **slot, es_txn **out,
                                es_error *err)
 {
-    if (store->ops->begin_background == NULL)
+    if (store->ops->txn->begin_background == NULL)
         return es_store_begin(store, out, err);
     if (atomic_load(&store->closing))
         return es__error_set(err, ES_ECLOSED, "store is closing");
-    return store->ops->begin_background(store, slot, out, err);
+    return store->ops->txn->begin_background(store, slot, out, err);
 }
 
 void es__store_background_close(es_store *store, void **slot)
 {
-    if (*slot != NULL && store->ops->background_close != NULL)
-        store->ops->background_close(store, *slot);
+    if (*slot != NULL && store->ops->txn->background_close != NULL)
+        store->ops->txn->background_close(store, *slot);
     *slot = NULL;
 }
 
@@ -55,12 +56,12 @@ int es_txn_commit(es_txn *txn, es_error *err)
 {
     if (txn == NULL)
         return es__error_set(err, ES_EINVAL, "transaction is NULL");
-    return txn->store->ops->commit(txn, err);
+    return txn->store->ops->txn->commit(txn, err);
 }
 
 void es_txn_rollback(es_txn *txn)
 {
-    if (txn != NULL) txn->store->ops->rollback(txn);
+    if (txn != NULL) txn->store->ops->txn->rollback(txn);
 }
 
 int es_store_close(es_store *store)
@@ -101,8 +102,8 @@ int es__txn_stream(es_txn *txn, const char *type_name,
                              "transaction, aggregate id and fn are required");
     int rc = check_id(aggregate_id, err);
     if (rc != 0) return rc;
-    return txn->store->ops->stream(txn, type_name, aggregate_id, from_version,
-                                   fn, ud, err);
+    return txn->store->ops->core->stream(txn, type_name, aggregate_id,
+                                         from_version, fn, ud, err);
 }
 
 int es_txn_stream(es_txn *txn, const es_uuid *aggregate_id,
@@ -134,7 +135,8 @@ int es_txn_get_event(es_txn *txn, const es_uuid *aggregate_id,
     if (rc != 0) return rc;
     if (es_uuid_is_nil(event_id))
         return es__error_set(err, ES_EINVAL, "event id is nil");
-    return txn->store->ops->get_event(txn, aggregate_id, event_id, out, err);
+    return txn->store->ops->core->get_event(txn, aggregate_id, event_id, out,
+                                            err);
 }
 
 int es__txn_get_snapshot(es_txn *txn, const char *type_name,
@@ -147,7 +149,7 @@ int es__txn_get_snapshot(es_txn *txn, const char *type_name,
     *out = NULL;
     int rc = check_id(aggregate_id, err);
     if (rc != 0) return rc;
-    return txn->store->ops->get_snapshot(txn, type_name, aggregate_id,
+    return txn->store->ops->core->get_snapshot(txn, type_name, aggregate_id,
                                          snapshot_version, out, err);
 }
 
@@ -178,7 +180,7 @@ int es_txn_store_snapshot(es_txn *txn, const es_snapshot *snap, es_error *err)
     if (es_uuid_is_nil(&snap->aggregate_id))
         return es__error_set(err, ES_EINVAL, "snapshot has a nil "
                                              "aggregate id");
-    return txn->store->ops->store_snapshot(txn, snap, err);
+    return txn->store->ops->core->store_snapshot(txn, snap, err);
 }
 
 int es_txn_delete_snapshots(es_txn *txn, const es_uuid *aggregate_id,
@@ -188,7 +190,7 @@ int es_txn_delete_snapshots(es_txn *txn, const es_uuid *aggregate_id,
         return es__error_set(err, ES_EINVAL, "all arguments are required");
     int rc = check_id(aggregate_id, err);
     if (rc != 0) return rc;
-    return txn->store->ops->delete_snapshots(txn, aggregate_id, err);
+    return txn->store->ops->core->delete_snapshots(txn, aggregate_id, err);
 }
 
 int es_txn_list_side_effects(es_txn *txn, const es_uuid *aggregate_id,
@@ -202,29 +204,30 @@ int es_txn_list_side_effects(es_txn *txn, const es_uuid *aggregate_id,
         int rc = check_id(aggregate_id, err);
         if (rc != 0) return rc;
     }
-    return txn->store->ops->list_side_effects(txn, aggregate_id, out, err);
+    return txn->store->ops->core->list_side_effects(txn, aggregate_id, out,
+                                                    err);
 }
 
 int es__txn_savepoint(es_txn *txn, es_error *err)
 {
-    return txn->store->ops->savepoint(txn, err);
+    return txn->store->ops->txn->savepoint(txn, err);
 }
 
 int es__txn_rollback_to(es_txn *txn, es_error *err)
 {
-    return txn->store->ops->rollback_to(txn, err);
+    return txn->store->ops->txn->rollback_to(txn, err);
 }
 
 int es__txn_release(es_txn *txn, es_error *err)
 {
-    return txn->store->ops->release(txn, err);
+    return txn->store->ops->txn->release(txn, err);
 }
 
 int es__txn_insert_events(es_txn *txn, const char *type_name,
                           const es_uuid *aggregate_id, const es_event *events,
                           size_t n, bool *inserted, es_error *err)
 {
-    return txn->store->ops->insert_events(txn, type_name, aggregate_id,
+    return txn->store->ops->core->insert_events(txn, type_name, aggregate_id,
                                           events, n, inserted, err);
 }
 
@@ -233,7 +236,7 @@ int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
                                 es_error *err)
 {
     if (n == 0) return 0;
-    return txn->store->ops->insert_side_effects(txn, type_name, items, n,
+    return txn->store->ops->core->insert_side_effects(txn, type_name, items, n,
                                                 err);
 }
 
@@ -300,8 +303,8 @@ bool es__outbox_filter_match(const es__outbox_filter *filters, size_t n,
 
 bool es__store_has_commands(const es_store *store)
 {
-    return store != NULL && store->ops->insert_commands != NULL &&
-           store->ops->get_command != NULL;
+    const es__command_ops *c = store != NULL ? store->ops->commands : NULL;
+    return c != NULL && c->insert != NULL && c->get != NULL;
 }
 
 int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
@@ -311,7 +314,7 @@ int es__txn_insert_commands(es_txn *txn, const es__command_record *recs,
         return es__error_set(err, ES_EINVAL, "store '%s' keeps no command "
                              "ids", txn->store->ops->name);
     if (n == 0) return 0;
-    return txn->store->ops->insert_commands(txn, recs, n, inserted, err);
+    return txn->store->ops->commands->insert(txn, recs, n, inserted, err);
 }
 
 int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
@@ -321,7 +324,7 @@ int es__txn_get_command(es_txn *txn, const es_uuid *command_id,
     if (!es__store_has_commands(txn->store))
         return es__error_set(err, ES_EINVAL, "store '%s' keeps no command "
                              "ids", txn->store->ops->name);
-    return txn->store->ops->get_command(txn, command_id, out, err);
+    return txn->store->ops->commands->get(txn, command_id, out, err);
 }
 
 es__command_record *es__command_record_dup(const es__command_record *rec)
@@ -417,8 +420,9 @@ int es__store_purge_commands(es_store *store, int64_t before_ms,
                              size_t limit, size_t *count, es_error *err)
 {
     if (count) *count = 0;
-    if (store->ops->purge_commands == NULL) return 0; /* none kept */
-    return store->ops->purge_commands(store, before_ms, limit, count, err);
+    if (store->ops->commands == NULL || store->ops->commands->purge == NULL)
+        return 0; /* none kept */
+    return store->ops->commands->purge(store, before_ms, limit, count, err);
 }
 
 int es_store_purge_commands(es_store *store, int64_t before_ms,
@@ -438,6 +442,24 @@ int es_store_purge_commands(es_store *store, int64_t before_ms,
     }
 }
 
+void es__commit_fail_group(es__commit_item **items, size_t n, size_t from,
+                           int status)
+{
+    const void *group = items[from]->group;
+    items[from]->status = status;
+    for (size_t j = from + 1; j < n; j++)
+        if (items[j]->group == group &&
+            items[j]->status == ES__COMMIT_PENDING)
+            items[j]->status = ES_ECONFLICT;
+}
+
+bool es__commit_any_pending(es__commit_item **items, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (items[i]->status == ES__COMMIT_PENDING) return true;
+    return false;
+}
+
 /* ---- the function table, for the rest of the library ---- */
 
 const char *es__store_name(const es_store *store) { return store->ops->name; }
@@ -445,50 +467,50 @@ const char *es__store_name(const es_store *store) { return store->ops->name; }
 int es__txn_store_snapshot(es_txn *txn, const es_snapshot *snap,
                            es_error *err)
 {
-    return txn->store->ops->store_snapshot(txn, snap, err);
+    return txn->store->ops->core->store_snapshot(txn, snap, err);
 }
 
 bool es__store_has_batch_writer(const es_store *store)
 {
-    return store->ops->write_batch != NULL;
+    return store->ops->batch != NULL && store->ops->batch->write != NULL;
 }
 
 size_t es__store_write_batch(es_store *store, void **slot,
                              es__commit_item **items, size_t n)
 {
-    return store->ops->write_batch(store, slot, items, n);
+    return store->ops->batch->write(store, slot, items, n);
 }
 
 unsigned es__store_batch_lanes(const es_store *store)
 {
-    return store->ops->batch_lanes;
+    return store->ops->batch != NULL ? store->ops->batch->lanes : 0;
 }
 
 int es__store_lane_open(es_store *store, struct event_base *base,
                         es__batch_lane **out, es_error *err)
 {
-    if (store->ops->lane_open == NULL) {
+    if (store->ops->batch == NULL || store->ops->batch->lane_open == NULL) {
         *out = NULL;
         return 0;
     }
-    return store->ops->lane_open(store, base, out, err);
+    return store->ops->batch->lane_open(store, base, out, err);
 }
 
 void es__store_lane_write(es_store *store, es__batch_lane *lane,
                           es__commit_item **items, size_t n,
                           es__batch_done done, void *ud)
 {
-    store->ops->lane_write(lane, items, n, done, ud);
+    store->ops->batch->lane_write(lane, items, n, done, ud);
 }
 
 void es__store_lane_close(es_store *store, es__batch_lane *lane)
 {
-    store->ops->lane_close(lane);
+    store->ops->batch->lane_close(lane);
 }
 
 bool es__store_has_outbox(const es_store *store)
 {
-    return store->ops->outbox_claim != NULL;
+    return store->ops->outbox != NULL;
 }
 
 int es__store_outbox_claim(es_store *store, const char *owner,
@@ -498,7 +520,7 @@ int es__store_outbox_claim(es_store *store, const char *owner,
                            size_t n_filters, size_t max,
                            es_outbox_entry_list **out, es_error *err)
 {
-    return store->ops->outbox_claim(store, owner, now_ms, lease_ms,
+    return store->ops->outbox->claim(store, owner, now_ms, lease_ms,
                                     max_attempts, filters, n_filters, max,
                                     out, err);
 }
@@ -508,20 +530,21 @@ int es__store_outbox_finish(es_store *store, const es_uuid *id,
                             int64_t now_ms, int64_t next_attempt_ms,
                             const char *error, es_error *err)
 {
-    return store->ops->outbox_finish(store, id, owner, status, now_ms,
+    return store->ops->outbox->finish(store, id, owner, status, now_ms,
                                      next_attempt_ms, error, err);
 }
 
 bool es__store_has_outbox_finish_many(const es_store *store)
 {
-    return store->ops->outbox_finish_many != NULL;
+    return store->ops->outbox != NULL &&
+           store->ops->outbox->finish_many != NULL;
 }
 
 int es__store_outbox_finish_many(es_store *store, const char *owner,
                                  int64_t now_ms, const es__outbox_outcome *v,
                                  size_t n, size_t *lost, es_error *err)
 {
-    return store->ops->outbox_finish_many(store, owner, now_ms, v, n, lost,
+    return store->ops->outbox->finish_many(store, owner, now_ms, v, n, lost,
                                           err);
 }
 
@@ -529,48 +552,48 @@ int es__store_outbox_list(es_store *store, es_outbox_status status,
                           size_t limit, es_outbox_entry_list **out,
                           es_error *err)
 {
-    return store->ops->outbox_list(store, status, limit, out, err);
+    return store->ops->outbox->list(store, status, limit, out, err);
 }
 
 int es__store_outbox_get(es_store *store, const es_uuid *id,
                          es_outbox_entry **out, es_error *err)
 {
-    return store->ops->outbox_get(store, id, out, err);
+    return store->ops->outbox->get(store, id, out, err);
 }
 
 int es__store_outbox_requeue(es_store *store, const es_uuid *id,
                              const char *type_name, int32_t kind,
                              int64_t now_ms, size_t *count, es_error *err)
 {
-    return store->ops->outbox_requeue(store, id, type_name, kind, now_ms,
+    return store->ops->outbox->requeue(store, id, type_name, kind, now_ms,
                                       count, err);
 }
 
 int es__store_outbox_purge(es_store *store, int64_t before_ms, size_t limit,
                            size_t *count, es_error *err)
 {
-    return store->ops->outbox_purge(store, before_ms, limit, count, err);
+    return store->ops->outbox->purge(store, before_ms, limit, count, err);
 }
 
 int es__store_outbox_stats(es_store *store, int64_t now_ms,
                            es_outbox_stats *out, es_error *err)
 {
-    return store->ops->outbox_stats(store, now_ms, out, err);
+    return store->ops->outbox->stats(store, now_ms, out, err);
 }
 
 bool es__store_has_outbox_watch(const es_store *store)
 {
-    return store->ops->outbox_watch != NULL;
+    return store->ops->outbox != NULL && store->ops->outbox->watch != NULL;
 }
 
 int es__store_outbox_watch(es_store *store, int64_t retry_max_ms,
                            es__watch_fn fn, void *ud, es__outbox_watch **out,
                            es_error *err)
 {
-    return store->ops->outbox_watch(store, retry_max_ms, fn, ud, out, err);
+    return store->ops->outbox->watch(store, retry_max_ms, fn, ud, out, err);
 }
 
 void es__store_outbox_unwatch(es_store *store, es__outbox_watch *watch)
 {
-    if (watch != NULL) store->ops->outbox_unwatch(watch);
+    if (watch != NULL) store->ops->outbox->unwatch(watch);
 }

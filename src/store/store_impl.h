@@ -1,9 +1,12 @@
 /*
  * The backend interface behind es_store and es_txn.  Each backend embeds
  * struct es_store / struct es_txn as its first member and fills an
- * es_store_ops table.  The core (context.c) decides idempotency and
+ * es_store_ops table, which points at smaller tables by concern
+ * (transactions, reads and writes, command ids, the batch writer, the
+ * outbox, the read side).  The core (context.c) decides idempotency and
  * concurrency; a backend only inserts, skips conflicts and says what it
- * inserted.  Never installed.
+ * inserted.  The batch writer's items and lanes are in batch_ops.h, the
+ * read side's table in read_ops.h.  Never installed.
  */
 #ifndef ES_STORE_IMPL_H
 #define ES_STORE_IMPL_H
@@ -55,42 +58,6 @@ void es__command_digest(int32_t kind, const void *payload, size_t len,
 bool es__command_matches(const es__command_record *rec, int32_t kind,
                          const void *payload, size_t len);
 
-/* A commit lane of a backend's asynchronous batch writer (lane_open). */
-typedef struct es__batch_lane es__batch_lane;
-struct event_base;
-/* A lane_write has set every item's status; committed: transactions. */
-typedef void (*es__batch_done)(void *ud, size_t committed);
-
-/* Status of an item not written yet. */
-#define ES__COMMIT_PENDING 1
-/* Not committed: the database could not be reached (connection refused,
- * or lost before COMMIT was sent).  The caller hands the same items to
- * the batch writer again later (the writer takes them as pending). */
-#define ES__COMMIT_RETRY 2
-/* The answer to COMMIT was lost and reading the batch back did not
- * answer either: the transaction may or may not have committed.  Handed
- * to the batch writer again, the items are read back before anything is
- * written; never written again unread. */
-#define ES__COMMIT_UNKNOWN 3
-
-/* One command's writes: its events, their side effects and its command-id
- * record.  Items of one group (one actor) depend on the earlier items of
- * the group in the same batch: when one fails, the later ones fail with
- * ES_ECONFLICT unwritten. */
-typedef struct es__commit_item {
-    const char *type_name;
-    es_uuid aggregate_id;
-    const void *group;
-    es_event *events; /* payloads owned by the item's owner */
-    size_t n_events;
-    es_side_effect *side_effects;
-    size_t n_side_effects;
-    es__command_record record; /* written when the store keeps them */
-    int status; /* out: 0, or why the item was not committed */
-    const char *why; /* out: a static message for a failed status, or NULL
-                      * (the status name says it all) */
-} es__commit_item;
-
 /* A dispatcher's verdict on one claimed message (outbox_finish_many). */
 typedef struct es__outbox_outcome {
     es_uuid id;
@@ -121,8 +88,16 @@ typedef void (*es__commit_listener)(void *ud);
 typedef struct es__outbox_watch es__outbox_watch;
 typedef void (*es__watch_fn)(void *ud, bool notified);
 
-typedef struct es_store_ops {
-    const char *name;
+/*
+ * The backend's function table, grouped like SQLite's io_methods: a few
+ * small tables by concern, each filled by the backend, the optional ones
+ * left NULL when it has no such part.  Only store.c calls through them
+ * (the read side, src/read/, calls through read).
+ */
+
+/* Transactions.  begin, commit, rollback and the savepoints are
+ * required; the others are optional. */
+typedef struct es__txn_ops {
     int (*begin)(es_store *store, es_txn **out, es_error *err);
     /* Optional: begin for a writer that must never wait for ever (the
      * host's fallback writer, on its commit loop): waiting for a pooled
@@ -138,6 +113,19 @@ typedef struct es_store_ops {
     int (*savepoint)(es_txn *txn, es_error *err);
     int (*rollback_to)(es_txn *txn, es_error *err);
     int (*release)(es_txn *txn, es_error *err);
+    /* Optional: a transaction on a connection of the caller's own, kept
+     * in *slot between transactions (NULL at first; a broken one is
+     * closed and replaced), never one of the pool's, for writes off the
+     * command path that may be lost in a crash (snapshots, a cache): it
+     * does not wait for the WAL flush.  background_close closes the
+     * connection in a slot (NULL: no-op).  NULL: es_store_begin. */
+    int (*begin_background)(es_store *store, void **slot, es_txn **out,
+                            es_error *err);
+    void (*background_close)(es_store *store, void *conn);
+} es__txn_ops;
+
+/* Reads and writes of aggregates inside a transaction; all required. */
+typedef struct es__core_ops {
     /* Reads of one aggregate name the type the caller will decode its
      * rows as (type_name; NULL: any type, for tools that only print
      * them).  An aggregate stored under another type answers
@@ -175,114 +163,91 @@ typedef struct es_store_ops {
                             es_error *err);
     int (*list_side_effects)(es_txn *txn, const es_uuid *aggregate_id,
                              es_side_effect_list **out, es_error *err);
-    /* Command-id records (the host's idempotency).  Optional: a backend
-     * may leave both NULL, and the host then remembers command ids only
-     * while they are in flight.  insert_commands skips ids that exist
-     * (ON CONFLICT DO NOTHING) and says which went in; get_command finds a
-     * record by command id alone: unlike an event id, a command id is
-     * unique across aggregates (the same id sent to another aggregate is
-     * ES_EIDEMPOTENCY), so its table is keyed, and distributable, by
-     * command id (*out: one allocation, es__free; ES_ENOTFOUND when
-     * unknown). */
-    int (*insert_commands)(es_txn *txn, const es__command_record *recs,
-                           size_t n, bool *inserted, es_error *err);
-    int (*get_command)(es_txn *txn, const es_uuid *command_id,
-                       es__command_record **out, es_error *err);
-    /* Optional, with the two above: delete at most limit command-id
-     * records written before before_ms (Unix ms), in one short
-     * transaction; *count says how many. */
-    int (*purge_commands)(es_store *store, int64_t before_ms, size_t limit,
-                          size_t *count, es_error *err);
-    /* Optional: write many aggregates' items in as few transactions as
-     * it can, with a constant number of statements each; the contract of
-     * es__commit_batch (host/committer.h).  Items it could not place on
-     * an aggregate are left ES__COMMIT_PENDING, and the caller writes them
-     * the generic way.  One try, no waiting: when the database cannot be
-     * reached the items come back ES__COMMIT_RETRY or ES__COMMIT_UNKNOWN
-     * (above), and the caller decides when to hand them in again.  Items
-     * ES__COMMIT_UNKNOWN on entry (all from one transaction) are read
-     * back first.  *slot is the caller's own connection, kept between
-     * calls (NULL at first; a broken one is closed and replaced; closed
-     * with background_close), never one of the pool's; a backend without
-     * connections ignores it.  Returns the number of transactions
-     * committed. */
-    size_t (*write_batch)(es_store *store, void **slot,
-                          es__commit_item **items, size_t n);
-    /* Optional: write_batch on a libevent loop, without blocking it
-     * (non-blocking libpq on the PostgreSQL store).  lane_open makes a
-     * commit lane of the backend's on base (no I/O yet: it connects on
-     * its first batch).  lane_write starts one write_batch of items (same
-     * contract, same statuses; items stay the caller's and untouched by
-     * anyone else until done) and returns at once; done(ud, committed)
-     * runs on the loop's thread when every item has its status, possibly
-     * before lane_write returns.  One batch at a time per lane.
-     * lane_close frees an idle lane and closes its connection, from any
-     * thread once the loop no longer runs its events.  Called only on the
-     * loop's thread, except lane_close. */
-    int (*lane_open)(es_store *store, struct event_base *base,
-                     es__batch_lane **out, es_error *err);
-    void (*lane_write)(es__batch_lane *lane, es__commit_item **items,
-                       size_t n, es__batch_done done, void *ud);
-    void (*lane_close)(es__batch_lane *lane);
-    /* Commit lanes the host uses by default with write_batch; 0: the
-     * host's default for a database (several lanes overlap round trips).
-     * The memory store says 1: its writes hold one lock, and more lane
-     * threads only contend for it (bench/bench_host.c). */
-    unsigned batch_lanes;
-    /* Optional: a transaction on a connection of the caller's own, kept
-     * in *slot between transactions (NULL at first; a broken one is
-     * closed and replaced), never one of the pool's, for writes off the
-     * command path that may be lost in a crash (snapshots, a cache): it
-     * does not wait for the WAL flush.  background_close closes the
-     * connection in a slot (NULL: no-op).  NULL: es_store_begin. */
-    int (*begin_background)(es_store *store, void **slot, es_txn **out,
-                            es_error *err);
-    void (*background_close)(es_store *store, void *conn);
-    /* The outbox (each in a transaction of its own; see outbox.h).
-     * claim: among pending messages matching a filter, due at now_ms,
-     * unclaimed or with an expired claim, and with no earlier matching
-     * pending message of the same aggregate, take up to max: attempts+1,
-     * claimed by owner until now_ms + lease_ms.  A message whose expired
-     * claims used up max_attempts becomes dead instead.
-     * finish: only while owner holds the claim (else ES_ECONFLICT). */
-    int (*outbox_claim)(es_store *store, const char *owner, int64_t now_ms,
-                        int64_t lease_ms, uint32_t max_attempts,
-                        const struct es__outbox_filter *filters,
-                        size_t n_filters, size_t max,
-                        es_outbox_entry_list **out, es_error *err);
-    int (*outbox_finish)(es_store *store, const es_uuid *id,
-                         const char *owner, es_outbox_status status,
-                         int64_t now_ms, int64_t next_attempt_ms,
-                         const char *error, es_error *err);
-    /* Optional (NULL: outbox_finish one by one): n verdicts in one write,
-     * each only while owner holds its claim; *lost counts the others. */
-    int (*outbox_finish_many)(es_store *store, const char *owner,
-                              int64_t now_ms, const es__outbox_outcome *v,
-                              size_t n, size_t *lost, es_error *err);
-    int (*outbox_list)(es_store *store, es_outbox_status status, size_t limit,
-                       es_outbox_entry_list **out, es_error *err);
-    int (*outbox_get)(es_store *store, const es_uuid *id,
-                      es_outbox_entry **out, es_error *err);
-    int (*outbox_requeue)(es_store *store, const es_uuid *id,
-                          const char *type_name, int32_t kind, int64_t now_ms,
-                          size_t *count, es_error *err);
+} es__core_ops;
+
+/* Command-id records (the host's idempotency).  Optional: a backend may
+ * have none (es_store_ops.commands NULL, or insert and get NULL), and the
+ * host then remembers command ids only while they are in flight.  insert
+ * skips ids that exist (ON CONFLICT DO NOTHING) and says which went in;
+ * get finds a record by command id alone: unlike an event id, a command
+ * id is unique across aggregates (the same id sent to another aggregate
+ * is ES_EIDEMPOTENCY), so its table is keyed, and distributable, by
+ * command id (*out: one allocation, es__free; ES_ENOTFOUND when
+ * unknown). */
+typedef struct es__command_ops {
+    int (*insert)(es_txn *txn, const es__command_record *recs, size_t n,
+                  bool *inserted, es_error *err);
+    int (*get)(es_txn *txn, const es_uuid *command_id,
+               es__command_record **out, es_error *err);
+    /* Optional: delete at most limit records written before before_ms
+     * (Unix ms), in one short transaction; *count says how many. */
+    int (*purge)(es_store *store, int64_t before_ms, size_t limit,
+                 size_t *count, es_error *err);
+} es__command_ops;
+
+/* The outbox (each call in a transaction of its own; see outbox.h).
+ * claim: among pending messages matching a filter, due at now_ms,
+ * unclaimed or with an expired claim, and with no earlier matching
+ * pending message of the same aggregate, take up to max: attempts+1,
+ * claimed by owner until now_ms + lease_ms.  A message whose expired
+ * claims used up max_attempts becomes dead instead.  finish: only while
+ * owner holds the claim (else ES_ECONFLICT). */
+typedef struct es__outbox_ops {
+    int (*claim)(es_store *store, const char *owner, int64_t now_ms,
+                 int64_t lease_ms, uint32_t max_attempts,
+                 const struct es__outbox_filter *filters, size_t n_filters,
+                 size_t max, es_outbox_entry_list **out, es_error *err);
+    int (*finish)(es_store *store, const es_uuid *id, const char *owner,
+                  es_outbox_status status, int64_t now_ms,
+                  int64_t next_attempt_ms, const char *error, es_error *err);
+    /* Optional (NULL: finish one by one): n verdicts in one write, each
+     * only while owner holds its claim; *lost counts the others. */
+    int (*finish_many)(es_store *store, const char *owner, int64_t now_ms,
+                       const es__outbox_outcome *v, size_t n, size_t *lost,
+                       es_error *err);
+    int (*list)(es_store *store, es_outbox_status status, size_t limit,
+                es_outbox_entry_list **out, es_error *err);
+    int (*get)(es_store *store, const es_uuid *id, es_outbox_entry **out,
+               es_error *err);
+    int (*requeue)(es_store *store, const es_uuid *id, const char *type_name,
+                   int32_t kind, int64_t now_ms, size_t *count,
+                   es_error *err);
     /* Delete at most limit done messages finished before before_ms, the
      * oldest first, in one short transaction; *count says how many. */
-    int (*outbox_purge)(es_store *store, int64_t before_ms, size_t limit,
-                        size_t *count, es_error *err);
-    int (*outbox_stats)(es_store *store, int64_t now_ms,
-                        es_outbox_stats *out, es_error *err);
+    int (*purge)(es_store *store, int64_t before_ms, size_t limit,
+                 size_t *count, es_error *err);
+    int (*stats)(es_store *store, int64_t now_ms, es_outbox_stats *out,
+                 es_error *err);
     /* Optional (NULL: commits of this process only, through the commit
-     * listeners).  outbox_watch starts a watch that calls fn for commits
-     * of side effects by any process, reconnecting after a loss (first
-     * after 100 ms, doubling up to retry_max_ms); it succeeds even while
-     * the database is unreachable.  outbox_unwatch stops it: fn is not
-     * running and is never called again when it returns.  NULL is a
-     * no-op. */
-    int (*outbox_watch)(es_store *store, int64_t retry_max_ms,
-                        es__watch_fn fn, void *ud, es__outbox_watch **out,
-                        es_error *err);
-    void (*outbox_unwatch)(es__outbox_watch *watch);
+     * listeners).  watch starts a watch that calls fn for commits of
+     * side effects by any process, reconnecting after a loss (first after
+     * 100 ms, doubling up to retry_max_ms, each wait jittered); it
+     * succeeds even while the database is unreachable.  unwatch stops it:
+     * fn is not running and is never called again when it returns.  NULL
+     * is a no-op. */
+    int (*watch)(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
+                 void *ud, es__outbox_watch **out, es_error *err);
+    void (*unwatch)(es__outbox_watch *watch);
+} es__outbox_ops;
+
+/* The layout of es_store_ops this library reads.  A member added later
+ * comes with a higher version, and store.c reads it only from a table
+ * whose version says it is there. */
+#define ES__STORE_OPS_VERSION 1
+
+struct es__batch_ops; /* store/batch_ops.h */
+struct es__read_ops;  /* store/read_ops.h */
+
+typedef struct es_store_ops {
+    const char *name;
+    unsigned version; /* ES__STORE_OPS_VERSION */
+    const es__txn_ops *txn;
+    const es__core_ops *core;
+    const es__command_ops *commands; /* optional */
+    /* Optional: the batch writer and its commit lanes on a libevent loop
+     * (store/batch_ops.h), for the host. */
+    const struct es__batch_ops *batch;
+    const es__outbox_ops *outbox; /* optional: NULL, no outbox */
     /* Optional: the read side (store/read_ops.h); NULL: the backend has
      * no global order, and es_store_read_all answers ES_EINVAL. */
     const struct es__read_ops *read;
@@ -341,11 +306,11 @@ int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
                                 const es_side_effect *items, size_t n,
                                 es_error *err);
 
+/* es_store_begin with the backend's begin_bounded, when it has one. */
+int es__store_begin_bounded(es_store *store, es_txn **out, es_error *err);
 /* A transaction for a background writer on a connection of its own (the
  * begin_background op), or es_store_begin when the backend has none.
  * *slot starts NULL; es__store_background_close(store, slot) ends it. */
-/* es_store_begin with the backend's begin_bounded, when it has one. */
-int es__store_begin_bounded(es_store *store, es_txn **out, es_error *err);
 int es__store_begin_background(es_store *store, void **slot, es_txn **out,
                                es_error *err);
 void es__store_background_close(es_store *store, void **slot);
@@ -398,25 +363,10 @@ int es__side_effect_list_push(es_side_effect_list *list, size_t *cap,
 
 /* The backend's name ("memory", "postgres"). */
 const char *es__store_name(const es_store *store);
-/* ops->store_snapshot, without es_txn_store_snapshot's checks. */
+/* core->store_snapshot, without es_txn_store_snapshot's checks. */
 int es__txn_store_snapshot(es_txn *txn, const es_snapshot *snap,
                            es_error *err);
-/* True when the backend has a batch writer (write_batch). */
-bool es__store_has_batch_writer(const es_store *store);
-/* write_batch (see es_store_ops); only when es__store_has_batch_writer. */
-size_t es__store_write_batch(es_store *store, void **slot,
-                             es__commit_item **items, size_t n);
-/* The backend's default number of commit lanes (0: the host's). */
-unsigned es__store_batch_lanes(const es_store *store);
-/* lane_open; *out = NULL and 0 on a backend without asynchronous lanes. */
-int es__store_lane_open(es_store *store, struct event_base *base,
-                        es__batch_lane **out, es_error *err);
-/* lane_write and lane_close of a lane es__store_lane_open made. */
-void es__store_lane_write(es_store *store, es__batch_lane *lane,
-                          es__commit_item **items, size_t n,
-                          es__batch_done done, void *ud);
-void es__store_lane_close(es_store *store, es__batch_lane *lane);
-/* True when the backend has an outbox (outbox_claim and the others). */
+/* True when the backend has an outbox (es_store_ops.outbox). */
 bool es__store_has_outbox(const es_store *store);
 int es__store_outbox_claim(es_store *store, const char *owner,
                            int64_t now_ms, int64_t lease_ms,
@@ -448,11 +398,11 @@ int es__store_outbox_stats(es_store *store, int64_t now_ms,
 /* True when the backend can watch for other processes' commits (else
  * commits of this process only, through the commit listeners). */
 bool es__store_has_outbox_watch(const es_store *store);
-/* outbox_watch; only when es__store_has_outbox_watch. */
+/* outbox->watch; only when es__store_has_outbox_watch. */
 int es__store_outbox_watch(es_store *store, int64_t retry_max_ms,
                            es__watch_fn fn, void *ud, es__outbox_watch **out,
                            es_error *err);
-/* outbox_unwatch; NULL is a no-op. */
+/* outbox->unwatch; NULL is a no-op. */
 void es__store_outbox_unwatch(es_store *store, es__outbox_watch *watch);
 
 #endif

@@ -24,6 +24,7 @@
 #include "fixtures/account.h"
 #include "fixtures/helpers.h"
 #include "fixtures/pg.h"
+#include "store/batch_ops.h"
 #include "store/store_impl.h"
 
 static PGconn *g_sql;
@@ -370,7 +371,7 @@ static void test_pg_keys_batch_ids(void **state)
     fixture_pg_random_name(schema, sizeof schema, "es_batch_");
     es_store *store = NULL;
     assert_int_equal(fixture_pg_open(schema, &store), 0);
-    assert_non_null(store->ops->write_batch);
+    assert_true(es__store_has_batch_writer(store));
     es_uuid agg[5], cmd[5];
     for (int i = 0; i < 5; i++) {
         es_uuid_v7(&agg[i]);
@@ -383,7 +384,7 @@ static void test_pg_keys_batch_ids(void **state)
     batch_row_init(&rows[1], &agg[1], 0, &cmd[1]);
     rows[1].ev.id = rows[0].ev.id; /* one event id, two aggregates */
     es__commit_item *items[3] = {&rows[0].item, &rows[1].item};
-    assert_int_equal(store->ops->write_batch(store, &slot, items, 2), 1);
+    assert_int_equal(es__store_write_batch(store, &slot, items, 2), 1);
     assert_int_equal(rows[0].item.status, 0);
     assert_int_equal(rows[1].item.status, 0);
 
@@ -393,11 +394,11 @@ static void test_pg_keys_batch_ids(void **state)
     items[0] = &rows[2].item;
     items[1] = &rows[3].item;
     items[2] = &rows[4].item;
-    assert_true(store->ops->write_batch(store, &slot, items, 3) >= 1);
+    assert_true(es__store_write_batch(store, &slot, items, 3) >= 1);
     assert_int_equal(rows[2].item.status, ES_EIDEMPOTENCY);
     assert_int_equal(rows[3].item.status, ES_EIDEMPOTENCY);
     assert_int_equal(rows[4].item.status, 0);
-    store->ops->background_close(store, slot);
+    es__store_background_close(store, &slot);
 
     char q[200];
     snprintf(q, sizeof q, "SELECT count(*) FROM \"%s\".events", schema);

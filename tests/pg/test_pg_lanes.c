@@ -25,6 +25,7 @@
 
 #include "eventastic.h"
 #include "fixtures/counter.h"
+#include "store/batch_ops.h"
 #include "store/store_impl.h"
 #include "fixtures/pg.h"
 #include "fixtures/pg_stop.h"
@@ -662,7 +663,7 @@ static void test_pg_lanes_prepared_after_reconnect(void **state)
     for (int i = 0; i < 3; i++) {
         batch_one_init(&b[i]);
         es__commit_item *it = &b[i].item;
-        assert_int_equal(store->ops->write_batch(store, &conn, &it, 1), 1);
+        assert_int_equal(es__store_write_batch(store, &conn, &it, 1), 1);
         assert_int_equal(b[i].item.status, 0);
         assert_non_null(conn);
         assert_int_equal(prepared_batch_statements(conn), 3);
@@ -677,7 +678,7 @@ static void test_pg_lanes_prepared_after_reconnect(void **state)
     assert_int_equal(pid[0], pid[1]); /* kept, prepared once */
     assert_int_not_equal(pid[1], pid[2]); /* a new one, prepared again */
     PQfinish(admin);
-    store->ops->background_close(store, conn);
+    es__store_background_close(store, &conn);
 }
 
 /* ---- half-open connections: the lane's backend frozen (SIGSTOP) ----

@@ -504,9 +504,9 @@ static void test_outbox_expired_claim_is_taken_over(void **st)
      * expires. */
     es__outbox_filter f = {"job", ES_OUTBOX_ANY_KIND};
     es_outbox_entry_list *claimed = NULL;
-    assert_int_equal(store->ops->outbox_claim(store, "dead-dispatcher",
-                                              c.now, 30000, 2, &f, 1, 10,
-                                              &claimed, NULL), 0);
+    assert_int_equal(es__store_outbox_claim(store, "dead-dispatcher", c.now,
+                                            30000, 2, &f, 1, 10, &claimed,
+                                            NULL), 0);
     assert_int_equal(claimed->count, 1);
     es_outbox_entry_list_free(claimed);
     size_t n = 0;
@@ -521,19 +521,19 @@ static void test_outbox_expired_claim_is_taken_over(void **st)
     es_outbox_entry_list *done = NULL;
     assert_int_equal(es_outbox_list(store, ES_OUTBOX_DONE, 0, &done, NULL), 0);
     assert_int_equal(done->count, 1);
-    assert_int_equal(store->ops->outbox_finish(store,
-                                               &done->items[0].side_effect.id,
-                                               "dead-dispatcher",
-                                               ES_OUTBOX_DONE, c.now, 0, NULL,
-                                               NULL), ES_ECONFLICT);
-    if (store->ops->outbox_finish_many != NULL) {
+    assert_int_equal(es__store_outbox_finish(store,
+                                             &done->items[0].side_effect.id,
+                                             "dead-dispatcher",
+                                             ES_OUTBOX_DONE, c.now, 0, NULL,
+                                             NULL), ES_ECONFLICT);
+    if (es__store_has_outbox_finish_many(store)) {
         /* Also when written with others: counted lost, nothing changed. */
         es__outbox_outcome v = {.id = done->items[0].side_effect.id,
                                 .status = ES_OUTBOX_PENDING,
                                 .next_attempt_ms = c.now,
                                 .error = "late"};
         size_t lost = 0;
-        assert_int_equal(store->ops->outbox_finish_many(
+        assert_int_equal(es__store_outbox_finish_many(
                              store, "dead-dispatcher", c.now, &v, 1, &lost,
                              NULL), 0);
         assert_int_equal(lost, 1);
@@ -547,9 +547,9 @@ static void test_outbox_expired_claim_is_taken_over(void **st)
     /* Abandoned on every attempt: a dead letter with the reason. */
     store_job(store, &job_type, &b, two, 1, true);
     for (int i = 0; i < 2; i++) {
-        assert_int_equal(store->ops->outbox_claim(store, "crashy", c.now,
-                                                  100, 2, &f, 1, 10, &claimed,
-                                                  NULL), 0);
+        assert_int_equal(es__store_outbox_claim(store, "crashy", c.now, 100,
+                                                2, &f, 1, 10, &claimed,
+                                                NULL), 0);
         assert_int_equal(claimed->count, 1);
         es_outbox_entry_list_free(claimed);
         c.now += 101;

@@ -19,6 +19,7 @@
 #include "core/internal.h"
 #include "eventastic.h"
 #include "eventastic/host.h"
+#include "store/batch_ops.h"
 #include "store/store_impl.h"
 #include "fixtures/faults.h"
 
@@ -1521,22 +1522,22 @@ static size_t gated_write_batch(es_store *store, void **slot,
                                 es__commit_item **items, size_t n)
 {
     commit_gate_pass();
-    return fixture_fault_inner->write_batch(store, slot, items, n);
+    return fixture_fault_inner->batch->write(store, slot, items, n);
 }
 
 static int gated_commit(es_txn *txn, es_error *err)
 {
     commit_gate_pass();
-    return fixture_fault_inner->commit(txn, err);
+    return fixture_fault_inner->txn->commit(txn, err);
 }
 
 static void gate_commits(es_store *store, bool command_ids)
 {
     fixture_faults_wrap(store, command_ids, false);
-    if (fixture_fault_ops.write_batch != NULL)
-        fixture_fault_ops.write_batch = gated_write_batch;
+    if (fixture_fault_ops.batch != NULL && fixture_fault_batch.write != NULL)
+        fixture_fault_batch.write = gated_write_batch;
     else
-        fixture_fault_ops.commit = gated_commit;
+        fixture_fault_txn.commit = gated_commit;
 }
 
 static void unwrap_store(es_store *store) { fixture_faults_unwrap(store); }
@@ -1556,7 +1557,7 @@ static int gated_store_snapshot(es_txn *txn, const es_snapshot *snap,
     while (!snap_gate_open)
         pthread_cond_wait(&snap_gate_cond, &snap_gate_lock);
     pthread_mutex_unlock(&snap_gate_lock);
-    return fixture_fault_inner->store_snapshot(txn, snap, err);
+    return fixture_fault_inner->core->store_snapshot(txn, snap, err);
 }
 
 /* Snapshot writing never delays an acknowledgement: with every snapshot
@@ -1574,7 +1575,7 @@ static void test_host_snapshots_never_delay_acknowledgements(void **state)
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
     fixture_faults_wrap(store, true, false);
-    fixture_fault_ops.store_snapshot = gated_store_snapshot;
+    fixture_fault_core.store_snapshot = gated_store_snapshot;
     snap_gate_open = false;
     snap_waiting = 0;
     open_host(&w, store, 2, tune_snapshot_every_event);
@@ -1632,8 +1633,9 @@ static int faulty_get_snapshot(es_txn *txn, const char *type_name,
 {
     int rc = load_fault_status(aggregate_id, err);
     if (rc != 0) return rc;
-    return fixture_fault_inner->get_snapshot(txn, type_name, aggregate_id,
-                                             snapshot_version, out, err);
+    return fixture_fault_inner->core->get_snapshot(txn, type_name,
+                                                   aggregate_id,
+                                                   snapshot_version, out, err);
 }
 
 static int faulty_stream(es_txn *txn, const char *type_name,
@@ -1643,8 +1645,8 @@ static int faulty_stream(es_txn *txn, const char *type_name,
 {
     int rc = load_fault_status(aggregate_id, err);
     if (rc != 0) return rc;
-    return fixture_fault_inner->stream(txn, type_name, aggregate_id,
-                                       from_version, fn, ud, err);
+    return fixture_fault_inner->core->stream(txn, type_name, aggregate_id,
+                                             from_version, fn, ud, err);
 }
 
 #define PARKED_CMDS 20
@@ -1697,8 +1699,8 @@ static void test_host_load_waits_out_outage(void **state)
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
     fixture_faults_wrap(store, true, false);
-    fixture_fault_ops.get_snapshot = faulty_get_snapshot;
-    fixture_fault_ops.stream = faulty_stream;
+    fixture_fault_core.get_snapshot = faulty_get_snapshot;
+    fixture_fault_core.stream = faulty_stream;
     atomic_store(&load_lost, false);
     bad_row_key = w.keys[2];
     open_host(&w, store, 1, NULL);
@@ -2738,7 +2740,7 @@ static void test_host_memory_batch_isolates_failures(void **state)
     (void)state;
     es_store *store = NULL;
     assert_int_equal(es_memory_store_open(&store, NULL), 0);
-    assert_non_null(store->ops->write_batch);
+    assert_true(es__store_has_batch_writer(store));
     es_uuid agg[6], cmd[7];
     for (int i = 0; i < 6; i++) es_uuid_v7(&agg[i]);
     for (int i = 0; i < 7; i++) es_uuid_v7(&cmd[i]);
@@ -2747,7 +2749,7 @@ static void test_host_memory_batch_isolates_failures(void **state)
     /* aggregate 0 already has version 0 */
     batch_row_init(&rows[0], &groups[0], &agg[0], 0, 1, &cmd[0]);
     es__commit_item *first = &rows[0].item;
-    assert_int_equal(store->ops->write_batch(store, NULL, &first, 1), 1);
+    assert_int_equal(es__store_write_batch(store, NULL, &first, 1), 1);
     assert_int_equal(rows[0].item.status, 0);
 
     batch_row_init(&rows[1], &groups[1], &agg[1], 0, 2, &cmd[1]); /* ok */
@@ -2760,7 +2762,7 @@ static void test_host_memory_batch_isolates_failures(void **state)
     batch_row_init(&rows[6], &groups[4], &agg[4], 0, 1, &cmd[6]); /* ok */
     es__commit_item *items[6];
     for (int i = 0; i < 6; i++) items[i] = &rows[i + 1].item;
-    assert_int_equal(store->ops->write_batch(store, NULL, items, 6), 1);
+    assert_int_equal(es__store_write_batch(store, NULL, items, 6), 1);
     assert_int_equal(rows[1].item.status, 0);
     assert_int_equal(rows[2].item.status, ES_ECONFLICT);
     assert_int_equal(rows[3].item.status, ES_ECONFLICT);

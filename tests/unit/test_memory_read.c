@@ -24,6 +24,7 @@
 #include "fixtures/counter.h"
 #include "fixtures/helpers.h"
 #include "store/read_ops.h"
+#include "store/batch_ops.h"
 #include "store/store_impl.h"
 
 #define CHECK(call)                                                          \
@@ -169,7 +170,7 @@ static int raw_write(es_store *store, raw_item **items, size_t n,
     es__commit_item *its[8];
     for (size_t i = 0; i < n; i++) its[i] = &items[i]->it;
     void *slot = NULL;
-    store->ops->write_batch(store, &slot, its, n);
+    es__store_write_batch(store, &slot, its, n);
     for (size_t i = 0; i < n; i++) {
         if (its[i]->status != 0) return its[i]->status;
         for (size_t k = 0; want != NULL && k < its[i]->n_events; k++) {

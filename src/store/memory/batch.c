@@ -1,5 +1,5 @@
 /*
- * The memory store's batch writer (the host's write_batch): many
+ * The memory store's batch writer (es__batch_ops.write): many
  * commands' items checked and linked under one hold of the lock, without
  * a transaction's pending copies.
  */

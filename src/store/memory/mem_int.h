@@ -22,7 +22,7 @@
  *   write.c   writes in a transaction: events, side effects, snapshots,
  *             command-id records
  *   outbox.c  the outbox: claim, finish, list, requeue, purge, stats
- *   batch.c   the host's batch writer (write_batch)
+ *   batch.c   the host's batch writer (batch_ops.h's write)
  *   log.c     the global order of events and the checkpoints (the read
  *             side, store/read_ops.h)
  *   store.c   open, close, retention of command ids, the ops table
@@ -35,6 +35,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "store/batch_ops.h"
 #include "store/ptrmap.h"
 #include "store/read_ops.h"
 #include "store/store_impl.h"

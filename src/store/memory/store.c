@@ -63,14 +63,16 @@ static int mem_purge_commands(es_store *store, int64_t before_ms,
     return 0;
 }
 
-static const es_store_ops memory_ops = {
-    .name = "memory",
+static const es__txn_ops memory_txn = {
     .begin = es__mem_begin,
     .commit = es__mem_commit,
     .rollback = es__mem_rollback,
     .savepoint = es__mem_savepoint,
     .rollback_to = es__mem_rollback_to,
     .release = es__mem_release,
+};
+
+static const es__core_ops memory_core = {
     .stream = es__mem_stream,
     .get_event = es__mem_get_event,
     .insert_events = es__mem_insert_events,
@@ -79,18 +81,39 @@ static const es_store_ops memory_ops = {
     .store_snapshot = es__mem_store_snapshot,
     .delete_snapshots = es__mem_delete_snapshots,
     .list_side_effects = es__mem_list_side_effects,
-    .insert_commands = es__mem_insert_commands,
-    .get_command = es__mem_get_command,
-    .write_batch = es__mem_write_batch,
-    .batch_lanes = 1,
-    .outbox_claim = es__mem_outbox_claim,
-    .outbox_finish = es__mem_outbox_finish,
-    .outbox_list = es__mem_outbox_list,
-    .outbox_get = es__mem_outbox_get,
-    .outbox_requeue = es__mem_outbox_requeue,
-    .outbox_purge = es__mem_outbox_purge,
-    .purge_commands = mem_purge_commands,
-    .outbox_stats = es__mem_outbox_stats,
+};
+
+static const es__command_ops memory_commands = {
+    .insert = es__mem_insert_commands,
+    .get = es__mem_get_command,
+    .purge = mem_purge_commands,
+};
+
+/* One lane: the store's writes hold one lock (see es__batch_ops.lanes);
+ * no asynchronous lanes, the host runs write on its commit loop. */
+static const es__batch_ops memory_batch = {
+    .lanes = 1,
+    .write = es__mem_write_batch,
+};
+
+static const es__outbox_ops memory_outbox = {
+    .claim = es__mem_outbox_claim,
+    .finish = es__mem_outbox_finish,
+    .list = es__mem_outbox_list,
+    .get = es__mem_outbox_get,
+    .requeue = es__mem_outbox_requeue,
+    .purge = es__mem_outbox_purge,
+    .stats = es__mem_outbox_stats,
+};
+
+static const es_store_ops memory_ops = {
+    .name = "memory",
+    .version = ES__STORE_OPS_VERSION,
+    .txn = &memory_txn,
+    .core = &memory_core,
+    .commands = &memory_commands,
+    .batch = &memory_batch,
+    .outbox = &memory_outbox,
     .read = &es__mem_read_ops,
     .close = mem_close,
 };

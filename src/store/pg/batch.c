@@ -37,25 +37,6 @@ static rowref *rowref_find(rowref *refs, size_t n, const es_uuid *id,
     return bsearch(&key, refs, n, sizeof *refs, rowref_cmp);
 }
 
-void es__pg_batch_fail_group(es__commit_item **items, size_t n, size_t from,
-                             int status)
-{
-    const void *group = items[from]->group;
-    items[from]->status = status;
-    for (size_t j = from + 1; j < n; j++)
-        if (items[j]->group == group &&
-            items[j]->status == ES__COMMIT_PENDING)
-            items[j]->status = ES_ECONFLICT;
-}
-
-/* The connection broke, or the server is ending it (shutdown, a
- * terminated backend): worth a try on a new connection. */
-bool es__pg_lost_state(const es_error *err)
-{
-    return strncmp(err->sqlstate, "08", 2) == 0 ||
-           strncmp(err->sqlstate, "57P0", 4) == 0;
-}
-
 int es__pg_dek_cmp(const void *a, const void *b)
 {
     return memcmp(((const dek_entry *)a)->agg.bytes,
@@ -164,7 +145,7 @@ int es__pg_build_events(pg_store *s, const batch_keys *keys,
         for (size_t j = 0; j < it->n_events; j++)
             if (it->events[j].version > INT64_MAX ||
                 it->events[j].len > MAX_PAYLOAD) {
-                es__pg_batch_fail_group(items, n, i, ES_EINVAL);
+                es__commit_fail_group(items, n, i, ES_EINVAL);
                 break;
             }
         if (it->status == ES__COMMIT_PENDING) rows += it->n_events;
@@ -224,7 +205,7 @@ static void fail_unreturned(es__commit_item **items, size_t n,
 {
     for (size_t j = 0; j < p->rows; j++)
         if (!in[j] && items[p->refs[j].item]->status == ES__COMMIT_PENDING) {
-            es__pg_batch_fail_group(items, n, p->refs[j].item, status);
+            es__commit_fail_group(items, n, p->refs[j].item, status);
             *failed = true;
         }
 }
@@ -248,7 +229,7 @@ int es__pg_apply_events(es__commit_item **items, size_t n, const pstmt *p,
             for (size_t j = 0; j < n; j++)
                 if (items[j]->status == ES__COMMIT_PENDING &&
                     es_uuid_equal(&items[j]->aggregate_id, &agg)) {
-                    es__pg_batch_fail_group(items, n, j, ES_EWRONGTYPE);
+                    es__commit_fail_group(items, n, j, ES_EWRONGTYPE);
                     *failed = true;
                 }
             continue;
@@ -328,7 +309,7 @@ int es__pg_build_side_effects(pg_store *s, const batch_keys *keys,
         if (it->status != ES__COMMIT_PENDING) continue;
         for (size_t j = 0; j < it->n_side_effects; j++)
             if (it->side_effects[j].len > MAX_PAYLOAD) {
-                es__pg_batch_fail_group(items, n, i, ES_EINVAL);
+                es__commit_fail_group(items, n, i, ES_EINVAL);
                 break;
             }
         if (it->status == ES__COMMIT_PENDING) rows += it->n_side_effects;

@@ -376,10 +376,10 @@ bool es__pg_commit_cut(const PGresult *r)
 }
 
 /* A transaction on the caller's own connection (see begin_background in
- * store_impl.h): a pooled connection is never taken, so a background
- * writer never makes the commit lanes or loads wait for the pool, and
- * its commits do not wait for the WAL flush (synchronous_commit off: a
- * crash may lose the last ones, which only a cache may). */
+ * store_impl.h's es__txn_ops): a pooled connection is never taken, so a
+ * background writer never makes the commit lanes or loads wait for the
+ * pool, and its commits do not wait for the WAL flush (synchronous_commit
+ * off: a crash may lose the last ones, which only a cache may). */
 int es__pg_begin_background(es_store *store, void **slot, es_txn **out,
                             es_error *err)
 {

@@ -52,6 +52,7 @@
  *
  * IDLE at the end of a batch means lane_finish: done() is called.
  */
+#include "core/backoff.h"
 #include "store/pg/pg_int.h"
 
 /* A connection attempt that makes no progress for this long fails (libpq
@@ -408,13 +409,6 @@ static void lane_resolve(pg_lane *l, const es__command_record *probe,
 
 /* ---- a batch ---- */
 
-static bool any_pending(es__commit_item **items, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (items[i]->status == ES__COMMIT_PENDING) return true;
-    return false;
-}
-
 /* Sets every item still status `from` to `to`, with `why`. */
 static void batch_mark(es__commit_item **items, size_t n, int from, int to,
                        const char *why)
@@ -457,7 +451,7 @@ static void txn_next(pg_lane *l);
  * left to the generic writer, which can pin it on one item. */
 void es__pg_txn_failed(pg_lane *l)
 {
-    if (!es__pg_lost_state(&l->err)) {
+    if (!es__unreachable(&l->err)) {
         lane_finish(l);
         return;
     }
@@ -591,7 +585,7 @@ static void txn_written(pg_lane *l, bool ok)
         return;
     }
     l->first = false;
-    if (!any_pending(l->items, l->n)) {
+    if (!es__commit_any_pending(l->items, l->n)) {
         es__pg_txn_rollback(l); /* nothing left to commit */
         return;
     }
@@ -614,7 +608,7 @@ void es__pg_txn_write(pg_lane *l)
     if (rc == 0)
         rc = es__pg_build_side_effects(l->s, &l->keys, l->items, l->n,
                                        &l->st[2], &l->err);
-    if (rc != 0 || !any_pending(l->items, l->n)) {
+    if (rc != 0 || !es__commit_any_pending(l->items, l->n)) {
         es__pg_txn_rollback(l);
         return;
     }
@@ -643,7 +637,7 @@ void es__pg_txn_write(pg_lane *l)
         if (l->st[i].rows > 0 &&
             es__pg_pstmt_send(l->conn, &l->st[i], &l->err) != 0)
             sent = false;
-    if (!sent && l->err.code != 0 && !es__pg_lost_state(&l->err) &&
+    if (!sent && l->err.code != 0 && !es__unreachable(&l->err) &&
         PQstatus(l->conn) == CONNECTION_OK) {
         /* a batch too large for one statement: nothing was sent yet */
         PQexitPipelineMode(l->conn);
@@ -669,7 +663,7 @@ static void txn_connected(pg_lane *l, bool ok)
 /* One transaction over the pending items (none left: the batch ends). */
 static void txn_next(pg_lane *l)
 {
-    if (!any_pending(l->items, l->n)) {
+    if (!es__commit_any_pending(l->items, l->n)) {
         lane_finish(l);
         return;
     }

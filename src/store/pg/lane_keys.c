@@ -24,7 +24,7 @@ static void keys_fail(pg_lane *l, const es_uuid *agg, int status)
                     es_uuid_equal(&it->aggregate_id, agg);
         for (size_t j = 0; !uses && j < it->n_side_effects; j++)
             uses = es_uuid_equal(&it->side_effects[j].aggregate_id, agg);
-        if (uses) es__pg_batch_fail_group(l->items, l->n, i, status);
+        if (uses) es__commit_fail_group(l->items, l->n, i, status);
     }
 }
 

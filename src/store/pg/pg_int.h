@@ -58,6 +58,7 @@
 #include "store/pg/conninfo.h"
 #include "store/pg/migrations.h"
 #include "store/pg/statements.h"
+#include "store/batch_ops.h"
 #include "store/read_ops.h"
 #include "store/store_impl.h"
 
@@ -489,9 +490,6 @@ int es__pg_outbox_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
 void es__pg_outbox_unwatch(es__outbox_watch *w);
 
 /* batch.c */
-void es__pg_batch_fail_group(es__commit_item **items, size_t n, size_t from,
-                             int status);
-bool es__pg_lost_state(const es_error *err);
 int es__pg_dek_cmp(const void *a, const void *b);
 void es__pg_batch_keys_free(batch_keys *k);
 typedef struct batch_stmt {

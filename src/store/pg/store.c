@@ -26,8 +26,7 @@ static void pg_close(es_store *store)
     es__free(s);
 }
 
-const es_store_ops es__pg_ops = {
-    .name = "postgres",
+static const es__txn_ops pg_txn_ops = {
     .begin = es__pg_begin,
     .begin_bounded = es__pg_begin_bounded,
     .commit = es__pg_commit,
@@ -35,6 +34,11 @@ const es_store_ops es__pg_ops = {
     .savepoint = es__pg_savepoint,
     .rollback_to = es__pg_rollback_to,
     .release = es__pg_release,
+    .begin_background = es__pg_begin_background,
+    .background_close = es__pg_background_close,
+};
+
+static const es__core_ops pg_core_ops = {
     .stream = es__pg_stream,
     .get_event = es__pg_get_event,
     .insert_events = es__pg_insert_events,
@@ -43,25 +47,43 @@ const es_store_ops es__pg_ops = {
     .store_snapshot = es__pg_store_snapshot,
     .delete_snapshots = es__pg_delete_snapshots,
     .list_side_effects = es__pg_list_side_effects,
-    .outbox_claim = es__pg_outbox_claim,
-    .outbox_finish = es__pg_outbox_finish,
-    .outbox_finish_many = es__pg_outbox_finish_many,
-    .outbox_list = es__pg_outbox_list,
-    .outbox_get = es__pg_outbox_get,
-    .outbox_requeue = es__pg_outbox_requeue,
-    .outbox_purge = es__pg_outbox_purge,
-    .outbox_stats = es__pg_outbox_stats,
-    .outbox_watch = es__pg_outbox_watch,
-    .outbox_unwatch = es__pg_outbox_unwatch,
-    .insert_commands = es__pg_insert_commands,
-    .get_command = es__pg_get_command,
-    .purge_commands = es__pg_purge_commands,
-    .write_batch = es__pg_write_batch,
+};
+
+static const es__command_ops pg_command_ops = {
+    .insert = es__pg_insert_commands,
+    .get = es__pg_get_command,
+    .purge = es__pg_purge_commands,
+};
+
+/* lanes 0: the host's default for a database. */
+static const es__batch_ops pg_batch_ops = {
+    .write = es__pg_write_batch,
     .lane_open = es__pg_lane_open,
     .lane_write = es__pg_lane_write,
     .lane_close = es__pg_lane_close,
-    .begin_background = es__pg_begin_background,
-    .background_close = es__pg_background_close,
+};
+
+static const es__outbox_ops pg_outbox_ops = {
+    .claim = es__pg_outbox_claim,
+    .finish = es__pg_outbox_finish,
+    .finish_many = es__pg_outbox_finish_many,
+    .list = es__pg_outbox_list,
+    .get = es__pg_outbox_get,
+    .requeue = es__pg_outbox_requeue,
+    .purge = es__pg_outbox_purge,
+    .stats = es__pg_outbox_stats,
+    .watch = es__pg_outbox_watch,
+    .unwatch = es__pg_outbox_unwatch,
+};
+
+const es_store_ops es__pg_ops = {
+    .name = "postgres",
+    .version = ES__STORE_OPS_VERSION,
+    .txn = &pg_txn_ops,
+    .core = &pg_core_ops,
+    .commands = &pg_command_ops,
+    .batch = &pg_batch_ops,
+    .outbox = &pg_outbox_ops,
     .read = &es__pg_read_ops,
     .close = pg_close,
 };

@@ -2,7 +2,11 @@
  * The outbox watch of the PostgreSQL store: a thread that LISTENs on a
  * connection of its own and wakes the dispatchers on a NOTIFY.
  */
+#include "core/backoff.h"
 #include "store/pg/pg_int.h"
+
+/* The first wait after a failed connection, in ms. */
+#define WATCH_RETRY_MIN_MS 100
 
 /*
  * A thread in poll() on two descriptors: the connection's socket (a
@@ -10,14 +14,16 @@
  * says stop.  It never runs a statement but LISTEN, so it holds no lock
  * of the store and needs none: the store's pool never sees the
  * connection.  While disconnected it retries after 100 ms, doubling up to
- * retry_max_ms; the dispatcher keeps polling meanwhile, and is woken after
- * each (re)connection in case a notification was missed.
+ * retry_max_ms, each wait jittered (core/backoff.h) so that the watches
+ * of many processes cut off together do not come back together; the
+ * dispatcher keeps polling meanwhile, and is woken after each
+ * (re)connection in case a notification was missed.
  */
 struct es__outbox_watch {
     pg_store *s; /* borrowed: outlives the watch */
     es__watch_fn fn;
     void *ud;
-    int64_t retry_max_ms;
+    unsigned retry_max_ms;
     int stop[2]; /* a pipe: readable when the thread must end */
     pthread_t thread;
 };
@@ -88,18 +94,20 @@ static void *watch_main(void *arg)
 {
     es__outbox_watch *w = arg;
     PGconn *c = NULL;
-    int64_t delay = 100, next = 0; /* when to connect (monotonic ms) */
+    unsigned delay = WATCH_RETRY_MIN_MS;
+    int64_t next = 0; /* when to connect (monotonic ms) */
+    uint64_t rng = ((uint64_t)es__pg_mono_ms() ^ (uint64_t)(uintptr_t)w) | 1u;
     bool warned = false;
     for (;;) {
         if (c == NULL && es__pg_mono_ms() >= next) {
             c = watch_connect(w, &warned);
             if (c != NULL) {
-                delay = 100;
+                delay = WATCH_RETRY_MIN_MS;
                 w->fn(w->ud, false); /* we may have missed some */
             } else {
-                next = es__pg_mono_ms() + delay;
-                delay = delay * 2 > w->retry_max_ms ? w->retry_max_ms
-                                                    : delay * 2;
+                next = es__pg_mono_ms() + es__backoff_jitter(&rng, delay);
+                delay = es__backoff_grow(delay, WATCH_RETRY_MIN_MS,
+                                         w->retry_max_ms);
             }
         }
         struct pollfd f[2] = {{w->stop[0], POLLIN, 0},
@@ -123,7 +131,7 @@ static void *watch_main(void *arg)
             warned = true;
             PQfinish(c);
             c = NULL;
-            next = es__pg_mono_ms() + delay;
+            next = es__pg_mono_ms() + es__backoff_jitter(&rng, delay);
         }
     }
     if (c != NULL) PQfinish(c);
@@ -138,7 +146,9 @@ int es__pg_outbox_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
     w->s = (pg_store *)store;
     w->fn = fn;
     w->ud = ud;
-    w->retry_max_ms = retry_max_ms < 100 ? 100 : retry_max_ms;
+    w->retry_max_ms = retry_max_ms < WATCH_RETRY_MIN_MS ? WATCH_RETRY_MIN_MS
+                      : retry_max_ms > UINT_MAX    ? UINT_MAX
+                                                   : (unsigned)retry_max_ms;
     if (pipe2(w->stop, O_CLOEXEC) != 0) {
         es__free(w);
         return es__error_set(err, ES_EIO, "outbox: no pipe for the watch");
