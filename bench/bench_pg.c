@@ -55,6 +55,13 @@ typedef struct record {
     double ops_per_s, p50_us, p99_us, cpu_host_pct, cpu_pg_pct;
     uint64_t errors;
     uint64_t events, replayed; /* rehydration records only */
+    /* host_pg only: where a command's time went (p50 / p99 us per stage,
+     * from the host's metrics over the measured window), commands and
+     * round trips per batch, lanes busy when the window ended */
+    bool stages;
+    es_host_latency queue, decide, lane, write, commit, handback, total;
+    double per_batch, trips_per_batch;
+    uint64_t lanes_busy;
 } record;
 
 static es_store *open_store(size_t pool)
@@ -123,6 +130,9 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
     bench_load r;
     bench_load_start(&r, host, keys, 0, clients, true);
     bench_sleep_s(warm); /* the accounts are loaded */
+    es_host_metrics m0, m;
+    es_host_metrics_get(host, &m0);
+    es_host_metrics_reset_latencies(host);
     cpu_sample s0 = bench_cpu_sample();
     double t0 = bench_now_s();
     atomic_store(&r.done, 0);
@@ -131,21 +141,49 @@ static record host_point(es_host *host, unsigned lanes, unsigned clients,
     atomic_store(&r.measuring, false);
     double dt = bench_now_s() - t0;
     cpu_sample s1 = bench_cpu_sample();
+    es_host_metrics_get(host, &m);
     uint64_t done = atomic_load(&r.done);
     bench_load_stop(&r);
-    es_host_metrics m;
-    es_host_metrics_get(host, &m);
-    record rec = {"host_pg", 2, lanes, clients, keys, (double)done / dt, 0,
-                  0, 0, 0, atomic_load(&r.errors), 0, 0};
+    record rec;
+    memset(&rec, 0, sizeof rec);
+    rec.name = "host_pg";
+    rec.workers = 2;
+    rec.lanes = lanes;
+    rec.clients = clients;
+    rec.keys = keys;
+    rec.ops_per_s = (double)done / dt;
+    rec.errors = atomic_load(&r.errors);
     bench_cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
     bench_lat_percentiles(&rec.p50_us, &rec.p99_us);
+    rec.stages = true;
+    rec.queue = m.queue_wait;
+    rec.decide = m.decide;
+    rec.lane = m.lane_wait;
+    rec.write = m.batch_write;
+    rec.commit = m.batch_commit;
+    rec.handback = m.hand_back;
+    rec.total = m.total;
+    uint64_t batches = m.batches - m0.batches;
+    rec.per_batch = batches ? (double)(m.batch_items - m0.batch_items) /
+                                  (double)batches
+                            : 0.0;
+    rec.trips_per_batch = batches ? (double)(m.round_trips - m0.round_trips) /
+                                        (double)batches
+                                  : 0.0;
+    rec.lanes_busy = m.lanes_busy;
     fprintf(stderr, "  host_pg lanes %u clients %u: %.0f/s, p50 %.0f us, "
-            "p99 %.0f us, %.1f commands/batch since open, cpu host %.0f%% "
-            "pg %.0f%%, %llu errors\n", lanes, clients, rec.ops_per_s,
-            rec.p50_us, rec.p99_us,
-            m.batches ? (double)m.completed / (double)m.batches : 0.0,
-            rec.cpu_host_pct, rec.cpu_pg_pct,
-            (unsigned long long)rec.errors);
+            "p99 %.0f us, cpu host %.0f%% pg %.0f%%, %llu errors\n"
+            "    stages p50/p99 us: queue %.0f/%.0f  decide %.0f/%.0f  "
+            "lane %.0f/%.0f  write %.0f/%.0f (commit %.0f/%.0f)  "
+            "hand-back %.0f/%.0f  total %.0f/%.0f\n"
+            "    %.1f commands and %.1f round trips a batch\n", lanes,
+            clients, rec.ops_per_s, rec.p50_us, rec.p99_us, rec.cpu_host_pct,
+            rec.cpu_pg_pct, (unsigned long long)rec.errors, rec.queue.p50_us,
+            rec.queue.p99_us, rec.decide.p50_us, rec.decide.p99_us,
+            rec.lane.p50_us, rec.lane.p99_us, rec.write.p50_us,
+            rec.write.p99_us, rec.commit.p50_us, rec.commit.p99_us,
+            rec.handback.p50_us, rec.handback.p99_us, rec.total.p50_us,
+            rec.total.p99_us, rec.per_batch, rec.trips_per_batch);
     return rec;
 }
 
@@ -246,9 +284,9 @@ static record per_command_point(unsigned clients, uint64_t keys,
     pthread_barrier_destroy(&r.opened);
     free(cs);
     es_store_close(store);
-    record rec = {"per_command_pg", 0, 0, clients, keys,
-                  (double)atomic_load(&r.done) / dt, 0, 0, 0, 0,
-                  atomic_load(&r.errors), 0, 0};
+    record rec = {.name = "per_command_pg", .clients = clients, .keys = keys,
+                  .ops_per_s = (double)atomic_load(&r.done) / dt,
+                  .errors = atomic_load(&r.errors)};
     bench_cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
     bench_lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  per_command_pg clients %u: %.0f/s, p50 %.0f us, "
@@ -343,8 +381,9 @@ static record load_point(es_store *store, const char *name,
     }
     double dt = bench_now_s() - t0;
     cpu_sample s1 = bench_cpu_sample();
-    record rec = {name, 0, 0, 1, 1, (double)loads / dt, 0, 0, 0, 0, 0,
-                  LOAD_EVENTS, replayed};
+    record rec = {.name = name, .clients = 1, .keys = 1,
+                  .ops_per_s = (double)loads / dt, .events = LOAD_EVENTS,
+                  .replayed = replayed};
     bench_cpu_pct(&s0, &s1, &rec.cpu_host_pct, &rec.cpu_pg_pct);
     bench_lat_percentiles(&rec.p50_us, &rec.p99_us);
     fprintf(stderr, "  %s: %.0f loads/s (%.0f events/s), p50 %.0f us, p99 "
@@ -407,6 +446,26 @@ static void write_json(const char *path, const record *r, size_t n)
         bench_json_field(&j, "cpu_pg_pct", "%.0f", r[i].cpu_pg_pct);
         bench_json_field(&j, "errors", "%llu",
                          (unsigned long long)r[i].errors);
+        if (r[i].stages) {
+            const struct {
+                const char *key;
+                const es_host_latency *l;
+            } st[] = {{"queue", &r[i].queue},   {"decide", &r[i].decide},
+                      {"lane", &r[i].lane},     {"write", &r[i].write},
+                      {"commit", &r[i].commit}, {"handback", &r[i].handback},
+                      {"total", &r[i].total}};
+            for (size_t k = 0; k < sizeof st / sizeof st[0]; k++) {
+                char key[40];
+                snprintf(key, sizeof key, "%s_p50_us", st[k].key);
+                bench_json_field(&j, key, "%.0f", st[k].l->p50_us);
+                snprintf(key, sizeof key, "%s_p99_us", st[k].key);
+                bench_json_field(&j, key, "%.0f", st[k].l->p99_us);
+            }
+            bench_json_field(&j, "commands_per_batch", "%.1f",
+                             r[i].per_batch);
+            bench_json_field(&j, "round_trips_per_batch", "%.2f",
+                             r[i].trips_per_batch);
+        }
         if (r[i].events > 0) {
             bench_json_field(&j, "events", "%llu",
                              (unsigned long long)r[i].events);

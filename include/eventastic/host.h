@@ -563,12 +563,33 @@ typedef struct es_host_metrics {
      * must be rebuilt.  The fields above keep their offsets. */
     uint64_t queries;      /**< es_host_query returned 0 */
     es_host_latency query; /**< query accepted -> completion called */
+    /* commit_wait in stages, per command (also added at the end, with
+     * the fields above): */
+    es_host_latency lane_wait;    /**< handed to the committer -> its
+                                   *   lane takes it into a batch */
+    es_host_latency batch_write;  /**< its batch taken -> written and
+                                   *   committed (every round trip) */
+    es_host_latency batch_commit; /**< COMMIT sent -> answered, in its
+                                   *   batch (the WAL flush); 0 count on a
+                                   *   store without commit lanes */
+    es_host_latency hand_back;    /**< its batch done -> its outcome
+                                   *   taken by a worker */
+    uint64_t batch_items;  /**< commands written in batches (per batch:
+                            *   batch_items / batches) */
+    uint64_t round_trips;  /**< database round trips of the batches */
+    uint64_t lanes_busy;   /**< commit lanes writing a batch now */
 } es_host_metrics;
 
 /** Fill *out with the current metrics.  Returns 0 or ES_EINVAL.
  *  Thread: any. */
 ES_EXPORT ES_ANY_THREAD int es_host_metrics_get(es_host *host,
                                                 es_host_metrics *out);
+
+/** Empty every latency histogram of the metrics (the counters keep
+ *  counting), to measure a window: reset, wait, es_host_metrics_get.
+ *  Returns 0 or ES_EINVAL.  Thread: any (a value recorded during the
+ *  reset may be lost). */
+ES_EXPORT ES_ANY_THREAD int es_host_metrics_reset_latencies(es_host *host);
 
 #ifdef __cplusplus
 }

@@ -31,6 +31,11 @@ int es__error_set(es_error *err, int code, const char *fmt, ...)
 int es__error_wrap(es_error *err, int code, const es_error *inner,
                    const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
+/* The monotonic clock (core/clock.c): durations, deadlines, metrics.
+ * The wall clock is the public es_clock_now_ms. */
+uint64_t es__mono_ns(void);
+int64_t es__mono_ms(void);
+
 /* Grow an array of elem-sized items to hold at least need items. */
 int es__grow(void **items, size_t *cap, size_t need, size_t elem);
 

@@ -52,7 +52,7 @@ void es__host_actor_drop_state(actor *a)
 
 int es__host_actor_load(es_host *host, actor *a, es_error *err)
 {
-    uint64_t t0 = es__now_ns();
+    uint64_t t0 = es__mono_ns();
     es_context *ctx = NULL;
     int rc = 0;
     /* A load only reads: one cut by a lost connection is tried again on
@@ -62,7 +62,7 @@ int es__host_actor_load(es_host *host, actor *a, es_error *err)
         rc = es_store_load(host->store, a->ht->type, &a->id, &ctx, err);
         if (rc != ES_EDB || !es__unreachable(err)) break;
     }
-    uint64_t took = es__now_ns() - t0;
+    uint64_t took = es__mono_ns() - t0;
     metric_add(&host->loads, 1);
     es__hist_record(&host->h_load, took);
     if (rc == ES_ENOTFOUND) rc = 0;

@@ -45,7 +45,7 @@ static void complete_one(es_host *host, hcmd *h, const es_host_result *r)
     if (r->status == ES_EREJECTED || r->status == ES_EAPPLY)
         metric_add(&host->rejected, 1);
     if (r->duplicate) metric_add(&host->duplicate, 1);
-    es__hist_record(&host->h_total, es__now_ns() - h->t_accept);
+    es__hist_record(&host->h_total, es__mono_ns() - h->t_accept);
     if (h->done) h->done(h->ud, r);
 }
 

@@ -253,6 +253,18 @@ int es_host_close(es_host *host) { return host_end(host, true, NULL); }
 
 /* ---- metrics ---- */
 
+int es_host_metrics_reset_latencies(es_host *host)
+{
+    if (host == NULL) return ES_EINVAL;
+    es__hist *all[] = {&host->h_queue,    &host->h_load,   &host->h_decide,
+                       &host->h_commit,   &host->h_total,  &host->h_query,
+                       &host->h_lane,     &host->h_write,  &host->h_dbcommit,
+                       &host->h_handback};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        es__hist_reset(all[i]);
+    return 0;
+}
+
 int es_host_metrics_get(es_host *host, es_host_metrics *out)
 {
     if (host == NULL || out == NULL) return ES_EINVAL;
@@ -271,6 +283,9 @@ int es_host_metrics_get(es_host *host, es_host_metrics *out)
     LOAD(batches);
     LOAD(snapshots);
     LOAD(queries);
+    LOAD(batch_items);
+    LOAD(round_trips);
+    LOAD(lanes_busy);
 #undef LOAD
     es__hist_read(&host->h_queue, &out->queue_wait);
     es__hist_read(&host->h_load, &out->load);
@@ -278,5 +293,9 @@ int es_host_metrics_get(es_host *host, es_host_metrics *out)
     es__hist_read(&host->h_commit, &out->commit_wait);
     es__hist_read(&host->h_total, &out->total);
     es__hist_read(&host->h_query, &out->query);
+    es__hist_read(&host->h_lane, &out->lane_wait);
+    es__hist_read(&host->h_write, &out->batch_write);
+    es__hist_read(&host->h_dbcommit, &out->batch_commit);
+    es__hist_read(&host->h_handback, &out->hand_back);
     return 0;
 }

@@ -124,7 +124,7 @@ struct hcmd {
     void *ud;
     es__commit_item item;
     uint64_t epoch;
-    uint64_t t_accept, t_handoff;
+    uint64_t t_accept, t_handoff, t_done; /* t_done: its batch ended */
     uint8_t *snap; /* encoded state to store once the item commits */
     char *reason;  /* a rejection waiting for its record to commit */
     size_t snap_len;
@@ -210,6 +210,7 @@ typedef struct lane {
     struct event *kick_ev, *retry_ev;
     es__batch_lane *bl; /* the store's asynchronous writer, or NULL */
     void *conn;     /* the synchronous writer's connection */
+    uint64_t t_start; /* when the batch was taken (metrics) */
 } lane;
 
 typedef struct snap_job {
@@ -320,8 +321,11 @@ struct es_host {
     /* Metrics: relaxed atomics, any thread. */
     atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
         busy, resident, loads, passivations, mailbox_depth, batches,
-        snapshots, queries;
+        snapshots, queries, batch_items, round_trips, lanes_busy;
     es__hist h_queue, h_load, h_decide, h_commit, h_total, h_query;
+    /* commit_wait in stages (per command): waiting for its lane, the
+     * batch's write (round trips and COMMIT), COMMIT alone, hand-back */
+    es__hist h_lane, h_write, h_dbcommit, h_handback;
 };
 
 struct es_emitter {

@@ -104,8 +104,11 @@ static void lane_post(es_host *host, hcmd *h)
 static void lane_end_batch(lane *l)
 {
     hcmd *first = l->batch;
+    uint64_t now = es__mono_ns();
+    for (hcmd *h = first; h; h = h->qnext) h->t_done = now;
     l->batch = NULL;
     l->busy = false;
+    atomic_fetch_sub_explicit(&l->host->lanes_busy, 1, memory_order_relaxed);
     l->last_try = false;
     lane_post(l->host, first);
     event_active(l->kick_ev, 0, 0); /* the next batch, if any */
@@ -118,10 +121,18 @@ static void lane_end_batch(lane *l)
  * is read back once the database answers, so its commands get the truth.
  * Only when the host ends: one last try, then ES_ECLOSED for what did not
  * commit and ES_EUNKNOWN for what could not be read back. */
-static void lane_done(void *ud, size_t committed)
+static void lane_done(void *ud, size_t committed,
+                      const es__batch_timing *timing)
 {
     lane *l = ud;
     es_host *host = l->host;
+    uint64_t took = es__mono_ns() - l->t_start;
+    for (size_t i = 0; i < l->k; i++) {
+        es__hist_record(&host->h_write, took);
+        if (timing->commit_ns > 0)
+            es__hist_record(&host->h_dbcommit, timing->commit_ns);
+    }
+    metric_add(&host->round_trips, timing->round_trips);
     metric_add(&host->batches, committed);
     metric_add(&host->batches, es__commit_rest(host->store, l->live, l->k));
     bool waiting = false;
@@ -173,7 +184,9 @@ static void lane_write(lane *l)
         es__store_lane_write(host->store, l->bl, l->live, l->k, lane_done, l);
         return;
     }
-    lane_done(l, es__commit_batch(host->store, &l->conn, l->live, l->k));
+    static const es__batch_timing none = {0, 0};
+    lane_done(l, es__commit_batch(host->store, &l->conn, l->live, l->k),
+              &none);
 }
 
 /* The backoff is over, or the host ends: try the batch again. */
@@ -251,6 +264,11 @@ static void on_lane_kick(evutil_socket_t fd, short what, void *arg)
     l->batch = first;
     l->k = k;
     l->busy = true;
+    l->t_start = es__mono_ns();
+    atomic_fetch_add_explicit(&host->lanes_busy, 1, memory_order_relaxed);
+    metric_add(&host->batch_items, k);
+    for (hcmd *h = first; h; h = h->qnext)
+        es__hist_record(&host->h_lane, l->t_start - h->t_handoff);
     l->delay = LANE_BACKOFF_MIN_MS;
     if (k > 0) lane_write(l);
     else lane_end_batch(l);

@@ -18,7 +18,7 @@
 #include "host/host_int.h"
 
 /* A parked actor due within this of now is run: the retry timer may fire
- * a little early by es__now_ns (libevent adds a timeout to the loop's
+ * a little early by es__mono_ns (libevent adds a timeout to the loop's
  * cached time), and without it the loop would arm again for a few us. */
 #define RETRY_SLACK_NS 1000000u
 
@@ -43,7 +43,7 @@ void es__host_passivate(es_host *host, actor *a, bool snapshot, snap_job **jobs)
 /* Jitter of the load backoff: between half and all of ms, in ns. */
 static uint64_t jittered_ns(const actor *a, unsigned ms)
 {
-    uint64_t seed = (es__now_ns() ^ es__host_key_hash(&a->id)) | 1u;
+    uint64_t seed = (es__mono_ns() ^ es__host_key_hash(&a->id)) | 1u;
     return (uint64_t)es__backoff_jitter(&seed, ms) * 1000000u;
 }
 
@@ -71,7 +71,7 @@ static bool arm_retry_locked(es_host *host, uint64_t due, uint64_t now)
  * over.  A host ending runs it at once: its commands complete. */
 void es__host_park(es_host *host, actor *a)
 {
-    uint64_t now = es__now_ns();
+    uint64_t now = es__mono_ns();
     uint64_t due = now + jittered_ns(a, a->park_ms);
     /* One lock for the list and the timer: on_retry either sees a on the
      * list or runs after the timer is armed for it. */
@@ -135,14 +135,14 @@ static void on_retry(evutil_socket_t fd, short what, void *arg)
     actor *tail = NULL;
     size_t n = 0;
     pthread_mutex_lock(&host->hk.lock);
-    actor *head = es__host_unpark_locked(host, es__now_ns(), false, &tail, &n);
+    actor *head = es__host_unpark_locked(host, es__mono_ns(), false, &tail, &n);
     pthread_mutex_unlock(&host->hk.lock);
     if (head) es__host_runq_push_list(host, head, tail, n);
 }
 
 static void evict_idle(es_host *host, snap_job **jobs)
 {
-    uint64_t now = es__now_ns();
+    uint64_t now = es__mono_ns();
     uint64_t idle = host->cfg.idle_ms * 1000000u;
     for (size_t s = 0; s < N_SHARDS; s++) {
         shard *sh = &host->shards[s];

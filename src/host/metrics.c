@@ -30,6 +30,13 @@ void es__hist_record(es__hist *h, uint64_t ns)
     }
 }
 
+void es__hist_reset(es__hist *h)
+{
+    for (unsigned i = 0; i < ES__HIST_BUCKETS; i++)
+        atomic_store_explicit(&h->bucket[i], 0, memory_order_relaxed);
+    atomic_store_explicit(&h->max_ns, 0, memory_order_relaxed);
+}
+
 void es__hist_read(es__hist *h, es_host_latency *out)
 {
     uint64_t total = 0;
@@ -59,9 +66,3 @@ void es__hist_read(es__hist *h, es_host_latency *out)
     }
 }
 
-uint64_t es__now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}

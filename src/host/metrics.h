@@ -21,10 +21,11 @@ typedef struct es__hist {
 /* Record one value in nanoseconds.  Thread: any. */
 void es__hist_record(es__hist *h, uint64_t ns);
 
+/* Empty it.  Thread: any (a value recorded meanwhile may be lost). */
+void es__hist_reset(es__hist *h);
+
 /* Count and percentiles.  Thread: any (a consistent-enough view). */
 void es__hist_read(es__hist *h, es_host_latency *out);
 
-/* Monotonic clock in nanoseconds. */
-uint64_t es__now_ns(void);
 
 #endif

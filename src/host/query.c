@@ -44,7 +44,7 @@ int es_host_query(es_host *host, const es_aggregate_type *type,
     h->len = sizeof q;
     h->query = true;
     h->item.aggregate_id = *aggregate_id;
-    h->t_accept = es__now_ns();
+    h->t_accept = es__mono_ns();
     return es__host_enqueue(host, ht, h, err);
 }
 
@@ -61,7 +61,7 @@ void es__host_query_complete(es_host *host, hcmd *h, int status,
                : reason && reason[0] ? reason
                                      : es_strerror(status);
     r.aggregate_id = h->item.aggregate_id;
-    es__hist_record(&host->h_query, es__now_ns() - h->t_accept);
+    es__hist_record(&host->h_query, es__mono_ns() - h->t_accept);
     if (q.done) q.done(q.done_ud, &r);
     es__free(h);
     es__host_pending_done(host);

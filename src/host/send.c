@@ -57,7 +57,7 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
     h->len = command->len;
     if (command->len > 0) memcpy(h->payload, command->payload, command->len);
     h->item.aggregate_id = *aggregate_id;
-    h->t_accept = es__now_ns();
+    h->t_accept = es__mono_ns();
     return es__host_enqueue(host, ht, h, err);
 }
 

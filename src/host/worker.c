@@ -243,7 +243,7 @@ static void enqueue_item(es_host *host, actor *a, hcmd *h, submit *sub,
 /* Decide one command; on success its item joins the submit list. */
 static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
 {
-    uint64_t t0 = es__now_ns();
+    uint64_t t0 = es__mono_ns();
     if (h->attempts == 0) es__hist_record(&host->h_queue, t0 - h->t_accept);
     if (atomic_load(&host->closing_now)) {
         es__host_complete_error(host, h, ES_ECLOSED, es__host_actor_version(a),
@@ -301,7 +301,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     /* Clock reads were 6% of the host bench: t0 still holds unless a
      * load or a store lookup came between. */
     bool waited = loaded_now || !host->lazy_ids || h->attempts > 0;
-    uint64_t td = waited ? es__now_ns() : t0;
+    uint64_t td = waited ? es__mono_ns() : t0;
     int rc = a->ht->decide(a->ht->user, es__host_actor_state(a), &cmd, &em);
     em.active = false;
     if (rc != 0 || em.rejected || em.failed != 0) {
@@ -317,7 +317,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
             snprintf(reason, sizeof reason, "decide failed: %s",
                      es_status_name(rc ? rc : em.failed));
         es__host_emitter_free(&em);
-        uint64_t t_rejected = es__now_ns();
+        uint64_t t_rejected = es__mono_ns();
         es__hist_record(&host->h_decide, t_rejected - td);
         /* A command accepted before may be rejected on today's state:
          * its original outcome wins. */
@@ -342,7 +342,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     }
     rc = es__host_apply_emitted(a, &em, &err);
     es__host_emitter_free(&em);
-    uint64_t t_decided = es__now_ns();
+    uint64_t t_decided = es__mono_ns();
     es__hist_record(&host->h_decide, t_decided - td);
     if (rc != 0) {
         if (host->has_commands && host->lazy_ids && h->attempts == 0 &&
@@ -416,7 +416,7 @@ static bool retryable(int status)
 /* Outcomes from the commit lane, in the order the actor decided them. */
 static void process_results(es_host *host, actor *a, hcmd *list)
 {
-    uint64_t now = es__now_ns();
+    uint64_t now = es__mono_ns();
     while (list) {
         hcmd *h = list;
         list = h->qnext;
@@ -425,6 +425,7 @@ static void process_results(es_host *host, actor *a, hcmd *list)
         if (a->pend_head == NULL) a->pend_tail = NULL;
         h->next = NULL;
         es__hist_record(&host->h_commit, now - h->t_handoff);
+        if (h->t_done != 0) es__hist_record(&host->h_handback, now - h->t_done);
         int st = h->item.status;
         if (st == 0) {
             if (h->snap) {
@@ -561,7 +562,7 @@ void es__host_run_actor(es_host *host, actor *a)
                 if (drop) {
                     es__host_unlink_actor(host, sh, a);
                 } else {
-                    a->last_used = es__now_ns();
+                    a->last_used = es__mono_ns();
                     es__host_lru_append(sh, a);
                 }
             }

@@ -68,13 +68,6 @@ struct es_outbox {
     _Atomic uint64_t deliveries, done, retries, dead, rounds, notifications;
 };
 
-int64_t es_clock_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static int64_t system_clock(void *ud)
 {
     (void)ud;

@@ -19,8 +19,16 @@
 /* A commit lane of a backend's asynchronous batch writer (lane_open). */
 typedef struct es__batch_lane es__batch_lane;
 struct event_base;
-/* A lane_write has set every item's status; committed: transactions. */
-typedef void (*es__batch_done)(void *ud, size_t committed);
+/* Where a lane_write's time went, for the host's metrics (zero where a
+ * writer does not know). */
+typedef struct es__batch_timing {
+    uint64_t commit_ns;   /* COMMIT sent -> its answer, summed */
+    unsigned round_trips; /* round trips to the database */
+} es__batch_timing;
+/* A lane_write has set every item's status; committed: transactions;
+ * timing: borrowed for the call. */
+typedef void (*es__batch_done)(void *ud, size_t committed,
+                               const es__batch_timing *timing);
 
 /* Status of an item not written yet. */
 #define ES__COMMIT_PENDING 1

@@ -61,7 +61,7 @@ static PGresult *exec_bounded(PGconn *c, int64_t ms, const char *sql, int n,
                                        n > 0 ? es__pg_binary_formats : NULL, 1);
     PGresult *res = NULL;
     bool ok = sent == 1;
-    int64_t end = es__pg_mono_ms() + ms;
+    int64_t end = es__mono_ms() + ms;
     while (ok) {
         int flush = PQflush(c);
         if (flush < 0) {
@@ -75,7 +75,7 @@ static PGresult *exec_bounded(PGconn *c, int64_t ms, const char *sql, int n,
             res = r;
             continue;
         }
-        int64_t left = end - es__pg_mono_ms();
+        int64_t left = end - es__mono_ms();
         if (left <= 0) {
             *silent = true;
             ok = false;

@@ -440,7 +440,7 @@ static void lane_finish(pg_lane *l)
     es__batch_done done = l->done;
     l->done = NULL;
     l->items = NULL;
-    done(l->ud, l->committed);
+    done(l->ud, l->committed, &l->timing);
 }
 
 static void txn_next(pg_lane *l);
@@ -512,6 +512,10 @@ static void txn_commit_resolved(pg_lane *l, int outcome)
 
 static void txn_committed(pg_lane *l, bool ok)
 {
+    if (l->t_commit != 0) {
+        l->timing.commit_ns += es__mono_ns() - l->t_commit;
+        l->t_commit = 0;
+    }
     const PGresult *r = es__pg_lane_res(l, 0);
     if (ok && r != NULL && PQresultStatus(r) == PGRES_COMMAND_OK) {
         if (strcmp(PQcmdStatus((PGresult *)r), "COMMIT") == 0) {
@@ -543,6 +547,7 @@ static void txn_committed(pg_lane *l, bool ok)
 
 static void txn_commit(pg_lane *l)
 {
+    l->t_commit = es__mono_ns();
     bool sent =
         es__pg_lane_rt_begin(l) &&
         PQsendQueryParams(l->conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) == 1;
@@ -701,6 +706,8 @@ void es__pg_lane_write(es__batch_lane *lane, es__commit_item **items, size_t n,
     l->done = done;
     l->ud = ud;
     l->committed = 0;
+    memset(&l->timing, 0, sizeof l->timing);
+    l->t_commit = 0;
     memset(&l->err, 0, sizeof l->err);
     /* A batch whose COMMIT answer was lost: the truth first. */
     for (size_t i = 0; i < n; i++)
@@ -745,8 +752,10 @@ typedef struct sync_batch {
     size_t committed;
 } sync_batch;
 
-static void sync_batch_done(void *ud, size_t committed)
+static void sync_batch_done(void *ud, size_t committed,
+                            const es__batch_timing *timing)
 {
+    (void)timing;
     sync_batch *b = ud;
     b->done = true;
     b->committed = committed;

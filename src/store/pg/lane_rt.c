@@ -157,6 +157,7 @@ void es__pg_lane_rt_go(pg_lane *l, bool sent, lane_state state)
 {
     l->state = state;
     int f = -1;
+    if (sent) l->timing.round_trips++;
     if (sent && PQpipelineSync(l->conn) == 1) f = PQflush(l->conn);
     struct timeval tv = lane_silence(l);
     if (f < 0 || !es__pg_lane_wait(l, EV_READ | (f == 1 ? EV_WRITE : 0), &tv))

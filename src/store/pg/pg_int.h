@@ -291,6 +291,8 @@ struct pg_lane {
     es__batch_done done;
     void *ud;
     size_t committed;
+    es__batch_timing timing; /* this batch's, for the host's metrics */
+    uint64_t t_commit;       /* when COMMIT was sent (ns), 0: not */
     int lost; /* transactions lost with their connection, this batch */
     bool begun, first, side_effects;
     bool setup;    /* a new connection: SET its session settings */
@@ -484,7 +486,6 @@ int es__pg_outbox_stats(es_store *store, int64_t now, es_outbox_stats *out,
                         es_error *err);
 
 /* watch.c */
-int64_t es__pg_mono_ms(void);
 int es__pg_outbox_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
                         void *ud, es__outbox_watch **out, es_error *err);
 void es__pg_outbox_unwatch(es__outbox_watch *w);

@@ -28,12 +28,6 @@ struct es__outbox_watch {
     pthread_t thread;
 };
 
-int64_t es__pg_mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Connect without blocking the stop pipe, then LISTEN.  NULL when it
  * failed (said once in the log until a connection succeeds) or when the
@@ -96,23 +90,23 @@ static void *watch_main(void *arg)
     PGconn *c = NULL;
     unsigned delay = WATCH_RETRY_MIN_MS;
     int64_t next = 0; /* when to connect (monotonic ms) */
-    uint64_t rng = ((uint64_t)es__pg_mono_ms() ^ (uint64_t)(uintptr_t)w) | 1u;
+    uint64_t rng = ((uint64_t)es__mono_ms() ^ (uint64_t)(uintptr_t)w) | 1u;
     bool warned = false;
     for (;;) {
-        if (c == NULL && es__pg_mono_ms() >= next) {
+        if (c == NULL && es__mono_ms() >= next) {
             c = watch_connect(w, &warned);
             if (c != NULL) {
                 delay = WATCH_RETRY_MIN_MS;
                 w->fn(w->ud, false); /* we may have missed some */
             } else {
-                next = es__pg_mono_ms() + es__backoff_jitter(&rng, delay);
+                next = es__mono_ms() + es__backoff_jitter(&rng, delay);
                 delay = es__backoff_grow(delay, WATCH_RETRY_MIN_MS,
                                          w->retry_max_ms);
             }
         }
         struct pollfd f[2] = {{w->stop[0], POLLIN, 0},
                               {c ? PQsocket(c) : -1, POLLIN, 0}};
-        int64_t wait = c ? -1 : next - es__pg_mono_ms();
+        int64_t wait = c ? -1 : next - es__mono_ms();
         if (poll(f, 2, c ? -1 : wait < 0 ? 0 : (int)wait) < 0 &&
             errno != EINTR)
             usleep(1000);
@@ -131,7 +125,7 @@ static void *watch_main(void *arg)
             warned = true;
             PQfinish(c);
             c = NULL;
-            next = es__pg_mono_ms() + es__backoff_jitter(&rng, delay);
+            next = es__mono_ms() + es__backoff_jitter(&rng, delay);
         }
     }
     if (c != NULL) PQfinish(c);
