@@ -266,6 +266,19 @@ ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshots(
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_snapshot_slow_load(
     es_host_config *cfg, uint64_t micros);
 
+/** Fresh queries (default off).  Off, a query of a resident aggregate is
+ *  answered from memory, which holds every command of this host; when
+ *  other processes write the same keys (several hosts on one database:
+ *  docs/scaling.md), that state can be behind theirs.  On, such a query
+ *  first reads the events stored after the resident version (one index
+ *  probe of the store; a state that no longer matches the store is
+ *  loaded again) and answers from the result, so it also sees every
+ *  command any host had committed when the query ran.  Commands need no
+ *  such read: one decided on a state that is behind fails to commit and
+ *  is decided again on the stored state.  Returns 0 or ES_EINVAL. */
+ES_EXPORT ES_OWNER_THREAD int es_host_config_set_query_fresh(
+    es_host_config *cfg, bool fresh);
+
 /** Commit lanes (0..64): each commits one batch at a time, in parallel
  *  with the others, all on the host's commit loop (one thread; on
  *  PostgreSQL each lane is a non-blocking connection of its own, outside
@@ -485,8 +498,9 @@ typedef void (*es_query_done_fn)(void *ud, const es_query_result *result);
  * uncommitted event, and in particular every command whose completion
  * was called before es_host_query was (read-your-writes); it sees none
  * of the commands sent after it.  A resident aggregate is answered
- * without reading the store; one that is not is loaded (snapshot and
- * events) and stays resident as for a command.  A query never writes,
+ * without reading the store (unless es_host_config_set_query_fresh: then
+ * after reading what other processes committed since); one that is not
+ * is loaded (snapshot and events) and stays resident as for a command.  A query never writes,
  * never produces events and is not a command: no command id, no
  * idempotency, nothing recorded; a key without events is not kept
  * resident by it.

@@ -94,6 +94,13 @@ int es_host_config_set_snapshot_slow_load(es_host_config *cfg,
     return 0;
 }
 
+int es_host_config_set_query_fresh(es_host_config *cfg, bool fresh)
+{
+    if (cfg == NULL) return ES_EINVAL;
+    cfg->query_fresh = fresh;
+    return 0;
+}
+
 int es_host_config_set_lanes(es_host_config *cfg, unsigned n)
 {
     if (cfg == NULL || n > 64) return ES_EINVAL;

@@ -95,6 +95,7 @@ struct es_host_config {
     uint64_t idle_ms, snap_every, resident_bytes, snap_slow_load_us;
     int64_t command_retention_ms; /* 0: command ids kept for ever */
     bool snap_on_passivation;
+    bool query_fresh; /* queries of resident actors read what came since */
     struct event_base *base; /* the embedder's, or NULL: our own */
     size_t n_types;
     htype types[MAX_TYPES];

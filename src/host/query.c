@@ -67,6 +67,22 @@ void es__host_query_complete(es_host *host, hcmd *h, int status,
     es__host_pending_done(host);
 }
 
+/* A fresh query of a resident actor: fold in the events stored after its
+ * version (written by another process).  A state the store no longer
+ * matches is replayed from the start (es__context_load_into). */
+static int refresh(es_host *host, actor *a, es_error *err)
+{
+    if (a->ctx == NULL && a->state == NULL) return 0; /* no event yet */
+    int rc = es__host_actor_expand(a);
+    if (rc != 0) return es__error_set(err, rc, "out of memory");
+    es_txn *txn = NULL;
+    rc = es_store_begin(host->store, &txn, err);
+    if (rc != 0) return rc;
+    rc = es__context_load_into(txn, a->ctx, false, err);
+    es_txn_rollback(txn);
+    return rc;
+}
+
 void es__host_run_query(es_host *host, actor *a, hcmd *h)
 {
     if (atomic_load(&host->closing_now)) {
@@ -79,6 +95,21 @@ void es__host_run_query(es_host *host, actor *a, hcmd *h)
                                 "host ended while the database could not "
                                 "be reached to load the aggregate");
         return;
+    }
+    if (a->loaded && host->cfg.query_fresh) {
+        es_error err = {0};
+        int rc = refresh(host, a, &err);
+        if (rc == ES_EDB && es__unreachable(&err)) {
+            es__host_park_item(host, a, h);
+            return;
+        }
+        if (rc != 0) { /* loaded again by the next item that needs it */
+            es__host_actor_drop_state(a);
+            a->loaded = false;
+            es__host_query_complete(host, h, rc, ES_HOST_NO_VERSION,
+                                    err.message);
+            return;
+        }
     }
     if (!a->loaded) {
         es_error err = {0};

@@ -1034,6 +1034,72 @@ static void test_host_query_closed_on_shutdown(void **state)
     closing_case(false);
 }
 
+static void fresh_queries(es_host_config *cfg)
+{
+    assert_int_equal(es_host_config_set_query_fresh(cfg, true), 0);
+}
+
+/* Two hosts on one store write the same key.  A query of the first
+ * host's resident aggregate answers from memory, behind the second's
+ * commits; with fresh queries it folds them in first, and the next
+ * command builds on the state it read (a conflict would have reloaded it
+ * anyway). */
+static void test_host_query_fresh_sees_other_hosts(void **state)
+{
+    (void)state;
+    world w1, w2, w3;
+    world_init(&w1);
+    world_init(&w2);
+    world_init(&w3);
+    es_store *store = NULL;
+    assert_int_equal(es_memory_store_open(&store, NULL), 0);
+    es_host *a = open_host(&w1, store, 1, NULL);
+    es_host *fresh = open_host(&w3, store, 1, fresh_queries);
+    es_host *b = open_host(&w2, store, 1, NULL);
+    es_uuid key;
+    es_uuid_v7(&key);
+    uint64_t v = 0;
+    assert_int_equal(add(a, &counter_type, &key, 1, &v), 0);
+    seen s = {{0, 0}, 0, 0};
+    assert_int_equal(
+        es_host_query_call(a, &counter_type, &key, q_copy, &s, NULL), 0);
+    assert_int_equal(s.version, 0);
+    assert_int_equal(
+        es_host_query_call(fresh, &counter_type, &key, q_copy, &s, NULL), 0);
+    assert_int_equal(s.version, 0); /* both resident now */
+    for (int i = 2; i <= 4; i++)
+        assert_int_equal(add(b, &counter_type, &key, i, &v), 0);
+    assert_int_equal(v, 3);
+
+    assert_int_equal(
+        es_host_query_call(a, &counter_type, &key, q_copy, &s, NULL), 0);
+    assert_int_equal(s.version, 0); /* from memory: behind */
+    assert_int_equal(s.c.value, 1);
+    uint64_t loads = metrics(fresh).loads;
+    assert_int_equal(
+        es_host_query_call(fresh, &counter_type, &key, q_copy, &s, NULL), 0);
+    assert_int_equal(s.version, 3);
+    assert_int_equal(s.c.n, 4);
+    assert_int_equal(s.c.value, 1 + 2 + 3 + 4);
+    assert_int_equal(metrics(fresh).loads, loads); /* caught up, no load */
+    /* the caught-up state is the one its commands build on */
+    assert_int_equal(add(fresh, &counter_type, &key, 5, &v), 0);
+    assert_int_equal(v, 4);
+    assert_int_equal(metrics(fresh).conflicts, 0);
+    /* nothing new: the same answer */
+    assert_int_equal(
+        es_host_query_call(fresh, &counter_type, &key, q_copy, &s, NULL), 0);
+    assert_int_equal(s.version, 4);
+    assert_int_equal(s.c.value, 15);
+    assert_int_equal(es_host_shutdown(a, NULL), 0);
+    assert_int_equal(es_host_shutdown(b, NULL), 0);
+    assert_int_equal(es_host_shutdown(fresh, NULL), 0);
+    assert_int_equal(es_store_close(store), 0);
+    world_destroy(&w1);
+    world_destroy(&w2);
+    world_destroy(&w3);
+}
+
 static void test_host_query_closed_on_close(void **state)
 {
     (void)state;
@@ -1080,6 +1146,7 @@ int main(void)
         cmocka_unit_test(test_host_query_closed_after_stop),
         cmocka_unit_test(test_host_query_closed_on_shutdown),
         cmocka_unit_test(test_host_query_closed_on_close),
+        cmocka_unit_test(test_host_query_fresh_sees_other_hosts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
