@@ -136,6 +136,12 @@ int srv_readers_start(readers *rd);
 void srv_readers_stop(readers *rd);
 void srv_read_submit(server *srv, struct evhttp_request *req, job_kind kind,
                      const es_uuid *id);
+/* Reader thread: the answer of j, JSON (o is consumed; NULL: no body). */
+void srv_job_json(job *j, int code, json_t *o);
+void srv_job_error(job *j, int code, const char *error, const char *detail);
+/* Reader thread: the account's aggregate read like GET /accounts/{id};
+ * true when it exists, else j holds the answer (404, 503, ...). */
+bool srv_account_exists(job *j);
 
 /* ---- server_metrics.c ---- */
 

@@ -25,7 +25,7 @@ static void on_job_done(evutil_socket_t fd, short what, void *arg)
     job_free(j);
 }
 
-static void job_json(job *j, int code, json_t *o)
+void srv_job_json(job *j, int code, json_t *o)
 {
     char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
     j->code = code;
@@ -35,18 +35,51 @@ static void job_json(job *j, int code, json_t *o)
     json_decref(o);
 }
 
-static void job_error(job *j, int code, const char *error,
-                      const char *detail)
+void srv_job_error(job *j, int code, const char *error,
+                   const char *detail)
 {
     json_t *o = json_pack("{s:s}", "error", error);
     if (o != NULL && detail != NULL)
         json_object_set_new(o, "detail", json_string(detail));
-    job_json(j, code, o);
+    srv_job_json(j, code, o);
 }
 
 static bool store_reachable(int rc)
 {
     return rc == 0 || rc == ES_ENOTFOUND || rc == ES_EWRONGTYPE;
+}
+
+/* The answer to a load of j->id that failed with rc. */
+static void load_failed(job *j, int rc, const es_error *err, bool account)
+{
+    switch (rc) {
+    case ES_ENOTFOUND:
+        return srv_job_error(j, 404, "not_found", NULL);
+    case ES_EWRONGTYPE: /* the account (transfer) does not exist as such */
+        return srv_job_error(j, 404, "not_found",
+                             account
+                                 ? "the id names a transfer, not an account"
+                                 : "the id names an account, not a transfer");
+    case ES_EINVAL:
+        return srv_job_error(j, 400, "bad_request", err->message);
+    default:
+        if (srv_transient(rc))
+            return srv_job_error(j, 503, "overloaded", NULL);
+        /* stored data the server cannot read: retrying won't help */
+        return srv_job_error(j, 500, "internal", es_status_name(rc));
+    }
+}
+
+bool srv_account_exists(job *j)
+{
+    es_context *ctx = NULL;
+    es_error err = {0};
+    int rc = es_store_load(j->srv->store, &bank_account_type, &j->id, &ctx,
+                           &err);
+    es_context_free(ctx);
+    if (rc == 0) return true;
+    load_failed(j, rc, &err, true);
+    return false;
 }
 
 static void run_load(job *j)
@@ -57,22 +90,7 @@ static void run_load(job *j)
     int rc = es_store_load(j->srv->store,
                            account ? &bank_account_type : &bank_transfer_type,
                            &j->id, &ctx, &err);
-    switch (rc) {
-    case 0:
-        break;
-    case ES_ENOTFOUND:
-        return job_error(j, 404, "not_found", NULL);
-    case ES_EWRONGTYPE: /* the account (transfer) does not exist as such */
-        return job_error(j, 404, "not_found",
-                         account ? "the id names a transfer, not an account"
-                                 : "the id names an account, not a transfer");
-    case ES_EINVAL:
-        return job_error(j, 400, "bad_request", err.message);
-    default:
-        if (srv_transient(rc)) return job_error(j, 503, "overloaded", NULL);
-        /* stored data the server cannot read: retrying won't help */
-        return job_error(j, 500, "internal", es_status_name(rc));
-    }
+    if (rc != 0) return load_failed(j, rc, &err, account);
     json_t *o;
     if (account) {
         const bank_account *a = es_context_state(ctx);
@@ -90,7 +108,7 @@ static void run_load(job *j)
                       names[t->status]);
     }
     es_context_free(ctx);
-    job_json(j, 200, o);
+    srv_job_json(j, 200, o);
 }
 
 /* Reachable when a read of an aggregate answers from the store.  The
@@ -109,9 +127,9 @@ static void run_health(job *j)
     es_context_free(ctx);
     const char *store = j->srv->postgres ? "postgresql" : "memory";
     if (store_reachable(rc))
-        return job_json(j, 200, json_pack("{s:s,s:s}", "status", "ok",
+        return srv_job_json(j, 200, json_pack("{s:s,s:s}", "status", "ok",
                                           "store", store));
-    job_json(j, 503, json_pack("{s:s,s:s,s:s}", "status", "unavailable",
+    srv_job_json(j, 503, json_pack("{s:s,s:s,s:s}", "status", "unavailable",
                                "store", store, "detail",
                                es_status_name(rc)));
 }
