@@ -161,6 +161,12 @@ static void *reader_main(void *arg)
         case J_METRICS:
             srv_run_metrics(j);
             break;
+        case J_STATS:
+            srv_run_stats(j);
+            break;
+        case J_STATEMENT:
+            srv_run_statement(j);
+            break;
         }
         event_active(j->done_ev, 0, 0);
     }
@@ -191,7 +197,7 @@ void srv_readers_stop(readers *rd)
 }
 
 void srv_read_submit(server *srv, struct evhttp_request *req,
-                        job_kind kind, const es_uuid *id)
+                     job_kind kind, const es_uuid *id, int limit)
 {
     job *j = calloc(1, sizeof *j);
     if (j == NULL) return srv_overloaded(srv, req);
@@ -199,6 +205,7 @@ void srv_read_submit(server *srv, struct evhttp_request *req,
     j->req = req;
     j->kind = kind;
     if (id) j->id = *id;
+    j->limit = limit;
     j->done_ev = event_new(srv->base, -1, 0, on_job_done, j);
     j->body = evbuffer_new();
     if (j->done_ev == NULL || j->body == NULL) {
