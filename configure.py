@@ -181,15 +181,17 @@ def pkg(flag, *mods):
 
 
 # Sources are found by name, so adding a file needs only a re-run:
-#   src/<part>/*.c        the library
+#   src/**/*.c            the library (src/<part>/, src/store/pg/, ...)
 #   tests/fixtures/*.c    linked into every test
+#   tests/suites/*.c      test bodies run on more than one store, linked
+#                         into every test (not the fuzz targets)
 #   tests/test_*.c        one test binary each (test_pg_* need PostgreSQL)
 #   examples/*.c          one example binary each
 #   bench/*.c             one benchmark binary each (ninja bench runs them)
 def sources(pattern):
     return sorted(os.path.relpath(p, HERE)
                   for p in glob.glob(os.path.join(HERE, pattern),
-                                    recursive=True))
+                                     recursive=True))
 
 
 VARIANTS = {
@@ -227,7 +229,8 @@ def write_fuzz(n):
            "-fsanitize=fuzzer-no-link -c $in -o $out",
            description="CC $out", depfile="$out.d")
     n.rule("fuzzlink", "clang -pthread -fsanitize=fuzzer $fuzz_cflags "
-           "-o $out $in $lib_libs $jansson_libs", description="LINK $out")
+           "$wrap -o $out $in $lib_libs $jansson_libs",
+           description="LINK $out")
     # The warnings minus -Werror: clang's set differs from gcc's.
     n.variable("fuzz_cflags", ["-std=c11", "-D_GNU_SOURCE", "-pthread",
                                "-Iinclude", "-Isrc", "-Itests"] +
@@ -247,12 +250,12 @@ def write_fuzz(n):
         n.build(o, "fuzzcc", src, variables={
             "extra": "-Wno-missing-prototypes"})
         exe = "build/fuzz/%s" % name
-        objs_for = objs
+        wrap = ""
         if name.startswith("fuzz_pg_"):
-            # It includes src/store/postgres.c itself (tests/fuzz/pg_fake.h).
-            objs_for = [o for o in objs
-                        if o != "build/fuzz/obj/src/store/postgres.o"]
-        n.build(exe, "fuzzlink", [o] + objs_for)
+            # The store's calls of PQexecParams and PQexec go to the
+            # target's fakes, __wrap_PQexec* (tests/fuzz/pg_fake.h).
+            wrap = "-Wl,--wrap=PQexecParams -Wl,--wrap=PQexec"
+        n.build(exe, "fuzzlink", [o] + objs, variables={"wrap": wrap})
         outs.append(exe)
     return outs
 
@@ -366,7 +369,8 @@ def main():
                 n.build(exe, "cxxlink", [o, lib], variables=dict(
                     vars_, libs="$lib_libs"))
                 outs.append(exe)
-            fixtures = [obj(s) for s in sources("tests/fixtures/*.c")]
+            fixtures = [obj(s) for s in sources("tests/fixtures/*.c") +
+                        sources("tests/suites/*.c")]
             tests = []
             for src in sources("tests/test_*.c"):
                 name = os.path.basename(src)[:-2]

@@ -10,7 +10,7 @@
 #include <libpq-fe.h>
 
 #include "core/internal.h"
-#include "store/pg_conninfo.h"
+#include "store/pg/conninfo.h"
 
 /* The value of keyword in a connection string (a copy in out; "" when
  * unset). */

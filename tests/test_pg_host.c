@@ -4,7 +4,9 @@
  * producers, and a commit that conflicts with another writer decided
  * again; rejected commands answered the same after a restart, their
  * reasons sealed when the store has keys and gone once the aggregate is
- * forgotten.
+ * forgotten.  Queries (es_host_query): read-your-writes under concurrent
+ * producers, never an uncommitted event, loads, unknown keys, wrong types
+ * and forgotten aggregates.
  */
 #include <pthread.h>
 #include <setjmp.h>
@@ -14,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
@@ -436,6 +439,214 @@ static void test_pg_host_accepted_replay_forgotten(void **state)
     assert_int_equal(es_host_shutdown(host, NULL), 0);
 }
 
+/* ---- queries ---- */
+
+/* The same shape as counter_type under another name. */
+static es_aggregate_type other_type;
+
+static es_host *open_host_two_types(es_store *store)
+{
+    other_type = counter_type;
+    other_type.name = "other_counter";
+    es_host_config *cfg = NULL;
+    es_host *host = NULL;
+    if (es_host_config_new(&cfg, NULL) != 0 ||
+        es_host_config_add_type(cfg, &counter_type, decide, NULL, NULL) ||
+        es_host_config_add_type(cfg, &other_type, decide, NULL, NULL) ||
+        es_host_open(cfg, store, &host, NULL) != 0)
+        host = NULL;
+    es_host_config_free(cfg);
+    return host;
+}
+
+/* What a query saw, and what PostgreSQL had committed meanwhile. */
+typedef struct probe {
+    es_uuid key;
+    bool check_store;
+    int32_t result;
+    uint64_t version;
+    uint64_t stored; /* read inside the query function */
+    int calls;
+} probe;
+
+static int q_probe(void *ud, const void *state, uint64_t version)
+{
+    probe *p = ud;
+    p->result = ((const counter *)state)->result;
+    p->version = version;
+    p->calls++;
+    if (p->check_store) {
+        counter_context *ctx = NULL;
+        p->stored = counter_store_load(g_store, &p->key, &ctx, NULL) == 0
+                        ? counter_version(ctx)
+                        : ES_HOST_NO_VERSION;
+        counter_context_free(ctx);
+    }
+    return 0;
+}
+
+typedef struct ryw {
+    es_host *host;
+    const es_uuid *keys;
+    int id;
+    int errors, stale, torn;
+} ryw;
+
+/* Each acknowledged command is seen by the query sent after it, and no
+ * query sees a version PostgreSQL has not committed. */
+static void *ryw_main(void *arg)
+{
+    ryw *r = arg;
+    for (int i = 0; i < SENDS; i++) {
+        const es_uuid *key = &r->keys[(i + r->id) % KEYS];
+        uint8_t value[4];
+        es_command c = command(value, 1);
+        es_host_reply *reply = NULL;
+        int rc = es_host_call(r->host, &counter_type, key, &c, &reply, NULL);
+        uint64_t acked = reply ? reply->version : 0;
+        es_host_reply_free(reply);
+        if (rc != 0) {
+            r->errors++;
+            continue;
+        }
+        probe p;
+        memset(&p, 0, sizeof p);
+        p.key = *key;
+        p.check_store = true;
+        if (es_host_query_call(r->host, &counter_type, key, q_probe, &p,
+                               NULL) != 0) {
+            r->errors++;
+            continue;
+        }
+        if (p.version < acked) r->stale++;
+        /* a reset, then one add of 1 per command */
+        if (p.stored == ES_HOST_NO_VERSION || p.stored < p.version ||
+            p.result != (int32_t)p.version)
+            r->torn++;
+    }
+    return NULL;
+}
+
+static void test_pg_host_query_read_your_writes(void **state)
+{
+    (void)state;
+    es_uuid keys[KEYS];
+    for (int k = 0; k < KEYS; k++) es_uuid_v7(&keys[k]);
+    es_host *host = open_host();
+    assert_non_null(host);
+    pthread_t th[PRODUCERS];
+    ryw rs[PRODUCERS];
+    for (int i = 0; i < PRODUCERS; i++) {
+        rs[i] = (ryw){host, keys, i, 0, 0, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, ryw_main, &rs[i]), 0);
+    }
+    for (int i = 0; i < PRODUCERS; i++) pthread_join(th[i], NULL);
+    es_host_metrics m;
+    es_host_metrics_get(host, &m);
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+    for (int i = 0; i < PRODUCERS; i++) {
+        assert_int_equal(rs[i].errors, 0);
+        assert_int_equal(rs[i].stale, 0);
+        assert_int_equal(rs[i].torn, 0);
+    }
+    assert_int_equal(m.queries, PRODUCERS * SENDS);
+}
+
+/* Commands sent without waiting, then a query: it waits for their
+ * commits, sees every one of them and nothing uncommitted. */
+static void test_pg_host_query_waits_for_commits(void **state)
+{
+    (void)state;
+    es_host *host = open_host();
+    assert_non_null(host);
+    es_uuid key;
+    es_uuid_v7(&key);
+    enum { N = 200 };
+    for (int i = 0; i < N; i++) {
+        uint8_t value[4];
+        es_command c = command(value, 1);
+        assert_int_equal(es_host_send(host, &counter_type, &key, &c, NULL,
+                                      NULL, NULL),
+                         0);
+    }
+    probe p;
+    memset(&p, 0, sizeof p);
+    p.key = key;
+    p.check_store = true;
+    assert_int_equal(
+        es_host_query_call(host, &counter_type, &key, q_probe, &p, NULL), 0);
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+    assert_int_equal(p.version, N); /* the reset, then N adds */
+    assert_int_equal(p.result, N);
+    assert_true(p.stored >= p.version && p.stored != ES_HOST_NO_VERSION);
+}
+
+static uint64_t resident(es_host *host, uint64_t want)
+{
+    es_host_metrics m;
+    for (int i = 0; i < 2000; i++) {
+        es_host_metrics_get(host, &m);
+        if (m.resident == want) break;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return m.resident;
+}
+
+/* Not resident: loaded from PostgreSQL, then kept; an unknown key is
+ * ES_ENOTFOUND and not kept; the other type is ES_EWRONGTYPE; a
+ * forgotten aggregate ES_EFORGOTTEN. */
+static void test_pg_host_query_loads_and_errors(void **state)
+{
+    (void)state;
+    es_host *host = open_host_two_types(g_sealed);
+    assert_non_null(host);
+    es_uuid key, unknown, doomed;
+    es_uuid_v7(&key);
+    es_uuid_v7(&unknown);
+    es_uuid_v7(&doomed);
+    uint8_t value[4];
+    es_command c = command(value, 5);
+    assert_int_equal(es_host_call(host, &counter_type, &key, &c, NULL, NULL),
+                     0);
+    c = command(value, 6);
+    assert_int_equal(
+        es_host_call(host, &counter_type, &doomed, &c, NULL, NULL), 0);
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+    forget(&doomed);
+
+    host = open_host_two_types(g_sealed);
+    assert_non_null(host);
+    probe p;
+    memset(&p, 0, sizeof p);
+    assert_int_equal(
+        es_host_query_call(host, &counter_type, &key, q_probe, &p, NULL), 0);
+    assert_int_equal(p.result, 5);
+    assert_int_equal(p.version, 1);
+    assert_int_equal(resident(host, 1), 1);
+    assert_int_equal(
+        es_host_query_call(host, &counter_type, &key, q_probe, &p, NULL), 0);
+    es_host_metrics m;
+    es_host_metrics_get(host, &m);
+    assert_int_equal(m.loads, 1); /* the second query: from memory */
+
+    es_error err = {0};
+    assert_int_equal(es_host_query_call(host, &counter_type, &unknown,
+                                        q_probe, &p, &err),
+                     ES_ENOTFOUND);
+    assert_int_equal(resident(host, 1), 1);
+    assert_int_equal(
+        es_host_query_call(host, &other_type, &key, q_probe, &p, &err),
+        ES_EWRONGTYPE);
+    assert_int_equal(resident(host, 1), 1);
+    assert_int_equal(
+        es_host_query_call(host, &counter_type, &doomed, q_probe, &p, &err),
+        ES_EFORGOTTEN);
+    assert_int_equal(resident(host, 1), 1);
+    assert_int_equal(p.calls, 2);
+    assert_int_equal(es_host_shutdown(host, NULL), 0);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -476,6 +687,9 @@ int main(void)
         cmocka_unit_test(test_pg_host_rejection_replayed),
         cmocka_unit_test(test_pg_host_rejection_sealed),
         cmocka_unit_test(test_pg_host_accepted_replay_forgotten),
+        cmocka_unit_test(test_pg_host_query_read_your_writes),
+        cmocka_unit_test(test_pg_host_query_waits_for_commits),
+        cmocka_unit_test(test_pg_host_query_loads_and_errors),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

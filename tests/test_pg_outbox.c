@@ -1,15 +1,17 @@
 /*
- * The outbox dispatcher on the PostgreSQL store: the very test body of
- * test_outbox.c (delivery, retries with backoff, dead letters, requeue,
- * poison messages, order per aggregate, several dispatchers, expired
- * claims, wake-up and polling), with each store a PostgreSQL store on a
- * fresh schema of its own (dropped at the end), so the same semantics are
+ * The outbox dispatcher on the PostgreSQL store: the tests of
+ * suites/outbox.c, as test_outbox.c runs them on the in-memory
+ * store (delivery, retries with backoff, dead letters, requeue, poison
+ * messages, order per aggregate, several dispatchers, expired claims,
+ * wake-up and polling), with each store a PostgreSQL store on a fresh
+ * schema of its own (dropped at the end), so the same semantics are
  * checked on both stores.
  */
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "eventastic.h"
+#include "suites/outbox.h"
 #include "fixtures/pg.h"
 
 #define MAX_SCHEMAS 16
@@ -19,7 +21,7 @@ static struct {
     char schema[40];
 } g_open[MAX_SCHEMAS];
 
-/* Stands in for es_memory_store_open: a store on a schema of its own. */
+/* A store on a schema of its own. */
 static int pg_outbox_store_open(es_store **out)
 {
     size_t slot = 0;
@@ -33,7 +35,7 @@ static int pg_outbox_store_open(es_store **out)
     return 0;
 }
 
-/* Stands in for es_store_close: close, then drop the schema. */
+/* Close, then drop the schema. */
 static int pg_outbox_store_close(es_store *store)
 {
     int rc = es_store_close(store);
@@ -45,13 +47,6 @@ static int pg_outbox_store_close(es_store *store)
     return rc;
 }
 
-#define es_memory_store_open(out, err) pg_outbox_store_open(out)
-#define es_store_close(store) pg_outbox_store_close(store)
-#define main test_outbox_main
-int test_outbox_main(void);
-#include "test_outbox.c"
-#undef main
-
 int main(void)
 {
     if (getenv("DATABASE_URL") == NULL) {
@@ -59,5 +54,5 @@ int main(void)
                "(tests/run.py sets it)\n");
         return 0;
     }
-    return test_outbox_main();
+    return outbox_suite_run(pg_outbox_store_open, pg_outbox_store_close);
 }

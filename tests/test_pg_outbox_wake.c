@@ -6,15 +6,19 @@
  * nobody notified about (a writer without NOTIFY) is still delivered, by
  * polling.  Latencies are printed, not asserted tightly.
  */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
+#include <cmocka.h>
+
+#include "eventastic.h"
+#include "suites/outbox.h"
 #include "fixtures/pg.h"
-
-#define main test_outbox_main
-int test_outbox_main(void);
-#include "test_outbox.c"
-#undef main
 
 static char g_schema[40];
 static char g_channel[40];

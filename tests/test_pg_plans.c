@@ -25,7 +25,7 @@
 
 #include "eventastic.h"
 #include "fixtures/pg.h"
-#include "store/pg_statements.h"
+#include "store/pg/statements.h"
 
 #define FILL_EVENTS 1000000
 

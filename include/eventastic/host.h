@@ -46,12 +46,14 @@
  * es_host_config_set_event_base handed it one.  The timer loop
  * carries the host's timers (idle passivation, the snapshot flush) and
  * passivates aggregates; other threads wake it with events, never by
- * polling.  Decide handlers and completion callbacks run on worker
- * threads (completions with ES_ECLOSED may also run on the thread closing
+ * polling.  Decide handlers, query functions and completion callbacks
+ * run on worker threads (completions with ES_ECLOSED may also run on the thread closing
  * the host).  The aggregate type's callbacks run on worker threads too,
  * except state_encode for a snapshot on passivation (the I/O thread, or
  * the thread running es_host_shutdown).  All user code of one aggregate
- * runs on one thread at a time.
+ * runs on one thread at a time.  Queries (es_host_query) read an
+ * aggregate's committed state through its mailbox, in order with its
+ * commands.
  */
 #ifndef EVENTASTIC_HOST_H
 #define EVENTASTIC_HOST_H
@@ -196,19 +198,21 @@ ES_EXPORT ES_OWNER_THREAD void es_host_config_free(es_host_config *cfg);
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_workers(es_host_config *cfg,
                                                          unsigned n);
 
-/** Commands waiting in one aggregate's mailbox before es_host_send
- *  answers ES_EBUSY (>= 1).  Returns 0 or ES_EINVAL. */
+/** Commands and queries waiting in one aggregate's mailbox before
+ *  es_host_send and es_host_query answer ES_EBUSY (>= 1).  Returns 0 or
+ *  ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_mailbox_bound(
     es_host_config *cfg, size_t n);
 
-/** Commands accepted and not yet completed, over all aggregates, before
- *  es_host_send answers ES_EBUSY (>= 1).  Returns 0 or ES_EINVAL. */
+/** Commands and queries accepted and not yet completed, over all
+ *  aggregates, before es_host_send and es_host_query answer ES_EBUSY
+ *  (>= 1).  Returns 0 or ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_host_bound(
     es_host_config *cfg, size_t n);
 
 /** Resident aggregates (>= 1).  At the bound the least recently used idle
- *  aggregate is passivated to make room; when none is idle, a command for
- *  a new key gets ES_EBUSY.  The bound is kept per shard of the key space
+ *  aggregate is passivated to make room; when none is idle, a command or
+ *  query for a new key gets ES_EBUSY.  The bound is kept per shard of the key space
  *  (64 shards), so the LRU order is approximate.  Returns 0 or ES_EINVAL. */
 ES_EXPORT ES_OWNER_THREAD int es_host_config_set_resident_bound(
     es_host_config *cfg, size_t n);
@@ -335,8 +339,9 @@ ES_EXPORT ES_ANY_THREAD int es_host_open(const es_host_config *cfg,
                                          es_error *err);
 
 /**
- * Stop accepting commands: from now on es_host_send and es_host_call
- * answer ES_ECLOSED.  Commands already accepted go on as before.  Does
+ * Stop accepting commands and queries: from now on es_host_send,
+ * es_host_call, es_host_query and es_host_query_call answer ES_ECLOSED.
+ * Commands and queries already accepted go on as before.  Does
  * not wait.  Use it to stop producers safely before es_host_shutdown or
  * es_host_close free the host: a call on a freed host is undefined.
  * NULL is a no-op.  Thread: any, also the host's own.
@@ -344,9 +349,9 @@ ES_EXPORT ES_ANY_THREAD int es_host_open(const es_host_config *cfg,
 ES_EXPORT ES_ANY_THREAD void es_host_stop(es_host *host);
 
 /**
- * Graceful shutdown, then free: stop accepting (es_host_send answers
- * ES_ECLOSED), decide every command already accepted, wait for their
- * commits and completions, passivate every aggregate (writing the
+ * Graceful shutdown, then free: stop accepting (es_host_send and
+ * es_host_query answer ES_ECLOSED), decide every command and run every
+ * query already accepted, wait for their commits and completions, passivate every aggregate (writing the
  * snapshots the policy asks for), stop the threads and free the host.
  * Returns 0, or the first error writing a snapshot (the host is freed
  * anyway).  NULL is a no-op returning 0.  Thread: any thread that is not
@@ -357,7 +362,7 @@ ES_EXPORT ES_ANY_THREAD int es_host_shutdown(es_host *host, es_error *err);
 
 /**
  * Immediate close, then free: stop accepting; commands not yet decided
- * are completed with ES_ECLOSED; a commit already running finishes and its
+ * and queries not yet run are completed with ES_ECLOSED; a commit already running finishes and its
  * commands get their real outcome, queued commits are dropped and their
  * commands completed with ES_ECLOSED.  No snapshot is written.  Every
  * accepted command still gets exactly one completion before this returns.
@@ -419,6 +424,107 @@ ES_EXPORT ES_ANY_THREAD int es_host_call(es_host *host,
                                          const es_command *command,
                                          es_host_reply **out, es_error *err);
 
+/* ---- queries ---- */
+
+/**
+ * A query function: reads the aggregate's state on the worker running
+ * the aggregate.  state is the aggregate's state (never NULL: a key
+ * without events is answered ES_ENOTFOUND without calling it) and version
+ * its last event's version, both borrowed for the call: copy out what
+ * you need, keep no pointer into state, never modify it.  Its return
+ * value becomes the completion's status: return 0, or a negative
+ * es_status of your choice (say ES_ENOMEM when a copy failed).  Thread:
+ * a worker thread, never concurrently with the aggregate's decide or its
+ * other queries.  It may send commands and queries to other keys (also
+ * blocking, es_host_call and es_host_query_call), never a blocking one
+ * to its own key (ES_EMISUSE).
+ */
+typedef int (*es_query_fn)(void *ud, const void *state, uint64_t version);
+
+/** The outcome of one query, handed to its completion.  A borrowed view,
+ *  valid until the completion returns. */
+typedef struct es_query_result {
+    /** The query function's return (0 when it returned 0), or:
+     *  ES_ENOTFOUND (the key has no event), ES_EWRONGTYPE (the key is
+     *  stored under another aggregate type), ES_EFORGOTTEN (the aggregate
+     *  was forgotten, es_pg_forget_aggregate, and the query loaded it: an
+     *  aggregate resident when it was forgotten is answered from memory
+     *  until it is loaded again), ES_ECLOSED (the host was
+     *  closed before the query ran, or ended while the database could not
+     *  be reached), or a store error loading it (ES_EDB, ES_ENOMEM,
+     *  ES_EDECODE, ES_EDECRYPT).  The query function ran only when
+     *  version is not ES_HOST_NO_VERSION. */
+    int status;
+    /** The version the query function saw; ES_HOST_NO_VERSION when it
+     *  did not run. */
+    uint64_t version;
+    /** Why it failed (an error message); "" on success.  Never NULL. */
+    const char *reason;
+    es_uuid aggregate_id; /**< the aggregate queried */
+} es_query_result;
+
+/**
+ * Query completion: called exactly once for each query es_host_query
+ * accepted, after the query function returned (or instead of it).
+ * Thread: a worker thread of the host, or the thread running
+ * es_host_close / es_host_shutdown for ES_ECLOSED.  It may send commands
+ * and queries, as a command's completion may.
+ */
+typedef void (*es_query_done_fn)(void *ud, const es_query_result *result);
+
+/**
+ * Query the aggregate `aggregate_id` of `type`, asynchronously: `fn` runs
+ * on the aggregate's state on the worker running the aggregate, then
+ * `done` is called with the status.  A query is an item of the
+ * aggregate's mailbox like a command, in the same order: it runs after
+ * every command sent to the key before it has been decided and its
+ * outcome is known (committed or failed: while commands decided before it
+ * are being committed, the query waits for their outcome, and the
+ * commands sent after the query wait for it).  So the query sees exactly
+ * the committed effects of the commands sent before it, never an
+ * uncommitted event, and in particular every command whose completion
+ * was called before es_host_query was (read-your-writes); it sees none
+ * of the commands sent after it.  A resident aggregate is answered
+ * without reading the store; one that is not is loaded (snapshot and
+ * events) and stays resident as for a command.  A query never writes,
+ * never produces events and is not a command: no command id, no
+ * idempotency, nothing recorded; a key without events is not kept
+ * resident by it.
+ *
+ * On success (0) `done` will be called exactly once (it may be NULL).  On
+ * failure neither fn nor done is called: ES_EBUSY (the mailbox, the host
+ * or the resident bound is full, counted with the commands: try later),
+ * ES_ECLOSED (host stopping or ending), ES_EINVAL (NULL host, id or fn,
+ * nil aggregate id, type not registered), ES_ENOMEM.  ES_ENOTFOUND,
+ * ES_EWRONGTYPE, ES_EFORGOTTEN and store errors come in the completion.
+ * ud and done_ud are the caller's and must stay valid until done returns.
+ * Never blocks.  Thread: any, also from decide, query functions and
+ * completion callbacks.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_query(es_host *host,
+                                          const es_aggregate_type *type,
+                                          const es_uuid *aggregate_id,
+                                          es_query_fn fn, void *ud,
+                                          es_query_done_fn done,
+                                          void *done_ud, es_error *err);
+
+/**
+ * Query and wait: es_host_query, then wait for its completion.  Returns
+ * its status (as es_query_result.status: fn's return, ES_ENOTFOUND, ...)
+ * or es_host_query's error; err (may be NULL) gets the reason of a
+ * failure.  fn runs on a worker thread while the caller waits, so it may
+ * write into memory the caller passed in ud without a lock.  Thread: any,
+ * also from decide, query functions and completion callbacks (the worker
+ * then runs other aggregates while it waits), except to the very
+ * aggregate whose decide, query function or callback is running:
+ * ES_EMISUSE.  A cycle of blocking calls between aggregates deadlocks.
+ */
+ES_EXPORT ES_ANY_THREAD int es_host_query_call(es_host *host,
+                                               const es_aggregate_type *type,
+                                               const es_uuid *aggregate_id,
+                                               es_query_fn fn, void *ud,
+                                               es_error *err);
+
 /* ---- metrics ---- */
 
 /** Latency of one stage, in microseconds (from a histogram with about 3%
@@ -438,11 +544,12 @@ typedef struct es_host_metrics {
     uint64_t rejected;     /**< completions with ES_EREJECTED or ES_EAPPLY */
     uint64_t duplicate;    /**< answered from an earlier command id */
     uint64_t conflicts;    /**< command commits that conflicted */
-    uint64_t busy;         /**< sends answered ES_EBUSY */
+    uint64_t busy;         /**< sends and queries answered ES_EBUSY */
     uint64_t resident;     /**< aggregates in memory now */
     uint64_t loads;        /**< aggregates loaded from the store */
     uint64_t passivations; /**< aggregates passivated */
-    uint64_t mailbox_depth; /**< commands accepted, not yet decided */
+    uint64_t mailbox_depth; /**< commands and queries accepted, not yet
+                                 taken by a worker */
     uint64_t batches;      /**< commit transactions */
     uint64_t snapshots;    /**< snapshots written */
     es_host_latency queue_wait;  /**< accepted -> taken by a worker */
@@ -450,6 +557,12 @@ typedef struct es_host_metrics {
     es_host_latency decide;      /**< decide and apply */
     es_host_latency commit_wait; /**< handed to the committer -> outcome */
     es_host_latency total;       /**< accepted -> completion called */
+    /* Added with es_host_query, at the end.  The caller allocates this
+     * struct, so its size changed: by the ABI rule (README.md) a change
+     * for the major version (still 0); code built with the older header
+     * must be rebuilt.  The fields above keep their offsets. */
+    uint64_t queries;      /**< es_host_query returned 0 */
+    es_host_latency query; /**< query accepted -> completion called */
 } es_host_metrics;
 
 /** Fill *out with the current metrics.  Returns 0 or ES_EINVAL.

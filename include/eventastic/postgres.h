@@ -105,7 +105,8 @@ typedef enum es_pg_table {
     ES_PG_TABLE_OUTBOX = 2,     /**< default "outbox" */
     ES_PG_TABLE_MIGRATIONS = 3, /**< default "es_migrations" */
     ES_PG_TABLE_KEYS = 4,       /**< default "data_keys" (encryption) */
-    ES_PG_TABLE_COMMANDS = 5    /**< default "commands" (host command ids) */
+    ES_PG_TABLE_COMMANDS = 5,   /**< default "commands" (host command ids) */
+    ES_PG_TABLE_PROJECTIONS = 6 /**< default "projections" (checkpoints) */
 } es_pg_table;
 
 /** Longest schema or table name, in bytes (PostgreSQL's NAMEDATALEN-1). */
@@ -298,6 +299,19 @@ typedef struct es_pg_key_provider {
  */
 ES_EXPORT ES_OWNER_THREAD int es_pg_config_set_key_provider(
     es_pg_config *cfg, const es_pg_key_provider *provider, es_error *err);
+
+/**
+ * The libpq connection of a transaction of a PostgreSQL store, for a
+ * handler that writes its own tables in the same transaction (a
+ * projection in ES_PROJECTION_EXACTLY_ONCE mode, eventastic/
+ * subscription.h).  Borrowed: valid until the transaction ends; do not
+ * close it, change its session or end its transaction (no COMMIT,
+ * ROLLBACK or BEGIN); a statement that fails aborts the transaction, as
+ * in any PostgreSQL transaction (wrap it in a SAVEPOINT to go on).
+ * Returns NULL for NULL or a transaction of another store.  (The return
+ * type is libpq's PGconn: struct pg_conn.)  Thread: the transaction's.
+ */
+ES_EXPORT ES_OWNER_THREAD struct pg_conn *es_pg_txn_conn(es_txn *txn);
 
 /**
  * Crypto-shredding: destroy the data key of one aggregate in txn (a

@@ -169,7 +169,7 @@ typedef enum es_projection_state {
 
 /** A projection's progress (a caller-allocated result). */
 typedef struct es_projection_stats {
-    es_projection_state state;
+    es_projection_state state; /**< what it is doing */
     es_position position;  /**< checkpoint: last event applied */
     uint64_t applied;      /**< events applied since start */
     uint64_t batches;      /**< batches committed since start */

@@ -1,5 +1,6 @@
 /*
- * es_host_call, the blocking call, and its process-wide pool of waiters.
+ * es_host_call and es_host_query_call, the blocking calls, and their
+ * process-wide pool of waiters.
  * The caller waits on a waiter's lock and condition; the completion (a
  * worker) fills it.  A worker that calls runs other actors while it
  * waits.  waiters_lock guards only the free list and is never held with
@@ -28,6 +29,7 @@ typedef struct waiter {
     bool done;
     int status;
     es_host_reply *reply;
+    char reason[256];    /* a query's failure */
     struct waiter *next; /* in the free list */
 } waiter;
 
@@ -49,6 +51,7 @@ static waiter *waiter_get(void)
     w->done = false;
     w->status = 0;
     w->reply = NULL;
+    w->reason[0] = 0;
     w->next = NULL;
     return w;
 }
@@ -111,33 +114,28 @@ void es_host_reply_free(es_host_reply *reply)
     es__free(reply);
 }
 
-int es_host_call(es_host *host, const es_aggregate_type *type,
-                 const es_uuid *aggregate_id, const es_command *command,
-                 es_host_reply **out, es_error *err)
+/* A blocking call to aggregate_id from this thread would wait for
+ * itself: the aggregate's decide, query or callback runs below it. */
+static bool calls_itself(es_host *host, const es_uuid *aggregate_id)
 {
-    if (out) *out = NULL;
-    bool on_worker = host != NULL && es__host_tls == host;
-    if (on_worker && aggregate_id != NULL)
-        for (int i = 0; i < es__host_tls_depth; i++)
-            if (es_uuid_equal(&es__host_tls_stack[i]->id, aggregate_id))
-                return es__error_set(err, ES_EMISUSE, "a blocking call to "
-                                     "the aggregate that is running "
-                                     "would never return");
-    waiter *w = waiter_get();
-    if (w == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    int rc = es_host_send(host, type, aggregate_id, command, call_done, w,
-                          err);
-    if (rc != 0) {
-        waiter_put(w);
-        return rc;
-    }
+    if (host == NULL || es__host_tls != host || aggregate_id == NULL)
+        return false;
+    for (int i = 0; i < es__host_tls_depth; i++)
+        if (es_uuid_equal(&es__host_tls_stack[i]->id, aggregate_id))
+            return true;
+    return false;
+}
+
+/* Wait until the completion filled w.  A worker runs other actors while
+ * it waits, so that the pool cannot run out of threads. */
+static void wait_done(es_host *host, waiter *w)
+{
+    bool on_worker = es__host_tls == host;
     for (;;) {
         pthread_mutex_lock(&w->lock);
         bool done = w->done;
         pthread_mutex_unlock(&w->lock);
         if (done) break;
-        /* A worker runs other actors while it waits, so that the pool
-         * cannot run out of threads. */
         actor *a = on_worker && es__host_tls_depth < MAX_NESTED
                        ? es__host_runq_pop(host, false)
                        : NULL;
@@ -157,6 +155,26 @@ int es_host_call(es_host *host, const es_aggregate_type *type,
         }
         pthread_mutex_unlock(&w->lock);
     }
+}
+
+int es_host_call(es_host *host, const es_aggregate_type *type,
+                 const es_uuid *aggregate_id, const es_command *command,
+                 es_host_reply **out, es_error *err)
+{
+    if (out) *out = NULL;
+    if (calls_itself(host, aggregate_id))
+        return es__error_set(err, ES_EMISUSE, "a blocking call to the "
+                                              "aggregate that is running "
+                                              "would never return");
+    waiter *w = waiter_get();
+    if (w == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    int rc = es_host_send(host, type, aggregate_id, command, call_done, w,
+                          err);
+    if (rc != 0) {
+        waiter_put(w);
+        return rc;
+    }
+    wait_done(host, w);
     rc = w->status;
     es_host_reply *reply = w->reply;
     waiter_put(w);
@@ -164,5 +182,39 @@ int es_host_call(es_host *host, const es_aggregate_type *type,
         es__error_set(err, rc, "%s", reply->reason);
     if (out) *out = reply;
     else es_host_reply_free(reply);
+    return rc;
+}
+
+static void query_call_done(void *ud, const es_query_result *r)
+{
+    waiter *w = ud;
+    pthread_mutex_lock(&w->lock);
+    w->status = r->status;
+    snprintf(w->reason, sizeof w->reason, "%s", r->reason);
+    w->done = true;
+    pthread_cond_signal(&w->cond);
+    pthread_mutex_unlock(&w->lock);
+}
+
+int es_host_query_call(es_host *host, const es_aggregate_type *type,
+                       const es_uuid *aggregate_id, es_query_fn fn, void *ud,
+                       es_error *err)
+{
+    if (calls_itself(host, aggregate_id))
+        return es__error_set(err, ES_EMISUSE, "a blocking query of the "
+                                              "aggregate that is running "
+                                              "would never return");
+    waiter *w = waiter_get();
+    if (w == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
+    int rc = es_host_query(host, type, aggregate_id, fn, ud, query_call_done,
+                           w, err);
+    if (rc != 0) {
+        waiter_put(w);
+        return rc;
+    }
+    wait_done(host, w);
+    rc = w->status;
+    if (rc != 0) es__error_set(err, rc, "%s", w->reason);
+    waiter_put(w);
     return rc;
 }

@@ -270,11 +270,13 @@ int es_host_metrics_get(es_host *host, es_host_metrics *out)
     LOAD(mailbox_depth);
     LOAD(batches);
     LOAD(snapshots);
+    LOAD(queries);
 #undef LOAD
     es__hist_read(&host->h_queue, &out->queue_wait);
     es__hist_read(&host->h_load, &out->load);
     es__hist_read(&host->h_decide, &out->decide);
     es__hist_read(&host->h_commit, &out->commit_wait);
     es__hist_read(&host->h_total, &out->total);
+    es__hist_read(&host->h_query, &out->query);
     return 0;
 }

@@ -32,6 +32,7 @@
  *   config.c     es_host_config_*, the registered types
  *   shard.c      the shards: hash table of resident actors, LRU of idle ones
  *   send.c       es_host_send: accept a command into a mailbox
+ *   query.c      es_host_query: a read of the state, queued like a command
  *   complete.c   completions: a command's outcome to its callback
  *   actor.c      an actor's state: load, compact, expand, drop
  *   emit.c       the emitter (es_emit) and applying what decide emitted
@@ -39,7 +40,8 @@
  *   lanes.c      the commit lanes on the commit loop
  *   snapshots.c  snapshot jobs and the snapshot writer thread
  *   loop.c       the I/O loop: timers, parked actors, passivation
- *   call.c       es_host_call and its process-wide waiter pool
+ *   call.c       es_host_call, es_host_query_call and their
+ *                process-wide waiter pool
  *   host.c       life cycle (open, shutdown, close) and metrics
  *
  * Locks (none is ever held while taking another, except where said, and
@@ -102,7 +104,17 @@ typedef struct actor actor;
 typedef struct hcmd hcmd;
 typedef struct shard shard;
 
-/* An accepted command, from es_host_send to its completion. */
+/* A query's callbacks, in the payload of its hcmd. */
+typedef struct hquery {
+    es_query_fn fn;
+    void *ud;
+    es_query_done_fn done;
+    void *done_ud;
+} hquery;
+
+/* An accepted command, from es_host_send to its completion; or a query
+ * (query set, its hquery in the payload), from es_host_query to its
+ * completion, which only ever sits in a mailbox. */
 struct hcmd {
     hcmd *next;  /* mailbox, pending, bounced or dups list */
     hcmd *qnext; /* a worker's submit list, lane queue, results */
@@ -119,6 +131,7 @@ struct hcmd {
     uint64_t snap_at;
     int attempts;
     bool maybe_own; /* a commit of it had an unknown outcome */
+    bool query;     /* a query, not a command */
     es_uuid id;
     int32_t kind;
     size_t len;
@@ -307,8 +320,8 @@ struct es_host {
     /* Metrics: relaxed atomics, any thread. */
     atomic_uint_least64_t accepted, completed, rejected, duplicate, conflicts,
         busy, resident, loads, passivations, mailbox_depth, batches,
-        snapshots;
-    es__hist h_queue, h_load, h_decide, h_commit, h_total;
+        snapshots, queries;
+    es__hist h_queue, h_load, h_decide, h_commit, h_total, h_query;
 };
 
 struct es_emitter {
@@ -370,7 +383,31 @@ void es__host_lru_append(shard *sh, actor *a);
 bool es__host_schedule_locked(shard *sh, actor *a);
 void es__host_unlink_actor(es_host *host, shard *sh, actor *a);
 
+/* ---- send.c ---- */
+
+/* Count one more item in the host (closing, host bound): 0, or
+ * ES_ECLOSED / ES_EBUSY with err set and nothing counted. */
+int es__host_admit(es_host *host, es_error *err);
+/* Put the admitted item h (its aggregate_id set) into the mailbox of its
+ * actor, made if need be.  On failure h is freed and the admission
+ * undone: ES_EBUSY, ES_ENOMEM with err set.  Any thread. */
+int es__host_enqueue(es_host *host, const htype *ht, hcmd *h, es_error *err);
+
+/* ---- query.c: the worker running the actor ---- */
+
+/* Run the query h (taken from a's mailbox, nothing pending: the state
+ * is committed) and complete it, or park it with a. */
+void es__host_run_query(es_host *host, actor *a, hcmd *h);
+/* Complete the query h with status, then free it. */
+void es__host_query_complete(es_host *host, hcmd *h, int status,
+                             uint64_t version, const char *reason);
+
 /* ---- worker.c ---- */
+
+/* h (command or query) back to the head of a's mailbox and a parked:
+ * its load could not reach the database.  A host ending completes h
+ * with ES_ECLOSED instead. */
+void es__host_park_item(es_host *host, actor *a, hcmd *h);
 
 void es__host_runq_push(es_host *host, actor *a);
 void es__host_runq_push_list(es_host *host, actor *head, actor *tail,

@@ -1,5 +1,6 @@
 /*
- * es_host_send: a command accepted into its actor's mailbox (any thread).
+ * es_host_send: a command accepted into its actor's mailbox (any thread);
+ * es__host_admit and es__host_enqueue are shared with es_host_query.
  * Under the shard's lock it finds or makes the actor, evicting the
  * shard's least recently used idle actor for room (passivated later on
  * the I/O loop, handed over under hk.lock), and schedules the actor; the
@@ -10,6 +11,22 @@
 #include <event2/event.h>
 
 #include "host/host_int.h"
+
+int es__host_admit(es_host *host, es_error *err)
+{
+    if (atomic_load(&host->closing))
+        return es__error_set(err, ES_ECLOSED, "host is closing");
+    if (atomic_fetch_add(&host->pending, 1) >= host->cfg.host_bound) {
+        es__host_pending_done(host);
+        metric_add(&host->busy, 1);
+        return es__error_set(err, ES_EBUSY, "host is full");
+    }
+    if (atomic_load(&host->closing)) {
+        es__host_pending_done(host);
+        return es__error_set(err, ES_ECLOSED, "host is closing");
+    }
+    return 0;
+}
 
 int es_host_send(es_host *host, const es_aggregate_type *type,
                  const es_uuid *aggregate_id, const es_command *command,
@@ -26,17 +43,8 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
     if (ht == NULL)
         return es__error_set(err, ES_EINVAL, "aggregate type not "
                                              "registered");
-    if (atomic_load(&host->closing))
-        return es__error_set(err, ES_ECLOSED, "host is closing");
-    if (atomic_fetch_add(&host->pending, 1) >= host->cfg.host_bound) {
-        es__host_pending_done(host);
-        metric_add(&host->busy, 1);
-        return es__error_set(err, ES_EBUSY, "host is full");
-    }
-    if (atomic_load(&host->closing)) {
-        es__host_pending_done(host);
-        return es__error_set(err, ES_ECLOSED, "host is closing");
-    }
+    int rc = es__host_admit(host, err);
+    if (rc != 0) return rc;
     hcmd *h = es__calloc(1, sizeof *h + command->len);
     if (h == NULL) {
         es__host_pending_done(host);
@@ -50,7 +58,12 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
     if (command->len > 0) memcpy(h->payload, command->payload, command->len);
     h->item.aggregate_id = *aggregate_id;
     h->t_accept = es__now_ns();
+    return es__host_enqueue(host, ht, h, err);
+}
 
+int es__host_enqueue(es_host *host, const htype *ht, hcmd *h, es_error *err)
+{
+    const es_uuid *aggregate_id = &h->item.aggregate_id;
     shard *sh = es__host_shard_of(host, aggregate_id);
     actor *evicted = NULL, *fresh = NULL;
     bool push = false;
@@ -91,7 +104,7 @@ int es_host_send(es_host *host, const es_aggregate_type *type,
         a->mb_tail = h;
         a->mb_n++;
         /* counted before a worker can take it, so the gauge never dips */
-        metric_add(&host->accepted, 1);
+        metric_add(h->query ? &host->queries : &host->accepted, 1);
         metric_add(&host->mailbox_depth, 1);
         push = es__host_schedule_locked(sh, a);
     }

@@ -92,11 +92,17 @@ static int truth(const hcmd *h, int rc)
  * back to the head of the mailbox (per-key order) and the actor is
  * parked (es__host_run_actor ends its turn; the loop's retry timer runs
  * it again after the backoff).  A host ending completes h instead:
- * ES_ECLOSED. */
-static void park_command(es_host *host, actor *a, hcmd *h)
+ * ES_ECLOSED.  h may be a query. */
+void es__host_park_item(es_host *host, actor *a, hcmd *h)
 {
     a->park_ms = (uint16_t)es__backoff_grow(a->park_ms, LOAD_BACKOFF_MIN_MS,
                                             LOAD_BACKOFF_MAX_MS);
+    if (atomic_load(&host->ending) && h->query) {
+        es__host_query_complete(host, h, ES_ECLOSED, ES_HOST_NO_VERSION,
+                                "host ended while the database could not "
+                                "be reached to load the aggregate");
+        return;
+    }
     if (atomic_load(&host->ending)) {
         es__host_complete_error(host, h, truth(h, ES_ECLOSED),
                                 ES_HOST_NO_VERSION,
@@ -127,7 +133,7 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
     int rc = es_store_begin(host->store, &txn, &err);
     if (rc != 0) {
         if (may_park && rc == ES_EDB && es__unreachable(&err)) {
-            park_command(host, a, h);
+            es__host_park_item(host, a, h);
             return true;
         }
         es__host_complete_error(host, h, truth(h, rc),
@@ -143,7 +149,7 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
     if (rc != 0) {
         es_txn_rollback(txn);
         if (may_park && rc == ES_EDB && es__unreachable(&err)) {
-            park_command(host, a, h);
+            es__host_park_item(host, a, h);
             return true;
         }
         es__host_complete_error(host, h, truth(h, rc),
@@ -216,6 +222,15 @@ static bool answer_from_store(es_host *host, actor *a, hcmd *h,
     return true;
 }
 
+/* The head of a's mailbox may be taken: a query waits until the outcome
+ * of every item decided before it is known (nothing pending), so that it
+ * reads committed state only.  The shard lock is held; pend_head is the
+ * running worker's own. */
+static bool mailbox_ready(const actor *a)
+{
+    return a->mb_head != NULL && !(a->mb_head->query && a->pend_head);
+}
+
 static bool same_content(const hcmd *a, const hcmd *b)
 {
     return a->kind == b->kind && a->len == b->len &&
@@ -266,7 +281,7 @@ static void process_command(es_host *host, actor *a, hcmd *h, submit *sub)
     if (!a->loaded) {
         int rc = es__host_actor_load(host, a, &err);
         if (rc == ES_EDB && es__unreachable(&err)) {
-            park_command(host, a, h);
+            es__host_park_item(host, a, h);
             return;
         }
         if (rc != 0) {
@@ -483,7 +498,7 @@ void es__host_run_actor(es_host *host, actor *a)
         pthread_mutex_lock(&sh->lock);
         hcmd *res = a->res_head;
         a->res_head = a->res_tail = NULL;
-        if (res == NULL && !a->broken && a->mb_head && budget > 0) {
+        if (res == NULL && !a->broken && mailbox_ready(a) && budget > 0) {
             h = a->mb_head;
             a->mb_head = h->next;
             if (a->mb_head == NULL) a->mb_tail = NULL;
@@ -501,7 +516,8 @@ void es__host_run_actor(es_host *host, actor *a)
         if (h) {
             metric_sub(&host->mailbox_depth, 1);
             h->next = NULL;
-            process_command(host, a, h, &sub);
+            if (h->query) es__host_run_query(host, a, h);
+            else process_command(host, a, h, &sub);
             budget--;
             if (a->parked) {
                 a->parked = false;
@@ -527,11 +543,13 @@ void es__host_run_actor(es_host *host, actor *a)
         }
         es__host_actor_compact(a);
         pthread_mutex_lock(&sh->lock);
-        if (a->res_head || (!a->broken && a->mb_head && budget > 0)) {
+        if (a->res_head || (!a->broken && mailbox_ready(a) && budget > 0)) {
             pthread_mutex_unlock(&sh->lock);
             continue;
         }
-        bool requeue = !a->broken && a->mb_head != NULL;
+        /* A query waiting for the outcomes of items in flight: their
+         * results schedule the actor again (lane_post). */
+        bool requeue = !a->broken && mailbox_ready(a);
         bool drop = false;
         if (!requeue) {
             a->scheduled = false;

@@ -98,10 +98,6 @@ typedef struct es__outbox_outcome {
     int64_t next_attempt_ms; /* when pending */
     char error[256];         /* "" when there is none */
 } es__outbox_outcome;
-/* The old name, kept only for src/store/postgres.c until its split lands
- * (then it uses es__outbox_outcome and this goes): the public
- * es_outbox_verdict is a handler's return value, not this record. */
-typedef es__outbox_outcome es__outbox_verdict;
 
 /* Which messages a dispatcher handles: a type and a kind
  * (ES_OUTBOX_ANY_KIND for all its kinds). */

@@ -6,11 +6,7 @@
  * known migrations, the missing ones applied) or ES_EDB with a message
  * (unknown version, changed checksum, unreadable row), never crash.
  */
-#define PQexecParams fake_exec_params
-#define PQexec fake_exec
-#include "../../src/store/postgres.c"
-#undef PQexecParams
-#undef PQexec
+#include "store/pg/pg_int.h"
 
 #include "pg_fake.h"
 
@@ -29,7 +25,7 @@ static PGresult *one_value(const char *value, int len)
     return r;
 }
 
-PGresult *fake_exec_params(PGconn *conn, const char *command, int nParams,
+PGresult *__wrap_PQexecParams(PGconn *conn, const char *command, int nParams,
                            const Oid *paramTypes,
                            const char *const *paramValues,
                            const int *paramLengths, const int *paramFormats,
@@ -42,7 +38,7 @@ PGresult *fake_exec_params(PGconn *conn, const char *command, int nParams,
     return fz_status(PGRES_COMMAND_OK); /* lock, record a migration */
 }
 
-PGresult *fake_exec(PGconn *conn, const char *query)
+PGresult *__wrap_PQexec(PGconn *conn, const char *query)
 {
     (void)conn;
     if (strncmp(query, "SELECT version, checksum", 24) == 0)
@@ -58,7 +54,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz.n = size;
     es_error err = {0};
     int newest = -1;
-    int rc = migrate_in(NULL, cfg, &newest, &err);
+    int rc = es__pg_migrate_in(NULL, cfg, &newest, &err);
     if (rc > 0 || (rc != 0 && err.code != rc)) abort();
     if (rc == 0 && newest != es_pg_schema_version()) abort();
     static int verbose = -1; /* FUZZ_PG_VERBOSE=1: the answer */

@@ -14,11 +14,7 @@
  * asks for them.  A reader must return 0 or a negative status, set the
  * error when it fails, and never crash, leak or read out of bounds.
  */
-#define PQexecParams fake_exec_params
-#define PQexec fake_exec
-#include "../../src/store/postgres.c"
-#undef PQexecParams
-#undef PQexec
+#include "store/pg/pg_int.h"
 
 #include "pg_fake.h"
 
@@ -47,28 +43,29 @@ static void seal_rows(PGresult *r, int what, int pcol, int kcol)
         uint64_t v = 0;
         if (what == 0 || what == 1) { /* stream, get event */
             int vcol = what == 0 ? 0 : 1;
-            if (!col_u64(r, row, vcol, &v)) continue;
+            if (!es__pg_col_u64(r, row, vcol, &v)) continue;
             es_uuid who = agg;
-            if (what == 1 && !col_uuid(r, row, 0, &who)) continue;
-            ad_event(&ad, &who, v);
+            if (what == 1 && !es__pg_col_uuid(r, row, 0, &who)) continue;
+            es__pg_ad_event(&ad, &who, v);
         } else if (what == 5) { /* command id: a rejection's reason */
             es_uuid who;
-            if (!col_uuid(r, row, 0, &who)) continue;
-            ad_rejection(&ad, &command_id, &who);
+            if (!es__pg_col_uuid(r, row, 0, &who)) continue;
+            es__pg_ad_rejection(&ad, &command_id, &who);
         } else if (what == 2) { /* snapshot: the type, then its columns */
-            if (!col_u64(r, row, 1, &v)) continue;
-            ad_snapshot(&ad, &agg, snapshot_version, v);
+            if (!es__pg_col_u64(r, row, 1, &v)) continue;
+            es__pg_ad_snapshot(&ad, &agg, snapshot_version, v);
         } else { /* side effect, outbox */
-            if (!col_uuid(r, row, 0, &se.id) ||
-                !col_uuid(r, row, 1, &se.aggregate_id) ||
-                !col_uuid(r, row, 2, &se.event_id) ||
-                !col_i32(r, row, 3, &se.kind))
+            if (!es__pg_col_uuid(r, row, 0, &se.id) ||
+                !es__pg_col_uuid(r, row, 1, &se.aggregate_id) ||
+                !es__pg_col_uuid(r, row, 2, &se.event_id) ||
+                !es__pg_col_i32(r, row, 3, &se.kind))
                 continue;
-            ad_side_effect(&ad, &se);
+            es__pg_ad_side_effect(&ad, &se);
         }
         es_buf b = {0};
-        if (seal_append(&b, DEK, &ad, (const uint8_t *)PQgetvalue(r, row, pcol),
-                        (size_t)PQgetlength(r, row, pcol)) == 0)
+        if (es__pg_seal_append(&b, DEK, &ad,
+                               (const uint8_t *)PQgetvalue(r, row, pcol),
+                               (size_t)PQgetlength(r, row, pcol)) == 0)
             PQsetvalue(r, row, pcol, (char *)b.data, (int)b.len);
         es_buf_free(&b);
     }
@@ -90,13 +87,13 @@ static PGresult *key_row(const char *const *values)
     att[0].name = att[1].name = (char *)"c";
     att[0].format = att[1].format = 1;
     PQsetResultAttrs(r, 2, att);
-    keyring_wrap(&S, K.id, &who, DEK, wrapped, &len, NULL);
+    es__pg_keyring_wrap(&S, K.id, &who, DEK, wrapped, &len, NULL);
     PQsetvalue(r, 0, 0, K.id, (int)strlen(K.id));
     PQsetvalue(r, 0, 1, (char *)wrapped, (int)len);
     return r;
 }
 
-PGresult *fake_exec_params(PGconn *conn, const char *command, int nParams,
+PGresult *__wrap_PQexecParams(PGconn *conn, const char *command, int nParams,
                            const Oid *paramTypes,
                            const char *const *paramValues,
                            const int *paramLengths, const int *paramFormats,
@@ -129,7 +126,7 @@ PGresult *fake_exec_params(PGconn *conn, const char *command, int nParams,
     return r; /* NULL: the connection is lost */
 }
 
-PGresult *fake_exec(PGconn *conn, const char *query)
+PGresult *__wrap_PQexec(PGconn *conn, const char *query)
 {
     (void)conn, (void)query; /* CLOSE of a stream's cursor */
     return fz_byte() < 0 ? NULL : fz_status(PGRES_COMMAND_OK);
@@ -168,8 +165,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     S.encrypt = (opts & 1) != 0 || seal;
     S.keys = &K;
     S.n_keys = 1;
-    S.provider = (es_pg_key_provider){keyring_current, keyring_wrap,
-                                      keyring_unwrap, &S};
+    S.provider = (es_pg_key_provider){
+        es__pg_keyring_current, es__pg_keyring_wrap, es__pg_keyring_unwrap, &S};
     S.chunk = 1 + (size_t)((opts >> 2) & 3);
     pg_txn t;
     memset(&t, 0, sizeof t);
@@ -181,15 +178,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     switch (what) {
     case 0: {
         size_t n = 0;
-        rc = pg_stream(&t.base, (opts & 32) ? "fuzz" : NULL, &agg, 0,
-                       count_event, &n, &err);
+        rc = es__pg_stream(&t.base, (opts & 32) ? "fuzz" : NULL, &agg, 0,
+                           count_event, &n, &err);
         break;
     }
     case 1: {
         es_uuid id;
         memset(id.bytes, 0x5a, 16);
         es_event *ev = NULL;
-        rc = pg_get_event(&t.base, &agg, &id, &ev, &err);
+        rc = es__pg_get_event(&t.base, &agg, &id, &ev, &err);
         if (rc == 0 && (ev == NULL || (ev->len && ev->data == NULL)))
             abort();
         es__free(ev);
@@ -197,15 +194,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     case 2: {
         es_snapshot *snap = NULL;
-        rc = pg_get_snapshot(&t.base, (opts & 32) ? "fuzz" : NULL, &agg,
-                             snapshot_version, &snap, &err);
+        rc = es__pg_get_snapshot(&t.base, (opts & 32) ? "fuzz" : NULL, &agg,
+                                 snapshot_version, &snap, &err);
         es__free(snap);
         break;
     }
     case 3: {
         es_side_effect_list *list = NULL;
-        rc = pg_list_side_effects(&t.base, (opts & 16) ? &agg : NULL, &list,
-                                  &err);
+        rc = es__pg_list_side_effects(&t.base, (opts & 16) ? &agg : NULL, &list,
+                                      &err);
         es_side_effect_list_free(list);
         break;
     }
@@ -217,7 +214,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int row = 0; row < PQntuples(r); row++) {
             es_outbox_entry e;
             es_error one = {0};
-            int rc1 = entry_read(&t, r, row, &e, &plain, &one);
+            int rc1 = es__pg_entry_read(&t, r, row, &e, &plain, &one);
             check(rc1, &one);
             if (rc == 0 && rc1 != 0) {
                 rc = rc1;
@@ -231,9 +228,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     case 5: {
         memset(command_id.bytes, 0x3c, 16);
         es__command_record *rec = NULL;
-        rc = pg_get_command(&t.base, &command_id, &rec, &err);
+        rc = es__pg_get_command(&t.base, &command_id, &rec, &err);
         if (rc == 0 && rec == NULL) abort();
-        /* a reason only for a rejection, and never one that is forgotten */
+        /* a reason only for a rejection, and never one that is es__pg_forgotten
+         */
         if (rc == 0 && (rec->reason != NULL) !=
                            (rec->rejected && !rec->forgotten))
             abort();
@@ -243,7 +241,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     case 6: {
         const dek_entry *d = NULL;
-        rc = get_dek(&t, &agg, false, &d, &err);
+        rc = es__pg_get_dek(&t, &agg, false, &d, &err);
         if (rc == 0 && d == NULL) abort();
         if (rc == ES_ENOTFOUND) rc = 0; /* no row: not an error here */
         break;

@@ -102,8 +102,8 @@ def c_strings(text):
 
 
 def migrations():
-    """[(version, sql)] parsed from src/store/pg_migrations.c."""
-    text = open(os.path.join(TOP, "src", "store", "pg_migrations.c")).read()
+    """[(version, sql)] parsed from src/store/pg/migrations.c."""
+    text = open(os.path.join(TOP, "src", "store", "pg", "migrations.c")).read()
     body = text[text.index("es__pg_migrations[] = {"):]
     out = []
     lit = r'"(?:[^"\\]|\\.)*"'

@@ -2,14 +2,15 @@
  * A PostgreSQL store without a database, for the fuzz targets of the
  * store's row decoding and of the migrations' checksum reading.
  *
- * The target includes src/store/postgres.c itself (configure.py leaves
- * the library's own postgres.o out of its link), with PQexecParams and
- * PQexec renamed to the fakes below: every statement the store sends is
- * answered with a result made from the fuzz input (PQmakeEmptyPGresult,
- * PQsetResultAttrs, PQsetvalue), shaped as the statement's real result
- * (its columns, binary or text).  When the input runs out, the fake
- * answers NULL: the connection is lost.  So the real reading code runs
- * unchanged, statics and all, and nothing is exported for it.
+ * The target links the store's real objects and calls its internal
+ * functions (src/store/pg/pg_int.h); configure.py links it with
+ * -Wl,--wrap=PQexecParams -Wl,--wrap=PQexec, so the store's calls of
+ * those go to the target's __wrap_PQexecParams and __wrap_PQexec: every
+ * statement the store sends is answered with a result made from the fuzz
+ * input (PQmakeEmptyPGresult, PQsetResultAttrs, PQsetvalue), shaped as
+ * the statement's real result (its columns, binary or text).  When the
+ * input runs out, the fake answers NULL: the connection is lost.  So the
+ * real reading code runs unchanged.
  *
  * A cell in the input: two bytes of length, little endian (0xffff:
  * NULL), then that many bytes (cut to what is left).  A result: one byte

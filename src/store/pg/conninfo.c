@@ -1,6 +1,6 @@
 /* The connection options every connection of the PostgreSQL store gets
- * (pg_conninfo.h). */
-#include "store/pg_conninfo.h"
+ * (conninfo.h). */
+#include "store/pg/conninfo.h"
 
 #include <stdbool.h>
 #include <string.h>

@@ -1,5 +1,5 @@
 /*
- * The migrations of the PostgreSQL store (see pg_migrations.h).
+ * The migrations of the PostgreSQL store (see migrations.h).
  *
  * events: (aggregate id, version) is the primary key, so a version is
  * taken once; event_id was unique across aggregates until migration 8,
@@ -9,7 +9,7 @@
  * of any valid length work.  keys holds each aggregate's data key, wrapped
  * by the master key key_id; NULL once destroyed (crypto-shredding).
  */
-#include "store/pg_migrations.h"
+#include "store/pg/migrations.h"
 
 const es__pg_migration es__pg_migrations[] = {
     {1, "events, snapshots and outbox",
@@ -155,6 +155,40 @@ const es__pg_migration es__pg_migrations[] = {
      * for the whole table, and almost nothing to maintain per command. */
     {11, "command ids: by age (retention)",
      "CREATE INDEX ON @commands@ USING brin (created_at);\n"},
+    /* The global order of events (docs/read-side.md): each row keeps the
+     * id of the transaction that wrote it, and readers follow (txid,
+     * position) below pg_snapshot_xmin.  Rows already stored get txid 1
+     * (a constant default: no table rewrite), before everything later;
+     * they had all committed, since ALTER TABLE waits for every writer.
+     * The index on position alone (migration 8) served nothing of the
+     * library's and is replaced by (txid, position), so an event still
+     * costs one index entry for its place in the order.  Building the
+     * index on a large table blocks writes: run it in a quiet moment.
+     * projections holds each projection's checkpoint. */
+    {12, "events: global order by writing transaction; checkpoints",
+     "ALTER TABLE @events@ ADD COLUMN txid xid8 NOT NULL DEFAULT '1';\n"
+     "ALTER TABLE @events@ ALTER COLUMN txid SET DEFAULT "
+     "pg_current_xact_id();\n"
+     "CREATE INDEX ON @events@ (txid, position);\n"
+     "DO $migrate$\n"
+     "DECLARE r record;\n"
+     "BEGIN\n"
+     "    FOR r IN SELECT i.indexrelid::regclass AS idx FROM pg_index i\n"
+     "        JOIN pg_attribute a ON a.attrelid = i.indrelid\n"
+     "        AND a.attname = 'position'\n"
+     "        WHERE i.indrelid = '@events@'::regclass\n"
+     "        AND i.indnatts = 1 AND i.indkey[0] = a.attnum\n"
+     "    LOOP\n"
+     "        EXECUTE format('DROP INDEX %s', r.idx);\n"
+     "    END LOOP;\n"
+     "END\n"
+     "$migrate$;\n"
+     "CREATE TABLE @projections@ (\n"
+     "    name text PRIMARY KEY,\n"
+     "    commit_pos bigint NOT NULL,\n"
+     "    seq bigint NOT NULL,\n"
+     "    updated_at timestamptz NOT NULL DEFAULT now()\n"
+     ");\n"},
 };
 
 const size_t es__pg_migration_count =

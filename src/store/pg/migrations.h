@@ -4,9 +4,9 @@
  *
  * Each migration is SQL with placeholders that es_pg_migrate replaces by
  * quoted names: @schema@ (the schema), @events@, @snapshots@, @outbox@,
- * @keys@ (schema-qualified tables).  The checksum is taken over this
- * text, before the names are put in, so it does not depend on the
- * configuration.
+ * @keys@, @commands@, @projections@ (schema-qualified tables).  The
+ * checksum is taken over this text, before the names are put in, so it
+ * does not depend on the configuration.
  * Rule: a migration that has shipped is never edited; change the schema
  * with a new one at the end.
  */

@@ -9,7 +9,7 @@
  * (tcp_user_timeout) drops it; a blocking connect gives up after 10 s
  * (connect_timeout).  They act on TCP connections only; a server that
  * stops answering on a live socket (a stopped process) is bounded by the
- * store's own silence limits (postgres.c).
+ * store's own silence limits (conn.c, lane_rt.c).
  */
 #ifndef ES_PG_CONNINFO_H
 #define ES_PG_CONNINFO_H
