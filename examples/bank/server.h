@@ -6,7 +6,8 @@
  * to them; server_request.c: the body and its fields; server_commands.c:
  * commands to the host; server_reads.c: the reader pool and its reads;
  * server_metrics.c: /metrics; server_views.c: the read model ("bank.views",
- * a projection) behind /stats and the statements.
+ * a projection) behind /stats and the statements, kept in memory or, in
+ * server_views_pg.c, in PostgreSQL.
  *
  * The routes (examples/bank/README.md has the bodies):
  *   POST /accounts                      open            server_commands.c

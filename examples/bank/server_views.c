@@ -5,7 +5,7 @@
  * apply() decodes each event into a change (the deltas of the totals and,
  * for an account's event, a movement of its statement) and gathers them;
  * flush(), at the end of each batch, writes them all at once:
- *   - on PostgreSQL (to come), exactly once: in the batch's
+ *   - on PostgreSQL (server_views_pg.c), exactly once: in the batch's
  *     transaction, which also saves the checkpoint, as one INSERT ...
  *     SELECT FROM unnest(...) into bank_statement and one UPDATE of
  *     bank_stats;
@@ -290,8 +290,9 @@ static int memory_flush(views *v, es_error *err)
 static int views_flush(void *ud, es_txn *txn, es_error *err)
 {
     views *v = ud;
-    (void)txn;
-    int rc = memory_flush(v, err);
+    int rc = v->postgres
+                 ? srv_pg_views_flush(txn, v->pending, v->n_pending, err)
+                 : memory_flush(v, err);
     v->n_pending = 0; /* counted, or the batch comes again */
     return rc;
 }
@@ -299,13 +300,14 @@ static int views_flush(void *ud, es_txn *txn, es_error *err)
 static int views_reset(void *ud, es_txn *txn, es_error *err)
 {
     views *v = ud;
-    (void)txn;
-    (void)err;
     v->n_pending = 0;
-    pthread_mutex_lock(&v->lock);
-    model_clear(v);
-    pthread_mutex_unlock(&v->lock);
-    return 0;
+    if (!v->postgres) {
+        pthread_mutex_lock(&v->lock);
+        model_clear(v);
+        pthread_mutex_unlock(&v->lock);
+        return 0;
+    }
+    return srv_pg_views_reset(txn, err);
 }
 
 /* ---- start and stop ---- */
@@ -317,15 +319,9 @@ int srv_views_start(server *srv, es_error *err)
     v->srv = srv;
     v->postgres = srv->postgres;
     pthread_mutex_init(&v->lock, NULL);
-    if (v->postgres) { /* the tables come with the next change */
-        fprintf(stderr, "bank-server: no read model on PostgreSQL yet: "
-                        "/stats and the statements answer 503\n");
-        pthread_mutex_destroy(&v->lock);
-        free(v);
-        return 0;
-    }
+    int rc = v->postgres ? srv_pg_views_create(srv->store, err) : 0;
     es_projection_config *cfg = NULL;
-    int rc = es_projection_config_new(&cfg, err);
+    if (rc == 0) rc = es_projection_config_new(&cfg, err);
     if (rc == 0) rc = es_projection_config_set_name(cfg, VIEWS_NAME, err);
     if (rc == 0)
         rc = es_projection_config_set_handler(cfg, views_apply, views_reset,
@@ -368,13 +364,14 @@ void srv_run_stats(job *j)
 {
     views *v = j->srv->views;
     int64_t n[3];
-    if (v == NULL) return srv_job_error(j, 503, "unavailable", NULL);
-    {
+    if (!v->postgres) {
         pthread_mutex_lock(&v->lock);
         n[0] = v->accounts;
         n[1] = v->total_balance;
         n[2] = v->events;
         pthread_mutex_unlock(&v->lock);
+    } else if (srv_pg_stats(j, n) != 0) {
+        return;
     }
     srv_job_json(j, 200, json_pack("{s:I,s:I,s:I}", "accounts",
                                    (json_int_t)n[0], "total_balance",
@@ -425,13 +422,12 @@ void srv_run_statement(job *j)
 {
     /* Existence from the account itself, not from the read model, which
      * may lag: a just-opened account has a statement (maybe empty). */
-    if (j->srv->views == NULL)
-        return srv_job_error(j, 503, "unavailable", NULL);
     if (!srv_account_exists(j)) return;
     movement ms[STATEMENT_MAX];
     int n = 0;
     if (j->limit < 1 || j->limit > STATEMENT_MAX) j->limit = STATEMENT_MAX;
-    int rc = memory_statement(j, ms, &n);
+    int rc = j->srv->views->postgres ? srv_pg_statement(j, ms, &n)
+                                     : memory_statement(j, ms, &n);
     if (rc != 0) return;
     json_t *list = json_array();
     for (int i = 0; list != NULL && i < n; i++)

@@ -1,7 +1,7 @@
 /*
  * The read model's private header, between server_views.c (the
- * projection "bank.views", the model in memory, the routes) and the
- * same model in PostgreSQL tables (to come).
+ * projection "bank.views", the model in memory, the routes) and
+ * server_views_pg.c (the same model in PostgreSQL tables).
  */
 #ifndef BANK_SERVER_VIEWS_H
 #define BANK_SERVER_VIEWS_H
@@ -43,5 +43,25 @@ typedef struct change {
 /* Fill err (when not NULL) and return code. */
 int srv_views_fail(es_error *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* ---- server_views_pg.c: the projection's side (its thread) ---- */
+
+/* Make the tables when missing, and their rows. */
+int srv_pg_views_create(es_store *store, es_error *err);
+/* Write the changes after the stored position, in txn (the batch's):
+ * one INSERT of the statement rows, one UPDATE of the totals. */
+int srv_pg_views_flush(es_txn *txn, const change *ch, size_t n,
+                       es_error *err);
+/* Empty the tables, in txn. */
+int srv_pg_views_reset(es_txn *txn, es_error *err);
+
+/* ---- server_views_pg.c: reads (reader threads) ---- */
+
+/* The totals (accounts, total_balance, events): 0, or j holds the
+ * answer (503, 500). */
+int srv_pg_stats(job *j, int64_t out[3]);
+/* j->id's movements, newest first, up to j->limit: 0, or j holds the
+ * answer. */
+int srv_pg_statement(job *j, movement *out, int *n);
 
 #endif
