@@ -7,7 +7,8 @@
  * (libevent with pthreads), where the reply is written.  Reads (GET of an
  * account or a transfer, /healthz, /metrics) block on the store, so they
  * run on a small pool of reader threads and come back the same way.  The
- * loop never waits for the host or the database.
+ * loop never waits for the host or the database.  A projection keeps the
+ * read model of /stats and the statements (server_views.c).
  *
  * A 2xx answer is sent only after the command's transaction committed, so
  * a read that starts after it sees the change.
@@ -126,6 +127,7 @@ int main(int argc, char **argv)
     if (rc == 0) rc = es_outbox_open(ocfg, true, &outbox, &err);
     es_outbox_config_free(ocfg);
     srv.outbox = outbox;
+    if (rc == 0) rc = srv_views_start(&srv, &err);
     if (rc != 0) {
         fprintf(stderr, "bank-server: %s: %s\n", es_status_name(rc),
                 err.message);
@@ -146,6 +148,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "bank-server: cannot listen on %s: %s\n", listen,
                 strerror(errno));
         srv_readers_stop(&srv.rd);
+        srv_views_stop(srv.views);
         es_outbox_close(outbox);
         es_host_close(srv.host);
         es_store_close(srv.store);
@@ -177,9 +180,12 @@ int main(int argc, char **argv)
     fprintf(stderr, "bank-server: shutting down\n");
     atomic_store(&srv.closing, true);
     evhttp_del_accept_socket(http, sock);
-    /* Reads use the host (metrics), the outbox and the store: they finish
-     * first.  es_host_shutdown frees the host. */
+    /* Reads use the host (metrics), the outbox, the read model and the
+     * store: they finish first; then the projection stops, before the
+     * host.  es_host_shutdown frees the host. */
     srv_readers_stop(&srv.rd);
+    srv_views_stop(srv.views);
+    srv.views = NULL;
     es_outbox_close(outbox);
     rc = es_host_shutdown(srv.host, &err);
     srv.host = NULL;

@@ -5,7 +5,21 @@
  * of requests; server_reply.c: HTTP answers and the mapping of statuses
  * to them; server_request.c: the body and its fields; server_commands.c:
  * commands to the host; server_reads.c: the reader pool and its reads;
- * server_metrics.c: /metrics.
+ * server_metrics.c: /metrics; server_views.c: the read model ("bank.views",
+ * a projection) behind /stats and the statements, kept in memory or, in
+ * server_views_pg.c, in PostgreSQL.
+ *
+ * The routes (examples/bank/README.md has the bodies):
+ *   POST /accounts                      open            server_commands.c
+ *   POST /accounts/{id}/deposits        deposit         server_commands.c
+ *   POST /accounts/{id}/withdrawals     withdraw        server_commands.c
+ *   POST /transfers                     start transfer  server_commands.c
+ *   GET  /accounts/{id}                 balance         server_reads.c
+ *   GET  /accounts/{id}/statement?limit=N  movements    server_views.c
+ *   GET  /transfers/{id}                status          server_reads.c
+ *   GET  /stats                         totals          server_views.c
+ *   GET  /healthz                       store reachable server_reads.c
+ *   GET  /metrics                       Prometheus text server_metrics.c
  */
 #ifndef BANK_SERVER_H
 #define BANK_SERVER_H
@@ -33,14 +47,21 @@
 #define MAX_AMOUNT 1000000000000000LL
 #define READERS 4
 #define READ_QUEUE_BOUND 4096
+/* GET /accounts/{id}/statement: movements per page, by default and at
+ * most (the memory store keeps this many per account). */
+#define STATEMENT_DEFAULT 20
+#define STATEMENT_MAX 100
 
 typedef struct server server;
+typedef struct views views;
 
 typedef enum job_kind {
     J_ACCOUNT,
     J_TRANSFER,
     J_HEALTH,
     J_METRICS,
+    J_STATS,
+    J_STATEMENT,
 } job_kind;
 
 typedef struct job {
@@ -50,6 +71,7 @@ typedef struct job {
     struct event *done_ev;
     job_kind kind;
     es_uuid id;
+    int limit;                 /* J_STATEMENT */
     int code;                  /* HTTP status, set by the reader */
     struct evbuffer *body;     /* the answer, made by the reader */
     const char *content_type;
@@ -73,6 +95,7 @@ struct server {
     es_store *store;
     es_outbox *outbox;
     bool postgres;
+    views *views;              /* the read model (server_views.c) */
     atomic_bool closing;
     readers rd;
     atomic_uint_fast64_t responses[N_CODES]; /* last: other codes */
@@ -134,13 +157,36 @@ void srv_handle_post(server *srv, struct evhttp_request *req, route r,
 int srv_readers_start(readers *rd);
 /* Every queued read runs; then the threads end. */
 void srv_readers_stop(readers *rd);
+/* limit: J_STATEMENT's page size, else ignored. */
 void srv_read_submit(server *srv, struct evhttp_request *req, job_kind kind,
-                     const es_uuid *id);
+                     const es_uuid *id, int limit);
+/* Reader thread: the answer of j, JSON (o is consumed; NULL: no body). */
+void srv_job_json(job *j, int code, json_t *o);
+void srv_job_error(job *j, int code, const char *error, const char *detail);
+/* Reader thread: the account's aggregate read like GET /accounts/{id};
+ * true when it exists, else j holds the answer (404, 503, ...). */
+bool srv_account_exists(job *j);
 
 /* ---- server_metrics.c ---- */
 
 /* Reader thread: fills j with the /metrics answer. */
 void srv_run_metrics(job *j);
+
+/* ---- server_views.c: the read model ---- */
+
+/* Create the tables (PostgreSQL) and start the projection "bank.views"
+ * on srv->store: exactly-once on PostgreSQL, at-least-once in memory.
+ * Sets srv->views.  Returns 0 or a negative es_status with err filled;
+ * nothing is left running on error.  Call after the host opened. */
+int srv_views_start(server *srv, es_error *err);
+/* Stop the projection and free the model.  NULL is a no-op.  After the
+ * readers stopped, before the host closes. */
+void srv_views_stop(views *v);
+/* Reader thread: GET /stats, GET /accounts/{id}/statement. */
+void srv_run_stats(job *j);
+void srv_run_statement(job *j);
+/* Reader thread: the projection's lines of /metrics. */
+void srv_views_metrics(views *v, struct evbuffer *b);
 
 /* ---- server_routes.c ---- */
 

@@ -93,6 +93,7 @@ void srv_run_metrics(job *j)
                "Age of the oldest pending message.",
                (double)st.oldest_pending_age_ms / 1e3);
     }
+    srv_views_metrics(srv->views, b);
     evbuffer_add_printf(b, "# HELP bank_http_responses_total HTTP answers "
                            "by status code.\n"
                            "# TYPE bank_http_responses_total counter\n");

@@ -1,6 +1,6 @@
 /* bank-server: reads.  GET of an account or a transfer is a query to the
- * host; the reader pool runs the blocking ones (health, metrics) off the
- * loop thread. */
+ * host; the reader pool runs the blocking ones (health, metrics, the read
+ * model's) off the loop thread. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,7 +27,7 @@ static void on_job_done(evutil_socket_t fd, short what, void *arg)
     job_free(j);
 }
 
-static void job_json(job *j, int code, json_t *o)
+void srv_job_json(job *j, int code, json_t *o)
 {
     char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
     j->code = code;
@@ -35,6 +35,15 @@ static void job_json(job *j, int code, json_t *o)
     if (text) evbuffer_add(j->body, text, strlen(text));
     free(text);
     json_decref(o);
+}
+
+void srv_job_error(job *j, int code, const char *error,
+                   const char *detail)
+{
+    json_t *o = json_pack("{s:s}", "error", error);
+    if (o != NULL && detail != NULL)
+        json_object_set_new(o, "detail", json_string(detail));
+    srv_job_json(j, code, o);
 }
 
 static bool store_reachable(int rc)
@@ -166,6 +175,43 @@ static void query_submit(server *srv, struct evhttp_request *req,
     }
 }
 
+/* Host worker: the account exists; nothing to copy. */
+static int exists(void *ud, const void *state, uint64_t version)
+{
+    (void)ud;
+    (void)state;
+    (void)version;
+    return 0;
+}
+
+/* Reader thread: the query GET /accounts/{id} makes, waited for. */
+bool srv_account_exists(job *j)
+{
+    es_error err = {0};
+    int rc = es_host_query_call(j->srv->host, &bank_account_type, &j->id,
+                                exists, NULL, &err);
+    switch (rc) {
+    case 0:
+        return true;
+    case ES_ENOTFOUND:
+        srv_job_error(j, 404, "not_found", NULL);
+        return false;
+    case ES_EWRONGTYPE: /* the id names a transfer */
+        srv_job_error(j, 404, "not_found",
+                      "the id names a transfer, not an account");
+        return false;
+    case ES_EINVAL:
+        srv_job_error(j, 400, "bad_request", err.message);
+        return false;
+    default:
+        if (srv_transient(rc))
+            srv_job_error(j, 503, "overloaded", NULL);
+        else /* stored data the server cannot read */
+            srv_job_error(j, 500, "internal", es_status_name(rc));
+        return false;
+    }
+}
+
 /* Reachable when a read of an aggregate answers from the store.  The
  * probe id is fixed, not nil (the library refuses a nil id before any
  * store is asked); a client may have used it, for an account or for a
@@ -182,9 +228,9 @@ static void run_health(job *j)
     es_context_free(ctx);
     const char *store = j->srv->postgres ? "postgresql" : "memory";
     if (store_reachable(rc))
-        return job_json(j, 200, json_pack("{s:s,s:s}", "status", "ok",
+        return srv_job_json(j, 200, json_pack("{s:s,s:s}", "status", "ok",
                                           "store", store));
-    job_json(j, 503, json_pack("{s:s,s:s,s:s}", "status", "unavailable",
+    srv_job_json(j, 503, json_pack("{s:s,s:s,s:s}", "status", "unavailable",
                                "store", store, "detail",
                                es_status_name(rc)));
 }
@@ -214,6 +260,12 @@ static void *reader_main(void *arg)
             break;
         case J_METRICS:
             srv_run_metrics(j);
+            break;
+        case J_STATS:
+            srv_run_stats(j);
+            break;
+        case J_STATEMENT:
+            srv_run_statement(j);
             break;
         }
         event_active(j->done_ev, 0, 0);
@@ -245,7 +297,7 @@ void srv_readers_stop(readers *rd)
 }
 
 void srv_read_submit(server *srv, struct evhttp_request *req,
-                        job_kind kind, const es_uuid *id)
+                     job_kind kind, const es_uuid *id, int limit)
 {
     if (kind == J_ACCOUNT || kind == J_TRANSFER)
         return query_submit(srv, req, kind == J_ACCOUNT, id);
@@ -255,6 +307,7 @@ void srv_read_submit(server *srv, struct evhttp_request *req,
     j->req = req;
     j->kind = kind;
     if (id) j->id = *id;
+    j->limit = limit;
     j->done_ev = event_new(srv->base, -1, 0, on_job_done, j);
     j->body = evbuffer_new();
     if (j->done_ev == NULL || j->body == NULL) {

@@ -403,6 +403,36 @@ class Bench:
             failures.append("tables")
             print("FAIL the tables are not all there: %s" % tables)
 
+        # The read model's routes: hostile limits, odd paths, methods.
+        st = "/accounts/%s/statement" % a
+        c("statement", get(st), (200,), json_error=False)
+        c("statement, limit 100", get(st + "?limit=100"), (200,),
+          json_error=False)
+        c("stats", get("/stats"), (200,), json_error=False)
+        for q in ["limit=0", "limit=101", "limit=abc", "limit=", "limit",
+                  "limit=1e3", "limit=-1", "limit=%2B5", "limit=5.0",
+                  "limit=%31", "limit=0x10", "limit=99999999999999999999",
+                  "limit=1&limit=1", "limit=5&x=1", "x=1", "&", "&&limit=5",
+                  "limit=5;x", "limit=%00", "limit=1%00",
+                  "limit=" + "9" * 5000]:
+            c("statement ?%s" % q[:24], get(st + "?" + q), (400,))
+        c("statement of an unknown account",
+          get("/accounts/%s/statement" % uuid.uuid4()), (404,))
+        c("statement of a malformed id", get("/accounts/xyz/statement"),
+          (400,))
+        c("statement of the nil id", get("/accounts/%s/statement" %
+                                         uuid.UUID(int=0)), (400,))
+        for path in [st + "/x", st + "/", "/accounts/%s/statements" % a,
+                     "/accounts/%s/Statement" % a, "/stats/x", "/stats/",
+                     "/accounts//statement", "/accounts/%s//statement" % a]:
+            c("GET %s" % path.replace(str(a), "{a}"), get(path), (400, 404))
+        for m in ["POST", "PUT", "DELETE", "PATCH"]:
+            for path in [st, "/stats"]:
+                c("%s %s" % (m, path.replace(str(a), "{a}")),
+                  m.encode() + b" " + path.encode() + b" HTTP/1.1\r\n"
+                  b"Host: b\r\nContent-Length: 2\r\nConnection: close"
+                  b"\r\n\r\n{}", (405,))
+
         # Idempotency: the same id with other content.
         cid = str(uuid.uuid4())
         c("deposit", post(dep, json.dumps({"command_id": cid, "amount": 3})),

@@ -4,14 +4,19 @@
 Every route and error answer of issue 7, idempotent replays, a transfer to
 an unknown account refunded, and SIGTERM during load losing no
 acknowledged deposit (the server is restarted on the same database and
-every account read back).  run(db_url) returns a list of failures; with
-db_url None the server runs on the in-memory store and the restart check
-is skipped.  Standalone: tests/system/bank_e2e.py [--memory].
+every account read back).  The read model (GET /stats, GET
+/accounts/{id}/statement) against the truth, on a server of its own (on
+PostgreSQL with a database of its own): the counts the script implies,
+and on PostgreSQL the SQL counts and the balances of every account.
+run(db_url) returns a list of failures; with db_url None the server runs
+on the in-memory store and the restart check is skipped.  Standalone:
+tests/system/bank_e2e.py [--memory].
 """
 
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -571,6 +576,185 @@ def wait_transfer(port, tid, seconds=30):
         time.sleep(0.05)
 
 
+def psql(db_url, sql):
+    """Rows of a query, as lists of text fields."""
+    env = dict(os.environ, PGOPTIONS="-c client_min_messages=warning")
+    out = subprocess.check_output(
+        ["psql", db_url, "-X", "-q", "-A", "-t", "-F", "\t", "-v",
+         "ON_ERROR_STOP=1", "-c", sql], text=True, timeout=30, env=env)
+    return [l.split("\t") for l in out.splitlines() if l]
+
+
+def fresh_database(db_url, name):
+    """A new, empty database next to db_url's (dropped first when it is
+    there); its connection string."""
+    psql(db_url, "DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+    psql(db_url, "CREATE DATABASE %s" % name)
+    if "://" in db_url:
+        import urllib.parse
+        u = urllib.parse.urlsplit(db_url)
+        return urllib.parse.urlunsplit(u._replace(path="/" + name))
+    if re.search(r"\bdbname=\S+", db_url):
+        return re.sub(r"\bdbname=\S+", "dbname=" + name, db_url)
+    return db_url + " dbname=" + name
+
+
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def truth(port, db_url, accounts, events):
+    """(accounts, sum of the balances read by GET, events): on
+    PostgreSQL from every account the database holds and the SQL counts,
+    else from the script's accounts and its count of events."""
+    if db_url:
+        ids = [r[0] for r in psql(db_url, "SELECT DISTINCT aggregate_id "
+                                  "FROM events WHERE aggregate_type = "
+                                  "'bank_account'")]
+        accounts = ids
+        events = int(psql(db_url, "SELECT count(*) FROM events")[0][0])
+        n = int(psql(db_url, "SELECT count(*) FROM events WHERE "
+                     "aggregate_type = 'bank_account' AND kind = 1")[0][0])
+    else:
+        n = len(accounts)
+    total = 0
+    for a in accounts:
+        st, _, b = request(port, "GET", "/accounts/" + a)
+        total += b["balance"] if st == 200 else 0
+    return {"accounts": n, "total_balance": total, "events": events}
+
+
+def nth(statement, i):
+    """The i-th movement of a statement's answer, {} when it has none."""
+    mv = statement.get("movements") if isinstance(statement, dict) else None
+    return mv[i] if isinstance(mv, list) and i < len(mv) else {}
+
+
+def read_model(ck, port, db_url):
+    """GET /stats and the statements after a scripted set of writes, on a
+    fresh server (and database): the truth is counted by SQL on
+    PostgreSQL, and must equal what the script implies."""
+    p = port
+    a, b, c, ghost = uid(), uid(), uid(), uid()
+    events = 0
+    for x, bal in ((a, 1000), (b, 500), (c, 0)):
+        ck.eq("views: open", open_account(p, bal, x)[0], 201)
+        events += 1
+    for path, amount, want in (("/accounts/%s/deposits" % a, 250, 200),
+                               ("/accounts/%s/withdrawals" % a, 100, 200),
+                               ("/accounts/%s/withdrawals" % a, 5000, 422),
+                               ("/accounts/%s/deposits" % b, 40, 200)):
+        ck.eq("views: %s" % path[47:], request(p, "POST", path, {
+            "command_id": uid(), "amount": amount})[0], want)
+        events += want == 200
+    transfers = [(uid(), a, b, 300, "completed"),
+                 (uid(), b, c, 200, "completed"),
+                 (uid(), c, ghost, 50, "refunded")]
+    # One after the other: each needs the money of the one before, and
+    # the statements' order is then known.
+    for tid, src, dst, amount, status in transfers:
+        ck.eq("views: transfer", request(p, "POST", "/transfers", {
+            "transfer_id": tid, "from": src, "to": dst,
+            "amount": amount})[0], 202)
+        # debit and credit (or refund) on accounts, the transfer's two
+        events += 4
+        ck.eq("views: transfer settled", wait_transfer(p, tid)[1].get(
+            "status"), status)
+    # Quiet: every transfer settled (its last event is its status), and
+    # on PostgreSQL the outbox empty and the events standing still.
+    if db_url:
+        end, last = time.time() + 30, None
+        while time.time() < end:
+            now = psql(db_url, "SELECT (SELECT count(*) FROM outbox WHERE "
+                       "status = 'pending'), (SELECT count(*) FROM events)")
+            if now == last and now[0][0] == "0":
+                break
+            last = now
+            time.sleep(0.3)
+    quiet = time.time()
+    want = truth(p, db_url, [a, b, c], events)
+    # a database of its own: SQL and the script agree
+    ck.eq("views: the truth is the script's", want,
+          {"accounts": 3, "total_balance": 1690, "events": events})
+    got = None
+    while True:
+        st, _, got = request(p, "GET", "/stats")
+        if (st, got) == (200, want) or time.time() > quiet + 1.0:
+            break
+        time.sleep(0.02)
+    ck.eq("views: /stats within 1 s of the last write (%.2f s)" % (
+        time.time() - quiet), got, want)
+
+    # Statements: newest first, the balance after each movement.
+    t1, t2, t3 = (t[0] for t in transfers)
+    st, _, body = request(p, "GET", "/accounts/%s/statement" % a)
+    ck.eq("views: statement status", st, 200)
+    mv = body.get("movements", []) if isinstance(body, dict) else []
+    ck.eq("views: statement account", body.get("account_id"), a)
+    ck.eq("views: statement of a", [(m["version"], m["kind"], m["amount"],
+                                     m["balance"]) for m in mv],
+          [(3, "transfer_out", 300, 850), (2, "withdrawal", 100, 1150),
+           (1, "deposit", 250, 1250), (0, "opened", 1000, 1000)])
+    ck.true("views: times are RFC 3339 UTC", all(
+        RFC3339.match(m.get("at", "")) for m in mv), repr(mv[:1]))
+    ck.eq("views: a transfer's movement names it", [
+        (m.get("transfer_id"), m.get("other")) for m in mv],
+        [(t1, b), (None, None), (None, None), (None, None)])
+    st, _, body = request(p, "GET", "/accounts/%s/statement?limit=2" % c)
+    ck.eq("views: statement of c, limit 2", (st, [
+        (m["kind"], m["amount"], m["balance"], m.get("other"))
+        for m in body.get("movements", [])]),
+        (200, [("refund", 50, 200, ghost), ("transfer_out", 50, 150, ghost)]))
+    ck.eq("views: refund names its transfer",
+          nth(body, 0).get("transfer_id"), t3)
+    st, _, body = request(p, "GET", "/accounts/%s/statement?limit=100" % b)
+    ck.eq("views: statement of b", (st, [
+        (m["kind"], m["balance"]) for m in body.get("movements", [])]),
+        (200, [("transfer_out", 640), ("transfer_in", 840),
+               ("deposit", 540), ("opened", 500)]))
+    ck.eq("views: b's transfer_in from a", nth(body, 1).get("transfer_id"),
+          t1)
+    ck.eq("views: b's transfer_out", nth(body, 0).get("other"), c)
+    d = uid()
+    open_account(p, 7, d)
+    st, _, body = request(p, "GET", "/accounts/%s/statement" % d)
+    ck.true("views: a just-opened account has a statement", st == 200 and
+            body.get("account_id") == d, "%s %r" % (st, body))
+    for q in ("limit=0", "limit=101", "limit=abc", "limit=", "limit=1e3",
+              "limit=-1", "limit=%2B5", "limit=1&limit=2", "size=5",
+              "limit=5&x=1", "&"):
+        st, _, body = request(p, "GET", "/accounts/%s/statement?%s" % (a, q))
+        ck.true("views: ?%s is 400" % q, st == 400 and
+                body.get("error") == "bad_request" and
+                isinstance(body.get("detail"), str), "%s %r" % (st, body))
+    ck.eq("views: statement of an unknown account",
+          request(p, "GET", "/accounts/%s/statement" % uid())[::2],
+          (404, {"error": "not_found"}))
+    ck.eq("views: statement of a transfer's id",
+          request(p, "GET", "/accounts/%s/statement" % t1)[::2],
+          (404, {"error": "not_found",
+                 "detail": "the id names a transfer, not an account"}))
+    ck.eq("views: statement with a bad id",
+          request(p, "GET", "/accounts/xyz/statement")[0], 400)
+    for path in ("/accounts/%s/statement/x" % a, "/stats/x"):
+        ck.eq("views: 404 " + path, request(p, "GET", path)[::2],
+              (404, {"error": "not_found"}))
+    for method, path in (("POST", "/accounts/%s/statement" % a),
+                         ("DELETE", "/stats"), ("POST", "/stats")):
+        st, h, body = request(p, method, path, raw=b"{}")
+        ck.eq("views: 405 %s %s" % (method, path), (st, body),
+              (405, {"error": "method_not_allowed"}))
+        ck.eq("views: Allow", h.get("allow"), "GET")
+    _, _, text = request(p, "GET", "/metrics")
+    for name in ("eventastic_projection_lag_events",
+                 "eventastic_projection_lag_seconds",
+                 "eventastic_projection_applied_total",
+                 "eventastic_projection_failures_total"):
+        ck.true("views: metrics has " + name, name +
+                '{projection="bank.views"}' in text)
+    ck.true("views: the projection is live", 'eventastic_projection_state{'
+            'projection="bank.views",state="live"} 1' in text)
+
+
 def sigterm_under_load(ck, db_url, port):
     """Deposits from 8 threads; SIGTERM in the middle; restart; every
     acknowledged deposit is in the balances."""
@@ -628,6 +812,18 @@ def run(db_url):
         reads = hostile_ids(ck, srv.port)
         ck.eq("no new dead letter", dead_letters(srv.port), dead)
         garbage(ck, srv.port)
+        # The read model on a server and a database of their own: the
+        # projection must read every event of its database, and the
+        # shared one holds events of the unit tests that bank-server
+        # cannot decrypt (they hold a projection at the first of them).
+        views_url = fresh_database(db_url, "bank_e2e_views") if db_url \
+            else None
+        fresh = Server(views_url, log="bank_e2e_views.log")
+        try:
+            read_model(ck, fresh.port, views_url)
+        finally:
+            ck.eq("exit status of the read model's server",
+                  fresh.stop(signal.SIGTERM), 0)
         if db_url:
             accounts, acked, unknown, stop, threads = sigterm_under_load(
                 ck, db_url, srv.port)

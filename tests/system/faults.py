@@ -994,6 +994,9 @@ class Run:
                     self.query_failures[:3])))
         if not r["healthy_after_load"]:
             why.append("the servers did not answer after the load")
+        if not r["views"]["ok"]:
+            why.append("GET /stats %s, the truth %s" % (r["views"]["got"],
+                                                        r["views"]["want"]))
         return why
 
     def q(self, sql, tries=3):
@@ -1185,6 +1188,7 @@ class Run:
                 p = bytes.fromhex(payload)
                 if len(p) == 56:
                     dead_cents += struct.unpack_from("<q", p, 48)[0]
+        views = self.read_model(events)
         survived = sum(1 for f in self.faults
                        if f["effect"] and f["recovered"])
         kinds_seen = {}
@@ -1237,6 +1241,7 @@ class Run:
             "snapshot_examples": snap_bad[:3],
             "faults": self.faults,
             "query_failures": self.query_failures,
+            "views": views,
         }
         lost = (r["acked_missing"] + r["failed_but_applied"] +
                 r["duplicates"] + r["events_without_command"] +
@@ -1248,6 +1253,28 @@ class Run:
                 r["dead_holding_money"])
         r["data_lost"] = lost
         return r, acked_missing, failed_applied, answered_503_applied
+
+    def read_model(self, events):
+        """GET /stats against the truth once quiet: accounts opened, the
+        sum of the balances by SQL (each account's last event) and
+        SELECT count(*) FROM events.  The projection may be in a backoff
+        after the faults: it has a few seconds to converge."""
+        total = 0
+        for evs in events.values():
+            if evs and evs[0][0] == "bank_account":
+                total += struct.unpack_from("<qq", evs[-1][3], 16)[1]
+        n = self.q_int("SELECT count(*) FROM events")
+        want = {"accounts": len(self.accounts), "total_balance": total,
+                "events": n}
+        got, end = None, time.time() + 15
+        while time.time() < end:
+            st, text = self.api("GET", "/stats", keep=True)
+            got = json.loads(text) if st == 200 else st
+            if got == want:
+                break
+            time.sleep(0.2)
+        return {"want": want, "got": got, "ok": got == want and
+                n is not None}
 
     def report(self, r, acked_missing, failed_applied):
         fk = ", ".join("%s %d" % kv for kv in sorted(
@@ -1291,6 +1318,9 @@ class Run:
                 r["snapshots"], r["snapshot_mismatches"]),
             "dead letters    %d holding money (%d cents in limbo)" % (
                 r["dead_holding_money"], r["dead_money_cents"]),
+            "read model      /stats %s (truth: %s)" % (
+                "equals the truth" if r["views"]["ok"] else
+                r["views"]["got"], r["views"]["want"]),
             "DATA LOST       %d" % r["data_lost"],
         ]
         for f in r["faults"]:
