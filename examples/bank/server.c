@@ -103,6 +103,9 @@ int main(int argc, char **argv)
     rc = es_host_config_new(&hcfg, &err);
     if (rc == 0) rc = es_host_config_set_workers(hcfg, workers);
     if (rc == 0) rc = es_host_config_set_lanes(hcfg, lanes);
+    /* Several bank-servers may serve one database (docs/scaling.md): GETs
+     * read what the others committed too. */
+    if (rc == 0) rc = es_host_config_set_query_fresh(hcfg, true);
     if (rc == 0) rc = bank_register(hcfg, &err);
     if (rc == 0) rc = es_host_open(hcfg, srv.store, &srv.host, &err);
     es_host_config_free(hcfg);
