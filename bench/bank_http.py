@@ -91,6 +91,36 @@ def peak_rss_kb(pid):
     return 0
 
 
+STAGES = ("queue_wait", "decide", "lane_wait", "batch_write", "batch_commit",
+          "hand_back", "total", "query")
+
+
+def stages(port):
+    """The host's latency by stage from bank-server's /metrics (since it
+    started): {stage_p50_us: ..., stage_p99_us: ...}, and commands per
+    batch."""
+    import http.client
+    import re
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    out = {}
+    for st, q, v in re.findall(
+            r'eventastic_host_latency_seconds\{stage="(\w+)",'
+            r'quantile="(0\.5|0\.99)"\} (\S+)', text):
+        if st in STAGES:
+            key = "%s_p%s_us" % (st, "50" if q == "0.5" else "99")
+            out[key] = round(float(v) * 1e6)
+    m = dict(re.findall(r'^(eventastic_host_\w+_total) (\S+)$', text,
+                        re.M))
+    batches = float(m.get("eventastic_host_batches_total", 0))
+    if batches:
+        out["commands_per_batch"] = round(
+            float(m.get("eventastic_host_batch_items_total", 0)) / batches, 1)
+    return out
+
+
 def one_load(name, mix, port, seconds, server, pm, json_out):
     """One bank-load run against the server: its record, or None."""
     load = subprocess.Popen(
@@ -137,6 +167,16 @@ def one_load(name, mix, port, seconds, server, pm, json_out):
     }
     if pm:
         rec["cpu_pg_pct"] = round((p1 - p0) / wall)
+    try:
+        st = stages(port)
+    except OSError as e:
+        print("%s: /metrics: %s" % (name, e))
+        st = {}
+    rec.update(st)
+    print("  %s stages p50/p99 us since start: %s; %s commands a batch" % (
+        name, "  ".join("%s %s/%s" % (k, st.get(k + "_p50_us", "-"),
+                                      st.get(k + "_p99_us", "-"))
+                        for k in STAGES), st.get("commands_per_batch", "-")))
     return rec
 
 

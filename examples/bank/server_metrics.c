@@ -50,6 +50,10 @@ void srv_run_metrics(job *j)
         G(mailbox_depth, "Commands accepted, not yet decided.");
         C(batches, "Commit transactions.");
         C(snapshots, "Snapshots written.");
+        C(queries, "Queries accepted by es_host_query.");
+        C(batch_items, "Commands written in commit batches.");
+        C(round_trips, "Database round trips of the commit batches.");
+        G(lanes_busy, "Commit lanes writing a batch now.");
 #undef C
 #undef G
         evbuffer_add_printf(b, "# HELP eventastic_host_latency_seconds "
@@ -60,7 +64,12 @@ void srv_run_metrics(job *j)
         latency(b, "load", &m.load);
         latency(b, "decide", &m.decide);
         latency(b, "commit_wait", &m.commit_wait);
+        latency(b, "lane_wait", &m.lane_wait);
+        latency(b, "batch_write", &m.batch_write);
+        latency(b, "batch_commit", &m.batch_commit);
+        latency(b, "hand_back", &m.hand_back);
         latency(b, "total", &m.total);
+        latency(b, "query", &m.query);
     }
     es_outbox_metrics om;
     memset(&om, 0, sizeof om);
