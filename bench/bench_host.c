@@ -7,6 +7,9 @@
  *                    from the completion of the previous), K keys
  *   direct_loop      one thread: decide, record, save 1024 commands per
  *                    transaction, commit; same commands, same store
+ *   host_null        host_memory on a store that accepts every batch and
+ *                    keeps nothing: the host's runtime alone
+ *   host_memory with 4 workers: scaling past the machine's 2 cores
  *   resident_memory  heap bytes per resident idle aggregate (host side,
  *                    the user's state excluded), N aggregates resident
  *
@@ -30,6 +33,7 @@
 #include "common/bench.h"
 #include "common/report.h"
 #include "common/load.h"
+#include "common/null_store.h"
 
 static long peak_rss_kb(void)
 {
@@ -49,13 +53,18 @@ typedef struct record {
     double bytes_per_aggregate; /* < 0: not applicable */
 } record;
 
+/* null: on the null store (the host's runtime alone), else the memory
+ * store. */
 static record host_point(unsigned workers, unsigned clients, uint64_t keys,
-                         double seconds)
+                         double seconds, bool null)
 {
     es_store *store = NULL;
     es_host_config *cfg = NULL;
     es_host *host = NULL;
-    es_memory_store_open(&store, NULL);
+    if (null)
+        bench_null_store_open(&store);
+    else
+        es_memory_store_open(&store, NULL);
     es_host_config_new(&cfg, NULL);
     es_host_config_set_workers(cfg, workers);
     es_host_config_set_resident_bound(cfg, 2000000);
@@ -77,15 +86,17 @@ static record host_point(unsigned workers, unsigned clients, uint64_t keys,
     es_host_metrics_get(host, &m);
     es_host_shutdown(host, NULL);
     es_store_close(store);
+    const char *name = null ? "host_null" : "host_memory";
     if (atomic_load(&r.errors) != 0)
-        fprintf(stderr, "host_memory: %llu errors\n",
+        fprintf(stderr, "%s: %llu errors\n", name,
                 (unsigned long long)atomic_load(&r.errors));
-    record rec = {"host_memory", workers, clients, keys, (double)done / dt,
+    record rec = {name, workers, clients, keys, (double)done / dt,
                   m.total.p50_us, m.total.p99_us, peak_rss_kb(), -1};
-    fprintf(stderr, "  host_memory clients %u keys %llu: %.0f/s, batches "
-            "%llu, p50 %.1f us, p99 %.1f us\n", clients,
-            (unsigned long long)keys, rec.ops_per_s,
-            (unsigned long long)m.batches, m.total.p50_us, m.total.p99_us);
+    fprintf(stderr, "  %s workers %u clients %u keys %llu: %.0f/s, %.1f "
+            "commands a batch, p50 %.1f us, p99 %.1f us\n", name, workers,
+            clients, (unsigned long long)keys, rec.ops_per_s,
+            m.batches ? (double)m.batch_items / (double)m.batches : 0.0,
+            m.total.p50_us, m.total.p99_us);
     return rec;
 }
 
@@ -229,8 +240,12 @@ int main(int argc, char **argv)
     for (int k = 0; k < 2; k++) {
         recs[n++] = direct_point(keyset[k], secs);
         for (int c = 0; c < 3; c++)
-            recs[n++] = host_point(2, clientset[c], keyset[k], secs);
+            recs[n++] = host_point(2, clientset[c], keyset[k], secs, false);
     }
+    /* The parts: the runtime alone (null store), and 4 workers. */
+    recs[n++] = host_point(2, 64, keyset[0], secs, true);
+    recs[n++] = host_point(2, 1, keyset[0], secs, true);
+    recs[n++] = host_point(4, 64, keyset[0], secs, false);
     recs[n++] = resident_point(quick ? 100000 : 1000000);
     write_json(argv[1], recs, n);
     return 0;
