@@ -97,6 +97,77 @@ static PGresult *exec_bounded(PGconn *c, int64_t ms, const char *sql, int n,
     return res;
 }
 
+/* ---- prepared statements ----
+ *
+ * A connection of the store (the pool's, a background writer's) prepares
+ * each statement of s->sql the first time it runs it, named es_<index>,
+ * and runs it by name from then on: parsed and planned once a
+ * connection, not on every call.  Every statement is plan-proof
+ * (guarantee 10: test_pg_plans reads their generic plans), so a cached
+ * generic plan costs no command anything.  Which statements a connection
+ * holds is instance data of this proc (freed with the connection).  A
+ * bounded round trip (the fallback writer) and a statement that cannot be
+ * prepared (a failed transaction) go by text, as before. */
+
+typedef struct prep_state {
+    const pg_store *s;
+    uint64_t done; /* bit i: es_<i> is prepared on this connection */
+} prep_state;
+
+_Static_assert(SQL_COUNT <= 64, "prep_state.done has a bit a statement");
+
+static int prep_evproc(PGEventId id, void *info, void *pass)
+{
+    (void)pass;
+    if (id == PGEVT_CONNDESTROY) {
+        const PGEventConnDestroy *e = info;
+        es__free(PQinstanceData(e->conn, prep_evproc));
+    } else if (id == PGEVT_CONNRESET) { /* a new session: none left */
+        const PGEventConnReset *e = info;
+        prep_state *p = PQinstanceData(e->conn, prep_evproc);
+        if (p) p->done = 0;
+    }
+    return 1;
+}
+
+/* Mark c as a connection of s that prepares s's statements. */
+static void prep_mark(PGconn *c, const pg_store *s)
+{
+    prep_state *p = es__calloc(1, sizeof *p);
+    if (p == NULL) return; /* then by text */
+    p->s = s;
+    if (!PQregisterEventProc(c, prep_evproc, "eventastic prepared", NULL) ||
+        !PQsetInstanceData(c, prep_evproc, p))
+        es__free(p);
+}
+
+/* sql run by name on c when it is one of the store's statements and can
+ * be prepared (true, *r its result); false when it goes by text (nothing
+ * of sql was run). */
+static bool exec_prepared(PGconn *c, const char *sql, int n,
+                          const Oid *types, const char *const *values,
+                          const int *lens, PGresult **r)
+{
+    prep_state *p = PQinstanceData(c, prep_evproc);
+    if (p == NULL || n < 0) return false;
+    int i = 0;
+    while (i < SQL_COUNT && p->s->sql[i] != sql) i++;
+    if (i == SQL_COUNT) return false;
+    char name[16];
+    snprintf(name, sizeof name, "es_%d", i);
+    uint64_t bit = (uint64_t)1 << i;
+    if (!(p->done & bit)) {
+        PGresult *pr = PQprepare(c, name, sql, n, types);
+        bool ok = PQresultStatus(pr) == PGRES_COMMAND_OK;
+        PQclear(pr);
+        if (!ok) return false;
+        p->done |= bit;
+    }
+    *r = PQexecPrepared(c, name, n, values, lens,
+                        n > 0 ? es__pg_binary_formats : NULL, 1);
+    return true;
+}
+
 static int silence_error(es_error *err, const char *what, int64_t ms)
 {
     es__error_set(err, ES_EDB, "%s: no answer from the database within "
@@ -122,10 +193,12 @@ int es__pg_run(PGconn *c, const char *what, const char *sql, int n,
 {
     int64_t ms = bound_of(c);
     bool silent = false;
-    PGresult *r =
-        ms > 0 ? exec_bounded(c, ms, sql, n, types, values, lens, &silent)
-               : PQexecParams(c, sql, n, types, values, lens,
-                              n > 0 ? es__pg_binary_formats : NULL, 1);
+    PGresult *r = NULL;
+    if (ms > 0)
+        r = exec_bounded(c, ms, sql, n, types, values, lens, &silent);
+    else if (!exec_prepared(c, sql, n, types, values, lens, &r))
+        r = PQexecParams(c, sql, n, types, values, lens,
+                         n > 0 ? es__pg_binary_formats : NULL, 1);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
         if (out)
@@ -201,8 +274,10 @@ int es__pg_store_connect(pg_store *s, PGconn **out, es_error *err)
     if ((rc = es__pg_run_simple(*out, "connect: session settings", sql, err))) {
         PQfinish(*out);
         *out = NULL;
+        return rc;
     }
-    return rc;
+    prep_mark(*out, s);
+    return 0;
 }
 
 /* A connection of the pool; bounded: waiting for one to come free ends
