@@ -444,6 +444,10 @@ static void write_json(const char *path, const record *r, size_t n)
         bench_json_field(&j, "p99_us", "%.0f", r[i].p99_us);
         bench_json_field(&j, "cpu_host_pct", "%.0f", r[i].cpu_host_pct);
         bench_json_field(&j, "cpu_pg_pct", "%.0f", r[i].cpu_pg_pct);
+        /* PostgreSQL's CPU per command, us (issue: <= 25 at 64 clients) */
+        if (r[i].ops_per_s > 0)
+            bench_json_field(&j, "pg_us_per_op", "%.0f",
+                             r[i].cpu_pg_pct * 1e4 / r[i].ops_per_s);
         bench_json_field(&j, "errors", "%llu",
                          (unsigned long long)r[i].errors);
         if (r[i].stages) {

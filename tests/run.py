@@ -382,6 +382,18 @@ def run_benchmarks(quick, only=None):
         with Cluster("pg-bench", ["--max-connections", "300"]) as db:
             failed = run_each_benchmark(quick, out_dir, records, db.url,
                                         only)
+            # per_command_pg's yardstick, on the same cluster
+            if not only or "bench_pg" in only:
+                sys.path.insert(0, os.path.join(TOP, "bench"))
+                import pgbench_ref
+                print("BENCH pgbench_per_command", flush=True)
+                out = os.path.join(out_dir, "pgbench_ref.json")
+                if pgbench_ref.run(out, db.url, db.dir, quick) != 0:
+                    print("FAIL pgbench_per_command")
+                    failed += 1
+                else:
+                    with open(out) as f:
+                        records += json.load(f)
     # bank_http: bank-server and bank-load on a cluster of its own (the
     # tables bench_pg left behind would not change it, a fresh one is
     # simpler to reason about).
@@ -403,7 +415,7 @@ def run_benchmarks(quick, only=None):
     cols = ["name", "workers", "clients", "keys", "ops_per_s", "p50_us",
             "p99_us", "peak_rss_kb", "bytes_per_aggregate", "cpu_host_pct",
             "cpu_pg_pct", "events_per_s", "cpu_load_pct", "phase", "window",
-            "events_in_store", "lag_p99_ms"]
+            "events_in_store", "lag_p99_ms", "pg_us_per_op"]
     print(" ".join("%-16s" % c if i == 0 else "%12s" % c
                    for i, c in enumerate(cols)))
     for r in records:
