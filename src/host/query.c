@@ -76,7 +76,7 @@ static int refresh(es_host *host, actor *a, es_error *err)
     int rc = es__host_actor_expand(a);
     if (rc != 0) return es__error_set(err, rc, "out of memory");
     es_txn *txn = NULL;
-    rc = es_store_begin(host->store, &txn, err);
+    rc = es__store_begin_read(host->store, &txn, err);
     if (rc != 0) return rc;
     rc = es__context_load_into(txn, a->ctx, false, err);
     es_txn_rollback(txn);

@@ -35,6 +35,15 @@ int es__store_begin_bounded(es_store *store, es_txn **out, es_error *err)
     return store->ops->txn->begin_bounded(store, out, err);
 }
 
+int es__store_begin_read(es_store *store, es_txn **out, es_error *err)
+{
+    if (store->ops->txn->begin_read == NULL)
+        return es_store_begin(store, out, err);
+    if (atomic_load(&store->closing))
+        return es__error_set(err, ES_ECLOSED, "store is closing");
+    return store->ops->txn->begin_read(store, out, err);
+}
+
 int es__store_begin_background(es_store *store, void **slot, es_txn **out,
                                es_error *err)
 {

@@ -106,6 +106,12 @@ typedef struct es__txn_ops {
      * SQLSTATE of class 08; in COMMIT, ES_EUNKNOWN), the connection
      * dropped.  NULL: begin. */
     int (*begin_bounded)(es_store *store, es_txn **out, es_error *err);
+    /* Optional: a transaction for reads only, which may see each read at
+     * its own point in time (PostgreSQL: no BEGIN until a read needs
+     * one; commit and rollback then cost no round trip).  Events never
+     * change once stored, so a stream read this way is still the
+     * stream.  NULL: begin. */
+    int (*begin_read)(es_store *store, es_txn **out, es_error *err);
     int (*commit)(es_txn *txn, es_error *err);
     void (*rollback)(es_txn *txn);
     /* A stack of savepoints: push, roll back to the newest (and pop it),
@@ -308,6 +314,9 @@ int es__txn_insert_side_effects(es_txn *txn, const char *type_name,
 
 /* es_store_begin with the backend's begin_bounded, when it has one. */
 int es__store_begin_bounded(es_store *store, es_txn **out, es_error *err);
+/* es_store_begin with the backend's begin_read, when it has one: for
+ * reads only (the host's fresh queries). */
+int es__store_begin_read(es_store *store, es_txn **out, es_error *err);
 /* A transaction for a background writer on a connection of its own (the
  * begin_background op), or es_store_begin when the backend has none.
  * *slot starts NULL; es__store_background_close(store, slot) ends it. */

@@ -647,6 +647,79 @@ static void test_pg_host_query_loads_and_errors(void **state)
     assert_int_equal(es_host_shutdown(host, NULL), 0);
 }
 
+static es_host *open_fresh_host(void)
+{
+    es_host_config *cfg = NULL;
+    es_host *host = NULL;
+    if (es_host_config_new(&cfg, NULL) != 0 ||
+        es_host_config_add_type(cfg, &counter_type, decide, NULL, NULL) ||
+        es_host_config_set_query_fresh(cfg, true) != 0 ||
+        es_host_open(cfg, g_store, &host, NULL) != 0)
+        host = NULL;
+    es_host_config_free(cfg);
+    return host;
+}
+
+/* Sessions of this schema's database that sit in an open transaction. */
+static long long idle_in_transaction(void)
+{
+    PGresult *r = PQexec(g_sql, "SELECT count(*) FROM pg_stat_activity "
+                                "WHERE state LIKE 'idle in transaction%' "
+                                "AND pid <> pg_backend_pid()");
+    long long n = PQresultStatus(r) == PGRES_TUPLES_OK
+                      ? atoll(PQgetvalue(r, 0, 0))
+                      : -1;
+    PQclear(r);
+    return n;
+}
+
+/* A fresh query folds in what another host committed since its resident
+ * version: a few events (one read, no transaction left open) and more
+ * than a stream page (1,000 events: the rest through a cursor, which
+ * needs a transaction). */
+static void test_pg_host_query_fresh_other_host(void **state)
+{
+    (void)state;
+    es_host *fresh = open_fresh_host();
+    es_host *other = open_host();
+    assert_non_null(fresh);
+    assert_non_null(other);
+    es_uuid key;
+    es_uuid_v7(&key);
+    uint8_t value[4];
+    es_command c = command(value, 1);
+    assert_int_equal(es_host_call(fresh, &counter_type, &key, &c, NULL, NULL),
+                     0);
+    probe p;
+    memset(&p, 0, sizeof p);
+    assert_int_equal(
+        es_host_query_call(fresh, &counter_type, &key, q_probe, &p, NULL), 0);
+    assert_int_equal(p.version, 1); /* reset and add */
+    for (int round = 0; round < 2; round++) {
+        int n = round == 0 ? 3 : 1100;
+        for (int i = 0; i < n; i++) {
+            c = command(value, 1);
+            assert_int_equal(
+                es_host_call(other, &counter_type, &key, &c, NULL, NULL), 0);
+        }
+        uint64_t loads = 0;
+        es_host_metrics m;
+        es_host_metrics_get(fresh, &m);
+        loads = m.loads;
+        assert_int_equal(es_host_query_call(fresh, &counter_type, &key,
+                                            q_probe, &p, NULL),
+                         0);
+        int total = round == 0 ? 1 + 3 : 1 + 3 + 1100;
+        assert_int_equal(p.result, total);
+        assert_int_equal(p.version, (uint64_t)total);
+        es_host_metrics_get(fresh, &m);
+        assert_int_equal(m.loads, loads); /* caught up, not loaded again */
+        assert_int_equal(idle_in_transaction(), 0);
+    }
+    assert_int_equal(es_host_shutdown(fresh, NULL), 0);
+    assert_int_equal(es_host_shutdown(other, NULL), 0);
+}
+
 static int group_setup(void **state)
 {
     (void)state;
@@ -685,6 +758,7 @@ int main(void)
         cmocka_unit_test(test_pg_host_query_read_your_writes),
         cmocka_unit_test(test_pg_host_query_waits_for_commits),
         cmocka_unit_test(test_pg_host_query_loads_and_errors),
+        cmocka_unit_test(test_pg_host_query_fresh_other_host),
     };
     return FIXTURE_PG_RUN_GROUP("test_pg_host", tests, group_setup,
                                 group_teardown);

@@ -389,14 +389,28 @@ static int backend_start_of(pg_txn *t, es_error *err)
 }
 
 /* bounded: for begin_bounded (see above). */
-static int begin_pooled(es_store *store, bool bounded, es_txn **out,
-                        es_error *err)
+/* lazy: a read-only transaction, no BEGIN (es__pg_begin_read). */
+static int begin_pooled(es_store *store, bool bounded, bool lazy,
+                        es_txn **out, es_error *err)
 {
     pg_store *s = (pg_store *)store;
     pg_txn *t = es__calloc(1, sizeof *t);
     if (t == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
     t->base.store = store;
+    t->lazy = lazy;
     int rc = 0;
+    if (lazy) {
+        /* A connection that died while idle fails the first read (and is
+         * closed when it goes back): the caller tries again. */
+        rc = es__pg_pool_get(s, &t->conn, false, err);
+        if (rc != 0) {
+            es__free(t);
+            return rc;
+        }
+        es__store_txn_started(store);
+        *out = &t->base;
+        return 0;
+    }
     /* A pooled connection may have died while idle (server restart):
      * BEGIN finds out, and nothing was done yet, so try the next one
      * (each dead one is closed), until a fresh one. */
@@ -431,12 +445,12 @@ static int begin_pooled(es_store *store, bool bounded, es_txn **out,
 
 int es__pg_begin(es_store *store, es_txn **out, es_error *err)
 {
-    return begin_pooled(store, false, out, err);
+    return begin_pooled(store, false, false, out, err);
 }
 
 int es__pg_begin_bounded(es_store *store, es_txn **out, es_error *err)
 {
-    return begin_pooled(store, true, out, err);
+    return begin_pooled(store, true, false, out, err);
 }
 
 /* COMMIT answered by the server ending the session (shutdown, crash of
@@ -512,9 +526,34 @@ static void cut_commit_add(pg_store *s, const pg_txn *t)
     pthread_mutex_unlock(&s->lock);
 }
 
+/* A read-only transaction that never needed BEGIN has nothing to end. */
+static bool nothing_open(const pg_txn *t)
+{
+    return t->lazy && PQstatus(t->conn) == CONNECTION_OK &&
+           PQtransactionStatus(t->conn) == PQTRANS_IDLE;
+}
+
+int es__pg_begin_read(es_store *store, es_txn **out, es_error *err)
+{
+    return begin_pooled(store, false, true, out, err);
+}
+
+/* A read that needs a transaction (a cursor) in a read-only one: BEGIN
+ * now. */
+int es__pg_txn_open(pg_txn *t, es_error *err)
+{
+    if (!t->lazy || PQtransactionStatus(t->conn) != PQTRANS_IDLE) return 0;
+    return es__pg_run_simple(t->conn, "begin",
+                             "BEGIN ISOLATION LEVEL READ COMMITTED", err);
+}
+
 int es__pg_commit(es_txn *txn, es_error *err)
 {
     pg_txn *t = (pg_txn *)txn;
+    if (nothing_open(t)) {
+        txn_end(t);
+        return 0;
+    }
     if (PQstatus(t->conn) == CONNECTION_BAD) {
         /* Lost before: COMMIT never reaches the server, so nothing of
          * the transaction can have committed. */
@@ -557,7 +596,7 @@ int es__pg_commit(es_txn *txn, es_error *err)
 void es__pg_rollback(es_txn *txn)
 {
     pg_txn *t = (pg_txn *)txn;
-    PQclear(exec_text(t->conn, "ROLLBACK"));
+    if (!nothing_open(t)) PQclear(exec_text(t->conn, "ROLLBACK"));
     txn_end(t);
 }
 

@@ -196,6 +196,7 @@ typedef struct pg_txn {
     unsigned cursors; /* stream cursors made, for unique names */
     bool wrote_side_effects; /* wake dispatchers after commit */
     bool wrote_events;       /* wake readers after commit */
+    bool lazy; /* read-only: BEGIN only when a read needs it */
     PGconn **own; /* begin_background: the caller's slot, not the pool */
     int pid;        /* begin_bounded: its backend, */
     char start[64]; /* and that backend's backend_start */
@@ -385,6 +386,9 @@ void es__pg_pool_put(pg_store *s, PGconn *c);
 void es__pg_dek_cache_clear(pg_txn *t);
 int es__pg_begin(es_store *store, es_txn **out, es_error *err);
 int es__pg_begin_bounded(es_store *store, es_txn **out, es_error *err);
+int es__pg_begin_read(es_store *store, es_txn **out, es_error *err);
+/* In a read-only transaction (lazy), BEGIN if none is open yet. */
+int es__pg_txn_open(pg_txn *t, es_error *err);
 bool es__pg_commit_cut(const PGresult *r);
 int es__pg_begin_background(es_store *store, void **slot, es_txn **out,
                             es_error *err);

@@ -112,6 +112,10 @@ int es__pg_stream(es_txn *txn, const char *type_name, const es_uuid *agg,
      * and scans once, whatever its statistics say (keyset pages planned
      * on stale statistics can each become a full scan). */
     char name[32], sql[96];
+    if ((rc = es__pg_txn_open(t, err)) != 0) { /* a cursor needs one */
+        es_buf_free(&plain);
+        return rc;
+    }
     snprintf(name, sizeof name, "es_stream_%u", ++t->cursors);
     es__pg_be64(next_b, next);
     char *declare = es__pg_sqlf("DECLARE %s NO SCROLL CURSOR FOR %s", name,

@@ -29,6 +29,7 @@ static void pg_close(es_store *store)
 static const es__txn_ops pg_txn_ops = {
     .begin = es__pg_begin,
     .begin_bounded = es__pg_begin_bounded,
+    .begin_read = es__pg_begin_read,
     .commit = es__pg_commit,
     .rollback = es__pg_rollback,
     .savepoint = es__pg_savepoint,
