@@ -18,7 +18,9 @@
  * window's end: the prefill plus every event committed since),
  * events_table_mb (pg_total_relation_size of the events table), ops_per_s
  * (commands committed in the window), p50_us / p99_us (client-side
- * latency in the window), cpu_host_pct and cpu_pg_pct.  The figures to
+ * latency in the window), cpu_host_pct and cpu_pg_pct, checkpoints (that
+ * ended in the window) and autovacuums (autovacuum and autoanalyze runs
+ * on the schema's tables in the window).  The figures to
  * read: the slowest window against the fastest within a phase, and the
  * prefilled phase against the empty one.
  *
@@ -53,7 +55,29 @@ typedef struct record {
     double seconds, ops_per_s, p50_us, p99_us, cpu_host_pct, cpu_pg_pct;
     uint64_t events_in_store;
     double events_table_mb;
+    /* the server's background work during the window: checkpoints that
+     * ended, autovacuum and autoanalyze runs on the schema's tables */
+    long long checkpoints, autovacuums;
 } record;
+
+/* Checkpoints so far (the cluster's), and autovacuum and autoanalyze runs
+ * on schema's tables. */
+static void background_work(PGconn *c, const char *schema,
+                            long long *checkpoints, long long *autovacuums)
+{
+    PGresult *r = bench_pg_sql(c, "SELECT checkpoints_timed + "
+                                  "checkpoints_req FROM pg_stat_bgwriter");
+    *checkpoints = atoll(PQgetvalue(r, 0, 0));
+    PQclear(r);
+    const char *v[1] = {schema};
+    r = PQexecParams(c, "SELECT coalesce(sum(autovacuum_count + "
+                        "autoanalyze_count), 0) FROM pg_stat_user_tables "
+                        "WHERE schemaname = $1", 1, NULL, v, NULL, NULL, 0);
+    *autovacuums = PQresultStatus(r) == PGRES_TUPLES_OK
+                       ? atoll(PQgetvalue(r, 0, 0))
+                       : -1;
+    PQclear(r);
+}
 
 static double table_mb(PGconn *c, const char *schema)
 {
@@ -81,6 +105,8 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
     double start = bench_now_s();
     cpu_sample s0 = bench_cpu_sample();
     bench_load_start(&r, host, KEYS, 0, CLIENTS, true);
+    long long ck0 = 0, av0 = 0;
+    background_work(c, schema, &ck0, &av0);
     size_t n = 0;
     for (int w = 0; w < windows; w++) {
         double t0 = bench_now_s();
@@ -100,11 +126,19 @@ static size_t phase(const char *name, uint64_t prefilled, int windows,
         /* a new account's first deposit writes one event, as the rest */
         rec->events_in_store = prefilled + atomic_load(&r.committed);
         rec->events_table_mb = table_mb(c, schema);
+        long long ck = 0, av = 0;
+        background_work(c, schema, &ck, &av);
+        rec->checkpoints = ck - ck0;
+        rec->autovacuums = av - av0;
+        ck0 = ck;
+        av0 = av;
         fprintf(stderr, "  %s window %d: %.0f/s, p50 %.0f us, p99 %.0f us, "
-                "%llu events (%.0f MB), cpu host %.0f%% pg %.0f%%\n", name,
+                "%llu events (%.0f MB), cpu host %.0f%% pg %.0f%%, "
+                "checkpoints %lld, autovacuum runs %lld\n", name,
                 rec->window, rec->ops_per_s, rec->p50_us, rec->p99_us,
                 (unsigned long long)rec->events_in_store,
-                rec->events_table_mb, rec->cpu_host_pct, rec->cpu_pg_pct);
+                rec->events_table_mb, rec->cpu_host_pct, rec->cpu_pg_pct,
+                rec->checkpoints, rec->autovacuums);
         s0 = bench_cpu_sample();
         bench_lat_reset();
         atomic_store(&r.measuring, true);
@@ -132,6 +166,8 @@ static void write_json(const char *path, const record *r, size_t n)
         bench_json_field(&j, "events_in_store", "%llu",
                          (unsigned long long)r[i].events_in_store);
         bench_json_field(&j, "events_table_mb", "%.1f", r[i].events_table_mb);
+        bench_json_field(&j, "checkpoints", "%lld", r[i].checkpoints);
+        bench_json_field(&j, "autovacuums", "%lld", r[i].autovacuums);
         bench_json_field(&j, "ops_per_s", "%.0f", r[i].ops_per_s);
         bench_json_field(&j, "p50_us", "%.0f", r[i].p50_us);
         bench_json_field(&j, "p99_us", "%.0f", r[i].p99_us);
