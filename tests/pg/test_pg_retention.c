@@ -25,37 +25,10 @@
 #define COMMANDS 2500 /* more than two batches of 1,000 */
 #define KEYS 50
 
-typedef struct fixture {
-    bool pg;
-    char schema[40];
-    es_store *store;
-} fixture;
-
-static int setup_memory(void **state)
-{
-    static fixture f;
-    memset(&f, 0, sizeof f);
-    *state = &f;
-    return es_memory_store_open(&f.store, NULL);
-}
-
-static int setup_pg(void **state)
-{
-    static fixture f;
-    memset(&f, 0, sizeof f);
-    f.pg = true;
-    *state = &f;
-    fixture_pg_random_name(f.schema, sizeof f.schema, "retention_");
-    return fixture_pg_open(f.schema, &f.store);
-}
-
-static int teardown(void **state)
-{
-    fixture *f = *state;
-    int rc = es_store_close(f->store);
-    if (f->pg) fixture_pg_drop_schema(f->schema);
-    return rc;
-}
+typedef fixture_store fixture;
+#define setup_memory fixture_store_setup_memory
+#define setup_pg fixture_store_setup_pg
+#define teardown fixture_store_teardown
 
 static void sleep_ms(long ms)
 {

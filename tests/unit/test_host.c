@@ -21,14 +21,13 @@
 #include "eventastic/host.h"
 #include "store/batch_ops.h"
 #include "store/store_impl.h"
+#include "fixtures/deposit.h"
 #include "fixtures/faults.h"
+#include "fixtures/tally.h"
 
 /* ---- a counter aggregate ---- */
 
-typedef struct counter {
-    int64_t value;
-    uint64_t n; /* events applied */
-} counter;
+typedef tally_state counter;
 
 enum { EV_ADD = 1, EV_POISON = 2 };
 
@@ -68,57 +67,24 @@ static int c_apply(void *state, const void *event, es_error *err)
     return 0;
 }
 
-static void put64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
-    return v;
-}
-
-static int c_state_encode(const void *s, es_buf *out, es_error *err)
-{
-    (void)err;
-    uint8_t b[16];
-    put64(b, (uint64_t)((const counter *)s)->value);
-    put64(b + 8, ((const counter *)s)->n);
-    return es_buf_append(out, b, 16);
-}
-
-static int c_state_decode(const uint8_t *p, size_t len, void *s,
-                          es_error *err)
-{
-    (void)err;
-    if (len != 16) return ES_EDECODE;
-    ((counter *)s)->value = (int64_t)get64(p);
-    ((counter *)s)->n = get64(p + 8);
-    return 0;
-}
+#define put64 fixture_put64
+#define get64 fixture_get64
 
 static int c_event_encode(const void *e, es_buf *out, es_error *err)
 {
     (void)err;
     const counter_event *ev = e;
-    uint8_t b[24];
-    memcpy(b, ev->id.bytes, 16);
-    put64(b + 16, (uint64_t)ev->amount);
-    return es_buf_append(out, b, 24);
+    return tally_event_put(out, &ev->id, ev->amount);
 }
 
 static int c_event_decode(int32_t kind, const uint8_t *p, size_t len, void *e,
                           es_error *err)
 {
     (void)err;
-    if ((kind != EV_ADD && kind != EV_POISON) || len != 24) return ES_EDECODE;
+    if (kind != EV_ADD && kind != EV_POISON) return ES_EDECODE;
     counter_event *ev = e;
     ev->kind = kind;
-    memcpy(ev->id.bytes, p, 16);
-    ev->amount = (int64_t)get64(p + 16);
-    return 0;
+    return tally_event_get(p, len, &ev->id, &ev->amount);
 }
 
 static const es_aggregate_type counter_type = {
@@ -130,8 +96,8 @@ static const es_aggregate_type counter_type = {
     .event_kind = ev_kind,
     .apply_new = c_apply_new,
     .apply = c_apply,
-    .state_encode = c_state_encode,
-    .state_decode = c_state_decode,
+    .state_encode = tally_state_encode,
+    .state_decode = tally_state_decode,
     .event_encode = c_event_encode,
     .event_decode = c_event_decode,
 };
@@ -189,8 +155,8 @@ static const es_aggregate_type noted_type = {
     .apply_new = c_apply_new,
     .apply = c_apply,
     .side_effects = c_side_effects,
-    .state_encode = c_state_encode,
-    .state_decode = c_state_decode,
+    .state_encode = tally_state_encode,
+    .state_decode = tally_state_decode,
     .event_encode = c_event_encode,
     .event_decode = c_event_decode,
     .side_effect_id = notice_id,
@@ -730,7 +696,7 @@ static void test_host_idempotent_replay_passivation_restart(void **state)
     assert_int_equal(es_txn_get_snapshot(txn, key, 1, &snap, NULL), 0);
     assert_int_equal(snap->version, version);
     counter snapped;
-    assert_int_equal(c_state_decode(snap->data, snap->len, &snapped, NULL),
+    assert_int_equal(tally_state_decode(snap->data, snap->len, &snapped, NULL),
                      0);
     /* the state at exactly that version: every event adds 7 */
     assert_int_equal(snapped.value, 7 * (int64_t)(snap->version + 1));
@@ -2475,7 +2441,7 @@ static int loop_state_encode(const void *s, es_buf *out, es_error *err)
     atomic_fetch_add(&encode_calls, 1);
     if (!pthread_equal(pthread_self(), loop_thread))
         atomic_fetch_add(&encode_off_loop, 1);
-    return c_state_encode(s, out, err);
+    return tally_state_encode(s, out, err);
 }
 
 static const es_aggregate_type looped_type = {
@@ -2488,7 +2454,7 @@ static const es_aggregate_type looped_type = {
     .apply_new = c_apply_new,
     .apply = c_apply,
     .state_encode = loop_state_encode,
-    .state_decode = c_state_decode,
+    .state_decode = tally_state_decode,
     .event_encode = c_event_encode,
     .event_decode = c_event_decode,
 };

@@ -17,14 +17,13 @@
 
 #include "eventastic.h"
 #include "eventastic/host.h"
+#include "fixtures/deposit.h"
 #include "fixtures/faults.h"
+#include "fixtures/tally.h"
 
 /* ---- a counter aggregate ---- */
 
-typedef struct counter {
-    int64_t value;
-    uint64_t n; /* events applied */
-} counter;
+typedef tally_state counter;
 
 typedef struct counter_event {
     es_uuid id;
@@ -54,63 +53,30 @@ static int c_apply(void *state, const void *event, es_error *err)
     return 0;
 }
 
-static void put64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) v |= (uint64_t)p[i] << (8 * i);
-    return v;
-}
-
-static int c_state_encode(const void *s, es_buf *out, es_error *err)
-{
-    (void)err;
-    uint8_t b[16];
-    put64(b, (uint64_t)((const counter *)s)->value);
-    put64(b + 8, ((const counter *)s)->n);
-    return es_buf_append(out, b, 16);
-}
-
-static int c_state_decode(const uint8_t *p, size_t len, void *s,
-                          es_error *err)
-{
-    (void)err;
-    if (len != 16) return ES_EDECODE;
-    ((counter *)s)->value = (int64_t)get64(p);
-    ((counter *)s)->n = get64(p + 8);
-    return 0;
-}
+#define put64 fixture_put64
+#define get64 fixture_get64
 
 static int c_event_encode(const void *e, es_buf *out, es_error *err)
 {
     (void)err;
     const counter_event *ev = e;
-    uint8_t b[24];
-    memcpy(b, ev->id.bytes, 16);
-    put64(b + 16, (uint64_t)ev->amount);
-    return es_buf_append(out, b, 24);
+    return tally_event_put(out, &ev->id, ev->amount);
 }
 
 static int c_event_decode(int32_t kind, const uint8_t *p, size_t len, void *e,
                           es_error *err)
 {
     (void)err;
-    if (kind != 1 || len != 24) return ES_EDECODE;
+    if (kind != 1) return ES_EDECODE;
     counter_event *ev = e;
-    memcpy(ev->id.bytes, p, 16);
-    ev->amount = (int64_t)get64(p + 16);
-    return 0;
+    return tally_event_get(p, len, &ev->id, &ev->amount);
 }
 
 #define COUNTER_FIELDS                                                      \
     .snapshot_version = 1, .state_size = sizeof(counter),                   \
     .event_size = sizeof(counter_event), .event_id = ev_id,                 \
     .event_kind = ev_kind, .apply_new = c_apply_new, .apply = c_apply,      \
-    .state_encode = c_state_encode, .state_decode = c_state_decode,         \
+    .state_encode = tally_state_encode, .state_decode = tally_state_decode,         \
     .event_encode = c_event_encode, .event_decode = c_event_decode
 
 static const es_aggregate_type counter_type = {.name = "counter",
