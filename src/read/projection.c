@@ -9,7 +9,9 @@
  *     checkpoint, and the batch is applied again, once);
  *   - at-least-once: in a transaction of its own after the handler.
  * A short batch means the projection is at the head: it waits until a
- * commit of this process wakes it (an event listener) or poll_ms passes.
+ * commit of this process wakes it (an event listener), the store's watch
+ * hears of another process's (PostgreSQL: LISTEN/NOTIFY), or poll_ms
+ * passes.
  * A failed batch is retried after a jittered, doubling backoff; after
  * max_attempts it stops in FAILED with the error, never skipping.
  *
@@ -58,6 +60,7 @@ struct es_projection {
     es_position pos;
     es_txn *txn;
     es_error apply_err;
+    es__outbox_watch *watch; /* commits of other processes, or NULL */
 };
 
 /* ---- configuration ---- */
@@ -190,6 +193,14 @@ static void on_commit(void *ud)
     p->wake = true;
     pthread_cond_signal(&p->wake_cond);
     pthread_mutex_unlock(&p->lock);
+}
+
+/* The store's watch heard of a commit by some process (or reconnected,
+ * when some may have been missed): read now. */
+static void on_watch(void *ud, bool notified)
+{
+    (void)notified;
+    on_commit(ud);
 }
 
 static int apply_one(void *ud, const es_recorded_event *ev)
@@ -448,12 +459,18 @@ int es_projection_start(es_store *store, const es_projection_config *cfg,
     pthread_cond_init(&p->wake_cond, &ca);
     pthread_cond_init(&p->progress_cond, &ca);
     pthread_condattr_destroy(&ca);
+    /* Other processes' commits: through the store's watch where it has
+     * one (it starts even while the database is away); polling else. */
+    if (p->ops->watch != NULL &&
+        p->ops->watch(store, 10000, on_watch, p, &p->watch, NULL) != 0)
+        p->watch = NULL;
     int rc = es__store_listen_events(store, on_commit, p);
     if (rc == 0 && pthread_create(&p->thread, NULL, projection_main, p) != 0) {
         es__store_unlisten_events(store, on_commit, p);
         rc = ES_ENOMEM;
     }
     if (rc != 0) {
+        if (p->watch) p->ops->unwatch(p->watch);
         pthread_cond_destroy(&p->wake_cond);
         pthread_cond_destroy(&p->progress_cond);
         pthread_mutex_destroy(&p->lock);
@@ -474,6 +491,7 @@ void es_projection_stop(es_projection *p)
     pthread_cond_signal(&p->wake_cond);
     pthread_mutex_unlock(&p->lock);
     pthread_join(p->thread, NULL);
+    if (p->watch) p->ops->unwatch(p->watch);
     es__store_unlisten_events(p->store, on_commit, p);
     pthread_cond_destroy(&p->wake_cond);
     pthread_cond_destroy(&p->progress_cond);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "eventastic/subscription.h"
+#include "store/store_impl.h"
 
 /* Longest projection name, in bytes (es_checkpoint.name holds it). */
 #define ES__CHECKPOINT_NAME_MAX 63
@@ -43,6 +44,14 @@ typedef struct es__read_ops {
     /* All, by name; *out: es__malloc'd array (es_free), NULL when n 0. */
     int (*checkpoint_list)(es_store *store, es_checkpoint **out, size_t *n,
                            es_error *err);
+    /* Optional (NULL: commits of this process only, through the event
+     * listeners below): hear of commits of events by any process, with
+     * the contract of the outbox's watch (store_impl.h): the PostgreSQL
+     * store LISTENs on its events channel, which every writing process's
+     * announcer notifies. */
+    int (*watch)(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
+                 void *ud, es__outbox_watch **out, es_error *err);
+    void (*unwatch)(es__outbox_watch *watch);
 } es__read_ops;
 
 /* Event listeners: called after a commit of this process stored events

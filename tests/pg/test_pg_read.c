@@ -558,6 +558,46 @@ static void test_projection_failing_handler_stops_never_skips(void **state)
     free(committed.ids);
 }
 
+/* A projection on another store handle (another process, to the
+ * database) hears of commits at once through LISTEN/NOTIFY: its poll is
+ * a minute, and the events arrive within seconds. */
+static void test_projection_woken_by_another_process(void **state)
+{
+    fixture *f = *state;
+    if (!f->pg) return; /* one process is all a memory store has */
+    es_store *other = NULL;
+    assert_int_equal(fixture_pg_open(f->schema, &other), 0);
+    idset committed = {.lock = PTHREAD_MUTEX_INITIALIZER};
+    model m;
+    model_init(f, &m);
+    es_projection_config *cfg = NULL;
+    es_projection *p = NULL;
+    assert_int_equal(es_projection_config_new(&cfg, NULL), 0);
+    assert_int_equal(es_projection_config_set_name(cfg, "rm.woken", NULL), 0);
+    assert_int_equal(es_projection_config_set_handler(cfg, model_apply,
+                                                      model_reset, &m, NULL),
+                     0);
+    assert_int_equal(es_projection_config_set_poll_ms(cfg, 60000, NULL), 0);
+    assert_int_equal(es_projection_start(other, cfg, &p, NULL), 0);
+    es_projection_config_free(cfg);
+    es_projection_stats st;
+    for (int i = 0; i < 500; i++) { /* its first read: at the head */
+        assert_int_equal(es_projection_stats_get(p, &st), 0);
+        if (st.state == ES_PROJECTION_LIVE) break;
+        usleep(10000);
+    }
+    assert_int_equal(st.state, ES_PROJECTION_LIVE);
+    usleep(200000); /* its LISTEN is set up */
+    make_events(f, 3, &committed); /* through f->store, not other */
+    es_position head;
+    assert_int_equal(es_store_head(f->store, &head, NULL), 0);
+    assert_int_equal(es_projection_wait(p, &head, 5000), 0);
+    es_projection_stop(p);
+    assert_int_equal(es_store_close(other), 0);
+    seen_free(&m.events);
+    free(committed.ids);
+}
+
 int main(void)
 {
 #define BOTH(setup)                                                          \
@@ -570,7 +610,9 @@ int main(void)
         test_projection_resumes_and_counts_each_event_once, setup,           \
         teardown),                                                           \
     cmocka_unit_test_setup_teardown(                                         \
-        test_projection_failing_handler_stops_never_skips, setup, teardown)
+        test_projection_failing_handler_stops_never_skips, setup, teardown), \
+    cmocka_unit_test_setup_teardown(                                         \
+        test_projection_woken_by_another_process, setup, teardown)
     const struct CMUnitTest memory[] = {BOTH(setup_memory)};
     const struct CMUnitTest pg[] = {BOTH(setup_pg)};
     int failed = cmocka_run_group_tests_name("memory store", memory, NULL,

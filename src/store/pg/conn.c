@@ -589,7 +589,10 @@ int es__pg_commit(es_txn *txn, es_error *err)
     bool events = rc == 0 && t->wrote_events;
     txn_end(t);
     if (notify) es__store_notify(store);
-    if (events) es__store_notify_events(store);
+    if (events) {
+        es__store_notify_events(store);
+        es__pg_announce((pg_store *)store);
+    }
     return rc;
 }
 

@@ -495,6 +495,7 @@ static void txn_commit_resolved(pg_lane *l, int outcome)
         l->committed++;
         if (l->side_effects) es__store_notify(&l->s->base);
         es__store_notify_events(&l->s->base);
+        es__pg_announce(l->s);
         lane_finish(l);
     } else if (outcome < 0) {
         batch_mark(l->items, l->n, ES__COMMIT_PENDING, ES__COMMIT_UNKNOWN,
@@ -691,6 +692,7 @@ static void lane_entry_resolved(pg_lane *l, int outcome)
     if (outcome == 1) {
         l->committed++;
         es__store_notify_events(&l->s->base);
+        es__pg_announce(l->s);
     }
     batch_mark(l->items, l->n, ES__COMMIT_RETRY, ES__COMMIT_PENDING, NULL);
     l->lost = 0;

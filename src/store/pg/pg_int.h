@@ -164,6 +164,16 @@ typedef struct pg_store {
     /* NOTIFY channel of the outbox table: "es_outbox_" and a hash of its
      * qualified name (any name fits in 63 bytes, and holds no quote). */
     char channel[32];
+    /* NOTIFY channel of the events table ("es_events_" and a hash), and
+     * the announcer that notifies it after commits (announce.c). */
+    char events_channel[32];
+    struct {
+        pthread_mutex_t lock; /* guards started, pending, stop */
+        pthread_cond_t cond;
+        bool started, pending, stop;
+        pthread_t thread;
+        PGconn *conn; /* the announcer thread's */
+    } ann;
     atomic_size_t claim_turn; /* which type an outbox claim starts with */
     /* Backends of bounded transactions dropped in their COMMIT (the
      * fallback writer's): one that lives may still commit, so every
@@ -562,5 +572,15 @@ int es__pg_migrate_in(PGconn *c, const es_pg_config *cfg, int *newest,
 
 /* ---- subscribe.c: the read side (store/read_ops.h) ---- */
 extern const es__read_ops es__pg_read_ops;
+
+/* ---- announce.c: NOTIFY the events channel after commits ---- */
+void es__pg_announcer_init(pg_store *s);
+/* A commit of this process stored events (any thread). */
+void es__pg_announce(pg_store *s);
+/* At close: the thread ends, its connection is closed. */
+void es__pg_announcer_stop(pg_store *s);
+/* A watch of the events channel (watch.c), for the read side. */
+int es__pg_events_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
+                        void *ud, es__outbox_watch **out, es_error *err);
 
 #endif

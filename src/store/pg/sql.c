@@ -208,6 +208,8 @@ int es__pg_build_sql(pg_store *s, const es_pg_config *cfg)
         o, s->notify ? "pg_notify($8, '')" : "$8::text");
     snprintf(s->channel, sizeof s->channel, "es_outbox_%016llx",
              (unsigned long long)es__pg_fnv1a(o));
+    snprintf(s->events_channel, sizeof s->events_channel, "es_events_%016llx",
+             (unsigned long long)es__pg_fnv1a(e));
     s->sql[SQL_LIST_SIDE_EFFECTS] = es__pg_sqlf(
         "SELECT id, aggregate_id, event_id, kind, payload, key_id FROM %s "
         "WHERE status = 'pending' AND ($1::uuid IS NULL OR aggregate_id = "

@@ -10,6 +10,7 @@
 static void pg_close(es_store *store)
 {
     pg_store *s = (pg_store *)store;
+    es__pg_announcer_stop(s);
     for (size_t i = 0; i < s->n_idle; i++) PQfinish(s->idle[i]);
     for (int i = 0; i < SQL_COUNT; i++) es__free(s->sql[i]);
     es__free(s->idle);
@@ -101,6 +102,7 @@ int es_pg_store_open(const es_pg_config *cfg, es_store **out, es_error *err)
     es__store_init(&s->base, &es__pg_ops);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
+    es__pg_announcer_init(s);
     s->chunk = cfg->chunk;
     s->statement_timeout_ms = cfg->statement_timeout_ms;
     s->notify = !cfg->no_notify;

@@ -321,4 +321,6 @@ const es__read_ops es__pg_read_ops = {
     .checkpoint_put = pg_checkpoint_put,
     .checkpoint_delete = pg_checkpoint_delete,
     .checkpoint_list = pg_checkpoint_list,
+    .watch = es__pg_events_watch,
+    .unwatch = es__pg_outbox_unwatch,
 };

@@ -1,6 +1,8 @@
 /*
- * The outbox watch of the PostgreSQL store: a thread that LISTENs on a
- * connection of its own and wakes the dispatchers on a NOTIFY.
+ * Watches of the PostgreSQL store: a thread that LISTENs on a channel on
+ * a connection of its own and calls back on a NOTIFY (the outbox's
+ * dispatchers; the read side's projections, on the events channel that
+ * the announcer of every writing process notifies).
  */
 #include "core/backoff.h"
 #include "store/pg/pg_int.h"
@@ -21,6 +23,8 @@
  */
 struct es__outbox_watch {
     pg_store *s; /* borrowed: outlives the watch */
+    const char *channel; /* s's: the outbox's or the events' */
+    const char *what;    /* for the log: "outbox", "projections" */
     es__watch_fn fn;
     void *ud;
     unsigned retry_max_ms;
@@ -63,8 +67,8 @@ static PGconn *watch_connect(es__outbox_watch *w, bool *warned)
     } else {
         PQsetNoticeProcessor(c, es__pg_quiet_notices, NULL);
         char sql[64];
-        snprintf(sql, sizeof sql, "LISTEN \"%s\"", w->s->channel);
-        rc = es__pg_run_simple(c, "outbox: listen", sql, &err);
+        snprintf(sql, sizeof sql, "LISTEN \"%s\"", w->channel);
+        rc = es__pg_run_simple(c, "listen", sql, &err);
         if (rc == 0 && PQsetnonblocking(c, 1) != 0)
             rc = es__error_set(&err, ES_EDB, "listen: cannot make the "
                                              "connection non-blocking");
@@ -72,14 +76,14 @@ static PGconn *watch_connect(es__outbox_watch *w, bool *warned)
     if (rc != 0) {
         PQfinish(c);
         if (!*warned)
-            es__log(ES_LOG_WARN, "outbox: no notifications, polling "
-                    "meanwhile: %s", err.message);
+            es__log(ES_LOG_WARN, "%s: no notifications, polling "
+                    "meanwhile: %s", w->what, err.message);
         *warned = true;
         return NULL;
     }
     if (*warned)
-        es__log(ES_LOG_INFO, "outbox: notifications are back (LISTEN %s)",
-                w->s->channel);
+        es__log(ES_LOG_INFO, "%s: notifications are back (LISTEN %s)",
+                w->what, w->channel);
     *warned = false;
     return c;
 }
@@ -120,8 +124,8 @@ static void *watch_main(void *arg)
         }
         if (heard) w->fn(w->ud, true);
         if (!ok || PQstatus(c) == CONNECTION_BAD) {
-            es__log(ES_LOG_WARN, "outbox: the LISTEN connection was lost; "
-                    "polling until it is back");
+            es__log(ES_LOG_WARN, "%s: the LISTEN connection was lost; "
+                    "polling until it is back", w->what);
             warned = true;
             PQfinish(c);
             c = NULL;
@@ -132,12 +136,15 @@ static void *watch_main(void *arg)
     return NULL;
 }
 
-int es__pg_outbox_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
-                        void *ud, es__outbox_watch **out, es_error *err)
+static int watch_start(pg_store *s, const char *channel, const char *what,
+                       int64_t retry_max_ms, es__watch_fn fn, void *ud,
+                       es__outbox_watch **out, es_error *err)
 {
     es__outbox_watch *w = es__calloc(1, sizeof *w);
     if (w == NULL) return es__error_set(err, ES_ENOMEM, "out of memory");
-    w->s = (pg_store *)store;
+    w->s = s;
+    w->channel = channel;
+    w->what = what;
     w->fn = fn;
     w->ud = ud;
     w->retry_max_ms = retry_max_ms < WATCH_RETRY_MIN_MS ? WATCH_RETRY_MIN_MS
@@ -145,17 +152,34 @@ int es__pg_outbox_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
                                                    : (unsigned)retry_max_ms;
     if (pipe2(w->stop, O_CLOEXEC) != 0) {
         es__free(w);
-        return es__error_set(err, ES_EIO, "outbox: no pipe for the watch");
+        return es__error_set(err, ES_EIO, "%s: no pipe for the watch",
+                             what);
     }
     if (pthread_create(&w->thread, NULL, watch_main, w) != 0) {
         close(w->stop[0]);
         close(w->stop[1]);
         es__free(w);
-        return es__error_set(err, ES_EIO, "outbox: cannot start the "
-                                          "watch thread");
+        return es__error_set(err, ES_EIO, "%s: cannot start the watch "
+                             "thread", what);
     }
     *out = w;
     return 0;
+}
+
+int es__pg_outbox_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
+                        void *ud, es__outbox_watch **out, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    return watch_start(s, s->channel, "outbox", retry_max_ms, fn, ud, out,
+                       err);
+}
+
+int es__pg_events_watch(es_store *store, int64_t retry_max_ms, es__watch_fn fn,
+                        void *ud, es__outbox_watch **out, es_error *err)
+{
+    pg_store *s = (pg_store *)store;
+    return watch_start(s, s->events_channel, "projections", retry_max_ms, fn,
+                       ud, out, err);
 }
 
 void es__pg_outbox_unwatch(es__outbox_watch *w)
