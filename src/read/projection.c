@@ -26,6 +26,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/backoff.h"
 #include "core/internal.h"
 #include "store/read_ops.h"
 #include "store/store_impl.h"
@@ -55,7 +56,8 @@ struct es_projection {
     int rebuild_rc;
     es_error rebuild_err;
     es_projection_stats stats;
-    uint32_t seed; /* jitter */
+    uint64_t seed;   /* jitter (core/backoff.h), never 0 */
+    unsigned delay;  /* the current backoff, ms (0: none yet) */
     /* The thread's own: the position read up to, the batch's txn. */
     es_position pos;
     es_txn *txn;
@@ -315,14 +317,13 @@ static int run_rebuild(es_projection *p, es_error *err)
     return rc;
 }
 
-/* Full jitter over a doubling delay: [delay/2, delay]. */
-static int64_t retry_ms(es_projection *p, uint64_t attempt)
+/* The next retry's wait: the library's doubling, jittered backoff
+ * (core/backoff.h) between the configured bounds. */
+static int64_t retry_ms(es_projection *p)
 {
-    int64_t d = p->cfg.retry_initial_ms;
-    for (uint64_t i = 1; i < attempt && d < p->cfg.retry_max_ms; i++) d *= 2;
-    if (d > p->cfg.retry_max_ms) d = p->cfg.retry_max_ms;
-    p->seed = p->seed * 1103515245u + 12345u;
-    return d / 2 + (int64_t)((p->seed >> 8) % (uint32_t)(d / 2 + 1));
+    p->delay = es__backoff_grow(p->delay, (unsigned)p->cfg.retry_initial_ms,
+                                (unsigned)p->cfg.retry_max_ms);
+    return es__backoff_jitter(&p->seed, p->delay);
 }
 
 /* After a batch that did not reach the head: how far behind, at most
@@ -366,6 +367,7 @@ static void *projection_main(void *arg)
                 p->stats.position = p->pos;
                 p->stats.state = ES_PROJECTION_CATCHING_UP;
                 attempts = 0;
+                p->delay = 0;
                 started = true;
             }
             pthread_cond_broadcast(&p->progress_cond);
@@ -408,10 +410,11 @@ static void *projection_main(void *arg)
                 continue;
             }
             p->stats.state = ES_PROJECTION_RETRYING;
-            nap(p, retry_ms(p, attempts));
+            nap(p, retry_ms(p));
             continue;
         }
         attempts = 0;
+        p->delay = 0;
         if (n == p->cfg.batch) {
             p->stats.state = ES_PROJECTION_CATCHING_UP;
             continue;
@@ -450,7 +453,7 @@ int es_projection_start(es_store *store, const es_projection_config *cfg,
     p->store = store;
     p->ops = store->ops->read;
     p->cfg = *cfg;
-    p->seed = (uint32_t)(uintptr_t)p ^ (uint32_t)es_clock_now_ms();
+    p->seed = ((uint64_t)(uintptr_t)p ^ (uint64_t)es_clock_now_ms()) | 1u;
     p->stats.state = ES_PROJECTION_STARTING;
     pthread_mutex_init(&p->lock, NULL);
     pthread_condattr_t ca;

@@ -47,20 +47,20 @@ bool es__checkpoint_name_ok(const char *name, es_error *err)
     return true;
 }
 
-/* The backend's read table, or NULL with err set. */
-static const es__read_ops *read_ops(es_store *store, es_error *err)
+/* The backend's read table, or NULL with *rc (and err) set. */
+static const es__read_ops *read_ops(es_store *store, int *rc, es_error *err)
 {
     if (store == NULL) {
-        es__error_set(err, ES_EINVAL, "store is NULL");
+        *rc = es__error_set(err, ES_EINVAL, "store is NULL");
         return NULL;
     }
     if (atomic_load(&store->closing)) {
-        es__error_set(err, ES_ECLOSED, "store is closing");
+        *rc = es__error_set(err, ES_ECLOSED, "store is closing");
         return NULL;
     }
     if (store->ops->read == NULL) {
-        es__error_set(err, ES_EINVAL, "the %s store has no global order of "
-                      "events", store->ops->name);
+        *rc = es__error_set(err, ES_EINVAL, "the %s store has no global "
+                            "order of events", store->ops->name);
         return NULL;
     }
     return store->ops->read;
@@ -76,10 +76,11 @@ int es_store_read_all(es_store *store, const es_position *after, size_t max,
     if (count) *count = 0;
     if (last) *last = at;
     if (fn == NULL) return es__error_set(err, ES_EINVAL, "fn is NULL");
-    const es__read_ops *ops = read_ops(store, err);
-    if (ops == NULL) return err ? err->code : ES_EINVAL;
+    int rc = 0;
+    const es__read_ops *ops = read_ops(store, &rc, err);
+    if (ops == NULL) return rc;
     if (max == 0) return 0;
-    int rc = ops->read_all(store, &at, max, fn, ud, &n, &at, err);
+    rc = ops->read_all(store, &at, max, fn, ud, &n, &at, err);
     if (count) *count = n;
     if (last) *last = at;
     return rc;
@@ -89,8 +90,9 @@ int es_store_head(es_store *store, es_position *out, es_error *err)
 {
     if (out == NULL) return es__error_set(err, ES_EINVAL, "out is NULL");
     memset(out, 0, sizeof *out);
-    const es__read_ops *ops = read_ops(store, err);
-    if (ops == NULL) return err ? err->code : ES_EINVAL;
+    int rc = 0;
+    const es__read_ops *ops = read_ops(store, &rc, err);
+    if (ops == NULL) return rc;
     return ops->head(store, out, err);
 }
 
@@ -103,9 +105,10 @@ int es_store_lag(es_store *store, const es_position *after, uint64_t cap,
         return es__error_set(err, ES_EINVAL, "events is NULL");
     *events = 0;
     if (oldest_ms) *oldest_ms = 0;
-    const es__read_ops *ops = read_ops(store, err);
-    if (ops == NULL) return err ? err->code : ES_EINVAL;
-    int rc = ops->lag(store, after ? after : &zero, cap, events, &oldest,
+    int rc = 0;
+    const es__read_ops *ops = read_ops(store, &rc, err);
+    if (ops == NULL) return rc;
+    rc = ops->lag(store, after ? after : &zero, cap, events, &oldest,
                       err);
     if (rc == 0 && oldest_ms) *oldest_ms = oldest;
     return rc;
@@ -118,18 +121,20 @@ int es_checkpoint_list(es_store *store, es_checkpoint **out, size_t *n,
         return es__error_set(err, ES_EINVAL, "out and n are required");
     *out = NULL;
     *n = 0;
-    const es__read_ops *ops = read_ops(store, err);
-    if (ops == NULL) return err ? err->code : ES_EINVAL;
+    int rc = 0;
+    const es__read_ops *ops = read_ops(store, &rc, err);
+    if (ops == NULL) return rc;
     return ops->checkpoint_list(store, out, n, err);
 }
 
 int es_checkpoint_reset(es_store *store, const char *name, es_error *err)
 {
-    const es__read_ops *ops = read_ops(store, err);
-    if (ops == NULL) return err ? err->code : ES_EINVAL;
+    int rc = 0;
+    const es__read_ops *ops = read_ops(store, &rc, err);
+    if (ops == NULL) return rc;
     if (!es__checkpoint_name_ok(name, err)) return ES_EINVAL;
     es_txn *txn = NULL;
-    int rc = es_store_begin(store, &txn, err);
+    rc = es_store_begin(store, &txn, err);
     if (rc != 0) return rc;
     bool found = false;
     rc = ops->checkpoint_delete(txn, name, &found, err);
